@@ -1,0 +1,1 @@
+"""powercap extender service."""

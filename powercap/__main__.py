@@ -1,0 +1,5 @@
+import sys
+
+from powercap.cli import main
+
+sys.exit(main())

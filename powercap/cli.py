@@ -1,0 +1,46 @@
+"""The ``powercap`` command.
+
+Subcommands are registered through the ``powercap.commands`` entry-point group (see
+pyproject.toml): each service package contributes its own, so this module, part of the
+pure core, never imports a service package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+
+from powercap import __version__
+
+COMMAND_GROUP = "powercap.commands"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="powercap",
+        description="GPU power capping for LLM inference on Kubernetes.",
+    )
+    parser.add_argument("--version", action="version", version=f"powercap {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for entry_point in sorted(entry_points(group=COMMAND_GROUP), key=lambda ep: ep.name):
+        register = entry_point.load()
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

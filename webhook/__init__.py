@@ -1,0 +1,1 @@
+"""powercap webhook service."""
