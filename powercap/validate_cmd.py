@@ -1,7 +1,186 @@
-"""`powercap validate`: offline validation of policy files (filled in below)."""
+"""``powercap validate``: check PowerCappingPolicy files offline, with the webhook's messages.
+
+Exit status: 0 when every document is valid, 1 when any is invalid, 2 when a file cannot
+be read or parsed or the usage is wrong (2 wins over 1).
+"""
+
+from __future__ import annotations
+
 import argparse
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import yaml
+
+from powercap.algorithms import AlgorithmRegistry
+from powercap.problems import Problem, ValidationResult
+from powercap.policies import validate_policy
+
+EXIT_VALID, EXIT_INVALID, EXIT_UNREADABLE = 0, 1, 2
+
+
+@dataclass
+class DocumentReport:
+    file: str
+    index: int
+    label: str
+    result: ValidationResult
+
+
+@dataclass
+class FileError:
+    file: str
+    message: str
+
+
+@dataclass
+class Report:
+    documents: list[DocumentReport] = field(default_factory=list)
+    file_errors: list[FileError] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if self.file_errors:
+            return EXIT_UNREADABLE
+        if any(not d.result.ok for d in self.documents):
+            return EXIT_INVALID
+        return EXIT_VALID
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("validate", help="validate PowerCappingPolicy files offline")
-    parser.set_defaults(func=lambda args: 0)
+    parser = subparsers.add_parser(
+        "validate",
+        help="validate PowerCappingPolicy files offline",
+        description="Validate PowerCappingPolicy documents (YAML or JSON, multi-document, '-' for "
+        "stdin) with the same rules and messages as the admission webhook. Exit 0: all valid; "
+        "1: some document invalid; 2: a file cannot be read or parsed.",
+    )
+    parser.add_argument("files", nargs="+", metavar="FILE", help="policy file, or - for stdin")
+    parser.add_argument("--output", "-o", choices=("text", "json"), default="text")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = validate_files(args.files, AlgorithmRegistry.default(), stdin=sys.stdin)
+    if args.output == "json":
+        print(json.dumps(report_as_json(report), indent=2))
+    else:
+        write_text_report(report, sys.stdout)
+    return report.exit_code
+
+
+def validate_files(paths: list[str], registry: AlgorithmRegistry, stdin: TextIO) -> Report:
+    report = Report()
+    for path in paths:
+        try:
+            text = stdin.read() if path == "-" else read_text(path)
+            documents = list(parse_documents(text))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, yaml.YAMLError) as error:
+            report.file_errors.append(FileError(display_name(path), describe_load_error(error)))
+            continue
+        if not documents:
+            result = ValidationResult(errors=(Problem("", "no documents found"),))
+            report.documents.append(DocumentReport(display_name(path), 0, "-", result))
+        for index, document in enumerate(documents):
+            report.documents.append(DocumentReport(
+                display_name(path), index, document_label(document, index), validate_policy(document, registry)
+            ))
+    return report
+
+
+def display_name(path: str) -> str:
+    return "<stdin>" if path == "-" else path
+
+
+def read_text(path: str) -> str:
+    with open(path, "rb") as handle:
+        return handle.read().decode("utf-8")
+
+
+def parse_documents(text: str) -> Iterator[Any]:
+    """Every document of a YAML (or JSON) stream; a ``kind: List`` expands to its items."""
+    if "\x00" in text:
+        raise ValueError("binary data, not YAML or JSON text")
+    stripped = text.lstrip()
+    if stripped.startswith(("{", "[")):
+        try:
+            documents: list[Any] = [json.loads(text)]
+        except json.JSONDecodeError:
+            documents = list(yaml.safe_load_all(text))
+    else:
+        documents = list(yaml.safe_load_all(text))
+    for document in documents:
+        if document is None:
+            continue  # an empty document between two '---'
+        if isinstance(document, dict) and document.get("kind") == "List" and isinstance(document.get("items"), list):
+            yield from document["items"]
+        else:
+            yield document
+
+
+def describe_load_error(error: Exception) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, IsADirectoryError):
+        return "is a directory"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if isinstance(error, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {error.problem}"
+    if isinstance(error, yaml.YAMLError):
+        return f"invalid YAML: {error}"
+    return str(error) or type(error).__name__
+
+
+def document_label(document: Any, index: int) -> str:
+    metadata = document.get("metadata") if isinstance(document, dict) else None
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    if not isinstance(name, str) or not name:
+        return f"document {index + 1}"
+    namespace = metadata.get("namespace")
+    return f"{namespace if isinstance(namespace, str) and namespace else 'default'}/{name}"
+
+
+def write_text_report(report: Report, out: TextIO) -> None:
+    for error in report.file_errors:
+        out.write(f"{error.file}: error: {error.message}\n")
+    for document in report.documents:
+        prefix = f"{document.file}: {document.label}"
+        for problem in document.result.errors:
+            out.write(f"{prefix}: {problem}\n")
+        for problem in document.result.warnings:
+            out.write(f"{prefix}: warning: {problem}\n")
+        if document.result.ok:
+            out.write(f"{prefix}: valid\n")
+    invalid = sum(1 for d in report.documents if not d.result.ok)
+    summary = f"{len(report.documents)} document(s): {len(report.documents) - invalid} valid, {invalid} invalid"
+    if report.file_errors:
+        summary += f"; {len(report.file_errors)} file(s) unreadable"
+    out.write(summary + "\n")
+
+
+def report_as_json(report: Report) -> dict[str, Any]:
+    def problems(items: tuple[Problem, ...]) -> list[dict[str, str]]:
+        return [{"path": p.path, "message": p.message} for p in items]
+
+    return {
+        "valid": report.exit_code == EXIT_VALID,
+        "documents": [
+            {
+                "file": d.file,
+                "index": d.index,
+                "object": d.label,
+                "valid": d.result.ok,
+                "errors": problems(d.result.errors),
+                "warnings": problems(d.result.warnings),
+            }
+            for d in report.documents
+        ],
+        "fileErrors": [{"file": e.file, "message": e.message} for e in report.file_errors],
+    }

@@ -1,8 +1,16 @@
-# Sourced by the entry scripts: create .venv when missing and install the project into it.
-# Re-installing is quick when nothing changed (pip sees everything satisfied).
+# Sourced by the entry scripts: create the virtualenv when missing and install the project
+# into it. Re-installing is quick when nothing changed. pip's output goes to a log that is
+# shown only when the install fails.
 VENV="${POWERCAP_VENV:-.venv}"
+_pip_log="$(mktemp)"
 if [ ! -x "$VENV/bin/python" ]; then
+  echo "creating virtualenv $VENV" >&2
   python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -e '.[test]' >"$_pip_log" 2>&1; then
+  cat "$_pip_log" >&2
+  echo "error: installing powercap into $VENV failed (log above)" >&2
+  rm -f "$_pip_log"
+  exit 1
+fi
+rm -f "$_pip_log"

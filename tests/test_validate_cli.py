@@ -1,0 +1,166 @@
+"""`powercap validate`: exit codes, output a person reads, and no traceback for any input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from powercap.cli import main
+
+from .conftest import REPO_ROOT, SAMPLES_DIR
+
+BAD_POLICY = """\
+apiVersion: powercapping.example.com/v1alpha1
+kind: PowerCappingPolicy
+metadata:
+  name: broken
+  namespace: inference
+spec:
+  powerCapLimit: 0
+  rackConstraints:
+    - rackId: rack-1
+      maxPower: 5000
+    - rackId: rack-2
+      maxPower: 0
+      maxTemperature: 90
+"""
+WARN_POLICY = """\
+apiVersion: powercapping.example.com/v1alpha1
+kind: PowerCappingPolicy
+metadata: {name: tiny}
+spec: {powerCapLimit: 150}
+"""
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str, stdin: str = "") -> tuple[int, str, str]:
+    old_stdin = sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        code = main(["validate", *args])
+    finally:
+        sys.stdin = old_stdin
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_samples_are_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    files = sorted(str(p) for p in SAMPLES_DIR.glob("*.yaml"))
+    code, out, _ = run_cli(capsys, *files)
+    assert code == 0
+    assert out.splitlines()[-1] == f"{len(files)} document(s): {len(files)} valid, 0 invalid"
+
+
+def test_bad_file_names_every_bad_field(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(BAD_POLICY)
+    code, out, _ = run_cli(capsys, str(path))
+    assert code == 1
+    assert out.splitlines() == [
+        f"{path}: inference/broken: spec.powerCapLimit: must be greater than 0",
+        f"{path}: inference/broken: spec.rackConstraints[1].maxPower: must be greater than 0",
+        f"{path}: inference/broken: spec.rackConstraints[1].maxTemperature: must be at most 60",
+        "1 document(s): 0 valid, 1 invalid",
+    ]
+
+
+def test_warnings_follow_errors_and_do_not_fail(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(WARN_POLICY)
+    code, out, _ = run_cli(capsys, str(path))
+    assert code == 0
+    assert out.splitlines()[0].startswith(f"{path}: default/tiny: warning: spec.powerCapLimit: 150 W is below")
+    assert out.splitlines()[1] == f"{path}: default/tiny: valid"
+
+
+def test_multi_document_stdin(capsys: pytest.CaptureFixture[str]) -> None:
+    text = (SAMPLES_DIR / "basic.yaml").read_text() + "---\n" + BAD_POLICY
+    code, out, _ = run_cli(capsys, "-", stdin=text)
+    assert code == 1
+    assert "<stdin>: default/llm-inference-power-capping: valid" in out
+    assert "<stdin>: inference/broken: spec.powerCapLimit: must be greater than 0" in out
+
+
+def test_json_input_and_output(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({
+        "apiVersion": "powercapping.example.com/v1alpha1", "kind": "PowerCappingPolicy",
+        "metadata": {"name": "j"}, "spec": {"powerCapLimit": -1},
+    }))
+    code, out, _ = run_cli(capsys, "--output", "json", str(path))
+    assert code == 1
+    report = json.loads(out)
+    assert report["valid"] is False
+    assert report["documents"][0]["errors"] == [{"path": "spec.powerCapLimit", "message": "must be greater than 0"}]
+
+
+def test_kubectl_list_output_is_expanded(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text("apiVersion: v1\nkind: List\nitems:\n" + "".join(
+        "- " + line + "\n" if i == 0 else "  " + line + "\n"
+        for i, line in enumerate((SAMPLES_DIR / "basic.yaml").read_text().splitlines())
+    ))
+    code, out, _ = run_cli(capsys, str(path))
+    assert code == 0
+    assert "default/llm-inference-power-capping: valid" in out
+
+
+@pytest.mark.parametrize(
+    ("content", "expected_code", "expected"),
+    [
+        pytest.param(b"", 1, ": -: no documents found", id="empty-file"),
+        pytest.param(b"spec: [unclosed\n", 2, "error: invalid YAML at line 2", id="yaml-syntax-error"),
+        pytest.param(b"- a\n- b\n", 1, "document 1: a policy must be an object, not a list", id="a-list"),
+        pytest.param(b"apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n", 1,
+                     "default/p: kind: must be PowerCappingPolicy, not 'Pod'", id="a-pod"),
+        pytest.param(bytes(range(256)), 2, "error: not UTF-8 text", id="binary-junk"),
+        pytest.param(b"\x00\x01\x02abc", 2, "error: binary data, not YAML or JSON text", id="nul-bytes"),
+        pytest.param(b"{\"spec\": ", 2, "error: invalid YAML", id="truncated-json"),
+        pytest.param(b"[" * 5000, 2, "error:", id="deep-nesting"),
+        pytest.param(b"42\n", 1, "a policy must be an object, not an integer", id="a-scalar"),
+    ],
+)
+def test_any_input_gets_a_message_not_a_traceback(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, content: bytes, expected_code: int, expected: str
+) -> None:
+    path = tmp_path / "input.yaml"
+    path.write_bytes(content)
+    code, out, err = run_cli(capsys, str(path))
+    assert code == expected_code
+    assert expected in out
+    assert "Traceback" not in out + err
+
+
+def test_missing_file_and_directory_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = run_cli(capsys, str(tmp_path / "nope.yaml"), str(tmp_path), str(SAMPLES_DIR / "basic.yaml"))
+    assert code == 2
+    assert f"{tmp_path / 'nope.yaml'}: error: no such file" in out
+    assert f"{tmp_path}: error: is a directory" in out
+    assert "default/llm-inference-power-capping: valid" in out, "other files are still validated"
+
+
+def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate"])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: FILE" in capsys.readouterr().err
+
+
+def test_installed_console_script(tmp_path: Path) -> None:
+    """The `powercap` command a user runs, from the installed entry point."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_POLICY)
+    script = Path(sys.executable).parent / "powercap"
+    completed = subprocess.run(
+        [str(script), "validate", str(SAMPLES_DIR / "full.yaml"), str(bad)],
+        capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, "PYTHONWARNINGS": "error"}, timeout=60,
+    )
+    assert completed.returncode == 1
+    assert "inference/llama-70b-chat: valid" in completed.stdout
+    assert "inference/broken: spec.powerCapLimit: must be greater than 0" in completed.stdout
+    assert completed.stderr == ""
