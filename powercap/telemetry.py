@@ -1,0 +1,187 @@
+"""Node telemetry: the JSON the node agent writes to its Node and the extender reads.
+
+Annotation ``powercapping.example.com/telemetry`` on the Node, one JSON object::
+
+    {"timestamp": "2026-11-27T23:19:01.250Z",   RFC 3339, UTC, when the agent read the GPUs
+     "powerW": 2810.5,                          sum of the node's GPU power, W
+     "inletTemperatureC": 24.5,                 rack inlet air at this node, °C, or null
+     "gpus": [{"uuid": "GPU-...", "index": 0,
+               "powerW": 351.2, "limitW": 400, "minW": 200, "maxW": 700,
+               "temperatureC": 61, "pod": "inference/llama-0"}]}   pod is null when idle
+
+Unknown keys are ignored when reading, so a newer agent can add fields without breaking an
+older extender. A malformed annotation is reported as :class:`TelemetryError`; the reader
+treats that node as having no telemetry (and says why), never as a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from powercap import API_GROUP
+
+TELEMETRY_ANNOTATION = f"{API_GROUP}/telemetry"
+# A node's telemetry is stale when older than this (the agent publishes at least every 30 s).
+DEFAULT_STALE_AFTER_S = 90.0
+
+
+class TelemetryError(ValueError):
+    """The telemetry annotation cannot be read; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class GpuTelemetry:
+    uuid: str
+    index: int
+    power_w: float
+    limit_w: float
+    min_w: float
+    max_w: float
+    temperature_c: float | None = None
+    pod: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeTelemetry:
+    timestamp: datetime
+    power_w: float
+    inlet_temperature_c: float | None
+    gpus: tuple[GpuTelemetry, ...] = ()
+
+    def age_s(self, now: datetime) -> float:
+        return (now - self.timestamp).total_seconds()
+
+    def is_fresh(self, now: datetime, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> bool:
+        return self.age_s(now) <= stale_after_s
+
+
+def format_timestamp(moment: datetime) -> str:
+    """RFC 3339 in UTC with millisecond precision: ``2026-11-27T23:19:01.250Z``."""
+    utc = moment.astimezone(timezone.utc)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def parse_timestamp(text: str) -> datetime:
+    """An RFC 3339 timestamp (``Z`` or an offset, any fraction of a second) as an aware datetime."""
+    if not isinstance(text, str):
+        raise TelemetryError(f"timestamp must be an RFC 3339 string, not {type(text).__name__}")
+    normalised = text.strip()
+    if normalised.endswith(("Z", "z")):
+        normalised = normalised[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(normalised)
+    except ValueError:
+        raise TelemetryError(f"timestamp {text!r} is not RFC 3339") from None
+    if moment.tzinfo is None:
+        raise TelemetryError(f"timestamp {text!r} has no time zone")
+    return moment
+
+
+def to_json(telemetry: NodeTelemetry) -> str:
+    """The compact annotation value."""
+    document = {
+        "timestamp": format_timestamp(telemetry.timestamp),
+        "powerW": _round(telemetry.power_w),
+        "inletTemperatureC": None if telemetry.inlet_temperature_c is None else _round(telemetry.inlet_temperature_c),
+        "gpus": [
+            {
+                "uuid": gpu.uuid,
+                "index": gpu.index,
+                "powerW": _round(gpu.power_w),
+                "limitW": _round(gpu.limit_w),
+                "minW": _round(gpu.min_w),
+                "maxW": _round(gpu.max_w),
+                "temperatureC": None if gpu.temperature_c is None else _round(gpu.temperature_c),
+                "pod": gpu.pod,
+            }
+            for gpu in telemetry.gpus
+        ],
+    }
+    return json.dumps(document, separators=(",", ":"))
+
+
+def _round(value: float) -> float | int:
+    rounded = round(float(value), 1)
+    return int(rounded) if rounded.is_integer() else rounded
+
+
+def from_json(text: str) -> NodeTelemetry:
+    """Parse the annotation value; raises :class:`TelemetryError` naming the bad field."""
+    try:
+        document = json.loads(text)
+    except (TypeError, ValueError) as error:
+        raise TelemetryError(f"not JSON: {error}") from None
+    if not isinstance(document, Mapping):
+        raise TelemetryError("must be a JSON object")
+    gpus_raw = document.get("gpus", [])
+    if not isinstance(gpus_raw, list):
+        raise TelemetryError("gpus must be a list")
+    gpus = tuple(_parse_gpu(gpu, index) for index, gpu in enumerate(gpus_raw))
+    return NodeTelemetry(
+        timestamp=parse_timestamp(document.get("timestamp")),  # type: ignore[arg-type]
+        power_w=_number(document, "powerW", "powerW"),
+        inlet_temperature_c=_optional_number(document, "inletTemperatureC", "inletTemperatureC"),
+        gpus=gpus,
+    )
+
+
+def _parse_gpu(raw: Any, position: int) -> GpuTelemetry:
+    where = f"gpus[{position}]"
+    if not isinstance(raw, Mapping):
+        raise TelemetryError(f"{where} must be an object")
+    uuid = raw.get("uuid")
+    if not isinstance(uuid, str) or not uuid:
+        raise TelemetryError(f"{where}.uuid must be a non-empty string")
+    index = raw.get("index", position)
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise TelemetryError(f"{where}.index must be a non-negative integer")
+    pod = raw.get("pod")
+    if pod is not None and (not isinstance(pod, str) or "/" not in pod):
+        raise TelemetryError(f"{where}.pod must be \"namespace/name\" or null")
+    return GpuTelemetry(
+        uuid=uuid,
+        index=index,
+        power_w=_number(raw, "powerW", f"{where}.powerW"),
+        limit_w=_number(raw, "limitW", f"{where}.limitW"),
+        min_w=_number(raw, "minW", f"{where}.minW"),
+        max_w=_number(raw, "maxW", f"{where}.maxW"),
+        temperature_c=_optional_number(raw, "temperatureC", f"{where}.temperatureC"),
+        pod=pod,
+    )
+
+
+def _number(raw: Mapping[str, Any], key: str, where: str) -> float:
+    value = raw.get(key)
+    if value is None:
+        raise TelemetryError(f"{where} is required")
+    return _checked_number(value, where)
+
+
+def _optional_number(raw: Mapping[str, Any], key: str, where: str) -> float | None:
+    value = raw.get(key)
+    return None if value is None else _checked_number(value, where)
+
+
+def _checked_number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TelemetryError(f"{where} must be a finite number")
+    if value < -273.15:
+        raise TelemetryError(f"{where} is out of range")
+    return float(value)
+
+
+def node_telemetry(node: Mapping[str, Any]) -> NodeTelemetry | None:
+    """The telemetry of a Node object, or None when it has none.
+
+    Raises :class:`TelemetryError` when the annotation is present but malformed.
+    """
+    annotations = (node.get("metadata") or {}).get("annotations") or {}
+    text = annotations.get(TELEMETRY_ANNOTATION)
+    if text is None:
+        return None
+    return from_json(text)

@@ -1,0 +1,88 @@
+"""The node telemetry annotation: the contract between the node agent and the extender."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from powercap.telemetry import (
+    TELEMETRY_ANNOTATION,
+    GpuTelemetry,
+    NodeTelemetry,
+    TelemetryError,
+    from_json,
+    node_telemetry,
+    to_json,
+)
+
+NOW = datetime(2026, 11, 27, 23, 19, 1, 250000, tzinfo=timezone.utc)
+SAMPLE = NodeTelemetry(
+    timestamp=NOW,
+    power_w=701.25,
+    inlet_temperature_c=24.5,
+    gpus=(
+        GpuTelemetry("GPU-0a1b", 0, 351.25, 400, 200, 700, 61, "inference/llama-0"),
+        GpuTelemetry("GPU-2c3d", 1, 350.0, 400, 200, 700, None, None),
+    ),
+)
+
+
+def test_written_format_is_the_documented_one() -> None:
+    assert json.loads(to_json(SAMPLE)) == {
+        "timestamp": "2026-11-27T23:19:01.250Z",
+        "powerW": 701.2,
+        "inletTemperatureC": 24.5,
+        "gpus": [
+            {"uuid": "GPU-0a1b", "index": 0, "powerW": 351.2, "limitW": 400, "minW": 200, "maxW": 700,
+             "temperatureC": 61, "pod": "inference/llama-0"},
+            {"uuid": "GPU-2c3d", "index": 1, "powerW": 350, "limitW": 400, "minW": 200, "maxW": 700,
+             "temperatureC": None, "pod": None},
+        ],
+    }
+
+
+def test_round_trip_and_unknown_keys_ignored() -> None:
+    document = json.loads(to_json(SAMPLE))
+    document["driverVersion"] = "580.65"
+    document["gpus"][0]["eccErrors"] = 0
+    parsed = from_json(json.dumps(document))
+    assert parsed.timestamp == NOW
+    assert parsed.inlet_temperature_c == 24.5
+    assert [g.pod for g in parsed.gpus] == ["inference/llama-0", None]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param("not json", "not JSON", id="not-json"),
+        pytest.param("[]", "must be a JSON object", id="array"),
+        pytest.param('{"powerW": 1, "inletTemperatureC": null}', "timestamp must be an RFC 3339 string", id="no-timestamp"),
+        pytest.param('{"timestamp": "yesterday", "powerW": 1}', "is not RFC 3339", id="bad-timestamp"),
+        pytest.param('{"timestamp": "2026-11-27T23:19:01", "powerW": 1}', "has no time zone", id="naive-timestamp"),
+        pytest.param('{"timestamp": "2026-11-27T23:19:01Z"}', "powerW is required", id="no-power"),
+        pytest.param('{"timestamp": "2026-11-27T23:19:01Z", "powerW": "700W"}', "powerW must be a finite number", id="power-string"),
+        pytest.param('{"timestamp": "2026-11-27T23:19:01Z", "powerW": 1, "gpus": [{"index": 0}]}', "gpus[0].uuid", id="gpu-no-uuid"),
+        pytest.param('{"timestamp": "2026-11-27T23:19:01Z", "powerW": 1, "gpus": [{"uuid": "G", "powerW": 1, "limitW": 1, "minW": 1, "maxW": 1, "pod": "nons"}]}', "gpus[0].pod", id="pod-without-namespace"),
+        pytest.param('{"timestamp": "2026-11-27T23:19:01Z", "powerW": NaN}', "powerW must be a finite number", id="nan"),
+    ],
+)
+def test_malformed_annotations_name_the_problem(text: str, message: str) -> None:
+    with pytest.raises(TelemetryError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        from_json(text)
+
+
+def test_node_telemetry_from_node_object_and_freshness() -> None:
+    node = {"metadata": {"name": "n1", "annotations": {TELEMETRY_ANNOTATION: to_json(SAMPLE)}}}
+    telemetry = node_telemetry(node)
+    assert telemetry is not None
+    assert telemetry.is_fresh(NOW + timedelta(seconds=90))
+    assert not telemetry.is_fresh(NOW + timedelta(seconds=91))
+    assert node_telemetry({"metadata": {"name": "n2"}}) is None
+
+
+def test_offsets_and_fractions_are_accepted() -> None:
+    document = json.loads(to_json(SAMPLE))
+    document["timestamp"] = "2026-11-28T00:19:01.250000+01:00"
+    assert from_json(json.dumps(document)).timestamp == NOW
