@@ -23,8 +23,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+
+Backend = TypeVar("Backend", bound="GpuBackend")
 
 Clock = Callable[[], float]
 """Monotonic seconds, e.g. ``time.monotonic``; tests inject a manual clock."""
@@ -147,7 +150,7 @@ class GpuBackend(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release the backend. Further calls are undefined."""
 
-    def __enter__(self) -> GpuBackend:
+    def __enter__(self: Backend) -> Backend:
         return self
 
     def __exit__(

@@ -48,7 +48,8 @@ class InletSource(abc.ABC):
     def _checked_c(self, value_c: float) -> float | None:
         low_c, high_c = PLAUSIBLE_RANGE_C
         if not low_c <= value_c <= high_c:
-            return self._failed(f"implausible inlet temperature {value_c:g} degC")
+            self._failed(f"implausible inlet temperature {value_c:g} degC")
+            return None
         if not self._healthy:
             self._healthy = True
             log.info("inlet temperature readable again", extra={"inlet_spec": self.spec})
@@ -61,7 +62,6 @@ class InletSource(abc.ABC):
                 "inlet temperature unavailable; reporting null",
                 extra={"inlet_spec": self.spec, "reason": reason},
             )
-        return None
 
 
 class NoInlet(InletSource):
@@ -85,7 +85,8 @@ class FileInlet(InletSource):
         try:
             return self._checked_c(float(self.path.read_text().strip()))
         except (OSError, ValueError) as error:
-            return self._failed(str(error))
+            self._failed(str(error))
+            return None
 
 
 def _numeric_suffix(path: Path) -> int:
@@ -117,12 +118,14 @@ class HwmonInlet(InletSource):
         if self._input is None:
             self._input = self.find_input()
             if self._input is None:
-                return self._failed(f"no hwmon sensor labelled {self.label!r} under {self.root}")
+                self._failed(f"no hwmon sensor labelled {self.label!r} under {self.root}")
+                return None
         try:
             return self._checked_c(int(self._input.read_text().strip()) / 1000)
         except (OSError, ValueError) as error:
             self._input = None  # hwmon numbering may have changed: look again next time
-            return self._failed(str(error))
+            self._failed(str(error))
+            return None
 
 
 def parse_inlet_spec(spec: str, *, hwmon_root: Path = DEFAULT_HWMON_ROOT) -> InletSource:

@@ -22,7 +22,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, TypeVar, cast
 
 import pynvml
 
@@ -60,9 +60,7 @@ ERRORS: dict[type[Exception], type[GpuError]] = {
     getattr(pynvml, name): ours for name, ours in _ERROR_TABLE.items() if hasattr(pynvml, name)
 }
 
-P = ParamSpec("P")
-R = TypeVar("R")
-Backend = TypeVar("Backend", bound="NvmlBackend")
+Method = TypeVar("Method", bound=Callable[..., Any])
 
 
 def to_gpu_error(error: pynvml.NVMLError, index: int | None) -> GpuError:
@@ -74,20 +72,18 @@ def to_gpu_error(error: pynvml.NVMLError, index: int | None) -> GpuError:
     return ERRORS.get(type(error), GpuError)(message, index=index)
 
 
-def translate_nvml_errors(
-    method: Callable[Concatenate[Backend, P], R],
-) -> Callable[Concatenate[Backend, P], R]:
+def translate_nvml_errors(method: Method) -> Method:
     """Decorate a backend method: a pynvml error becomes ours, for the GPU in ``args[0]``."""
 
     @functools.wraps(method)
-    def wrapper(self: Backend, *args: P.args, **kwargs: P.kwargs) -> R:
+    def wrapper(self: NvmlBackend, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
         except pynvml.NVMLError as error:
             index = args[0] if args and isinstance(args[0], int) else None
             raise to_gpu_error(error, index) from error
 
-    return wrapper
+    return cast(Method, wrapper)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +223,7 @@ class NvmlBackend(GpuBackend):
         enforced_mw = pynvml.nvmlDeviceGetEnforcedPowerLimit(handle)
         if current_mw != limit_mw:
             log_limit_change(index, current_mw / 1000, limit_mw / 1000, enforced_mw / 1000)
-        return enforced_mw / 1000
+        return float(enforced_mw) / 1000
 
     @translate_nvml_errors
     def compute_pids(self, index: int) -> list[int]:
@@ -236,7 +232,7 @@ class NvmlBackend(GpuBackend):
 
     @translate_nvml_errors
     def total_energy_j(self, index: int) -> float:
-        return pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle(index)) / 1000
+        return float(pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle(index))) / 1000
 
     @translate_nvml_errors
     def close(self) -> None:

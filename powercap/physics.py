@@ -217,7 +217,7 @@ def phase_speed(cap_w: float, idle_w: float, saturation_w: float, exponent: floa
         return 0.0
     if cap_w >= saturation_w:
         return 1.0
-    return ((cap_w - idle_w) / (saturation_w - idle_w)) ** exponent
+    return math.pow((cap_w - idle_w) / (saturation_w - idle_w), exponent)
 
 
 def demand_power_w(model: GpuModel, workload: Workload) -> float:

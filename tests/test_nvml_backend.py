@@ -114,7 +114,7 @@ def test_out_of_band_limiter_shows_in_the_result_and_the_snapshot(
     assert (snapshot.limit_w, snapshot.requested_limit_w) == (300.0, 500.0)
     assert snapshot.held_by_other_limiter
     assert "held lower by another limiter" in caplog.text
-    assert caplog.records[0].gpu_index == 0
+    assert getattr(caplog.records[0], "gpu_index", None) == 0
 
 
 @pytest.mark.parametrize(
@@ -281,12 +281,14 @@ def test_subprocess_uses_the_fake_through_ld_library_path_and_control_file(
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert child.stdin and child.stdout
+    stdin, stdout = child.stdin, child.stdout
+    assert stdin is not None and stdout is not None
 
     def ask(line: str) -> list[float]:
-        child.stdin.write(line + "\n")
-        child.stdin.flush()
-        return json.loads(child.stdout.readline())
+        stdin.write(line + "\n")
+        stdin.flush()
+        result: list[float] = json.loads(stdout.readline())
+        return result
 
     try:
         assert ask("") == [100.0, 400.0, 400.0]
@@ -295,7 +297,7 @@ def test_subprocess_uses_the_fake_through_ld_library_path_and_control_file(
         assert ask("400") == [250.0, 300.0, 400.0]
         assert ask("500") == [250.0, 300.0, 500.0]
     finally:
-        child.stdin.close()
+        stdin.close()
         assert child.wait(timeout=10) == 0
     assert fake.logged_set_calls() == [SetCall(gpu=0, limit_mw=500000, rc=0)]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import pytest
@@ -123,9 +124,9 @@ def test_throughput_is_concave_and_non_decreasing_in_the_cap(
     throughput = [
         physics.operating_point(model, c, workload).relative_throughput for c in caps_w(model)
     ]
-    steps = [b - a for a, b in zip(throughput, throughput[1:])]
+    steps = [b - a for a, b in itertools.pairwise(throughput)]
     assert all(step >= -1e-12 for step in steps)
-    assert all(later <= earlier + 1e-12 for earlier, later in zip(steps, steps[1:]))
+    assert all(later <= earlier + 1e-12 for earlier, later in itertools.pairwise(steps))
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -159,7 +159,9 @@ class FakeNvml:
     def set_count(self, count: int) -> FakeNvml:
         return self.command(f"count {count}")
 
-    def set_identity(self, index: int, *, uuid: str | None = None, name: str | None = None) -> FakeNvml:
+    def set_identity(
+        self, index: int, *, uuid: str | None = None, name: str | None = None
+    ) -> FakeNvml:
         if uuid is not None:
             self.command(f"uuid {index} {uuid}")
         if name is not None:
