@@ -322,3 +322,15 @@ def test_missing_library_is_reported_as_library_not_found() -> None:
         check=True,
     )
     assert child.stdout.strip() == "LibraryNotFound None"
+
+
+def test_only_the_nvml_backend_imports_pynvml() -> None:
+    from test_layering import ROOT, imported_top_level_modules, python_files
+
+    importers = {
+        str(path.relative_to(ROOT))
+        for package in ("powercap", "webhook", "extender", "nodeagent")
+        for path in python_files(package)
+        if "pynvml" in imported_top_level_modules(path)
+    }
+    assert importers == {"nodeagent/nvml.py"}

@@ -183,12 +183,17 @@ def test_unknown_operation_is_refused(node: SimulatedBackend) -> None:
         node.inject_error("reboot", gpus.GpuLost)
 
 
+def run_hot(node: SimulatedBackend, clock: ManualClock, inlet_c: float) -> None:
+    """Ten minutes of prefill on GPU 0 with its inlet at ``inlet_c``."""
+    node.set_workload(0, PREFILL)
+    node.set_inlet_c(inlet_c, index=0)
+    clock.advance(600)
+
+
 def test_hot_inlet_is_throttled_by_hardware_slowdown(
     node: SimulatedBackend, clock: ManualClock
 ) -> None:
-    node.set_workload(0, PREFILL)
-    node.set_inlet_c(70.0, index=0)
-    clock.advance(600)
+    run_hot(node, clock, inlet_c=70.0)
     snapshot = node.snapshot(0)
     assert H200_LIKE.slowdown_c < snapshot.temperature_c < H200_LIKE.shutdown_c
     assert snapshot.power_w < snapshot.limit_w - 100
@@ -197,9 +202,7 @@ def test_hot_inlet_is_throttled_by_hardware_slowdown(
 def test_cooling_failure_loses_the_gpu_and_the_other_keeps_working(
     node: SimulatedBackend, clock: ManualClock
 ) -> None:
-    node.set_workload(0, PREFILL)
-    node.set_inlet_c(85.0, index=0)
-    clock.advance(600)
+    run_hot(node, clock, inlet_c=85.0)
     with pytest.raises(gpus.GpuLost) as raised:
         node.snapshot(0)
     assert raised.value.index == 0
