@@ -1,3 +1,5 @@
+"""Shared fixtures for the whole suite."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -5,6 +7,12 @@ from pathlib import Path
 import pytest
 
 from powercap.algorithms import AlgorithmRegistry
+from tests.fakes.nvml import (  # noqa: F401 - fixtures, re-exported for every test module
+    fake_nvml,
+    fake_nvml_build,
+    fake_nvml_lib,
+    fake_nvml_subprocess,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = REPO_ROOT / "config" / "samples"
