@@ -1,0 +1,3 @@
+"""Shared pytest fixtures: ``apiserver`` (a running fake Kubernetes API server)."""
+
+pytest_plugins = ["fakes.apiserver"]

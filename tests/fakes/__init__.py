@@ -1,0 +1,1 @@
+"""Test doubles: the fake Kubernetes API server and friends."""
