@@ -27,13 +27,13 @@ import datetime as dt
 import enum
 import json
 import logging
+import os
 import random
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote, urlencode
 
 import urllib3
@@ -73,7 +73,8 @@ class ApiError(Exception):
     ``code`` is the HTTP status (0 when no response came back), ``reason`` the
     Kubernetes ``Status.reason`` (``NotFound``, ``Conflict``, ``AlreadyExists``,
     ``Expired``, ...), ``message`` the human-readable ``Status.message``, ``details``
-    the ``Status.details`` object (may be empty).
+    the ``Status.details`` object (may be empty), ``retry_after_s`` the server's advice
+    from the ``Retry-After`` header or ``details.retryAfterSeconds`` (None without).
     """
 
     def __init__(
@@ -83,12 +84,14 @@ class ApiError(Exception):
         message: str,
         *,
         details: Mapping[str, Any] | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(f"{code} {reason}: {message}")
         self.code = code
         self.reason = reason
         self.message = message
         self.details: Mapping[str, Any] = details or {}
+        self.retry_after_s = retry_after_s
 
 
 class NotFound(ApiError):
@@ -105,23 +108,8 @@ class Gone(ApiError):
 
 
 class TooManyRequests(ApiError):
-    """429: throttled, or an eviction a PodDisruptionBudget forbids for now.
-
-    ``retry_after_s`` comes from the ``Retry-After`` header or
-    ``details.retryAfterSeconds`` when the server gave one.
-    """
-
-    def __init__(
-        self,
-        code: int,
-        reason: str,
-        message: str,
-        *,
-        details: Mapping[str, Any] | None = None,
-        retry_after_s: float | None = None,
-    ) -> None:
-        super().__init__(code, reason, message, details=details)
-        self.retry_after_s = retry_after_s
+    """429: throttled (see ``retry_after_s``), or an eviction that a
+    PodDisruptionBudget forbids for now."""
 
 
 class Unreachable(ApiError):
@@ -160,11 +148,10 @@ def error_from_status(
     reason = str(status.get("reason") or "Unknown")
     message = str(status.get("message") or "")
     details = status.get("details") or {}
-    if code == 429:
-        if retry_after_s is None and details.get("retryAfterSeconds"):
-            retry_after_s = float(details["retryAfterSeconds"])
-        return TooManyRequests(code, reason, message, details=details, retry_after_s=retry_after_s)
-    return _ERRORS_BY_CODE.get(code, ApiError)(code, reason, message, details=details)
+    if retry_after_s is None and details.get("retryAfterSeconds"):
+        retry_after_s = float(details["retryAfterSeconds"])
+    error_type = _ERRORS_BY_CODE.get(code, ApiError)
+    return error_type(code, reason, message, details=details, retry_after_s=retry_after_s)
 
 
 def _error_from_response(http_status: int, http_reason: str, body: bytes, retry_after: str | None) -> ApiError:
@@ -302,7 +289,7 @@ def _query(params: Params | None) -> str:
 def _shutdown_socket(response: urllib3.BaseHTTPResponse) -> None:
     """Unblock a thread reading ``response`` by shutting its socket down for reading."""
     try:
-        response.shutdown()  # type: ignore[attr-defined]  # urllib3 >= 2.3
+        response.shutdown()  # urllib3 >= 2.3
         return
     except (AttributeError, ValueError, RuntimeError, OSError):
         pass
@@ -315,7 +302,23 @@ def _shutdown_socket(response: urllib3.BaseHTTPResponse) -> None:
             pass
 
 
-class WatchStream(Iterator[tuple[str, JsonObject]]):
+_Closable = TypeVar("_Closable", bound="_ClosesOnExit")
+
+
+class _ClosesOnExit:
+    """``with obj:`` calls ``obj.close()`` at the end of the block."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Closable) -> _Closable:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class WatchStream(_ClosesOnExit, Iterator[tuple[str, JsonObject]]):
     """The events of one watch request, as ``(type, object)`` pairs.
 
     Types are ``ADDED``, ``MODIFIED``, ``DELETED``, ``BOOKMARK`` (object carries only
@@ -401,19 +404,8 @@ class WatchStream(Iterator[tuple[str, JsonObject]]):
         if not reading:
             self._finish()
 
-    def __enter__(self) -> WatchStream:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class KubeClient:
+class KubeClient(_ClosesOnExit):
     """Raw JSON REST over the official client's configuration and connection pool.
 
     Dicts in, dicts out. Authentication (bearer token with refresh, client
@@ -438,9 +430,12 @@ class KubeClient:
         self.read_timeout_s = read_timeout_s
 
     @classmethod
-    def from_environment(cls, *, context: str | None = None, **timeouts: float) -> KubeClient:
-        """In-cluster service account when running in a pod, else the kubeconfig
-        (``$KUBECONFIG`` or ``~/.kube/config``, optionally a named ``context``).
+    def from_environment(
+        cls, *, kubeconfig: str | None = None, context: str | None = None, **timeouts: float
+    ) -> KubeClient:
+        """In-cluster service account when running in a pod, else a kubeconfig:
+        ``kubeconfig`` (e.g. a ``--kubeconfig`` flag), else ``$KUBECONFIG`` as set now
+        (paths joined by ``:``), else ``~/.kube/config``; optionally a named ``context``.
 
         Raises :class:`KubeConfigError` when neither is usable.
         """
@@ -448,8 +443,10 @@ class KubeClient:
         try:
             k8s_config.load_incluster_config(client_configuration=config)
         except k8s_config.ConfigException:
+            # the kubernetes package reads $KUBECONFIG once at import: read it here
+            config_file = kubeconfig or os.environ.get("KUBECONFIG") or None
             try:
-                k8s_config.load_kube_config(context=context, client_configuration=config)
+                k8s_config.load_kube_config(config_file=config_file, context=context, client_configuration=config)
             except (k8s_config.ConfigException, OSError, TypeError, ValueError) as exc:
                 raise KubeConfigError(f"no in-cluster config and no usable kubeconfig: {exc}") from exc
         return cls(k8s_client.ApiClient(config), **timeouts)
@@ -484,17 +481,6 @@ class KubeClient:
     def close(self) -> None:
         """Close pooled connections."""
         self._api_client.close()
-
-    def __enter__(self) -> KubeClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- raw requests
 
@@ -569,9 +555,11 @@ class KubeClient:
             return {}
         try:
             decoded = json.loads(raw)
-        except ValueError as exc:
-            raise ApiError(response.status, "InvalidResponse", raw[:200].decode("utf-8", "replace")) from exc
-        return decoded if isinstance(decoded, dict) else {"items": decoded}
+        except ValueError:
+            decoded = None
+        if not isinstance(decoded, dict):
+            raise ApiError(response.status, "InvalidResponse", raw[:200].decode("utf-8", "replace"))
+        return decoded
 
     # -- verbs
 
@@ -672,7 +660,7 @@ class KubeClient:
 def _backoff_s(failures: int, initial_s: float, max_s: float, rng: random.Random) -> float:
     """Exponential backoff with jitter: ``min(max_s, initial_s * 2**(failures-1))``
     scaled by a uniform factor in [0.5, 1)."""
-    ceiling = min(max_s, initial_s * 2 ** max(0, failures - 1))
+    ceiling = min(max_s, initial_s * 2.0 ** max(0, failures - 1))
     return ceiling * (0.5 + rng.random() / 2)
 
 
@@ -783,18 +771,6 @@ class WatchCache:
         if self._thread is not None:
             self._thread.join(timeout_s)
 
-    def __enter__(self) -> WatchCache:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # -- the reflector loop
 
     def _log_extra(self, **fields: Any) -> dict[str, Any]:
@@ -847,9 +823,9 @@ class WatchCache:
         fresh = {object_key(item): item for item in listed.get("items") or []}
         changes: list[tuple[str, JsonObject]] = []
         with self._lock:
-            for key, old in self._items.items():
+            for key, gone in self._items.items():
                 if key not in fresh:
-                    changes.append(("DELETED", old))
+                    changes.append(("DELETED", gone))
             for key, new in fresh.items():
                 old = self._items.get(key)
                 if old is None:

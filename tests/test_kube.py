@@ -7,6 +7,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -93,6 +94,17 @@ def policy(name: str = "llama", cap_w: int = 4000) -> dict[str, Any]:
     }
 
 
+def stored(server: FakeApiServer, resource: str, name: str, namespace: str | None = None) -> dict[str, Any]:
+    obj = server.get_object(resource, name, namespace)
+    assert obj is not None, f"{resource} {namespace}/{name} is not stored"
+    return obj
+
+
+def lease_spec(server: FakeApiServer) -> dict[str, Any]:
+    spec: dict[str, Any] = stored(server, "leases", "budget-controller", "powercap-system")["spec"]
+    return spec
+
+
 def keys(cache: WatchCache) -> set[str]:
     return {kube.object_key(o) for o in cache.items()}
 
@@ -140,7 +152,9 @@ def test_cache_lists_then_applies_watch_events(apiserver: FakeApiServer, start_c
     assert wait_until(lambda: keys(cache) == {"ml/d"})
     assert seen == [("MODIFIED", "ml/a"), ("ADDED", "ml/d"), ("DELETED", "ml/b"), ("DELETED", "ml/a")]
     assert cache.version == version + 4
-    assert cache.get("ml/d")["spec"]["nodeName"] == "n1"
+    d = cache.get("ml/d")
+    assert d is not None and d["spec"]["nodeName"] == "n1"
+    assert cache.get("ml/a") is None
     assert cache.resource_version == str(apiserver.resource_version)
     assert len(apiserver.requests_to("GET", kube.pod_path(), watch=False)) == 1
 
@@ -262,18 +276,18 @@ LEASE = kube.lease_path("powercap-system", "budget-controller")
 
 
 def test_leader_creates_the_lease_then_renews_it(client: KubeClient, apiserver: FakeApiServer) -> None:
-    clock, calls = FakeClock(), []
+    clock, calls = FakeClock(), list[str]()
     a = elector(client, "a", clock, calls)
 
     assert a.tick() and a.is_leader
-    spec = apiserver.get_object("leases", "budget-controller", "powercap-system")["spec"]
+    spec = lease_spec(apiserver)
     assert spec["holderIdentity"] == "a" and spec["leaseDurationSeconds"] == 15
     assert spec["leaseTransitions"] == 0 and MICRO_TIME.match(spec["renewTime"])
     assert kube.parse_time(spec["renewTime"]) == pytest.approx(clock())
 
     clock.advance(2)
     assert a.tick()
-    renewed = apiserver.get_object("leases", "budget-controller", "powercap-system")["spec"]
+    renewed = lease_spec(apiserver)
     assert kube.parse_time(renewed["renewTime"]) == pytest.approx(clock())
     assert renewed["acquireTime"] == spec["acquireTime"] and renewed["leaseTransitions"] == 0
     assert calls == ["a started"]
@@ -286,11 +300,11 @@ def test_other_identity_cannot_take_a_fresh_lease(client: KubeClient, apiserver:
     clock.advance(14)  # renewed 14 s ago: still valid for a 15 s lease
     assert not b.tick() and not b.is_leader
     assert b.holder == "a"
-    assert apiserver.get_object("leases", "budget-controller", "powercap-system")["spec"]["holderIdentity"] == "a"
+    assert lease_spec(apiserver)["holderIdentity"] == "a"
 
 
 def test_expired_lease_is_taken_over_and_the_old_leader_steps_down(client: KubeClient, apiserver: FakeApiServer) -> None:
-    clock, calls = FakeClock(), []
+    clock, calls = FakeClock(), list[str]()
     a, b = elector(client, "a", clock, calls), elector(client, "b", clock, calls)
     assert a.tick()
     clock.advance(1)
@@ -298,7 +312,7 @@ def test_expired_lease_is_taken_over_and_the_old_leader_steps_down(client: KubeC
 
     clock.advance(15)  # a stopped renewing 16 s ago
     assert b.tick() and b.is_leader
-    spec = apiserver.get_object("leases", "budget-controller", "powercap-system")["spec"]
+    spec = lease_spec(apiserver)
     assert spec["holderIdentity"] == "b" and spec["leaseTransitions"] == 1
     assert kube.parse_time(spec["acquireTime"]) == pytest.approx(clock())
 
@@ -307,7 +321,7 @@ def test_expired_lease_is_taken_over_and_the_old_leader_steps_down(client: KubeC
 
 
 def test_leader_steps_down_when_renewals_fail_past_the_deadline(client: KubeClient, apiserver: FakeApiServer) -> None:
-    clock, calls = FakeClock(), []
+    clock, calls = FakeClock(), list[str]()
     a = elector(client, "a", clock, calls)
     assert a.tick()
     apiserver.fail_next(10_000, 500, path=LEASE)
@@ -321,7 +335,7 @@ def test_leader_steps_down_when_renewals_fail_past_the_deadline(client: KubeClie
 
 
 def test_a_lost_race_is_not_fatal(client: KubeClient, apiserver: FakeApiServer) -> None:
-    clock, calls = FakeClock(), []
+    clock, calls = FakeClock(), list[str]()
     a = elector(client, "a", clock, calls)
     assert a.tick()
     apiserver.conflict_next_put(LEASE)
@@ -347,7 +361,7 @@ def test_elector_thread_leads_and_releases_the_lease_on_stop(client: KubeClient,
     a.stop()
     assert time.monotonic() - started < 1.0
     assert not a.is_leader and calls == ["started", "stopped"]
-    spec = apiserver.get_object("leases", "budget-controller", "powercap-system")["spec"]
+    spec = lease_spec(apiserver)
     assert spec["holderIdentity"] == ""
     b = elector(client, "b", FakeClock(time.time()))
     assert b.tick()  # a released lease is free at once
@@ -369,9 +383,9 @@ def test_update_status_retries_a_conflict(client: KubeClient, apiserver: FakeApi
     updated = kube.update_status(client, path, compute)
 
     assert updated is not None and updated["status"] == {"observedGeneration": 1, "budgetW": 3800}
-    stored = apiserver.get_object("powercappingpolicies", "llama", NS)
-    assert stored["status"]["budgetW"] == 3800 and stored["spec"] == {"powerCapLimit": 4000}
-    assert stored["metadata"]["generation"] == 1
+    after = stored(apiserver, "powercappingpolicies", "llama", NS)
+    assert after["status"]["budgetW"] == 3800 and after["spec"] == {"powerCapLimit": 4000}
+    assert after["metadata"]["generation"] == 1
     assert len(seen_versions) == 2
     assert len(apiserver.requests_to("PUT", kube.status_path(path))) == 2
 
@@ -427,7 +441,7 @@ def test_patch_node_annotations_merges(client: KubeClient, apiserver: FakeApiSer
     node = kube.patch_node_annotations(client, "n1", {"drop": None, "powercapping.example.com/telemetry": "{}"})
     expected = {"keep": "1", "powercapping.example.com/telemetry": "{}"}
     assert node["metadata"]["annotations"] == expected
-    assert apiserver.get_object("nodes", "n1")["metadata"]["annotations"] == expected
+    assert stored(apiserver, "nodes", "n1")["metadata"]["annotations"] == expected
     (request,) = apiserver.requests_to("PATCH", kube.node_path("n1"))
     assert request.content_type == "application/merge-patch+json"
 
@@ -548,6 +562,30 @@ def test_patch_types(apiserver: FakeApiServer, client: KubeClient) -> None:
     with pytest.raises(ApiError) as caught:  # as on a real server: no strategic merge for CRs
         client.patch(path, {"spec": {"powerCapLimit": 1}}, patch_type="strategic")
     assert caught.value.code == 415
+
+
+def test_from_environment_reads_the_kubeconfig(
+    apiserver: FakeApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: fake\n"
+        f"clusters: [{{name: fake, cluster: {{server: '{apiserver.url}'}}}}]\n"
+        "users: [{name: me, user: {token: s3cret}}]\n"
+        "contexts: [{name: fake, context: {cluster: fake, user: me}}]\n"
+    )
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    with KubeClient.from_environment() as client:
+        assert client.host == apiserver.url
+        client.list(kube.node_path())
+    (request,) = apiserver.requests_to("GET", kube.node_path())
+    assert request.headers["authorization"] == "Bearer s3cret"
+    assert request.headers["user-agent"].startswith("powercap/")
+
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    with pytest.raises(kube.KubeConfigError):
+        KubeClient.from_environment()
 
 
 def test_time_helpers_round_trip() -> None:

@@ -36,8 +36,8 @@ Simplifications: deletion is immediate (no graceful deletion, finalizers or garb
 collection); strategic merge patch merges lists like a merge patch; a continued list
 reads the current state, not a snapshot; no authentication, admission or defaulting.
 
-Test-facing API: the ``apiserver`` fixture (a started :class:`FakeApiServer`), its
-``url``, direct state helpers that also emit watch events (:meth:`put_object`,
+Test-facing API: the ``apiserver`` fixture of tests/conftest.py (a started
+:class:`FakeApiServer`; benchmarks use ``with FakeApiServer() as server:``), its ``url``, direct state helpers that also emit watch events (:meth:`put_object`,
 :meth:`delete_object`, :meth:`objects`, :meth:`get_object`), :meth:`compact`,
 :meth:`close_watches`, :meth:`send_bookmark`, fault injection (:meth:`fail_next`,
 :meth:`drop_next`, :meth:`conflict_next_put`, :meth:`block_evictions`,
@@ -66,7 +66,6 @@ from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import jsonpatch
-import pytest
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +223,22 @@ def _field(obj: Mapping[str, Any], dotted: str) -> str:
 Predicate = Callable[[Mapping[str, Any]], bool]
 
 
+def _field_predicate(label: str, value: str, negate: bool) -> Predicate:
+    return lambda obj: (_field(obj, label) == value) != negate
+
+
+def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:
+    return (obj.get("metadata") or {}).get("labels") or {}
+
+
+def _label_predicate(key: str, values: frozenset[str] | None, negate: bool) -> Predicate:
+    """``key in values`` (or ``key`` exists when ``values`` is None), negated on demand;
+    a missing label matches ``!=`` and ``notin``, as on the real server."""
+    if values is None:
+        return lambda obj: (key in _labels(obj)) != negate
+    return lambda obj: (_labels(obj).get(key) in values) != negate
+
+
 def parse_field_selector(text: str, rt: ResourceType) -> list[Predicate]:
     """``a.b=v,c!=w`` over the resource's supported field labels; 400 otherwise."""
     predicates: list[Predicate] = []
@@ -233,11 +248,8 @@ def parse_field_selector(text: str, rt: ResourceType) -> list[Predicate]:
             raise _Reply(400, f'invalid field selector: "{term}"')
         label, op, value = match.groups()
         if label not in rt.field_labels:
-            raise _Reply(400, f'field label not supported: {label}')
-        predicates.append(
-            (lambda o, l=label, v=value: _field(o, l) != v) if op == "!="
-            else (lambda o, l=label, v=value: _field(o, l) == v)
-        )
+            raise _Reply(400, f"field label not supported: {label}")
+        predicates.append(_field_predicate(label, value, negate=op == "!="))
     return predicates
 
 
@@ -260,33 +272,20 @@ def _split_label_terms(text: str) -> Iterator[str]:
 def parse_label_selector(text: str) -> list[Predicate]:
     """``k=v``, ``k==v``, ``k!=v``, ``k in (a,b)``, ``k notin (a,b)``, ``k``, ``!k``."""
     predicates: list[Predicate] = []
-    for term in _split_label_terms(text):
-        if not term.strip():
-            continue
+    for term in filter(str.strip, _split_label_terms(text)):
         match = _LABEL_TERM.fullmatch(term)
         if not match or (match["neg"] and match["op"]):
             raise _Reply(400, f'unable to parse requirement: invalid label selector "{term.strip()}"')
         key, op, value = match["key"], (match["op"] or "").strip(), match["value"] or ""
-
-        def labels(o: Mapping[str, Any]) -> Mapping[str, str]:
-            return (o.get("metadata") or {}).get("labels") or {}
-
         if not op:
-            predicates.append(
-                (lambda o, k=key: k not in labels(o)) if match["neg"] else (lambda o, k=key: k in labels(o))
-            )
+            predicates.append(_label_predicate(key, None, negate=bool(match["neg"])))
         elif op in ("in", "notin"):
             if not (value.startswith("(") and value.endswith(")")):
                 raise _Reply(400, f'unable to parse requirement: "{term.strip()}"')
             values = frozenset(v.strip() for v in value[1:-1].split(",") if v.strip())
-            predicates.append(
-                (lambda o, k=key, vs=values: labels(o).get(k) in vs) if op == "in"
-                else (lambda o, k=key, vs=values: labels(o).get(k) not in vs)
-            )
-        elif op == "!=":
-            predicates.append(lambda o, k=key, v=value: labels(o).get(k) != v)
+            predicates.append(_label_predicate(key, values, negate=op == "notin"))
         else:
-            predicates.append(lambda o, k=key, v=value: labels(o).get(k) == v)
+            predicates.append(_label_predicate(key, frozenset({value}), negate=op == "!="))
     return predicates
 
 
@@ -332,6 +331,7 @@ class RecordedRequest:
     body: Any
     content_type: str | None
     time_s: float  # time.monotonic() on arrival
+    headers: Mapping[str, str] = field(default_factory=dict)  # names lower-cased
 
     @property
     def is_watch(self) -> bool:
@@ -483,8 +483,7 @@ class FakeApiServer:
     def url(self) -> str:
         """``http://127.0.0.1:PORT``."""
         assert self._httpd is not None, "start() the server first"
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://127.0.0.1:{self._httpd.server_port}"
 
     def _track(self, conn: socket.socket, *, add: bool) -> None:
         with self._cond:
@@ -721,7 +720,8 @@ class FakeApiServer:
             body = json.loads(raw) if raw else None
         except ValueError:
             body = raw.decode("utf-8", "replace")
-        request = RecordedRequest(h.command, path, query, body, content_type, time.monotonic())
+        request = RecordedRequest(h.command, path, query, body, content_type, time.monotonic(),
+                                  {name.lower(): value for name, value in h.headers.items()})
         with self._cond:
             self._requests.append(request)
             fault = next((f for f in self._faults if f.matches(h.command, path, request.is_watch)), None)
@@ -1047,58 +1047,57 @@ class FakeApiServer:
     def _expired_status(self, requested_rv: int) -> JsonObject:
         return _status(410, "Expired", f"too old resource version: {requested_rv} ({self._compacted_rv})")
 
+    def _await_news(self, h: _Handler, state: _WatchState) -> str:
+        """Wait, lock held, until the watch has something to do, and say what: ``news``
+        (changes or a bookmark request), ``timeout``, ``expired`` (compacted past the
+        cursor), ``close`` / ``cut`` (close_watches, server stop) or ``gone`` (the client
+        left, as a cancelled request context)."""
+        while True:
+            if self._closed or self._watch_epoch != state.epoch:
+                return "cut" if self._closed or self._close_abrupt else "close"
+            if state.cursor < self._compacted_rv:
+                return "expired"
+            if self._rv > state.cursor or self._bookmark_generation != state.bookmark_generation:
+                return "news"
+            remaining_s = state.deadline - time.monotonic()
+            if remaining_s <= 0:
+                return "timeout"
+            if _peer_closed(h.connection):
+                return "gone"
+            self._cond.wait(min(remaining_s, 0.05))
+
     def _stream_changes(self, h: _Handler, route: _Route, matches: Predicate, bookmarks: bool,
                         state: _WatchState) -> None:
         """Send events after ``state.cursor`` until timeout, close or compaction."""
+        rt = route.rt
         while True:
             with self._cond:
-                while True:
-                    if self._closed or self._watch_epoch != state.epoch:
-                        abrupt = self._closed or self._close_abrupt
-                        break
-                    if state.cursor < self._compacted_rv:
-                        abrupt = None  # expired
-                        break
-                    remaining = state.deadline - time.monotonic()
-                    if (
-                        self._rv > state.cursor
-                        or remaining <= 0
-                        or self._bookmark_generation != state.bookmark_generation
-                    ):
-                        abrupt = False
-                        break
-                    if _peer_closed(h.connection):
-                        return  # the client went away, as a cancelled request context
-                    self._cond.wait(min(remaining, 0.05))
-                ending = self._closed or self._watch_epoch != state.epoch or state.cursor < self._compacted_rv
+                news = self._await_news(h, state)
                 changes = self._history[bisect.bisect_right(self._history_rvs, state.cursor):]
-                expired_status = self._expired_status(state.cursor) if state.cursor < self._compacted_rv else None
-                if not ending:
+                if news == "news":
                     state.cursor = self._rv
-                bookmark_due = bookmarks and self._bookmark_generation != state.bookmark_generation
+                expired = self._expired_status(state.cursor) if news == "expired" else None
+                bookmark_due = bookmarks and (
+                    news == "timeout" or (news == "news" and self._bookmark_generation != state.bookmark_generation)
+                )
                 state.bookmark_generation = self._bookmark_generation
-            if ending:
-                if abrupt:
-                    h.close_connection = True
-                    h.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                if expired_status is not None and self.expired_as == "event":
-                    self._write_event(h, "ERROR", expired_status)
-                h.wfile.write(b"0\r\n\r\n")
+            if news == "gone":
                 return
-            for change in changes:
-                if change.resource == route.rt.plural:
-                    event_type = self._transition(change, matches)
+            if news == "cut":
+                h.close_connection = True
+                h.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if news == "news":
+                for change in changes:
+                    event_type = self._transition(change, matches) if change.resource == rt.plural else None
                     if event_type:
                         self._write_event(h, event_type, change.obj)
-            timed_out = time.monotonic() >= state.deadline
-            if bookmark_due or (timed_out and bookmarks):
-                self._write_event(h, "BOOKMARK", {
-                    "kind": route.rt.kind,
-                    "apiVersion": route.rt.api_version,
-                    "metadata": {"resourceVersion": str(state.cursor), "creationTimestamp": None},
-                })
-            if timed_out:
+            if bookmark_due:
+                bookmark = {"resourceVersion": str(state.cursor), "creationTimestamp": None}
+                self._write_event(h, "BOOKMARK", {"kind": rt.kind, "apiVersion": rt.api_version, "metadata": bookmark})
+            if expired is not None and self.expired_as == "event":
+                self._write_event(h, "ERROR", expired)
+            if news != "news":
                 h.wfile.write(b"0\r\n\r\n")
                 return
 
@@ -1133,12 +1132,3 @@ def _peer_closed(conn: socket.socket) -> bool:
 class _WatchServed(Exception):
     """The watch handler wrote its own response."""
 
-
-@pytest.fixture
-def apiserver() -> Iterator[FakeApiServer]:
-    """A started :class:`FakeApiServer`, stopped after the test."""
-    server = FakeApiServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
