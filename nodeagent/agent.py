@@ -119,6 +119,7 @@ class Agent:
         self._held_lower: set[str] = set()
         self._last_plans: tuple[GpuPlan, ...] = ()
         self._fresh = False
+        self._state_failing = False
         self._lock = threading.Lock()
         self.ticks = 0
         self.last_tick_end_s: float | None = None
@@ -359,7 +360,13 @@ class Agent:
         try:
             self.state.save(self.records)
         except OSError as error:
-            log.error("state file not written: retrying next tick", extra={"error": str(error)})
+            if not self._state_failing:
+                log.error("state file not written: retrying every tick", extra={"error": str(error)})
+            self._state_failing = True
+            return
+        if self._state_failing:
+            log.info("state file written again")
+            self._state_failing = False
 
     def healthy(self) -> bool:
         """A tick ended within the last ``3 x interval`` (at least 5 s)."""
