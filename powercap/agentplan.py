@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 from powercap.control import CapDecision, CapReason, ControlSettings, ControlState, GpuMeasurement, next_cap
 from powercap.objects import KubeObject, object_key, pod_is_active, policy_for_pod
@@ -234,7 +234,7 @@ def allocation_w(policy: Policy, node: str, uuid: str, gpus_on_node: int) -> flo
     return float(math.floor(float(watts) / gpus_on_node))
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

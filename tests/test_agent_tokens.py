@@ -160,7 +160,7 @@ def test_ratio_loop_lowers_the_cap_of_an_inefficient_pod(tmp_path: Path) -> None
     def fetch(url: str, timeout_s: float) -> str:
         return body(backend.state(0).tokens)
 
-    target = {"performancePowerRatio": {"targetRatio": 3.0, "tolerancePercentage": 5}}
+    target: dict[str, Any] = {"performancePowerRatio": {"targetRatio": 3.0, "tolerancePercentage": 5}}
     source = StaticSource()
     pod_object = pod(UID, **{"powercapping.example.com/metrics": "8000/metrics"})
     source.set(policy(caps_w={uuid: 700}, **target), pods={UID: pod_object})
