@@ -62,6 +62,19 @@ class AgentSettings:
     degraded_retry_s: float = 30.0
 
 
+def _change_fields(plan: GpuPlan) -> dict[str, Any]:
+    """The log fields of a cap change: gpu uuid and index, pod, policy, old/new W, reason."""
+    return {
+        "gpu": plan.uuid,
+        "gpu_index": plan.index,
+        "pod": plan.pod,
+        "policy": plan.policy.key if plan.policy else None,
+        "old_w": plan.previous_w,
+        "new_w": plan.cap_w,
+        "reason": plan.reason,
+    }
+
+
 @dataclass
 class _Degraded:
     operation: str
@@ -243,19 +256,7 @@ class Agent:
         enforced_w[plan.uuid] = enforced
         self._keep_record(plan)
         self.metrics.cap_changes.labels(plan.reason).inc()
-        log.info(
-            "power cap changed",
-            extra={
-                "gpu": plan.uuid,
-                "gpu_index": plan.index,
-                "pod": plan.pod,
-                "policy": plan.policy.key if plan.policy else None,
-                "old_w": plan.previous_w,
-                "new_w": plan.cap_w,
-                "enforced_w": enforced,
-                "reason": plan.reason,
-            },
-        )
+        log.info("power cap changed", extra={**_change_fields(plan), "enforced_w": enforced})
         if plan.policy is not None:
             self._event(plan.policy, "PowerCapChanged", self._describe(plan, plan.reason), "Normal", now_s)
         self._check_held_lower(plan, enforced, now_s)
@@ -272,19 +273,7 @@ class Agent:
         if self._observed_w.get(plan.uuid) == plan.cap_w:
             return
         self._observed_w[plan.uuid] = plan.cap_w
-        log.info(
-            "power cap not set (observe)",
-            extra={
-                "gpu": plan.uuid,
-                "gpu_index": plan.index,
-                "pod": plan.pod,
-                "policy": plan.policy.key if plan.policy else None,
-                "old_w": plan.previous_w,
-                "new_w": plan.cap_w,
-                "reason": plan.reason,
-                "dry_run": self.settings.dry_run,
-            },
-        )
+        log.info("power cap not set (observe)", extra={**_change_fields(plan), "dry_run": self.settings.dry_run})
 
     def _check_held_lower(self, plan: GpuPlan, enforced_w: float, now_s: float) -> None:
         if enforced_w < plan.cap_w - LIMIT_RESOLUTION_W:

@@ -3,6 +3,8 @@ policy source and a publisher that records what it was asked to send."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
@@ -12,6 +14,14 @@ from powercap.policies import Policy, parse_policy
 from powercap.telemetry import NodeTelemetry
 
 NODE = "gpu-node-1"
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    """Poll ``condition`` every 10 ms; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
 
 
 def policy_document(name: str = "llama", cap_w: int = 2000, **spec: Any) -> dict[str, Any]:

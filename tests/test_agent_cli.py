@@ -10,14 +10,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.agenthelpers import policy_document
+from tests.agenthelpers import policy_document, wait_until
 from tests.fakes.nvml import FakeNvml
 
 AGENT = [sys.executable, "-m", "powercap", "agent"]
@@ -36,7 +35,7 @@ class AgentProcess:
         self.lines: list[dict[str, Any]] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        wait_for(lambda: any(line["message"] == "agent running" for line in self.lines) or self.process.poll() is not None)
+        wait_until(lambda: any(line["message"] == "agent running" for line in self.lines) or self.process.poll() is not None)
         assert self.process.poll() is None, self.lines
 
     def _read(self) -> None:
@@ -59,12 +58,6 @@ def start_agent(tmp_path: Path, env: dict[str, str], *args: str) -> AgentProcess
     return AgentProcess(command, env)
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
 
 @pytest.fixture
 def fake(fake_nvml_subprocess: FakeNvml) -> FakeNvml:
@@ -77,7 +70,7 @@ def test_sigterm(fake: FakeNvml, tmp_path: Path, restore: bool) -> None:
     policy_file = write_policy(tmp_path / "policy.yaml", cap_w=800)
     extra = ["--restore-on-exit"] if restore else []
     process = start_agent(tmp_path, fake.env(), "--backend", "nvml", "--policy", str(policy_file), *extra)
-    wait_for(lambda: len(fake.logged_set_calls()) == 2)
+    wait_until(lambda: len(fake.logged_set_calls()) == 2)
     code, lines = process.stop()
     calls = [(c.gpu, c.limit_mw, c.rc) for c in fake.logged_set_calls()]
     assert code == 0
@@ -95,9 +88,9 @@ def test_policy_file_edit_reaches_the_gpus(fake: FakeNvml, tmp_path: Path) -> No
     policy_file = write_policy(tmp_path / "policy.yaml", cap_w=800)
     process = start_agent(tmp_path, fake.env(), "--backend", "nvml", "--policy", str(policy_file))
     try:
-        wait_for(lambda: len(fake.logged_set_calls()) == 2)
+        wait_until(lambda: len(fake.logged_set_calls()) == 2)
         write_policy(policy_file, cap_w=600)
-        wait_for(lambda: len(fake.logged_set_calls()) == 4)
+        wait_until(lambda: len(fake.logged_set_calls()) == 4)
     finally:
         code, _ = process.stop()
     assert code == 0
@@ -114,7 +107,7 @@ def test_policy_file_edit_reaches_the_gpus(fake: FakeNvml, tmp_path: Path) -> No
 def test_never_sets(fake: FakeNvml, tmp_path: Path, flags: list[str], spec: dict[str, Any]) -> None:
     policy_file = write_policy(tmp_path / "policy.yaml", cap_w=800, **spec)
     process = start_agent(tmp_path, fake.env(), "--backend", "nvml", "--policy", str(policy_file), *flags)
-    wait_for(lambda: sum(line["message"] == "power cap not set (observe)" for line in process.lines) == 2)
+    wait_until(lambda: sum(line["message"] == "power cap not set (observe)" for line in process.lines) == 2)
     time.sleep(0.5)  # a few more ticks
     code, lines = process.stop()
     assert code == 0
@@ -127,7 +120,7 @@ def test_simulated_single_server_runs_without_kubernetes(tmp_path: Path) -> None
     policy_file = write_policy(tmp_path / "policy.yaml", cap_w=1000)
     env = {"POWERCAP_SIMULATED_GPUS": "2", "KUBECONFIG": str(tmp_path / "absent")}
     process = start_agent(tmp_path, env, "--backend", "simulated", "--policy", str(policy_file))
-    wait_for(lambda: (tmp_path / "state.json").exists())
+    wait_until(lambda: (tmp_path / "state.json").exists())
     code, lines = process.stop()
     assert code == 0
     assert sorted(json.loads((tmp_path / "state.json").read_text())["gpus"][u]["capW"] for u in ("GPU-sim-0000", "GPU-sim-0001")) == [500, 500]

@@ -5,7 +5,7 @@ API server of tests/fakes/apiserver.py."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,17 +18,11 @@ from powercap import physics
 from powercap.agentplan import PublishSettings
 from powercap.kube import KubeClient
 from powercap.telemetry import TELEMETRY_ANNOTATION, from_json, to_json
-from tests.agenthelpers import NODE, pod, policy_document
+from tests.agenthelpers import NODE, pod, policy_document, wait_until
 from tests.fakes.apiserver import FakeApiServer
 
 UID = "6f1d2c3b-0000-4000-8000-00000000abcd"
 
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 @pytest.fixture
