@@ -171,6 +171,7 @@ class RackView:
     limits: RackLimits
     unreliable_nodes: tuple[str, ...] = ()  # nodes that need telemetry and have no fresh one
     telemetry_problem: str | None = None  # the first unreliable node's problem (+ "and N more")
+    assumed_pods: tuple[str, ...] = ()  # pods whose power is assumed, not yet measured
 
     @property
     def power_w(self) -> float:
@@ -679,6 +680,7 @@ def _rack_view(rack_id: str, members: list[NodeView], limits: RackLimits) -> Rac
         limits=limits,
         unreliable_nodes=tuple(n.name for n in unreliable),
         telemetry_problem=problem,
+        assumed_pods=tuple(sorted(pod for n in members for pod in n.assumed_pods)),
     )
 
 
