@@ -24,7 +24,8 @@ from gunicorn.glogging import Logger as GunicornLogger
 
 from extender.app import create_app
 from extender.logs import JsonFormatter, configure_logging
-from extender.sources import StateFileError, StateFileSource, ViewSource
+from extender.sources import StateFileError, StateFileSource, ViewSource, cluster_source
+from powercap import kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.cluster import ClusterSettings
 from powercap.objects import RACK_LABEL
@@ -129,9 +130,6 @@ def source_factory(state_file: str | None, settings: ClusterSettings, registry: 
     """A function making the view source: the state file's, or watch caches on the cluster's API."""
     if state_file is not None:
         return lambda: StateFileSource(state_file, settings, registry)
-    from extender.sources import cluster_source
-    from powercap import kube
-
     try:
         kube.KubeClient.from_environment().close()
     except kube.KubeConfigError as error:

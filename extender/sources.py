@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import yaml
 
+from powercap import kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
 from powercap.objects import KubeObject
@@ -282,3 +283,21 @@ class CacheSource:
     def stop(self) -> None:
         for cache in self._caches:
             cache.stop()
+
+
+# Bound, unfinished pods only: the extender needs where GPU pods run (assumed power, a
+# policy's bound GPUs); pending and finished pods would only cost memory and events.
+POD_FIELD_SELECTOR = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
+
+
+def cluster_source(client: kube.KubeClient, settings: ClusterSettings, registry: AlgorithmRegistry, **options: Any) -> CacheSource:
+    """A :class:`CacheSource` on three :class:`powercap.kube.WatchCache` of ``client``
+    (a :class:`powercap.kube.KubeClient`): all Nodes, bound unfinished Pods, all policies."""
+    return CacheSource(
+        kube.WatchCache(client, kube.node_path(), name="nodes"),
+        kube.WatchCache(client, kube.pod_path(), {"fieldSelector": POD_FIELD_SELECTOR}, name="pods"),
+        kube.WatchCache(client, kube.policy_path(), name="powercappingpolicies"),
+        settings,
+        registry,
+        **options,
+    )
