@@ -62,7 +62,7 @@ def test_the_server_answers_kube_scheduler_on_a_snapshot(tmp_path: Path) -> None
     nodes = [gpu_node("gpu-1", "rack-1", telemetry(4800)), gpu_node("gpu-2", "rack-2", telemetry(1000))]
     racks = [{"rackId": "rack-1", "maxPower": 5000}, {"rackId": "rack-2", "maxPower": 5000}]
     path = tmp_path / "snapshot.yaml"
-    path.write_text(yaml.dump(kubectl_list(nodes, [], [policy("llama", racks=racks)])), Dumper=yaml.CSafeDumper)
+    path.write_text(yaml.dump(kubectl_list(nodes, [], [policy("llama", racks=racks)]), Dumper=yaml.CSafeDumper))
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "powercap", "extender", "--cluster-state", str(path), "--bind", f"127.0.0.1:{port}"],

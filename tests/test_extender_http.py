@@ -38,7 +38,7 @@ FAILED = {
 @pytest.fixture
 def state_file(tmp_path: Path) -> Path:
     path = tmp_path / "cluster.yaml"
-    path.write_text(yaml.dump(kubectl_list(NODES, [], [policy("llama", cap_w=8000, racks=RACKS)]), allow_unicode=True), Dumper=yaml.CSafeDumper)
+    path.write_text(yaml.dump(kubectl_list(NODES, [], [policy("llama", cap_w=8000, racks=RACKS)]), allow_unicode=True, Dumper=yaml.CSafeDumper))
     return path
 
 
@@ -218,7 +218,7 @@ def test_a_stale_snapshot_node_is_judged_at_the_snapshot_time(tmp_path: Path) ->
     old = NOW - timedelta(days=1)
     nodes = [gpu_node("a", "rack-1", telemetry(100, at=old)), gpu_node("b", "rack-2", telemetry(100, at=old - timedelta(minutes=5)))]
     path = tmp_path / "yesterday.yaml"
-    path.write_text(yaml.dump(kubectl_list(nodes, [], [policy("llama", racks=[{"rackId": "rack-1", "maxPower": 5000}, {"rackId": "rack-2", "maxPower": 5000}])])), Dumper=yaml.CSafeDumper)
+    path.write_text(yaml.dump(kubectl_list(nodes, [], [policy("llama", racks=[{"rackId": "rack-1", "maxPower": 5000}, {"rackId": "rack-2", "maxPower": 5000}])]), Dumper=yaml.CSafeDumper))
     registry = AlgorithmRegistry.default(discover=lambda: [])
     client = create_app(StateFileSource(str(path), ClusterSettings(), registry), registry).test_client()
     result = post(client, "filter", extender_args(LLAMA_POD, nodes, node_cache_capable=True)).get_json()

@@ -43,7 +43,7 @@ def write_state(path: Path, rack_power_w: float, *, fmt: str = "yaml") -> None:
         [policy("llama", cap_w=8000, racks=RACK_LIMIT)],
         others=[{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "vllm", "namespace": "inference"}}],
     )
-    text = yaml.dump(state) if fmt == "yaml" else json.dumps(state, indent=4, Dumper=yaml.CSafeDumper)
+    text = yaml.dump(state, Dumper=yaml.CSafeDumper) if fmt == "yaml" else json.dumps(state, indent=4)
     path.write_text(text)
     stamp = time.time() + rack_power_w  # a distinct mtime even within one clock tick
     os.utime(path, (stamp, stamp))
