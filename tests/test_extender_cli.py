@@ -121,3 +121,11 @@ def test_kustomize_builds_the_scheduler_wiring_offline() -> None:
     assert extender["managedResources"] == [{"name": "nvidia.com/gpu", "ignoredByScheduler": False}]
     kinds = {kind for kind, _ in documents}
     assert {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "RoleBinding"} <= kinds
+
+
+def test_the_default_scheduler_stanza_matches_the_second_schedulers() -> None:
+    scheduler_dir = ROOT / "config" / "scheduler"
+    second = yaml.safe_load((scheduler_dir / "scheduler-config.yaml").read_text())
+    stanza = yaml.safe_load((scheduler_dir / "default-scheduler-extender.yaml").read_text())
+    assert stanza["extenders"] == second["extenders"]
+    assert stanza["extenders"][0]["httpTimeout"] == "5s" and stanza["extenders"][0]["ignorable"] is False
