@@ -24,7 +24,7 @@ from typing import Any
 
 from flask import Flask, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from extender import wire
 from extender.sources import NotReady, ViewSource
@@ -83,7 +83,7 @@ def create_app(
         started = time.perf_counter()
         outcome = "error"
         try:
-            body, status, outcome = handler(request.get_data(cache=False))
+            body, status, outcome = handler(read_body(max_body_bytes))
         except wire.WireError as error:
             outcome = "bad_request"
             log.info("bad %s request: %s", verb, error, extra={"verb": verb, "error": str(error)})
@@ -163,6 +163,17 @@ def create_app(
         return Response(wire_error(f"{error.code} {error.name}: {error.description}"), status=error.code or 500, mimetype=JSON)
 
     return app
+
+
+def read_body(max_body_bytes: int) -> bytes:
+    """The request body. kube-scheduler sends a Content-Length: read it in one call (werkzeug's
+    chunked reader costs ~80 ms for a 75 MB full-Node body); otherwise let werkzeug read it."""
+    length = request.content_length
+    if length is None:
+        return request.get_data(cache=False)
+    if length > max_body_bytes:
+        raise RequestEntityTooLarge()
+    return request.environ["wsgi.input"].read(length)
 
 
 def wire_error(message: str) -> bytes:
