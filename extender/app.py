@@ -20,8 +20,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
-
 from flask import Flask, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -77,7 +75,6 @@ def create_app(
     app = Flask("powercap-extender")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     metrics = metrics or ExtenderMetrics()
-    app.extensions["powercap_metrics"] = metrics
 
     def timed(verb: str, handler: Callable[[bytes], tuple[bytes, int, str]]) -> Response:
         started = time.perf_counter()
@@ -179,8 +176,3 @@ def read_body(max_body_bytes: int) -> bytes:
 def wire_error(message: str) -> bytes:
     """``{"Error": message}``, the body of a 4xx/5xx answer."""
     return wire.encode_error_body(message)
-
-
-def app_metrics(app: Flask) -> ExtenderMetrics:
-    metrics: Any = app.extensions["powercap_metrics"]
-    return metrics

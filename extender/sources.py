@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from powercap import kube
+from powercap import KIND, kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
 from powercap.objects import KubeObject
@@ -30,7 +30,6 @@ from powercap.validate_cmd import describe_load_error, parse_documents
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
-NODE_KINDS, POD_KINDS, POLICY_KINDS = ("Node",), ("Pod",), ("PowerCappingPolicy",)
 DEFAULT_REFRESH_S = 1.0
 
 
@@ -95,11 +94,11 @@ def load_state(text: str) -> tuple[list[KubeObject], list[KubeObject], list[Kube
         if not isinstance(item.get("metadata"), dict) or not item["metadata"].get("name"):
             raise ValueError(f"item {index + 1} ({item['kind']}) has no metadata.name")
         kind = item["kind"]
-        if kind in NODE_KINDS:
+        if kind == "Node":
             nodes.append(item)
-        elif kind in POD_KINDS:
+        elif kind == "Pod":
             pods.append(item)
-        elif kind in POLICY_KINDS:
+        elif kind == KIND:
             policies.append(item)
     if count == 0:
         raise ValueError("no objects found (expected the output of kubectl get nodes,pods,pcp -A -o yaml)")

@@ -27,9 +27,6 @@ from typing import Any
 
 import msgspec
 
-MAX_EXTENDER_PRIORITY = 10
-
-
 class WireError(ValueError):
     """A request body that is not a valid ExtenderArgs; the message says what is wrong."""
 

@@ -43,6 +43,7 @@ from enum import Enum
 
 from powercap.algorithms import (
     DEFAULT_ALGORITHM,
+    MAX_SCORE,
     AlgorithmRegistry,
     Candidate,
     Headroom,
@@ -242,7 +243,8 @@ def prioritize_nodes(
         candidates.append(Candidate(facts, estimate_w))
     scores = _score_with_fallback(registry.get(choice.name), choice.name, choice.parameters, candidates, request.pod_key)
     # clamp to 0..10 and round half up (int() truncates, and the value is >= 0)
-    return [(name, int(min(10.0, max(0.0, score)) + 0.5)) for name, score in zip(node_names, scores)]
+    top = float(MAX_SCORE)
+    return [(name, int(min(top, max(0.0, score)) + 0.5)) for name, score in zip(node_names, scores)]
 
 
 def _score_with_fallback(
