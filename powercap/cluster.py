@@ -35,16 +35,23 @@ Definitions (W = watts, °C = rack inlet air):
 
 API (stable; the budget controller uses it too):
 
-- ``build_cluster_view(nodes, pods, policies, now, settings, registry=None, previous=None)``
-- ``ClusterView.nodes[name] -> NodeView``: rack, GPU capacity, telemetry (or why it is
-  missing/stale/malformed), measured/assumed power, inlet temperature and its trend;
-- ``ClusterView.racks[rack_id] -> RackView``: measured/assumed power, temperature,
-  limits, nodes without fresh telemetry;
-- ``ClusterView.policies[ns/name] -> PolicyView``: the policy, its pods, its GPUs (from
-  telemetry ``gpus[].pod``) and GPU count;
-- ``ClusterView.rack_of(node)``, ``ClusterView.policy_for_pod(pod)``,
-  ``ClusterView.node_facts[name]`` (scoring input), ``ClusterView.warnings``,
-  ``ClusterView.invalid_policies``.
+- ``build_cluster_view(nodes, pods, policies, now, settings=None, *, registry=None, previous=None)``
+- ``ClusterView.now``, ``.settings``: when and how it was built;
+- ``ClusterView.nodes[name] -> NodeView``: rack, GPU capacity, telemetry status and the last
+  readable telemetry (or ``telemetry_problem``: why it is missing/stale/malformed),
+  measured/assumed power and assumed pods, GPU max, inlet temperature and its trend;
+- ``ClusterView.racks[rack_id] -> RackView``: nodes, measured/assumed power, temperature
+  and trend, ``limits`` (strictest maxPower/maxTemperature and the policy that set each),
+  nodes without fresh telemetry and the problem to report;
+- ``ClusterView.policies[ns/name] -> PolicyView``: the policy, its pods, its bound GPU
+  count and its GPUs (from telemetry ``gpus[].pod``); computed on first use;
+- ``ClusterView.invalid_policies[ns/name] -> why``; ``ClusterView.warnings``;
+- ``ClusterView.node_facts[name] -> NodeFacts`` (the scoring input); ``gpu_min_w``;
+  ``has_constraints``;
+- ``ClusterView.rack_of(node)``, ``.telemetry_age_s(node)``, ``.policy_for_pod(pod)``,
+  ``.bound_gpus(policy_key)``, ``.policy_view_for_pod(pod)``; ``find_node``,
+  ``find_rack``, ``find_facts``: the mappings' ``get`` for hot loops;
+- ``estimate_pod_power_w(...)``, ``pod_facts(pod)``.
 """
 
 from __future__ import annotations
