@@ -1,0 +1,142 @@
+"""config/default: the one-command install builds offline and is valid Kubernetes.
+
+`kubectl apply -k config/default` must install every part once, in powercap-system,
+with one image that an operator can point at their build, and every object must pass the
+Kubernetes 1.32 schemas (the kubectl here and in CI is 1.32) before a cluster sees it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import all_versions
+
+from powercap.cli import build_parser
+from tests.conftest import REPO_ROOT
+from tests.manifests import (
+    NAMESPACE,
+    Manifest,
+    find,
+    image_name,
+    kubectl,
+    kustomize_build,
+    pod_templates,
+    powercap_containers,
+)
+
+# The Kubernetes version whose schemas the bundle is checked against: the kubectl used to
+# build it (v1.32). kubernetes-validate ships 1.25 .. 1.37 offline.
+KUBERNETES_VERSION = "1.32.0"
+CLUSTER_SCOPED = {
+    "Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
+    "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration",
+}
+# kube-scheduler reads extension-apiserver-authentication in kube-system: the one object
+# outside powercap-system.
+OUTSIDE_NAMESPACE = {("RoleBinding", "power-aware-scheduler-authentication-reader"): "kube-system"}
+
+
+@pytest.fixture(scope="module")
+def bundle() -> list[Manifest]:
+    return kustomize_build("config/default")
+
+
+def test_every_part_is_installed_once(bundle: list[Manifest]) -> None:
+    names = [(m["kind"], m["metadata"]["name"]) for m in bundle]
+    assert len(names) == len(set(names)), "an object is defined twice"
+    assert [m["metadata"]["name"] for m in bundle if m["kind"] == "Namespace"] == [NAMESPACE]
+    expected = {
+        ("CustomResourceDefinition", "powercappingpolicies.powercapping.example.com"),
+        ("Deployment", "power-aware-scheduler"),
+        ("DaemonSet", "powercap-agent"),
+    }
+    assert expected <= set(names)
+    scheduler = find(bundle, "Deployment", "power-aware-scheduler")
+    containers = [c["name"] for c in scheduler["spec"]["template"]["spec"]["containers"]]
+    assert containers[:2] == ["kube-scheduler", "extender"]
+
+
+def test_namespaced_objects_live_in_powercap_system(bundle: list[Manifest]) -> None:
+    for m in bundle:
+        key = (m["kind"], m["metadata"]["name"])
+        expected = None if m["kind"] in CLUSTER_SCOPED else OUTSIDE_NAMESPACE.get(key, NAMESPACE)
+        assert m["metadata"].get("namespace") == expected, key
+
+
+def test_every_object_is_labelled_part_of_powercap_but_no_selector_is(bundle: list[Manifest]) -> None:
+    for m in bundle:
+        assert m["metadata"]["labels"]["app.kubernetes.io/part-of"] == "powercap", (m["kind"], m["metadata"]["name"])
+    # a selector is immutable: adding the label there would break upgrades from the parts
+    for workload, _ in pod_templates(bundle):
+        assert "app.kubernetes.io/part-of" not in workload["spec"]["selector"]["matchLabels"]
+
+
+def test_every_manifest_passes_the_kubernetes_schemas(bundle: list[Manifest]) -> None:
+    assert KUBERNETES_VERSION in all_versions()
+    problems = {}
+    for m in bundle:
+        try:
+            kubernetes_validate.validate(m, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            problems[m["kind"], m["metadata"]["name"]] = f"{'.'.join(map(str, e.path))}: {e.message}"
+    assert problems == {}
+
+
+@pytest.mark.parametrize(
+    ("mistake", "path"),
+    [
+        pytest.param(lambda pod: pod.update(serviceAcountName="x"), "spec.template.spec", id="misspelt-field"),
+        pytest.param(lambda pod: pod["containers"][0].update(ports=[{"containerPort": "http"}]),
+                     "spec.template.spec.containers.0.ports.0.containerPort", id="port-not-a-number"),
+        pytest.param(lambda pod: pod.pop("containers"), "spec.template.spec", id="no-containers"),
+    ],
+)
+def test_the_schema_check_catches_what_the_api_server_would_refuse(bundle: list[Manifest], mistake, path: str) -> None:
+    deployment = copy.deepcopy(find(bundle, "Deployment", "power-aware-scheduler"))
+    mistake(deployment["spec"]["template"]["spec"])
+    with pytest.raises(kubernetes_validate.ValidationError) as caught:
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+    assert ".".join(map(str, caught.value.path)) == path
+
+
+def test_one_image_runs_every_powercap_container(bundle: list[Manifest]) -> None:
+    images = {container["image"] for _, container in powercap_containers(bundle)}
+    assert images == {"powercap:latest"}
+
+
+def test_the_image_is_overridden_in_one_place(tmp_path: Path, bundle: list[Manifest]) -> None:
+    """What docs/operations.md tells operators to do: an overlay (or `kustomize edit set
+    image` in config/default) with `images: [{name: powercap, ...}]`."""
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{os.path.relpath(REPO_ROOT / 'config' / 'default', tmp_path)}]\n"
+        "images:\n  - name: powercap\n    newName: registry.example.com/ml/powercap\n    newTag: v0.1.0\n"
+    )
+    result = subprocess.run([kubectl(), "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    overlaid = [d for d in yaml.safe_load_all(result.stdout) if d]
+    before = sum(1 for _ in powercap_containers(bundle))
+    images = [c["image"] for _, c in powercap_containers(overlaid)]
+    assert images == ["registry.example.com/ml/powercap:v0.1.0"] * before
+    others = {c["image"] for _, pod in pod_templates(overlaid) for c in pod["containers"]} - set(images)
+    assert {image_name(i) for i in others} == {"registry.k8s.io/kube-scheduler"}
+
+
+def test_every_powercap_container_runs_a_command_with_flags_it_accepts(bundle: list[Manifest]) -> None:
+    """The image's entry point is `powercap`; a container gives either the whole command
+    or only the arguments. A renamed flag or command fails here, not in CrashLoopBackOff."""
+    parser = build_parser()
+    seen = set()
+    for workload, container in powercap_containers(bundle):
+        argv = container.get("command", ["powercap"]) + container.get("args", [])
+        assert argv[0] == "powercap", (workload["metadata"]["name"], container["name"])
+        args = parser.parse_args(argv[1:])
+        assert args.func, argv
+        seen.add(argv[1])
+    assert {"extender", "agent"} <= seen
