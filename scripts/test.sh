@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
-source scripts/promtool.sh
+source scripts/debian-tools.sh
 exec "$VENV/bin/python" -m pytest "$@"

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the entry scripts: create the virtualenv when missing and install the project
 # into it. Re-installing is quick when nothing changed. pip's output goes to a log that is
 # shown only when the install fails.
