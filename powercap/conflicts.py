@@ -6,6 +6,9 @@
 - **Overlapping selectors (error).** Two policies in one namespace whose selectors may
   select a common pod (:func:`powercap.selectors.common_pod_labels`) would give that pod two
   power budgets. The candidate is refused, naming the other policy and an example pod.
+  When the candidate's selector is unchanged (an UPDATE of a policy that already
+  overlapped, say from before the webhook was installed), the overlap is only a warning,
+  so that the policy can still be edited.
 - **One rack, different limits (warning).** Racks are physical and cluster-wide, so any
   other policy, in any namespace, naming the same ``rackId`` with a different ``maxPower``
   or ``maxTemperature`` is reported; the strictest limit applies (DESIGN.md section 4).
@@ -23,26 +26,34 @@ from powercap.problems import Problem, ValidationResult, join_path
 from powercap.selectors import common_pod_labels, describe_labels
 
 
-def find_conflicts(candidate: Policy, others: Iterable[Policy]) -> ValidationResult:
-    """Errors (overlapping selectors) and warnings (rack limits) of ``candidate`` against ``others``."""
+def find_conflicts(candidate: Policy, others: Iterable[Policy], *, selector_changed: bool = True) -> ValidationResult:
+    """Errors (overlapping selectors) and warnings (rack limits) of ``candidate`` against ``others``.
+
+    ``selector_changed`` False turns overlap errors into warnings (see the module docstring).
+    """
     errors: list[Problem] = []
+    warnings: list[Problem] = []
     differing_by_rack: dict[int, list[tuple[Policy, RackConstraint]]] = {}
     for other in sorted(others, key=lambda p: (p.namespace, p.name)):
         if other.key == candidate.key:
             continue
-        if other.namespace == candidate.namespace:
-            labels = common_pod_labels(candidate.selector, other.selector)
-            if labels is not None:
-                errors.append(Problem(
-                    "spec.selector",
-                    f'may select the same pods as PowerCappingPolicy "{other.name}" in this namespace '
-                    f"(e.g. {describe_labels(labels)}); a pod can follow one policy only",
-                ))
+        same_namespace = other.namespace == candidate.namespace
+        labels = common_pod_labels(candidate.selector, other.selector) if same_namespace else None
+        if labels is not None and selector_changed:
+            errors.append(Problem(
+                "spec.selector",
+                f'may select the same pods as PowerCappingPolicy "{other.name}" in this namespace '
+                f"(e.g. {describe_labels(labels)}); a pod can follow one policy only",
+            ))
+        elif labels is not None:
+            warnings.append(Problem(
+                "spec.selector", f'already overlaps PowerCappingPolicy "{other.name}"; a pod can follow one policy only'
+            ))
         for index, rack in enumerate(candidate.racks):
             theirs = other.rack(rack.rack_id)
             if theirs is not None and _limits(theirs) != _limits(rack):
                 differing_by_rack.setdefault(index, []).append((other, theirs))
-    warnings = [
+    warnings += [
         _rack_warning(index, candidate.racks[index], differing)
         for index, differing in sorted(differing_by_rack.items())
     ]

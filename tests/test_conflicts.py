@@ -66,3 +66,11 @@ def test_same_rack_with_other_limits_is_a_warning(candidate: Policy, others: lis
     assert result.ok
     assert [str(p) for p in result.warnings] == warnings
     assert all(len(w) <= 120 for w in warnings)
+
+
+def test_an_overlap_the_update_did_not_cause_is_only_a_warning() -> None:
+    result = find_conflicts(policy("a", selector=LLAMA), [policy("b", selector=LLAMA)], selector_changed=False)
+    assert result.ok
+    assert [str(p) for p in result.warnings] == [
+        'spec.selector: already overlaps PowerCappingPolicy "b"; a pod can follow one policy only'
+    ]
