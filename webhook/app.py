@@ -25,7 +25,8 @@ import time
 from collections.abc import Callable
 
 from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException
+from werkzeug.wsgi import get_input_stream
 
 from powercap.algorithms import AlgorithmRegistry
 from webhook.handlers import PolicyAdmission, review_mutation, review_validation
@@ -34,6 +35,11 @@ from webhook.metrics import WebhookMetrics
 from webhook.reviews import BadRequest, Request, Verdict, build_response, decode_review
 
 MAX_BODY_BYTES = 3 * 1024 * 1024  # 3 MiB
+# A body over the limit is read and dropped up to this size before the 413 goes out, so a
+# client that sends the whole body before reading (most do) gets the 413 instead of a
+# reset, and its kept-alive connection stays usable.
+DRAIN_LIMIT_BYTES = 16 * 1024 * 1024
+READ_CHUNK_BYTES = 64 * 1024
 ADMISSION_LOGGER = "powercap.webhook.admission"
 
 Review = Callable[[Request, PolicyAdmission], Verdict]
@@ -56,7 +62,6 @@ def create_app(
     monotonic) times requests; ``is_ready`` backs ``/readyz``.
     """
     app = Flask("powercap-webhook")
-    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     admission = PolicyAdmission(registry, policies)
     metrics = metrics if metrics is not None else WebhookMetrics()
     log = logger if logger is not None else logging.getLogger(ADMISSION_LOGGER)
@@ -66,7 +71,7 @@ def create_app(
         started_s = clock()
         outcome = "error"
         try:
-            review_request = decode_review(request.get_data(cache=False))
+            review_request = decode_review(read_body(max_body_bytes))
             verdict = review(review_request, admission)
             body = json.dumps(build_response(review_request, verdict), separators=(",", ":"))
             outcome = _outcome(verdict)
@@ -74,7 +79,7 @@ def create_app(
             outcome = "bad_request"
             log.warning("bad request", extra={"fields": {"endpoint": endpoint, "error": str(error)}})
             return _text(f"bad request: {error}", 400)
-        except RequestEntityTooLarge:
+        except BodyTooLarge:
             outcome = "too_large"
             log.warning("request too large", extra={"fields": {"endpoint": endpoint, "limit_bytes": max_body_bytes}})
             return _text(f"request body is larger than {max_body_bytes} bytes", 413)
@@ -113,6 +118,29 @@ def create_app(
         return _text(f"{error.code} {error.name}", error.code or 500)
 
     return app
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def read_body(max_bytes: int) -> bytes:
+    """The request body; :class:`BodyTooLarge` past ``max_bytes`` (after draining, see DRAIN_LIMIT_BYTES).
+
+    Works for a Content-Length body and for a chunked one (the server dechunks it).
+    """
+    stream = get_input_stream(request.environ)
+    parts: list[bytes] = []
+    size = 0
+    while size <= max_bytes:
+        chunk = stream.read(min(READ_CHUNK_BYTES, max_bytes + 1 - size))
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+        size += len(chunk)
+    while size < DRAIN_LIMIT_BYTES and stream.read(READ_CHUNK_BYTES):
+        size += READ_CHUNK_BYTES
+    raise BodyTooLarge()
 
 
 def _outcome(verdict: Verdict) -> str:

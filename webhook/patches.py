@@ -46,6 +46,8 @@ def escape(key: str) -> str:
 
 def same_json(first: Any, second: Any) -> bool:
     """Equal as JSON values: ``1 == 1.0`` but ``1 != true`` (Python says ``1 == True``)."""
+    if first is second:
+        return True
     if isinstance(first, bool) or isinstance(second, bool):
         return type(first) is type(second) and first == second
     if isinstance(first, dict) and isinstance(second, dict):
