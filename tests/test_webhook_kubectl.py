@@ -1,0 +1,162 @@
+"""What a user sees: the real ``kubectl apply`` against an API server that calls our webhook.
+
+The stand-in API server does what kube-apiserver does around admission for a create:
+discovery, a GET that finds nothing, then the POST, during which it calls the mutating
+webhook (applying its JSON Patch), then the validating webhook, over TLS with the
+caBundle, and turns a refusal into the error kube-apiserver returns
+(``admission webhook "<name>" denied the request: <message>``, the webhook's code, reason
+and details: k8s.io/apiserver/pkg/admission/plugin/webhook/errors.ToStatusErr) and
+warnings into ``Warning:`` headers. Our webhook is the real server (gunicorn, TLS).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import jsonpatch
+import pytest
+
+from .webhook_helpers import WebhookProcess, admission_review, webhook_certs, webhook_process  # noqa: F401
+
+GROUP_VERSION = "powercapping.example.com/v1alpha1"
+VALIDATING_WEBHOOK = "validate.powercapping.example.com"
+DISCOVERY = {
+    "/version": {"major": "1", "minor": "32", "gitVersion": "v1.32.0"},
+    "/api": {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []},
+    "/api/v1": {"kind": "APIResourceList", "groupVersion": "v1", "resources": []},
+    "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": [{
+        "name": "powercapping.example.com",
+        "versions": [{"groupVersion": GROUP_VERSION, "version": "v1alpha1"}],
+        "preferredVersion": {"groupVersion": GROUP_VERSION, "version": "v1alpha1"},
+    }]},
+    f"/apis/{GROUP_VERSION}": {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": GROUP_VERSION, "resources": [{
+        "name": "powercappingpolicies", "singularName": "powercappingpolicy", "namespaced": True,
+        "kind": "PowerCappingPolicy", "shortNames": ["pcp"],
+        "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+    }]},
+}
+
+
+class AdmittingApiServer(ThreadingHTTPServer):
+    def __init__(self, webhook: WebhookProcess) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.webhook = webhook
+        self.stored: list[dict[str, Any]] = []
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: AdmittingApiServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def _send(self, code: int, body: Any, warnings: list[str] = ()) -> None:  # type: ignore[assignment]
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        for warning in warnings:
+            self.send_header("Warning", f'299 - "{warning}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        path = self.path.split("?")[0]
+        if path in DISCOVERY:
+            return self._send(200, DISCOVERY[path])
+        self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404,
+                         "message": f"powercappingpolicies.powercapping.example.com \"{path.rsplit('/', 1)[-1]}\" not found"})
+
+    def do_POST(self) -> None:
+        obj = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        obj.setdefault("metadata", {}).setdefault("namespace", self.path.split("/namespaces/")[1].split("/")[0])
+        webhook = self.server.webhook
+        with webhook.endpoint.session() as session:
+            mutated = webhook.endpoint.post(session, "mutate", admission_review("CREATE", obj)).json()["response"]
+            if "patch" in mutated:
+                obj = jsonpatch.JsonPatch(json.loads(base64.b64decode(mutated["patch"]))).apply(obj)
+            verdict = webhook.endpoint.post(session, "validate", admission_review("CREATE", obj)).json()["response"]
+        warnings = verdict.get("warnings", [])
+        if not verdict["allowed"]:
+            status = verdict.get("status", {})
+            denied_by = f'admission webhook "{VALIDATING_WEBHOOK}" denied the request'
+            message = f"{denied_by}: {status['message']}" if status.get("message") else f"{denied_by} without explanation"
+            return self._send(status.get("code", 400), {
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+                **{k: status[k] for k in ("reason", "code", "details") if k in status},
+            }, warnings)
+        self.server.stored.append(obj)
+        self._send(201, obj, warnings)
+
+
+@pytest.fixture
+def apiserver(webhook_process: WebhookProcess) -> Iterator[AdmittingApiServer]:
+    server = AdmittingApiServer(webhook_process)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    thread.join(timeout=5)
+
+
+def kubectl_apply(apiserver: AdmittingApiServer, workdir: Path, manifest: str) -> subprocess.CompletedProcess[str]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is needed for this test"
+    (workdir / "policy.yaml").write_text(manifest)
+    return subprocess.run(
+        [kubectl, "--server", f"http://127.0.0.1:{apiserver.server_address[1]}", "--cache-dir", str(workdir / "cache"),
+         "apply", "--validate=false", "-f", "policy.yaml"],
+        capture_output=True, text=True, cwd=workdir, timeout=60, env={"KUBECONFIG": "/dev/null", "HOME": str(workdir)},
+    )
+
+
+BROKEN = """\
+apiVersion: powercapping.example.com/v1alpha1
+kind: PowerCappingPolicy
+metadata:
+  name: broken
+  namespace: inference
+spec:
+  powerCapLimit: 0
+  rackConstraints:
+    - rackId: rack-1
+      maxPower: 5000
+    - rackId: rack-2
+      maxPower: 0
+"""
+
+
+def test_kubectl_prints_every_problem_of_a_refused_policy(apiserver: AdmittingApiServer, tmp_path: Path) -> None:
+    result = kubectl_apply(apiserver, tmp_path, BROKEN)
+    assert result.returncode == 1
+    assert result.stderr == (
+        'The PowerCappingPolicy "broken" is invalid: \n'
+        "* spec.powerCapLimit: must be greater than 0\n"
+        "* spec.rackConstraints[1].maxPower: must be greater than 0\n"
+    )
+    assert apiserver.stored == []
+
+
+def test_kubectl_prints_a_single_problem_on_one_line(apiserver: AdmittingApiServer, tmp_path: Path) -> None:
+    result = kubectl_apply(apiserver, tmp_path, BROKEN.replace("maxPower: 0", "maxPower: 4000"))
+    assert result.stderr == 'The PowerCappingPolicy "broken" is invalid: spec.powerCapLimit: must be greater than 0\n'
+
+
+def test_kubectl_shows_warnings_and_the_policy_is_stored_with_defaults(apiserver: AdmittingApiServer, tmp_path: Path) -> None:
+    result = kubectl_apply(apiserver, tmp_path, BROKEN.replace("powerCapLimit: 0", "powerCapLimit: 150").replace("maxPower: 0", "maxPower: 4000"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "powercappingpolicy.powercapping.example.com/broken created\n"
+    assert result.stderr == (
+        "Warning: spec.powerCapLimit: 150 W is below one GPU's minimum limit (200 W on H100/H200): no pod can get a GPU\n"
+    )
+    [stored] = apiserver.stored
+    assert stored["spec"]["mode"] == "Enforce"
+    assert stored["spec"]["selector"] == {"matchLabels": {"powercapping.example.com/policy": "broken"}}
