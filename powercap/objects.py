@@ -1,0 +1,114 @@
+"""Facts read off raw Kubernetes objects (dicts as the API serves them), shared by every service.
+
+Pure functions; nothing here talks to the API. The extender, the budget controller, the
+node agent and the simulator all read Nodes, Pods and policies the same way through them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from powercap import API_GROUP
+from powercap.policies import Policy
+
+RACK_LABEL = f"{API_GROUP}/rack"
+POWER_ANNOTATION = f"{API_GROUP}/power-watts"
+METRICS_ANNOTATION = f"{API_GROUP}/metrics"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+KubeObject = Mapping[str, Any]
+
+
+def object_key(obj: KubeObject) -> str:
+    """``namespace/name`` for namespaced objects, ``name`` for cluster-scoped ones."""
+    metadata = obj.get("metadata") or {}
+    namespace = metadata.get("namespace")
+    return f"{namespace}/{metadata.get('name', '')}" if namespace else str(metadata.get("name", ""))
+
+
+def labels_of(obj: KubeObject) -> Mapping[str, str]:
+    labels = (obj.get("metadata") or {}).get("labels")
+    return labels if isinstance(labels, Mapping) else {}
+
+
+def annotations_of(obj: KubeObject) -> Mapping[str, str]:
+    annotations = (obj.get("metadata") or {}).get("annotations")
+    return annotations if isinstance(annotations, Mapping) else {}
+
+
+def node_rack(node: KubeObject, rack_label: str = RACK_LABEL) -> str | None:
+    """The rack a node is in (the value of its rack label), or None when unlabelled."""
+    rack = labels_of(node).get(rack_label)
+    return rack if isinstance(rack, str) and rack else None
+
+
+def node_gpu_capacity(node: KubeObject) -> int:
+    """Allocatable ``nvidia.com/gpu`` of a node (0 when it has none)."""
+    status = node.get("status") or {}
+    allocatable = status.get("allocatable") or status.get("capacity") or {}
+    return parse_count(allocatable.get(GPU_RESOURCE))
+
+
+def parse_count(quantity: Any) -> int:
+    """A whole-number Kubernetes quantity such as ``"4"`` or ``4``; anything else counts as 0."""
+    if isinstance(quantity, bool):
+        return 0
+    if isinstance(quantity, int):
+        return max(quantity, 0)
+    if isinstance(quantity, str) and quantity.strip().isdigit():
+        return int(quantity.strip())
+    return 0
+
+
+def pod_gpus_requested(pod: KubeObject) -> int:
+    """GPUs a pod asks for: the larger of its containers' sum and its largest init container.
+
+    Extended resources are requested through ``limits`` (``requests``, when present, must
+    equal them), so limits are read first.
+    """
+    spec = pod.get("spec") or {}
+
+    def gpus(container: Mapping[str, Any]) -> int:
+        resources = container.get("resources") or {}
+        for section in ("limits", "requests"):
+            value = (resources.get(section) or {}).get(GPU_RESOURCE)
+            if value is not None:
+                return parse_count(value)
+        return 0
+
+    containers = sum(gpus(c) for c in spec.get("containers") or () if isinstance(c, Mapping))
+    init = max((gpus(c) for c in spec.get("initContainers") or () if isinstance(c, Mapping)), default=0)
+    return max(containers, init)
+
+
+def pod_power_annotation_w(pod: KubeObject) -> float | None:
+    """The user's power estimate for a pod (annotation ``powercapping.example.com/power-watts``).
+
+    None when absent or not a positive finite number of watts.
+    """
+    raw = annotations_of(pod).get(POWER_ANNOTATION)
+    try:
+        watts = float(str(raw).strip().removesuffix("W").strip()) if raw is not None else None
+    except ValueError:
+        return None
+    return watts if watts is not None and math.isfinite(watts) and watts > 0 else None
+
+
+def pod_is_active(pod: KubeObject) -> bool:
+    """Whether a pod holds (or will hold) its node's resources: not Succeeded, Failed or deleted."""
+    phase = (pod.get("status") or {}).get("phase")
+    return phase not in ("Succeeded", "Failed") and not (pod.get("metadata") or {}).get("deletionTimestamp")
+
+
+def policy_for_pod(pod: KubeObject, policies: Iterable[Policy]) -> Policy | None:
+    """The policy whose selector matches the pod, in the pod's namespace.
+
+    The webhook refuses overlapping selectors in one namespace; should two match anyway
+    (created before the webhook ran), the first by name wins, deterministically.
+    """
+    namespace = (pod.get("metadata") or {}).get("namespace") or "default"
+    labels = labels_of(pod)
+    matching = [p for p in policies if p.namespace == namespace and p.selector.matches(labels)]
+    return min(matching, key=lambda p: p.name) if matching else None
