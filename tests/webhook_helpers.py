@@ -146,15 +146,16 @@ class WebhookEndpoint:
 class WebhookProcess:
     """``powercap webhook`` in a subprocess (gunicorn with its default worker setup)."""
 
-    def __init__(self, cert_dir: Path, log_file: Path, *extra_args: str) -> None:
+    def __init__(self, cert_dir: Path, log_file: Path, *, cross_policy_checks: bool = False,
+                 env: dict[str, str] | None = None) -> None:
         self.cert_dir = cert_dir
         self.log_file = log_file
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(log_file.parent / "metrics")}
+        environment = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(log_file.parent / "metrics"), **(env or {})}
+        flags = [] if cross_policy_checks else ["--no-cross-policy-checks"]
         with open(log_file, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "powercap", "webhook", "--cert-dir", str(cert_dir),
-                 "--bind", "127.0.0.1:0", "--no-cross-policy-checks", *extra_args],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
+                [sys.executable, "-m", "powercap", "webhook", "--cert-dir", str(cert_dir), "--bind", "127.0.0.1:0", *flags],
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=environment,
             )
         self.endpoint = WebhookEndpoint(f"https://127.0.0.1:{self._wait_for_port()}", cert_dir / certs.CA_CERT)
         self._wait_until_ready()

@@ -29,20 +29,19 @@ def check_kubernetes_configuration() -> None:
     from powercap import kube
 
     try:
-        kube.KubeClient.from_environment()
-    except Exception as error:
-        raise ConfigurationError(
-            f"no Kubernetes configuration for the cross-policy checks ({error}); "
-            "run in a pod, set KUBECONFIG, or pass --no-cross-policy-checks"
-        ) from error
+        kube.KubeClient.from_environment().close()
+    except kube.KubeConfigError as error:
+        raise ConfigurationError(f"{error}; run in a pod, set KUBECONFIG, or pass --no-cross-policy-checks") from error
 
 
 def kubernetes_policies(registry: AlgorithmRegistry) -> PolicyLookup:
-    """Every policy of the cluster from a list+watch cache, started now (in the worker)."""
+    """Every policy of the cluster (all namespaces) from a list+watch cache, started now.
+
+    Called in each gunicorn worker after the fork, so the watch thread is the worker's.
+    """
     from powercap import kube
 
-    client = kube.KubeClient.from_environment()
-    cache = kube.WatchCache(client, kube.policies_path())
+    cache = kube.WatchCache(kube.KubeClient.from_environment(), kube.policy_path(), name="powercappingpolicies")
     cache.start()
     return WatchedPolicies(cache, registry)
 
