@@ -6,7 +6,12 @@ webhook (applying its JSON Patch), then the validating webhook, over TLS with th
 caBundle, and turns a refusal into the error kube-apiserver returns
 (``admission webhook "<name>" denied the request: <message>``, the webhook's code, reason
 and details: k8s.io/apiserver/pkg/admission/plugin/webhook/errors.ToStatusErr) and
-warnings into ``Warning:`` headers. Our webhook is the real server (gunicorn, TLS).
+warnings into ``Warning:`` headers. Our webhook answers over TLS: ``powercap webhook``
+(gunicorn), or werkzeug where the test injects the other policies of the cluster.
+
+The stand-in does no schema validation; a real API server refuses schema violations
+itself, before validating webhooks run, which is why the examples break rules the schema
+cannot express.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -24,7 +30,19 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from .webhook_helpers import WebhookProcess, admission_review, webhook_certs, webhook_process  # noqa: F401
+from powercap.algorithms import AlgorithmRegistry
+from webhook.app import create_app
+from webhook.lookups import StaticPolicies
+
+from .webhook_helpers import (  # noqa: F401  (fixtures)
+    WebhookEndpoint,
+    WebhookProcess,
+    admission_review,
+    policy,
+    serve_in_thread,
+    webhook_certs,
+    webhook_process,
+)
 
 GROUP_VERSION = "powercapping.example.com/v1alpha1"
 VALIDATING_WEBHOOK = "validate.powercapping.example.com"
@@ -46,7 +64,7 @@ DISCOVERY = {
 
 
 class AdmittingApiServer(ThreadingHTTPServer):
-    def __init__(self, webhook: WebhookProcess) -> None:
+    def __init__(self, webhook: WebhookEndpoint) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.webhook = webhook
         self.stored: list[dict[str, Any]] = []
@@ -79,11 +97,11 @@ class _Handler(BaseHTTPRequestHandler):
         obj = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         obj.setdefault("metadata", {}).setdefault("namespace", self.path.split("/namespaces/")[1].split("/")[0])
         webhook = self.server.webhook
-        with webhook.endpoint.session() as session:
-            mutated = webhook.endpoint.post(session, "mutate", admission_review("CREATE", obj)).json()["response"]
+        with webhook.session() as session:
+            mutated = webhook.post(session, "mutate", admission_review("CREATE", obj)).json()["response"]
             if "patch" in mutated:
                 obj = jsonpatch.JsonPatch(json.loads(base64.b64decode(mutated["patch"]))).apply(obj)
-            verdict = webhook.endpoint.post(session, "validate", admission_review("CREATE", obj)).json()["response"]
+            verdict = webhook.post(session, "validate", admission_review("CREATE", obj)).json()["response"]
         warnings = verdict.get("warnings", [])
         if not verdict["allowed"]:
             status = verdict.get("status", {})
@@ -97,14 +115,23 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(201, obj, warnings)
 
 
-@pytest.fixture
-def apiserver(webhook_process: WebhookProcess) -> Iterator[AdmittingApiServer]:
-    server = AdmittingApiServer(webhook_process)
+@contextmanager
+def admitting_apiserver(webhook: WebhookEndpoint) -> Iterator[AdmittingApiServer]:
+    server = AdmittingApiServer(webhook)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
-    yield server
-    server.shutdown()
-    thread.join(timeout=5)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def apiserver(webhook_process: WebhookProcess) -> Iterator[AdmittingApiServer]:
+    """In front of ``powercap webhook`` (gunicorn), cross-policy checks off."""
+    with admitting_apiserver(webhook_process.endpoint) as server:
+        yield server
 
 
 def kubectl_apply(apiserver: AdmittingApiServer, workdir: Path, manifest: str) -> subprocess.CompletedProcess[str]:
@@ -118,45 +145,61 @@ def kubectl_apply(apiserver: AdmittingApiServer, workdir: Path, manifest: str) -
     )
 
 
-BROKEN = """\
+# Rules the CRD schema cannot express, so a real API server passes the object to the
+# webhook (a schema violation, e.g. powerCapLimit: 0, is refused by the API server itself).
+BAD_PARAMETERS = """\
 apiVersion: powercapping.example.com/v1alpha1
 kind: PowerCappingPolicy
 metadata:
-  name: broken
+  name: llama-70b-chat
   namespace: inference
 spec:
-  powerCapLimit: 0
-  rackConstraints:
-    - rackId: rack-1
-      maxPower: 5000
-    - rackId: rack-2
-      maxPower: 0
+  powerCapLimit: 4200
+  customAlgorithm:
+    name: energy-aware-scheduling
+    parameters:
+      energyThreshold: -500
+      migrationInterval: 10
 """
 
 
 def test_kubectl_prints_every_problem_of_a_refused_policy(apiserver: AdmittingApiServer, tmp_path: Path) -> None:
-    result = kubectl_apply(apiserver, tmp_path, BROKEN)
+    result = kubectl_apply(apiserver, tmp_path, BAD_PARAMETERS)
     assert result.returncode == 1
+    assert result.stdout == ""
     assert result.stderr == (
-        'The PowerCappingPolicy "broken" is invalid: \n'
-        "* spec.powerCapLimit: must be greater than 0\n"
-        "* spec.rackConstraints[1].maxPower: must be greater than 0\n"
+        'The PowerCappingPolicy "llama-70b-chat" is invalid: \n'
+        "* spec.customAlgorithm.parameters.energyThreshold: must be greater than 0\n"
+        "* spec.customAlgorithm.parameters.migrationInterval: must be at least 30\n"
     )
     assert apiserver.stored == []
 
 
-def test_kubectl_prints_a_single_problem_on_one_line(apiserver: AdmittingApiServer, tmp_path: Path) -> None:
-    result = kubectl_apply(apiserver, tmp_path, BROKEN.replace("maxPower: 0", "maxPower: 4000"))
-    assert result.stderr == 'The PowerCappingPolicy "broken" is invalid: spec.powerCapLimit: must be greater than 0\n'
+def test_kubectl_prints_a_single_problem_on_one_line(webhook_certs: Path, tmp_path: Path) -> None:
+    registry = AlgorithmRegistry.default()
+    existing = policy("llama-prod", "inference", selector={"matchLabels": {"app": "llama"}})
+    app = create_app(registry=registry, policies=StaticPolicies([existing], registry))
+    canary = BAD_PARAMETERS.replace("llama-70b-chat", "llama-canary").split("  customAlgorithm:")[0] + (
+        "  selector:\n    matchLabels: {app: llama, track: canary}\n"
+    )
+    with serve_in_thread(app, webhook_certs) as webhook, admitting_apiserver(webhook) as apiserver:
+        result = kubectl_apply(apiserver, tmp_path, canary)
+    assert result.returncode == 1
+    assert result.stderr == (
+        'The PowerCappingPolicy "llama-canary" is invalid: spec.selector: may select the same pods as '
+        'PowerCappingPolicy "llama-prod" in this namespace (e.g. a pod labelled app=llama, track=canary); '
+        "a pod can follow one policy only\n"
+    )
 
 
 def test_kubectl_shows_warnings_and_the_policy_is_stored_with_defaults(apiserver: AdmittingApiServer, tmp_path: Path) -> None:
-    result = kubectl_apply(apiserver, tmp_path, BROKEN.replace("powerCapLimit: 0", "powerCapLimit: 150").replace("maxPower: 0", "maxPower: 4000"))
+    suspicious = BAD_PARAMETERS.split("  customAlgorithm:")[0].replace("4200", "150")
+    result = kubectl_apply(apiserver, tmp_path, suspicious)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "powercappingpolicy.powercapping.example.com/broken created\n"
+    assert result.stdout == "powercappingpolicy.powercapping.example.com/llama-70b-chat created\n"
     assert result.stderr == (
         "Warning: spec.powerCapLimit: 150 W is below one GPU's minimum limit (200 W on H100/H200): no pod can get a GPU\n"
     )
     [stored] = apiserver.stored
     assert stored["spec"]["mode"] == "Enforce"
-    assert stored["spec"]["selector"] == {"matchLabels": {"powercapping.example.com/policy": "broken"}}
+    assert stored["spec"]["selector"] == {"matchLabels": {"powercapping.example.com/policy": "llama-70b-chat"}}
