@@ -34,6 +34,7 @@ from powercap.algorithms import AlgorithmRegistry
 from webhook.app import create_app
 from webhook.lookups import StaticPolicies
 
+from .conftest import REPO_ROOT
 from .webhook_helpers import (  # noqa: F401  (fixtures)
     WebhookEndpoint,
     WebhookProcess,
@@ -134,6 +135,12 @@ def apiserver(webhook_process: WebhookProcess) -> Iterator[AdmittingApiServer]:
         yield server
 
 
+def assert_documented(output: str) -> None:
+    """The README and docs/webhook.md show users exactly this output."""
+    for doc in (REPO_ROOT / "README.md", REPO_ROOT / "docs" / "webhook.md"):
+        assert output in doc.read_text(), f"{doc.name} does not show what kubectl prints:\n{output}"
+
+
 def kubectl_apply(apiserver: AdmittingApiServer, workdir: Path, manifest: str) -> subprocess.CompletedProcess[str]:
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl is needed for this test"
@@ -173,6 +180,7 @@ def test_kubectl_prints_every_problem_of_a_refused_policy(apiserver: AdmittingAp
         "* spec.customAlgorithm.parameters.migrationInterval: must be at least 30\n"
     )
     assert apiserver.stored == []
+    assert_documented(result.stderr)
 
 
 def test_kubectl_prints_a_single_problem_on_one_line(webhook_certs: Path, tmp_path: Path) -> None:
@@ -190,6 +198,7 @@ def test_kubectl_prints_a_single_problem_on_one_line(webhook_certs: Path, tmp_pa
         'PowerCappingPolicy "llama-prod" in this namespace (e.g. a pod labelled app=llama, track=canary); '
         "a pod can follow one policy only\n"
     )
+    assert_documented(result.stderr)
 
 
 def test_kubectl_shows_warnings_and_the_policy_is_stored_with_defaults(apiserver: AdmittingApiServer, tmp_path: Path) -> None:
