@@ -32,16 +32,6 @@ def session(webhook_process: WebhookProcess) -> requests.Session:
         yield session
 
 
-def admit(server: WebhookProcess, session: requests.Session, endpoint: str, review: dict[str, Any]) -> dict[str, Any]:
-    reply = server.endpoint.post(session, endpoint, review)
-    assert reply.status_code == 200, reply.text
-    assert reply.headers["Content-Type"] == "application/json"
-    body = reply.json()
-    assert body["apiVersion"] == "admission.k8s.io/v1" and body["kind"] == "AdmissionReview"
-    assert body["response"]["uid"] == review["request"]["uid"], "response.uid must be request.uid"
-    return body["response"]
-
-
 def sample(name: str) -> dict[str, Any]:
     document = yaml.safe_load((SAMPLES_DIR / name).read_text())
     return {**policy(), **document, "metadata": {**policy()["metadata"], **document["metadata"]}}
@@ -60,12 +50,12 @@ BROKEN_MESSAGE = (
 
 @pytest.mark.parametrize("name", ["basic.yaml", "rack-constraints.yaml", "performance-power-ratio.yaml", "custom-algorithm.yaml", "full.yaml"])
 def test_shipped_samples_are_allowed_without_warnings(webhook_process: WebhookProcess, session: requests.Session, name: str) -> None:
-    response = admit(webhook_process, session, "validate", admission_review("CREATE", sample(name)))
+    response = webhook_process.endpoint.admit(session, "validate", admission_review("CREATE", sample(name)))
     assert response == {"uid": response["uid"], "allowed": True}
 
 
 def test_a_bad_policy_is_refused_naming_every_bad_field(webhook_process: WebhookProcess, session: requests.Session) -> None:
-    response = admit(webhook_process, session, "validate", admission_review("CREATE", BROKEN))
+    response = webhook_process.endpoint.admit(session, "validate", admission_review("CREATE", BROKEN))
     assert response["allowed"] is False
     assert response["status"] == {
         "status": "Failure",
@@ -88,27 +78,27 @@ def test_a_bad_policy_is_refused_naming_every_bad_field(webhook_process: Webhook
 
 @pytest.mark.parametrize("dry_run", [False, True], ids=["real", "dry-run"])
 def test_dry_run_requests_get_the_same_verdict(webhook_process: WebhookProcess, session: requests.Session, dry_run: bool) -> None:
-    refused = admit(webhook_process, session, "validate", admission_review("CREATE", BROKEN, dry_run=dry_run))
-    allowed = admit(webhook_process, session, "validate", admission_review("CREATE", policy(), dry_run=dry_run))
+    refused = webhook_process.endpoint.admit(session, "validate", admission_review("CREATE", BROKEN, dry_run=dry_run))
+    allowed = webhook_process.endpoint.admit(session, "validate", admission_review("CREATE", policy(), dry_run=dry_run))
     assert (refused["allowed"], refused["status"]["message"], allowed["allowed"]) == (False, BROKEN_MESSAGE, True)
 
 
 def test_update_is_judged_on_the_new_object(webhook_process: WebhookProcess, session: requests.Session) -> None:
-    breaking = admit(webhook_process, session, "validate", admission_review("UPDATE", BROKEN, policy()))
-    fixing = admit(webhook_process, session, "validate", admission_review("UPDATE", policy(), BROKEN))
+    breaking = webhook_process.endpoint.admit(session, "validate", admission_review("UPDATE", BROKEN, policy()))
+    fixing = webhook_process.endpoint.admit(session, "validate", admission_review("UPDATE", policy(), BROKEN))
     assert breaking["allowed"] is False and breaking["status"]["message"] == BROKEN_MESSAGE
     assert fixing["allowed"] is True
 
 
 def test_an_object_being_deleted_can_always_be_updated(webhook_process: WebhookProcess, session: requests.Session) -> None:
     finalizing = {**BROKEN, "metadata": {**BROKEN["metadata"], "deletionTimestamp": "2025-06-02T00:00:00Z", "finalizers": []}}
-    assert admit(webhook_process, session, "validate", admission_review("UPDATE", finalizing, BROKEN))["allowed"] is True
+    assert webhook_process.endpoint.admit(session, "validate", admission_review("UPDATE", finalizing, BROKEN))["allowed"] is True
 
 
 @pytest.mark.parametrize("operation", ["DELETE", "CONNECT"])
 def test_delete_and_connect_are_allowed(webhook_process: WebhookProcess, session: requests.Session, operation: str) -> None:
     review = admission_review(operation, None, BROKEN) if operation == "DELETE" else admission_review(operation, {"kind": "PodExecOptions"})
-    assert admit(webhook_process, session, "validate", review)["allowed"] is True
+    assert webhook_process.endpoint.admit(session, "validate", review)["allowed"] is True
 
 
 def test_status_updates_and_other_kinds_are_not_judged(webhook_process: WebhookProcess, session: requests.Session) -> None:
@@ -117,12 +107,12 @@ def test_status_updates_and_other_kinds_are_not_judged(webhook_process: WebhookP
     pod["request"]["kind"] = {"group": "", "version": "v1", "kind": "Pod"}
     for review in (status_update, pod):
         for endpoint in ("validate", "mutate"):
-            assert admit(webhook_process, session, endpoint, review) == {"uid": review["request"]["uid"], "allowed": True}
+            assert webhook_process.endpoint.admit(session, endpoint, review) == {"uid": review["request"]["uid"], "allowed": True}
 
 
 def test_suspicious_policies_get_short_warnings(webhook_process: WebhookProcess, session: requests.Session) -> None:
     suspicious = policy(powerCapLimit=150, rackConstraints=[{"rackId": "r" * 60 + "-" + "x" * 2}, {"rackId": "rack-2", "maxPower": 100}])
-    response = admit(webhook_process, session, "validate", admission_review("CREATE", suspicious))
+    response = webhook_process.endpoint.admit(session, "validate", admission_review("CREATE", suspicious))
     assert response["allowed"] is True
     assert response["warnings"] == [
         "spec.powerCapLimit: 150 W is below one GPU's minimum limit (200 W on H100/H200): no pod can get a GPU",
@@ -159,18 +149,18 @@ def test_mutation_patch_fills_defaults_and_is_idempotent(
     webhook_process: WebhookProcess, session: requests.Session, obj: dict[str, Any], defaulted_spec: dict[str, Any], operation: str
 ) -> None:
     old = policy() if operation == "UPDATE" else None
-    first = admit(webhook_process, session, "mutate", admission_review(operation, obj, old))
+    first = webhook_process.endpoint.admit(session, "mutate", admission_review(operation, obj, old))
     assert first["allowed"] is True
     mutated = apply_patch(obj, first)
     assert mutated["spec"] == {**obj["spec"], **defaulted_spec}
     assert mutated["metadata"] == obj["metadata"], "metadata (managedFields included) is never touched"
     assert mutated == default_policy(obj, AlgorithmRegistry.default())
-    second = admit(webhook_process, session, "mutate", admission_review(operation, mutated, old))
+    second = webhook_process.endpoint.admit(session, "mutate", admission_review(operation, mutated, old))
     assert second == {"uid": second["uid"], "allowed": True}, "an already-defaulted object gets no patch"
 
 
 def test_mutation_never_refuses_and_leaves_invalid_values_alone(webhook_process: WebhookProcess, session: requests.Session) -> None:
-    response = admit(webhook_process, session, "mutate", admission_review("CREATE", BROKEN))
+    response = webhook_process.endpoint.admit(session, "mutate", admission_review("CREATE", BROKEN))
     assert response["allowed"] is True
     mutated = apply_patch(BROKEN, response)
     assert mutated["spec"]["powerCapLimit"] == 0 and mutated["spec"]["rackConstraints"] == BROKEN["spec"]["rackConstraints"]
@@ -180,7 +170,7 @@ def test_mutation_never_refuses_and_leaves_invalid_values_alone(webhook_process:
 @pytest.mark.parametrize("operation", ["DELETE", "CONNECT"])
 def test_mutation_ignores_delete_and_connect(webhook_process: WebhookProcess, session: requests.Session, operation: str) -> None:
     review = admission_review(operation, None, policy()) if operation == "DELETE" else admission_review(operation, {"kind": "PodExecOptions"})
-    response = admit(webhook_process, session, "mutate", review)
+    response = webhook_process.endpoint.admit(session, "mutate", review)
     assert response == {"uid": response["uid"], "allowed": True}
 
 
@@ -279,8 +269,8 @@ def test_metrics_count_requests_of_every_worker_by_endpoint_and_outcome(webhook_
         before = metric_samples(scraper, webhook_process)
     for _ in range(6):  # a new connection each time, so the requests spread over the workers
         with webhook_process.endpoint.session() as fresh:
-            admit(webhook_process, fresh, "validate", admission_review("CREATE", BROKEN))
-            admit(webhook_process, fresh, "mutate", admission_review("CREATE", policy()))
+            webhook_process.endpoint.admit(fresh, "validate", admission_review("CREATE", BROKEN))
+            webhook_process.endpoint.admit(fresh, "mutate", admission_review("CREATE", policy()))
             webhook_process.endpoint.post(fresh, "mutate", None, raw=b"not json")
     with webhook_process.endpoint.session() as scraper:
         after = metric_samples(scraper, webhook_process)
@@ -290,7 +280,7 @@ def test_metrics_count_requests_of_every_worker_by_endpoint_and_outcome(webhook_
 
 def test_one_json_log_line_per_admission(webhook_process: WebhookProcess, session: requests.Session) -> None:
     review = admission_review("CREATE", BROKEN, dry_run=True)
-    admit(webhook_process, session, "validate", review)
+    webhook_process.endpoint.admit(session, "validate", review)
     lines = [line for line in webhook_process.log_lines() if line.get("uid") == review["request"]["uid"]]
     assert len(lines) == 1
     line = lines[0]

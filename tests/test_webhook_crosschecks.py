@@ -48,16 +48,9 @@ def serve(webhook_certs: Path, registry: AlgorithmRegistry) -> Iterator[Any]:
         context.__exit__(None, None, None)
 
 
-def validate(endpoint: WebhookEndpoint, review: dict[str, Any]) -> dict[str, Any]:
-    with endpoint.session() as session:
-        reply = endpoint.post(session, "validate", review)
-    assert reply.status_code == 200
-    return reply.json()["response"]
-
-
 def test_a_second_policy_for_the_same_pods_is_refused_naming_the_first(serve: Any, registry: AlgorithmRegistry) -> None:
     endpoint = serve(StaticPolicies(CLUSTER, registry))
-    response = validate(endpoint, admission_review("CREATE", policy("llama-canary", "inference", selector={
+    response = endpoint.validate(admission_review("CREATE", policy("llama-canary", "inference", selector={
         "matchLabels": {"app": "llama"}, "matchExpressions": [{"key": "track", "operator": "In", "values": ["canary"]}]})))
     assert response["allowed"] is False
     assert response["status"]["code"] == 422
@@ -72,7 +65,7 @@ def test_policies_with_disjoint_selectors_or_namespaces_are_allowed(serve: Any, 
     disjoint = policy("mistral", "inference", selector={"matchLabels": {"app": "mistral"}})
     elsewhere = policy("llama-dev", "dev", selector=LLAMA)
     for candidate in (disjoint, elsewhere):
-        response = validate(endpoint, admission_review("CREATE", candidate))
+        response = endpoint.validate(admission_review("CREATE", candidate))
         assert response["allowed"] is True and "warnings" not in response
 
 
@@ -80,7 +73,7 @@ def test_updating_a_policy_does_not_conflict_with_itself(serve: Any, registry: A
     endpoint = serve(StaticPolicies(CLUSTER, registry))
     stored = CLUSTER[0]
     changed = {**stored, "spec": {**stored["spec"], "powerCapLimit": 2000}}
-    response = validate(endpoint, admission_review("UPDATE", changed, stored))
+    response = endpoint.validate(admission_review("UPDATE", changed, stored))
     assert response["allowed"] is True
     assert response["warnings"] == ["spec.rackConstraints[0]: batch/batch-embed limits rack-1 to 4000 W, 30 °C; the strictest applies"]
 
@@ -89,14 +82,14 @@ def test_an_old_overlap_does_not_block_other_edits(serve: Any, registry: Algorit
     twin = policy("llama-twin", "inference", selector=LLAMA)  # overlapping since before the webhook existed
     endpoint = serve(StaticPolicies([*CLUSTER, twin], registry))
     edited = {**twin, "spec": {**twin["spec"], "powerCapLimit": 800}}
-    response = validate(endpoint, admission_review("UPDATE", edited, twin))
+    response = endpoint.validate(admission_review("UPDATE", edited, twin))
     assert response["allowed"] is True
     assert response["warnings"] == ['spec.selector: already overlaps PowerCappingPolicy "llama-prod"; a pod can follow one policy only']
 
 
 def test_the_same_rack_with_other_limits_is_a_warning_naming_the_other_policy(serve: Any, registry: AlgorithmRegistry) -> None:
     endpoint = serve(StaticPolicies(CLUSTER, registry))
-    response = validate(endpoint, admission_review("CREATE", policy("qwen", "research", rackConstraints=[{**RACK_1, "maxTemperature": 27}])))
+    response = endpoint.validate(admission_review("CREATE", policy("qwen", "research", rackConstraints=[{**RACK_1, "maxTemperature": 27}])))
     assert response["allowed"] is True
     assert response["warnings"] == [
         "spec.rackConstraints[0]: batch/batch-embed and 1 more limits rack-1 to 4000 W, 30 °C; the strictest applies"
@@ -105,10 +98,10 @@ def test_the_same_rack_with_other_limits_is_a_warning_naming_the_other_policy(se
 
 def test_an_unreachable_api_server_turns_the_checks_into_a_warning(serve: Any) -> None:
     endpoint = serve(UnavailablePolicies("the Kubernetes API is unreachable"))
-    response = validate(endpoint, admission_review("CREATE", policy("llama-canary", "inference", selector=LLAMA)))
+    response = endpoint.validate(admission_review("CREATE", policy("llama-canary", "inference", selector=LLAMA)))
     assert response["allowed"] is True
     assert response["warnings"] == ["cross-policy checks skipped: the Kubernetes API is unreachable"]
-    refused = validate(endpoint, admission_review("CREATE", policy(powerCapLimit=-1)))
+    refused = endpoint.validate(admission_review("CREATE", policy(powerCapLimit=-1)))
     assert refused["allowed"] is False, "the policy's own checks still run"
     assert refused["status"]["message"] == "spec.powerCapLimit: must be greater than 0"
 
@@ -138,13 +131,13 @@ def test_a_cache_that_has_not_synced_gives_a_warning_and_delays_readiness_for_a_
     endpoint = serve(lookup, is_ready=lookup.ready)
     with endpoint.session() as session:
         assert session.get(f"{endpoint.base_url}/readyz").status_code == 503
-        response = validate(endpoint, admission_review("CREATE", policy("llama-canary", "inference", selector=LLAMA)))
+        response = endpoint.validate(admission_review("CREATE", policy("llama-canary", "inference", selector=LLAMA)))
         assert response["allowed"] is True
         assert response["warnings"] == ["cross-policy checks skipped: the policy cache has not synced with the Kubernetes API"]
         clock.now_s += 10
         assert session.get(f"{endpoint.base_url}/readyz").status_code == 200, "an API outage must not keep the webhook unready"
         cache.has_synced = True
-        response = validate(endpoint, admission_review("CREATE", policy("llama-canary", "inference", selector=LLAMA)))
+        response = endpoint.validate(admission_review("CREATE", policy("llama-canary", "inference", selector=LLAMA)))
         assert response["allowed"] is False and "llama-prod" in response["status"]["message"]
 
 
@@ -170,7 +163,7 @@ def test_admission_log_line_carries_the_injected_clock_duration(webhook_certs: P
     app = create_app(registry=registry, clock=lambda: next(ticks), logger=logging.getLogger("test.admission"))
     with serve_in_thread(app, webhook_certs) as endpoint, caplog.at_level(logging.INFO, "test.admission"):
         review = admission_review("DELETE", None, policy())
-        validate(endpoint, review)
+        endpoint.validate(review)
     [record] = [r for r in caplog.records if r.name == "test.admission"]
     assert record.fields == {
         "endpoint": "validate", "uid": review["request"]["uid"], "kind": "PowerCappingPolicy", "name": "llama-70b-chat",

@@ -21,7 +21,15 @@ from webhook.app import create_app
 from webhook.lookups import WatchedPolicies
 
 from .conftest import REPO_ROOT
-from .webhook_helpers import WebhookEndpoint, WebhookProcess, admission_review, policy, serve_in_thread, webhook_certs  # noqa: F401
+from .test_kube import wait_until
+from .webhook_helpers import (  # noqa: F401  (fixtures)
+    WebhookProcess,
+    admission_review,
+    policy,
+    serve_in_thread,
+    webhook_certs,
+    write_kubeconfig,
+)
 
 LLAMA = {"matchLabels": {"app": "llama"}}
 POLICIES = "powercappingpolicies"
@@ -30,22 +38,6 @@ POLICIES = "powercappingpolicies"
 def stored(document: dict[str, Any]) -> dict[str, Any]:
     """The document as a user would have applied it (the API server sets uid and the like)."""
     return {**document, "metadata": {k: document["metadata"][k] for k in ("name", "namespace")}}
-
-
-def validate(endpoint: WebhookEndpoint, review: dict[str, Any]) -> dict[str, Any]:
-    with endpoint.session() as session:
-        reply = endpoint.post(session, "validate", review)
-    assert reply.status_code == 200
-    return reply.json()["response"]
-
-
-def wait_until(predicate: Any, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 @pytest.fixture
@@ -66,16 +58,16 @@ def test_checks_follow_the_policies_in_the_cluster(
     assert cache.wait_synced(5)
     candidate = admission_review("CREATE", policy("llama-canary", "inference", selector=LLAMA))
     with serve_in_thread(create_app(registry=registry, policies=lookup), webhook_certs) as endpoint:
-        refused = validate(endpoint, candidate)
+        refused = endpoint.validate(candidate)
         assert refused["allowed"] is False and '"llama-prod"' in refused["status"]["message"]
 
         apiserver.delete_object(POLICIES, "llama-prod", "inference")
         assert wait_until(lambda: not cache.items())
-        assert validate(endpoint, candidate) == {"uid": candidate["request"]["uid"], "allowed": True}
+        assert endpoint.validate(candidate) == {"uid": candidate["request"]["uid"], "allowed": True}
 
         apiserver.put_object(POLICIES, stored(policy("embed", "batch", rackConstraints=[{"rackId": "rack-1", "maxPower": 4000}])))
         assert wait_until(lambda: len(cache.items()) == 1)
-        warned = validate(endpoint, admission_review("CREATE", policy("qwen", "research", rackConstraints=[{"rackId": "rack-1", "maxPower": 5000}])))
+        warned = endpoint.validate(admission_review("CREATE", policy("qwen", "research", rackConstraints=[{"rackId": "rack-1", "maxPower": 5000}])))
         assert warned["warnings"] == ["spec.rackConstraints[0]: batch/embed limits rack-1 to 4000 W; the strictest applies"]
 
 
@@ -89,24 +81,13 @@ def test_an_unreachable_api_server_gives_a_prompt_warning_not_a_refusal(webhook_
         app = create_app(registry=registry, policies=WatchedPolicies(cache, registry))
         with serve_in_thread(app, webhook_certs) as endpoint:
             started_s = time.monotonic()
-            response = validate(endpoint, admission_review("CREATE", policy("llama-canary", "inference", selector=LLAMA)))
+            response = endpoint.validate(admission_review("CREATE", policy("llama-canary", "inference", selector=LLAMA)))
             assert time.monotonic() - started_s < 1.0, "an admission never waits on the API server"
         assert response["allowed"] is True
         assert response["warnings"] == ["cross-policy checks skipped: the policy cache has not synced with the Kubernetes API"]
     finally:
         cache.stop()
         client.close()
-
-
-def write_kubeconfig(path: Path, server_url: str) -> Path:
-    path.write_text(
-        "apiVersion: v1\nkind: Config\n"
-        f"clusters: [{{name: fake, cluster: {{server: '{server_url}'}}}}]\n"
-        "users: [{name: webhook, user: {token: not-checked}}]\n"
-        "contexts: [{name: fake, context: {cluster: fake, user: webhook}}]\n"
-        "current-context: fake\n"
-    )
-    return path
 
 
 def test_the_production_server_watches_policies_from_each_worker(apiserver: FakeApiServer, webhook_certs: Path, tmp_path: Path) -> None:
@@ -117,7 +98,7 @@ def test_the_production_server_watches_policies_from_each_worker(apiserver: Fake
     try:
         assert wait_until(lambda: apiserver.active_watches >= 2), "one watch per gunicorn worker"
         for _ in range(4):  # fresh connections, so that both workers answer
-            response = validate(server.endpoint, admission_review("CREATE", policy("llama-canary", "inference", selector=LLAMA)))
+            response = server.endpoint.validate(admission_review("CREATE", policy("llama-canary", "inference", selector=LLAMA)))
             assert response["allowed"] is False and '"llama-prod"' in response["status"]["message"]
         assert len(apiserver.requests_to("GET", kube.policy_path(), watch=False)) >= 2, "one list per worker"
         assert {(r.method, r.path) for r in apiserver.requests} == {("GET", kube.policy_path())}, "it only lists and watches policies"

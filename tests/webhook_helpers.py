@@ -13,7 +13,6 @@ Two ways to serve the webhook on 127.0.0.1 with an ephemeral port:
 from __future__ import annotations
 
 import copy
-import datetime
 import json
 import os
 import re
@@ -133,6 +132,21 @@ class WebhookEndpoint:
         session.verify = str(self.ca_file)
         return session
 
+    def admit(self, session: requests.Session, endpoint: str, review: dict[str, Any]) -> dict[str, Any]:
+        """POST ``review``; check that the reply is the AdmissionReview answering it; its ``response``."""
+        reply = self.post(session, endpoint, review)
+        assert reply.status_code == 200, reply.text
+        assert reply.headers["Content-Type"] == "application/json"
+        body = reply.json()
+        assert body["apiVersion"] == "admission.k8s.io/v1" and body["kind"] == "AdmissionReview"
+        assert body["response"]["uid"] == review["request"]["uid"], "response.uid must be request.uid"
+        return body["response"]
+
+    def validate(self, review: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`admit` to ``/validate`` on a new connection."""
+        with self.session() as session:
+            return self.admit(session, "validate", review)
+
     def post(self, session: requests.Session, endpoint: str, body: Any, *, raw: bytes | None = None,
              headers: dict[str, str] | None = None) -> requests.Response:
         """POST like kube-apiserver: JSON body, ``?timeout=10s`` appended to the URL."""
@@ -214,8 +228,16 @@ def serve_in_thread(app: Flask, cert_dir: Path) -> Iterator[WebhookEndpoint]:
         thread.join(timeout=5)
 
 
-def utc(year: int, month: int, day: int) -> datetime.datetime:
-    return datetime.datetime(year, month, day, tzinfo=datetime.timezone.utc)
+def write_kubeconfig(path: Path, server_url: str) -> Path:
+    """A kubeconfig for ``server_url`` (the fake API server), with a token it does not check."""
+    path.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        f"clusters: [{{name: fake, cluster: {{server: '{server_url}'}}}}]\n"
+        "users: [{name: webhook, user: {token: not-checked}}]\n"
+        "contexts: [{name: fake, context: {cluster: fake, user: webhook}}]\n"
+        "current-context: fake\n"
+    )
+    return path
 
 
 @pytest.fixture(scope="session")
