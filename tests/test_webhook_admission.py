@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import jsonpatch
@@ -27,7 +28,7 @@ from .webhook_helpers import (  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
-def session(webhook_process: WebhookProcess) -> requests.Session:
+def session(webhook_process: WebhookProcess) -> Iterator[requests.Session]:
     with webhook_process.endpoint.session() as session:
         yield session
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -48,7 +49,7 @@ BODIES = reviews() | JSON_VALUES | st.fixed_dictionaries({
 
 
 @pytest.fixture(scope="module")
-def session(webhook_process: WebhookProcess) -> requests.Session:
+def session(webhook_process: WebhookProcess) -> Iterator[requests.Session]:
     with webhook_process.endpoint.session() as session:
         yield session
 

@@ -161,7 +161,8 @@ def test_the_apiserver_can_verify_the_service_name(webhook_process: WebhookProce
     context = client_context(webhook_process.endpoint.ca_file, ssl.TLSVersion.TLSv1_3)
     for name in SERVICE_NAMES[2:]:
         with handshake(port_of(webhook_process), context, server_hostname=name) as tls:
-            assert tls.getpeercert()["subject"] == ((("commonName", "powercap-webhook.powercap-system.svc"),),)
+            peer = tls.getpeercert()
+            assert peer is not None and peer["subject"] == ((("commonName", "powercap-webhook.powercap-system.svc"),),)
     with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
         handshake(port_of(webhook_process), context, server_hostname="other.powercap-system.svc")
 
@@ -232,7 +233,8 @@ def test_rotated_certificate_files_are_served_to_new_connections_without_droppin
         assert failures == [] and answered > 10
         # the connection opened before the rotation still works, with the certificate it was made with
         assert b'"allowed":true' in keepalive_request(kept_alive, body)
-        assert x509.load_der_x509_certificate(kept_alive.getpeercert(binary_form=True)).serial_number == old_serial
+        kept_der = kept_alive.getpeercert(binary_form=True)
+        assert kept_der is not None and x509.load_der_x509_certificate(kept_der).serial_number == old_serial
         kept_alive.close()
         assert any(line.get("message") == "certificate reloaded" for line in server.log_lines())
     finally:

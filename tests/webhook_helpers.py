@@ -89,8 +89,8 @@ def admission_review(
     Go's ``omitempty`` leaves out ``subResource``/``requestSubResource`` when empty, and the
     apiserver sends ``"oldObject": null`` on CREATE and ``"object": null`` on DELETE.
     """
-    source = obj if isinstance(obj, dict) else old if isinstance(old, dict) else {}
-    metadata = source.get("metadata") if isinstance(source.get("metadata"), dict) else {}
+    source: dict[str, Any] = obj if isinstance(obj, dict) else old if isinstance(old, dict) else {}
+    metadata = source["metadata"] if isinstance(source.get("metadata"), dict) else {}
     gvk = {"group": GROUP, "version": VERSION, "kind": KIND}
     gvr = {"group": GROUP, "version": VERSION, "resource": RESOURCE}
     request: dict[str, Any] = {

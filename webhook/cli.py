@@ -25,7 +25,7 @@ DEFAULT_CA_DAYS = 3650
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def register_webhook(subparsers: argparse._SubParsersAction) -> None:
+def register_webhook(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "webhook",
         help="serve the admission webhook (validate and default policies)",
@@ -46,7 +46,7 @@ def register_webhook(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_webhook)
 
 
-def register_certs(subparsers: argparse._SubParsersAction) -> None:
+def register_certs(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "certs",
         help="make the webhook's CA and serving certificate",
