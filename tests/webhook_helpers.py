@@ -171,8 +171,12 @@ class WebhookProcess:
                 [sys.executable, "-m", "powercap", "webhook", "--cert-dir", str(cert_dir), "--bind", "127.0.0.1:0", *flags],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=environment,
             )
-        self.endpoint = WebhookEndpoint(f"https://127.0.0.1:{self._wait_for_port()}", cert_dir / certs.CA_CERT)
-        self._wait_until_ready()
+        try:
+            self.endpoint = WebhookEndpoint(f"https://127.0.0.1:{self._wait_for_port()}", cert_dir / certs.CA_CERT)
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()  # a server that never became ready must not outlive the test
+            raise
 
     def _wait_for_port(self) -> int:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
