@@ -32,7 +32,6 @@ from flask import Flask
 from gunicorn.app.base import BaseApplication
 
 from webhook.certs import TLS_CERT, TLS_KEY
-from webhook.logs import logging_config
 
 log = logging.getLogger("powercap.webhook.server")
 
@@ -124,6 +123,22 @@ class ServerOptions:
 
 
 AppFactory = Callable[[CertificateReloader], Flask]
+
+
+def logging_config(level: str) -> dict[str, Any]:
+    """gunicorn's ``logconfig_dict``: every logger, gunicorn's too, to stderr as JSON lines
+    (:class:`powercap.logs.JsonFormatter`); gunicorn's access log off (one admission line each)."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "powercap.logs.JsonFormatter"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "root": {"level": level.upper(), "handlers": ["stderr"]},
+        "loggers": {
+            "gunicorn.error": {"level": level.upper(), "handlers": [], "propagate": True},
+            "gunicorn.access": {"level": "WARNING", "handlers": [], "propagate": True},
+        },
+    }
 
 
 class WebhookServer(BaseApplication):  # type: ignore[misc]  # gunicorn is untyped
