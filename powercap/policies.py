@@ -407,7 +407,8 @@ def policy_from_valid(document: Mapping[str, Any]) -> Policy:
             name=algorithm["name"],
             parameters=MappingProxyType(copy.deepcopy(dict(algorithm.get("parameters") or {}))),
         ) if algorithm else AlgorithmChoice(),
-        selector=LabelSelector.from_dict(spec.get("selector") or default_selector(name)),
+        # an explicit empty selector selects every pod, as in Kubernetes; only a missing one is defaulted
+        selector=LabelSelector.from_dict(spec["selector"] if spec.get("selector") is not None else default_selector(name)),
         mode=Mode(spec.get("mode", Mode.ENFORCE.value)),
         status=MappingProxyType(dict(document.get("status") or {})),
     )

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Make the webhook's certificate with `powercap certs`, store it in the Secret the webhook
+# Deployment mounts (powercap-webhook-tls), and put the CA into the caBundle of both
+# webhook configurations. Running it again renews the serving certificate from the same CA
+# (kept in OUT), so the caBundle does not change and the webhook reloads the new files.
+#
+# Usage: scripts/webhook-certs.sh [--namespace NS] [--out DIR] [--days N]
+#   defaults: --namespace powercap-system --out out/webhook-certs --days 365
+# Environment: POWERCAP (the powercap command; default: the project's .venv), KUBECTL.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NAMESPACE=powercap-system
+SERVICE=powercap-webhook
+OUT=out/webhook-certs
+DAYS=365
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --namespace) NAMESPACE="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    --days) DAYS="$2"; shift 2 ;;
+    *) echo "usage: $0 [--namespace NS] [--out DIR] [--days N]" >&2; exit 2 ;;
+  esac
+done
+KUBECTL="${KUBECTL:-kubectl}"
+if [ -z "${POWERCAP:-}" ]; then
+  source scripts/venv.sh
+  POWERCAP="$VENV/bin/powercap"
+fi
+
+CA_BUNDLE="$("$POWERCAP" certs --service "$SERVICE" --namespace "$NAMESPACE" --out "$OUT" --days "$DAYS")"
+"$KUBECTL" -n "$NAMESPACE" create secret tls powercap-webhook-tls \
+  --cert="$OUT/tls.crt" --key="$OUT/tls.key" --dry-run=client -o yaml | "$KUBECTL" apply -f -
+for kind in validating mutating; do
+  name="powercap-${kind}-webhook"
+  if "$KUBECTL" get "${kind}webhookconfiguration" "$name" >/dev/null 2>&1; then
+    "$KUBECTL" patch "${kind}webhookconfiguration" "$name" --type=json \
+      -p "[{\"op\":\"add\",\"path\":\"/webhooks/0/clientConfig/caBundle\",\"value\":\"$CA_BUNDLE\"}]"
+  else
+    echo "note: ${kind}webhookconfiguration/$name is not installed yet: run 'kubectl apply -k config/webhook', then this script again" >&2
+  fi
+done
+echo "keep $OUT/ca.key safe: it signs every renewal (run this script again before $DAYS days pass)" >&2

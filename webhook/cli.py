@@ -1,0 +1,131 @@
+"""``powercap webhook`` and ``powercap certs``, registered through the ``powercap.commands``
+entry-point group (pyproject.toml).
+
+This module imports nothing heavy at the top: ``powercap --help`` loads every command's
+``register`` function, and the metrics library must not be imported before the server has
+chosen its multiprocess directory (``PROMETHEUS_MULTIPROC_DIR`` is read at import time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+EXIT_CONFIG_ERROR = 2
+DEFAULT_BIND = "0.0.0.0:8443"
+# Two single-threaded Python processes use both cores of a small node; four threads each
+# overlap the little I/O there is. See docs/benchmarks.md.
+DEFAULT_WORKERS = 2
+DEFAULT_THREADS = 4
+DEFAULT_SERVING_DAYS = 365
+DEFAULT_CA_DAYS = 3650
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def register_webhook(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "webhook",
+        help="serve the admission webhook (validate and default policies)",
+        description="Serve POST /validate and POST /mutate (AdmissionReview admission.k8s.io/v1), "
+        "/healthz, /readyz and /metrics over HTTPS (TLS >= 1.2). The certificate is read from "
+        "CERT_DIR/tls.crt and CERT_DIR/tls.key and reloaded when the files change.",
+    )
+    parser.add_argument("--cert-dir", required=True, type=Path, help="directory holding tls.crt and tls.key")
+    parser.add_argument("--bind", default=DEFAULT_BIND, metavar="HOST:PORT", help="address to listen on (default %(default)s)")
+    parser.add_argument("--workers", type=_positive_int, default=DEFAULT_WORKERS, metavar="N", help="worker processes (default %(default)s)")
+    parser.add_argument("--threads", type=_positive_int, default=DEFAULT_THREADS, metavar="N", help="threads per worker (default %(default)s)")
+    parser.add_argument(
+        "--no-cross-policy-checks", dest="cross_policy_checks", action="store_false",
+        help="do not read other policies from the Kubernetes API (no overlap or shared-rack checks)",
+    )
+    parser.add_argument("--metrics-dir", metavar="DIR", help=f"prometheus multiprocess directory (default ${METRICS_DIR_ENV} or a new temporary directory)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.set_defaults(func=run_webhook)
+
+
+def register_certs(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "certs",
+        help="make the webhook's CA and serving certificate",
+        description="Write ca.crt, ca.key, tls.crt and tls.key to OUT (keys mode 0600) and print the "
+        "base64 caBundle for the webhook configurations on stdout. An existing CA in OUT is kept and "
+        "only the serving certificate is renewed.",
+    )
+    parser.add_argument("--service", required=True, help="name of the webhook's Service")
+    parser.add_argument("--namespace", required=True, help="namespace of the webhook's Service")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    parser.add_argument("--days", type=_positive_int, default=DEFAULT_SERVING_DAYS, help="serving certificate validity (default %(default)s)")
+    parser.add_argument("--ca-days", type=_positive_int, default=DEFAULT_CA_DAYS, help="validity of a new CA (default %(default)s)")
+    parser.add_argument("--extra-san", action="append", default=[], metavar="SAN", help="another DNS name or IP address (repeatable)")
+    parser.set_defaults(func=run_certs)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def run_certs(args: argparse.Namespace) -> int:
+    from webhook import certs
+
+    try:
+        issued = certs.issue(
+            args.out, args.service, args.namespace,
+            serving_days=args.days, ca_days=args.ca_days, extra_sans=tuple(args.extra_san),
+        )
+    except (certs.CertificateError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    names = ", ".join(certs.san_names(issued.serving_certificate))
+    print(
+        f"{'created' if issued.ca_created else 'kept'} CA {args.out / certs.CA_CERT} "
+        f"(valid until {issued.ca_certificate.not_valid_after_utc:%Y-%m-%d})\n"
+        f"wrote {args.out / certs.TLS_CERT} for {names} (valid until "
+        f"{issued.serving_certificate.not_valid_after_utc:%Y-%m-%d})\n"
+        "caBundle for the webhook configurations on stdout",
+        file=sys.stderr,
+    )
+    print(issued.ca_bundle)
+    return 0
+
+
+def prepare_metrics_dir(requested: str | None) -> str | None:
+    """Choose and empty the prometheus multiprocess directory, and export it for the workers.
+
+    Returns None (metrics per process) when prometheus_client was imported before this
+    ran, as when ``main`` is called inside a test process.
+    """
+    if "prometheus_client" in sys.modules and not os.environ.get(METRICS_DIR_ENV):
+        return None
+    directory = requested or os.environ.get(METRICS_DIR_ENV) or tempfile.mkdtemp(prefix="powercap-webhook-metrics-")
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    for stale in Path(directory).glob("*.db"):
+        stale.unlink()
+    os.environ[METRICS_DIR_ENV] = directory
+    return directory
+
+
+def run_webhook(args: argparse.Namespace) -> int:
+    metrics_dir = prepare_metrics_dir(args.metrics_dir)
+    from webhook import wiring
+    from webhook.server import ServerOptions, WebhookServer, new_server_context
+
+    options = ServerOptions(
+        cert_dir=args.cert_dir, bind=args.bind, workers=args.workers, threads=args.threads,
+        metrics_dir=metrics_dir, log_level=args.log_level,
+    )
+    try:
+        new_server_context(options.cert_file, options.key_file)
+        connect = wiring.kubernetes_policies if args.cross_policy_checks else None
+        if connect is not None:
+            wiring.check_kubernetes_configuration()
+    except (OSError, ValueError, wiring.ConfigurationError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    WebhookServer(options, wiring.app_factory(connect, metrics_dir)).run()
+    return 0

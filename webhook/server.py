@@ -1,0 +1,188 @@
+"""Serving the webhook: gunicorn over TLS >= 1.2, with certificate rotation.
+
+Gunicorn asks its ``ssl_context`` server hook for a context on every new connection. Our
+hook returns the context of a :class:`CertificateReloader`, which checks the certificate
+and key files (``os.stat``: inode, size, mtime) and builds a new context when either
+changed. New handshakes therefore get the new certificate; connections already open keep
+the context they were made with, so nothing in flight is dropped. A pair that does not
+load (files caught mid-rotation, a key that does not match) is refused and the previous
+context stays in service until a good pair appears.
+
+Kubernetes updates a mounted Secret by swapping a symlink, which changes the inode seen
+through ``tls.crt``; ``powercap certs`` replaces files by rename, likewise.
+
+Worker model: ``gthread`` workers (``--workers`` processes x ``--threads`` threads). The
+kept-alive connections the apiserver reuses wait in the worker's poller, not in a thread.
+``keepalive`` is longer than the apiserver's idle timeout (90 s), so that the apiserver,
+not us, closes idle connections: a server-side close can race a request being sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+from gunicorn.app.base import BaseApplication
+
+from webhook.certs import TLS_CERT, TLS_KEY
+
+log = logging.getLogger("powercap.webhook.server")
+
+# TLS 1.2 suites with forward secrecy and AEAD; TLS 1.3 suites are not configurable and all fine.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+KEEPALIVE_S = 120
+GRACEFUL_TIMEOUT_S = 20
+
+
+def new_server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """A server-side context: TLS 1.2 or newer, forward-secret AEAD suites, no compression."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file))
+    return context
+
+
+FileStamp = tuple[int, int, int, int]  # device, inode, size, mtime in ns
+
+
+def _stamp(path: Path) -> FileStamp | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+class CertificateReloader:
+    """An SSL context that follows the certificate and key files (see the module docstring).
+
+    ``context()`` is cheap when nothing changed: two ``stat`` calls under a lock.
+    """
+
+    def __init__(self, cert_file: Path, key_file: Path) -> None:
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self._lock = threading.Lock()
+        self._context: ssl.SSLContext | None = None
+        self._stamps: tuple[FileStamp | None, FileStamp | None] | None = None
+        self.reloads = 0
+
+    @property
+    def loaded(self) -> bool:
+        """True once a certificate is in service."""
+        return self._context is not None
+
+    def context(self) -> ssl.SSLContext:
+        """The context for a new connection; raises ``ssl.SSLError``/``OSError`` only if none ever loaded."""
+        with self._lock:
+            stamps = (_stamp(self.cert_file), _stamp(self.key_file))
+            if stamps != self._stamps or self._context is None:
+                self._reload(stamps)
+            if self._context is None:
+                raise ssl.SSLError(f"no usable certificate in {self.cert_file} and {self.key_file}")
+            return self._context
+
+    def _reload(self, stamps: tuple[FileStamp | None, FileStamp | None]) -> None:
+        try:
+            context = new_server_context(self.cert_file, self.key_file)
+        except (OSError, ssl.SSLError, ValueError) as error:
+            # keep the previous context; the next connection tries again
+            log.warning("certificate not reloaded", extra={"fields": {"cert_file": str(self.cert_file), "error": str(error)}})
+            return
+        if self._context is not None:
+            log.info("certificate reloaded", extra={"fields": {"cert_file": str(self.cert_file)}})
+        self._context, self._stamps = context, stamps
+        self.reloads += 1
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    cert_dir: Path
+    bind: str
+    workers: int
+    threads: int
+    metrics_dir: str | None = None
+    log_level: str = "info"
+
+    @property
+    def cert_file(self) -> Path:
+        return self.cert_dir / TLS_CERT
+
+    @property
+    def key_file(self) -> Path:
+        return self.cert_dir / TLS_KEY
+
+
+AppFactory = Callable[[CertificateReloader], Flask]
+
+
+def logging_config(level: str) -> dict[str, Any]:
+    """gunicorn's ``logconfig_dict``: every logger, gunicorn's too, to stderr as JSON lines
+    (:class:`powercap.logs.JsonFormatter`); gunicorn's access log off (one admission line each)."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "powercap.logs.JsonFormatter"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "root": {"level": level.upper(), "handlers": ["stderr"]},
+        "loggers": {
+            "gunicorn.error": {"level": level.upper(), "handlers": [], "propagate": True},
+            "gunicorn.access": {"level": "WARNING", "handlers": [], "propagate": True},
+        },
+    }
+
+
+class WebhookServer(BaseApplication):  # type: ignore[misc]  # gunicorn is untyped
+    """Gunicorn, configured in code. ``app_factory`` runs in each worker after the fork, so
+    threads it starts (watch caches) belong to the worker."""
+
+    def __init__(self, options: ServerOptions, app_factory: AppFactory) -> None:
+        self.options = options
+        self.app_factory = app_factory
+        self.reloader = CertificateReloader(options.cert_file, options.key_file)
+        super().__init__()
+
+    def load_config(self) -> None:
+        reloader, metrics_dir = self.reloader, self.options.metrics_dir
+
+        def ssl_context(config: Any, default_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+            return reloader.context()
+
+        def child_exit(server: Any, worker: Any) -> None:
+            if metrics_dir:
+                from prometheus_client import multiprocess
+                multiprocess.mark_process_dead(worker.pid, metrics_dir)
+
+        settings: dict[str, Any] = {
+            "bind": [self.options.bind],
+            "workers": self.options.workers,
+            "worker_class": "gthread",
+            "threads": self.options.threads,
+            "certfile": str(self.options.cert_file),
+            "keyfile": str(self.options.key_file),
+            "ssl_context": ssl_context,
+            "child_exit": child_exit,
+            "keepalive": KEEPALIVE_S,
+            "graceful_timeout": GRACEFUL_TIMEOUT_S,
+            "accesslog": None,
+            "errorlog": "-",
+            "logconfig_dict": logging_config(self.options.log_level),
+            "proc_name": "powercap-webhook",
+            "forwarded_allow_ips": "",
+        }
+        if "control_socket_disable" in self.cfg.settings:  # gunicorn >= 25: no control socket in $HOME
+            settings["control_socket_disable"] = True
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Flask:
+        return self.app_factory(self.reloader)
