@@ -54,6 +54,11 @@ def test_every_part_is_installed_once(bundle: list[Manifest]) -> None:
     expected = {
         ("CustomResourceDefinition", "powercappingpolicies.powercapping.example.com"),
         ("Deployment", "power-aware-scheduler"),
+        ("Deployment", "powercap-webhook"),
+        ("Service", "powercap-webhook"),
+        ("PodDisruptionBudget", "powercap-webhook"),
+        ("ValidatingWebhookConfiguration", "powercap-validating-webhook"),
+        ("MutatingWebhookConfiguration", "powercap-mutating-webhook"),
         ("DaemonSet", "powercap-agent"),
     }
     assert expected <= set(names)
@@ -139,4 +144,24 @@ def test_every_powercap_container_runs_a_command_with_flags_it_accepts(bundle: l
         args = parser.parse_args(argv[1:])
         assert args.func, argv
         seen.add(argv[1])
-    assert {"extender", "agent"} <= seen
+    assert {"webhook", "extender", "agent"} <= seen
+
+
+def test_cert_manager_variant_issues_the_webhook_certificate(bundle: list[Manifest]) -> None:
+    variant = kustomize_build("config/default-cert-manager")
+    names = {(m["kind"], m["metadata"]["name"]) for m in bundle}
+    added = [m for m in variant if (m["kind"], m["metadata"]["name"]) not in names]
+    assert {(m["kind"], m["metadata"]["name"]) for m in added} == {
+        ("Issuer", "powercap-selfsigned"), ("Certificate", "powercap-webhook-ca"),
+        ("Issuer", "powercap-webhook-ca"), ("Certificate", "powercap-webhook"),
+    }
+    assert all(m["metadata"]["namespace"] == NAMESPACE for m in added)
+    assert all(m["metadata"]["labels"]["app.kubernetes.io/part-of"] == "powercap" for m in variant)
+    # the Secret cert-manager writes is the one the webhook mounts, valid for its Service
+    certificate = find(variant, "Certificate", "powercap-webhook")
+    [volume] = [v for v in find(variant, "Deployment", "powercap-webhook")["spec"]["template"]["spec"]["volumes"] if "secret" in v]
+    assert certificate["spec"]["secretName"] == volume["secret"]["secretName"]
+    assert f"powercap-webhook.{NAMESPACE}.svc" in certificate["spec"]["dnsNames"]
+    for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):
+        [config] = [m for m in variant if m["kind"] == kind]
+        assert config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == f"{NAMESPACE}/powercap-webhook"
