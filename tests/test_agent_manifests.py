@@ -41,8 +41,8 @@ def test_rbac_is_least_privilege(built: Built) -> None:
         for resource in rule["resources"]
     }
     assert rules == {
-        ("", "pods"): ["get", "list", "watch"],
-        ("powercapping.example.com", "powercappingpolicies"): ["get", "list", "watch"],
+        ("", "pods"): ["list", "watch"],
+        ("powercapping.example.com", "powercappingpolicies"): ["list", "watch"],
         ("", "nodes"): ["get", "patch"],
         ("events.k8s.io", "events"): ["create"],
     }
