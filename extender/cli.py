@@ -23,7 +23,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornLogger
 
 from extender.app import create_app
-from extender.logs import JsonFormatter, configure_logging
+from powercap.logs import JsonFormatter, configure_logging
 from extender.sources import StateFileError, StateFileSource, ViewSource, cluster_source
 from powercap import kube
 from powercap.algorithms import AlgorithmRegistry

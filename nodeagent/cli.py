@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from nodeagent import logs
+from powercap.logs import configure_logging
 from nodeagent.agent import Agent, AgentSettings
 from nodeagent.gpus import GpuBackend, GpuError
 from nodeagent.inlet import InletSource, NoInlet, inlet_spec_argument
@@ -107,7 +107,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    logs.configure()
+    configure_logging()
     try:
         backend = open_backend(args.backend)
     except GpuError as error:

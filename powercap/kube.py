@@ -707,6 +707,8 @@ class WatchCache:
         self._version = 0
         self._resource_version = ""
         self._synced = threading.Event()
+        self._connected = threading.Event()
+        self._last_error = ""
         self._stopping = threading.Event()
         self._stream: WatchStream | None = None
         self._progress = False  # the current watch delivered an event
@@ -719,6 +721,17 @@ class WatchCache:
     def has_synced(self) -> bool:
         """True once the first list has been applied (stays true across relists)."""
         return self._synced.is_set()
+
+    @property
+    def connected(self) -> bool:
+        """True while the last list or watch request succeeded; False from a failed request
+        until the next one succeeds. The objects may be out of date while it is False."""
+        return self._connected.is_set()
+
+    @property
+    def last_error(self) -> str:
+        """Why the last list or watch request failed ("" when none has)."""
+        return self._last_error
 
     def wait_synced(self, timeout_s: float) -> bool:
         """Block until the first list is applied or ``timeout_s`` passes; returns
@@ -790,6 +803,7 @@ class WatchCache:
                 continue
             except Gone as exc:
                 need_list = True
+                self._last_error = str(exc)
                 failures = 1 if self._progress else failures + 1
                 logger.info(
                     "watch cache %s: resourceVersion %s expired, listing again",
@@ -800,6 +814,8 @@ class WatchCache:
                 if failures == 1:
                     continue  # the first relist after a 410 is immediate, like client-go
             except ApiError as exc:
+                self._connected.clear()
+                self._last_error = str(exc)
                 failures = 1 if self._progress else failures + 1
                 logger.warning(
                     "watch cache %s: %s failed: %s",
@@ -845,6 +861,7 @@ class WatchCache:
         )
         for event_type, obj in changes:
             self._notify(listeners, event_type, obj)
+        self._connected.set()
         self._synced.set()  # after the listeners saw the initial objects
 
     def _watch(self) -> None:
@@ -853,6 +870,7 @@ class WatchCache:
         )
         with self._lock:
             self._stream = stream
+        self._connected.set()
         try:
             if self._stopping.is_set():
                 return

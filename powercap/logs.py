@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TextIO
 
 _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 
@@ -33,3 +34,12 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
+
+
+def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
+    """Send every logger's records to ``stream`` (stderr) as JSON lines at ``level``."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

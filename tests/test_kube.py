@@ -210,6 +210,20 @@ def test_cache_backs_off_exponentially_then_recovers(apiserver: FakeApiServer, s
     assert gaps_s[2] > gaps_s[0]  # 0.1-0.2 s after the third failure vs 0.025-0.05 s
 
 
+def test_cache_says_when_it_lost_the_api_server(apiserver: FakeApiServer, start_cache: CacheFactory) -> None:
+    """Consumers (the webhook's cross-policy checks) must know the copy may be stale."""
+    cache = start_cache(kube.pod_path(), backoff_initial_s=0.05, backoff_max_s=0.2)
+    assert cache.wait_synced(5) and apiserver.wait_for_watches(1)
+    assert cache.connected and cache.last_error == ""
+    apiserver.fail_next(10_000, 503, watch=True)
+    apiserver.close_watches()
+    assert wait_until(lambda: not cache.connected)
+    assert "503" in cache.last_error
+    assert cache.has_synced, "the last copy stays readable"
+    apiserver.clear_faults()
+    assert wait_until(lambda: cache.connected)
+
+
 def test_cache_survives_a_dropped_connection(apiserver: FakeApiServer, start_cache: CacheFactory) -> None:
     cache = start_cache(kube.pod_path())
     assert cache.wait_synced(5) and apiserver.wait_for_watches(1)

@@ -112,6 +112,8 @@ class FakeCache:
     def __init__(self, documents: Iterable[Mapping[str, Any]], has_synced: bool) -> None:
         self.documents = list(documents)
         self.has_synced = has_synced
+        self.connected = has_synced
+        self.last_error = ""
 
     def items(self) -> list[Mapping[str, Any]]:
         return self.documents
@@ -136,7 +138,7 @@ def test_a_cache_that_has_not_synced_gives_a_warning_and_delays_readiness_for_a_
         assert response["warnings"] == ["cross-policy checks skipped: the policy cache has not synced with the Kubernetes API"]
         clock.now_s += 10
         assert session.get(f"{endpoint.base_url}/readyz").status_code == 200, "an API outage must not keep the webhook unready"
-        cache.has_synced = True
+        cache.has_synced = cache.connected = True
         response = endpoint.validate(admission_review("CREATE", policy("llama-canary", "inference", selector=LLAMA)))
         assert response["allowed"] is False and "llama-prod" in response["status"]["message"]
 
@@ -189,3 +191,17 @@ def test_a_bug_of_ours_is_a_500_without_traceback_and_is_logged(webhook_certs: P
         reply = endpoint.post(session, "validate", admission_review("CREATE", policy()))
     assert (reply.status_code, reply.text) == (500, "internal error\n")
     assert any(r.name == "test.bug" and r.exc_info and "boom" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_a_cache_that_lost_the_api_server_gives_a_warning_not_stale_verdicts(serve: Any, registry: AlgorithmRegistry) -> None:
+    """After an outage starts, the cached copy may be stale: the checks become a warning."""
+    cache = FakeCache(CLUSTER, has_synced=True)
+    lookup = WatchedPolicies(cache, registry)
+    endpoint = serve(lookup, is_ready=lookup.ready)
+    with endpoint.session():
+        refused = endpoint.validate(admission_review("CREATE", policy("llama-canary", "inference", selector=LLAMA)))
+        assert refused["allowed"] is False
+        cache.connected, cache.last_error = False, "connection refused"
+        allowed = endpoint.validate(admission_review("CREATE", policy("llama-canary", "inference", selector=LLAMA)))
+        assert allowed["allowed"] is True
+        assert allowed["warnings"] == ["cross-policy checks skipped: the Kubernetes API cannot be reached (connection refused)"]

@@ -37,6 +37,12 @@ class PolicyCache(Protocol):
     @property
     def has_synced(self) -> bool: ...
 
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def last_error(self) -> str: ...
+
     def items(self) -> Iterable[Mapping[str, Any]]: ...
 
 
@@ -81,8 +87,9 @@ class UnavailablePolicies:
 class WatchedPolicies:
     """Policies from a watch-backed cache, parsed once per stored version.
 
-    Until the cache has listed the policies once (``has_synced``), or when reading it
-    fails, :meth:`policies` raises :class:`PolicySourceUnavailable` and the webhook turns
+    Until the cache has listed the policies once (``has_synced``), while its last list or
+    watch request failed (``connected`` is False: the API server is unreachable and the
+    copy may be out of date), or when reading it fails, :meth:`policies` raises :class:`PolicySourceUnavailable` and the webhook turns
     the cross-policy checks into a warning. Parsed policies are memoised by
     ``metadata.uid`` and ``metadata.resourceVersion``, so a request costs one dictionary
     lookup per policy, not one validation.
@@ -114,6 +121,9 @@ class WatchedPolicies:
     def policies(self) -> Sequence[Policy]:
         if not self._cache.has_synced:
             raise PolicySourceUnavailable("the policy cache has not synced with the Kubernetes API")
+        if not self._cache.connected:
+            reason = self._cache.last_error or "connection lost"
+            raise PolicySourceUnavailable(f"the Kubernetes API cannot be reached ({reason})")
         try:
             documents = list(self._cache.items())
         except Exception as error:  # the cache's own failure must not fail the admission
