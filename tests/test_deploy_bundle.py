@@ -165,3 +165,33 @@ def test_cert_manager_variant_issues_the_webhook_certificate(bundle: list[Manife
     for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):
         [config] = [m for m in variant if m["kind"] == kind]
         assert config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == f"{NAMESPACE}/powercap-webhook"
+
+
+def test_monitoring_component_scrapes_every_program_with_metrics(tmp_path: Path, bundle: list[Manifest]) -> None:
+    """config/default + config/monitoring, as docs/metrics.md tells operators to compose it."""
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{os.path.relpath(REPO_ROOT / 'config' / 'default', tmp_path)}]\n"
+        f"components: [{os.path.relpath(REPO_ROOT / 'config' / 'monitoring', tmp_path)}]\n"
+    )
+    result = subprocess.run([kubectl(), "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    built = [d for d in yaml.safe_load_all(result.stdout) if d]
+    monitors = [m for m in built if m["kind"] == "PodMonitor"]
+    scraped = set()
+    for monitor in monitors:
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        [(workload, pod)] = [
+            (w, p) for w, p in pod_templates(built)
+            if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        ports = {port["name"]: c for c in pod["containers"] for port in c.get("ports", [])}
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            assert endpoint["port"] in ports, (monitor["metadata"]["name"], endpoint["port"])
+            assert endpoint["relabelings"] == [{"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}]
+            scraped.add(ports[endpoint["port"]]["name"])
+    assert {"agent", "webhook", "extender"} <= scraped
+    # the extender now listens on the pod's address; kube-scheduler's 127.0.0.1 still reaches it
+    [extender] = [c for _, c in powercap_containers(built) if c["name"] == "extender"]
+    assert build_parser().parse_args(extender["args"]).bind == "0.0.0.0:8888"
+    kubernetes_validate.validate(find(built, "Deployment", "power-aware-scheduler"), KUBERNETES_VERSION, strict=True)
