@@ -156,7 +156,10 @@ step() {
 
 cleanup() {
   local status=$?
-  if [ -n "$REFRESHER" ]; then kill "$REFRESHER" 2>/dev/null || true; fi
+  if [ -n "$REFRESHER" ]; then
+    pkill -P "$REFRESHER" 2>/dev/null || true  # its sleep
+    kill "$REFRESHER" 2>/dev/null || true
+  fi
   if [ "${KEEP_CLUSTER:-}" = 1 ]; then
     echo "cluster $CLUSTER kept (KEEP_CLUSTER=1): kind delete cluster --name $CLUSTER" >&2
   else
@@ -189,7 +192,7 @@ main() {
     i=$((i + 1))
   done
   publish_telemetry
-  (while sleep 20; do publish_telemetry || true; done) &
+  (while sleep 20; do publish_telemetry || true; done) >/dev/null 2>&1 &
   REFRESHER=$!
 
   step "building $IMAGE and loading it into the nodes"

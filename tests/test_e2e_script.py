@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from datetime import datetime, timezone
@@ -180,3 +181,58 @@ def test_the_story_a_pod_kept_to_rack_1_and_2_stays_pending(tmp_path: Path) -> N
                  if "FailedScheduling" in line and "power-aware-scheduler" in line)
     for reason in answer["FailedNodes"].values():
         assert f"1 {reason}" in event
+
+
+STUB = r"""#!/usr/bin/env bash
+# Stands in for {tool}: logs its arguments, answers what the e2e script reads back.
+printf '%s\n' "{tool} $*" >>"$E2E_LOG"
+[ -t 0 ] || cat >/dev/null
+case "{tool} $*" in
+  "kubectl get nodes -l"*) printf 'node/powercap-e2e-worker\nnode/powercap-e2e-worker2\nnode/powercap-e2e-worker3\n' ;;
+  "kubectl apply -f out/e2e-kind/refused.yaml")
+    echo 'The PowerCappingPolicy "refused-example" is invalid: spec.customAlgorithm.parameters.energyThreshold: must be greater than 0' >&2
+    exit 1 ;;
+  "kubectl get pod llm-"*) printf 'powercap-e2e-worker3' ;;
+  "kubectl get node powercap-e2e-worker3"*) printf 'rack-3' ;;
+  "kubectl get events"*) printf '0/4 nodes are available: 1 rack-1: ...' ;;
+  "powercap certs"*) printf 'Q0FCVU5ETEU=' ;;
+esac
+exit 0
+"""
+
+
+def test_script_runs_start_to_finish_against_stand_ins(tmp_path: Path) -> None:
+    """docker, kind, kubectl and powercap replaced by stubs that log their arguments: the
+    script must get through every step (no unset variable, no wrong flag order) and clean up."""
+    work = tmp_path / "repo"
+    for folder in ("scripts", "config"):
+        shutil.copytree(REPO_ROOT / folder, work / folder, symlinks=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("docker", "kind", "kubectl", "powercap"):
+        (bin_dir / tool).write_text(STUB.replace("{tool}", tool))
+        (bin_dir / tool).chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "E2E_LOG": str(log),
+           "POWERCAP": str(bin_dir / "powercap"), "CLUSTER": "powercap-e2e"}
+    result = subprocess.run(["bash", "scripts/e2e-kind.sh"], cwd=work, env=env, capture_output=True, text=True,
+                            timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("kind create cluster --name powercap-e2e --image kindest/node:v1.32")
+    assert calls[-1] == "kind delete cluster --name powercap-e2e"
+    for rack in ("rack-1", "rack-2", "rack-3"):
+        assert any(c.startswith("kubectl label --overwrite node/") and c.endswith(f"{RACK_LABEL}={rack}") for c in calls)
+    assert sum("--subresource=status" in c and "nvidia.com~1gpu" in c for c in calls) == 3
+    assert any(c.startswith(f"kubectl annotate --overwrite node/powercap-e2e-worker {TELEMETRY_ANNOTATION}=") for c in calls)
+    order = ["docker build -t powercap:e2e .", "kind load docker-image powercap:e2e --name powercap-e2e",
+             "kubectl apply -k out/e2e-kind", "powercap certs --service powercap-webhook --namespace powercap-system"]
+    positions = [next(i for i, c in enumerate(calls) if c.startswith(step)) for step in order]
+    assert positions == sorted(positions)
+    for workload in variable("WORKLOADS").split():
+        assert f"kubectl -n powercap-system rollout status {workload} --timeout=300s" in calls
+    samples = sorted(p.name for p in (REPO_ROOT / "config" / "samples").glob("*.yaml"))
+    applied = [c.split("config/samples/")[1] for c in calls if c.startswith("kubectl apply -f config/samples/")]
+    assert sorted(applied) == samples and applied[-1] == "rack-constraints.yaml"
+    assert "must be greater than 0" in result.stdout + result.stderr
+    assert re.search(r"llm-1 +powercap-e2e-worker3 +rack-3", result.stdout)
