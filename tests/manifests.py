@@ -7,9 +7,10 @@ is installed on the developers' machines and in CI.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,20 @@ def kustomize_build(directory: Path | str) -> list[Manifest]:
     )
     assert result.returncode == 0, f"kubectl kustomize {directory} failed:\n{result.stderr}"
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def kustomize_overlay(tmp_path: Path, resources: Sequence[str], components: Sequence[str] = (), **fields: Any) -> list[Manifest]:
+    """Build an operator's overlay in ``tmp_path`` on the repository's kustomizations
+    (``resources`` and ``components`` relative to the repository), with more ``fields``."""
+    def relative(path: str) -> str:
+        return os.path.relpath(REPO_ROOT / path, tmp_path)
+
+    kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                     "resources": [relative(r) for r in resources], **fields}
+    if components:
+        kustomization["components"] = [relative(c) for c in components]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return kustomize_build(tmp_path)
 
 
 def find(manifests: list[Manifest], kind: str, name: str) -> Manifest:

@@ -8,24 +8,20 @@ Kubernetes 1.32 schemas (the kubectl here and in CI is 1.32) before a cluster se
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
-import yaml
 from kubernetes_validate.utils import all_versions
 
 from powercap.cli import build_parser
-from tests.conftest import REPO_ROOT
 from tests.manifests import (
     NAMESPACE,
     Manifest,
     find,
     image_name,
-    kubectl,
     kustomize_build,
+    kustomize_overlay,
     pod_templates,
     powercap_containers,
 )
@@ -118,14 +114,10 @@ def test_one_image_runs_every_powercap_container(bundle: list[Manifest]) -> None
 def test_the_image_is_overridden_in_one_place(tmp_path: Path, bundle: list[Manifest]) -> None:
     """What docs/operations.md tells operators to do: an overlay (or `kustomize edit set
     image` in config/default) with `images: [{name: powercap, ...}]`."""
-    (tmp_path / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources: [{os.path.relpath(REPO_ROOT / 'config' / 'default', tmp_path)}]\n"
-        "images:\n  - name: powercap\n    newName: registry.example.com/ml/powercap\n    newTag: v0.1.0\n"
+    overlaid = kustomize_overlay(
+        tmp_path, ["config/default"],
+        images=[{"name": "powercap", "newName": "registry.example.com/ml/powercap", "newTag": "v0.1.0"}],
     )
-    result = subprocess.run([kubectl(), "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    overlaid = [d for d in yaml.safe_load_all(result.stdout) if d]
     before = sum(1 for _ in powercap_containers(bundle))
     images = [c["image"] for _, c in powercap_containers(overlaid)]
     assert images == ["registry.example.com/ml/powercap:v0.1.0"] * before
@@ -169,14 +161,7 @@ def test_cert_manager_variant_issues_the_webhook_certificate(bundle: list[Manife
 
 def test_monitoring_component_scrapes_every_program_with_metrics(tmp_path: Path, bundle: list[Manifest]) -> None:
     """config/default + config/monitoring, as docs/metrics.md tells operators to compose it."""
-    (tmp_path / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources: [{os.path.relpath(REPO_ROOT / 'config' / 'default', tmp_path)}]\n"
-        f"components: [{os.path.relpath(REPO_ROOT / 'config' / 'monitoring', tmp_path)}]\n"
-    )
-    result = subprocess.run([kubectl(), "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    built = [d for d in yaml.safe_load_all(result.stdout) if d]
+    built = kustomize_overlay(tmp_path, ["config/default"], ["config/monitoring"])
     monitors = [m for m in built if m["kind"] == "PodMonitor"]
     scraped = set()
     for monitor in monitors:
