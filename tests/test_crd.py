@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import zipfile
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -154,3 +158,16 @@ def test_openapi_v3_semantics(value: Any, node: dict[str, Any], expected: list[s
     assert len(messages) == len(expected)
     for message, fragment in zip(messages, expected):
         assert fragment in message
+
+
+def test_installed_wheel_carries_the_crd(tmp_path: Path) -> None:
+    """A pip-installed powercap (not only an editable checkout) finds the schema."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO_ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    (wheel,) = tmp_path.glob("powercap-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = archive.read("powercap/data/crd.yaml").decode()
+    assert shipped == CRD_PATH.read_text()

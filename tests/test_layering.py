@@ -65,3 +65,13 @@ def test_the_checker_sees_imports(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text("import flask\nfrom kubernetes.client import V1Pod\nfrom . import sibling\n")
     assert imported_top_level_modules(sample) == {"flask", "kubernetes"}
+
+
+def test_only_the_nvml_backend_imports_pynvml() -> None:
+    importers = {
+        str(path.relative_to(ROOT))
+        for package in ("powercap", *SERVICES)
+        for path in python_files(package)
+        if "pynvml" in imported_top_level_modules(path)
+    }
+    assert importers == {"nodeagent/nvml.py"}

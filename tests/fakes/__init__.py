@@ -1,0 +1,1 @@
+"""Test doubles: fakes at our own wrapper boundaries (see each module)."""
