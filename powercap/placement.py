@@ -1,0 +1,270 @@
+"""Placement decisions: which candidate nodes a GPU pod may go to, and how good each one is.
+
+Pure functions of a :class:`~powercap.cluster.ClusterView` and the pod; the extender only
+translates kube-scheduler's wire format around them.
+
+**Filter** (:func:`filter_nodes`). A pod is *covered* when it requests at least one GPU
+and an ``Enforce`` policy's selector matches it. Everything else passes every node
+untouched. For a covered pod with estimate ``E`` W (:func:`powercap.cluster.estimate_pod_power_w`),
+a candidate node in a constrained rack fails when
+
+- the rack has a node that needs telemetry and has no fresh one (``stale_telemetry``; the
+  default is to fail closed: the rack's power is unknown, and a rack power limit protects a
+  breaker) -- this check comes first, since the other two read that telemetry;
+- ``rackInlet >= maxTemperature`` (``temperature``);
+- ``rackPower + E > maxPower``, rackPower = measured + assumed (``power``); exactly at
+  the limit passes.
+
+Nodes in no rack, or in a rack no Enforce policy limits, pass. A node the view does not know
+(added a moment ago) fails while any rack is constrained, since its rack is unknown.
+When the policy cannot power another GPU at all,
+``(policy's bound GPUs + pod's GPUs) x smallest GPU minimum limit > powerCapLimit``,
+every node fails as unresolvable (``infeasible_policy``): no node, and no preemption of
+other workloads, can help; the fix is a larger powerCapLimit or fewer replicas.
+
+Reasons are per rack, so kube-scheduler's summary ("0/12 nodes are available: 4 rack-1:
+...") groups the nodes of one rack into one line.
+
+**Prioritize** (:func:`prioritize_nodes`). Covered pods are scored by their policy's
+algorithm (``spec.customAlgorithm``, default ``headroom``), clamped to 0..10 and rounded
+half up; an algorithm that raises, is unknown, or returns anything but one finite number
+per node is replaced by ``headroom`` with a log line. Other pods score 0 everywhere, which
+leaves kube-scheduler's own ranking unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from powercap.algorithms import (
+    DEFAULT_ALGORITHM,
+    AlgorithmRegistry,
+    Candidate,
+    Headroom,
+    NodeFacts,
+    PlacementAlgorithm,
+    clamp_score,
+)
+from powercap.cluster import ClusterView, PolicyView, RackView, estimate_pod_power_w, pod_facts
+from powercap.objects import KubeObject
+
+log = logging.getLogger(__name__)
+
+
+class RejectReason(str, Enum):
+    """Why a node was rejected; the bounded label values of the rejection metric."""
+
+    POWER = "power"
+    TEMPERATURE = "temperature"
+    STALE_TELEMETRY = "stale_telemetry"
+    INFEASIBLE_POLICY = "infeasible_policy"
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementRequest:
+    """The pod being placed, read once per call."""
+
+    pod_key: str
+    gpus: int
+    power_annotation_w: float | None
+    policy_view: PolicyView | None
+
+    @property
+    def covered(self) -> bool:
+        """Requests a GPU and is matched by an Enforce policy (only these are ever filtered)."""
+        return self.gpus > 0 and self.policy_view is not None and self.policy_view.policy.enforced
+
+    @property
+    def scored(self) -> bool:
+        """Requests a GPU and is matched by a policy (Observe too: scores only advise)."""
+        return self.gpus > 0 and self.policy_view is not None
+
+    def estimate_w(self, node_gpu_max_w: float) -> float:
+        """This pod's power on a node whose GPUs max out at ``node_gpu_max_w`` (see cluster)."""
+        policy_view = self.policy_view
+        policy = policy_view.policy if policy_view is not None else None
+        service_gpus = (policy_view.bound_gpus if policy_view is not None else 0) + self.gpus
+        return estimate_pod_power_w(self.gpus, self.power_annotation_w, policy, service_gpus, node_gpu_max_w)
+
+
+def placement_request(view: ClusterView, pod: KubeObject) -> PlacementRequest:
+    facts = pod_facts(pod)
+    return PlacementRequest(
+        pod_key=facts.key,
+        gpus=facts.gpus,
+        power_annotation_w=facts.power_annotation_w,
+        policy_view=view.policy_view_for_pod(facts) if facts.gpus > 0 else None,
+    )
+
+
+@dataclass(frozen=True)
+class FilterOutcome:
+    """Nodes that pass (in request order), nodes that fail and why, and rejection counts."""
+
+    passed: list[str]
+    failed: dict[str, str] = field(default_factory=dict)
+    unresolvable: dict[str, str] = field(default_factory=dict)
+    rejections: Counter[RejectReason] = field(default_factory=Counter)
+
+
+def format_watts(watts: float) -> str:
+    """``4800`` for whole watts, ``4800.4`` otherwise, so a message never reads 5000 > 5000."""
+    return f"{watts:.0f}" if abs(watts - round(watts)) < 0.05 else f"{watts:.1f}"
+
+
+def infeasible_reason(request: PlacementRequest, gpu_min_w: float) -> str | None:
+    """Why the pod's policy cannot power another GPU at all, or None.
+
+    Infeasible when ``(boundGpus + podGpus) x gpuMinW > powerCapLimit``: even with every
+    GPU of the service at its minimum limit the cap would be exceeded.
+    """
+    if request.policy_view is None or request.gpus <= 0:
+        return None
+    policy = request.policy_view.policy
+    bound = request.policy_view.bound_gpus
+    needed_w = (bound + request.gpus) * gpu_min_w
+    if needed_w <= policy.power_cap_w:
+        return None
+    return (
+        f"policy {policy.key} cannot power another GPU: ({bound} GPUs in use + {request.gpus} for this pod) "
+        f"x {format_watts(gpu_min_w)} W minimum limit = {format_watts(needed_w)} W > powerCapLimit {policy.power_cap_w} W"
+    )
+
+
+def rack_rejection(rack: RackView, estimate_w: float) -> tuple[str, tuple[RejectReason, ...]] | None:
+    """Why a pod with estimate ``estimate_w`` may not go into ``rack``, or None when it may.
+
+    Stale or missing telemetry in the rack alone is reported (the figures it would be
+    checked against are unknown); otherwise every limit passed is reported, joined by "; ".
+    """
+    if rack.telemetry_problem is not None:
+        return f"{rack.rack_id}: {rack.telemetry_problem}", (RejectReason.STALE_TELEMETRY,)
+    limits = rack.limits
+    problems: list[str] = []
+    reasons: list[RejectReason] = []
+    inlet_c = rack.inlet_temperature_c
+    if limits.max_temperature_c is not None and inlet_c is not None and inlet_c >= limits.max_temperature_c:
+        problems.append(
+            f"{rack.rack_id}: inlet {inlet_c:g} °C >= maxTemperature {limits.max_temperature_c:g} °C "
+            f"(set by policy {limits.max_temperature_policy})"
+        )
+        reasons.append(RejectReason.TEMPERATURE)
+    if limits.max_power_w is not None and rack.power_w + estimate_w > limits.max_power_w:
+        in_use = f"{format_watts(rack.power_w)} W in use"
+        if rack.assumed_power_w > 0:
+            count = len(rack.assumed_pods)
+            in_use += (
+                f" (incl. {format_watts(rack.assumed_power_w)} W assumed for {count} pod{'s' if count != 1 else ''} "
+                "bound since the last telemetry)"
+            )
+        problems.append(
+            f"{rack.rack_id}: {in_use} + {format_watts(estimate_w)} W for this pod > maxPower {limits.max_power_w} W "
+            f"(set by policy {limits.max_power_policy})"
+        )
+        reasons.append(RejectReason.POWER)
+    if not problems:
+        return None
+    return "; ".join(problems), tuple(reasons)
+
+
+def filter_nodes(view: ClusterView, pod: KubeObject | PlacementRequest, node_names: Sequence[str]) -> FilterOutcome:
+    """Split ``node_names`` into passing and failing nodes for ``pod`` (see the module doc).
+
+    Cost: O(len(node_names)) dictionary lookups; the rack checks run once per distinct
+    (rack, GPU maximum) pair.
+    """
+    request = pod if isinstance(pod, PlacementRequest) else placement_request(view, pod)
+    if not request.covered:
+        return FilterOutcome(passed=list(node_names))
+    infeasible = infeasible_reason(request, view.gpu_min_w)
+    if infeasible is not None:
+        unresolvable = dict.fromkeys(node_names, infeasible)
+        return FilterOutcome(
+            passed=[], unresolvable=unresolvable,
+            rejections=Counter({RejectReason.INFEASIBLE_POLICY: len(unresolvable)}),
+        )
+    if not view.has_constraints:
+        return FilterOutcome(passed=list(node_names))
+
+    passed: list[str] = []
+    failed: dict[str, str] = {}
+    rejections: Counter[RejectReason] = Counter()
+    checked: dict[tuple[str, float], tuple[str, tuple[RejectReason, ...]] | None] = {}
+    nodes, racks = view.nodes, view.racks
+    for name in node_names:
+        node = nodes.get(name)
+        if node is None:
+            failed[name] = f"node {name} is not in the power-aware extender's view yet (rack and telemetry unknown)"
+            rejections[RejectReason.STALE_TELEMETRY] += 1
+            continue
+        rack = racks.get(node.rack_id) if node.rack_id is not None else None
+        if rack is None or not rack.constrained:
+            passed.append(name)
+            continue
+        key = (rack.rack_id, node.gpu_max_w)
+        if key in checked:
+            rejection = checked[key]
+        else:
+            rejection = checked[key] = rack_rejection(rack, request.estimate_w(node.gpu_max_w))
+        if rejection is None:
+            passed.append(name)
+        else:
+            failed[name] = rejection[0]
+            rejections.update(rejection[1])
+    return FilterOutcome(passed=passed, failed=failed, rejections=rejections)
+
+
+def prioritize_nodes(
+    view: ClusterView,
+    pod: KubeObject | PlacementRequest,
+    node_names: Sequence[str],
+    registry: AlgorithmRegistry,
+) -> list[tuple[str, int]]:
+    """``(node, score 0..10)`` for each of ``node_names``, in order (see the module doc)."""
+    request = pod if isinstance(pod, PlacementRequest) else placement_request(view, pod)
+    if not request.scored or request.policy_view is None:
+        return [(name, 0) for name in node_names]
+    choice = request.policy_view.policy.algorithm
+    estimates: dict[float, float] = {}
+    candidates: list[Candidate] = []
+    facts_by_name, nodes = view.node_facts, view.nodes
+    for name in node_names:
+        node = nodes.get(name)
+        gpu_max_w = node.gpu_max_w if node is not None else view.settings.default_gpu_max_w
+        estimate_w = estimates.get(gpu_max_w)
+        if estimate_w is None:
+            estimate_w = estimates[gpu_max_w] = request.estimate_w(gpu_max_w)
+        candidates.append(Candidate(node=facts_by_name.get(name) or NodeFacts(name=name), pod_power_w=estimate_w))
+    scores = _score_with_fallback(registry.get(choice.name), choice.name, choice.parameters, candidates, request.pod_key)
+    return [(name, math.floor(clamp_score(score) + 0.5)) for name, score in zip(node_names, scores)]
+
+
+def _score_with_fallback(
+    algorithm: PlacementAlgorithm | None,
+    name: str,
+    parameters: Mapping[str, object],
+    candidates: Sequence[Candidate],
+    pod_key: str,
+) -> Sequence[float]:
+    if algorithm is not None:
+        try:
+            scores = list(algorithm.score(candidates, algorithm.effective_parameters(parameters)))
+            if len(scores) != len(candidates):
+                raise ValueError(f"returned {len(scores)} scores for {len(candidates)} nodes")
+            if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores):
+                raise ValueError("returned a score that is not a finite number")
+            return scores
+        except Exception as error:  # a plugin's bug must not fail the scheduling attempt
+            problem = f"{type(error).__name__}: {error}"
+    else:
+        problem = "not registered in this extender"
+    log.warning(
+        "placement algorithm %s failed; scoring with %s instead: %s", name, DEFAULT_ALGORITHM, problem,
+        extra={"algorithm": name, "pod": pod_key, "error": problem},
+    )
+    return Headroom().score(candidates, {})
