@@ -359,7 +359,7 @@ class _Problem:
                 seen[gpu.uuid] = service.key
                 gpus.append(gpu)
                 service_of.append(index)
-        rack_ids = sorted({g.rack for g in gpus if g.rack in limits})  # type: ignore[misc]
+        rack_ids = sorted({g.rack for g in gpus if g.rack is not None and g.rack in limits})
         rack_index = {rack: i for i, rack in enumerate(rack_ids)}
         rack_of = [rack_index.get(g.rack, -1) if g.rack is not None else -1 for g in gpus]
         members_of_service: list[list[int]] = [[] for _ in services]

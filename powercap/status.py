@@ -183,22 +183,21 @@ def render_status(inputs: StatusInputs, stored: Mapping[str, Any] | None, now: d
                       max(POWER_TOLERANCE_FLOOR_W, POWER_TOLERANCE * policy.power_cap_w))
     ratio = _settle(_round_or_none(inputs.ratio, 3), stored.get("ratio"),
                     RATIO_TOLERANCE * abs(stored.get("ratio") or 0) if _is_number(stored.get("ratio")) else 0)
+    conditions = build_conditions(inputs, power_w)
     status: dict[str, Any] = {
         "observedGeneration": policy.generation,
-        "conditions": [],
+        "conditions": [
+            _condition_field(c, _stored_condition(stored, c.type), policy.generation, now) for c in conditions
+        ],
         "gpus": inputs.gpus,
-        "budgetW": inputs.allocation.budget_w,
-        "allocations": allocations_field(inputs.allocation),
-        "racks": _settled_racks(inputs.racks, stored.get("racks")),
     }
     if power_w is not None:
         status["powerW"] = power_w
+    status["budgetW"] = inputs.allocation.budget_w
     if ratio is not None:
         status["ratio"] = ratio
-    conditions = build_conditions(inputs, power_w)
-    status["conditions"] = [
-        _condition_field(c, _stored_condition(stored, c.type), policy.generation, now) for c in conditions
-    ]
+    status["allocations"] = allocations_field(inputs.allocation)
+    status["racks"] = _settled_racks(inputs.racks, stored.get("racks"))
     return status
 
 

@@ -7,12 +7,12 @@ them); this adds per-GPU telemetry (power, limit, pod) and a cluster view in one
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
-from powercap.telemetry import GpuTelemetry, NodeTelemetry, to_json
+from powercap.telemetry import TELEMETRY_ANNOTATION, GpuTelemetry, NodeTelemetry, from_json, to_json
 from tests.fakes.objects import NOW, gpu_node
 
 
@@ -52,3 +52,28 @@ def view(nodes: Sequence[dict[str, Any]], pods: Sequence[dict[str, Any]] = (),
 
 def with_status(policy: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
     return {**policy, "status": status}
+
+
+def agents_apply(nodes: Sequence[dict[str, Any]], policies: Sequence[dict[str, Any]], *, at: datetime) -> list[dict[str, Any]]:
+    """The nodes after their agents applied the policies' ``status.allocations`` and reported
+    again ``at``: each allocated GPU's limit becomes its allocation and its power at most that."""
+    allocated: dict[str, float] = {}
+    for document in policies:
+        for entry in (document.get("status") or {}).get("allocations") or ():
+            for gpu in entry.get("gpus") or ():
+                allocated[gpu["uuid"]] = gpu["watts"]
+    updated = []
+    for node_object in nodes:
+        annotations = node_object["metadata"]["annotations"]
+        old = from_json(annotations[TELEMETRY_ANNOTATION])
+        gpus = tuple(
+            replace(g, limit_w=allocated.get(g.uuid, g.limit_w), power_w=min(g.power_w, allocated.get(g.uuid, g.limit_w)))
+            for g in old.gpus
+        )
+        extra_w = old.power_w - sum(g.power_w for g in old.gpus)
+        telemetry = NodeTelemetry(timestamp=at, power_w=sum(g.power_w for g in gpus) + extra_w,
+                                  inlet_temperature_c=old.inlet_temperature_c, gpus=gpus)
+        copy = {**node_object, "metadata": {**node_object["metadata"],
+                                            "annotations": {**annotations, TELEMETRY_ANNOTATION: to_json(telemetry)}}}
+        updated.append(copy)
+    return updated
