@@ -20,6 +20,9 @@ from powercap.problems import Problem, ValidationResult
 from powercap.policies import validate_policy
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNREADABLE = 0, 1, 2
+# libyaml's safe loader where PyYAML has it: ~10x faster, which matters for a snapshot of a
+# large cluster (kubectl get nodes,pods -A -o yaml of 5000 nodes is ~100 MB).
+SAFE_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass
@@ -109,9 +112,9 @@ def parse_documents(text: str) -> Iterator[Any]:
         try:
             documents: list[Any] = [json.loads(text)]
         except json.JSONDecodeError:
-            documents = list(yaml.safe_load_all(text))
+            documents = list(yaml.load_all(text, Loader=SAFE_LOADER))
     else:
-        documents = list(yaml.safe_load_all(text))
+        documents = list(yaml.load_all(text, Loader=SAFE_LOADER))
     for document in documents:
         if document is None:
             continue  # an empty document between two '---'

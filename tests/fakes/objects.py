@@ -274,3 +274,23 @@ def policy(
 
 def fmt(moment: datetime) -> str:
     return format_timestamp(moment)
+
+
+def kubectl_list(nodes: Sequence[dict[str, Any]] = (), pods: Sequence[dict[str, Any]] = (),
+                 policies: Sequence[dict[str, Any]] = (), others: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """What ``kubectl get nodes,pods,pcp -A -o yaml`` prints: a ``kind: List`` whose items carry
+    their kind and apiVersion."""
+    items = [{"apiVersion": "v1", "kind": "Node", **n} for n in nodes]
+    items += [{"apiVersion": "v1", "kind": "Pod", **p} for p in pods]
+    items += list(policies) + list(others)
+    return {"apiVersion": "v1", "kind": "List", "items": items, "metadata": {"resourceVersion": ""}}
+
+
+def extender_args(pod: dict[str, Any], nodes: Sequence[dict[str, Any]], *, node_cache_capable: bool) -> bytes:
+    """The body kube-scheduler POSTs: Go's encoding/json of ExtenderArgs (field order Pod, Nodes,
+    NodeNames; nil pointers as null; compact)."""
+    if node_cache_capable:
+        document = {"Pod": pod, "Nodes": None, "NodeNames": [n["metadata"]["name"] for n in nodes]}
+    else:
+        document = {"Pod": pod, "Nodes": {"metadata": {}, "items": list(nodes) or None}, "NodeNames": None}
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()

@@ -1,0 +1,175 @@
+"""The extender's HTTP app: kube-scheduler's filter and prioritize calls, health, metrics.
+
+``create_app(source, registry)`` builds a Flask app around an injected
+:class:`~extender.sources.ViewSource`; decisions are :mod:`powercap.placement`'s, this
+module only translates the wire format (:mod:`extender.wire`), counts and logs.
+
+- ``POST /filter``: ExtenderArgs -> ExtenderFilterResult (``NodeNames`` or ``Nodes`` as asked).
+- ``POST /prioritize``: ExtenderArgs -> HostPriorityList (scores 0..10).
+- ``GET /healthz``: the process serves. ``GET /readyz``: the cluster view is available
+  (caches synced). ``GET /metrics``: Prometheus text format.
+
+Errors: an undecodable or malformed body is a 400 with a JSON ``{"Error": "..."}``; a
+filter call that cannot be decided (no view yet) answers 200 with ``Error`` set, which
+fails that scheduling attempt so kube-scheduler retries; a bug of ours is logged with
+its traceback and answered 500 with a one-line message. A client never sees a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, Response, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from werkzeug.exceptions import HTTPException
+
+from extender import wire
+from extender.sources import NotReady, ViewSource
+from powercap.algorithms import AlgorithmRegistry
+from powercap.objects import pod_gpus_requested
+from powercap.placement import RejectReason, filter_nodes, placement_request, prioritize_nodes
+
+log = logging.getLogger(__name__)
+
+# A full-Node filter request for 5000 nodes is about 75 MB (15 KB per Node).
+DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
+JSON = "application/json"
+# Request latencies worth telling apart: kube-scheduler's budget is ~5 ms per pod at 500
+# candidates; its default httpTimeout is 5 s.
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ExtenderMetrics:
+    """The extender's Prometheus metrics, in a registry of their own (no global state)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "powercap_extender_requests", "Extender calls by verb and outcome (ok, bad_request, not_ready, error).",
+            ["verb", "outcome"], registry=self.registry,
+        )
+        self.duration = Histogram(
+            "powercap_extender_request_duration_seconds", "Time to answer an extender call, by verb.",
+            ["verb"], buckets=LATENCY_BUCKETS_S, registry=self.registry,
+        )
+        self.rejected = Counter(
+            "powercap_extender_nodes_rejected", "Candidate nodes the filter rejected, by reason.",
+            ["reason"], registry=self.registry,
+        )
+        for reason in RejectReason:
+            self.rejected.labels(reason.value)
+        for verb in ("filter", "prioritize"):
+            self.duration.labels(verb)
+            for outcome in ("ok", "bad_request", "not_ready", "error"):
+                self.requests.labels(verb, outcome)
+
+
+def create_app(
+    source: ViewSource,
+    registry: AlgorithmRegistry,
+    *,
+    metrics: ExtenderMetrics | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> Flask:
+    app = Flask("powercap-extender")
+    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+    metrics = metrics or ExtenderMetrics()
+    app.extensions["powercap_metrics"] = metrics
+
+    def timed(verb: str, handler: Callable[[bytes], tuple[bytes, int, str]]) -> Response:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            body, status, outcome = handler(request.get_data(cache=False))
+        except wire.WireError as error:
+            outcome = "bad_request"
+            log.info("bad %s request: %s", verb, error, extra={"verb": verb, "error": str(error)})
+            body, status = wire_error(str(error)), 400
+        except HTTPException:
+            raise
+        except Exception as error:  # our bug: log it whole, answer one line
+            log.exception("%s failed", verb, extra={"verb": verb, "error": str(error)})
+            body, status = wire_error(f"internal error in the powercap extender: {type(error).__name__}: {error}"), 500
+        finally:
+            metrics.duration.labels(verb).observe(time.perf_counter() - started)
+            metrics.requests.labels(verb, outcome).inc()
+        return Response(body, status=status, mimetype=JSON)
+
+    def do_filter(body: bytes) -> tuple[bytes, int, str]:
+        args, candidates = wire.decode_args(body)
+        assert args.Pod is not None
+        try:
+            view = source.current()
+        except NotReady as waiting:
+            if pod_gpus_requested(args.Pod) == 0:  # never block the unrelated
+                return wire.encode_filter_result(candidates, candidates.names, {}, {}), 200, "not_ready"
+            return wire.encode_filter_error(f"powercap extender is not ready: {waiting}"), 200, "not_ready"
+        request_ = placement_request(view, args.Pod)
+        outcome = filter_nodes(view, request_, candidates.names)
+        for reason, count in outcome.rejections.items():
+            metrics.rejected.labels(reason.value).inc(count)
+        if request_.covered:
+            log.info(
+                "filter %s: %d of %d nodes pass", request_.pod_key, len(outcome.passed), len(candidates.names),
+                extra={"verb": "filter", "pod": request_.pod_key, "candidates": len(candidates.names),
+                       "passed": len(outcome.passed), "failed": len(outcome.failed),
+                       "unresolvable": len(outcome.unresolvable),
+                       "rejected": {reason.value: count for reason, count in outcome.rejections.items()}},
+            )
+        return wire.encode_filter_result(candidates, outcome.passed, outcome.failed, outcome.unresolvable), 200, "ok"
+
+    def do_prioritize(body: bytes) -> tuple[bytes, int, str]:
+        args, candidates = wire.decode_args(body)
+        assert args.Pod is not None
+        try:
+            view = source.current()
+        except NotReady:
+            return wire.encode_priorities((name, 0) for name in candidates.names), 200, "not_ready"
+        request_ = placement_request(view, args.Pod)
+        scores = prioritize_nodes(view, request_, candidates.names, registry)
+        if request_.scored:
+            log.debug("prioritize %s", request_.pod_key, extra={"verb": "prioritize", "pod": request_.pod_key,
+                                                                 "candidates": len(candidates.names)})
+        return wire.encode_priorities(scores), 200, "ok"
+
+    @app.post("/filter")
+    def filter_() -> Response:
+        return timed("filter", do_filter)
+
+    @app.post("/prioritize")
+    def prioritize() -> Response:
+        return timed("prioritize", do_prioritize)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return Response("ok\n", mimetype="text/plain")
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        waiting = source.readiness()
+        if waiting is not None:
+            return Response(f"not ready: {waiting}\n", status=503, mimetype="text/plain")
+        return Response("ok\n", mimetype="text/plain")
+
+    @app.get("/metrics")
+    def metrics_() -> Response:
+        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> Response:
+        return Response(wire_error(f"{error.code} {error.name}: {error.description}"), status=error.code or 500, mimetype=JSON)
+
+    return app
+
+
+def wire_error(message: str) -> bytes:
+    """``{"Error": message}``, the body of a 4xx/5xx answer."""
+    return wire.encode_error_body(message)
+
+
+def app_metrics(app: Flask) -> ExtenderMetrics:
+    metrics: Any = app.extensions["powercap_metrics"]
+    return metrics

@@ -1,0 +1,160 @@
+"""``powercap extender``: serve kube-scheduler's filter and prioritize calls under gunicorn.
+
+In a cluster (the default) the view comes from watch caches of Nodes, Pods and
+PowerCappingPolicies (credentials: in-cluster service account, else kubeconfig). With
+``--cluster-state FILE`` it comes from a snapshot (``kubectl get nodes,pods,pcp -A -o yaml``)
+reloaded when the file changes. Exit status 2: bad usage, a bad state file at start-up, or
+no way to reach a cluster.
+
+One gunicorn worker process with several threads: the caches live in that process, so a
+second worker would only double the API traffic and memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask
+from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger as GunicornLogger
+
+from extender.app import create_app
+from extender.logs import JsonFormatter, configure_logging
+from extender.sources import StateFileError, StateFileSource, ViewSource, cluster_source
+from powercap import kube
+from powercap.algorithms import AlgorithmRegistry
+from powercap.cluster import ClusterSettings
+from powercap.objects import RACK_LABEL
+from powercap.policies import label_key_problem
+from powercap.telemetry import DEFAULT_STALE_AFTER_S
+
+DEFAULT_BIND = "127.0.0.1:8888"
+EXIT_USAGE = 2
+log = logging.getLogger("extender")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "extender",
+        help="kube-scheduler extender: place GPU pods by rack power and temperature headroom",
+        description="Serve kube-scheduler's extender calls (POST /filter, POST /prioritize; GET /healthz, "
+        "/readyz, /metrics). In a cluster the view comes from watch caches; with --cluster-state it "
+        "replays a snapshot (kubectl get nodes,pods,pcp -A -o yaml), reloaded when the file changes.",
+    )
+    parser.add_argument("--bind", default=DEFAULT_BIND, type=bind_address, metavar="HOST:PORT",
+                        help=f"address to listen on (default {DEFAULT_BIND}: beside kube-scheduler)")
+    parser.add_argument("--cluster-state", metavar="FILE",
+                        help="run without a cluster on this Kubernetes List of Nodes, Pods and PowerCappingPolicies (YAML or JSON)")
+    parser.add_argument("--rack-label", default=RACK_LABEL, type=label_key, metavar="KEY",
+                        help=f"node label whose value is the rack id (default {RACK_LABEL})")
+    parser.add_argument("--stale-after", default=DEFAULT_STALE_AFTER_S, type=positive_seconds, metavar="SECONDS",
+                        help=f"node telemetry older than this is stale (default {DEFAULT_STALE_AFTER_S:g})")
+    parser.add_argument("--threads", default=4, type=int, metavar="N", help="request threads (default 4)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.set_defaults(func=run)
+
+
+def bind_address(text: str) -> str:
+    host, separator, port = text.rpartition(":")
+    if not separator or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return text
+
+
+def label_key(text: str) -> str:
+    problem = label_key_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    settings = ClusterSettings(rack_label=args.rack_label, stale_after_s=args.stale_after)
+    registry = AlgorithmRegistry.default()
+    try:
+        make_source = source_factory(args.cluster_state, settings, registry)
+        make_source()  # fail here, with exit 2, rather than in the worker
+    except (StateFileError, ClusterUnreachable) as error:
+        print(f"powercap extender: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    sources: list[ViewSource] = []
+
+    def load_app() -> Flask:
+        source = make_source()
+        source.start()
+        sources.append(source)
+        return create_app(source, registry)
+
+    def worker_exit(server: Any, worker: Any) -> None:
+        for source in sources:
+            source.stop()
+
+    options = {
+        "bind": args.bind,
+        "workers": 1,
+        "worker_class": "gthread",
+        "threads": max(1, args.threads),
+        "timeout": 30,
+        "graceful_timeout": 5,
+        "keepalive": 75,  # kube-scheduler keeps its connection open between calls
+        "logger_class": JsonGunicornLogger,
+        "worker_exit": worker_exit,
+    }
+    log.info("powercap extender listening on %s", args.bind,
+             extra={"bind": args.bind, "mode": "state-file" if args.cluster_state else "cluster",
+                    "rack_label": settings.rack_label, "stale_after_s": settings.stale_after_s})
+    ExtenderServer(options, load_app).run()
+    return 0
+
+
+class ClusterUnreachable(Exception):
+    """No in-cluster configuration and no kubeconfig."""
+
+
+def source_factory(state_file: str | None, settings: ClusterSettings, registry: AlgorithmRegistry) -> Callable[[], ViewSource]:
+    """A function making the view source: the state file's, or watch caches on the cluster's API."""
+    if state_file is not None:
+        return lambda: StateFileSource(state_file, settings, registry)
+    try:
+        kube.KubeClient.from_environment().close()
+    except kube.KubeConfigError as error:
+        raise ClusterUnreachable(f"{error}; run with --cluster-state FILE to replay a snapshot without a cluster") from None
+    return lambda: cluster_source(kube.KubeClient.from_environment(), settings, registry)
+
+
+class JsonGunicornLogger(GunicornLogger):
+    """gunicorn's own messages as JSON lines too; no access log (metrics count the calls)."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for handler in self.error_log.handlers:
+            handler.setFormatter(JsonFormatter())
+
+
+class ExtenderServer(BaseApplication):  # type: ignore[misc]
+    def __init__(self, options: dict[str, Any], load_app: Callable[[], Flask]) -> None:
+        self._options = options
+        self._load_app = load_app
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Flask:
+        return self._load_app()

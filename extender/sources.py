@@ -1,0 +1,303 @@
+"""Where the extender's cluster view comes from: a state file, or watch caches in a cluster.
+
+Both sources hand out an immutable :class:`~powercap.cluster.ClusterView` through
+``current()`` and rebuild it only when their input moved: the file changed, or a cache
+applied an event (its ``version`` moved), or the clock advanced ``refresh_s`` since the
+last build (telemetry ages even when nothing changes). A rebuild passes the previous view,
+so only changed objects are parsed again. Requests never wait on the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+import yaml
+
+from powercap import kube
+from powercap.algorithms import AlgorithmRegistry
+from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
+from powercap.objects import KubeObject
+from powercap.telemetry import TelemetryError, node_telemetry
+from powercap.validate_cmd import describe_load_error, parse_documents
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+NODE_KINDS, POD_KINDS, POLICY_KINDS = ("Node",), ("Pod",), ("PowerCappingPolicy",)
+DEFAULT_REFRESH_S = 1.0
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class NotReady(Exception):
+    """The source has no view yet; the message says what it is waiting for."""
+
+
+class ViewSource(Protocol):
+    """What the HTTP app needs from a source of cluster views."""
+
+    def current(self) -> ClusterView:
+        """The view to decide with now; raises :class:`NotReady` until there is one."""
+
+    def readiness(self) -> str | None:
+        """None when ready, else why not."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class StateFileError(Exception):
+    """A state file that cannot be used; the message names the file and the problem."""
+
+
+def load_state(text: str) -> tuple[list[KubeObject], list[KubeObject], list[KubeObject]]:
+    """Nodes, Pods and PowerCappingPolicies of a state file.
+
+    The file is what ``kubectl get nodes,pods,pcp -A -o yaml`` (or ``-o json``) prints: a
+    ``kind: List`` of mixed items; several YAML documents and bare objects are read too.
+    Objects of other kinds are ignored. Raises ``ValueError`` when the text is not YAML or
+    JSON, or holds something other than Kubernetes objects.
+    """
+    nodes: list[KubeObject] = []
+    pods: list[KubeObject] = []
+    policies: list[KubeObject] = []
+    count = 0
+    for index, item in enumerate(parse_documents(text)):
+        count += 1
+        if not isinstance(item, dict) or not isinstance(item.get("kind"), str):
+            raise ValueError(f"item {index + 1} is not a Kubernetes object (no kind)")
+        if not isinstance(item.get("metadata"), dict) or not item["metadata"].get("name"):
+            raise ValueError(f"item {index + 1} ({item['kind']}) has no metadata.name")
+        kind = item["kind"]
+        if kind in NODE_KINDS:
+            nodes.append(item)
+        elif kind in POD_KINDS:
+            pods.append(item)
+        elif kind in POLICY_KINDS:
+            policies.append(item)
+    if count == 0:
+        raise ValueError("no objects found (expected the output of kubectl get nodes,pods,pcp -A -o yaml)")
+    return nodes, pods, policies
+
+
+def snapshot_time(nodes: Iterable[KubeObject]) -> datetime | None:
+    """When a snapshot was taken, as near as it says: its newest node telemetry timestamp."""
+    newest: datetime | None = None
+    for node in nodes:
+        try:
+            telemetry = node_telemetry(node)
+        except TelemetryError:
+            continue
+        if telemetry is not None and (newest is None or telemetry.timestamp > newest):
+            newest = telemetry.timestamp
+    return newest
+
+
+class StateFileSource:
+    """A cluster view replayed from a state file, reloaded when the file changes.
+
+    The view is evaluated at the snapshot's time (its newest telemetry timestamp; the wall
+    clock when it has no telemetry), so a snapshot taken yesterday is judged as it was then:
+    a node whose telemetry was already 5 minutes old at that time is stale, the others are
+    fresh. A bad file at start raises :class:`StateFileError`; a bad file on reload keeps
+    the last good view and logs why, until the file changes again.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        settings: ClusterSettings,
+        registry: AlgorithmRegistry,
+        *,
+        clock: Clock = utc_now,
+        check_interval_s: float = DEFAULT_REFRESH_S,
+    ) -> None:
+        self.path = path
+        self._settings = settings
+        self._registry = registry
+        self._clock = clock
+        self._check_interval_s = check_interval_s
+        self._lock = threading.Lock()
+        self._signature = self._stat()
+        self._last_check = clock()
+        try:
+            self._view = self._load(None)
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError, yaml.YAMLError) as error:
+            raise StateFileError(f"{path}: {describe_load_error(error)}") from None
+        self._announce(self._view)
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return None
+        return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+    def _load(self, previous: ClusterView | None) -> ClusterView:
+        with open(self.path, "rb") as handle:
+            text = handle.read().decode("utf-8")
+        nodes, pods, policies = load_state(text)
+        moment = snapshot_time(nodes) or self._clock()
+        return build_cluster_view(nodes, pods, policies, moment, self._settings, registry=self._registry, previous=previous)
+
+    def _announce(self, view: ClusterView) -> None:
+        log.info(
+            "cluster view loaded from %s: %d nodes, %d racks, %d policies",
+            self.path, len(view.nodes), len(view.racks), len(view.policies),
+            extra={"file": self.path, "nodes": len(view.nodes), "racks": len(view.racks),
+                   "policies": len(view.policies), "at": view.now.isoformat()},
+        )
+        for warning in view.warnings:
+            log.warning("%s", warning, extra={"file": self.path})
+
+    def current(self) -> ClusterView:
+        now = self._clock()
+        if (now - self._last_check).total_seconds() < self._check_interval_s:
+            return self._view
+        with self._lock:
+            if (now - self._last_check).total_seconds() < self._check_interval_s:
+                return self._view
+            self._last_check = now
+            signature = self._stat()
+            if signature == self._signature:
+                return self._view
+            self._signature = signature
+            try:
+                view = self._load(self._view)
+            except (OSError, ValueError, UnicodeDecodeError, RecursionError, yaml.YAMLError) as error:
+                log.warning(
+                    "state file %s could not be reloaded, keeping the last good view: %s",
+                    self.path, describe_load_error(error),
+                    extra={"file": self.path, "error": describe_load_error(error)},
+                )
+                return self._view
+            self._view = view
+        self._announce(view)
+        return view
+
+    def readiness(self) -> str | None:
+        return None
+
+    def start(self) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
+
+
+class Cache(Protocol):
+    """The part of :class:`powercap.kube.WatchCache` the in-cluster source uses."""
+
+    name: str
+
+    @property
+    def has_synced(self) -> bool: ...
+
+    @property
+    def version(self) -> int: ...
+
+    def items(self) -> list[Any]: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class CacheSource:
+    """A cluster view from three watch caches: Nodes, Pods, PowerCappingPolicies.
+
+    Ready once all three have synced (their first list applied). ``current()`` rebuilds
+    when any cache's version moved or ``refresh_s`` passed since the last build; concurrent
+    requests share one rebuild.
+    """
+
+    def __init__(
+        self,
+        nodes: Cache,
+        pods: Cache,
+        policies: Cache,
+        settings: ClusterSettings,
+        registry: AlgorithmRegistry,
+        *,
+        clock: Clock = utc_now,
+        refresh_s: float = DEFAULT_REFRESH_S,
+    ) -> None:
+        self._caches = (nodes, pods, policies)
+        self._settings = settings
+        self._registry = registry
+        self._clock = clock
+        self._refresh_s = refresh_s
+        self._lock = threading.Lock()
+        self._built: tuple[tuple[int, int, int], ClusterView] | None = None
+        self._warnings: tuple[str, ...] = ()
+
+    def readiness(self) -> str | None:
+        waiting = [cache.name for cache in self._caches if not cache.has_synced]
+        return f"waiting for the first list of {', '.join(waiting)}" if waiting else None
+
+    def current(self) -> ClusterView:
+        built = self._built
+        now = self._clock()
+        if built is not None and self._fresh(built, now):
+            return built[1]
+        waiting = self.readiness()
+        if waiting is not None:
+            raise NotReady(waiting)
+        with self._lock:
+            built = self._built
+            if built is not None and self._fresh(built, now):
+                return built[1]
+            versions = self._versions()
+            nodes, pods, policies = (cache.items() for cache in self._caches)
+            view = build_cluster_view(
+                nodes, pods, policies, now, self._settings, registry=self._registry,
+                previous=built[1] if built is not None else None,
+            )
+            self._built = (versions, view)
+        if view.warnings != self._warnings:
+            self._warnings = view.warnings
+            for warning in view.warnings:
+                log.warning("%s", warning)
+        return view
+
+    def _versions(self) -> tuple[int, int, int]:
+        nodes, pods, policies = self._caches
+        return (nodes.version, pods.version, policies.version)
+
+    def _fresh(self, built: tuple[tuple[int, int, int], ClusterView], now: datetime) -> bool:
+        versions, view = built
+        return versions == self._versions() and (now - view.now).total_seconds() < self._refresh_s
+
+    def start(self) -> None:
+        for cache in self._caches:
+            cache.start()
+
+    def stop(self) -> None:
+        for cache in self._caches:
+            cache.stop()
+
+
+# Bound, unfinished pods only: the extender needs where GPU pods run (assumed power, a
+# policy's bound GPUs); pending and finished pods would only cost memory and events.
+POD_FIELD_SELECTOR = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
+
+
+def cluster_source(client: kube.KubeClient, settings: ClusterSettings, registry: AlgorithmRegistry, **options: Any) -> CacheSource:
+    """A :class:`CacheSource` on three :class:`powercap.kube.WatchCache` of ``client``
+    (a :class:`powercap.kube.KubeClient`): all Nodes, bound unfinished Pods, all policies."""
+    return CacheSource(
+        kube.WatchCache(client, kube.node_path(), name="nodes"),
+        kube.WatchCache(client, kube.pod_path(), {"fieldSelector": POD_FIELD_SELECTOR}, name="pods"),
+        kube.WatchCache(client, kube.policy_path(), name="powercappingpolicies"),
+        settings,
+        registry,
+        **options,
+    )
