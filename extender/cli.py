@@ -129,7 +129,7 @@ class ClusterUnreachable(Exception):
 def source_factory(state_file: str | None, settings: ClusterSettings, registry: AlgorithmRegistry) -> Callable[[], ViewSource]:
     """A function making the view source: the state file's, or watch caches on the cluster's API."""
     if state_file is not None:
-        return lambda: StateFileSource(state_file, settings, registry)
+        return lambda: StateFileSource(state_file, settings, registry, settle_gc=True)
     try:
         kube.KubeClient.from_environment().close()
     except kube.KubeConfigError as error:

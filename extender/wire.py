@@ -27,9 +27,6 @@ from typing import Any
 
 import msgspec
 
-MAX_EXTENDER_PRIORITY = 10
-
-
 class WireError(ValueError):
     """A request body that is not a valid ExtenderArgs; the message says what is wrong."""
 
@@ -118,13 +115,34 @@ def decode_args(body: bytes) -> tuple[ExtenderArgs, Candidates]:
     names: list[str] = []
     raw_by_name: dict[str, msgspec.Raw] = {}
     for index, raw in enumerate(args.Nodes.items or ()):
-        try:
-            name = _NODE_NAME_DECODER.decode(raw).metadata.name
-        except msgspec.ValidationError as error:
-            raise WireError(f"Nodes.items[{index}]: {error}".replace("at `$.", "at `")) from None
+        name = _leading_name(raw)
+        if name is None:
+            try:
+                name = _NODE_NAME_DECODER.decode(raw).metadata.name
+            except msgspec.ValidationError as error:
+                raise WireError(f"Nodes.items[{index}]: {error}".replace("at `$.", "at `")) from None
         names.append(name)
         raw_by_name[name] = raw
     return args, Candidates(names, raw_by_name)
+
+
+_GO_NODE_PREFIX = b'{"metadata":{"name":"'
+
+
+def _leading_name(raw: msgspec.Raw) -> str | None:
+    """The Node's name when its JSON starts the way Go's encoding/json writes a v1.Node from
+    kube-scheduler's cache (no kind/apiVersion, then metadata, whose first field is name):
+    ``{"metadata":{"name":"gpu-1",...``. None when it does not (then it is decoded)."""
+    data = memoryview(raw)
+    if data[: len(_GO_NODE_PREFIX)] != _GO_NODE_PREFIX:
+        return None
+    end = bytes(data[len(_GO_NODE_PREFIX): len(_GO_NODE_PREFIX) + 512]).find(b'"')
+    if end <= 0:
+        return None
+    name = bytes(data[len(_GO_NODE_PREFIX): len(_GO_NODE_PREFIX) + end])
+    if b"\\" in name:
+        return None  # an escape: let the decoder read it
+    return name.decode("utf-8")
 
 
 def encode_filter_result(

@@ -180,8 +180,9 @@ def validated_limit_mw(index: int, watts: float, min_mw: int, max_mw: int) -> in
 
 
 def log_limit_change(index: int, from_w: float, to_w: float, enforced_w: float) -> None:
-    """Log a power limit write, and a warning when another limiter holds the GPU lower."""
+    """Log a power limit write (debug: the agent logs the change with its pod and policy),
+    and a warning when another limiter holds the GPU lower."""
     fields = {"gpu_index": index, "from_w": from_w, "to_w": to_w, "enforced_w": enforced_w}
-    log.info("power limit set", extra=fields)
+    log.debug("power limit set", extra=fields)
     if enforced_w < to_w:
         log.warning("power limit held lower by another limiter", extra=fields)

@@ -61,6 +61,7 @@ class NodeFacts:
     inlet_c: float | None = None  # the rack's (hottest node's) inlet temperature
     rack_max_temperature_c: float | None = None
     inlet_rise_c_per_min: float | None = None
+    gpu_max_w: float = 700.0  # the node's largest GPU maximum limit (for the pod's estimate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +136,7 @@ class Headroom(PlacementAlgorithm):
     name = "headroom"
 
     def score(self, candidates: Sequence[Candidate], parameters: Mapping[str, Any]) -> list[float]:
-        return [clamp_score(MAX_SCORE * fraction) for fraction in map(headroom_fraction, candidates)]
+        return [MAX_SCORE * fraction for fraction in map(headroom_fraction, candidates)]
 
 
 def headroom_fraction(candidate: Candidate) -> float:

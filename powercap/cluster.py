@@ -35,24 +35,32 @@ Definitions (W = watts, °C = rack inlet air):
 
 API (stable; the budget controller uses it too):
 
-- ``build_cluster_view(nodes, pods, policies, now, settings, registry=None, previous=None)``
-- ``ClusterView.nodes[name] -> NodeView``: rack, GPU capacity, telemetry (or why it is
-  missing/stale/malformed), measured/assumed power, inlet temperature and its trend;
-- ``ClusterView.racks[rack_id] -> RackView``: measured/assumed power, temperature,
-  limits, nodes without fresh telemetry;
-- ``ClusterView.policies[ns/name] -> PolicyView``: the policy, its pods, its GPUs (from
-  telemetry ``gpus[].pod``) and GPU count;
-- ``ClusterView.rack_of(node)``, ``ClusterView.policy_for_pod(pod)``,
-  ``ClusterView.node_facts[name]`` (scoring input), ``ClusterView.warnings``,
-  ``ClusterView.invalid_policies``.
+- ``build_cluster_view(nodes, pods, policies, now, settings=None, *, registry=None, previous=None)``
+- ``ClusterView.now``, ``.settings``: when and how it was built;
+- ``ClusterView.nodes[name] -> NodeView``: rack, GPU capacity, telemetry status and the last
+  readable telemetry (or ``telemetry_problem``: why it is missing/stale/malformed),
+  measured/assumed power and assumed pods, GPU max, inlet temperature and its trend;
+- ``ClusterView.racks[rack_id] -> RackView``: nodes, measured/assumed power, temperature
+  and trend, ``limits`` (strictest maxPower/maxTemperature and the policy that set each),
+  nodes without fresh telemetry and the problem to report;
+- ``ClusterView.policies[ns/name] -> PolicyView``: the policy, its pods, its bound GPU
+  count and its GPUs (from telemetry ``gpus[].pod``); computed on first use;
+- ``ClusterView.invalid_policies[ns/name] -> why``; ``ClusterView.warnings``;
+- ``ClusterView.node_facts[name] -> NodeFacts`` (the scoring input); ``gpu_min_w``;
+  ``has_constraints``;
+- ``ClusterView.rack_of(node)``, ``.telemetry_age_s(node)``, ``.policy_for_pod(pod)``,
+  ``.bound_gpus(policy_key)``, ``.policy_view_for_pod(pod)``; ``find_node``,
+  ``find_rack``, ``find_facts``: the mappings' ``get`` for hot loops;
+- ``estimate_pod_power_w(...)``, ``pod_facts(pod)``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from itertools import compress
+from operator import not_
 from enum import Enum
 from types import MappingProxyType
 from typing import Any
@@ -119,7 +127,6 @@ class NodeView:
     gpu_capacity: int
     telemetry_status: TelemetryStatus
     telemetry: NodeTelemetry | None = None  # the last readable telemetry, fresh or stale
-    telemetry_age_s: float | None = None
     telemetry_problem: str | None = None  # why it is not fresh, in words a person can act on
     measured_power_w: float = 0.0  # the telemetry's powerW when fresh, else 0
     assumed_power_w: float = 0.0
@@ -290,79 +297,93 @@ def estimate_pod_power_w(
 
 @dataclass(frozen=True, slots=True)
 class _ParsedNode:
+    name: str
     rack_id: str | None
     gpu_capacity: int
     telemetry: NodeTelemetry | None
     telemetry_error: str | None
+    visible_pods: frozenset[str] = frozenset()  # telemetry gpus[].pod
+    gpu_min_w: float | None = None  # smallest GPU minimum limit in its telemetry
+
+
+BoundPod = tuple[PodFacts, Policy | None]
 
 
 @dataclass
-class _Memo:
-    """Per-object parse results, reused while the very same object (identity) is seen again.
-
-    Watch caches hand out the same dict until an object changes, so identity is a cheap,
-    exact "unchanged" test. Never changes a result, only skips work.
+class _State:
+    """What a build leaves for the next one, so that the next parses and recomputes only
+    what changed. Watch caches hand out the same dict until an object changes, so object
+    identity is a cheap, exact "unchanged" test: a changed object is a new dict. Never
+    changes a result, only skips work; never mutated once its view is handed out.
     """
 
     settings: ClusterSettings
-    nodes: dict[str, tuple[KubeObject, _ParsedNode]] = field(default_factory=dict)
-    pods: dict[str, tuple[KubeObject, PodFacts]] = field(default_factory=dict)
-    policies: dict[str, tuple[KubeObject, Policy | str]] = field(default_factory=dict)
+    registry: AlgorithmRegistry
+    policy_docs: dict[int, tuple[KubeObject, Policy | str]]
+    valid: dict[str, Policy]
+    invalid: dict[str, str]
+    by_namespace: dict[str, tuple[Policy, ...]]
+    limits: dict[str, RackLimits]
+    node_docs: dict[int, tuple[KubeObject, _ParsedNode]]
+    parsed_nodes: dict[str, _ParsedNode]
+    pod_docs: dict[int, tuple[KubeObject, PodFacts, Policy | None]]
+    bound_by_node: dict[str, tuple[BoundPod, ...]]
+    bound_gpus: dict[str, int]
+    node_views: dict[str, NodeView]
+    rack_views: dict[str, RackView]
+    node_facts: dict[str, NodeFacts]
+    fresh_until: dict[str, datetime]  # nodes with fresh telemetry: when it goes stale
+    assumed_policies: dict[str, frozenset[str]]  # node -> policies of its assumed pods
     # node -> (timestamp, inlet °C, rise °C/min): the sample the next trend is measured from
-    trend_anchors: dict[str, tuple[datetime, float, float | None]] = field(default_factory=dict)
+    trend_anchors: dict[str, tuple[datetime, float, float | None]]
+    gpu_min_w: float
 
 
 class ClusterView:
     """An immutable snapshot of the cluster at ``now``; see the module docstring.
 
-    Members: ``now``, ``settings``, ``nodes``, ``racks``, ``policies``,
-    ``invalid_policies`` (key -> why), ``node_facts`` (name -> :class:`NodeFacts`),
-    ``policies_by_namespace``, ``gpu_min_w`` (smallest GPU minimum limit seen),
-    ``has_constraints``, ``warnings``; ``node(name)``, ``rack_of(name)``,
-    ``policy_for_pod(pod)``, ``policy_view_for_pod(pod)``.
+    Members: ``now``, ``settings``, ``nodes``, ``racks``, ``policies`` (computed on first
+    use), ``invalid_policies`` (key -> why), ``node_facts`` (name -> :class:`NodeFacts`),
+    ``gpu_min_w`` (smallest GPU minimum limit seen), ``has_constraints``, ``warnings``;
+    ``find_node``/``find_rack``/``find_facts`` (fast ``get`` of those mappings for hot loops),
+    ``node(name)``, ``rack_of(name)``, ``telemetry_age_s(name)``, ``policy_for_pod(pod)``, ``bound_gpus(policy_key)``,
+    ``policy_view_for_pod(pod)``.
     """
 
     __slots__ = (
-        "now", "settings", "nodes", "racks", "policies", "invalid_policies", "node_facts",
-        "policies_by_namespace", "gpu_min_w", "has_constraints", "warnings", "_memo",
+        "now", "settings", "nodes", "racks", "invalid_policies", "node_facts",
+        "gpu_min_w", "has_constraints", "warnings", "_policies", "_state",
+        "find_node", "find_rack", "find_facts",
     )
 
-    def __init__(
-        self,
-        *,
-        now: datetime,
-        settings: ClusterSettings,
-        nodes: Mapping[str, NodeView],
-        racks: Mapping[str, RackView],
-        policies: Mapping[str, PolicyView],
-        invalid_policies: Mapping[str, str],
-        node_facts: Mapping[str, NodeFacts],
-        gpu_min_w: float,
-        warnings: tuple[str, ...],
-        memo: _Memo | None = None,
-    ) -> None:
-        self.now = now
-        self.settings = settings
-        self.nodes: Mapping[str, NodeView] = MappingProxyType(dict(nodes))
-        self.racks: Mapping[str, RackView] = MappingProxyType(dict(racks))
-        self.policies: Mapping[str, PolicyView] = MappingProxyType(dict(policies))
-        self.invalid_policies: Mapping[str, str] = MappingProxyType(dict(invalid_policies))
-        self.node_facts: Mapping[str, NodeFacts] = MappingProxyType(dict(node_facts))
-        by_namespace: dict[str, list[PolicyView]] = {}
-        for view in sorted(policies.values(), key=lambda v: v.policy.name):
-            by_namespace.setdefault(view.policy.namespace, []).append(view)
-        self.policies_by_namespace: Mapping[str, tuple[PolicyView, ...]] = MappingProxyType(
-            {ns: tuple(views) for ns, views in by_namespace.items()}
-        )
-        self.gpu_min_w = gpu_min_w
-        self.has_constraints = any(rack.constrained for rack in racks.values())
-        self.warnings = warnings
-        self._memo = memo
+    def __init__(self, *, now: datetime, state: _State, warnings: tuple[str, ...]) -> None:
+        object.__setattr__(self, "now", now)
+        object.__setattr__(self, "settings", state.settings)
+        object.__setattr__(self, "nodes", MappingProxyType(state.node_views))
+        object.__setattr__(self, "racks", MappingProxyType(state.rack_views))
+        object.__setattr__(self, "invalid_policies", MappingProxyType(state.invalid))
+        object.__setattr__(self, "node_facts", MappingProxyType(state.node_facts))
+        object.__setattr__(self, "gpu_min_w", state.gpu_min_w)
+        object.__setattr__(self, "has_constraints", any(
+            limits.constrained and rack_id in state.rack_views for rack_id, limits in state.limits.items()
+        ))
+        object.__setattr__(self, "warnings", warnings)
+        object.__setattr__(self, "_policies", None)
+        object.__setattr__(self, "_state", state)
+        # the same lookups as nodes.get, racks.get and node_facts.get, without the proxy's cost
+        object.__setattr__(self, "find_node", state.node_views.get)
+        object.__setattr__(self, "find_rack", state.rack_views.get)
+        object.__setattr__(self, "find_facts", state.node_facts.get)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if hasattr(self, "_memo") or name not in self.__slots__:
-            raise AttributeError(f"ClusterView is immutable (tried to set {name})")
-        object.__setattr__(self, name, value)
+        raise AttributeError(f"ClusterView is immutable (tried to set {name})")
+
+    @property
+    def policies(self) -> Mapping[str, PolicyView]:
+        """Every valid policy with its pods and GPUs (computed once per view, on first use)."""
+        if self._policies is None:
+            object.__setattr__(self, "_policies", MappingProxyType(_policy_views(self._state)))
+        return self._policies  # type: ignore[return-value]
 
     def node(self, name: str) -> NodeView | None:
         return self.nodes.get(name)
@@ -372,22 +393,34 @@ class ClusterView:
         node = self.nodes.get(node_name)
         return self.racks.get(node.rack_id) if node is not None and node.rack_id else None
 
-    def policy_view_for_pod(self, pod: KubeObject | PodFacts) -> PolicyView | None:
-        """The policy matching the pod (its namespace, its selector; first by name on overlap)."""
-        facts = pod if isinstance(pod, PodFacts) else None
-        if facts is None:
-            metadata = pod.get("metadata") or {}  # type: ignore[union-attr]
-            namespace, labels = metadata.get("namespace") or "default", labels_of(pod)  # type: ignore[arg-type]
-        else:
-            namespace, labels = facts.namespace, facts.labels
-        for view in self.policies_by_namespace.get(namespace, ()):
-            if view.policy.selector.matches(labels):
-                return view
-        return None
-
     def policy_for_pod(self, pod: KubeObject | PodFacts) -> Policy | None:
-        view = self.policy_view_for_pod(pod)
-        return view.policy if view is not None else None
+        """The valid policy matching the pod (its namespace, its selector; first by name on overlap)."""
+        if isinstance(pod, PodFacts):
+            return _match(self._state.by_namespace, pod.namespace, pod.labels)
+        namespace = (pod.get("metadata") or {}).get("namespace") or "default"
+        return _match(self._state.by_namespace, namespace, labels_of(pod))
+
+    def telemetry_age_s(self, node_name: str) -> float | None:
+        """How old the node's last readable telemetry is at ``now`` (None: unknown node or none)."""
+        node = self.nodes.get(node_name)
+        if node is None or node.telemetry is None:
+            return None
+        return max(0.0, node.telemetry.age_s(self.now))
+
+    def bound_gpus(self, policy_key: str) -> int:
+        """GPUs requested by a policy's active pods bound to a node."""
+        return self._state.bound_gpus.get(policy_key, 0)
+
+    def policy_view_for_pod(self, pod: KubeObject | PodFacts) -> PolicyView | None:
+        policy = self.policy_for_pod(pod)
+        return self.policies.get(policy.key) if policy is not None else None
+
+
+def _match(by_namespace: Mapping[str, tuple[Policy, ...]], namespace: str, labels: Mapping[str, str]) -> Policy | None:
+    for policy in by_namespace.get(namespace, ()):
+        if policy.selector.matches(labels):
+            return policy
+    return None
 
 
 def build_cluster_view(
@@ -403,29 +436,188 @@ def build_cluster_view(
     """The cluster view at ``now`` (an aware datetime) from raw API objects.
 
     Invalid policies are left out and listed in ``invalid_policies`` with the reason.
-    ``previous``, when given, lends its parse results for objects seen again unchanged
-    (the result is the same as without it) and the inlet samples the temperature trend
-    is measured from. Cost: O(nodes + pods + policies) dictionary work, parsing only the
-    objects that changed.
+    ``previous``, when given, lends its work: objects seen again (the same dict) are not
+    parsed again, and only nodes and racks touched by a change (a changed node or pod, a
+    pod's policy gaining GPUs, telemetry going stale) are recomputed; the result is the
+    same as without it. It also holds the inlet samples the temperature trend is measured
+    from. Cost with ``previous``: O(objects) identity checks at C speed plus O(changes)
+    Python work; without it, O(nodes + pods + policies).
     """
     settings = settings or ClusterSettings()
-    registry = registry or AlgorithmRegistry.default(discover=lambda: [])
-    old = previous._memo if previous is not None and previous._memo is not None else None
-    memo = _Memo(settings=settings)
-    if old is not None and old.settings == settings:
-        reuse = old
-    else:
-        reuse = _Memo(settings=settings)
-    if old is not None:
-        memo.trend_anchors = dict(old.trend_anchors)
+    old = previous._state if previous is not None else None
+    if old is not None and old.settings != settings:
+        old = None  # the rack label or staleness changed: everything is read anew
+    registry = registry or (old.registry if old is not None else AlgorithmRegistry.default(discover=lambda: []))
+    if old is not None and old.registry is not registry:
+        old = None
+    node_list, pod_list, policy_list = list(nodes), list(pods), list(policies)
 
-    # -- policies
+    # -- policies: any change (rare) makes a full rebuild
+    policy_ids = set(map(id, policy_list))
+    full = old is None or policy_ids != set(old.policy_docs)
+    if not full:
+        assert old is not None
+        policy_docs, valid, invalid = old.policy_docs, old.valid, old.invalid
+        by_namespace, limits = old.by_namespace, old.limits
+    else:
+        policy_docs, valid, invalid = _parse_policies(policy_list, old.policy_docs if old else {}, registry)
+        grouped: dict[str, list[Policy]] = {}
+        for policy in sorted(valid.values(), key=lambda p: p.name):
+            grouped.setdefault(policy.namespace, []).append(policy)
+        by_namespace = {ns: tuple(group) for ns, group in grouped.items()}
+        limits = _rack_limits(valid.values())
+
+    # -- nodes: the objects that are new (changed) or gone since the previous build
+    base_nodes = old.node_docs if old is not None else {}
+    added_nodes, removed_node_ids = _diff(node_list, base_nodes)
+    node_docs = dict(base_nodes)
+    parsed_nodes = dict(old.parsed_nodes) if old is not None else {}
+    dirty: set[str] = set()
+    for node_id in removed_node_ids:
+        parsed = node_docs.pop(node_id)[1]
+        parsed_nodes.pop(parsed.name, None)
+        dirty.add(parsed.name)
+    for node in added_nodes:
+        parsed = _parse_node(node, settings)
+        node_docs[id(node)] = (node, parsed)
+        parsed_nodes[parsed.name] = parsed
+        dirty.add(parsed.name)
+
+    # -- pods: who is bound where, and each bound GPU pod's policy
+    base_pods = old.pod_docs if old is not None and not full else {}
+    added_pods, removed_pod_ids = _diff(pod_list, base_pods)
+    pod_docs = dict(base_pods)
+    bound_by_node: dict[str, tuple[BoundPod, ...]] = dict(old.bound_by_node) if old is not None and not full else {}
+    bound_gpus: dict[str, int] = dict(old.bound_gpus) if old is not None and not full else dict.fromkeys(valid, 0)
+    touched_policies: set[str] = set()
+    reuse_facts = old.pod_docs if old is not None else {}
+    for pod_id in removed_pod_ids:
+        _, facts, policy = pod_docs.pop(pod_id)
+        if _counts_power(facts):
+            bound_by_node[facts.node_name] = tuple(b for b in bound_by_node[facts.node_name] if b[0] is not facts)  # type: ignore[index]
+            dirty.add(facts.node_name)  # type: ignore[arg-type]
+            if policy is not None:
+                bound_gpus[policy.key] -= facts.gpus
+                touched_policies.add(policy.key)
+    for pod in added_pods:
+        cached = reuse_facts.get(id(pod))
+        facts = cached[1] if cached is not None and cached[0] is pod else pod_facts(pod)
+        policy = _match(by_namespace, facts.namespace, facts.labels) if facts.active else None
+        pod_docs[id(pod)] = (pod, facts, policy)
+        if _counts_power(facts):
+            bound_by_node[facts.node_name] = (*bound_by_node.get(facts.node_name, ()), (facts, policy))  # type: ignore[index]
+            dirty.add(facts.node_name)  # type: ignore[arg-type]
+            if policy is not None:
+                bound_gpus[policy.key] = bound_gpus.get(policy.key, 0) + facts.gpus
+                touched_policies.add(policy.key)
+
+    # -- what else a change reaches: pods whose per-GPU budget moved, telemetry going stale
+    fresh_until = dict(old.fresh_until) if old is not None else {}
+    node_views = dict(old.node_views) if old is not None else {}
+    assumed_policies = dict(old.assumed_policies) if old is not None else {}
+    if full:
+        dirty = set(parsed_nodes) | set(node_views)
+    else:
+        if touched_policies:
+            dirty.update(n for n, keys in assumed_policies.items() if keys & touched_policies)
+        dirty.update(n for n, until in fresh_until.items() if until < now)
+        dirty.update(n for n, v in node_views.items() if v.telemetry_status is TelemetryStatus.STALE)
+        if previous is not None and now < previous.now:
+            dirty.update(node_views)  # the clock went back: ages are all different
+    trend_anchors = dict(old.trend_anchors) if old is not None else {}
+
+    # -- recompute the dirty nodes
+    racks_touched: set[str] = set()
+    for name in dirty:
+        before = node_views.pop(name, None)
+        if before is not None and before.rack_id is not None:
+            racks_touched.add(before.rack_id)
+        fresh_until.pop(name, None)
+        assumed_policies.pop(name, None)
+        parsed = parsed_nodes.get(name)
+        if parsed is None:
+            trend_anchors.pop(name, None)
+            continue
+        view, assumed_keys = _node_view(parsed, bound_by_node.get(name, ()), bound_gpus, now, settings, trend_anchors)
+        node_views[name] = view
+        if parsed.rack_id is not None:
+            racks_touched.add(parsed.rack_id)
+        if view.fresh and view.telemetry is not None:
+            fresh_until[name] = view.telemetry.timestamp + timedelta(seconds=settings.stale_after_s)
+        if assumed_keys:
+            assumed_policies[name] = assumed_keys
+
+    # -- racks and scoring facts of the touched ones
+    rack_views = dict(old.rack_views) if old is not None and not full else {}
+    node_facts = dict(old.node_facts) if old is not None and not full else {}
+    members_of: dict[str, list[NodeView]] = {rack_id: [] for rack_id in racks_touched}
+    if full:
+        for view in node_views.values():
+            if view.rack_id in members_of:
+                members_of[view.rack_id].append(view)
+    else:
+        for rack_id, members in members_of.items():
+            before_rack = rack_views.get(rack_id)
+            names = set(before_rack.nodes if before_rack is not None else ()) | dirty
+            members.extend(v for v in map(node_views.get, names) if v is not None and v.rack_id == rack_id)
+    for rack_id, members in members_of.items():
+        if members:
+            rack_views[rack_id] = _rack_view(rack_id, members, limits.get(rack_id, RackLimits()))
+            for member in members:
+                node_facts[member.name] = _node_facts(member, rack_views[rack_id])
+        else:
+            rack_views.pop(rack_id, None)
+    for name in dirty:
+        view_or_none = node_views.get(name)
+        if view_or_none is None:
+            node_facts.pop(name, None)
+        elif view_or_none.rack_id is None:
+            node_facts[name] = _node_facts(view_or_none, None)
+
+    if full or added_nodes or removed_node_ids or old is None:
+        mins = [p.gpu_min_w for p in parsed_nodes.values() if p.gpu_min_w is not None]
+        gpu_min_w = min(mins) if mins else settings.default_gpu_min_w
+    else:
+        gpu_min_w = old.gpu_min_w
+
+    state = _State(
+        settings=settings, registry=registry, policy_docs=policy_docs, valid=valid, invalid=invalid,
+        by_namespace=by_namespace, limits=limits, node_docs=node_docs, parsed_nodes=parsed_nodes,
+        pod_docs=pod_docs, bound_by_node=bound_by_node, bound_gpus=bound_gpus, node_views=node_views,
+        rack_views=rack_views, node_facts=node_facts, fresh_until=fresh_until,
+        assumed_policies=assumed_policies, trend_anchors=trend_anchors, gpu_min_w=gpu_min_w,
+    )
+    return ClusterView(now=now, state=state, warnings=_warnings(rack_views, limits, invalid))
+
+
+def _diff(objects: list[KubeObject], before: Mapping[int, tuple[Any, ...]]) -> tuple[list[KubeObject], set[int]]:
+    """Objects not in ``before`` (by identity), and the ids in ``before`` no longer present.
+
+    Runs at C speed (``map``, ``compress``, set operations). ``before`` keeps its objects
+    alive, so their ids cannot have been reused by another object.
+    """
+    if not before:
+        return list(objects), set()
+    ids = list(map(id, objects))
+    added = list(compress(objects, map(not_, map(before.__contains__, ids))))
+    return added, set(before).difference(ids)
+
+
+def _counts_power(facts: PodFacts) -> bool:
+    """A pod that draws power on a node: bound, active, with GPUs or a power annotation."""
+    return facts.node_name is not None and facts.active and (facts.gpus > 0 or facts.power_annotation_w is not None)
+
+
+def _parse_policies(
+    documents: list[KubeObject],
+    before: Mapping[int, tuple[KubeObject, Policy | str]],
+    registry: AlgorithmRegistry,
+) -> tuple[dict[int, tuple[KubeObject, Policy | str]], dict[str, Policy], dict[str, str]]:
+    docs: dict[int, tuple[KubeObject, Policy | str]] = {}
     valid: dict[str, Policy] = {}
     invalid: dict[str, str] = {}
-    for document in policies:
-        metadata = document.get("metadata") or {}
-        key = f"{metadata.get('namespace') or 'default'}/{metadata.get('name', '')}"
-        cached = reuse.policies.get(key)
+    for document in documents:
+        cached = before.get(id(document))
         parsed: Policy | str
         if cached is not None and cached[0] is document:
             parsed = cached[1]
@@ -434,107 +626,38 @@ def build_cluster_view(
                 parsed = parse_policy(document, registry)
             except (ValueError, TypeError, KeyError) as error:
                 parsed = str(error)
-        memo.policies[key] = (document, parsed)
+        docs[id(document)] = (document, parsed)
         if isinstance(parsed, Policy):
             valid[parsed.key] = parsed
         else:
-            invalid[key] = parsed
-    policies_by_namespace: dict[str, list[Policy]] = {}
-    for policy in sorted(valid.values(), key=lambda p: p.name):
-        policies_by_namespace.setdefault(policy.namespace, []).append(policy)
+            metadata = document.get("metadata") or {}
+            invalid[f"{metadata.get('namespace') or 'default'}/{metadata.get('name', '')}"] = parsed
+    return docs, valid, invalid
 
-    # -- nodes
-    parsed_nodes: dict[str, _ParsedNode] = {}
-    for node in nodes:
-        name = object_key(node)
-        cached_node = reuse.nodes.get(name)
-        if cached_node is not None and cached_node[0] is node:
-            parsed_node = cached_node[1]
-        else:
-            parsed_node = _parse_node(node, settings)
-        memo.nodes[name] = (node, parsed_node)
-        parsed_nodes[name] = parsed_node
 
-    # -- pods: who is where, which policy they belong to
-    policy_pods: dict[str, list[str]] = {key: [] for key in valid}
-    policy_bound_gpus: dict[str, int] = dict.fromkeys(valid, 0)
-    pod_policy: dict[str, Policy] = {}
-    bound_by_node: dict[str, list[PodFacts]] = {}
-    for pod in pods:
-        key = object_key(pod)
-        cached_pod = reuse.pods.get(key)
-        if cached_pod is not None and cached_pod[0] is pod:
-            facts = cached_pod[1]
-        else:
-            facts = pod_facts(pod)
-        memo.pods[key] = (pod, facts)
-        if not facts.active:
-            continue
-        candidates = policies_by_namespace.get(facts.namespace)
-        if candidates:
-            policy = next((p for p in candidates if p.selector.matches(facts.labels)), None)
-            if policy is not None:
-                pod_policy[key] = policy
-                policy_pods[policy.key].append(key)
-                if facts.node_name:
-                    policy_bound_gpus[policy.key] += facts.gpus
-        if facts.node_name and (facts.gpus > 0 or facts.power_annotation_w is not None):
-            bound_by_node.setdefault(facts.node_name, []).append(facts)
-
-    # -- node views with assumed power
-    node_views: dict[str, NodeView] = {}
-    policy_gpus: dict[str, list[PolicyGpu]] = {key: [] for key in valid}
-    pod_to_policy_key = {pod_key: policy.key for pod_key, policy in pod_policy.items()}
-    gpu_min_w = math.inf
-    for name, parsed_node in parsed_nodes.items():
-        telemetry = parsed_node.telemetry
-        visible: set[str] = set()
-        if telemetry is not None:
-            for gpu in telemetry.gpus:
-                gpu_min_w = min(gpu_min_w, gpu.min_w)
-                if gpu.pod is not None:
-                    visible.add(gpu.pod)
-                    owner = pod_to_policy_key.get(gpu.pod)
-                    if owner is not None:
-                        policy_gpus[owner].append(PolicyGpu(node=name, gpu=gpu))
-        node_views[name] = _node_view(
-            name, parsed_node, visible, bound_by_node.get(name, ()), pod_policy, policy_bound_gpus,
-            now, settings, memo.trend_anchors,
-        )
-    for name in set(memo.trend_anchors) - set(parsed_nodes):
-        del memo.trend_anchors[name]
-
-    # -- racks
-    limits = _rack_limits(valid.values())
-    rack_nodes: dict[str, list[NodeView]] = {}
-    for view in node_views.values():
-        if view.rack_id is not None:
-            rack_nodes.setdefault(view.rack_id, []).append(view)
-    racks = {rack_id: _rack_view(rack_id, members, limits.get(rack_id, RackLimits())) for rack_id, members in rack_nodes.items()}
-    warnings = _warnings(racks, limits, invalid)
-
-    policy_views = {
+def _policy_views(state: _State) -> dict[str, PolicyView]:
+    pods: dict[str, list[str]] = {key: [] for key in state.valid}
+    owner: dict[str, str] = {}
+    for _, facts, policy in state.pod_docs.values():
+        if policy is not None and facts.active:
+            pods[policy.key].append(facts.key)
+            owner[facts.key] = policy.key
+    gpus: dict[str, list[PolicyGpu]] = {key: [] for key in state.valid}
+    for parsed in state.parsed_nodes.values():
+        if parsed.telemetry is not None:
+            for gpu in parsed.telemetry.gpus:
+                key = owner.get(gpu.pod) if gpu.pod is not None else None
+                if key is not None:
+                    gpus[key].append(PolicyGpu(node=parsed.name, gpu=gpu))
+    return {
         key: PolicyView(
             policy=policy,
-            pods=tuple(sorted(policy_pods[key])),
-            bound_gpus=policy_bound_gpus[key],
-            gpus=tuple(sorted(policy_gpus[key], key=lambda g: (g.node, g.gpu.index))),
+            pods=tuple(sorted(pods[key])),
+            bound_gpus=state.bound_gpus.get(key, 0),
+            gpus=tuple(sorted(gpus[key], key=lambda g: (g.node, g.gpu.index))),
         )
-        for key, policy in valid.items()
+        for key, policy in state.valid.items()
     }
-    node_facts = {name: _node_facts(view, racks.get(view.rack_id) if view.rack_id else None) for name, view in node_views.items()}
-    return ClusterView(
-        now=now,
-        settings=settings,
-        nodes=node_views,
-        racks=racks,
-        policies=policy_views,
-        invalid_policies=invalid,
-        node_facts=node_facts,
-        gpu_min_w=settings.default_gpu_min_w if gpu_min_w is math.inf else gpu_min_w,
-        warnings=warnings,
-        memo=memo,
-    )
 
 
 def _parse_node(node: KubeObject, settings: ClusterSettings) -> _ParsedNode:
@@ -547,29 +670,30 @@ def _parse_node(node: KubeObject, settings: ClusterSettings) -> _ParsedNode:
             telemetry = from_json(text)
         except TelemetryError as problem:
             error = str(problem)
+    gpus = telemetry.gpus if telemetry is not None else ()
     return _ParsedNode(
+        name=object_key(node),
         rack_id=rack if isinstance(rack, str) and rack else None,
         gpu_capacity=node_gpu_capacity(node),
         telemetry=telemetry,
         telemetry_error=error,
+        visible_pods=frozenset(g.pod for g in gpus if g.pod is not None),
+        gpu_min_w=min((g.min_w for g in gpus), default=None),
     )
 
 
 def _node_view(
-    name: str,
     parsed: _ParsedNode,
-    visible_pods: set[str],
-    bound: Iterable[PodFacts],
-    pod_policy: Mapping[str, Policy],
-    policy_bound_gpus: Mapping[str, int],
+    bound: Iterable[BoundPod],
+    bound_gpus: Mapping[str, int],
     now: datetime,
     settings: ClusterSettings,
     trend_anchors: dict[str, tuple[datetime, float, float | None]],
-) -> NodeView:
-    telemetry = parsed.telemetry
+) -> tuple[NodeView, frozenset[str]]:
+    """The node's view, and the policies of its assumed pods (their budget moves its power)."""
+    name, telemetry = parsed.name, parsed.telemetry
     gpu_max_w = max((g.max_w for g in telemetry.gpus), default=settings.default_gpu_max_w) if telemetry else settings.default_gpu_max_w
     capacity_w = sum(g.max_w for g in telemetry.gpus) if telemetry and telemetry.gpus else None
-    age_s: float | None = None
     problem: str | None = None
     if parsed.telemetry_error is not None:
         status = TelemetryStatus.MALFORMED
@@ -588,25 +712,26 @@ def _node_view(
 
     assumed_w = 0.0
     assumed: list[str] = []
-    for facts in bound:
-        if facts.key in visible_pods:
+    assumed_policies: set[str] = set()
+    for facts, policy in bound:
+        if facts.key in parsed.visible_pods:
             continue
         if telemetry is not None and facts.bound_at is not None and facts.bound_at <= telemetry.timestamp:
             continue  # bound before the last telemetry: already in its power
-        policy = pod_policy.get(facts.key)
-        service_gpus = policy_bound_gpus.get(policy.key, facts.gpus) if policy is not None else facts.gpus
+        service_gpus = bound_gpus.get(policy.key, facts.gpus) if policy is not None else facts.gpus
         assumed_w += estimate_pod_power_w(facts.gpus, facts.power_annotation_w, policy, service_gpus, gpu_max_w)
         assumed.append(facts.key)
+        if policy is not None:
+            assumed_policies.add(policy.key)
 
     inlet = telemetry.inlet_temperature_c if fresh and telemetry is not None else None
     rise = _inlet_rise(name, telemetry if fresh else None, trend_anchors)
-    return NodeView(
+    view = NodeView(
         name=name,
         rack_id=parsed.rack_id,
         gpu_capacity=parsed.gpu_capacity,
         telemetry_status=status,
         telemetry=telemetry,
-        telemetry_age_s=age_s,
         telemetry_problem=problem,
         measured_power_w=telemetry.power_w if fresh and telemetry is not None else 0.0,
         assumed_power_w=assumed_w,
@@ -616,6 +741,7 @@ def _node_view(
         inlet_temperature_c=inlet,
         inlet_rise_c_per_min=rise,
     )
+    return view, frozenset(assumed_policies)
 
 
 def _inlet_rise(
@@ -710,4 +836,5 @@ def _node_facts(node: NodeView, rack: RackView | None) -> NodeFacts:
         inlet_c=rack.inlet_temperature_c if rack is not None else node.inlet_temperature_c,
         rack_max_temperature_c=rack.limits.max_temperature_c if rack is not None else None,
         inlet_rise_c_per_min=rack.inlet_rise_c_per_min if rack is not None else node.inlet_rise_c_per_min,
+        gpu_max_w=node.gpu_max_w,
     )

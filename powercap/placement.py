@@ -43,15 +43,16 @@ from enum import Enum
 
 from powercap.algorithms import (
     DEFAULT_ALGORITHM,
+    MAX_SCORE,
     AlgorithmRegistry,
     Candidate,
     Headroom,
     NodeFacts,
     PlacementAlgorithm,
-    clamp_score,
 )
-from powercap.cluster import ClusterView, PolicyView, RackView, estimate_pod_power_w, pod_facts
+from powercap.cluster import ClusterView, RackView, estimate_pod_power_w, pod_facts
 from powercap.objects import KubeObject
+from powercap.policies import Policy
 
 log = logging.getLogger(__name__)
 
@@ -72,33 +73,34 @@ class PlacementRequest:
     pod_key: str
     gpus: int
     power_annotation_w: float | None
-    policy_view: PolicyView | None
+    policy: Policy | None
+    bound_gpus: int = 0  # GPUs the policy's pods already hold
 
     @property
     def covered(self) -> bool:
         """Requests a GPU and is matched by an Enforce policy (only these are ever filtered)."""
-        return self.gpus > 0 and self.policy_view is not None and self.policy_view.policy.enforced
+        return self.gpus > 0 and self.policy is not None and self.policy.enforced
 
     @property
     def scored(self) -> bool:
         """Requests a GPU and is matched by a policy (Observe too: scores only advise)."""
-        return self.gpus > 0 and self.policy_view is not None
+        return self.gpus > 0 and self.policy is not None
 
     def estimate_w(self, node_gpu_max_w: float) -> float:
         """This pod's power on a node whose GPUs max out at ``node_gpu_max_w`` (see cluster)."""
-        policy_view = self.policy_view
-        policy = policy_view.policy if policy_view is not None else None
-        service_gpus = (policy_view.bound_gpus if policy_view is not None else 0) + self.gpus
-        return estimate_pod_power_w(self.gpus, self.power_annotation_w, policy, service_gpus, node_gpu_max_w)
+        service_gpus = self.bound_gpus + self.gpus
+        return estimate_pod_power_w(self.gpus, self.power_annotation_w, self.policy, service_gpus, node_gpu_max_w)
 
 
 def placement_request(view: ClusterView, pod: KubeObject) -> PlacementRequest:
     facts = pod_facts(pod)
+    policy = view.policy_for_pod(facts) if facts.gpus > 0 else None
     return PlacementRequest(
         pod_key=facts.key,
         gpus=facts.gpus,
         power_annotation_w=facts.power_annotation_w,
-        policy_view=view.policy_view_for_pod(facts) if facts.gpus > 0 else None,
+        policy=policy,
+        bound_gpus=view.bound_gpus(policy.key) if policy is not None else 0,
     )
 
 
@@ -123,10 +125,10 @@ def infeasible_reason(request: PlacementRequest, gpu_min_w: float) -> str | None
     Infeasible when ``(boundGpus + podGpus) x gpuMinW > powerCapLimit``: even with every
     GPU of the service at its minimum limit the cap would be exceeded.
     """
-    if request.policy_view is None or request.gpus <= 0:
+    policy = request.policy
+    if policy is None or request.gpus <= 0:
         return None
-    policy = request.policy_view.policy
-    bound = request.policy_view.bound_gpus
+    bound = request.bound_gpus
     needed_w = (bound + request.gpus) * gpu_min_w
     if needed_w <= policy.power_cap_w:
         return None
@@ -194,23 +196,22 @@ def filter_nodes(view: ClusterView, pod: KubeObject | PlacementRequest, node_nam
     passed: list[str] = []
     failed: dict[str, str] = {}
     rejections: Counter[RejectReason] = Counter()
-    checked: dict[tuple[str, float], tuple[str, tuple[RejectReason, ...]] | None] = {}
-    nodes, racks = view.nodes, view.racks
+    # (rack, GPU maximum) -> None (pass) or (reason, reasons); racks without limits pass
+    checked: dict[tuple[str | None, float], tuple[str, tuple[RejectReason, ...]] | None] = {}
+    find_node, find_rack = view.find_node, view.find_rack
     for name in node_names:
-        node = nodes.get(name)
+        node = find_node(name)
         if node is None:
             failed[name] = f"node {name} is not in the power-aware extender's view yet (rack and telemetry unknown)"
             rejections[RejectReason.STALE_TELEMETRY] += 1
             continue
-        rack = racks.get(node.rack_id) if node.rack_id is not None else None
-        if rack is None or not rack.constrained:
-            passed.append(name)
-            continue
-        key = (rack.rack_id, node.gpu_max_w)
-        if key in checked:
+        key = (node.rack_id, node.gpu_max_w)
+        try:
             rejection = checked[key]
-        else:
-            rejection = checked[key] = rack_rejection(rack, request.estimate_w(node.gpu_max_w))
+        except KeyError:
+            rack = find_rack(node.rack_id) if node.rack_id is not None else None
+            constrained = rack is not None and rack.limits.constrained
+            rejection = checked[key] = rack_rejection(rack, request.estimate_w(node.gpu_max_w)) if constrained else None  # type: ignore[arg-type]
         if rejection is None:
             passed.append(name)
         else:
@@ -227,21 +228,23 @@ def prioritize_nodes(
 ) -> list[tuple[str, int]]:
     """``(node, score 0..10)`` for each of ``node_names``, in order (see the module doc)."""
     request = pod if isinstance(pod, PlacementRequest) else placement_request(view, pod)
-    if not request.scored or request.policy_view is None:
+    if not request.scored or request.policy is None:
         return [(name, 0) for name in node_names]
-    choice = request.policy_view.policy.algorithm
+    choice = request.policy.algorithm
     estimates: dict[float, float] = {}
     candidates: list[Candidate] = []
-    facts_by_name, nodes = view.node_facts, view.nodes
+    find_facts, default_max_w = view.find_facts, view.settings.default_gpu_max_w
     for name in node_names:
-        node = nodes.get(name)
-        gpu_max_w = node.gpu_max_w if node is not None else view.settings.default_gpu_max_w
-        estimate_w = estimates.get(gpu_max_w)
-        if estimate_w is None:
-            estimate_w = estimates[gpu_max_w] = request.estimate_w(gpu_max_w)
-        candidates.append(Candidate(node=facts_by_name.get(name) or NodeFacts(name=name), pod_power_w=estimate_w))
+        facts = find_facts(name) or NodeFacts(name=name, gpu_max_w=default_max_w)
+        try:
+            estimate_w = estimates[facts.gpu_max_w]
+        except KeyError:
+            estimate_w = estimates[facts.gpu_max_w] = request.estimate_w(facts.gpu_max_w)
+        candidates.append(Candidate(facts, estimate_w))
     scores = _score_with_fallback(registry.get(choice.name), choice.name, choice.parameters, candidates, request.pod_key)
-    return [(name, math.floor(clamp_score(score) + 0.5)) for name, score in zip(node_names, scores)]
+    # clamp to 0..10 and round half up (int() truncates, and the value is >= 0)
+    top = float(MAX_SCORE)
+    return [(name, int(min(top, max(0.0, score)) + 0.5)) for name, score in zip(node_names, scores)]
 
 
 def _score_with_fallback(
@@ -256,7 +259,7 @@ def _score_with_fallback(
             scores = list(algorithm.score(candidates, algorithm.effective_parameters(parameters)))
             if len(scores) != len(candidates):
                 raise ValueError(f"returned {len(scores)} scores for {len(candidates)} nodes")
-            if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores):
+            if not math.isfinite(math.fsum(scores)):  # fsum raises TypeError on a non-number
                 raise ValueError("returned a score that is not a finite number")
             return scores
         except Exception as error:  # a plugin's bug must not fail the scheduling attempt

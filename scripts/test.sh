@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
+source scripts/promtool.sh
 exec "$VENV/bin/python" -m pytest "$@"

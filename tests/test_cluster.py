@@ -218,3 +218,51 @@ def test_the_view_is_immutable() -> None:
         view.now = NOW  # type: ignore[misc]
     with pytest.raises(TypeError):
         view.nodes["x"] = view.nodes["gpu-1"]  # type: ignore[index]
+
+
+def _comparable(view: Any) -> tuple[Any, ...]:
+    """Everything in a view except the inlet trend, which only a chain of builds measures."""
+    from dataclasses import replace
+
+    nodes = {k: replace(v, inlet_rise_c_per_min=None) for k, v in view.nodes.items()}
+    racks = {k: replace(v, inlet_rise_c_per_min=None) for k, v in view.racks.items()}
+    facts = {k: replace(v, inlet_rise_c_per_min=None) for k, v in view.node_facts.items()}
+    return nodes, racks, facts, dict(view.policies), dict(view.invalid_policies), view.gpu_min_w, view.warnings, view.has_constraints
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_rebuild_from_the_previous_view_equals_a_build_from_scratch(seed: int) -> None:
+    """Random event streams (telemetry, bindings, deletions, nodes joining and leaving, policy
+    edits, the clock moving): the incremental rebuild must always match a fresh build."""
+    import random
+
+    rng = random.Random(seed)
+    racks = [{"rackId": f"rack-{r}", "maxPower": rng.choice([3000, 6000]), "maxTemperature": 28} for r in range(3)]
+    policies = [policy("llama", cap_w=6000, racks=racks), policy("web", cap_w=900, selector={"matchLabels": {"app": "web"}})]
+    nodes = {f"n{i}": gpu_node(f"n{i}", f"rack-{i % 4}" if i % 4 < 3 else None, telemetry(1000, at=NOW - timedelta(seconds=10)))
+             for i in range(8)}
+    pods: dict[str, dict[str, Any]] = {}
+    now = NOW
+    view = build_cluster_view(nodes.values(), pods.values(), policies, now)
+    for step in range(40):
+        action = rng.randrange(7)
+        name = f"n{rng.randrange(10)}"
+        if action == 0:  # the agent publishes
+            nodes[name] = gpu_node(name, f"rack-{rng.randrange(4)}", telemetry(rng.uniform(0, 5000), at=now, inlet_c=rng.uniform(20, 30),
+                                                                             pods=rng.sample(sorted(pods), k=min(2, len(pods)))))
+        elif action == 1 and nodes:  # a node leaves
+            nodes.pop(rng.choice(sorted(nodes)))
+        elif action in (2, 3):  # a binding
+            labels = {"app": "web"} if rng.random() < 0.3 else {"app.kubernetes.io/name": "llama"}
+            key = f"p{rng.randrange(12)}"
+            pods[key] = gpu_pod(key, gpus=rng.randrange(0, 3), labels=labels, node=name,
+                                bound_at=now + timedelta(seconds=rng.choice([-60, 1])))
+        elif action == 4 and pods:  # a pod goes
+            pods.pop(rng.choice(sorted(pods)))
+        elif action == 5:  # time passes: telemetry ages, some goes stale
+            now += timedelta(seconds=rng.choice([1, 45, 120]))
+        else:  # a policy is edited
+            policies = [policy("llama", cap_w=rng.choice([1000, 6000]), racks=racks), policies[1]]
+        view = build_cluster_view(nodes.values(), pods.values(), policies, now, previous=view)
+        fresh = build_cluster_view(nodes.values(), pods.values(), policies, now)
+        assert _comparable(view) == _comparable(fresh), f"step {step}, action {action}"

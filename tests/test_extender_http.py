@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from datetime import timedelta
@@ -224,3 +225,24 @@ def test_a_stale_snapshot_node_is_judged_at_the_snapshot_time(tmp_path: Path) ->
     result = post(client, "filter", extender_args(LLAMA_POD, nodes, node_cache_capable=True)).get_json()
     assert result["NodeNames"] == ["a"]
     assert result["FailedNodes"] == {"b": "rack-2: no telemetry from node b for 300 s (stale after 90 s)"}
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        pytest.param({"metadata": {"name": "gpu-roomy", "labels": {}}}, id="as-go-writes-it"),
+        pytest.param({"kind": "Node", "apiVersion": "v1", "metadata": {"labels": {}, "name": "gpu-roomy"}}, id="other-field-order"),
+    ],
+)
+def test_node_names_are_read_whatever_the_field_order(client: FlaskClient, node: dict[str, Any]) -> None:
+    body = json.dumps({"Pod": LLAMA_POD, "Nodes": {"metadata": {}, "items": [node]}, "NodeNames": None}, separators=(",", ":"))
+    result = post(client, "filter", body.encode()).get_json()
+    assert result["Nodes"]["items"] == [node]
+
+
+def test_a_body_without_content_length_is_read_too(client: FlaskClient) -> None:
+    body = extender_args(LLAMA_POD, [ROOMY], node_cache_capable=True)
+    response = client.post("/filter", input_stream=io.BytesIO(body), environ_overrides={"wsgi.input_terminated": True},
+                           headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    assert response.status_code == 200
+    assert response.get_json()["NodeNames"] == ["gpu-roomy"]

@@ -249,3 +249,15 @@ def test_scores_are_integers_from_0_to_10() -> None:
     scores = scores_for(None, nodes)
     assert all(isinstance(s, int) and 0 <= s <= 10 for s in scores.values())
     assert scores["n0"] == 9 and scores["n11"] == 0  # (5600 - 0 - 700)/5600 = 0.875; n11 is over capacity
+
+
+def test_an_algorithm_this_extender_does_not_have_falls_back_to_headroom(caplog: pytest.LogCaptureFixture) -> None:
+    """A policy admitted by a webhook with a plugin the extender's image lacks."""
+    with_plugin = AlgorithmRegistry.default(discover=lambda: [])
+    with_plugin.register(ValidationOnly())
+    nodes = [gpu_node("a", "rack-a", telemetry(2300, inlet_c=20))]
+    view = build_cluster_view(nodes, [], [policy("llama", racks=RACKS_A_B, algorithm={"name": "validation-only"})], NOW, registry=with_plugin)
+    with caplog.at_level(logging.WARNING, logger="powercap.placement"):
+        scores = prioritize_nodes(view, pod_700w(), ["a"], AlgorithmRegistry.default(discover=lambda: []))
+    assert scores == [("a", 7)]
+    assert "placement algorithm validation-only failed; scoring with headroom instead: not registered in this extender" in caplog.text

@@ -1,0 +1,164 @@
+"""``powercap agent``: enforce per-GPU power caps on this node (docs/nodeagent.md).
+
+In a cluster (default) it watches policies and this node's pods and publishes telemetry;
+with ``--policy FILE`` it runs on a single GPU server without Kubernetes. Bad
+configuration (no NVML, unreadable policy file, no kubeconfig) stops it at start-up with
+exit status 2 (1 for a GPU library that cannot start); SIGTERM and SIGINT end it with 0,
+caps left in place unless ``--restore-on-exit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from nodeagent import logs
+from nodeagent.agent import Agent, AgentSettings
+from nodeagent.gpus import GpuBackend, GpuError
+from nodeagent.inlet import InletSource, NoInlet, inlet_spec_argument
+from nodeagent.metrics import AgentMetrics, MetricsServer
+from nodeagent.publisher import KubePublisher, NullPublisher, Publisher
+from nodeagent.sources import ClusterSource, FilePolicySource, PolicyFileError, PolicySource
+from nodeagent.state import DEFAULT_STATE_FILE, StateFile
+from nodeagent.tokens import DEFAULT_TOKENS_METRIC, TokenRates
+from powercap import kube, physics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRICS_BIND = "0.0.0.0:9402"
+SIMULATED_GPUS_ENV = "POWERCAP_SIMULATED_GPUS"
+EXIT_OK, EXIT_GPU, EXIT_CONFIG = 0, 1, 2
+
+
+def bind_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT`` (all interfaces) or ``[::1]:PORT``; argparse ``type=``."""
+    host, separator, port = text.rpartition(":")
+    if not separator or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT, e.g. 0.0.0.0:9402")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds in (0, 3600]")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "agent",
+        help="enforce per-GPU power caps on this node (NVML)",
+        description="The node agent: reads every GPU, maps GPUs to pods and policies, sets power "
+        "limits through NVML, publishes node telemetry. See docs/nodeagent.md.",
+    )
+    parser.add_argument("--node", default=os.environ.get("NODE_NAME") or socket.gethostname(),
+                        help="this node's name (default: $NODE_NAME, else the host name)")
+    parser.add_argument("--backend", choices=("nvml", "simulated"), default="nvml",
+                        help=f"GPUs through NVML, or simulated H200-like GPUs (${SIMULATED_GPUS_ENV}, default 4)")
+    parser.add_argument("--policy", type=Path, metavar="FILE",
+                        help="run without Kubernetes: every local GPU belongs to this PowerCappingPolicy")
+    parser.add_argument("--interval", type=positive_seconds, default=1.0, metavar="SECONDS",
+                        help="control tick period (default 1)")
+    parser.add_argument("--dry-run", action="store_true", help="compute and report caps, never set one")
+    parser.add_argument("--state-file", type=Path, default=DEFAULT_STATE_FILE, metavar="PATH",
+                        help=f"which GPUs the agent capped, kept across restarts (default {DEFAULT_STATE_FILE})")
+    parser.add_argument("--metrics-bind", type=bind_address, default=DEFAULT_METRICS_BIND, metavar="HOST:PORT",
+                        help=f"/metrics, /healthz and /status (default {DEFAULT_METRICS_BIND}; port 0: any)")
+    parser.add_argument("--restore-on-exit", action="store_true",
+                        help="on SIGTERM give every capped GPU its default limit back (default: keep caps)")
+    parser.add_argument("--inlet", type=inlet_spec_argument, default=NoInlet(), metavar="SPEC",
+                        help="inlet temperature: 'hwmon:<label>', 'file:<path>' or 'none' (default)")
+    parser.add_argument("--tokens-metric", default=DEFAULT_TOKENS_METRIC, metavar="NAME",
+                        help=f"generated-tokens counter on each pod's metrics endpoint (default {DEFAULT_TOKENS_METRIC})")
+    parser.set_defaults(func=run)
+
+
+def open_backend(kind: str) -> GpuBackend:
+    """The GPU backend a ``--backend`` value names; raises GpuError when NVML cannot start."""
+    if kind == "simulated":
+        from nodeagent.simulated import SimulatedBackend
+
+        count = int(os.environ.get(SIMULATED_GPUS_ENV, "4"))
+        backend = SimulatedBackend([physics.H200_LIKE] * count, clock=time.monotonic)
+        for index in range(count):
+            backend.set_workload(index, physics.Workload(load=0.8, prefill_share=0.2))
+        return backend
+    from nodeagent.nvml import NvmlBackend
+
+    return NvmlBackend()
+
+
+def _fail(message: str, code: int) -> int:
+    log.error(message)
+    print(f"powercap agent: {message}", file=sys.stderr)
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    logs.configure()
+    try:
+        backend = open_backend(args.backend)
+    except GpuError as error:
+        return _fail(f"cannot start the {args.backend} backend: {error}", EXIT_GPU)
+    source: PolicySource
+    publisher: Publisher
+    try:
+        if args.policy is not None:
+            source = FilePolicySource(args.policy, args.node, [d.uuid for d in backend.devices()])
+            publisher = NullPublisher()
+        else:
+            client = kube.KubeClient.from_environment(connect_timeout_s=2.0, read_timeout_s=10.0)
+            source = ClusterSource(client, args.node)
+            publisher = KubePublisher(client, args.node)
+    except (PolicyFileError, kube.KubeConfigError) as error:
+        backend.close()
+        return _fail(str(error), EXIT_CONFIG)
+    inlet: InletSource = args.inlet
+    metrics = AgentMetrics()
+    tokens = TokenRates(metric=args.tokens_metric)
+    settings = AgentSettings(node=args.node, interval_s=args.interval, dry_run=args.dry_run)
+    agent = Agent(
+        backend,
+        source,
+        settings,
+        publisher=publisher,
+        state=StateFile(args.state_file, args.node),
+        tokens=tokens,
+        inlet=inlet,
+        metrics=metrics,
+    )
+    host, port = args.metrics_bind
+    try:
+        server = MetricsServer(metrics, agent.healthy, agent.status, host, port)
+    except OSError as error:
+        agent.close()
+        return _fail(f"--metrics-bind {host}:{port}: {error}", EXIT_CONFIG)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    source.start()
+    publisher.start()
+    tokens.start()
+    log.info("agent running", extra={"metrics_port": server.port, "interval_s": args.interval, "node": args.node})
+    agent.run(stop)
+    agent.close(restore=args.restore_on_exit)
+    server.stop()
+    return EXIT_OK

@@ -1,0 +1,228 @@
+"""Where the agent learns its policies and this node's pods.
+
+- :class:`ClusterSource` (default): two watch-backed caches, every
+  PowerCappingPolicy (read-only) and the pods bound to this node
+  (``fieldSelector=spec.nodeName=<node>``), plus a probe that GETs this node every few
+  seconds for its rack label and as proof that the API server answers. The view is
+  *fresh* once both caches have synced and the last successful API request is younger
+  than ``stale_after_s``; otherwise the agent keeps its caps (never raises one).
+- :class:`FilePolicySource` (``--policy FILE``): one policy from a file, no Kubernetes.
+  Every local GPU belongs to it; its ``powerCapLimit`` is split evenly over the local
+  GPUs (see :func:`powercap.agentplan.split_allocation`) unless the file's ``status``
+  carries an allocation for this node. The file is re-read when it changes; while it is
+  unreadable or invalid the last good policy is kept but the view is not fresh.
+
+Both hand out a :class:`SourceView` snapshot per tick, never blocking on the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from powercap import kube
+from powercap.agentplan import split_allocation
+from powercap.algorithms import AlgorithmRegistry
+from powercap.objects import RACK_LABEL, KubeObject, node_rack, object_key
+from powercap.policies import Policy, parse_policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SourceView:
+    """Policies and this node's pods as of now."""
+
+    policies: tuple[Policy, ...] = ()
+    pods_by_uid: Mapping[str, KubeObject] = field(default_factory=dict)
+    fresh: bool = False
+    node_rack: str | None = None
+    apply_all_racks: bool = False
+
+
+class PolicySource(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def view(self) -> SourceView: ...
+
+
+class PolicyFileError(ValueError):
+    """The ``--policy`` file cannot be used (stop at start-up)."""
+
+
+def read_policy_file(path: Path, registry: AlgorithmRegistry) -> Policy:
+    """The one PowerCappingPolicy in a YAML/JSON file, validated and defaulted."""
+    try:
+        documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise PolicyFileError(f"{path}: {error}") from error
+    if len(documents) != 1:
+        raise PolicyFileError(f"{path}: expected one PowerCappingPolicy, found {len(documents)} documents")
+    try:
+        return parse_policy(documents[0], registry)
+    except ValueError as error:
+        raise PolicyFileError(f"{path}: {error}") from error
+
+
+class FilePolicySource:
+    """``--policy FILE``: every GPU in ``gpu_uuids`` belongs to the file's policy."""
+
+    def __init__(self, path: Path, node: str, gpu_uuids: Sequence[str], registry: AlgorithmRegistry | None = None) -> None:
+        self.path = path
+        self.node = node
+        self._uuids = list(gpu_uuids)
+        self._registry = registry or AlgorithmRegistry.default()
+        self._stamp = self._file_stamp()
+        self._policy = split_allocation(read_policy_file(path, self._registry), node, self._uuids)
+        self._valid = True
+        log.info("policy file loaded", extra={"policy_file": str(path), "policy": self._policy.key})
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size)
+
+    def start(self) -> None:
+        """Nothing runs in the background: the file is checked on every :meth:`view`."""
+
+    def stop(self) -> None:
+        """Nothing to stop."""
+
+    def view(self) -> SourceView:
+        stamp = self._file_stamp()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                policy = split_allocation(read_policy_file(self.path, self._registry), self.node, self._uuids)
+            except PolicyFileError as error:
+                if self._valid:
+                    log.error("policy file invalid: keeping caps until it is fixed", extra={"error": str(error)})
+                self._valid = False
+            else:
+                self._policy, self._valid = policy, True
+                log.info("policy file reloaded", extra={"policy_file": str(self.path), "policy": policy.key})
+        return SourceView(policies=(self._policy,), fresh=self._valid, apply_all_racks=True)
+
+
+class ClusterSource:
+    """Policies and this node's pods from the API server (module docstring).
+
+    ``clock`` is monotonic seconds; tests call :meth:`probe` and :meth:`view` directly.
+    """
+
+    def __init__(
+        self,
+        client: kube.KubeClient,
+        node: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        stale_after_s: float = 30.0,
+        probe_interval_s: float = 5.0,
+        rack_label: str = RACK_LABEL,
+        registry: AlgorithmRegistry | None = None,
+    ) -> None:
+        self.node = node
+        self._client = client
+        self._clock = clock
+        self.stale_after_s = stale_after_s
+        self.probe_interval_s = probe_interval_s
+        self._rack_label = rack_label
+        self._registry = registry or AlgorithmRegistry.default()
+        self.policies = kube.WatchCache(client, kube.policy_path(), name="policies")
+        self.pods = kube.WatchCache(client, kube.pod_path(), {"fieldSelector": f"spec.nodeName={node}"}, name="pods")
+        self._lock = threading.Lock()
+        self._last_ok_s: float | None = None
+        self._reachable = True
+        self._rack: str | None = None
+        self._parsed: dict[str, tuple[str, Policy | None]] = {}
+        self._built_versions: tuple[int, int] | None = None
+        self._view_policies: tuple[Policy, ...] = ()
+        self._view_pods: Mapping[str, KubeObject] = {}
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- API health --------------------------------------------------------------------
+    def probe(self) -> bool:
+        """GET this node: its rack label, and proof that the API server answers."""
+        try:
+            node = self._client.get(kube.node_path(self.node))
+        except kube.ApiError as error:
+            with self._lock:
+                was, self._reachable = self._reachable, False
+            if was:
+                log.warning("API server unreachable: keeping caps", extra={"node": self.node, "error": str(error)})
+            return False
+        with self._lock:
+            self._last_ok_s = self._clock()
+            self._rack = node_rack(node, self._rack_label)
+            was, self._reachable = self._reachable, True
+        if not was:
+            log.info("API server reachable again", extra={"node": self.node})
+        return True
+
+    def _run_probes(self) -> None:
+        while not self._stopping.is_set():
+            self.probe()
+            self._stopping.wait(self.probe_interval_s)
+
+    def fresh(self) -> bool:
+        with self._lock:
+            last_ok_s = self._last_ok_s
+        return (
+            self.policies.has_synced
+            and self.pods.has_synced
+            and last_ok_s is not None
+            and self._clock() - last_ok_s <= self.stale_after_s
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        self.policies.start()
+        self.pods.start()
+        self._thread = threading.Thread(target=self._run_probes, name="api-probe", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.policies.stop()
+        self.pods.stop()
+        if self._thread is not None:
+            self._thread.join(2.0)
+
+    # -- the view ----------------------------------------------------------------------
+    def view(self) -> SourceView:
+        versions = (self.policies.version, self.pods.version)
+        if versions != self._built_versions:
+            self._built_versions = versions
+            self._view_policies = tuple(p for p in map(self._parse, self.policies.items()) if p is not None)
+            self._view_pods = {
+                str(pod["metadata"]["uid"]): pod for pod in self.pods.items() if (pod.get("metadata") or {}).get("uid")
+            }
+            live = {object_key(p) for p in self.policies.items()}
+            self._parsed = {k: v for k, v in self._parsed.items() if k in live}
+        with self._lock:
+            rack = self._rack
+        return SourceView(policies=self._view_policies, pods_by_uid=self._view_pods, fresh=self.fresh(), node_rack=rack)
+
+    def _parse(self, document: Mapping[str, Any]) -> Policy | None:
+        """A policy from the cache, parsed once per resourceVersion; invalid ones are skipped."""
+        key, version = object_key(document), kube.resource_version(document)
+        cached = self._parsed.get(key)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        try:
+            policy: Policy | None = parse_policy(document, self._registry)
+        except ValueError as error:
+            log.error("policy invalid: ignored", extra={"policy": key, "error": str(error)})
+            policy = None
+        self._parsed[key] = (version, policy)
+        return policy

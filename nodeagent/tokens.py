@@ -1,0 +1,195 @@
+"""Generated tokens/s per pod, scraped from the pod's Prometheus endpoint.
+
+A pod opts in with the annotation ``powercapping.example.com/metrics: "<port>/<path>"``
+(``"8000/metrics"``; a bare ``"8000"`` means ``/metrics``); the agent fetches
+``http://<status.podIP>:<port>/<path>`` and reads the counter
+``vllm:generation_tokens_total`` (``--tokens-metric``), summed over its label sets (one
+per model served), with prometheus_client's text parser.
+
+Rate between two successive scrapes ``(v1, t1)``, ``(v2, t2)``::
+
+    tokens/s = (v2 - v1) / (t2 - t1)       or  v2 / (t2 - t1)  when v2 < v1
+                                           (the counter was reset: the server restarted)
+
+Scrapes run on a background thread every ``interval_s`` (5 s), each with a short timeout
+(0.5 s), so the control tick never waits on the network. A failed scrape (timeout,
+refused, HTTP error, no such counter, unparsable text) forgets that pod's last sample:
+the pod has no rate until two good scrapes in a row, and the control law runs without the
+ratio loop ("no ratio"). The first failure per pod is logged as a warning, the recovery
+as info. A rate older than ``3 x interval_s`` is not reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from powercap.objects import METRICS_ANNOTATION, KubeObject, annotations_of
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKENS_METRIC = "vllm:generation_tokens_total"
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+Fetch = Callable[[str, float], str]
+"""``fetch(url, timeout_s)`` returns the body; raises ``OSError`` or ``ValueError``."""
+
+
+def http_fetch(url: str, timeout_s: float) -> str:
+    """GET ``url`` with ``timeout_s`` for connect and each read; at most 8 MiB."""
+    request = urllib.request.Request(url, headers={"Accept": "text/plain"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - http only, built below
+        body: bytes = response.read(MAX_BODY_BYTES + 1)
+    if len(body) > MAX_BODY_BYTES:
+        raise ValueError(f"metrics body over {MAX_BODY_BYTES} bytes")
+    return body.decode("utf-8", "replace")
+
+
+def metrics_url(pod: KubeObject) -> str | None:
+    """``http://<podIP>:<port>/<path>`` from the pod's metrics annotation, or None."""
+    raw = annotations_of(pod).get(METRICS_ANNOTATION)
+    pod_ip = (pod.get("status") or {}).get("podIP")
+    if not isinstance(raw, str) or not pod_ip:
+        return None
+    port, _, path = raw.strip().partition("/")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+    return f"http://{host}:{int(port)}/{path or 'metrics'}"
+
+
+def counter_value(text: str, sample_name: str) -> float | None:
+    """The sum of every sample named ``sample_name`` in an exposition, None when absent.
+
+    Raises ``ValueError`` for text the parser cannot read.
+    """
+    total, found = 0.0, False
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == sample_name and math.isfinite(sample.value):
+                total += sample.value
+                found = True
+    return total if found else None
+
+
+@dataclass(frozen=True)
+class CounterSample:
+    value: float
+    at_s: float
+
+
+def counter_rate(previous: CounterSample, current: CounterSample) -> float | None:
+    """Per-second increase between two samples (module docstring); None when no time passed."""
+    elapsed_s = current.at_s - previous.at_s
+    if elapsed_s <= 0:
+        return None
+    increase = current.value - previous.value
+    if increase < 0:
+        increase = current.value  # reset: counted from zero since
+    return increase / elapsed_s
+
+
+@dataclass
+class _Target:
+    url: str
+    sample: CounterSample | None = None
+    rate: float | None = None
+    rate_at_s: float = 0.0
+    healthy: bool = True
+
+
+class TokenRates:
+    """Scrapes the pods it is given and keeps their latest tokens/s (module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        fetch: Fetch = http_fetch,
+        clock: Callable[[], float] = time.monotonic,
+        metric: str = DEFAULT_TOKENS_METRIC,
+        timeout_s: float = 0.5,
+        interval_s: float = 5.0,
+    ) -> None:
+        self._fetch = fetch
+        self._clock = clock
+        self.metric = metric
+        self.timeout_s = timeout_s
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._targets: dict[str, _Target] = {}
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def set_targets(self, urls_by_pod: Mapping[str, str]) -> None:
+        """Scrape exactly these pods (UID -> URL) from now on; others are forgotten."""
+        with self._lock:
+            kept = {uid: t for uid, t in self._targets.items() if urls_by_pod.get(uid) == t.url}
+            self._targets = {uid: kept.get(uid) or _Target(url) for uid, url in urls_by_pod.items()}
+
+    def rates(self) -> dict[str, float]:
+        """Tokens/s per pod UID, for rates no older than ``3 x interval_s``."""
+        now_s = self._clock()
+        with self._lock:
+            return {
+                uid: t.rate
+                for uid, t in self._targets.items()
+                if t.rate is not None and now_s - t.rate_at_s <= 3 * self.interval_s
+            }
+
+    def scrape_once(self) -> None:
+        """Scrape every target once, one after the other."""
+        with self._lock:
+            targets = list(self._targets.items())
+        for uid, target in targets:
+            self._scrape(uid, target)
+
+    def _scrape(self, uid: str, target: _Target) -> None:
+        try:
+            value = counter_value(self._fetch(target.url, self.timeout_s), self.metric)
+            if value is None:
+                raise ValueError(f"no sample named {self.metric}")
+        except (OSError, ValueError) as error:
+            with self._lock:
+                target.sample, target.rate = None, None
+                was_healthy, target.healthy = target.healthy, False
+            if was_healthy:
+                log.warning(
+                    "tokens/s unavailable: running without the ratio loop",
+                    extra={"pod_uid": uid, "url": target.url, "error": str(error) or type(error).__name__},
+                )
+            return
+        current = CounterSample(value, self._clock())
+        with self._lock:
+            if target.sample is not None:
+                rate = counter_rate(target.sample, current)
+                if rate is not None:
+                    target.rate, target.rate_at_s = rate, current.at_s
+            target.sample = current
+            was_healthy, target.healthy = target.healthy, True
+        if not was_healthy:
+            log.info("tokens/s readable again", extra={"pod_uid": uid, "url": target.url})
+
+    # -- background thread -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="token-scraper", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.scrape_once()
+            except Exception:  # never let the scraper die: the ratio loop just pauses
+                log.exception("token scrape round failed")
+            self._stopping.wait(self.interval_s)
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)

@@ -1,0 +1,290 @@
+"""The agent's control loop through the real pynvml path (the fake libnvidia-ml.so): every
+safety case of issue 5, tick by tick, without sleeping."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nodeagent.agent import Agent, AgentSettings
+from nodeagent.metrics import AgentMetrics
+from nodeagent.nvml import NvmlBackend
+from nodeagent.simulated import ManualClock
+from nodeagent.state import StateFile
+from tests.agenthelpers import NODE, RecordingPublisher, StaticSource, pod, policy
+from tests.fakes.nvml import FakeNvml, NvmlReturn
+
+GPU0, GPU1 = "GPU-fa4e0000-0000-4000-8000-000000000000", "GPU-fa4e0000-0000-4000-8000-000000000001"
+POD_UID = "6f1d2c3b-0000-4000-8000-00000000abcd"
+
+
+@pytest.fixture
+def fake(fake_nvml: FakeNvml) -> FakeNvml:
+    """Two H200-like GPUs (200-700 W, default 700 W) drawing 350 W at 60 degC."""
+    fake_nvml.set_count(2)
+    for index in (0, 1):
+        fake_nvml.set_power_w(index, 350).set_temperature_c(index, 60)
+    return fake_nvml
+
+
+class Harness:
+    """An agent on the fake NVML with a static source, a recording publisher and a state file."""
+
+    def __init__(self, state_path: Path, *, dry_run: bool = False, proc_root: Path = Path("/nonexistent")) -> None:
+        self.clock = ManualClock(1000.0)
+        self.source = StaticSource()
+        self.publisher = RecordingPublisher()
+        self.metrics = AgentMetrics()
+        self.state_path = state_path
+        self.agent = Agent(
+            NvmlBackend(),
+            self.source,
+            AgentSettings(node=NODE, dry_run=dry_run),
+            publisher=self.publisher,
+            state=StateFile(state_path, NODE),
+            metrics=self.metrics,
+            clock=self.clock,
+            proc_root=proc_root,
+        )
+
+    def tick(self, seconds: float = 1.0) -> None:
+        self.clock.advance(seconds)
+        self.agent.tick()
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        return self.metrics.registry.get_sample_value(name, labels)
+
+    def state(self) -> dict[str, float]:
+        document = json.loads(self.state_path.read_text())
+        return {uuid: gpu["capW"] for uuid, gpu in document["gpus"].items()}
+
+
+@pytest.fixture
+def harness(fake: FakeNvml, tmp_path: Path) -> Iterator[Harness]:
+    h = Harness(tmp_path / "state.json")
+    yield h
+    h.agent.close()
+
+
+def test_caps_are_set_once_then_left_alone(harness: Harness, fake: FakeNvml) -> None:
+    harness.source.set(policy(caps_w={GPU0: 400, GPU1: 450}))
+    harness.tick()
+    assert (fake.limit_w(0), fake.limit_w(1), fake.set_calls()) == (400, 450, 2)
+    for _ in range(5):
+        harness.tick()
+    assert fake.set_calls() == 2
+    assert harness.sample("powercap_cap_changes_total", reason="allocation") == 2
+    assert harness.state() == {GPU0: 400, GPU1: 450}
+
+
+def test_an_allocation_change_reaches_the_gpu_on_the_next_tick(harness: Harness, fake: FakeNvml) -> None:
+    harness.source.set(policy(caps_w={GPU0: 400, GPU1: 400}))
+    harness.tick()
+    harness.source.set(policy(caps_w={GPU0: 300, GPU1: 400}))
+    harness.tick()
+    assert (fake.limit_w(0), fake.set_calls()) == (300, 3)
+
+
+def test_each_change_is_one_structured_log_line(
+    harness: Harness, fake: FakeNvml, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness.source.set(policy(caps_w={GPU0: 400}))
+    with caplog.at_level(logging.INFO):
+        harness.tick()
+    changes = [r for r in caplog.records if r.getMessage() == "power cap changed"]
+    assert len(changes) == 1
+    fields = {k: getattr(changes[0], k) for k in ("gpu", "policy", "old_w", "new_w", "reason")}
+    assert fields == {"gpu": GPU0, "policy": "inference/llama", "old_w": 700, "new_w": 400, "reason": "allocation"}
+    assert harness.publisher.reasons() == ["PowerCapChanged"]
+
+
+def test_out_of_band_limiter_is_reported_not_fought(harness: Harness, fake: FakeNvml) -> None:
+    fake.set_limiter_w(0, 300)
+    harness.source.set(policy(caps_w={GPU0: 400}))
+    harness.tick()
+    harness.tick()
+    assert (fake.limit_w(0), fake.enforced_limit_w(0), fake.set_calls()) == (400, 300, 1)
+    assert harness.sample("powercap_gpu_limited_out_of_band", gpu=GPU0) == 1
+    assert harness.sample("powercap_gpu_power_limit_watts", gpu=GPU0) == 300
+    assert "PowerLimitHeldLower" in harness.publisher.reasons()
+    assert harness.publisher.telemetries[-1].gpus[0].limit_w == 300
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        pytest.param(NvmlReturn.NO_PERMISSION, "NoPermission", id="no-permission"),
+        pytest.param(NvmlReturn.NOT_SUPPORTED, "NotSupported", id="not-supported"),
+        pytest.param(NvmlReturn.GPU_IS_LOST, "GpuLost", id="gpu-is-lost"),
+        pytest.param(NvmlReturn.INVALID_ARGUMENT, "InvalidArgument", id="invalid-argument"),
+    ],
+)
+def test_a_failing_set_degrades_that_gpu_only(harness: Harness, fake: FakeNvml, code: int, error: str) -> None:
+    fake.inject_error("nvmlDeviceSetPowerManagementLimit", code, gpu=0)
+    harness.source.set(policy(caps_w={GPU0: 400, GPU1: 400}))
+    harness.tick()
+    assert (fake.limit_w(0), fake.limit_w(1)) == (700, 400)
+    assert harness.sample("powercap_nvml_errors_total", gpu=GPU0, error=error) == 1
+    assert harness.sample("powercap_gpu_degraded", gpu=GPU0) == 1
+    assert harness.sample("powercap_gpu_degraded", gpu=GPU1) == 0
+    status = harness.agent.status()["gpus"]
+    assert status[0]["degraded"] and error in status[0]["error"] and not status[1]["degraded"]
+    assert GPU0 not in harness.state()
+    harness.tick()  # within the retry delay: not hammered
+    assert harness.sample("powercap_nvml_errors_total", gpu=GPU0, error=error) == 1
+    fake.clear_errors()
+    harness.tick(30.0)
+    assert fake.limit_w(0) == 400
+    assert harness.sample("powercap_gpu_degraded", gpu=GPU0) == 0
+
+
+@pytest.mark.parametrize(
+    "code", [NvmlReturn.NO_PERMISSION, NvmlReturn.NOT_SUPPORTED, NvmlReturn.GPU_IS_LOST, NvmlReturn.INVALID_ARGUMENT]
+)
+def test_a_failing_read_degrades_that_gpu_only(harness: Harness, fake: FakeNvml, code: int) -> None:
+    fake.inject_error("nvmlDeviceGetPowerUsage", code, gpu=0)
+    harness.source.set(policy(caps_w={GPU0: 400, GPU1: 400}))
+    harness.tick()
+    assert (fake.limit_w(0), fake.limit_w(1)) == (700, 400)
+    assert [g.uuid for g in harness.publisher.telemetries[-1].gpus] == [GPU1]
+    assert harness.sample("powercap_gpu_power_watts", gpu=GPU0) is None
+    assert harness.sample("powercap_gpu_degraded", gpu=GPU0) == 1
+    fake.clear_errors()
+    harness.tick()
+    assert fake.limit_w(0) == 400 and harness.sample("powercap_gpu_degraded", gpu=GPU0) == 0
+
+
+def test_api_unreachable_keeps_caps_and_never_raises_one(harness: Harness, fake: FakeNvml) -> None:
+    harness.source.set(policy(caps_w={GPU0: 400}))
+    harness.tick()
+    harness.source.set(policy(caps_w={GPU0: 600}), fresh=False)
+    for _ in range(3):
+        harness.tick()
+    assert (fake.limit_w(0), fake.set_calls()) == (400, 1)
+    assert harness.sample("powercap_agent_policy_fresh") == 0
+    harness.source.set(fresh=False)  # the caches look empty too: nothing is restored
+    harness.tick()
+    assert (fake.limit_w(0), fake.set_calls()) == (400, 1)
+
+
+def test_heat_still_cuts_while_the_api_is_unreachable(harness: Harness, fake: FakeNvml) -> None:
+    harness.source.set(policy(caps_w={GPU0: 400}))
+    harness.tick()
+    harness.source.set(policy(caps_w={GPU0: 400}), fresh=False)
+    fake.set_temperature_c(0, 88)
+    harness.tick()
+    assert fake.limit_w(0) == 340
+
+
+def test_restart_adopts_the_state_file_without_a_single_write(fake: FakeNvml, tmp_path: Path) -> None:
+    first = Harness(tmp_path / "state.json")
+    first.source.set(policy(caps_w={GPU0: 400, GPU1: 450}))
+    first.tick()
+    first.agent.close()
+    assert fake.set_calls() == 2
+    second = Harness(tmp_path / "state.json")
+    second.source.set(policy(caps_w={GPU0: 400, GPU1: 450}))
+    second.tick()
+    second.agent.close()
+    assert fake.set_calls() == 2
+
+
+def test_a_gpu_that_leaves_every_policy_gets_its_default_back(harness: Harness, fake: FakeNvml) -> None:
+    fake.set_limit_w(1, 500)  # set by someone else: never ours to restore
+    harness.source.set(policy(caps_w={GPU0: 400}))
+    harness.tick()
+    harness.source.set()
+    harness.tick()
+    assert (fake.limit_w(0), fake.limit_w(1)) == (700, 500)
+    assert harness.state() == {}
+    assert harness.sample("powercap_cap_changes_total", reason="left-policies") == 1
+
+
+def test_the_default_is_restored_after_a_restart_too(fake: FakeNvml, tmp_path: Path) -> None:
+    first = Harness(tmp_path / "state.json")
+    first.source.set(policy(caps_w={GPU0: 400}))
+    first.tick()
+    first.agent.close()
+    second = Harness(tmp_path / "state.json")
+    second.source.set()  # the policy went away while the agent was down
+    second.tick()
+    second.agent.close()
+    assert fake.limit_w(0) == 700
+
+
+def test_caps_lost_to_a_driver_reload_are_reapplied(harness: Harness, fake: FakeNvml) -> None:
+    harness.source.set(policy(caps_w={GPU0: 400}))
+    harness.tick()
+    fake.set_limit_w(0, 700)  # the driver came back with its default limit
+    harness.tick()
+    assert fake.limit_w(0) == 400
+    assert harness.sample("powercap_cap_changes_total", reason="driver-reset") == 1
+
+
+def test_dry_run_never_calls_a_setter(fake: FakeNvml, tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"version": 1, "node": NODE, "gpus": {GPU1: {"capW": 300, "defaultW": 700, "policy": "inference/gone"}}}))
+    fake.set_limit_w(1, 300)
+    h = Harness(state, dry_run=True)
+    h.source.set(policy(caps_w={GPU0: 400}))
+    for _ in range(3):
+        h.tick()
+    assert fake.set_calls() == 0
+    assert h.sample("powercap_gpu_planned_limit_watts", gpu=GPU0) == 400
+    assert h.sample("powercap_gpu_planned_limit_watts", gpu=GPU1) == 700
+    h.agent.close(restore=True)
+    assert fake.set_calls() == 0
+
+
+def test_observe_mode_never_calls_a_setter(harness: Harness, fake: FakeNvml) -> None:
+    harness.source.set(policy(caps_w={GPU0: 400, GPU1: 300}, mode="Observe"))
+    for _ in range(3):
+        harness.tick()
+    assert fake.set_calls() == 0
+    assert harness.agent.status()["gpus"][0]["action"] == "observe"
+    assert harness.sample("powercap_gpu_planned_limit_watts", gpu=GPU1) == 300
+
+
+def test_exit_keeps_caps_unless_restore_on_exit(fake: FakeNvml, tmp_path: Path) -> None:
+    kept = Harness(tmp_path / "kept.json")
+    kept.source.set(policy(caps_w={GPU0: 400}))
+    kept.tick()
+    kept.agent.close()
+    assert fake.limit_w(0) == 400
+    restored = Harness(tmp_path / "restored.json")
+    restored.source.set(policy(caps_w={GPU0: 350}))
+    restored.tick()
+    restored.agent.close(restore=True)
+    assert fake.limit_w(0) == 700
+    assert json.loads((tmp_path / "restored.json").read_text())["gpus"] == {}
+
+
+def test_thermal_emergency_cuts_and_raises_an_event(harness: Harness, fake: FakeNvml) -> None:
+    harness.source.set(policy(caps_w={GPU0: 400}))
+    harness.tick()
+    fake.set_temperature_c(0, 87)
+    harness.tick()
+    assert fake.limit_w(0) == 340
+    assert ("inference/llama", "ThermalEmergency", "Warning") in [e[:3] for e in harness.publisher.events]
+
+
+def test_pods_found_through_proc_own_their_gpus(fake: FakeNvml, tmp_path: Path) -> None:
+    """GPU 1 runs a process of a pod of policy llama (systemd cgroup, containerd)."""
+    proc = tmp_path / "proc"
+    (proc / "4242").mkdir(parents=True)
+    slice_uid = POD_UID.replace("-", "_")
+    (proc / "4242" / "cgroup").write_text(
+        f"0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{slice_uid}.slice/"
+        "cri-containerd-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope\n"
+    )
+    fake.set_pids(1, [4242])
+    h = Harness(tmp_path / "state.json", proc_root=proc)
+    h.source.set(policy(caps_w={GPU1: 380}), pods={POD_UID: pod(POD_UID)})
+    h.tick()
+    h.agent.close()
+    assert (fake.limit_w(0), fake.limit_w(1)) == (700, 380)
+    assert [g.pod for g in h.publisher.telemetries[-1].gpus] == [None, "inference/llama-0"]

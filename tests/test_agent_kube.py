@@ -1,0 +1,175 @@
+"""The agent in a cluster: policies and its own node's pods from watch caches, telemetry on
+its Node, Events on policies, and an API server that goes away. Real sockets: the fake
+API server of tests/fakes/apiserver.py."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from nodeagent.agent import Agent, AgentSettings
+from nodeagent.publisher import KubePublisher
+from nodeagent.simulated import ManualClock, SimulatedBackend
+from nodeagent.sources import ClusterSource
+from powercap import physics
+from powercap.agentplan import PublishSettings
+from powercap.kube import KubeClient
+from powercap.telemetry import TELEMETRY_ANNOTATION, from_json, to_json
+from tests.agenthelpers import NODE, pod, policy_document, wait_until
+from tests.fakes.apiserver import FakeApiServer
+
+UID = "6f1d2c3b-0000-4000-8000-00000000abcd"
+
+
+
+@pytest.fixture
+def client(apiserver: FakeApiServer) -> Iterator[KubeClient]:
+    with KubeClient.for_server(apiserver.url, connect_timeout_s=0.5, read_timeout_s=2.0) as kube_client:
+        yield kube_client
+
+
+def node_object(rack: str | None = "rack-a1") -> dict[str, Any]:
+    labels = {"powercapping.example.com/rack": rack} if rack else {}
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE, "labels": labels}}
+
+
+def allocation_document(name: str, caps_w: dict[str, int], **spec: Any) -> dict[str, Any]:
+    document = policy_document(name, **spec)
+    gpus = [{"uuid": u, "watts": w} for u, w in caps_w.items()]
+    document["status"] = {"allocations": [{"node": NODE, "gpus": gpus, "watts": sum(caps_w.values())}]}
+    return document
+
+
+@pytest.fixture
+def cluster(apiserver: FakeApiServer, client: KubeClient) -> Iterator[tuple[ClusterSource, ManualClock]]:
+    apiserver.put_object("nodes", node_object())
+    clock = ManualClock(1000.0)
+    source = ClusterSource(client, NODE, clock=clock, stale_after_s=30.0)
+    source.policies.start()
+    source.pods.start()
+    assert source.policies.wait_synced(5) and source.pods.wait_synced(5)
+    yield source, clock
+    source.stop()
+
+
+def test_view_has_policies_this_nodes_pods_and_its_rack(apiserver: FakeApiServer, cluster: tuple[ClusterSource, ManualClock]) -> None:
+    source, _ = cluster
+    apiserver.put_object("powercappingpolicies", allocation_document("llama", {"GPU-a": 400}))
+    stored = apiserver.put_object("pods", pod(UID))
+    elsewhere = pod("99999999-0000-4000-8000-000000000000", name="other")
+    elsewhere["spec"]["nodeName"] = "gpu-node-2"
+    apiserver.put_object("pods", elsewhere)
+    wait_until(lambda: len(source.view().policies) == 1 and len(source.view().pods_by_uid) == 1)
+    assert not source.view().fresh  # synced, but the API server has not answered a probe yet
+    assert source.probe()
+    view = source.view()
+    assert view.fresh and view.node_rack == "rack-a1"
+    assert list(view.pods_by_uid) == [stored["metadata"]["uid"]]  # the server assigns UIDs
+    assert view.policies[0].status["allocations"][0]["gpus"] == [{"uuid": "GPU-a", "watts": 400}]
+    pod_requests = [r for r in apiserver.requests if r.path == "/api/v1/pods"]
+    assert pod_requests and all("spec.nodeName=gpu-node-1" in str(r.query) for r in pod_requests)
+
+
+def test_invalid_policy_in_the_cluster_is_skipped(apiserver: FakeApiServer, cluster: tuple[ClusterSource, ManualClock]) -> None:
+    source, _ = cluster
+    apiserver.put_object("powercappingpolicies", allocation_document("good", {"GPU-a": 400}))
+    broken = policy_document("broken")
+    broken["spec"]["powerCapLimit"] = -5
+    apiserver.put_object("powercappingpolicies", broken)
+    wait_until(lambda: source.policies.version >= 2)
+    assert [p.name for p in source.view().policies] == ["good"]
+
+
+def test_api_server_gone_makes_the_view_stale_and_nothing_raises(
+    apiserver: FakeApiServer, cluster: tuple[ClusterSource, ManualClock]
+) -> None:
+    source, clock = cluster
+    assert source.probe() and source.view().fresh
+    apiserver.stop()
+    assert source.probe() is False
+    clock.advance(31.0)
+    assert source.view().fresh is False
+
+
+@pytest.fixture
+def simulated() -> tuple[SimulatedBackend, ManualClock]:
+    clock = ManualClock(1000.0)
+    backend = SimulatedBackend([physics.H200_LIKE, physics.H200_LIKE], clock=clock, uuid_prefix="GPU-sim")
+    return backend, clock
+
+
+def test_agent_enforces_publishes_telemetry_and_events(
+    apiserver: FakeApiServer, client: KubeClient, simulated: tuple[SimulatedBackend, ManualClock]
+) -> None:
+    backend, clock = simulated
+    uuids = [d.uuid for d in backend.devices()]
+    apiserver.put_object("nodes", node_object())
+    apiserver.put_object("powercappingpolicies", allocation_document("llama", {uuids[0]: 400, uuids[1]: 450}))
+    source = ClusterSource(client, NODE, clock=clock)
+    source.policies.start()
+    source.pods.start()
+    assert source.policies.wait_synced(5) and source.pods.wait_synced(5) and source.probe()
+    publisher = KubePublisher(client, NODE, background=False, settings=PublishSettings(min_interval_s=5.0))
+    agent = Agent(backend, source, AgentSettings(node=NODE), publisher=publisher, clock=clock)
+    try:
+        clock.advance(1.0)
+        agent.tick()
+        assert [backend.snapshot(i).requested_limit_w for i in (0, 1)] == [400, 450]
+        node = apiserver.get_object("nodes", NODE)
+        assert node is not None
+        annotation = node["metadata"]["annotations"][TELEMETRY_ANNOTATION]
+        assert publisher.last_sent is not None and annotation == to_json(publisher.last_sent)
+        telemetry = from_json(annotation)
+        assert [(g.uuid, g.limit_w) for g in telemetry.gpus] == [(uuids[0], 400), (uuids[1], 450)]
+        patches = len(apiserver.requests_to("PATCH", f"/api/v1/nodes/{NODE}"))
+        clock.advance(1.0)
+        agent.tick()  # within the minimum interval, nothing moved: no patch
+        assert len(apiserver.requests_to("PATCH", f"/api/v1/nodes/{NODE}")) == patches
+        events = apiserver.objects("events", "inference")
+        assert [e["reason"] for e in events] == ["PowerCapChanged"]  # two changes, one Event a minute
+        assert events[0]["regarding"]["name"] == "llama" and events[0]["regarding"]["kind"] == "PowerCappingPolicy"
+        assert "700 W -> 400 W" in events[0]["note"]
+        apiserver.stop()  # the API server goes away: ticks go on, caps stay
+        clock.advance(40.0)
+        source.probe()
+        backend.set_workload(0, physics.Workload(load=1.0))
+        for _ in range(3):
+            clock.advance(1.0)
+            agent.tick()
+        assert [backend.snapshot(i).requested_limit_w for i in (0, 1)] == [400, 450]
+        assert agent.status()["policyFresh"] is False
+    finally:
+        source.stop()
+
+
+def test_events_are_rate_limited_per_policy_and_reason(apiserver: FakeApiServer, client: KubeClient) -> None:
+    from powercap.policies import parse_policy
+
+    publisher = KubePublisher(client, NODE, background=False, event_interval_s=60.0)
+    owner = parse_policy(policy_document("llama"))
+    for second in (0.0, 10.0, 20.0, 61.0):
+        publisher.event(owner, "PowerCapChanged", f"change at {second:g}", "Normal", second)
+    publisher.event(owner, "ThermalEmergency", "hot", "Warning", 62.0)
+    events = sorted(apiserver.objects("events", "inference"), key=lambda e: e["eventTime"])
+    assert [(e["reason"], e["type"]) for e in events] == [
+        ("PowerCapChanged", "Normal"), ("PowerCapChanged", "Normal"), ("ThermalEmergency", "Warning"),
+    ]
+    assert "2 similar" in events[1]["note"]
+
+
+def test_background_publisher_never_blocks_or_raises_when_unreachable() -> None:
+    from datetime import datetime, timezone
+
+    from powercap.telemetry import NodeTelemetry
+
+    with KubeClient.for_server("http://127.0.0.1:9", connect_timeout_s=0.2, read_timeout_s=0.2) as dead:
+        publisher = KubePublisher(dead, NODE)
+        publisher.start()
+        started = time.perf_counter()
+        publisher.telemetry(NodeTelemetry(datetime.now(timezone.utc), 0.0, None), 0.0)
+        assert time.perf_counter() - started < 0.05
+        publisher.stop()
+        assert publisher.last_sent is None
