@@ -10,12 +10,13 @@ calls the pure decision the service calls:
 - budgets: :func:`powercap.budget.plan_round` (one budget controller round: allocation and
   the policy status it writes, which the agents read their allocations from) and
   :func:`powercap.rebalance.plan_rebalance` (energy-aware evictions), called by the engine;
-- caps: :func:`powercap.control.next_cap` (the node agent's control law), called by the
-  engine once per GPU and agent tick with the measurement the agent would take.
+- caps: :func:`powercap.agentplan.plan_tick` (the node agent's tick, which runs the control
+  law :func:`powercap.control.next_cap`) and its telemetry publishing rules, called by the
+  engine with the readings, pods and policies the agent would see.
 
-The baselines use no powercap code: :func:`least_allocated_scores` stands in for
-kube-scheduler's default spreading, :func:`static_split_w` for an operator dividing a
-service's cap evenly over its GPUs.
+The baselines use no powercap code: :func:`gpu_fit_scores` stands in for kube-scheduler's
+own scoring, :func:`static_split_w` for an operator dividing a service's cap evenly over
+its GPUs.
 """
 
 from __future__ import annotations
@@ -45,8 +46,18 @@ class Candidate:
     total_gpus: int
 
 
-def least_allocated_scores(candidates: Sequence[Candidate], gpus: int) -> list[float]:
-    """kube-scheduler's LeastAllocated spreading, on GPUs: ``100 x (free - gpus) / total``."""
+LEAST_ALLOCATED = "LeastAllocated"
+MOST_ALLOCATED = "MostAllocated"
+
+
+def gpu_fit_scores(candidates: Sequence[Candidate], gpus: int, scoring: str) -> list[float]:
+    """kube-scheduler's NodeResourcesFit score on ``nvidia.com/gpu`` after placing the pod.
+
+    LeastAllocated (spread): ``100 x (free - gpus) / total``; MostAllocated (bin-pack, common
+    on GPU clusters to keep whole nodes free): ``100 x (total - free + gpus) / total``.
+    """
+    if scoring == MOST_ALLOCATED:
+        return [MAX_NODE_SCORE * (c.total_gpus - c.free_gpus + gpus) / c.total_gpus for c in candidates]
     return [MAX_NODE_SCORE * (c.free_gpus - gpus) / c.total_gpus for c in candidates]
 
 
@@ -67,10 +78,10 @@ class Placement:
     failed: Mapping[str, str]
 
 
-def place_default(pod_gpus: int, candidates: Sequence[Candidate], rng: random.Random) -> Placement:
-    """kube-scheduler without the extender: spread by least allocated GPUs."""
+def place_default(pod_gpus: int, candidates: Sequence[Candidate], rng: random.Random, scoring: str) -> Placement:
+    """kube-scheduler without the extender: its GPU fit score alone."""
     names = [c.name for c in candidates]
-    return Placement(pick_best(names, least_allocated_scores(candidates, pod_gpus), rng), {})
+    return Placement(pick_best(names, gpu_fit_scores(candidates, pod_gpus, scoring), rng), {})
 
 
 def place_with_extender(
@@ -79,12 +90,13 @@ def place_with_extender(
     candidates: Sequence[Candidate],
     registry: AlgorithmRegistry,
     rng: random.Random,
-    extender_weight: float = 1.0,
+    scoring: str,
+    extender_weight: float,
 ) -> Placement:
     """kube-scheduler with the power-aware extender.
 
     The extender filters the candidates that passed kube-scheduler's own checks; each node
-    left scores ``leastAllocated + weight x extenderScore x (100 / 10)`` (kube-scheduler's
+    left scores ``gpuFit + weight x extenderScore x (100 / 10)`` (kube-scheduler's
     combination of plugin scores and extender priorities).
     """
     request = placement_request(view, pod)
@@ -96,9 +108,9 @@ def place_with_extender(
         return Placement(None, failed)
     names = [c.name for c in passed]
     extender = dict(prioritize_nodes(view, request, names, registry))
-    spread = least_allocated_scores(passed, request.gpus)
+    fit = gpu_fit_scores(passed, request.gpus, scoring)
     scale = MAX_NODE_SCORE / MAX_SCORE
-    scores = [s + extender_weight * extender[name] * scale for name, s in zip(names, spread)]
+    scores = [s + extender_weight * extender[name] * scale for name, s in zip(names, fit)]
     return Placement(pick_best(names, scores, rng), failed)
 
 

@@ -4,12 +4,15 @@ Per physics step of ``stepS`` seconds, in this order:
 
 1. **events** due (cap changes edit the policy object; scaling creates or deletes pods);
 2. **node agents** whose tick is due (every ``agentIntervalS``, each node with its own
-   phase): read the GPUs, decide each cap, set it, publish the telemetry annotation;
+   phase): read the GPUs and their pods, plan each cap
+   (:func:`powercap.agentplan.plan_tick`, which runs the control law), set it, publish the
+   telemetry annotation when the publisher's rate limits allow;
 3. **budget controller** (powercap only) every ``controllerIntervalS``, and at once after
    a policy change (a watch event): cluster view -> allocation -> per-GPU ceilings;
 4. **scheduler**: pending pods are placed one after the other, ``SCHEDULING_LATENCY_S``
-   apart, each on a fresh cluster view (so the extender sees the pods bound just before
-   it through assumed power); pods that fit nowhere retry after ``SCHEDULER_RETRY_S``;
+   apart (as many as fit in the step; the others wait for the next step, after its agent
+   ticks), each on a fresh cluster view, so the extender sees the pods bound just before
+   it through assumed power; pods that fit nowhere retry after ``SCHEDULER_RETRY_S``;
 5. **traffic**: each service's offered tokens/s (the trace) is split over its serving
    pods (:mod:`powercap.simulation.workload`); a pod's GPUs get the load
    ``u = min(1, (offered + backlog / dt) / uncapped tokens/s)`` (a pod with a queue runs
@@ -38,10 +41,10 @@ from powercap import physics
 from powercap.algorithms import AlgorithmRegistry, EnergyAwareScheduling
 from powercap.allocation import AllocationSettings
 from powercap.budget import plan_round
-from powercap.cluster import ClusterView, RackLimits
-from powercap.control import ControlSettings, GpuMeasurement, next_cap
+from powercap.cluster import ClusterView
+from powercap.agentplan import CapRecord, GpuMemory, PublishSettings, TickInputs, build_telemetry, plan_tick, should_publish
+from powercap.control import ControlSettings
 from powercap.objects import policy_for_pod
-from powercap.status import published_allocations
 from powercap.policies import Policy, parse_policy
 from powercap.rebalance import plan_rebalance
 from powercap.simulation import decisions
@@ -89,7 +92,7 @@ class EngineSettings:
 
     control: ControlSettings = field(default_factory=ControlSettings)
     allocation: AllocationSettings = field(default_factory=AllocationSettings)
-    extender_weight: float = 1.0
+    publish: PublishSettings = field(default_factory=PublishSettings)
 
 
 @dataclass
@@ -102,6 +105,7 @@ class StrategyRun:
     placements: dict[str, str]  # pod -> node, as first placed
     cap_changes: list[tuple[float, str, int]]  # (at_s, policy key, W)
     evictions: list[tuple[float, str, str]] = field(default_factory=list)  # (at_s, pod, node)
+    counter_energy_j: float = 0.0  # sum of the GPUs' energy counters at the end (NVML total energy)
     wall_s: float = 0.0
 
 
@@ -176,11 +180,13 @@ class _Run:
         }
         self.controller_due = 0.0
         self.policies_changed = False
-        self.schedule_due = 0.0
+        self.scheduler = scenario.scheduler
         self.view: ClusterView | None = None
-        self.rack_limits: dict[str, RackLimits] = {}
         self.lagging: dict[str, frozenset[str]] = {}
-        self.allocations: dict[str, dict[str, float]] = {}  # policy -> uuid -> W, from its status
+        self.memories: dict[str, GpuMemory] = {}  # the agents' memory of each GPU
+        self.records: dict[str, CapRecord] = {}  # the agents' state files
+        self.pod_names_by_gpu: dict[str, dict[str, str | None]] = {}
+        self.published_at: dict[str, float] = {}
         self.last_move: dict[str, datetime] = {}
         self.evictions: list[tuple[float, str, str]] = []
         self.pod_policy: dict[str, str | None] = {}
@@ -207,7 +213,7 @@ class _Run:
             self._agent_ticks(t_s)
             if self.strategy.capping == "powercap" and (t_s >= self.controller_due - _EPSILON_S or self.policies_changed):
                 self._controller_round(t_s)
-            if self.world.pending and t_s >= self.schedule_due - _EPSILON_S:
+            if self.world.pending:
                 self._schedule(t_s)
             second = step // steps_per_second
             if step % steps_per_second == 0:
@@ -218,7 +224,10 @@ class _Run:
             if self.progress is not None and (step % report_every == 0 or step == steps - 1):
                 self.progress(self.strategy.name, (step + 1) / steps)
         unschedulable = {pod.key: self.unschedulable.get(pod.key, "pending") for pod in self.world.pending}
-        return StrategyRun(self.strategy, self.recorder, unschedulable, self.placements, self.cap_changes, self.evictions)
+        return StrategyRun(
+            self.strategy, self.recorder, unschedulable, self.placements, self.cap_changes, self.evictions,
+            counter_energy_j=math.fsum(gpu.state.energy_j for gpu in self.world.gpus),
+        )
 
     # -- 1. events -----------------------------------------------------------------------
     def _apply_events(self, t_s: float) -> None:
@@ -269,7 +278,6 @@ class _Run:
         self.pod_policy[pod.key] = policy.key if policy is not None else None
         self.world.pods[pod.key] = pod
         self.world.pending.append(pod)
-        self.schedule_due = min(self.schedule_due, t_s)
 
     def policy_of(self, pod: SimPod) -> Policy | None:
         key = self.pod_policy.get(pod.key)
@@ -283,60 +291,81 @@ class _Run:
                 self.agent_due[node.name] += self.timing.agent_interval_s
 
     def _agent_tick(self, node: SimNode, t_s: float) -> None:
+        """One tick of the node's agent (powercap) or of the operator's fixed caps (baselines).
+
+        powercap: what ``nodeagent.agent.Agent.tick`` does: read the GPUs and their pods,
+        :func:`~powercap.agentplan.plan_tick`, write each SET/RESTORE (NVML takes mW), keep
+        the records and memories, then :func:`~powercap.agentplan.build_telemetry` and
+        publish it when :func:`~powercap.agentplan.should_publish` says so.
+        """
         capping = self.strategy.capping
-        pod_ratio: dict[str, float | None] = {}
-        for gpu in node.gpus:
-            pod = gpu.pod
-            policy = self.policy_of(pod) if pod is not None else None
-            if pod is None or policy is None or not policy.enforced or capping == "none":
-                gpu.cap_w = gpu.model.default_limit_w  # restore (a no-op when never capped)
-                gpu.control = type(gpu.control)()
-            elif capping == "static":
-                service_gpus = self._policy_gpus(policy.key)
-                gpu.cap_w = decisions.static_split_w(policy, service_gpus, gpu.model.min_limit_w, gpu.model.max_limit_w)
+        if capping == "powercap":
+            self._plan_tick(node, t_s)
+        else:
+            for gpu in node.gpus:
+                policy = self.policy_of(gpu.pod) if gpu.pod is not None else None
+                if capping == "static" and policy is not None and policy.enforced:
+                    service_gpus = self._policy_gpus(policy.key)
+                    gpu.cap_w = decisions.static_split_w(policy, service_gpus, gpu.model.min_limit_w, gpu.model.max_limit_w)
+                else:
+                    gpu.cap_w = gpu.model.default_limit_w
+        if self.strategy.placement == "extender" or capping == "powercap":
+            self._publish(node, t_s)
+        for pod in {gpu.pod.key: gpu.pod for gpu in node.gpus if gpu.pod is not None}.values():
+            pod.tick_served_tokens, pod.tick_s = pod.served_tokens, t_s
+
+    def _plan_tick(self, node: SimNode, t_s: float) -> None:
+        startup_s = self.timing.pod_startup_s
+        pods = {gpu.pod.uid: gpu.pod for gpu in node.gpus if gpu.pod is not None}
+        tokens_s = {
+            uid: (pod.served_tokens - pod.tick_served_tokens) / (t_s - pod.tick_s)
+            for uid, pod in pods.items()
+            if pod.serving(t_s, startup_s) and pod.tick_s is not None and t_s > pod.tick_s
+        }
+        plans = plan_tick(TickInputs(
+            node=node.name,
+            now_s=t_s,
+            readings=[gpu.reading() for gpu in node.gpus],
+            pod_uids_by_gpu={gpu.uuid: frozenset({gpu.pod.uid}) if gpu.pod is not None else frozenset() for gpu in node.gpus},
+            pods_by_uid={uid: pod.api_object(t_s, startup_s) for uid, pod in pods.items()},
+            policies=list(self.world.parsed_policies.values()),
+            node_rack=node.rack.spec.rack_id,
+            inlet_c=node.rack.inlet_c,
+            tokens_s_by_pod=tokens_s,
+            memories=self.memories,
+            records=self.records,
+            settings=self.settings.control,
+        ))
+        by_uuid = {gpu.uuid: gpu for gpu in node.gpus}
+        for plan in plans:
+            if plan.memory is not None:
+                self.memories[plan.uuid] = plan.memory
             else:
-                if pod.key not in pod_ratio:
-                    pod_ratio[pod.key] = self._pod_tokens_per_joule(pod, t_s)
-                self._control(gpu, policy, pod_ratio[pod.key], t_s)
-        for gpu in node.gpus:
-            gpu.tick_tokens, gpu.tick_energy_j = gpu.state.tokens, gpu.state.energy_j
-        for pod_key in pod_ratio:
-            pod = self.world.pods[pod_key]
-            pod.tick_served_tokens = pod.served_tokens
-        node.publish(t_s)
+                self.memories.pop(plan.uuid, None)
+            if plan.record is not None:
+                self.records[plan.uuid] = plan.record
+            else:
+                self.records.pop(plan.uuid, None)
+            if plan.writes:
+                gpu = by_uuid[plan.uuid]
+                gpu.cap_w = round(physics.clamp_limit_w(gpu.model, plan.cap_w) * 1000) / 1000
+        self.pod_names_by_gpu[node.name] = {plan.uuid: plan.pod for plan in plans}
+
+    def _publish(self, node: SimNode, t_s: float) -> None:
+        """The telemetry annotation, rate limited as the agent's publisher does."""
+        pods = self.pod_names_by_gpu.get(node.name)
+        if pods is None:  # no agent plan on this node: the pods the GPUs hold
+            pods = {gpu.uuid: gpu.pod.key if gpu.pod is not None else None for gpu in node.gpus}
+        telemetry = build_telemetry(moment(t_s), [gpu.reading() for gpu in node.gpus], node.rack.inlet_c, pods)
+        last_s = self.published_at.get(node.name)
+        if should_publish(node.telemetry, telemetry, t_s - last_s if last_s is not None else math.inf, self.settings.publish):
+            node.set_telemetry(telemetry)
+            self.published_at[node.name] = t_s
 
     def _policy_gpus(self, policy_key: str) -> int:
         return sum(
             len(pod.gpus) for pod in self.world.pods.values() if pod.node is not None and self.pod_policy.get(pod.key) == policy_key
         )
-
-    def _pod_tokens_per_joule(self, pod: SimPod, t_s: float) -> float | None:
-        """What the agent computes: the pod's tokens/s (its metrics endpoint) over its GPUs' power."""
-        if not pod.serving(t_s, self.timing.pod_startup_s):
-            return None  # no metrics endpoint yet
-        energy_j = sum(g.state.energy_j - g.tick_energy_j for g in pod.gpus)
-        tokens = pod.served_tokens - pod.tick_served_tokens
-        return tokens / energy_j if energy_j > 0 else None
-
-    def _control(self, gpu: SimGpu, policy: Policy, tokens_per_joule: float | None, t_s: float) -> None:
-        rack_id = gpu.node.rack.spec.rack_id
-        limits = self.rack_limits.get(rack_id)
-        measurement = GpuMeasurement(
-            current_cap_w=gpu.cap_w,
-            min_w=gpu.model.min_limit_w,
-            max_w=gpu.model.max_limit_w,
-            allocation_w=self.allocations.get(policy.key, {}).get(gpu.uuid),
-            temperature_c=gpu.state.temperature_c,
-            slowdown_c=gpu.model.slowdown_c,
-            inlet_c=gpu.node.rack.inlet_c,
-            max_inlet_c=limits.max_temperature_c if limits is not None else None,
-            tokens_per_joule=tokens_per_joule,
-            target=policy.performance,
-        )
-        decision = next_cap(measurement, gpu.control, t_s, self.settings.control)
-        gpu.control = decision.state
-        if decision.change:
-            gpu.cap_w = round(physics.clamp_limit_w(gpu.model, decision.cap_w) * 1000) / 1000  # NVML takes mW
 
     # -- 3. budget controller ----------------------------------------------------------------
     def _controller_round(self, t_s: float) -> None:
@@ -366,7 +395,6 @@ class _Run:
         document = {**self.world.policies[key], "status": status}
         self.world.policies[key] = document
         self.world.parsed_policies[key] = parse_policy(document, self.registry)
-        self.allocations[key] = published_allocations(status)
 
     def _evict(self, pod_key: str, t_s: float) -> None:
         """An eviction: the pod goes away and its ReplicaSet creates a replacement at once."""
@@ -395,34 +423,35 @@ class _Run:
             self.registry,
             self.view,
         )
-        self.rack_limits = {rack_id: rack.limits for rack_id, rack in self.view.racks.items()}
         return self.view
 
     # -- 4. scheduler --------------------------------------------------------------------------
     def _schedule(self, t_s: float) -> None:
-        still_pending: list[SimPod] = []
-        for attempt, pod in enumerate(list(self.world.pending)):
-            bind_s = min(t_s + attempt * SCHEDULING_LATENCY_S, t_s + self.step_s * 0.999)
+        """Place the pending pods whose turn it is, ``SCHEDULING_LATENCY_S`` apart (at most
+        one step's worth: the rest wait for the next step, after that step's agent ticks)."""
+        due = [pod for pod in self.world.pending if pod.next_attempt_s <= t_s + _EPSILON_S]
+        budget = max(1, int(self.step_s / SCHEDULING_LATENCY_S + 1e-9))
+        for attempt, pod in enumerate(due[:budget]):
+            bind_s = t_s + attempt * SCHEDULING_LATENCY_S
             candidates = self._candidates(pod.service)
             if self.strategy.placement == "extender":
                 view = self._view(bind_s, hide_unreported=not self.strategy.assumed_power)
                 placement = decisions.place_with_extender(
                     view, pod.api_object(bind_s, self.timing.pod_startup_s), candidates, self.registry, self.rng,
-                    self.settings.extender_weight,
+                    self.scheduler.gpu_scoring, self.scheduler.extender_weight,
                 )
             else:
-                placement = decisions.place_default(pod.service.gpus_per_pod, candidates, self.rng)
+                placement = decisions.place_default(pod.service.gpus_per_pod, candidates, self.rng, self.scheduler.gpu_scoring)
             if placement.node is None:
-                still_pending.append(pod)
+                pod.next_attempt_s = t_s + SCHEDULER_RETRY_S
                 reasons = sorted(set(placement.failed.values()))
                 self.unschedulable[pod.key] = reasons[0] if reasons else "no node has enough free GPUs"
                 continue
             node = next(n for n in self.world.nodes if n.name == placement.node)
             pod.bind(node, bind_s)
+            self.world.pending.remove(pod)
             self.placements.setdefault(pod.key, node.name)
             self.unschedulable.pop(pod.key, None)
-        self.world.pending = still_pending
-        self.schedule_due = t_s + SCHEDULER_RETRY_S
 
     def _candidates(self, service: Service) -> list[decisions.Candidate]:
         models = service.gpu_models

@@ -30,7 +30,7 @@ import yaml
 
 from powercap import physics, schema
 from powercap.algorithms import AlgorithmRegistry
-from powercap.objects import GPU_RESOURCE, POWER_ANNOTATION, RACK_LABEL
+from powercap.objects import GPU_RESOURCE, POWER_ANNOTATION
 from powercap.physics import GpuModel
 from powercap.policies import POLICY_LABEL, Policy, parse_policy, validate_policy
 from powercap.problems import Problem, join_path
@@ -221,6 +221,15 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class Scheduler:
+    """kube-scheduler's profile: ``gpu_scoring`` (LeastAllocated spreads, MostAllocated
+    packs) and the weight of the extender's priorities."""
+
+    gpu_scoring: str = "LeastAllocated"
+    extender_weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A valid scenario. ``policies`` are the raw documents (as the API serves them)."""
 
@@ -230,6 +239,7 @@ class Scenario:
     step_s: float
     seed: int
     timing: Timing
+    scheduler: Scheduler
     racks: tuple[Rack, ...]
     nodes: tuple[NodeGroup, ...]
     policies: tuple[Mapping[str, Any], ...]
@@ -297,7 +307,7 @@ def scenario_from_document(document: Any, registry: AlgorithmRegistry | None = N
     problems = semantic_problems(defaulted, registry)
     if problems:
         raise ScenarioError(problems)
-    return _build(defaulted, registry)
+    return _build(defaulted)
 
 
 def semantic_problems(document: Mapping[str, Any], registry: AlgorithmRegistry) -> list[Problem]:
@@ -476,7 +486,7 @@ def _event_problems(
     return problems
 
 
-def _build(document: Mapping[str, Any], registry: AlgorithmRegistry) -> Scenario:
+def _build(document: Mapping[str, Any]) -> Scenario:
     duration_s = float(document["durationS"])
     timing = document["timing"]
     workload = document["workload"]
@@ -499,6 +509,10 @@ def _build(document: Mapping[str, Any], registry: AlgorithmRegistry) -> Scenario
             pod_startup_s=float(timing["podStartupS"]),
             warmup_s=float(timing["warmupS"]),
             settle_s=float(timing["settleS"]),
+        ),
+        scheduler=Scheduler(
+            gpu_scoring=document["scheduler"]["gpuScoring"],
+            extender_weight=float(document["scheduler"]["extenderWeight"]),
         ),
         racks=tuple(
             Rack(

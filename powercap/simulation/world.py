@@ -24,12 +24,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from powercap import physics
-from powercap.control import ControlState
 from powercap.objects import GPU_RESOURCE, RACK_LABEL
 from powercap.physics import GpuModel, GpuState
 from powercap.policies import Policy
 from powercap.simulation.scenario import GPU_MODEL_LABEL, Rack, Scenario, Service
-from powercap.telemetry import TELEMETRY_ANNOTATION, GpuTelemetry, NodeTelemetry, to_json
+from powercap.telemetry import TELEMETRY_ANNOTATION, NodeTelemetry, to_json
 
 EPOCH = datetime(2026, 1, 5, 0, 0, 0, tzinfo=timezone.utc)
 """Simulated time 0 as a wall-clock moment (timestamps in telemetry and pods)."""
@@ -64,6 +63,22 @@ class SimRack:
         self.inlet_c = target_c + (self.inlet_c - target_c) * math.exp(-dt_s / self.spec.cooling.time_constant_s)
 
 
+@dataclass(frozen=True)
+class GpuReading:
+    """One GPU as the agent reads it (fits :class:`powercap.agentplan.GpuReading`)."""
+
+    index: int
+    uuid: str
+    power_w: float
+    limit_w: float
+    requested_limit_w: float
+    min_limit_w: float
+    max_limit_w: float
+    default_limit_w: float
+    temperature_c: float
+    slowdown_c: float | None
+
+
 @dataclass(eq=False)
 class SimGpu:
     """One GPU: physics state, the limit NVML enforces, its pod, and the agent's memory of it."""
@@ -75,10 +90,15 @@ class SimGpu:
     cap_w: float
     node: SimNode
     pod: SimPod | None = None
-    control: ControlState = field(default_factory=ControlState)
     workload: physics.Workload = physics.IDLE
-    tick_tokens: float = 0.0  # physics tokens at the agent's last tick (for tokens/s)
-    tick_energy_j: float = 0.0
+
+    def reading(self) -> GpuReading:
+        model = self.model
+        return GpuReading(
+            index=self.index, uuid=self.uuid, power_w=self.state.power_w, limit_w=self.cap_w,
+            requested_limit_w=self.cap_w, min_limit_w=model.min_limit_w, max_limit_w=model.max_limit_w,
+            default_limit_w=model.default_limit_w, temperature_c=self.state.temperature_c, slowdown_c=model.slowdown_c,
+        )
 
 
 @dataclass(eq=False)
@@ -97,27 +117,9 @@ class SimNode:
     def gpu_model(self) -> GpuModel:
         return self.gpus[0].model
 
-    def publish(self, t_s: float) -> None:
-        """What the node agent writes: power, inlet, and every GPU with its pod."""
-        gpus = tuple(
-            GpuTelemetry(
-                uuid=gpu.uuid,
-                index=gpu.index,
-                power_w=gpu.state.power_w,
-                limit_w=gpu.cap_w,
-                min_w=gpu.model.min_limit_w,
-                max_w=gpu.model.max_limit_w,
-                temperature_c=gpu.state.temperature_c,
-                pod=gpu.pod.key if gpu.pod is not None else None,
-            )
-            for gpu in self.gpus
-        )
-        self.telemetry = NodeTelemetry(
-            timestamp=moment(t_s),
-            power_w=sum(g.power_w for g in gpus),
-            inlet_temperature_c=self.rack.inlet_c,
-            gpus=gpus,
-        )
+    def set_telemetry(self, telemetry: NodeTelemetry) -> None:
+        """The agent patched the node's telemetry annotation."""
+        self.telemetry = telemetry
         self._object = None
 
     def api_object(self) -> dict[str, Any]:
@@ -153,17 +155,23 @@ class SimPod:
     gpus: list[SimGpu] = field(default_factory=list)
     node: SimNode | None = None
     bound_s: float | None = None
+    next_attempt_s: float = 0.0  # when the scheduler tries it (again)
     backlog_tokens: float = 0.0
     served_tokens: float = 0.0
     rate_tokens_s: float = 0.0  # served over the last physics step
     offered_tokens_s: float = 0.0  # its share of the service's traffic now
     step_tokens: float = 0.0  # physics tokens of its GPUs in the current step
-    tick_served_tokens: float = 0.0
+    tick_served_tokens: float = 0.0  # at the agent's last tick, for its tokens/s
+    tick_s: float | None = None
+    uncapped_tokens_s: float = 0.0  # set at binding (see :meth:`bind`)
+    key: str = ""  # namespace/name
+    uid: str = ""
     _object: dict[str, Any] | None = None
 
-    @property
-    def key(self) -> str:
-        return f"{self.service.namespace}/{self.name}"
+    def __post_init__(self) -> None:
+        self.key = f"{self.service.namespace}/{self.name}"
+        self.uid = f"uid-{self.service.namespace}-{self.name}"
+        self.next_attempt_s = self.created_s
 
     def serving(self, t_s: float, startup_s: float) -> bool:
         return self.bound_s is not None and t_s >= self.bound_s + startup_s
@@ -191,6 +199,7 @@ class SimPod:
         running = self.serving(t_s, startup_s)
         if self._object is None or (running and self._object["status"]["phase"] != "Running"):
             pod = self.service.pod_object(self.name)
+            pod["metadata"]["uid"] = self.uid
             pod["metadata"]["creationTimestamp"] = api_time(self.created_s)
             if self.node is not None and self.bound_s is not None:
                 pod["spec"]["nodeName"] = self.node.name
