@@ -77,9 +77,20 @@ def _step_line(axes: Axes, values: Sequence[float | None], label: str) -> None:
 
 
 def _mark_events(axes: Axes, result: SimulationResult) -> None:
+    """A dotted vertical line at each powerCapLimit change."""
     for run in result.runs[:1]:
-        for at_s, policy, cap_w in run.cap_changes:
+        for at_s, _policy, _cap_w in run.cap_changes:
             axes.axvline(at_s, color="grey", linewidth=0.8, linestyle=":")
+
+
+def _figure_legend(
+    figure: Figure, axes: Axes | None, handles: list[Any] | None = None, labels: list[str] | None = None
+) -> None:
+    """One legend for the whole figure, below the plots, so that no line is hidden."""
+    if axes is not None:
+        handles, labels = axes.get_legend_handles_labels()
+    if handles and labels:
+        figure.legend(handles, labels, loc="outside lower center", ncol=len(handles), fontsize=9, frameon=False)
 
 
 def plot_service_power(result: SimulationResult) -> Figure:
@@ -100,8 +111,8 @@ def plot_service_power(result: SimulationResult) -> Figure:
         axes.set_ylabel("power (W)")
         axes.set_ylim(bottom=0)
         axes.grid(True, alpha=0.3)
-        axes.legend(loc="upper left", fontsize=8, ncol=4)
     axes_list[-1].set_xlabel("simulated time (s)")
+    _figure_legend(figure, axes_list[0])
     return figure
 
 
@@ -128,10 +139,12 @@ def plot_racks(result: SimulationResult) -> Figure:
         inlet_axes.set_ylabel("inlet (°C)")
         for axes in (power_axes, inlet_axes):
             axes.grid(True, alpha=0.3)
-            axes.legend(loc="upper left", fontsize=8, ncol=4)
             _mark_events(axes, result)
     for axes in grid[-1]:
         axes.set_xlabel("simulated time (s)")
+    handles, labels = grid[0][0].get_legend_handles_labels()
+    extra_handles, extra_labels = grid[0][1].get_legend_handles_labels()
+    _figure_legend(figure, None, handles + extra_handles[-1:], labels + extra_labels[-1:])
     return figure
 
 

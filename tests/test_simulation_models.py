@@ -8,7 +8,7 @@ import math
 import pytest
 
 from powercap.simulation.metrics import excluded_seconds, recovery_time_s, weighted_percentile
-from powercap.simulation.scenario import Burst, Cooling, RandomBursts, Rack, default_scenario_text, load_scenario
+from powercap.simulation.scenario import Burst, Cooling, Rack, default_scenario_text, load_scenario
 from powercap.simulation.workload import bounded_shares, build_trace, daily_factor, pod_weight
 from powercap.simulation.world import SimRack, steady_inlet_c
 
@@ -30,7 +30,7 @@ def test_daily_factor_interpolates_the_hourly_shape(hour: float, expected: float
 def test_the_trace_follows_the_compressed_day_and_the_bursts() -> None:
     scenario = load_scenario(default_scenario_text()).with_overrides(duration_s=240)
     workload = dataclasses.replace(
-        scenario.workload, noise=0.0, bursts=(Burst("chat", 100.0, 10.0, 2.0),), random_bursts=RandomBursts()
+        scenario.workload, noise=0.0, bursts=(Burst("chat", 100.0, 10.0, 2.0),), random_bursts=dataclasses.replace(scenario.workload.random_bursts, count=0)
     )
     trace = build_trace(dataclasses.replace(scenario, workload=workload))
     chat, service = trace.per_second["chat"], scenario.service("chat")

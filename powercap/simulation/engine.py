@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -325,7 +325,7 @@ class _Run:
         plans = plan_tick(TickInputs(
             node=node.name,
             now_s=t_s,
-            readings=[gpu.reading() for gpu in node.gpus],
+            readings=node.gpus,
             pod_uids_by_gpu={gpu.uuid: frozenset({gpu.pod.uid}) if gpu.pod is not None else frozenset() for gpu in node.gpus},
             pods_by_uid={uid: pod.api_object(t_s, startup_s) for uid, pod in pods.items()},
             policies=list(self.world.parsed_policies.values()),
@@ -356,7 +356,7 @@ class _Run:
         pods = self.pod_names_by_gpu.get(node.name)
         if pods is None:  # no agent plan on this node: the pods the GPUs hold
             pods = {gpu.uuid: gpu.pod.key if gpu.pod is not None else None for gpu in node.gpus}
-        telemetry = build_telemetry(moment(t_s), [gpu.reading() for gpu in node.gpus], node.rack.inlet_c, pods)
+        telemetry = build_telemetry(moment(t_s), node.gpus, node.rack.inlet_c, pods)
         last_s = self.published_at.get(node.name)
         if should_publish(node.telemetry, telemetry, t_s - last_s if last_s is not None else math.inf, self.settings.publish):
             node.set_telemetry(telemetry)
@@ -387,10 +387,10 @@ class _Run:
             )
             if decision.move is not None:
                 self._evict(decision.move.pod, t_s)
-                self.last_move[key] = view.now
+                self.last_move[key] = moment(t_s)
                 self.evictions.append((t_s, decision.move.pod, decision.move.node))
 
-    def _write_status(self, key: str, status: dict[str, Any]) -> None:
+    def _write_status(self, key: str, status: Mapping[str, Any]) -> None:
         """The controller's write through /status; agents read ``status.allocations`` from it."""
         document = {**self.world.policies[key], "status": status}
         self.world.policies[key] = document

@@ -26,7 +26,7 @@ Figures (all pure functions of the recorded series):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Sequence, Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,7 +100,9 @@ def excluded_seconds(seconds: int, warmup_s: float, changes_s: Sequence[float], 
     return excluded
 
 
-def cap_violation_seconds(power_w: Sequence[float], cap_w: Sequence[float | None], skip: set[int] = frozenset()) -> list[int]:
+def cap_violation_seconds(
+    power_w: Sequence[float], cap_w: Sequence[float | None], skip: AbstractSet[int] = frozenset()
+) -> list[int]:
     """Seconds (not in ``skip``) whose average power exceeds the cap in force."""
     return [s for s, (power, cap) in enumerate(zip(power_w, cap_w)) if cap is not None and s not in skip and power > cap]
 

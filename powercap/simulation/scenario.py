@@ -70,9 +70,9 @@ class ScenarioError(ValueError):
 class Cooling:
     """Rack inlet model: ``inlet_ss = supply_c + rise_c_per_kw x P_rack_kW``, first order with ``time_constant_s``."""
 
-    supply_c: float = 20.0
-    rise_c_per_kw: float = 0.5
-    time_constant_s: float = 60.0
+    supply_c: float
+    rise_c_per_kw: float
+    time_constant_s: float
 
 
 @dataclass(frozen=True)
@@ -174,11 +174,13 @@ class Burst:
 
 @dataclass(frozen=True)
 class RandomBursts:
-    count: int = 0
-    min_factor: float = 1.2
-    max_factor: float = 1.6
-    min_duration_s: float = 5.0
-    max_duration_s: float = 20.0
+    """``count`` bursts drawn from the seed, factor and length uniform in their ranges."""
+
+    count: int
+    min_factor: float
+    max_factor: float
+    min_duration_s: float
+    max_duration_s: float
 
 
 @dataclass(frozen=True)
@@ -213,11 +215,11 @@ Event = CapChange | Scale
 
 @dataclass(frozen=True)
 class Timing:
-    agent_interval_s: float = 1.0
-    controller_interval_s: float = 5.0
-    pod_startup_s: float = 10.0
-    warmup_s: float = 60.0
-    settle_s: float = 3.0
+    agent_interval_s: float
+    controller_interval_s: float
+    pod_startup_s: float
+    warmup_s: float
+    settle_s: float
 
 
 @dataclass(frozen=True)
@@ -225,8 +227,8 @@ class Scheduler:
     """kube-scheduler's profile: ``gpu_scoring`` (LeastAllocated spreads, MostAllocated
     packs) and the weight of the extender's priorities."""
 
-    gpu_scoring: str = "LeastAllocated"
-    extender_weight: float = 1.0
+    gpu_scoring: str
+    extender_weight: float
 
 
 @dataclass(frozen=True)
@@ -334,7 +336,7 @@ def semantic_problems(document: Mapping[str, Any], registry: AlgorithmRegistry) 
             problems.append(Problem(join_path(path, model_problem[0]), model_problem[1]))
         else:
             gpu_models.add(group["gpuModel"])
-        count = group.get("count", 1)
+        count = group["count"]
         names = [group["name"]] if count == 1 else [f"{group['name']}-{i}" for i in range(count)]
         for name in names:
             if name in node_names:
@@ -361,10 +363,10 @@ def semantic_problems(document: Mapping[str, Any], registry: AlgorithmRegistry) 
     for index, burst in enumerate(bursts):
         if "service" in burst and burst["service"] not in service_names:
             problems.append(Problem(f"workload.bursts[{index}].service", _unknown_service(burst["service"], service_names)))
-    random_bursts = document["workload"].get("randomBursts") or {}
-    if random_bursts.get("minFactor", 1.2) > random_bursts.get("maxFactor", 1.6):
+    random_bursts = document["workload"]["randomBursts"]
+    if random_bursts["minFactor"] > random_bursts["maxFactor"]:
         problems.append(Problem("workload.randomBursts.minFactor", "must not exceed maxFactor"))
-    if random_bursts.get("minDurationS", 5) > random_bursts.get("maxDurationS", 20):
+    if random_bursts["minDurationS"] > random_bursts["maxDurationS"]:
         problems.append(Problem("workload.randomBursts.minDurationS", "must not exceed maxDurationS"))
 
     for index, event in enumerate(document["events"]):
@@ -408,21 +410,22 @@ def _gpu_model_problem(group: Mapping[str, Any]) -> tuple[str, str] | None:
 def gpu_model(group: Mapping[str, Any]) -> GpuModel:
     """The preset with the node group's limit overrides (``ValueError`` when inconsistent)."""
     preset = physics.PRESETS[group["gpuModel"]]
-    overrides = {
-        field: float(group[key])
-        for key, field in (("minLimitW", "min_limit_w"), ("maxLimitW", "max_limit_w"), ("defaultLimitW", "default_limit_w"))
-        if key in group
-    }
-    if "maxLimitW" in group and "defaultLimitW" not in group:
-        overrides["default_limit_w"] = float(group["maxLimitW"])
-    return dataclasses.replace(preset, **overrides) if overrides else preset
+    if not {"minLimitW", "maxLimitW", "defaultLimitW"} & set(group):
+        return preset
+    max_limit_w = float(group.get("maxLimitW", preset.max_limit_w))
+    return dataclasses.replace(
+        preset,
+        min_limit_w=float(group.get("minLimitW", preset.min_limit_w)),
+        max_limit_w=max_limit_w,
+        default_limit_w=float(group.get("defaultLimitW", max_limit_w if "maxLimitW" in group else preset.default_limit_w)),
+    )
 
 
 def _service_problems(
     service: Mapping[str, Any], path: str, policies: Mapping[str, Policy], gpu_models: set[str]
 ) -> list[Problem]:
     problems: list[Problem] = []
-    shape = service.get("dailyShape", "flat")
+    shape = service["dailyShape"]
     shape_problem = _daily_shape_problem(shape)
     if shape_problem is not None:
         problems.append(Problem(join_path(path, "dailyShape"), shape_problem))
@@ -490,7 +493,7 @@ def _build(document: Mapping[str, Any]) -> Scenario:
     duration_s = float(document["durationS"])
     timing = document["timing"]
     workload = document["workload"]
-    random_bursts = workload.get("randomBursts") or {}
+    random_bursts = workload["randomBursts"]
     events: list[Event] = []
     for event in document["events"]:
         if "policy" in event:
@@ -498,8 +501,8 @@ def _build(document: Mapping[str, Any]) -> Scenario:
         else:
             events.append(Scale(float(event["atS"]), event["service"], int(event["replicas"])))
     return Scenario(
-        name=document.get("name", "scenario"),
-        description=document.get("description", ""),
+        name=document["name"],
+        description=document["description"],
         duration_s=duration_s,
         step_s=float(document["stepS"]),
         seed=int(document["seed"]),
@@ -545,7 +548,7 @@ def _build(document: Mapping[str, Any]) -> Scenario:
                 power_watts=_optional_float(service.get("powerWatts")),
                 prefill_share=float(service["prefillShare"]),
                 peak_tokens_s=float(service["peakTokensS"]),
-                daily_shape=_daily_shape(service.get("dailyShape", "flat")),
+                daily_shape=_daily_shape(service["dailyShape"]),
                 pod_skew=float(service["podSkew"]),
                 load_bound=float(service["loadBound"]),
                 base_latency_s=float(service["baseLatencyS"]),
@@ -562,11 +565,11 @@ def _build(document: Mapping[str, Any]) -> Scenario:
                 for burst in workload["bursts"]
             ),
             random_bursts=RandomBursts(
-                count=int(random_bursts.get("count", 0)),
-                min_factor=float(random_bursts.get("minFactor", 1.2)),
-                max_factor=float(random_bursts.get("maxFactor", 1.6)),
-                min_duration_s=float(random_bursts.get("minDurationS", 5.0)),
-                max_duration_s=float(random_bursts.get("maxDurationS", 20.0)),
+                count=int(random_bursts["count"]),
+                min_factor=float(random_bursts["minFactor"]),
+                max_factor=float(random_bursts["maxFactor"]),
+                min_duration_s=float(random_bursts["minDurationS"]),
+                max_duration_s=float(random_bursts["maxDurationS"]),
             ),
         ),
         events=tuple(sorted(events, key=lambda e: e.at_s)),

@@ -63,25 +63,13 @@ class SimRack:
         self.inlet_c = target_c + (self.inlet_c - target_c) * math.exp(-dt_s / self.spec.cooling.time_constant_s)
 
 
-@dataclass(frozen=True)
-class GpuReading:
-    """One GPU as the agent reads it (fits :class:`powercap.agentplan.GpuReading`)."""
-
-    index: int
-    uuid: str
-    power_w: float
-    limit_w: float
-    requested_limit_w: float
-    min_limit_w: float
-    max_limit_w: float
-    default_limit_w: float
-    temperature_c: float
-    slowdown_c: float | None
-
-
 @dataclass(eq=False)
 class SimGpu:
-    """One GPU: physics state, the limit NVML enforces, its pod, and the agent's memory of it."""
+    """One GPU: physics state, the limit NVML enforces, its pod, and its load.
+
+    Reads like an NVML snapshot (:class:`powercap.agentplan.GpuReading`): the agent's plan
+    and telemetry take the GPU itself, unchanged while they run.
+    """
 
     uuid: str
     index: int
@@ -92,13 +80,38 @@ class SimGpu:
     pod: SimPod | None = None
     workload: physics.Workload = physics.IDLE
 
-    def reading(self) -> GpuReading:
-        model = self.model
-        return GpuReading(
-            index=self.index, uuid=self.uuid, power_w=self.state.power_w, limit_w=self.cap_w,
-            requested_limit_w=self.cap_w, min_limit_w=model.min_limit_w, max_limit_w=model.max_limit_w,
-            default_limit_w=model.default_limit_w, temperature_c=self.state.temperature_c, slowdown_c=model.slowdown_c,
-        )
+    @property
+    def power_w(self) -> float:
+        return self.state.power_w
+
+    @property
+    def temperature_c(self) -> float:
+        return self.state.temperature_c
+
+    @property
+    def limit_w(self) -> float:
+        """The enforced limit (no out-of-band limiter here: the requested one)."""
+        return self.cap_w
+
+    @property
+    def requested_limit_w(self) -> float:
+        return self.cap_w
+
+    @property
+    def min_limit_w(self) -> float:
+        return self.model.min_limit_w
+
+    @property
+    def max_limit_w(self) -> float:
+        return self.model.max_limit_w
+
+    @property
+    def default_limit_w(self) -> float:
+        return self.model.default_limit_w
+
+    @property
+    def slowdown_c(self) -> float:
+        return self.model.slowdown_c
 
 
 @dataclass(eq=False)
@@ -226,9 +239,7 @@ class World:
 
     @classmethod
     def build(cls, scenario: Scenario, policies: dict[str, Policy]) -> World:
-        racks: dict[str, SimRack] = {}
-        for rack in scenario.racks:
-            racks[rack.rack_id] = SimRack(spec=rack, inlet_c=rack.cooling.supply_c)
+        racks = {spec.rack_id: SimRack(spec=spec, inlet_c=spec.cooling.supply_c) for spec in scenario.racks}
         nodes: list[SimNode] = []
         gpus: list[SimGpu] = []
         for group in scenario.nodes:
