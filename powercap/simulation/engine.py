@@ -8,7 +8,10 @@ Per physics step of ``stepS`` seconds, in this order:
    (:func:`powercap.agentplan.plan_tick`, which runs the control law), set it, publish the
    telemetry annotation when the publisher's rate limits allow;
 3. **budget controller** (powercap only) every ``controllerIntervalS``, and at once after
-   a policy change (a watch event): cluster view -> allocation -> per-GPU ceilings;
+   a policy change (a watch event): cluster view -> :func:`powercap.budget.plan_round` ->
+   each changed policy status written (its ``allocations`` are the agents' ceilings) ->
+   :func:`powercap.rebalance.plan_rebalance` for energy-aware policies (an eviction
+   re-creates the pod, which the scheduler places again);
 4. **scheduler**: pending pods are placed one after the other, ``SCHEDULING_LATENCY_S``
    apart (as many as fit in the step; the others wait for the next step, after its agent
    ticks), each on a fresh cluster view, so the extender sees the pods bound just before
@@ -38,11 +41,11 @@ from datetime import datetime
 from typing import Any
 
 from powercap import physics
+from powercap.agentplan import CapRecord, GpuMemory, PublishSettings, TickInputs, build_telemetry, plan_tick, should_publish
 from powercap.algorithms import AlgorithmRegistry, EnergyAwareScheduling
 from powercap.allocation import AllocationSettings
 from powercap.budget import plan_round
 from powercap.cluster import ClusterView
-from powercap.agentplan import CapRecord, GpuMemory, PublishSettings, TickInputs, build_telemetry, plan_tick, should_publish
 from powercap.control import ControlSettings
 from powercap.objects import policy_for_pod
 from powercap.policies import Policy, parse_policy
@@ -564,10 +567,14 @@ class _Run:
             effective_cap_w = physics.thermal_cap_w(gpu.model, gpu.cap_w, gpu.state.temperature_c)
             speed = physics.operating_point(gpu.model, effective_cap_w, full).relative_throughput
             speed /= self._uncapped_speed(gpu, service)
-            queue_s = pod.backlog_tokens / pod.rate_tokens_s if pod.rate_tokens_s > 0 else service.max_queue_s
-            latency = service.base_latency_s / max(speed, 1e-9) + min(queue_s, service.max_queue_s)
-            weight = self.trace.offered_tokens_s(service.name, t_s) * pod.weight
-            self.recorder.service_latency[self.service_index[service.name]].append((latency, weight))
+            if pod.backlog_tokens <= 0:
+                queue_s = 0.0
+            elif pod.rate_tokens_s > 0:
+                queue_s = min(pod.backlog_tokens / pod.rate_tokens_s, service.max_queue_s)
+            else:
+                queue_s = service.max_queue_s
+            latency = service.base_latency_s / max(speed, 1e-9) + queue_s
+            self.recorder.service_latency[pod.service_index].append((latency, pod.offered_tokens_s))
 
     def _uncapped_speed(self, gpu: SimGpu, service: Service) -> float:
         key = (gpu.model.name, service.prefill_share)
