@@ -125,15 +125,6 @@ def placed_per_rack(run: StrategyRun) -> Counter[str]:
     return Counter(node.rsplit("-", 1)[0].removeprefix("node-") for node in run.placements.values())
 
 
-WHOLE_SECOND_BIND_TIMES = (
-    "powercap.cluster counts a pod's power as already measured when its PodScheduled time <= the node's "
-    "telemetry timestamp; the API server writes that time in whole seconds, so a pod bound at 5.15 s after "
-    "telemetry at 5.1 s reads as bound at 5 s and is neither measured nor assumed until the next telemetry "
-    "(>= 5 s later): the burst over-fills a rack. Fix in cluster._node_view: bound_at + 1 s <= timestamp."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=WHOLE_SECOND_BIND_TIMES)
 def test_a_burst_of_100_pods_never_pushes_a_rack_past_max_power_with_assumed_power() -> None:
     result = simulate(burst_scenario(), [POWERCAP])
     figures = summarize(result)["strategies"]["powercap"]
