@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import re
 import statistics
@@ -45,6 +44,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from common import machine, percentile, write_section  # noqa: E402
 from nodeagent.agent import Agent, AgentSettings  # noqa: E402
 from nodeagent.gpus import GpuBackend, GpuInfo, GpuSnapshot  # noqa: E402
 from nodeagent.nvml import NvmlBackend  # noqa: E402
@@ -60,11 +60,6 @@ GPUS = 8
 TARGET_TICK_CPU_MS = 5.0
 TARGET_RSS_MB = 80.0
 TARGET_REACTION_P99_S = 2.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def proc_tree(root: Path, uids: list[str]) -> None:
@@ -253,15 +248,6 @@ def measure_reaction(work: Path, trials: int) -> dict[str, list[float]]:
     return results
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return f"{os.cpu_count()} CPUs ({model}), Linux {platform.release()}, Python {platform.python_version()}"
-
-
 def render(ticks: dict[str, list[float]], rss: tuple[float, float], reaction: dict[str, list[float]], n_ticks: int) -> str:
     lines = [
         "## Node agent",
@@ -276,7 +262,7 @@ def render(ticks: dict[str, list[float]], rss: tuple[float, float], reaction: di
         "| --- | --- | --- |",
     ]
     for name, samples in ticks.items():
-        lines.append(f"| {name} | {percentile(samples, 50):.3f} | {percentile(samples, 99):.3f} |")
+        lines.append(f"| {name} | {percentile(samples, 0.50):.3f} | {percentile(samples, 0.99):.3f} |")
     lines += [
         "",
         "The fake library answers in nanoseconds; on H200s each tick also reads two power limits per",
@@ -295,7 +281,7 @@ def render(ticks: dict[str, list[float]], rss: tuple[float, float], reaction: di
     ]
     for name, samples in reaction.items():
         lines.append(
-            f"| {name} | {len(samples)} | {statistics.median(samples):.3f} | {percentile(samples, 99):.3f} | {max(samples):.3f} |"
+            f"| {name} | {len(samples)} | {statistics.median(samples):.3f} | {percentile(samples, 0.99):.3f} | {max(samples):.3f} |"
         )
     lines += [
         "",
@@ -305,17 +291,6 @@ def render(ticks: dict[str, list[float]], rss: tuple[float, float], reaction: di
         "",
     ]
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace the ``## Node agent`` section of ``path`` (create the file if missing)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(r"^## Node agent\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(ticks, rss, reaction, args.ticks)
     print(section)
     if args.write:
-        write_section(args.write, section)
+        write_section(args.write, "Node agent", section)
     return 0
 
 

@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import machine, percentile  # noqa: E402
 from extender import wire  # noqa: E402
 from extender.app import create_app  # noqa: E402
 from extender.sources import CacheSource, settle_garbage_collector  # noqa: E402
@@ -86,11 +83,6 @@ def build_cluster(rng: random.Random) -> tuple[list[dict[str, Any]], list[dict[s
         policies.append(policy(f"svc-{k}", cap_w=5_000_000, racks=constraints, algorithm=algorithm,
                                selector={"matchLabels": {"app.kubernetes.io/name": f"svc-{k}"}}))
     return nodes, pods, policies
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def time_cycles(client: Any, pod: dict[str, Any], candidates: list[dict[str, Any]], cache_capable: bool, runs: int) -> list[float]:
@@ -174,17 +166,6 @@ def measure(quick: bool) -> dict[str, Any]:  # noqa: C901 - one linear script
         "pods": len(pods),
         "node_json_bytes": len(json.dumps(nodes[0])),
     }
-
-
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    return f"{os.cpu_count()} CPUs (nproc), {model}, Python {platform.python_version()}; load average before the run: {load}"
 
 
 TARGETS_MS = {("NodeNames", 500): 5.0, ("NodeNames", 5000): 25.0, ("Nodes", 5000): 250.0}

@@ -47,6 +47,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from common import cpu_model, write_section  # noqa: E402
 from powercap.algorithms import AlgorithmRegistry  # noqa: E402
 from tests.fakes.apiserver import FakeApiServer  # noqa: E402
 from tests.webhook_helpers import WebhookProcess, admission_review, issue_certificates, policy, write_kubeconfig  # noqa: E402
@@ -198,15 +199,13 @@ def paced_delay_ms(measure_rps: Callable[[float], float]) -> float:
 
 
 def machine() -> dict[str, str]:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or "unknown")
     import gunicorn
 
     wrk_version = subprocess.run([shutil.which("wrk") or "wrk", "-v"], capture_output=True, text=True).stdout.split("[")[0].strip()
     return {
         "cores": str(os.cpu_count()),
         "nproc": subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip(),
-        "cpu": model,
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "gunicorn": gunicorn.__version__,
         "wrk": wrk_version,
@@ -265,17 +264,6 @@ def render(handler: dict[str, HandlerCost], loads: list[LoadResult], info: dict[
         "",
     ]
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace the ``## Webhook`` section of ``path`` (or append it); other sections stay."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(r"^## Webhook\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main() -> int:
@@ -341,7 +329,7 @@ def main() -> int:
     table = render(handler, loads, info, args.duration_s, args.repeat)
     print(table)
     if args.write:
-        write_section(args.write, table)
+        write_section(args.write, "Webhook", table)
     missed = [f"{name} handler CPU p99 {cost.cpu.p99_ms:.3f} ms > {TARGET_HANDLER_P99_MS:g} ms"
               for name, cost in handler.items() if cost.cpu.p99_ms > TARGET_HANDLER_P99_MS]
     for load in loads:

@@ -19,7 +19,8 @@ Definitions (W = watts, °C = rack inlet air):
   telemetry, one whose annotation cannot be read has *malformed* telemetry. Only fresh
   telemetry counts towards power and temperature.
 - **assumed power** of a node: the sum of the power estimates of the active GPU pods
-  bound to it after its last telemetry (PodScheduled time > telemetry timestamp) and not
+  bound to it after its last telemetry (PodScheduled time + 1 s > telemetry timestamp: the
+  apiserver writes that time in whole seconds) and not
   listed in that telemetry's ``gpus[].pod``; for a node with no readable telemetry, of
   all its active GPU pods. Without it a burst of pods lands in one rack before telemetry
   catches up.
@@ -229,6 +230,12 @@ class PodFacts:
     power_annotation_w: float | None
     bound_at: datetime | None
     active: bool
+
+
+# The apiserver writes condition times in whole seconds: a pod whose PodScheduled time reads
+# 5 s may have been bound at 5.9 s, after telemetry taken at 5.1 s. Only a binding at least
+# this long before the telemetry is surely in its power.
+BINDING_TIME_RESOLUTION = timedelta(seconds=1)
 
 
 def pod_facts(pod: KubeObject) -> PodFacts:
@@ -716,7 +723,7 @@ def _node_view(
     for facts, policy in bound:
         if facts.key in parsed.visible_pods:
             continue
-        if telemetry is not None and facts.bound_at is not None and facts.bound_at <= telemetry.timestamp:
+        if telemetry is not None and facts.bound_at is not None and facts.bound_at + BINDING_TIME_RESOLUTION <= telemetry.timestamp:
             continue  # bound before the last telemetry: already in its power
         service_gpus = bound_gpus.get(policy.key, facts.gpus) if policy is not None else facts.gpus
         assumed_w += estimate_pod_power_w(facts.gpus, facts.power_annotation_w, policy, service_gpus, gpu_max_w)

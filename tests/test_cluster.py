@@ -85,6 +85,10 @@ OTHER = {"app": "other"}
                      id="bound-before-telemetry-is-measured"),
         pytest.param([gpu_pod("a", gpus=2, node="gpu-1", bound_at=NOW + timedelta(seconds=1))], 2 * 700, ("inference/a",),
                      id="bound-after-telemetry-is-assumed"),
+        pytest.param([gpu_pod("a", gpus=2, node="gpu-1", bound_at=NOW + timedelta(seconds=0.7))], 2 * 700, ("inference/a",),
+                     id="bound-in-the-same-whole-second-as-telemetry-is-assumed"),
+        pytest.param([gpu_pod("a", gpus=2, node="gpu-1", bound_at=NOW - timedelta(seconds=1))], 0, (),
+                     id="bound-a-whole-second-before-telemetry-is-measured"),
         pytest.param([gpu_pod(f"p{i}", gpus=1, labels=OTHER, node="gpu-1", bound_at=NOW + timedelta(seconds=i + 1))
                       for i in range(4)], 4 * 700, ("inference/p0", "inference/p1", "inference/p2", "inference/p3"),
                      id="burst-of-pods-before-telemetry-catches-up"),

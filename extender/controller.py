@@ -1,0 +1,337 @@
+"""The budget controller loop: leader election, caches, status writes, Events, evictions.
+
+Every ``interval_s`` (default 5 s), while this replica holds the Lease, one round:
+
+1. take a snapshot (cluster view + raw Nodes and Pods) from the watch caches;
+2. plan it with :func:`powercap.budget.plan_round` (pure: allocations, statuses);
+3. for each policy whose planned status differs from the stored one, write it through
+   the ``/status`` subresource with :func:`powercap.kube.update_status` (GET, compute
+   against what is stored now, skip when equal, PUT with the resourceVersion, retry on
+   409), then record an Event for every condition that changed status or reason;
+4. for ``energy-aware-scheduling`` policies, ask :func:`powercap.rebalance.plan_rebalance`
+   which pod (if any) to move, and evict it through the Eviction API (a 429 from a
+   PodDisruptionBudget means: try again after ``eviction_retry_s``).
+
+A steady cluster produces no write at all: statuses settle (see :mod:`powercap.status`),
+and a policy whose planned status equals the cached one is not even read. Leadership is
+checked before every write; a replica that loses the Lease stops writing at once and
+forgets its in-memory state (lagging GPUs seen last round, the time of the last eviction).
+A new leader waits one ``migrationInterval`` before its first eviction.
+
+Everything the loop decides is in the pure core; this module only does I/O and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from extender.sources import Cache, CacheSource, NotReady, utc_now
+from powercap import API_GROUP, API_VERSION, KIND, kube
+from powercap.algorithms import AlgorithmRegistry
+from powercap.allocation import AllocationSettings
+from powercap.budget import PolicyPlan, RoundPlan, plan_round
+from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
+from powercap.objects import KubeObject
+from powercap.policies import Policy
+from powercap.rebalance import Move, plan_rebalance
+from powercap.status import Transition, render_status, transitions
+
+log = logging.getLogger("extender.controller")
+
+REPORTING_CONTROLLER = f"{API_GROUP}/budget-controller"
+DEFAULT_INTERVAL_S = 5.0
+DEFAULT_EVICTION_RETRY_S = 30.0
+# Pods the controller watches: everything not finished, pending ones included (a pending
+# pod of a service means the last move has not settled yet).
+POD_FIELD_SELECTOR = "status.phase!=Succeeded,status.phase!=Failed"
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    interval_s: float = DEFAULT_INTERVAL_S
+    allocation: AllocationSettings = field(default_factory=AllocationSettings)
+    eviction_retry_s: float = DEFAULT_EVICTION_RETRY_S
+    write_attempts: int = 5
+    identity: str = "powercap-controller"
+
+    def __post_init__(self) -> None:
+        if not self.interval_s > 0:
+            raise ValueError(f"interval_s must be greater than 0, not {self.interval_s}")
+        if self.write_attempts < 1:
+            raise ValueError(f"write_attempts must be at least 1, not {self.write_attempts}")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one round decides from: the cluster view and the raw Nodes and Pods behind it."""
+
+    view: ClusterView
+    nodes: list[KubeObject]
+    pods: list[KubeObject]
+
+
+class Snapshots(Protocol):
+    def snapshot(self) -> Snapshot:
+        """The cluster now; raises :class:`NotReady` until the source has seen it."""
+
+
+class CacheSnapshots:
+    """Snapshots from three watch caches (Nodes; unfinished Pods; policies)."""
+
+    def __init__(self, nodes: Cache, pods: Cache, policies: Cache, settings: ClusterSettings,
+                 registry: AlgorithmRegistry, *, clock: Callable[[], datetime] = utc_now) -> None:
+        self._nodes, self._pods = nodes, pods
+        self._views = CacheSource(nodes, pods, policies, settings, registry, clock=clock, refresh_s=0.0)
+
+    @classmethod
+    def on(cls, client: kube.KubeClient, settings: ClusterSettings, registry: AlgorithmRegistry) -> CacheSnapshots:
+        return cls(
+            kube.WatchCache(client, kube.node_path(), name="nodes"),
+            kube.WatchCache(client, kube.pod_path(), {"fieldSelector": POD_FIELD_SELECTOR}, name="pods"),
+            kube.WatchCache(client, kube.policy_path(), name="powercappingpolicies"),
+            settings,
+            registry,
+        )
+
+    def snapshot(self) -> Snapshot:
+        view = self._views.current()
+        return Snapshot(view, self._nodes.items(), self._pods.items())
+
+    def readiness(self) -> str | None:
+        return self._views.readiness()
+
+    def start(self) -> None:
+        self._views.start()
+
+    def stop(self) -> None:
+        self._views.stop()
+
+
+class ListSnapshots:
+    """Snapshots listed afresh from the API on every call (``powercap controller --once``)."""
+
+    def __init__(self, client: kube.KubeClient, settings: ClusterSettings, registry: AlgorithmRegistry,
+                 *, clock: Callable[[], datetime] = utc_now) -> None:
+        self._client, self._settings, self._registry, self._clock = client, settings, registry, clock
+
+    def snapshot(self) -> Snapshot:
+        nodes = self._client.list(kube.node_path())["items"]
+        pods = self._client.list(kube.pod_path(), {"fieldSelector": POD_FIELD_SELECTOR})["items"]
+        policies = self._client.list(kube.policy_path())["items"]
+        view = build_cluster_view(nodes, pods, policies, self._clock(), self._settings, registry=self._registry)
+        return Snapshot(view, nodes, pods)
+
+
+class ControllerMetrics:
+    """Prometheus metrics of the controller, in a registry of their own (no global state)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.rounds = Counter("powercap_controller_rounds_total", "Controller rounds run as leader.",
+                              registry=self.registry)
+        self.round_seconds = Histogram("powercap_controller_round_seconds", "Duration of one round.",
+                                       registry=self.registry, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.status_writes = Counter("powercap_controller_status_writes_total",
+                                     "Policy statuses written through the status subresource.", registry=self.registry)
+        self.write_failures = Counter("powercap_controller_status_write_failures_total",
+                                      "Status writes that failed (after retrying conflicts).", registry=self.registry)
+        self.evictions = Counter("powercap_controller_evictions_total", "Eviction attempts by result.", ["result"],
+                                 registry=self.registry)
+        self.leader = Gauge("powercap_controller_leader", "1 while this replica holds the Lease.", registry=self.registry)
+
+
+@dataclass
+class RoundReport:
+    """What one round did (for logs and tests)."""
+
+    plan: RoundPlan | None = None
+    written: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    events: list[tuple[str, str]] = field(default_factory=list)  # (policy key, reason)
+    evictions: list[tuple[str, kube.EvictionResult]] = field(default_factory=list)  # (pod, result)
+
+
+class BudgetController:
+    """One leader's rounds. ``is_leader`` is asked before every write."""
+
+    def __init__(
+        self,
+        client: kube.KubeClient,
+        snapshots: Snapshots,
+        settings: ControllerSettings,
+        *,
+        is_leader: Callable[[], bool] = lambda: True,
+        metrics: ControllerMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._client = client
+        self._snapshots = snapshots
+        self.settings = settings
+        self._is_leader = is_leader
+        self.metrics = metrics or ControllerMetrics()
+        self._clock = clock
+        self._lagging: dict[str, frozenset[str]] = {}
+        self._last_move: dict[str, datetime] = {}
+        self._blocked_until: dict[str, datetime] = {}
+        # Set by the elector thread, applied by the loop at its next round.
+        self._term_started: datetime | None = None
+        self._term_applied: datetime | None = None
+        self.last_round_s: float | None = None  # clock time the last round ended (health)
+
+    def started_leading(self, now: datetime | None = None) -> None:
+        """A new term: what a previous one knew is forgotten at the next round, and the first
+        eviction waits one migrationInterval. Safe to call from the elector's thread."""
+        self._term_started = now or utc_now()
+        self.metrics.leader.set(1)
+
+    def stopped_leading(self) -> None:
+        self.metrics.leader.set(0)
+
+    def _begin_term(self) -> None:
+        if self._term_started is not None and self._term_started != self._term_applied:
+            self._lagging.clear()
+            self._last_move.clear()
+            self._blocked_until.clear()
+            self._term_applied = self._term_started
+
+    def run_round(self) -> RoundReport:
+        """One round (see the module docstring). Raises :class:`NotReady` before the caches sync."""
+        started_s = time.perf_counter()
+        self._begin_term()
+        snapshot = self._snapshots.snapshot()
+        plan = plan_round(snapshot.view, self.settings.allocation, lagging_before=self._lagging)
+        self._lagging = {key: p.lagging for key, p in plan.policies.items()}
+        report = RoundReport(plan=plan)
+        for key, policy_plan in plan.policies.items():
+            if not policy_plan.changed:
+                continue
+            if not self._is_leader():
+                log.info("not leading any more: stopping this round's writes", extra={"policy": key})
+                return report
+            self._write(policy_plan, snapshot.view.now, report)
+        if self._is_leader():
+            self._rebalance(snapshot, report)
+        self.metrics.rounds.inc()
+        self.metrics.round_seconds.observe(time.perf_counter() - started_s)
+        self.last_round_s = self._clock()
+        log.debug("round done", extra={"policies": len(plan.policies), "written": len(report.written),
+                                       "seconds": round(time.perf_counter() - started_s, 4)})
+        return report
+
+    def _write(self, plan: PolicyPlan, now: datetime, report: RoundReport) -> None:
+        policy = plan.policy
+        before: dict[str, Any] = {}
+
+        def compute(current: dict[str, Any]) -> dict[str, Any] | None:
+            if (current.get("metadata") or {}).get("uid") not in (policy.uid, None, ""):
+                return None  # deleted and re-created since the snapshot: next round
+            before.clear()
+            before.update(current.get("status") or {})
+            return render_status(plan.inputs, before, now)
+
+        path = kube.policy_path(policy.namespace, policy.name)
+        try:
+            stored = kube.update_status(self._client, path, compute, attempts=self.settings.write_attempts)
+        except kube.NotFound:
+            return
+        except kube.ApiError as error:
+            self.metrics.write_failures.inc()
+            report.failed.append(policy.key)
+            log.warning("status of %s not written: %s", policy.key, error,
+                        extra={"policy": policy.key, "error": str(error), "code": error.code})
+            return
+        if stored is None:
+            return
+        self.metrics.status_writes.inc()
+        report.written.append(policy.key)
+        allocation = plan.allocation
+        log.info("status of %s written", policy.key, extra={
+            "policy": policy.key, "gpus": len(allocation.caps), "allocated_w": allocation.allocated_w,
+            "budget_w": allocation.budget_w, "feasible": allocation.feasible,
+        })
+        for change in transitions(before, stored.get("status") or {}):
+            self._event(policy, change.condition.reason, change.note, "Allocate", warning=change.event_type == "Warning")
+            report.events.append((policy.key, change.condition.reason))
+            _log_transition(policy, change)
+
+    def _rebalance(self, snapshot: Snapshot, report: RoundReport) -> None:
+        view = snapshot.view
+        for key, policy_view in sorted(view.policies.items()):
+            if policy_view.policy.algorithm.name != "energy-aware-scheduling":
+                continue
+            blocked_until = self._blocked_until.get(key)
+            if blocked_until is not None and view.now < blocked_until:
+                continue
+            decision = plan_rebalance(policy_view, view, snapshot.pods, snapshot.nodes,
+                                      self._last_move.get(key, self._term_applied))
+            if decision.move is None:
+                log.debug("no rebalancing for %s: %s", key, decision.reason, extra={"policy": key, "why": decision.reason})
+                continue
+            self._evict(policy_view.policy, decision.move, view.now, report)
+
+    def _evict(self, policy: Policy, move: Move, now: datetime, report: RoundReport) -> None:
+        namespace, _, name = move.pod.partition("/")
+        try:
+            result = kube.evict_pod(self._client, namespace, name)
+        except kube.ApiError as error:
+            log.warning("eviction of %s failed: %s", move.pod, error, extra={"policy": policy.key, "pod": move.pod,
+                                                                              "error": str(error)})
+            self.metrics.evictions.labels(result="error").inc()
+            return
+        self.metrics.evictions.labels(result=result.value).inc()
+        report.evictions.append((move.pod, result))
+        if result is kube.EvictionResult.EVICTED:
+            self._last_move[policy.key] = now
+            self._blocked_until.pop(policy.key, None)
+            self._event(policy, "EnergyRebalance", move.message, "Evict")
+            report.events.append((policy.key, "EnergyRebalance"))
+            log.info("evicted %s to rebalance %s", move.pod, move.node, extra={
+                "policy": policy.key, "pod": move.pod, "node": move.node, "node_power_w": move.node_power_w,
+                "threshold_w": move.threshold_w, "target": move.target})
+        elif result is kube.EvictionResult.BLOCKED:
+            first = policy.key not in self._blocked_until
+            self._blocked_until[policy.key] = now + timedelta(seconds=self.settings.eviction_retry_s)
+            if first:
+                note = (f"cannot evict {move.pod} now: a PodDisruptionBudget allows no disruption; "
+                        f"retrying every {self.settings.eviction_retry_s:g} s ({move.message})")
+                self._event(policy, "EvictionBlocked", note, "Evict", warning=True)
+                report.events.append((policy.key, "EvictionBlocked"))
+
+    def _event(self, policy: Policy, reason: str, note: str, action: str, *, warning: bool = False) -> None:
+        regarding = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "namespace": policy.namespace,
+                     "name": policy.name, "uid": policy.uid or None}
+        kube.post_event(self._client, regarding, reason, note, "Warning" if warning else "Normal",
+                        action=action, reporting_controller=REPORTING_CONTROLLER,
+                        reporting_instance=self.settings.identity, clock=self._clock)
+
+    def run(self, stop: threading.Event) -> None:
+        """Rounds every ``interval_s`` while leading, until ``stop`` is set. Never raises."""
+        while not stop.is_set():
+            started_s = time.monotonic()
+            if self._is_leader():
+                try:
+                    self.run_round()
+                except NotReady as waiting:
+                    log.info("waiting: %s", waiting, extra={"why": str(waiting)})
+                except Exception:  # a bug in one round must not end the loop
+                    log.exception("controller round failed")
+            else:
+                self.last_round_s = self._clock()  # alive, just not leading
+            stop.wait(max(0.0, self.settings.interval_s - (time.monotonic() - started_s)))
+
+
+def _log_transition(policy: Policy, change: Transition) -> None:
+    level = logging.INFO if change.event_type == "Normal" else logging.WARNING
+    log.log(level, "%s: %s", policy.key, change.note, extra={
+        "policy": policy.key, "condition": change.condition.type, "status": change.condition.status,
+        "reason": change.condition.reason, "previous_status": change.previous_status,
+        "previous_reason": change.previous_reason,
+    })

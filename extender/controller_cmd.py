@@ -1,0 +1,315 @@
+"""``powercap controller``: the budget controller, in a cluster or once over a snapshot.
+
+In a cluster (the default) it runs leader-elected on a coordination.k8s.io Lease, in its
+own container of the ``power-aware-scheduler`` Deployment, and writes each policy's
+``status`` (see :mod:`extender.controller`). ``--once`` prints what one round would write
+and writes nothing: over a snapshot with ``--cluster-state FILE`` (``kubectl get
+nodes,pods,pcp -A -o yaml``), else over the cluster as listed now. Exit status 2: bad
+usage, an unreadable snapshot, or no way to reach a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, TextIO
+
+import yaml
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from extender.cli import bind_address, label_key, positive_seconds
+from extender.controller import (
+    DEFAULT_INTERVAL_S,
+    BudgetController,
+    CacheSnapshots,
+    ControllerMetrics,
+    ControllerSettings,
+    ListSnapshots,
+    Snapshot,
+)
+from powercap.logs import configure_logging
+from extender.sources import load_state, snapshot_time, utc_now
+from powercap import API_GROUP, API_VERSION, KIND, kube
+from powercap.algorithms import AlgorithmRegistry
+from powercap.allocation import AllocationSettings
+from powercap.budget import RoundPlan, plan_round
+from powercap.cluster import ClusterSettings, build_cluster_view
+from powercap.objects import RACK_LABEL
+from powercap.rebalance import Decision, plan_rebalance
+from powercap.telemetry import DEFAULT_STALE_AFTER_S
+from powercap.validate_cmd import describe_load_error
+
+EXIT_USAGE = 2
+DEFAULT_HEALTH_BIND = "127.0.0.1:8081"
+DEFAULT_LEASE_NAMESPACE = "powercap-system"
+DEFAULT_LEASE_NAME = "powercap-controller"
+log = logging.getLogger("extender.controller")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "controller",
+        help="budget controller: split each policy's powerCapLimit into per-GPU caps",
+        description="Allocate every PowerCappingPolicy's powerCapLimit (minus a safety margin) across "
+        "its GPUs and write the caps and conditions to the policy's status, leader-elected on a Lease. "
+        "With --once, print what one round would write (for a snapshot given with --cluster-state, "
+        "or for the cluster as it is now) and write nothing.",
+    )
+    parser.add_argument("--once", action="store_true", help="print one round's allocations and statuses; write nothing")
+    parser.add_argument("--cluster-state", metavar="FILE",
+                        help="with --once: a snapshot (kubectl get nodes,pods,pcp -A -o yaml) instead of the cluster")
+    parser.add_argument("--output", "-o", choices=("table", "json", "yaml"), default="table",
+                        help="with --once: a readable table (default), or the statuses as a Kubernetes List")
+    parser.add_argument("--interval", default=DEFAULT_INTERVAL_S, type=positive_seconds, metavar="SECONDS",
+                        help=f"seconds between rounds (default {DEFAULT_INTERVAL_S:g})")
+    parser.add_argument("--margin", default=AllocationSettings().margin, type=margin_fraction, metavar="FRACTION",
+                        help="share of powerCapLimit held back for power overshoot (default 0.03: 3 %%)")
+    parser.add_argument("--rack-label", default=RACK_LABEL, type=label_key, metavar="KEY",
+                        help=f"node label whose value is the rack id (default {RACK_LABEL})")
+    parser.add_argument("--stale-after", default=DEFAULT_STALE_AFTER_S, type=positive_seconds, metavar="SECONDS",
+                        help=f"node telemetry older than this is stale (default {DEFAULT_STALE_AFTER_S:g})")
+    parser.add_argument("--lease-namespace", default=DEFAULT_LEASE_NAMESPACE, metavar="NAMESPACE")
+    parser.add_argument("--lease-name", default=DEFAULT_LEASE_NAME, metavar="NAME")
+    parser.add_argument("--identity", default=None, metavar="ID",
+                        help="this replica's name in the Lease (default: $POD_NAME, else host name and a random suffix)")
+    parser.add_argument("--health-bind", default=DEFAULT_HEALTH_BIND, type=bind_address, metavar="HOST:PORT",
+                        help=f"address of /healthz, /readyz and /metrics (default {DEFAULT_HEALTH_BIND})")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.set_defaults(func=run)
+
+
+def margin_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError("must be at least 0 and less than 1 (0.03 is 3 %)")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    if args.cluster_state and not args.once:
+        print("powercap controller: error: --cluster-state needs --once (the loop runs against a cluster)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    cluster_settings = ClusterSettings(rack_label=args.rack_label, stale_after_s=args.stale_after)
+    settings = ControllerSettings(
+        interval_s=args.interval,
+        allocation=AllocationSettings(margin=args.margin),
+        identity=args.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}",
+    )
+    registry = AlgorithmRegistry.default()
+    if args.once:
+        try:
+            snapshot = load_snapshot(args.cluster_state, cluster_settings, registry)
+        except (SnapshotError, kube.ApiError) as error:
+            print(f"powercap controller: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        print_once(snapshot, settings, args.output, sys.stdout)
+        return 0
+    try:
+        client = kube.KubeClient.from_environment()
+    except kube.KubeConfigError as error:
+        print(f"powercap controller: error: {error}; use --once --cluster-state FILE to plan a snapshot "
+              "without a cluster", file=sys.stderr)
+        return EXIT_USAGE
+    return serve(client, cluster_settings, registry, settings, args)
+
+
+class SnapshotError(Exception):
+    """A snapshot that cannot be read; the message names the file and the problem."""
+
+
+def load_snapshot(path: str | None, settings: ClusterSettings, registry: AlgorithmRegistry) -> Snapshot:
+    """The snapshot in ``path`` (evaluated at its newest telemetry), or the cluster listed now."""
+    if path is None:
+        try:
+            client = kube.KubeClient.from_environment()
+        except kube.KubeConfigError as error:
+            raise SnapshotError(f"{error}; pass --cluster-state FILE to plan a snapshot") from None
+        with client:
+            return ListSnapshots(client, settings, registry).snapshot()
+    try:
+        with open(path, "rb") as handle:
+            nodes, pods, policies = load_state(handle.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, yaml.YAMLError) as error:
+        raise SnapshotError(f"{path}: {describe_load_error(error)}") from None
+    now = snapshot_time(nodes) or utc_now()
+    view = build_cluster_view(nodes, pods, policies, now, settings, registry=registry)
+    return Snapshot(view, nodes, pods)
+
+
+def print_once(snapshot: Snapshot, settings: ControllerSettings, output: str, out: TextIO) -> None:
+    plan = plan_round(snapshot.view, settings.allocation)
+    if output == "table":
+        decisions = {
+            key: plan_rebalance(pv, snapshot.view, snapshot.pods, snapshot.nodes, None)
+            for key, pv in snapshot.view.policies.items() if pv.policy.algorithm.name == "energy-aware-scheduling"
+        }
+        write_table(plan, snapshot, decisions, out)
+        return
+    documents = statuses_as_list(plan)
+    if output == "json":
+        out.write(json.dumps(documents, indent=2) + "\n")
+    else:
+        yaml.safe_dump(documents, out, sort_keys=False)
+
+
+def statuses_as_list(plan: RoundPlan) -> dict[str, Any]:
+    """The statuses one round would write, as ``kubectl get pcp -o yaml`` would show them."""
+    return {
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            {
+                "apiVersion": f"{API_GROUP}/{API_VERSION}",
+                "kind": KIND,
+                "metadata": {"name": p.policy.name, "namespace": p.policy.namespace},
+                "status": dict(p.status),
+            }
+            for _, p in sorted(plan.policies.items())
+        ],
+    }
+
+
+def write_table(plan: RoundPlan, snapshot: Snapshot, decisions: Mapping[str, Decision], out: TextIO) -> None:
+    view = snapshot.view
+    out.write(f"budget controller round at {plan.now.isoformat(timespec='seconds')} "
+              f"({_count(len(plan.policies), 'policy', 'policies')}, {_count(len(view.nodes), 'node', 'nodes')})\n")
+    for warning in view.warnings:  # invalid policies among them: they are not allocated
+        out.write(f"warning: {warning}\n")
+    for key, policy_plan in sorted(plan.policies.items()):
+        policy, status = policy_plan.policy, policy_plan.status
+        power = f"{status['powerW']} W" if "powerW" in status else "unknown"
+        out.write(
+            f"\n{key}  {policy.mode.value}  cap {policy.power_cap_w} W  budget {status['budgetW']} W  "
+            f"power {power}  {status['gpus']} GPUs  "
+            f"({'status would change' if policy_plan.changed else 'status unchanged'})\n"
+        )
+        measured = {g.gpu.uuid: g.gpu for g in view.policies[key].gpus}
+        rows = [("NODE", "GPU", "CAP W", "DEMAND W", "POWER W", "LIMIT W", "LIMITED BY")]
+        for cap in policy_plan.allocation.caps:
+            gpu = measured.get(cap.uuid)
+            rows.append((cap.node, cap.uuid, str(cap.cap_w), f"{cap.demand_w:.0f}",
+                         f"{gpu.power_w:.0f}" if gpu else "-", f"{gpu.limit_w:.0f}" if gpu else "-", cap.bound.value))
+        if len(rows) > 1:
+            _write_rows(rows, out)
+        _write_rows([(c["type"], c["status"], c["reason"], c["message"]) for c in status["conditions"]], out)
+        for rack in status.get("racks") or ():
+            temperature = f", inlet {rack['temperatureC']} °C" if rack.get("temperatureC") is not None else ""
+            out.write(f"  rack {rack['rackId']}: {rack['powerW']} W{temperature}\n")
+        decision = decisions.get(key)
+        if decision is not None:
+            out.write(f"  rebalance: {decision.move.message if decision.move else 'none (' + decision.reason + ')'}\n")
+
+
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"
+
+
+def _write_rows(rows: Sequence[tuple[str, ...]], out: TextIO) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]
+        out.write("  " + "  ".join(cells).rstrip() + "\n")
+
+
+def serve(client: kube.KubeClient, cluster_settings: ClusterSettings, registry: AlgorithmRegistry,
+          settings: ControllerSettings, args: argparse.Namespace) -> int:
+    """Run the leader-elected loop until SIGTERM or SIGINT; release the Lease on the way out."""
+    snapshots = CacheSnapshots.on(client, cluster_settings, registry)
+    metrics = ControllerMetrics()
+    elector: kube.LeaderElector | None = None
+    controller = BudgetController(client, snapshots, settings, metrics=metrics,
+                                  is_leader=lambda: elector is not None and elector.is_leader)
+    elector = kube.LeaderElector(
+        client, args.lease_namespace, args.lease_name, settings.identity,
+        on_started_leading=controller.started_leading, on_stopped_leading=controller.stopped_leading,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    health = HealthServer(args.health_bind, controller, snapshots, metrics)
+    log.info("powercap controller starting", extra={
+        "identity": settings.identity, "lease": f"{args.lease_namespace}/{args.lease_name}",
+        "interval_s": settings.interval_s, "margin": settings.allocation.margin, "health": args.health_bind,
+    })
+    health.start()
+    snapshots.start()
+    elector.start()
+    try:
+        controller.run(stop)
+    finally:
+        elector.stop()  # releases the Lease: a standby takes over at once
+        snapshots.stop()
+        health.stop()
+        client.close()
+    log.info("powercap controller stopped", extra={"identity": settings.identity})
+    return 0
+
+
+class HealthServer:
+    """``/healthz`` (the loop ran lately), ``/readyz`` (caches synced) and ``/metrics`` on a local port."""
+
+    def __init__(self, bind: str, controller: BudgetController, snapshots: CacheSnapshots,
+                 metrics: ControllerMetrics) -> None:
+        host, _, port = bind.rpartition(":")
+        self._controller, self._snapshots, self._metrics = controller, snapshots, metrics
+        handler = self._handler()
+        self._server = ThreadingHTTPServer((host, int(port)), handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="controller-health", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        health = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                code, body, content_type = health.answer(self.path)
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+                return None
+
+        return Handler
+
+    def answer(self, path: str) -> tuple[int, bytes, str]:
+        if path == "/metrics":
+            return 200, generate_latest(self._metrics.registry), CONTENT_TYPE_LATEST
+        if path == "/readyz":
+            waiting = self._snapshots.readiness()
+            return (503, f"{waiting}\n".encode(), "text/plain") if waiting else (200, b"ok\n", "text/plain")
+        if path == "/healthz":
+            last_s = self._controller.last_round_s
+            limit_s = 3 * self._controller.settings.interval_s + 60
+            now_s = datetime.now().timestamp()
+            if last_s is not None and now_s - last_s > limit_s:
+                return 503, f"no round for {now_s - last_s:.0f} s\n".encode(), "text/plain"
+            return 200, b"ok\n", "text/plain"
+        return 404, b"not found\n", "text/plain"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,579 @@
+"""Budget allocation: turn each service's ``powerCapLimit`` into per-GPU caps.
+
+Pure functions over plain frozen dataclasses; the budget controller feeds them from the
+cluster view and writes the result to ``status.allocations``. The formula:
+
+1. **Budget.** ``budget_w = floor(powerCapLimit x (1 - margin))``, margin 3 % by default:
+   instantaneous power overshoots a limit (748 W was measured under a 700 W limit on an
+   H200). GPUs of the service that have no telemetry yet (a pod just started) run at
+   their minimum, so ``reserved_w`` (their minimums) comes off first:
+   ``capacity_w = budget_w - ceil(reserved_w)``.
+2. **Demand** per GPU (:func:`estimate_demand_w`): a GPU drawing within ``pinned_fraction``
+   (5 %) of its cap is *pinned* and asks for ``cap + step`` (step = 10 % of its
+   [min, max] range); any other GPU gives budget back and asks for ``power + headroom``
+   (headroom = 10 % of its range). Demand is clamped to the GPU's [min, max]. A GPU whose
+   node reports no fresh telemetry is *held* at its last cap (its agent may still be
+   enforcing it), neither raised nor lowered.
+3. **Max-min fair fill toward demand.** Every GPU starts at its NVML minimum; a common
+   water level ``L`` rises and each GPU's cap is ``clamp(L, min_i, demand_i)``. A service's
+   GPUs stop rising when the service reaches ``capacity_w``; the GPUs of a constrained rack
+   stop rising when the rack reaches ``floor(maxPower - unmanaged_power_w)``, whichever
+   comes first for that GPU. Racks are shared: every service with GPUs in a rack counts
+   against its ``maxPower`` (the strictest ``maxPower`` any policy names is the caller's
+   to pick). This is progressive filling: each GPU's cap is
+   ``clamp(min(L_service, L_rack), min_i, ceiling_i)`` where the levels are the fixed point
+   of the two water-fills (:func:`water_level`), reached by alternating them from the top.
+   Every intermediate point is feasible, so the invariants hold however few rounds run.
+4. **Surplus.** When every demand of a service is met and budget is left, the same fill
+   runs again from the first result up to each GPU's maximum: caps cost nothing while a
+   GPU draws below them, and a GPU whose load rises then has room before the next round.
+5. **Deadband.** A cap within ``deadband_w`` of the GPU's previous cap keeps the previous
+   cap (so measurement noise does not rewrite status every round), unless that would break
+   a service or rack sum, in which case those GPUs take the new value.
+6. **Safe transitions.** Node agents pick up a new allocation at different moments, so the
+   caps in force mix old and new. Raises are cut so that
+   ``sum_i max(previous_i, new_i) <= capacity_w``: a raise only spends budget that no GPU
+   can still be holding. A GPU without a previous cap counts at its minimum (an agent
+   starts a new GPU there). When previous caps already exceed the capacity (the cap was
+   lowered), lowers go out first and raises wait for the next round.
+
+Rounding: caps are whole watts, ``floor``-ed, with minimums rounded up and maximums down,
+so integer sums never pass an integer budget.
+
+Infeasible: when the minimums (plus ``reserved_w``) exceed ``capacity_w`` every GPU of the
+service stays at its minimum and :attr:`ServiceAllocation.infeasible_reason` says by how
+much and what to change; likewise per rack in :attr:`RackAllocation.infeasible_reason`.
+
+Properties (tests/test_allocation.py): when feasible the caps of a service sum to at most
+its budget; every cap lies in [min, max]; more budget never lowers a cap of that service;
+the same input gives the same output.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from itertools import accumulate
+from operator import attrgetter
+from types import MappingProxyType
+from typing import NamedTuple
+
+INF = math.inf
+# Float slack when rounding a level back to whole watts: a cap computed as 399.9999999
+# is 400 W. Safe for budgets: n GPUs add at most n x 1e-6 W < 1 W to an integer sum.
+_ROUNDING_SLACK_W = 1e-6
+_LEVEL_TOLERANCE_W = 1e-6
+_NODE_AND_UUID = attrgetter("node", "uuid")
+
+
+@dataclass(frozen=True)
+class AllocationSettings:
+    """Knobs of the allocation. Bad values fail at construction (start-up), never later."""
+
+    margin: float = 0.03
+    pinned_fraction: float = 0.05
+    step_fraction: float = 0.10
+    headroom_fraction: float = 0.10
+    deadband_w: float = 10.0
+    max_rounds: int = 30
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.margin < 1:
+            problems.append(f"margin must be in [0, 1), not {self.margin}")
+        for name in ("pinned_fraction", "step_fraction", "headroom_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} must be in [0, 1], not {getattr(self, name)}")
+        if self.deadband_w < 0:
+            problems.append(f"deadband_w must be >= 0, not {self.deadband_w}")
+        if self.max_rounds < 1:
+            problems.append(f"max_rounds must be >= 1, not {self.max_rounds}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class GpuState:
+    """One GPU of a service as the node agent last reported it.
+
+    ``previous_w`` is the cap the controller last published for it (None for a GPU that
+    has none yet); ``fresh`` is False when its node's telemetry is stale.
+    """
+
+    uuid: str
+    node: str
+    rack: str | None
+    min_w: float
+    max_w: float
+    power_w: float
+    limit_w: float
+    previous_w: float | None = None
+    fresh: bool = True
+
+
+@dataclass(frozen=True)
+class Service:
+    """The GPUs of one policy's service and its cap.
+
+    ``reserved_w``: watts held back for GPUs of the service that have no telemetry yet
+    (they run at their minimum until their agent reports them).
+    """
+
+    key: str
+    power_cap_w: float
+    gpus: tuple[GpuState, ...]
+    reserved_w: float = 0.0
+
+
+@dataclass(frozen=True)
+class RackLimit:
+    """A constrained rack: its ``maxPower`` and the measured power of everything not allocated here."""
+
+    rack_id: str
+    max_power_w: float
+    unmanaged_power_w: float = 0.0
+
+
+class Bound(str, Enum):
+    """Why a GPU's cap is not higher."""
+
+    MAX = "max"                # at the GPU's maximum
+    BUDGET = "budget"          # the service's budget is spent
+    RACK = "rack"              # its rack's maxPower is reached
+    MINIMUM = "minimum"        # infeasible: held at the minimum
+    HELD = "held"              # no fresh telemetry: held at its last cap
+    TRANSITION = "transition"  # raise postponed until lowered caps are in force
+
+
+class GpuCap(NamedTuple):
+    """The cap of one GPU (an immutable record; a NamedTuple because 10,000 are built per round)."""
+
+    uuid: str
+    node: str
+    rack: str | None
+    cap_w: int
+    min_w: int
+    max_w: int
+    demand_w: float
+    bound: Bound
+
+
+@dataclass(frozen=True)
+class ServiceAllocation:
+    key: str
+    power_cap_w: float
+    budget_w: int
+    reserved_w: float
+    caps: tuple[GpuCap, ...]
+    infeasible_reason: str | None = None
+
+    @property
+    def feasible(self) -> bool:
+        return self.infeasible_reason is None
+
+    @property
+    def allocated_w(self) -> int:
+        return sum(c.cap_w for c in self.caps)
+
+    @property
+    def minimum_w(self) -> int:
+        return sum(c.min_w for c in self.caps)
+
+    def by_node(self) -> dict[str, tuple[GpuCap, ...]]:
+        """The caps grouped by node, nodes and GPUs in name order."""
+        grouped: dict[str, list[GpuCap]] = {}
+        for cap in self.caps:
+            grouped.setdefault(cap.node, []).append(cap)
+        return {node: tuple(grouped[node]) for node in sorted(grouped)}
+
+
+@dataclass(frozen=True)
+class RackAllocation:
+    rack_id: str
+    max_power_w: float
+    unmanaged_power_w: float
+    allocated_w: int
+    minimum_w: int
+    infeasible_reason: str | None = None
+
+    @property
+    def feasible(self) -> bool:
+        return self.infeasible_reason is None
+
+
+@dataclass(frozen=True)
+class Allocation:
+    services: Mapping[str, ServiceAllocation] = field(default_factory=lambda: MappingProxyType({}))
+    racks: Mapping[str, RackAllocation] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def budget_w(power_cap_w: float, margin: float) -> int:
+    """``floor(power_cap_w x (1 - margin))``: the watts shared out across a service's GPUs."""
+    return max(0, math.floor(power_cap_w * (1 - margin) + 1e-9))
+
+
+def minimum_cap_for_w(minimum_w: float, margin: float) -> int:
+    """The smallest ``powerCapLimit`` whose budget covers ``minimum_w``: ``ceil(minimum_w / (1 - margin))``."""
+    needed = math.ceil(minimum_w / (1 - margin) - 1e-9)
+    return needed + 1 if budget_w(needed, margin) < minimum_w else needed
+
+
+def estimate_demand_w(gpu: GpuState, settings: AllocationSettings) -> float:
+    """What a GPU would use if given it, clamped to its [min, max].
+
+    pinned (``power_w >= limit_w x (1 - pinned_fraction)``):
+        ``max(limit_w + step_fraction x (max - min), power_w + headroom)``
+    otherwise: ``power_w + headroom_fraction x (max - min)``
+    """
+    min_w, max_w = _bounds(gpu)
+    return _demands_w([gpu], [min_w], [max_w], settings)[0]
+
+
+def _demands_w(gpus: Sequence[GpuState], minima: Sequence[int], maxima: Sequence[int],
+               settings: AllocationSettings) -> list[float]:
+    """:func:`estimate_demand_w` for many GPUs at once (one comprehension: 10,000 GPUs per round)."""
+    pinned_ratio = 1 - settings.pinned_fraction
+    step, headroom = settings.step_fraction, settings.headroom_fraction
+    wanted = [
+        max(g.limit_w + step * (high - low), g.power_w + headroom * (high - low))
+        if g.power_w >= g.limit_w * pinned_ratio else g.power_w + headroom * (high - low)
+        for g, low, high in zip(gpus, minima, maxima)
+    ]
+    return [low if w < low else high if w > high else w for w, low, high in zip(wanted, minima, maxima)]
+
+
+def water_level(los: Sequence[float], his: Sequence[float], capacity_w: float) -> float:
+    """The level ``L`` with ``sum_i clamp(L, lo_i, hi_i) = capacity_w`` (each ``lo_i <= hi_i``).
+
+    ``+inf`` when ``sum(hi) <= capacity_w`` (every GPU reaches its ceiling), ``-inf`` when
+    ``sum(lo) >= capacity_w`` (every GPU stays at its floor). O(n log n): two sorts, prefix
+    sums, then a binary search over the breakpoints of the piecewise-linear fill.
+    """
+    if sum(his) <= capacity_w:
+        return INF
+    if sum(los) >= capacity_w:
+        return -INF
+    count = len(los)
+    lo_sorted, hi_sorted = sorted(los), sorted(his)
+    lo_prefix = [0.0, *accumulate(lo_sorted)]
+    hi_prefix = [0.0, *accumulate(hi_sorted)]
+    total_lo = lo_prefix[-1]
+
+    def fill(level: float) -> float:
+        below = bisect_left(lo_sorted, level)   # GPUs with lo < level are not held up by lo
+        capped = bisect_right(hi_sorted, level)  # GPUs with hi <= level are at hi
+        return total_lo - lo_prefix[below] + hi_prefix[capped] + level * (below - capped)
+
+    def last_at_most(points: list[float]) -> float:
+        low, high = 0, count  # invariant: fill(points[i]) <= capacity for i < low
+        while low < high:
+            middle = (low + high) // 2
+            if fill(points[middle]) <= capacity_w:
+                low = middle + 1
+            else:
+                high = middle
+        return points[low - 1] if low else -INF
+
+    start = max(last_at_most(lo_sorted), last_at_most(hi_sorted))
+    rising = bisect_right(lo_sorted, start) - bisect_right(hi_sorted, start)
+    if rising <= 0:  # the fill is flat at the capacity (up to float rounding) right of start
+        return start
+    return start + (capacity_w - fill(start)) / rising
+
+
+def allocate(
+    services: Iterable[Service],
+    racks: Iterable[RackLimit] = (),
+    settings: AllocationSettings | None = None,
+) -> Allocation:
+    """Per-GPU caps for every service at once (racks are shared between services).
+
+    See the module docstring for the formula. A GPU's ``rack`` counts only when ``racks``
+    lists it; a GPU listed by two services is a caller bug and raises ``ValueError``.
+    """
+    settings = settings or AllocationSettings()
+    services = sorted(services, key=lambda s: s.key)
+    limits = {r.rack_id: r for r in sorted(racks, key=lambda r: r.rack_id)}
+    problem = _Problem.build(services, limits, settings)
+    first = problem.fill(problem.floors, problem.demands)
+    # Surplus: services that met every demand share what is left, up to each GPU's maximum.
+    surplus_ceilings = [
+        problem.maxima[i] if first.service_levels[problem.service_of[i]] == INF else first.caps[i]
+        for i in range(problem.size)
+    ]
+    for i in problem.held:
+        surplus_ceilings[i] = first.caps[i]
+    second = problem.fill(first.caps, surplus_ceilings)
+    caps = [math.floor(cap + _ROUNDING_SLACK_W) for cap in second.caps]
+    caps = problem.apply_deadband(caps)
+    caps, postponed = problem.limit_raises(caps)
+    return problem.result(caps, first, second, postponed)
+
+
+@dataclass
+class _Fill:
+    caps: list[float]
+    service_levels: list[float]
+    rack_levels: list[float]
+
+
+@dataclass
+class _Problem:
+    """The GPUs of every service as flat lists, indexed 0..size-1, in (service, node, uuid) order."""
+
+    settings: AllocationSettings
+    services: list[Service]
+    gpus: list[GpuState]
+    service_of: list[int]
+    rack_of: list[int]                  # index into rack_ids, or -1 for an unconstrained rack
+    rack_ids: list[str]
+    rack_limits: list[RackLimit]
+    members_of_service: list[list[int]]
+    members_of_rack: list[list[int]]
+    service_capacity_w: list[int]
+    rack_capacity_w: list[int]
+    minima: list[int]
+    maxima: list[int]
+    floors: list[float]                 # where the fill starts: the minimum, or the held cap
+    demands: list[float]
+    held: set[int]
+    previous: list[int]                 # previous cap, or the minimum for a new GPU
+    sticky: list[bool]                  # fresh with a previous cap: the deadband applies
+
+    @property
+    def size(self) -> int:
+        return len(self.gpus)
+
+    @classmethod
+    def build(cls, services: list[Service], limits: Mapping[str, RackLimit], settings: AllocationSettings) -> _Problem:
+        gpus: list[GpuState] = []
+        service_of: list[int] = []
+        seen: dict[str, str] = {}
+        for index, service in enumerate(services):
+            for gpu in sorted(service.gpus, key=_NODE_AND_UUID):
+                if gpu.uuid in seen:
+                    raise ValueError(f"GPU {gpu.uuid} is listed by both {seen[gpu.uuid]} and {service.key}")
+                seen[gpu.uuid] = service.key
+                gpus.append(gpu)
+                service_of.append(index)
+        rack_ids = sorted({g.rack for g in gpus if g.rack is not None and g.rack in limits})
+        rack_index = {rack: i for i, rack in enumerate(rack_ids)}
+        rack_of = [rack_index.get(g.rack, -1) if g.rack is not None else -1 for g in gpus]
+        members_of_service: list[list[int]] = [[] for _ in services]
+        members_of_rack: list[list[int]] = [[] for _ in rack_ids]
+        for i in range(len(gpus)):
+            members_of_service[service_of[i]].append(i)
+            if rack_of[i] >= 0:
+                members_of_rack[rack_of[i]].append(i)
+        minima = [max(0, math.ceil(g.min_w - 1e-9)) for g in gpus]
+        maxima = [max(low, math.floor(g.max_w + 1e-9)) for g, low in zip(gpus, minima)]
+        floors = [float(low) for low in minima]
+        demands = _demands_w(gpus, minima, maxima, settings)
+        previous = [
+            low if g.previous_w is None else int(_clamp(g.previous_w, low, high))
+            for g, low, high in zip(gpus, minima, maxima)
+        ]
+        held = {i for i, g in enumerate(gpus) if not g.fresh}
+        for i in held:
+            # Its agent may still enforce whichever of the reported limit and our last cap is higher.
+            gpu = gpus[i]
+            last_w = 0.0 if gpu.previous_w is None else gpu.previous_w
+            hold_w = math.floor(_clamp(max(gpu.limit_w, last_w), minima[i], maxima[i]))
+            floors[i] = demands[i] = float(hold_w)
+            previous[i] = hold_w
+        return cls(
+            settings=settings,
+            services=services,
+            gpus=gpus,
+            service_of=service_of,
+            rack_of=rack_of,
+            rack_ids=rack_ids,
+            rack_limits=[limits[r] for r in rack_ids],
+            members_of_service=members_of_service,
+            members_of_rack=members_of_rack,
+            service_capacity_w=[
+                budget_w(s.power_cap_w, settings.margin) - math.ceil(s.reserved_w - 1e-9) for s in services
+            ],
+            rack_capacity_w=[math.floor(limits[r].max_power_w - limits[r].unmanaged_power_w) for r in rack_ids],
+            minima=minima,
+            maxima=maxima,
+            floors=floors,
+            demands=demands,
+            held=held,
+            previous=previous,
+            sticky=[gpu.fresh and gpu.previous_w is not None for gpu in gpus],
+        )
+
+    def fill(self, los: list[float], his: list[float]) -> _Fill:
+        """Progressive filling of every GPU from ``los`` toward ``his`` under both sums.
+
+        Alternates rack levels ``R = F(P)`` and service levels ``P = G(R)``. Starting from
+        ``P = +inf``, R only rises and P only falls, so after each service step the caps
+        ``clamp(min(P, R), lo, hi)`` satisfy every service sum (by construction) and every
+        rack sum (they are below the caps the rack level was computed for).
+        """
+        service_of, rack_of = self.service_of, self.rack_of
+        service_levels = [INF] * len(self.services)
+        rack_levels = [INF] * len(self.rack_ids)
+        # Per group: (floors, ceilings, the other group of each member), gathered once.
+        rack_groups = [
+            ([los[i] for i in m], [his[i] for i in m], [service_of[i] for i in m]) for m in self.members_of_rack
+        ]
+        service_groups = [
+            ([los[i] for i in m], [his[i] for i in m], [rack_of[i] for i in m]) for m in self.members_of_service
+        ]
+        rack_levels.append(INF)  # index -1: the level of "no constrained rack"
+        for _ in range(self.settings.max_rounds):
+            for r, (floors, ceilings, others) in enumerate(rack_groups):
+                levels = [service_levels[o] for o in others]
+                capped = [lo if v < lo else hi if v > hi else v for lo, hi, v in zip(floors, ceilings, levels)]
+                rack_levels[r] = water_level(floors, capped, self.rack_capacity_w[r])
+            changed = False
+            for s, (floors, ceilings, others) in enumerate(service_groups):
+                levels = [rack_levels[o] for o in others]
+                capped = [lo if v < lo else hi if v > hi else v for lo, hi, v in zip(floors, ceilings, levels)]
+                level = water_level(floors, capped, self.service_capacity_w[s])
+                changed = changed or not _same_level(level, service_levels[s])
+                service_levels[s] = level
+            if not changed or not rack_groups:
+                break
+        levels = [min(service_levels[s], rack_levels[r]) for s, r in zip(service_of, rack_of)]
+        caps = [lo if v < lo else hi if v > hi else v for lo, hi, v in zip(los, his, levels)]
+        rack_levels.pop()
+        return _Fill(caps, service_levels, rack_levels)
+
+    def apply_deadband(self, caps: list[int]) -> list[int]:
+        """Keep a GPU's previous cap when the new one is within ``deadband_w`` of it, while every sum still fits."""
+        deadband_w = self.settings.deadband_w
+        if deadband_w <= 0:
+            return caps
+        kept = [
+            last if known and abs(cap - last) < deadband_w else cap
+            for cap, last, known in zip(caps, self.previous, self.sticky)
+        ]
+        groups = [(m, c) for m, c in zip(self.members_of_service, self.service_capacity_w)]
+        groups += [(m, c) for m, c in zip(self.members_of_rack, self.rack_capacity_w)]
+        for members, capacity_w in groups:
+            if sum(kept[i] for i in members) > capacity_w:
+                for i in members:
+                    kept[i] = min(kept[i], caps[i])
+        return kept
+
+    def limit_raises(self, caps: list[int]) -> tuple[list[int], set[int]]:
+        """Cut raises so that ``sum_i max(previous_i, cap_i) <= capacity_w`` for every service.
+
+        Each raise keeps ``floor((cap_i - previous_i) x room / raises)`` where
+        ``room = capacity_w - sum_i previous_i`` (0 when negative).
+        """
+        limited = list(caps)
+        postponed: set[int] = set()
+        for members, capacity_w in zip(self.members_of_service, self.service_capacity_w):
+            previous = [self.previous[i] for i in members]
+            raises_w = sum(max(0, caps[i] - last) for i, last in zip(members, previous))
+            room_w = capacity_w - sum(previous)
+            if raises_w <= max(room_w, 0):
+                continue
+            share = max(room_w, 0) / raises_w
+            for i in members:
+                if caps[i] > self.previous[i]:
+                    limited[i] = self.previous[i] + math.floor((caps[i] - self.previous[i]) * share)
+                    postponed.add(i)
+        return limited, postponed
+
+    def result(self, caps: list[int], first: _Fill, second: _Fill, postponed: set[int]) -> Allocation:
+        margin = self.settings.margin
+        service_infeasible = []
+        for s, service in enumerate(self.services):
+            members = self.members_of_service[s]
+            floor_w = sum(self.floors[i] for i in members) + math.ceil(service.reserved_w - 1e-9)
+            budget = budget_w(service.power_cap_w, margin)
+            reason = None
+            if floor_w > budget:
+                reason = _service_infeasible_reason(service, len(members), floor_w, budget, margin)
+            service_infeasible.append(reason)
+        rack_infeasible = []
+        for r, limit in enumerate(self.rack_limits):
+            members = self.members_of_rack[r]
+            floor_w = sum(self.floors[i] for i in members)
+            reason = None
+            if floor_w > self.rack_capacity_w[r]:
+                reason = (
+                    f"rack {limit.rack_id}: {len(members)} GPUs need at least {floor_w:.0f} W (their minimum power limits), "
+                    f"plus {limit.unmanaged_power_w:.0f} W of other load, over maxPower {limit.max_power_w:.0f} W; "
+                    f"raise maxPower or move pods to other racks"
+                )
+            rack_infeasible.append(reason)
+
+        # The fill that last let a service's GPUs rise: the surplus fill when every demand was met.
+        last_fill = [second if level == INF else first for level in first.service_levels]
+        blocked = [reason is not None for reason in service_infeasible]
+        rack_blocked = [reason is not None for reason in rack_infeasible]
+        gpu_caps = []
+        for i, gpu in enumerate(self.gpus):
+            s, r, cap_w = self.service_of[i], self.rack_of[i], caps[i]
+            if cap_w >= self.maxima[i]:
+                bound = Bound.MAX
+            elif i in self.held:
+                bound = Bound.HELD
+            elif blocked[s] or (r >= 0 and rack_blocked[r]):
+                bound = Bound.MINIMUM
+            elif i in postponed:
+                bound = Bound.TRANSITION
+            elif r >= 0 and last_fill[s].rack_levels[r] < last_fill[s].service_levels[s]:
+                bound = Bound.RACK
+            else:
+                bound = Bound.BUDGET
+            gpu_caps.append(GpuCap(gpu.uuid, gpu.node, gpu.rack, cap_w, self.minima[i], self.maxima[i],
+                                   self.demands[i], bound))
+        services = {
+            service.key: ServiceAllocation(
+                key=service.key,
+                power_cap_w=service.power_cap_w,
+                budget_w=budget_w(service.power_cap_w, margin),
+                reserved_w=service.reserved_w,
+                caps=tuple(gpu_caps[i] for i in self.members_of_service[s]),
+                infeasible_reason=service_infeasible[s],
+            )
+            for s, service in enumerate(self.services)
+        }
+        racks = {
+            limit.rack_id: RackAllocation(
+                rack_id=limit.rack_id,
+                max_power_w=limit.max_power_w,
+                unmanaged_power_w=limit.unmanaged_power_w,
+                allocated_w=sum(caps[i] for i in self.members_of_rack[r]),
+                minimum_w=int(sum(self.floors[i] for i in self.members_of_rack[r])),
+                infeasible_reason=rack_infeasible[r],
+            )
+            for r, limit in enumerate(self.rack_limits)
+        }
+        return Allocation(services=MappingProxyType(services), racks=MappingProxyType(racks))
+
+
+def _service_infeasible_reason(service: Service, gpu_count: int, floor_w: float, budget: int, margin: float) -> str:
+    reserved = f" (including {service.reserved_w:.0f} W for GPUs not reporting yet)" if service.reserved_w else ""
+    return (
+        f"{gpu_count} GPUs need at least {floor_w:.0f} W (their minimum power limits){reserved}, but the budget is "
+        f"{budget} W (powerCapLimit {service.power_cap_w:.0f} W minus the {margin * 100:g} % margin); raise "
+        f"powerCapLimit to at least {minimum_cap_for_w(floor_w, margin)} W or run fewer GPUs"
+    )
+
+
+def _bounds(gpu: GpuState) -> tuple[int, int]:
+    """Whole-watt [min, max]: the minimum rounded up, the maximum down (never below the minimum).
+
+    (``_Problem.build`` computes the same for every GPU at once.)
+    """
+    min_w = max(0, math.ceil(gpu.min_w - 1e-9))
+    return min_w, max(min_w, math.floor(gpu.max_w + 1e-9))
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return low if value < low else high if value > high else value
+
+
+def _same_level(a: float, b: float) -> bool:
+    return a == b or (math.isfinite(a) and math.isfinite(b) and abs(a - b) <= _LEVEL_TOLERANCE_W)

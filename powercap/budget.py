@@ -1,0 +1,208 @@
+"""One round of the budget controller, pure: cluster view in, allocations and statuses out.
+
+:func:`plan_round` reads a :class:`~powercap.cluster.ClusterView` (the policies with the
+status stored on each, node telemetry, racks) and returns, per policy, the allocation and
+the status to store. ``powercap controller`` runs it every few seconds and writes what
+changed; ``powercap controller --cluster-state FILE --once`` prints it.
+
+Inputs of the allocation (:mod:`powercap.allocation`), per policy:
+
+- its GPUs: those node telemetry attributes to its pods (``gpus[].pod``), with their
+  power, limit and NVML range; a GPU on a node whose telemetry is stale is *held*; its
+  previous cap is the one in the policy's stored ``status.allocations``;
+- ``reserved_w``: GPUs its bound pods requested that no telemetry lists yet (a pod just
+  started) run at their minimum until their agent reports them:
+  ``(boundGpus - reportedGpus) x the largest minimum among its GPUs`` (the default
+  minimum when none reports);
+- racks: every rack with a ``maxPower`` (the strictest over Enforce policies), with
+  ``unmanaged_power_w = rack power (measured + assumed) - measured power of the GPUs
+  allocated in it``.
+
+``Observe`` policies are allocated in a second pass, after the ``Enforce`` ones: their
+GPUs are not capped, so for the Enforce pass they are ordinary load (measured power); for
+their own pass the Enforce GPUs count at their new caps. An Observe policy thus reports
+the caps it would get if it were enforced, and never takes rack power from an enforced one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any
+
+from powercap.allocation import (
+    Allocation,
+    AllocationSettings,
+    GpuState,
+    RackAllocation,
+    RackLimit,
+    Service,
+    ServiceAllocation,
+    allocate,
+)
+from powercap.cluster import ClusterView, PolicyView
+from powercap.policies import Mode, Policy
+from powercap.status import (
+    LaggingGpu,
+    RackReading,
+    StatusInputs,
+    find_lagging,
+    published_allocations,
+    render_status,
+)
+
+
+@dataclass(frozen=True)
+class PolicyPlan:
+    """What one round decided for a policy: its caps, what it measured, the status to store."""
+
+    policy: Policy
+    allocation: ServiceAllocation
+    inputs: StatusInputs
+    status: Mapping[str, Any]
+    lagging: frozenset[str] = frozenset()  # UUIDs seen above their allocation this round
+
+    @property
+    def changed(self) -> bool:
+        """Whether ``status`` differs from the status stored on the policy."""
+        return dict(self.status) != dict(self.policy.status)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    now: datetime
+    policies: Mapping[str, PolicyPlan] = field(default_factory=lambda: MappingProxyType({}))
+    racks: Mapping[str, RackAllocation] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def plan_round(
+    view: ClusterView,
+    settings: AllocationSettings | None = None,
+    *,
+    lagging_before: Mapping[str, Collection[str]] | None = None,
+) -> RoundPlan:
+    """Allocations and statuses for every valid policy of ``view``, at ``view.now``.
+
+    ``lagging_before``: per policy key, the GPUs found lagging in the previous round. When
+    given, a GPU is reported lagging only when it lagged in both rounds (its agent has had a
+    whole round to apply the allocation); when None (a one-off run), every lagging GPU is.
+    """
+    settings = settings or AllocationSettings()
+    services = {key: _service(policy_view, view) for key, policy_view in sorted(view.policies.items())}
+    enforce = [s for key, s in services.items() if view.policies[key].policy.mode is Mode.ENFORCE]
+    observe = [s for key, s in services.items() if view.policies[key].policy.mode is Mode.OBSERVE]
+    first = allocate(enforce, _rack_limits(view, enforce, counted_at_caps=None), settings)
+    second = Allocation()
+    if observe:
+        second = allocate(observe, _rack_limits(view, [*enforce, *observe], counted_at_caps=first), settings)
+    allocations = {**first.services, **second.services}
+    racks = {**second.racks, **first.racks}  # the enforced figures win for racks in both
+    plans = {}
+    for key, policy_view in sorted(view.policies.items()):
+        before = None if lagging_before is None else lagging_before.get(key, ())
+        plans[key] = _plan(policy_view, allocations[key], racks, view, settings, before)
+    return RoundPlan(now=view.now, policies=MappingProxyType(plans), racks=MappingProxyType(racks))
+
+
+def _service(policy_view: PolicyView, view: ClusterView) -> Service:
+    published = published_allocations(policy_view.policy.status)
+    gpus = []
+    for entry in policy_view.gpus:
+        node = view.nodes.get(entry.node)
+        gpu = entry.gpu
+        gpus.append(GpuState(
+            uuid=gpu.uuid, node=entry.node, rack=node.rack_id if node is not None else None,
+            min_w=gpu.min_w, max_w=gpu.max_w, power_w=gpu.power_w, limit_w=gpu.limit_w,
+            previous_w=published.get(gpu.uuid), fresh=node is not None and node.fresh,
+        ))
+    unreported = max(0, policy_view.bound_gpus - len(gpus))
+    minimum_w = max((g.min_w for g in gpus), default=view.settings.default_gpu_min_w)
+    return Service(policy_view.key, policy_view.policy.power_cap_w, tuple(gpus), reserved_w=unreported * minimum_w)
+
+
+def _rack_limits(view: ClusterView, services: Iterable[Service], counted_at_caps: Allocation | None) -> list[RackLimit]:
+    """Racks with a maxPower; their unmanaged power is what ``services`` do not account for.
+
+    ``unmanaged = rack power - measured power of the fresh GPUs of services in it``, plus,
+    when ``counted_at_caps`` is given, the caps that allocation gave the GPUs in the rack.
+    """
+    managed_w: dict[str, float] = {}
+    for service in services:
+        for gpu in service.gpus:
+            if gpu.rack is not None and gpu.fresh:
+                managed_w[gpu.rack] = managed_w.get(gpu.rack, 0.0) + gpu.power_w
+    capped_w: dict[str, float] = {}
+    for allocation in (counted_at_caps.services.values() if counted_at_caps is not None else ()):
+        for cap in allocation.caps:
+            if cap.rack is not None:
+                capped_w[cap.rack] = capped_w.get(cap.rack, 0.0) + cap.cap_w
+    return [
+        RackLimit(
+            rack_id, rack.limits.max_power_w,
+            unmanaged_power_w=max(0.0, rack.power_w - managed_w.get(rack_id, 0.0)) + capped_w.get(rack_id, 0.0),
+        )
+        for rack_id, rack in sorted(view.racks.items())
+        if rack.limits.max_power_w is not None
+    ]
+
+
+def _plan(
+    policy_view: PolicyView,
+    allocation: ServiceAllocation,
+    racks: Mapping[str, RackAllocation],
+    view: ClusterView,
+    settings: AllocationSettings,
+    lagging_before: Collection[str] | None,
+) -> PolicyPlan:
+    policy = policy_view.policy
+    fresh = [g for g in policy_view.gpus if (node := view.nodes.get(g.node)) is not None and node.fresh]
+    service_racks = sorted({c.rack for c in allocation.caps if c.rack is not None})
+    named = {r.rack_id for r in policy.racks}
+    readings = tuple(
+        RackReading(rack_id, view.racks[rack_id].power_w, view.racks[rack_id].inlet_temperature_c)
+        for rack_id in service_racks
+        if rack_id in view.racks and (view.racks[rack_id].constrained or rack_id in named)
+    )
+    lagging = find_lagging(((g.node, g.gpu.uuid, g.gpu.limit_w) for g in fresh), published_allocations(policy.status))
+    reported: tuple[LaggingGpu, ...] = lagging
+    if lagging_before is not None:
+        reported = tuple(g for g in lagging if g.uuid in lagging_before)
+    unreported = max(0, policy_view.bound_gpus - len(policy_view.gpus))
+    gpu_count = len(policy_view.gpus) + unreported
+    inputs = StatusInputs(
+        policy=policy,
+        allocation=allocation,
+        margin=settings.margin,
+        gpus=gpu_count,
+        power_w=sum(g.gpu.power_w for g in fresh) if fresh or gpu_count == 0 else None,
+        racks=readings,
+        rack_problems=tuple(
+            reason for rack_id in service_racks
+            if rack_id in racks and (reason := racks[rack_id].infeasible_reason) is not None
+        ),
+        lagging=reported,
+        silent_nodes=_silent_nodes(policy_view, view),
+        unreported_gpus=unreported,
+    )
+    return PolicyPlan(
+        policy=policy,
+        allocation=allocation,
+        inputs=inputs,
+        status=render_status(inputs, policy.status, view.now),
+        lagging=frozenset(g.uuid for g in lagging),
+    )
+
+
+def _silent_nodes(policy_view: PolicyView, view: ClusterView) -> tuple[str, ...]:
+    """Why nodes hosting the policy's GPUs or pods have no fresh telemetry."""
+    pods = set(policy_view.pods)
+    names = {g.node for g in policy_view.gpus}
+    names |= {node.name for node in view.nodes.values() if not node.fresh and pods.intersection(node.assumed_pods)}
+    problems = []
+    for name in sorted(names):
+        node = view.nodes.get(name)
+        if node is not None and not node.fresh:
+            problems.append(node.telemetry_problem or f"no fresh telemetry from node {name}")
+    return tuple(problems)

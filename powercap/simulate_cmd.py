@@ -1,0 +1,216 @@
+"""``powercap simulate``: run the whole system on a simulated GPU cluster and show the result.
+
+Runs the scenario (the built-in one by default) once per strategy (no capping, static
+equal split, powercap), shows a progress bar on stderr, prints a results table on
+stdout, and writes ``summary.json`` and PNG plots into ``--out``.
+
+Exit status: 0 on success; 2 when the scenario cannot be read or is invalid (every
+problem is listed with its path) or the usage is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from powercap.simulation.engine import SimulationResult, simulate
+from powercap.simulation.scenario import Scenario, ScenarioError, default_scenario_text, load_scenario
+from powercap.simulation.summary import summarize
+
+EXIT_OK, EXIT_BAD_SCENARIO = 0, 2
+DEFAULT_OUT = "out/simulation"
+PROGRESS_WIDTH = 30
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "simulate",
+        help="run powercap on a simulated GPU cluster and compare strategies",
+        description="Simulate a GPU cluster serving LLM traffic under three strategies (no capping, "
+        "static equal split of each policy's cap, powercap) with the real placement, allocation and "
+        "control-law code, in simulated time. Prints a results table; writes summary.json and PNG plots. "
+        "Exit 0: done; 2: the scenario is unreadable or invalid.",
+    )
+    parser.add_argument("--scenario", metavar="FILE", help="scenario YAML (default: the built-in 64-GPU scenario)")
+    parser.add_argument("--duration", type=positive_float, metavar="SECONDS", help="simulated seconds (overrides durationS)")
+    parser.add_argument("--seed", type=non_negative_int, metavar="N", help="random seed (overrides seed)")
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output directory (default: {DEFAULT_OUT})")
+    parser.set_defaults(func=run)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 0")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    scenario = read_scenario(args.scenario, sys.stderr)
+    if scenario is None:
+        return EXIT_BAD_SCENARIO
+    scenario = scenario.with_overrides(duration_s=args.duration, seed=args.seed)
+    out_dir = Path(args.out)
+    progress = ProgressBar(sys.stderr, strategies=3)
+    started = time.perf_counter()
+    result = simulate(scenario, progress=progress.update, clock=time.perf_counter)
+    wall_s = time.perf_counter() - started
+    progress.finish()
+    summary = summarize(result)
+    summary["wallSeconds"] = round(wall_s, 3)
+    summary["speedVsRealTime"] = round(scenario.duration_s / wall_s, 1) if wall_s > 0 else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = out_dir / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    from powercap.simulate_plots import write_plots  # matplotlib is slow to import; only here
+
+    plots = write_plots(result, out_dir)
+    write_report(result, summary, sys.stdout)
+    print(f"\nwrote {summary_path}")
+    print("plots: " + ", ".join(str(path) for path in plots))
+    return EXIT_OK
+
+
+def read_scenario(path: str | None, err: TextIO) -> Scenario | None:
+    """The scenario at ``path`` (the built-in one when None); None after reporting why it is unusable."""
+    name = path or "built-in scenario"
+    try:
+        text = default_scenario_text() if path is None else Path(path).read_text(encoding="utf-8")
+        return load_scenario(text)
+    except FileNotFoundError:
+        err.write(f"{name}: error: no such file\n")
+    except IsADirectoryError:
+        err.write(f"{name}: error: is a directory\n")
+    except PermissionError:
+        err.write(f"{name}: error: permission denied\n")
+    except UnicodeDecodeError:
+        err.write(f"{name}: error: not UTF-8 text\n")
+    except ScenarioError as error:
+        for problem in error.problems:
+            err.write(f"{name}: {problem}\n")
+        err.write(f"{name}: {len(error.problems)} problem(s); see docs/simulator.md for the format\n")
+    return None
+
+
+class ProgressBar:
+    """A progress bar on a terminal; a line per finished strategy otherwise (logs, CI)."""
+
+    def __init__(self, stream: TextIO, strategies: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.stream = stream
+        self.strategies = strategies
+        self.interactive = bool(getattr(stream, "isatty", lambda: False)())
+        self.clock = clock
+        self.done: list[str] = []
+        self.current: str | None = None
+        self.started = clock()
+
+    def update(self, strategy: str, fraction: float) -> None:
+        if strategy != self.current:
+            self.current = strategy
+            self.strategy_started = self.clock()
+        if self.interactive:
+            overall = (len(self.done) + fraction) / self.strategies
+            filled = int(round(PROGRESS_WIDTH * overall))
+            bar = "#" * filled + "." * (PROGRESS_WIDTH - filled)
+            self.stream.write(f"\r[{bar}] {100 * overall:5.1f}%  {strategy:<14}")
+            self.stream.flush()
+        if fraction >= 1.0 and strategy not in self.done:
+            self.done.append(strategy)
+            if not self.interactive:
+                elapsed = self.clock() - self.strategy_started
+                self.stream.write(f"simulated {strategy} ({len(self.done)}/{self.strategies}) in {elapsed:.1f} s\n")
+                self.stream.flush()
+
+    def finish(self) -> None:
+        if self.interactive:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def write_report(result: SimulationResult, summary: dict[str, Any], out: TextIO) -> None:
+    """The results table and the headline comparisons."""
+    scenario = result.scenario
+    info = summary["scenario"]
+    out.write(
+        f"scenario {info['name']}: {info['gpus']} GPUs, {info['nodes']} nodes, {len(info['racks'])} racks, "
+        f"{len(info['services'])} services; {scenario.duration_s:g} s simulated, seed {scenario.seed}\n\n"
+    )
+    services = list(info["services"])
+    header = ["strategy", "tokens/s", "tokens/J", "kWh", "cap viol. s", "within cap", "rack W viol. s",
+              "rack °C viol. s", "p99 latency s", "dropped"]
+    rows = [header, ["", "", "", "", "(converged)", "", "", "", "/".join(services), ""]]
+    for name, figures in summary["strategies"].items():
+        latencies = "/".join(_fmt(figures["services"][s]["p99LatencyProxyS"], 1) for s in services)
+        rows.append([
+            name,
+            f"{figures['tokensPerSecond']:,.0f}",
+            _fmt(figures["tokensPerJoule"], 2),
+            _fmt(figures["energyKWh"], 2),
+            f"{figures['capViolationSeconds']} ({figures['capViolationSecondsAfterConvergence']})",
+            _percent(figures["withinCapPercent"]),
+            str(figures["rackPowerViolationSeconds"]),
+            str(figures["rackTemperatureViolationSeconds"]),
+            latencies,
+            f"{figures['droppedPercent']:.1f} %",
+        ])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for index, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+        out.write("  ".join(cells).rstrip() + "\n")
+        if index == 1:
+            out.write("  ".join("-" * width for width in widths) + "\n")
+    out.write("\n")
+    comparison = summary["comparison"]
+    if "powercapVsStaticTokensPercent" in comparison:
+        by_service = ", ".join(
+            f"{name} {_signed(value)}" for name, value in comparison["powercapVsStaticTokensPercentByService"].items()
+        )
+        out.write(
+            f"powercap vs static-split at the same caps: tokens/s {_signed(comparison['powercapVsStaticTokensPercent'])} "
+            f"({by_service}), tokens/J {_signed(comparison['powercapVsStaticTokensPerJoulePercent'])}\n"
+        )
+    if "powercapVsNoCappingEnergyPercent" in comparison:
+        out.write(
+            f"powercap vs no-capping: energy {_signed(comparison['powercapVsNoCappingEnergyPercent'])}, "
+            f"tokens/s {_signed(comparison['powercapVsNoCappingTokensPercent'])}\n"
+        )
+    powercap = summary["strategies"].get("powercap")
+    for change in (powercap or {}).get("capChanges", []):
+        recovery = change["recoveryS"]
+        back = f"back under the cap in {recovery:.1f} s" if recovery is not None else "never back under the cap"
+        out.write(f"cap change at {change['atS']:g} s ({change['policy']} -> {change['powerCapLimitW']} W): powercap {back}\n")
+    if summary.get("wallSeconds"):
+        out.write(
+            f"speed: {scenario.duration_s:g} s of {info['gpus']} GPUs x {len(summary['strategies'])} strategies simulated "
+            f"in {summary['wallSeconds']:.1f} s ({summary['speedVsRealTime']:g}x real time)\n"
+        )
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} %"
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1f} %"

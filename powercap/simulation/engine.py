@@ -1,0 +1,597 @@
+"""The simulation engine: the whole system in simulated time, one strategy at a time.
+
+Per physics step of ``stepS`` seconds, in this order:
+
+1. **events** due (cap changes edit the policy object; scaling creates or deletes pods);
+2. **node agents** whose tick is due (every ``agentIntervalS``, each node with its own
+   phase): read the GPUs and their pods, plan each cap
+   (:func:`powercap.agentplan.plan_tick`, which runs the control law), set it, publish the
+   telemetry annotation when the publisher's rate limits allow;
+3. **budget controller** (powercap only) every ``controllerIntervalS``, and at once after
+   a policy change (a watch event): cluster view -> :func:`powercap.budget.plan_round` ->
+   each changed policy status written (its ``allocations`` are the agents' ceilings) ->
+   :func:`powercap.rebalance.plan_rebalance` for energy-aware policies (an eviction
+   re-creates the pod, which the scheduler places again);
+4. **scheduler**: pending pods are placed one after the other, ``SCHEDULING_LATENCY_S``
+   apart (as many as fit in the step; the others wait for the next step, after its agent
+   ticks), each on a fresh cluster view, so the extender sees the pods bound just before
+   it through assumed power; pods that fit nowhere retry after ``SCHEDULER_RETRY_S``;
+5. **traffic**: each service's offered tokens/s (the trace) is split over its serving
+   pods (:mod:`powercap.simulation.workload`); a pod's GPUs get the load
+   ``u = min(1, (offered + backlog / dt) / uncapped tokens/s)`` (a pod with a queue runs
+   flat out);
+6. **physics**: every GPU advances with :func:`powercap.physics.advance` under its cap and
+   its rack's inlet; pods are credited with the tokens generated; queues grow by
+   ``offered x dt - served`` and requests waiting longer than ``maxQueueS`` are dropped;
+   racks sum their power and their inlet follows it (:mod:`powercap.simulation.world`).
+
+Strategies: ``no-capping`` (kube-scheduler spreading, GPUs at their default limit),
+``static-split`` (same placement, each GPU of a policy's service capped at
+``powerCapLimit / its GPUs``) and ``powercap`` (extender placement, controller budgets,
+agent control law). Each strategy runs on its own copy of the world, with the same trace.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from powercap import physics
+from powercap.agentplan import CapRecord, GpuMemory, PublishSettings, TickInputs, build_telemetry, plan_tick, should_publish
+from powercap.algorithms import AlgorithmRegistry, EnergyAwareScheduling
+from powercap.allocation import AllocationSettings
+from powercap.budget import plan_round
+from powercap.cluster import ClusterView
+from powercap.control import ControlSettings
+from powercap.objects import policy_for_pod
+from powercap.policies import Policy, parse_policy
+from powercap.rebalance import plan_rebalance
+from powercap.simulation import decisions
+from powercap.simulation.metrics import Recorder
+from powercap.simulation.scenario import CapChange, Scale, Scenario, Service
+from powercap.simulation.workload import WorkloadTrace, bounded_shares, build_trace, pod_weight
+from powercap.simulation.world import SimGpu, SimNode, SimPod, World, moment
+
+SCHEDULING_LATENCY_S = 0.005
+"""Time kube-scheduler spends per pod (filter, score, bind)."""
+SCHEDULER_RETRY_S = 1.0
+"""Back-off before an unschedulable pod is tried again."""
+_EPSILON_S = 1e-9
+
+ProgressCallback = Callable[[str, float], None]
+"""Called with (strategy name, fraction of its run done, 0..1)."""
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How pods are placed and GPUs capped.
+
+    ``placement``: ``default`` (kube-scheduler spreading) or ``extender`` (with the
+    power-aware extender). ``capping``: ``none``, ``static`` or ``powercap``.
+    ``assumed_power``: whether the extender's view counts pods bound since the last
+    telemetry (False hides those binds from it, an extender without assumed-power accounting).
+    """
+
+    name: str
+    placement: str
+    capping: str
+    description: str
+    assumed_power: bool = True
+
+
+NO_CAPPING = Strategy("no-capping", "default", "none", "kube-scheduler spreading; GPUs at their default limit")
+STATIC_SPLIT = Strategy("static-split", "default", "static", "kube-scheduler spreading; each GPU capped at powerCapLimit / GPUs")
+POWERCAP = Strategy("powercap", "extender", "powercap", "extender placement, controller budgets, agent control law")
+STRATEGIES: tuple[Strategy, ...] = (NO_CAPPING, STATIC_SPLIT, POWERCAP)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Tuning of the services as the simulator runs them (their own defaults)."""
+
+    control: ControlSettings = field(default_factory=ControlSettings)
+    allocation: AllocationSettings = field(default_factory=AllocationSettings)
+    publish: PublishSettings = field(default_factory=PublishSettings)
+
+
+@dataclass
+class StrategyRun:
+    """The record of one strategy's run."""
+
+    strategy: Strategy
+    recorder: Recorder
+    unschedulable: dict[str, str]  # pod -> why, for pods still pending at the end
+    placements: dict[str, str]  # pod -> node, as first placed
+    cap_changes: list[tuple[float, str, int]]  # (at_s, policy key, W)
+    evictions: list[tuple[float, str, str]] = field(default_factory=list)  # (at_s, pod, node)
+    counter_energy_j: float = 0.0  # sum of the GPUs' energy counters at the end (NVML total energy)
+    wall_s: float = 0.0
+
+
+@dataclass
+class SimulationResult:
+    scenario: Scenario
+    trace: WorkloadTrace
+    runs: list[StrategyRun]
+
+
+def simulate(
+    scenario: Scenario,
+    strategies: Sequence[Strategy] = STRATEGIES,
+    settings: EngineSettings | None = None,
+    registry: AlgorithmRegistry | None = None,
+    progress: ProgressCallback | None = None,
+    clock: Callable[[], float] | None = None,
+) -> SimulationResult:
+    """Run every strategy on the scenario (same trace for all) and return their records.
+
+    ``clock`` (e.g. ``time.perf_counter``) only measures each run's wall time.
+    """
+    settings = settings or EngineSettings()
+    registry = registry or AlgorithmRegistry.default()
+    trace = build_trace(scenario)
+    runs = []
+    for strategy in strategies:
+        started = clock() if clock else 0.0
+        run = _Run(scenario, trace, strategy, settings, registry, progress).run()
+        run.wall_s = (clock() - started) if clock else 0.0
+        runs.append(run)
+    return SimulationResult(scenario=scenario, trace=trace, runs=runs)
+
+
+class _Run:
+    """One strategy's pass over the scenario (see the module docstring for the step order)."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        trace: WorkloadTrace,
+        strategy: Strategy,
+        settings: EngineSettings,
+        registry: AlgorithmRegistry,
+        progress: ProgressCallback | None,
+    ) -> None:
+        self.scenario = scenario
+        self.trace = trace
+        self.strategy = strategy
+        self.settings = settings
+        self.registry = registry
+        self.progress = progress
+        self.step_s = scenario.step_s
+        self.timing = scenario.timing
+        policies = {p.key: p for p in (parse_policy(doc, registry) for doc in scenario.policies)}
+        self.world = World.build(scenario, policies)
+        self.service_index = {s.name: i for i, s in enumerate(scenario.services)}
+        self.rack_index = {r.rack_id: i for i, r in enumerate(scenario.racks)}
+        seconds = int(math.ceil(scenario.duration_s))
+        self.recorder = Recorder(
+            seconds=seconds,
+            step_s=self.step_s,
+            services=tuple(s.name for s in scenario.services),
+            racks=tuple(r.rack_id for r in scenario.racks),
+        )
+        self.rng = random.Random(f"powercap-scheduler:{scenario.seed}:{strategy.name}")
+        # Agents start at different moments: node i ticks at phase i / n of the interval.
+        count = len(self.world.nodes)
+        interval = self.timing.agent_interval_s
+        self.agent_due = {
+            node.name: self._on_step(interval * i / count) for i, node in enumerate(self.world.nodes)
+        }
+        self.controller_due = 0.0
+        self.policies_changed = False
+        self.scheduler = scenario.scheduler
+        self.view: ClusterView | None = None
+        self.lagging: dict[str, frozenset[str]] = {}
+        self.memories: dict[str, GpuMemory] = {}  # the agents' memory of each GPU
+        self.records: dict[str, CapRecord] = {}  # the agents' state files
+        self.pod_names_by_gpu: dict[str, dict[str, str | None]] = {}
+        self.published_at: dict[str, float] = {}
+        self.last_move: dict[str, datetime] = {}
+        self.evictions: list[tuple[float, str, str]] = []
+        self.pod_policy: dict[str, str | None] = {}
+        self.placements: dict[str, str] = {}
+        self.unschedulable: dict[str, str] = {}
+        self.cap_changes: list[tuple[float, str, int]] = []
+        self.events = list(scenario.events)
+        self.uncapped_speed: dict[tuple[str, float], float] = {}
+        self.shares: dict[str, tuple[tuple[str, ...], list[float]]] = {}
+        for service in scenario.services:
+            self._scale(service, service.replicas, 0.0)
+
+    def _on_step(self, t_s: float) -> float:
+        return round(t_s / self.step_s) * self.step_s
+
+    # -- main loop ---------------------------------------------------------------------
+    def run(self) -> StrategyRun:
+        steps = int(round(self.scenario.duration_s / self.step_s))
+        steps_per_second = int(round(1.0 / self.step_s))
+        report_every = max(1, steps // 200)
+        for step in range(steps):
+            t_s = step * self.step_s
+            self._apply_events(t_s)
+            self._agent_ticks(t_s)
+            if self.strategy.capping == "powercap" and (t_s >= self.controller_due - _EPSILON_S or self.policies_changed):
+                self._controller_round(t_s)
+            if self.world.pending:
+                self._schedule(t_s)
+            second = step // steps_per_second
+            if step % steps_per_second == 0:
+                self._sample_latency(second, t_s)
+            self._physics(t_s, second)
+            if step % steps_per_second == steps_per_second - 1:
+                self._end_of_second(second)
+            if self.progress is not None and (step % report_every == 0 or step == steps - 1):
+                self.progress(self.strategy.name, (step + 1) / steps)
+        unschedulable = {pod.key: self.unschedulable.get(pod.key, "pending") for pod in self.world.pending}
+        return StrategyRun(
+            self.strategy, self.recorder, unschedulable, self.placements, self.cap_changes, self.evictions,
+            counter_energy_j=math.fsum(gpu.state.energy_j for gpu in self.world.gpus),
+        )
+
+    # -- 1. events -----------------------------------------------------------------------
+    def _apply_events(self, t_s: float) -> None:
+        while self.events and self.events[0].at_s <= t_s + _EPSILON_S:
+            event = self.events.pop(0)
+            if isinstance(event, CapChange):
+                self._change_cap(event, t_s)
+            elif isinstance(event, Scale):
+                self._scale(self.scenario.service(event.service), event.replicas, t_s)
+
+    def _change_cap(self, event: CapChange, t_s: float) -> None:
+        document = self.world.policies[event.policy_key]
+        metadata = dict(document.get("metadata") or {})
+        metadata["generation"] = int(metadata.get("generation", 1)) + 1
+        spec = dict(document["spec"])
+        spec["powerCapLimit"] = event.power_cap_w
+        updated = {**document, "metadata": metadata, "spec": spec}
+        self.world.policies[event.policy_key] = updated
+        self.world.parsed_policies[event.policy_key] = parse_policy(updated, self.registry)
+        self.policies_changed = True
+        self.cap_changes.append((t_s, event.policy_key, event.power_cap_w))
+
+    def _scale(self, service: Service, replicas: int, t_s: float) -> None:
+        current = sorted(
+            (pod for pod in self.world.pods.values() if pod.service is service), key=lambda p: p.index
+        )
+        for pod in current[replicas:]:
+            pod.unbind()
+            del self.world.pods[pod.key]
+            if pod in self.world.pending:
+                self.world.pending.remove(pod)
+        for _ in range(replicas - len(current)):
+            self._create_pod(service, t_s)
+
+    def _create_pod(self, service: Service, t_s: float) -> None:
+        """A new pending pod of the service (its ReplicaSet creating one)."""
+        index = self.world.next_pod_index.get(service.name, 0)
+        self.world.next_pod_index[service.name] = index + 1
+        pod = SimPod(
+            name=f"{service.name}-{index}",
+            index=index,
+            service=service,
+            weight=pod_weight(self.scenario.seed, service, index),
+            created_s=t_s,
+            service_index=self.service_index[service.name],
+        )
+        policy = policy_for_pod(pod.api_object(t_s, self.timing.pod_startup_s), self.world.parsed_policies.values())
+        self.pod_policy[pod.key] = policy.key if policy is not None else None
+        self.world.pods[pod.key] = pod
+        self.world.pending.append(pod)
+
+    def policy_of(self, pod: SimPod) -> Policy | None:
+        key = self.pod_policy.get(pod.key)
+        return self.world.parsed_policies.get(key) if key is not None else None
+
+    # -- 2. node agents --------------------------------------------------------------------
+    def _agent_ticks(self, t_s: float) -> None:
+        for node in self.world.nodes:
+            if t_s >= self.agent_due[node.name] - _EPSILON_S:
+                self._agent_tick(node, t_s)
+                self.agent_due[node.name] += self.timing.agent_interval_s
+
+    def _agent_tick(self, node: SimNode, t_s: float) -> None:
+        """One tick of the node's agent (powercap) or of the operator's fixed caps (baselines).
+
+        powercap: what ``nodeagent.agent.Agent.tick`` does: read the GPUs and their pods,
+        :func:`~powercap.agentplan.plan_tick`, write each SET/RESTORE (NVML takes mW), keep
+        the records and memories, then :func:`~powercap.agentplan.build_telemetry` and
+        publish it when :func:`~powercap.agentplan.should_publish` says so.
+        """
+        capping = self.strategy.capping
+        if capping == "powercap":
+            self._plan_tick(node, t_s)
+        else:
+            for gpu in node.gpus:
+                policy = self.policy_of(gpu.pod) if gpu.pod is not None else None
+                if capping == "static" and policy is not None and policy.enforced:
+                    service_gpus = self._policy_gpus(policy.key)
+                    gpu.cap_w = decisions.static_split_w(policy, service_gpus, gpu.model.min_limit_w, gpu.model.max_limit_w)
+                else:
+                    gpu.cap_w = gpu.model.default_limit_w
+        if self.strategy.placement == "extender" or capping == "powercap":
+            self._publish(node, t_s)
+        for pod in {gpu.pod.key: gpu.pod for gpu in node.gpus if gpu.pod is not None}.values():
+            pod.tick_served_tokens, pod.tick_s = pod.served_tokens, t_s
+
+    def _plan_tick(self, node: SimNode, t_s: float) -> None:
+        startup_s = self.timing.pod_startup_s
+        pods = {gpu.pod.uid: gpu.pod for gpu in node.gpus if gpu.pod is not None}
+        tokens_s = {
+            uid: (pod.served_tokens - pod.tick_served_tokens) / (t_s - pod.tick_s)
+            for uid, pod in pods.items()
+            if pod.serving(t_s, startup_s) and pod.tick_s is not None and t_s > pod.tick_s
+        }
+        plans = plan_tick(TickInputs(
+            node=node.name,
+            now_s=t_s,
+            readings=node.gpus,
+            pod_uids_by_gpu={gpu.uuid: frozenset({gpu.pod.uid}) if gpu.pod is not None else frozenset() for gpu in node.gpus},
+            pods_by_uid={uid: pod.api_object(t_s, startup_s) for uid, pod in pods.items()},
+            policies=list(self.world.parsed_policies.values()),
+            node_rack=node.rack.spec.rack_id,
+            inlet_c=node.rack.inlet_c,
+            tokens_s_by_pod=tokens_s,
+            memories=self.memories,
+            records=self.records,
+            settings=self.settings.control,
+        ))
+        by_uuid = {gpu.uuid: gpu for gpu in node.gpus}
+        for plan in plans:
+            if plan.memory is not None:
+                self.memories[plan.uuid] = plan.memory
+            else:
+                self.memories.pop(plan.uuid, None)
+            if plan.record is not None:
+                self.records[plan.uuid] = plan.record
+            else:
+                self.records.pop(plan.uuid, None)
+            if plan.writes:
+                gpu = by_uuid[plan.uuid]
+                gpu.cap_w = round(physics.clamp_limit_w(gpu.model, plan.cap_w) * 1000) / 1000
+        self.pod_names_by_gpu[node.name] = {plan.uuid: plan.pod for plan in plans}
+
+    def _publish(self, node: SimNode, t_s: float) -> None:
+        """The telemetry annotation, rate limited as the agent's publisher does."""
+        pods = self.pod_names_by_gpu.get(node.name)
+        if pods is None:  # no agent plan on this node: the pods the GPUs hold
+            pods = {gpu.uuid: gpu.pod.key if gpu.pod is not None else None for gpu in node.gpus}
+        telemetry = build_telemetry(moment(t_s), node.gpus, node.rack.inlet_c, pods)
+        last_s = self.published_at.get(node.name)
+        if should_publish(node.telemetry, telemetry, t_s - last_s if last_s is not None else math.inf, self.settings.publish):
+            node.set_telemetry(telemetry)
+            self.published_at[node.name] = t_s
+
+    def _policy_gpus(self, policy_key: str) -> int:
+        return sum(
+            len(pod.gpus) for pod in self.world.pods.values() if pod.node is not None and self.pod_policy.get(pod.key) == policy_key
+        )
+
+    # -- 3. budget controller ----------------------------------------------------------------
+    def _controller_round(self, t_s: float) -> None:
+        """What ``powercap controller`` does each round: plan, write changed statuses, rebalance."""
+        view = self._view(t_s)
+        plan = plan_round(view, self.settings.allocation, lagging_before=self.lagging)
+        self.lagging = {key: policy_plan.lagging for key, policy_plan in plan.policies.items()}
+        for key, policy_plan in plan.policies.items():
+            if policy_plan.changed:
+                self._write_status(key, policy_plan.status)
+        self.controller_due = t_s + self.timing.controller_interval_s
+        self.policies_changed = False
+        for key, policy_view in sorted(view.policies.items()):
+            if policy_view.policy.algorithm.name != EnergyAwareScheduling.name:
+                continue
+            decision = plan_rebalance(
+                policy_view, view, self._pod_objects(t_s), [node.api_object() for node in self.world.nodes],
+                self.last_move.get(key, moment(0.0)),
+            )
+            if decision.move is not None:
+                self._evict(decision.move.pod, t_s)
+                self.last_move[key] = moment(t_s)
+                self.evictions.append((t_s, decision.move.pod, decision.move.node))
+
+    def _write_status(self, key: str, status: Mapping[str, Any]) -> None:
+        """The controller's write through /status; agents read ``status.allocations`` from it."""
+        document = {**self.world.policies[key], "status": status}
+        self.world.policies[key] = document
+        self.world.parsed_policies[key] = parse_policy(document, self.registry)
+
+    def _evict(self, pod_key: str, t_s: float) -> None:
+        """An eviction: the pod goes away and its ReplicaSet creates a replacement at once."""
+        pod = self.world.pods.pop(pod_key)
+        pod.unbind()
+        self._create_pod(pod.service, t_s)
+
+    def _pod_objects(self, t_s: float, hide_unreported: bool = False) -> list[dict[str, Any]]:
+        """Every active pod as the API serves it; ``hide_unreported`` shows pods bound since
+        their node's last telemetry as still pending (a view blind to recent binds)."""
+        startup_s = self.timing.pod_startup_s
+        pods: list[dict[str, Any]] = []
+        for pod in self.world.pods.values():
+            if hide_unreported and pod.node is not None and not _reported(pod):
+                pods.append(pod.service.pod_object(pod.name))
+            else:
+                pods.append(pod.api_object(t_s, startup_s))
+        return pods
+
+    def _view(self, t_s: float, hide_unreported: bool = False) -> ClusterView:
+        self.view = decisions.cluster_view(
+            [node.api_object() for node in self.world.nodes],
+            self._pod_objects(t_s, hide_unreported),
+            list(self.world.policies.values()),
+            moment(t_s),
+            self.registry,
+            self.view,
+        )
+        return self.view
+
+    # -- 4. scheduler --------------------------------------------------------------------------
+    def _schedule(self, t_s: float) -> None:
+        """Place the pending pods whose turn it is, ``SCHEDULING_LATENCY_S`` apart (at most
+        one step's worth: the rest wait for the next step, after that step's agent ticks)."""
+        due = [pod for pod in self.world.pending if pod.next_attempt_s <= t_s + _EPSILON_S]
+        budget = max(1, int(self.step_s / SCHEDULING_LATENCY_S + 1e-9))
+        for attempt, pod in enumerate(due[:budget]):
+            bind_s = t_s + attempt * SCHEDULING_LATENCY_S
+            candidates = self._candidates(pod.service)
+            if self.strategy.placement == "extender":
+                view = self._view(bind_s, hide_unreported=not self.strategy.assumed_power)
+                placement = decisions.place_with_extender(
+                    view, pod.api_object(bind_s, self.timing.pod_startup_s), candidates, self.registry, self.rng,
+                    self.scheduler.gpu_scoring, self.scheduler.extender_weight,
+                )
+            else:
+                placement = decisions.place_default(pod.service.gpus_per_pod, candidates, self.rng, self.scheduler.gpu_scoring)
+            if placement.node is None:
+                pod.next_attempt_s = t_s + SCHEDULER_RETRY_S
+                reasons = sorted(set(placement.failed.values()))
+                self.unschedulable[pod.key] = reasons[0] if reasons else "no node has enough free GPUs"
+                continue
+            node = next(n for n in self.world.nodes if n.name == placement.node)
+            pod.bind(node, bind_s)
+            self.world.pending.remove(pod)
+            self.placements.setdefault(pod.key, node.name)
+            self.unschedulable.pop(pod.key, None)
+
+    def _candidates(self, service: Service) -> list[decisions.Candidate]:
+        models = service.gpu_models
+        return [
+            decisions.Candidate(node.name, len(node.free_gpus), len(node.gpus))
+            for node in self.world.nodes
+            if len(node.free_gpus) >= service.gpus_per_pod and (models is None or node.gpu_model.name in models)
+        ]
+
+    # -- 5 and 6. traffic and physics --------------------------------------------------------
+    def _physics(self, t_s: float, second: int) -> None:
+        dt_s = self.step_s
+        recorder = self.recorder
+        serving = self._traffic(t_s, second)
+        service_energy = [0.0] * len(self.scenario.services)
+        for rack in self.world.racks.values():
+            rack.step_energy_j = 0.0
+        advance = physics.advance
+        idle = physics.IDLE
+        for gpu in self.world.gpus:
+            old = gpu.state
+            rack = gpu.node.rack
+            new = advance(gpu.model, old, gpu.cap_w, gpu.workload, rack.inlet_c, dt_s)
+            gpu.state = new
+            energy_j = new.energy_j - old.energy_j
+            rack.step_energy_j += energy_j
+            pod = gpu.pod
+            if pod is not None:
+                service_energy[pod.service_index] += energy_j
+                pod.step_tokens += new.tokens - old.tokens
+            elif gpu.workload is not idle:
+                gpu.workload = idle
+
+        for pod in serving:
+            index = pod.service_index
+            served = pod.step_tokens * pod.service.tokens_scale
+            pod.served_tokens += served
+            pod.rate_tokens_s = served / dt_s
+            backlog = max(0.0, pod.backlog_tokens + pod.offered_tokens_s * dt_s - served)
+            limit = pod.service.max_queue_s * pod.rate_tokens_s
+            if backlog > limit:
+                recorder.service_dropped_tokens[index][second] += backlog - limit
+                backlog = limit
+            pod.backlog_tokens = backlog
+            recorder.service_tokens[index][second] += served
+        for pod in self.world.pods.values():
+            pod.step_tokens = 0.0
+        for index, energy_j in enumerate(service_energy):
+            recorder.service_energy_j[index][second] += energy_j
+            recorder.service_step_power_w[index].append(energy_j / dt_s)
+        cluster_energy = 0.0
+        for r, rack in enumerate(self.world.racks.values()):
+            energy_j = rack.step_energy_j
+            cluster_energy += energy_j
+            rack.power_w = energy_j / dt_s
+            rack.step_inlet(dt_s)
+            recorder.rack_energy_j[r][second] += energy_j
+            recorder.rack_inlet_c_s[r][second] += rack.inlet_c * dt_s
+        recorder.cluster_energy_j[second] += cluster_energy
+
+    def _traffic(self, t_s: float, second: int) -> list[SimPod]:
+        """Split each service's offered tokens/s over its serving pods and set their GPUs' load.
+
+        Pod shares by :func:`~powercap.simulation.workload.bounded_shares` (recomputed when
+        the set of serving pods changes); load ``u = min(1, (offered + backlog / dt) / uncapped)``.
+        Returns the serving pods.
+        """
+        dt_s = self.step_s
+        startup_s = self.timing.pod_startup_s
+        recorder = self.recorder
+        by_service: list[list[SimPod]] = [[] for _ in self.scenario.services]
+        for pod in self.world.pods.values():
+            if pod.node is not None and pod.serving(t_s, startup_s):
+                by_service[pod.service_index].append(pod)
+        serving: list[SimPod] = []
+        for index, service in enumerate(self.scenario.services):
+            offered = self.trace.offered_tokens_s(service.name, t_s)
+            recorder.service_offered_tokens[index][second] += offered * dt_s
+            pods = by_service[index]
+            if not pods:
+                recorder.service_dropped_tokens[index][second] += offered * dt_s
+                continue
+            shares = self._shares(service, pods)
+            for pod, share in zip(pods, shares):
+                pod.offered_tokens_s = offered * share
+                load = min(1.0, (pod.offered_tokens_s + pod.backlog_tokens / dt_s) / pod.uncapped_tokens_s)
+                workload = physics.Workload(load, service.prefill_share)
+                for gpu in pod.gpus:
+                    gpu.workload = workload
+            serving += pods
+        return serving
+
+    def _shares(self, service: Service, pods: list[SimPod]) -> list[float]:
+        key = tuple(pod.key for pod in pods)
+        cached = self.shares.get(service.name)
+        if cached is None or cached[0] != key:
+            shares = bounded_shares([p.weight for p in pods], [p.uncapped_tokens_s for p in pods], service.load_bound)
+            cached = self.shares[service.name] = (key, shares)
+        return cached[1]
+
+    def _sample_latency(self, second: int, t_s: float) -> None:
+        """Once a second, per serving pod: ``baseLatencyS / speed + backlog / rate`` weighted by its traffic."""
+        startup_s = self.timing.pod_startup_s
+        for pod in self.world.pods.values():
+            if pod.node is None or not pod.serving(t_s, startup_s) or not pod.gpus:
+                continue
+            service = pod.service
+            gpu = pod.gpus[0]
+            full = physics.Workload(1.0, service.prefill_share)
+            effective_cap_w = physics.thermal_cap_w(gpu.model, gpu.cap_w, gpu.state.temperature_c)
+            speed = physics.operating_point(gpu.model, effective_cap_w, full).relative_throughput
+            speed /= self._uncapped_speed(gpu, service)
+            if pod.backlog_tokens <= 0:
+                queue_s = 0.0
+            elif pod.rate_tokens_s > 0:
+                queue_s = min(pod.backlog_tokens / pod.rate_tokens_s, service.max_queue_s)
+            else:
+                queue_s = service.max_queue_s
+            latency = service.base_latency_s / max(speed, 1e-9) + queue_s
+            self.recorder.service_latency[pod.service_index].append((latency, pod.offered_tokens_s))
+
+    def _uncapped_speed(self, gpu: SimGpu, service: Service) -> float:
+        key = (gpu.model.name, service.prefill_share)
+        if key not in self.uncapped_speed:
+            full = physics.Workload(1.0, service.prefill_share)
+            self.uncapped_speed[key] = physics.operating_point(gpu.model, gpu.model.max_limit_w, full).relative_throughput
+        return self.uncapped_speed[key]
+
+    def _end_of_second(self, second: int) -> None:
+        for index, service in enumerate(self.scenario.services):
+            policy_key = f"{service.namespace}/{service.policy_name}" if service.policy_name else None
+            policy = self.world.parsed_policies.get(policy_key) if policy_key else None
+            self.recorder.service_cap_w[index][second] = float(policy.power_cap_w) if policy is not None and policy.enforced else None
+        self.recorder.pending_pods[second] = len(self.world.pending)
+
+
+def _reported(pod: SimPod) -> bool:
+    """Whether the pod's node telemetry lists it on one of its GPUs."""
+    telemetry = pod.node.telemetry if pod.node is not None else None
+    return telemetry is not None and any(gpu.pod == pod.key for gpu in telemetry.gpus)

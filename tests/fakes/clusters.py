@@ -1,0 +1,79 @@
+"""Small clusters for the budget controller's tests: nodes whose telemetry lists GPUs one by one.
+
+Built on :mod:`tests.fakes.objects` (full Node, Pod and policy objects as the API serves
+them); this adds per-GPU telemetry (power, limit, pod) and a cluster view in one call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
+from powercap.telemetry import TELEMETRY_ANNOTATION, GpuTelemetry, NodeTelemetry, from_json, to_json
+from tests.fakes.objects import NOW, gpu_node
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One GPU as its node agent reports it."""
+
+    uuid: str
+    power_w: float
+    limit_w: float
+    pod: str | None = None
+    min_w: float = 200
+    max_w: float = 700
+
+
+def node(name: str, rack: str | None, gpus: Sequence[Gpu], *, at: datetime = NOW, inlet_c: float | None = 24.0,
+         capacity: int = 8, extra_power_w: float = 0.0) -> dict[str, Any]:
+    """A GPU Node in ``rack`` whose telemetry (taken ``at``) lists ``gpus``; node power is their
+    sum plus ``extra_power_w`` (GPUs of no policy)."""
+    annotation = to_json(NodeTelemetry(
+        timestamp=at,
+        power_w=sum(g.power_w for g in gpus) + extra_power_w,
+        inlet_temperature_c=inlet_c,
+        gpus=tuple(
+            GpuTelemetry(uuid=g.uuid, index=i, power_w=g.power_w, limit_w=g.limit_w, min_w=g.min_w, max_w=g.max_w,
+                         temperature_c=50.0, pod=g.pod)
+            for i, g in enumerate(gpus)
+        ),
+    ))
+    return gpu_node(name, rack, annotation, gpus=capacity)
+
+
+def view(nodes: Sequence[dict[str, Any]], pods: Sequence[dict[str, Any]] = (),
+         policies: Sequence[dict[str, Any]] = (), *, now: datetime = NOW) -> ClusterView:
+    return build_cluster_view(list(nodes), list(pods), list(policies), now, ClusterSettings())
+
+
+def with_status(policy: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+    return {**policy, "status": status}
+
+
+def agents_apply(nodes: Sequence[dict[str, Any]], policies: Sequence[dict[str, Any]], *, at: datetime) -> list[dict[str, Any]]:
+    """The nodes after their agents applied the policies' ``status.allocations`` and reported
+    again ``at``: each allocated GPU's limit becomes its allocation and its power at most that."""
+    allocated: dict[str, float] = {}
+    for document in policies:
+        for entry in (document.get("status") or {}).get("allocations") or ():
+            for gpu in entry.get("gpus") or ():
+                allocated[gpu["uuid"]] = gpu["watts"]
+    updated = []
+    for node_object in nodes:
+        annotations = node_object["metadata"]["annotations"]
+        old = from_json(annotations[TELEMETRY_ANNOTATION])
+        gpus = tuple(
+            replace(g, limit_w=allocated.get(g.uuid, g.limit_w), power_w=min(g.power_w, allocated.get(g.uuid, g.limit_w)))
+            for g in old.gpus
+        )
+        extra_w = old.power_w - sum(g.power_w for g in old.gpus)
+        telemetry = NodeTelemetry(timestamp=at, power_w=sum(g.power_w for g in gpus) + extra_w,
+                                  inlet_temperature_c=old.inlet_temperature_c, gpus=gpus)
+        copy = {**node_object, "metadata": {**node_object["metadata"],
+                                            "annotations": {**annotations, TELEMETRY_ANNOTATION: to_json(telemetry)}}}
+        updated.append(copy)
+    return updated

@@ -1,0 +1,128 @@
+"""One controller round on a cluster view: what each policy's status will say."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from powercap.budget import plan_round
+from powercap.status import published_allocations
+from tests.fakes.clusters import Gpu, node, view, with_status
+from tests.fakes.objects import NOW, gpu_pod, policy
+
+LLAMA = {"app.kubernetes.io/name": "llama"}
+MISTRAL = {"app.kubernetes.io/name": "mistral"}
+
+
+def caps(plan, key: str = "inference/llama") -> dict[str, int]:
+    return {c.uuid: c.cap_w for c in plan.policies[key].allocation.caps}
+
+
+def reasons(plan, key: str = "inference/llama") -> dict[str, str]:
+    return {c["type"]: c["reason"] for c in plan.policies[key].status["conditions"]}
+
+
+def test_a_service_on_two_nodes_gets_its_budget_split_by_demand() -> None:
+    plan = plan_round(view(
+        [
+            node("gpu-1", "rack-1", [Gpu("A0", 690, 700, "inference/llama-0"), Gpu("A1", 690, 700, "inference/llama-0")]),
+            node("gpu-2", "rack-1", [Gpu("B0", 90, 700, "inference/llama-1"), Gpu("B1", 90, 700, "inference/llama-1")]),
+        ],
+        [gpu_pod("llama-0", gpus=2, node="gpu-1", labels=LLAMA), gpu_pod("llama-1", gpus=2, node="gpu-2", labels=LLAMA)],
+        [policy("llama", cap_w=2000)],
+    ))
+    assert caps(plan) == {"A0": 700, "A1": 700, "B0": 270, "B1": 270}
+    status = plan.policies["inference/llama"].status
+    assert status["gpus"] == 4 and status["powerW"] == 1560 and status["budgetW"] == 1940
+    assert [(a["node"], a["watts"]) for a in status["allocations"]] == [("gpu-1", 1400), ("gpu-2", 540)]
+    assert reasons(plan) == {"Ready": "WithinCap", "Feasible": "BudgetCoversMinimums", "Enforced": "AllocationApplied"}
+    assert plan.policies["inference/llama"].changed
+
+
+def test_a_starting_pod_reserves_its_minimum() -> None:
+    """llama-1's GPUs are not in any telemetry yet: its agent runs them at 200 W each."""
+    plan = plan_round(view(
+        [node("gpu-1", "rack-1", [Gpu("A0", 690, 700, "inference/llama-0")]), node("gpu-2", "rack-1", [])],
+        [gpu_pod("llama-0", gpus=1, node="gpu-1", labels=LLAMA),
+         gpu_pod("llama-1", gpus=2, node="gpu-2", labels=LLAMA, bound_at=NOW + timedelta(seconds=1))],
+        [policy("llama", cap_w=1000)],
+    ))
+    assert caps(plan) == {"A0": 570}  # 970 - 2 x 200
+    assert plan.policies["inference/llama"].status["gpus"] == 3
+
+
+def test_the_strictest_rack_limit_binds_every_policy_in_the_rack() -> None:
+    """mistral's rack-1 maxPower 3000 W also holds llama's GPUs there: 3000 - 1000 W of other load."""
+    plan = plan_round(view(
+        [
+            node("gpu-1", "rack-1", [Gpu("L0", 690, 700, "inference/llama-0"), Gpu("L1", 690, 700, "inference/llama-0")],
+                 extra_power_w=1000),
+            node("gpu-2", "rack-1", [Gpu("M0", 690, 700, "inference/mistral-0"), Gpu("M1", 690, 700, "inference/mistral-0")]),
+        ],
+        [gpu_pod("llama-0", gpus=2, node="gpu-1", labels=LLAMA), gpu_pod("mistral-0", gpus=2, node="gpu-2", labels=MISTRAL)],
+        [policy("llama", cap_w=4000),
+         policy("mistral", cap_w=4000, selector={"matchLabels": MISTRAL}, racks=[{"rackId": "rack-1", "maxPower": 3000}])],
+    ))
+    assert caps(plan, "inference/llama") == {"L0": 500, "L1": 500}
+    assert caps(plan, "inference/mistral") == {"M0": 500, "M1": 500}
+    assert plan.racks["rack-1"].allocated_w == 2000
+    assert plan.policies["inference/llama"].status["racks"] == [{"rackId": "rack-1", "powerW": 3760, "temperatureC": 24.0}]
+
+
+def test_an_observe_policy_never_takes_rack_power_from_an_enforced_one() -> None:
+    """watch (Observe) draws 1400 W uncapped in rack-1; llama gets what the rack has left."""
+    plan = plan_round(view(
+        [
+            node("gpu-1", "rack-1", [Gpu("L0", 690, 700, "inference/llama-0"), Gpu("L1", 690, 700, "inference/llama-0")]),
+            node("gpu-2", "rack-1", [Gpu("W0", 700, 700, "inference/watch-0"), Gpu("W1", 700, 700, "inference/watch-0")]),
+        ],
+        [gpu_pod("llama-0", gpus=2, node="gpu-1", labels=LLAMA), gpu_pod("watch-0", gpus=2, node="gpu-2", labels=MISTRAL)],
+        [policy("llama", cap_w=4000, racks=[{"rackId": "rack-1", "maxPower": 2600}]),
+         policy("watch", cap_w=4000, selector={"matchLabels": MISTRAL}, mode="Observe")],
+    ))
+    assert caps(plan, "inference/llama") == {"L0": 600, "L1": 600}
+    assert caps(plan, "inference/watch") == {"W0": 700, "W1": 700}  # the rack's 2600 W minus llama's 1200 W
+    assert reasons(plan, "inference/watch")["Enforced"] == "ObserveMode"
+
+
+def test_a_stale_node_keeps_its_caps_and_is_reported() -> None:
+    stored = {"allocations": [{"node": "gpu-2", "gpus": [{"uuid": "B0", "watts": 600}], "watts": 600}]}
+    plan = plan_round(view(
+        [
+            node("gpu-1", "rack-1", [Gpu("A0", 690, 700, "inference/llama-0")]),
+            node("gpu-2", "rack-1", [Gpu("B0", 90, 500, "inference/llama-1")], at=NOW - timedelta(seconds=300)),
+        ],
+        [gpu_pod("llama-0", gpus=1, node="gpu-1", labels=LLAMA), gpu_pod("llama-1", gpus=1, node="gpu-2", labels=LLAMA)],
+        [with_status(policy("llama", cap_w=1200), stored)],
+    ))
+    assert caps(plan) == {"A0": 564, "B0": 600}  # 1164 - 600
+    assert reasons(plan)["Enforced"] == "TelemetryStale"
+    assert "no telemetry from node gpu-2 for 300 s" in next(
+        c["message"] for c in plan.policies["inference/llama"].status["conditions"] if c["type"] == "Enforced")
+
+
+def test_lagging_is_reported_only_when_seen_in_two_rounds() -> None:
+    stored = {"allocations": [{"node": "gpu-1", "gpus": [{"uuid": "A0", "watts": 400}], "watts": 400}]}
+    cluster = view(
+        [node("gpu-1", "rack-1", [Gpu("A0", 690, 700, "inference/llama-0")])],
+        [gpu_pod("llama-0", gpus=1, node="gpu-1", labels=LLAMA)],
+        [with_status(policy("llama", cap_w=412), stored)],
+    )
+    first = plan_round(cluster, lagging_before={})
+    assert first.policies["inference/llama"].lagging == {"A0"}
+    assert reasons(first)["Enforced"] == "AllocationApplied"
+    second = plan_round(cluster, lagging_before={"inference/llama": first.policies["inference/llama"].lagging})
+    assert reasons(second)["Enforced"] == "AgentsLagging"
+    assert reasons(plan_round(cluster))["Enforced"] == "AgentsLagging"  # a one-off run reports at once
+
+
+def test_a_steady_cluster_plans_no_change() -> None:
+    nodes = [node("gpu-1", "rack-1", [Gpu("A0", 690, 700, "inference/llama-0"), Gpu("A1", 300, 700, "inference/llama-0")])]
+    pods = [gpu_pod("llama-0", gpus=2, node="gpu-1", labels=LLAMA)]
+    first = plan_round(view(nodes, pods, [policy("llama", cap_w=1200)]))
+    assert caps(first) == {"A0": 700, "A1": 464}
+    stored = dict(first.policies["inference/llama"].status)
+    applied = {uuid: watts for uuid, watts in published_allocations(stored).items()}
+    nodes = [node("gpu-1", "rack-1", [Gpu("A0", applied["A0"] - 3, applied["A0"], "inference/llama-0"),
+                                      Gpu("A1", 310, applied["A1"], "inference/llama-0")], at=NOW + timedelta(seconds=5))]
+    second = plan_round(view(nodes, pods, [with_status(policy("llama", cap_w=1200), stored)], now=NOW + timedelta(seconds=5)))
+    assert not second.policies["inference/llama"].changed

@@ -1,0 +1,354 @@
+"""The budget controller against the fake API server (real HTTP, the API's JSON)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from extender.controller import (
+    BudgetController,
+    CacheSnapshots,
+    ControllerSettings,
+    ListSnapshots,
+)
+from extender.controller_cmd import HealthServer
+from powercap import kube
+from powercap.algorithms import AlgorithmRegistry
+from powercap.cli import main
+from powercap.cluster import ClusterSettings
+from tests.fakes.apiserver import FakeApiServer
+from tests.fakes.clusters import Gpu, agents_apply, node
+from tests.fakes.objects import NOW, gpu_pod, kubectl_list, policy
+
+LLAMA = {"app.kubernetes.io/name": "llama"}
+POLICY_PATH = kube.policy_path("inference", "llama")
+STATUS_PATH = kube.status_path(POLICY_PATH)
+ENERGY_AWARE = {"name": "energy-aware-scheduling", "parameters": {"energyThreshold": 3500, "migrationInterval": 600}}
+
+
+class Clock:
+    """One fake clock for the elector (seconds) and the snapshots (datetimes)."""
+
+    def __init__(self) -> None:
+        self.now_s = NOW.timestamp()
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def datetime(self) -> datetime:
+        return datetime.fromtimestamp(self.now_s, timezone.utc)
+
+    def advance(self, seconds: float) -> None:
+        self.now_s += seconds
+
+
+@pytest.fixture
+def client(apiserver: FakeApiServer) -> Iterator[kube.KubeClient]:
+    with kube.KubeClient.for_server(apiserver.url) as api:
+        yield api
+
+
+def serve_cluster(apiserver: FakeApiServer, *, cap_w: int = 2000, algorithm: dict | None = None,
+                  mode: str | None = None, hot: bool = False) -> None:
+    """gpu-1: llama-0 busy on 2 GPUs (and, ``hot``, llama-1 on 2 more plus other load);
+    gpu-2: llama-2 idle on 2 GPUs."""
+    gpu_1 = [Gpu("A0", 690, 700, "inference/llama-0"), Gpu("A1", 690, 700, "inference/llama-0")]
+    pods = [gpu_pod("llama-0", gpus=2, node="gpu-1", labels=LLAMA), gpu_pod("llama-2", gpus=2, node="gpu-2", labels=LLAMA)]
+    if hot:
+        gpu_1 += [Gpu("A2", 500, 700, "inference/llama-1"), Gpu("A3", 500, 700, "inference/llama-1")]
+        pods.append(gpu_pod("llama-1", gpus=2, node="gpu-1", labels=LLAMA))
+    nodes = [
+        node("gpu-1", "rack-1", gpu_1, extra_power_w=1700 if hot else 0),
+        node("gpu-2", "rack-1", [Gpu("B0", 90, 700, "inference/llama-2"), Gpu("B1", 90, 700, "inference/llama-2")]),
+    ]
+    for obj in nodes:
+        apiserver.put_object("nodes", obj)
+    for obj in pods:
+        apiserver.put_object("pods", obj)
+    apiserver.put_object("powercappingpolicies", policy("llama", cap_w=cap_w, algorithm=algorithm, mode=mode))
+
+
+def controller_for(client: kube.KubeClient, clock: Clock, is_leader: Callable[[], bool] = lambda: True,
+                   identity: str = "controller-a") -> BudgetController:
+    snapshots = ListSnapshots(client, ClusterSettings(), AlgorithmRegistry.default(), clock=clock.datetime)
+    return BudgetController(client, snapshots, ControllerSettings(identity=identity), is_leader=is_leader, clock=clock)
+
+
+def stored_status(apiserver: FakeApiServer) -> dict[str, Any]:
+    stored = apiserver.get_object("powercappingpolicies", "llama", "inference")
+    assert stored is not None
+    return stored.get("status") or {}
+
+
+def events(apiserver: FakeApiServer) -> list[tuple[str, str, str]]:
+    return [(e["type"], e["reason"], e["regarding"]["name"]) for e in apiserver.objects("events", "inference")]
+
+
+def agents_catch_up(apiserver: FakeApiServer, at: datetime) -> None:
+    for updated in agents_apply(apiserver.objects("nodes"), apiserver.objects("powercappingpolicies"), at=at):
+        apiserver.put_object("nodes", updated)
+
+
+def test_status_is_written_through_the_subresource_retrying_a_conflict(client, apiserver) -> None:
+    serve_cluster(apiserver)
+    apiserver.conflict_next_put(STATUS_PATH)
+    report = controller_for(client, Clock()).run_round()
+    assert report.written == ["inference/llama"]
+    assert len(apiserver.requests_to("PUT", STATUS_PATH)) == 2  # 409, then read again and written
+    assert not apiserver.requests_to("PUT", POLICY_PATH)  # never the main resource
+    status = stored_status(apiserver)
+    assert status["allocations"] == [
+        {"node": "gpu-1", "gpus": [{"uuid": "A0", "watts": 700}, {"uuid": "A1", "watts": 700}], "watts": 1400},
+        {"node": "gpu-2", "gpus": [{"uuid": "B0", "watts": 270}, {"uuid": "B1", "watts": 270}], "watts": 540},
+    ]
+    assert (status["gpus"], status["powerW"], status["budgetW"]) == (4, 1560, 1940)
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {"Ready": "True", "Feasible": "True", "Enforced": "True"}
+
+
+def test_nothing_is_read_or_written_when_nothing_changed(client, apiserver) -> None:
+    serve_cluster(apiserver)
+    clock = Clock()
+    controller = controller_for(client, clock)
+    controller.run_round()
+    for _ in range(3):
+        clock.advance(5)
+        agents_catch_up(apiserver, clock.datetime())
+        apiserver.clear_requests()
+        report = controller.run_round()
+        assert report.written == []
+        assert not apiserver.requests_to("GET", POLICY_PATH) and not apiserver.requests_to("PUT", STATUS_PATH)
+    assert events(apiserver) == []
+
+
+def test_transitions_are_recorded_as_events_once(client, apiserver) -> None:
+    serve_cluster(apiserver, cap_w=700)  # 4 GPUs x 200 W minimum > 679 W
+    clock = Clock()
+    controller = controller_for(client, clock)
+    controller.run_round()
+    assert sorted(events(apiserver)) == [("Warning", "Infeasible", "llama"), ("Warning", "Infeasible", "llama")]
+    note = apiserver.objects("events", "inference")[0]["note"]
+    assert "raise powerCapLimit to at least 825 W" in note
+    clock.advance(5)
+    agents_catch_up(apiserver, clock.datetime())
+    controller.run_round()
+    assert len(events(apiserver)) == 2
+    fixed = apiserver.get_object("powercappingpolicies", "llama", "inference")
+    fixed["spec"]["powerCapLimit"] = 2000
+    fixed["metadata"]["generation"] = 2
+    apiserver.put_object("powercappingpolicies", fixed)
+    clock.advance(5)
+    agents_catch_up(apiserver, clock.datetime())
+    controller.run_round()
+    assert sorted(events(apiserver))[:2] == [("Normal", "BudgetCoversMinimums", "llama"), ("Normal", "WithinCap", "llama")]
+    assert stored_status(apiserver)["observedGeneration"] == 2
+    event = apiserver.objects("events", "inference")[-1]
+    assert event["reportingController"] == "powercapping.example.com/budget-controller"
+    assert event["reportingInstance"] == "controller-a"
+
+
+def test_lease_acquire_renew_and_lose(client, apiserver) -> None:
+    serve_cluster(apiserver)
+    clock = Clock()
+    a = kube.LeaderElector(client, "powercap-system", "powercap-controller", "controller-a", clock=clock)
+    b = kube.LeaderElector(client, "powercap-system", "powercap-controller", "controller-b", clock=clock)
+    controller_a = controller_for(client, clock, lambda: a.is_leader, "controller-a")
+    controller_b = controller_for(client, clock, lambda: b.is_leader, "controller-b")
+
+    assert controller_a.run_round().written == []  # not leading yet: plans, writes nothing
+    assert a.tick()  # acquire
+    assert controller_a.run_round().written == ["inference/llama"]
+    lease = apiserver.get_object("leases", "powercap-controller", "powercap-system")["spec"]
+    assert lease["holderIdentity"] == "controller-a"
+
+    clock.advance(2)
+    assert a.tick()  # renew
+    renewed = apiserver.get_object("leases", "powercap-controller", "powercap-system")["spec"]
+    assert renewed["renewTime"] > lease["renewTime"] and renewed["holderIdentity"] == "controller-a"
+    assert not b.tick()  # a holds a fresh Lease
+
+    clock.advance(16)  # a's process hangs: no renewal for longer than the lease
+    assert b.tick()
+    assert not a.is_leader  # its renew deadline passed, even before it notices b
+    changed = apiserver.get_object("powercappingpolicies", "llama", "inference")
+    changed["spec"]["powerCapLimit"] = 1500
+    apiserver.put_object("powercappingpolicies", changed)
+    apiserver.clear_requests()
+    assert controller_a.run_round().written == []
+    assert not apiserver.requests_to("PUT", STATUS_PATH)
+    assert controller_b.run_round().written == ["inference/llama"]
+    assert stored_status(apiserver)["budgetW"] == 1455
+    assert not a.tick()  # sees b's Lease and steps down for good
+
+
+def test_eviction_answered_429_is_retried_later(client, apiserver) -> None:
+    serve_cluster(apiserver, cap_w=8000, algorithm=ENERGY_AWARE, hot=True)
+    apiserver.block_evictions()
+    clock = Clock()
+    controller = controller_for(client, clock)
+
+    report = controller.run_round()
+    assert report.evictions == [("inference/llama-1", kube.EvictionResult.BLOCKED)]
+    assert apiserver.get_object("pods", "llama-1", "inference") is not None
+    assert ("Warning", "EvictionBlocked", "llama") in events(apiserver)
+
+    clock.advance(5)
+    assert controller.run_round().evictions == []  # within the retry time: not asked again
+    apiserver.clear_faults()
+    clock.advance(30)
+    report = controller.run_round()
+    assert report.evictions == [("inference/llama-1", kube.EvictionResult.EVICTED)]
+    assert apiserver.get_object("pods", "llama-1", "inference") is None
+    moved = next(e for e in apiserver.objects("events", "inference") if e["reason"] == "EnergyRebalance")
+    assert moved["note"].startswith("node gpu-1 draws 4080 W, above energyThreshold 3500 W; evicting inference/llama-1")
+
+    clock.advance(5)
+    assert controller.run_round().evictions == []  # at most one pod per migrationInterval
+    assert len(apiserver.requests_to("POST", "/api/v1/namespaces/inference/pods/llama-1/eviction")) == 2
+
+
+def test_observe_mode_never_evicts(client, apiserver) -> None:
+    serve_cluster(apiserver, cap_w=8000, algorithm=ENERGY_AWARE, hot=True, mode="Observe")
+    report = controller_for(client, Clock()).run_round()
+    assert report.evictions == []
+    assert not [r for r in apiserver.requests if r.path.endswith("/eviction")]
+    assert {c["type"]: c["reason"] for c in stored_status(apiserver)["conditions"]}["Enforced"] == "ObserveMode"
+
+
+def test_a_new_leader_waits_one_interval_before_evicting(client, apiserver) -> None:
+    serve_cluster(apiserver, cap_w=8000, algorithm=ENERGY_AWARE, hot=True)
+    clock = Clock()
+    controller = controller_for(client, clock)
+    controller.started_leading(clock.datetime())
+    assert controller.run_round().evictions == []
+    clock.advance(60)
+    agents_catch_up(apiserver, clock.datetime())
+    assert controller.run_round().evictions == []
+    clock.advance(540)
+    agents_catch_up(apiserver, clock.datetime())
+    assert [pod for pod, _ in controller.run_round().evictions] == ["inference/llama-1"]
+
+
+def test_the_loop_elects_watches_writes_and_releases_the_lease(client, apiserver) -> None:
+    """The wiring of `powercap controller`: watch caches, a Lease, the loop on its thread."""
+    serve_cluster(apiserver)
+    snapshots = CacheSnapshots.on(client, ClusterSettings(), AlgorithmRegistry.default())
+    controller: BudgetController
+    elector = kube.LeaderElector(client, "powercap-system", "powercap-controller", "controller-a",
+                                 lease_duration_s=2.0, renew_deadline_s=1.0, retry_period_s=0.05,
+                                 on_started_leading=lambda: controller.started_leading(),
+                                 on_stopped_leading=lambda: controller.stopped_leading())
+    controller = BudgetController(client, snapshots, ControllerSettings(interval_s=0.05, identity="controller-a"),
+                                  is_leader=lambda: elector.is_leader)
+    stop = threading.Event()
+    loop = threading.Thread(target=controller.run, args=(stop,), daemon=True)
+    snapshots.start()
+    elector.start()
+    loop.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not stored_status(apiserver).get("allocations") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stored_status(apiserver)["budgetW"] == 1940
+        assert controller.metrics.leader._value.get() == 1  # noqa: SLF001 - the gauge's value
+    finally:
+        stop.set()
+        loop.join(5)
+        elector.stop()
+        snapshots.stop()
+    assert apiserver.get_object("leases", "powercap-controller", "powercap-system")["spec"]["holderIdentity"] == ""
+
+
+def test_health_endpoints(client, apiserver) -> None:
+    class Ready:
+        def readiness(self) -> str | None:
+            return None
+
+    controller = controller_for(client, Clock())
+    server = HealthServer("127.0.0.1:0", controller, Ready(), controller.metrics)  # type: ignore[arg-type]
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        assert urllib.request.urlopen(f"{base}/healthz").read() == b"ok\n"
+        assert urllib.request.urlopen(f"{base}/readyz").status == 200
+        assert b"powercap_controller_rounds_total" in urllib.request.urlopen(f"{base}/metrics").read()
+        controller.last_round_s = time.time() - 600  # a loop stuck for 10 minutes
+        with pytest.raises(urllib.error.HTTPError) as stuck:
+            urllib.request.urlopen(f"{base}/healthz")
+        assert stuck.value.code == 503
+    finally:
+        server.stop()
+
+
+# --- powercap controller --once ---------------------------------------------------------------
+
+
+@pytest.fixture
+def state_file(tmp_path: Path) -> Path:
+    nodes = [
+        node("gpu-1", "rack-1", [Gpu("A0", 690, 700, "inference/llama-0"), Gpu("A1", 690, 700, "inference/llama-0")]),
+        node("gpu-2", "rack-1", [Gpu("B0", 90, 700, "inference/llama-2"), Gpu("B1", 90, 700, "inference/llama-2")]),
+    ]
+    pods = [gpu_pod("llama-0", gpus=2, node="gpu-1", labels=LLAMA), gpu_pod("llama-2", gpus=2, node="gpu-2", labels=LLAMA)]
+    policies = [policy("llama", cap_w=2000, racks=[{"rackId": "rack-1", "maxPower": 5000}], algorithm=ENERGY_AWARE),
+                policy("broken", cap_w=2000, algorithm={"name": "nope"})]
+    path = tmp_path / "state.yaml"
+    path.write_text(yaml.safe_dump(kubectl_list(nodes, pods, policies)))
+    return path
+
+
+def test_once_prints_a_table(state_file: Path, capsys) -> None:
+    assert main(["controller", "--once", "--cluster-state", str(state_file)]) == 0
+    out = capsys.readouterr().out
+    assert "inference/llama  Enforce  cap 2000 W  budget 1940 W  power 1560 W  4 GPUs  (status would change)" in out
+    assert "  gpu-2  B0   270    200       90       700      budget" in out
+    assert "  Ready     True  WithinCap" in out
+    assert "  rack rack-1: 1560 W, inlet 24.0 °C" in out
+    assert "rebalance: none (no node of the service is above energyThreshold 3500 W)" in out
+    assert "warning: policy inference/broken is invalid and ignored: spec.customAlgorithm.name: unknown algorithm" in out
+
+
+@pytest.mark.parametrize("output", ["json", "yaml"])
+def test_once_prints_the_statuses_it_would_write(state_file: Path, output: str, capsys) -> None:
+    assert main(["controller", "--once", "--cluster-state", str(state_file), "-o", output]) == 0
+    out = capsys.readouterr().out
+    document = json.loads(out) if output == "json" else yaml.safe_load(out)
+    assert document["kind"] == "List"
+    (item,) = document["items"]
+    assert item["metadata"] == {"name": "llama", "namespace": "inference"}
+    assert [a["watts"] for a in item["status"]["allocations"]] == [1400, 540]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        pytest.param(["--once", "--cluster-state", "/nonexistent.yaml"], "/nonexistent.yaml: no such file", id="missing file"),
+        pytest.param(["--cluster-state", "x.yaml"], "--cluster-state needs --once", id="state file without --once"),
+    ],
+)
+def test_once_usage_errors(argv: list[str], message: str, capsys) -> None:
+    assert main(["controller", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_margin_is_refused(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["controller", "--once", "--margin", "1.5"])
+    assert exit_info.value.code == 2
+    assert "less than 1" in capsys.readouterr().err
+
+
+def test_now_is_the_snapshot_time(state_file: Path, capsys) -> None:
+    """A snapshot is judged as it was when taken: its telemetry is fresh then."""
+    main(["controller", "--once", "--cluster-state", str(state_file), "-o", "json"])
+    status = json.loads(capsys.readouterr().out)["items"][0]["status"]
+    assert all(c["lastTransitionTime"] == NOW.strftime("%Y-%m-%dT%H:%M:%SZ") for c in status["conditions"])

@@ -1,0 +1,117 @@
+"""The simulator's own models: traffic shape and split, rack inlet, and the figures' definitions."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from powercap.simulation.metrics import excluded_seconds, recovery_time_s, weighted_percentile
+from powercap.simulation.scenario import Burst, Cooling, Rack, default_scenario_text, load_scenario
+from powercap.simulation.workload import bounded_shares, build_trace, daily_factor, pod_weight
+from powercap.simulation.world import SimRack, steady_inlet_c
+
+
+@pytest.mark.parametrize(
+    "hour, expected",
+    [
+        pytest.param(0.0, 0.0, id="midnight"),
+        pytest.param(12.5, 12.5, id="between two hours"),
+        pytest.param(23.5, 11.5, id="wraps to midnight"),
+        pytest.param(48.0, 0.0, id="the next day"),
+    ],
+)
+def test_daily_factor_interpolates_the_hourly_shape(hour: float, expected: float) -> None:
+    shape = [float(h) for h in range(24)]
+    assert daily_factor(shape, hour) == pytest.approx(expected)
+
+
+def test_the_trace_follows_the_compressed_day_and_the_bursts() -> None:
+    scenario = load_scenario(default_scenario_text()).with_overrides(duration_s=240)
+    workload = dataclasses.replace(
+        scenario.workload, noise=0.0, bursts=(Burst("chat", 100.0, 10.0, 2.0),), random_bursts=dataclasses.replace(scenario.workload.random_bursts, count=0)
+    )
+    trace = build_trace(dataclasses.replace(scenario, workload=workload))
+    chat, service = trace.per_second["chat"], scenario.service("chat")
+    assert len(chat) == 241
+
+    def expected(second: int) -> float:  # the day starts at 06:00 and lasts 240 s
+        return service.peak_tokens_s * daily_factor(service.daily_shape, 6 + 24 * second / 240)
+
+    assert chat[60] == pytest.approx(expected(60))  # 12:00
+    assert chat[60] > 2 * chat[200]  # 02:00: the chat shape is busy by day, quiet at night
+    assert chat[105] == pytest.approx(2 * expected(105))  # inside the burst
+    assert chat[110] == pytest.approx(expected(110))  # after it
+    assert trace.offered_tokens_s("chat", 10.5) == pytest.approx((chat[10] + chat[11]) / 2)
+
+
+def test_noise_and_random_bursts_come_from_the_seed() -> None:
+    scenario = load_scenario(default_scenario_text()).with_overrides(duration_s=120)
+    assert build_trace(scenario) == build_trace(scenario)
+    other = build_trace(scenario.with_overrides(seed=5))
+    assert other.per_second["chat"] != build_trace(scenario).per_second["chat"]
+    assert len(other.bursts) == len(scenario.workload.bursts) + scenario.workload.random_bursts.count
+
+
+@pytest.mark.parametrize(
+    "weights, capacities, bound, expected",
+    [
+        pytest.param([1, 1, 1, 1], [1, 1, 1, 1], 1.25, [0.25] * 4, id="equal"),
+        pytest.param([1, 1], [3, 1], 2.0, [0.75, 0.25], id="in proportion to capacity"),
+        pytest.param([4, 1, 1, 1], [1, 1, 1, 1], 1.25, [0.3125, 0.2291667, 0.2291667, 0.2291667], id="a hot pod held at its bound"),
+        pytest.param([4, 1, 1, 1], [1, 1, 1, 1], 100.0, [4 / 7, 1 / 7, 1 / 7, 1 / 7], id="no bound in effect"),
+        pytest.param([9, 9, 1], [1, 1, 1], 1.2, [0.4, 0.4, 0.2], id="two pods at the bound"),
+        pytest.param([], [], 1.25, [], id="no pods"),
+    ],
+)
+def test_bounded_shares(weights: list[float], capacities: list[float], bound: float, expected: list[float]) -> None:
+    shares = bounded_shares(weights, capacities, bound)
+    assert shares == pytest.approx(expected, abs=1e-6)
+    if shares:
+        assert math.fsum(shares) == pytest.approx(1.0)
+        total = sum(capacities)
+        assert all(share <= bound * c / total + 1e-9 for share, c in zip(shares, capacities))
+
+
+def test_a_pod_keeps_its_weight_whatever_else_happens() -> None:
+    service = load_scenario(default_scenario_text()).service("chat")
+    assert pod_weight(1, service, 3) == pod_weight(1, service, 3)
+    assert pod_weight(1, service, 3) != pod_weight(2, service, 3)
+
+
+def test_rack_inlet_rises_with_rack_power_with_a_time_constant() -> None:
+    spec = Rack("r", 10_000, 30, Cooling(supply_c=20, rise_c_per_kw=0.8, time_constant_s=60))
+    rack = SimRack(spec=spec, inlet_c=20.0, power_w=10_000)
+    assert steady_inlet_c(spec, 10_000) == pytest.approx(28.0)
+    rack.step_inlet(60.0)
+    assert rack.inlet_c == pytest.approx(28.0 - 8.0 * math.exp(-1))  # one time constant: 63 % of the way
+    for _ in range(600):
+        rack.step_inlet(1.0)
+    assert rack.inlet_c == pytest.approx(28.0, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "samples, fraction, expected",
+    [
+        pytest.param([(1.0, 1), (2.0, 1), (3.0, 98)], 0.99, 3.0, id="heavy tail"),
+        pytest.param([(10.0, 1), (1.0, 99)], 0.99, 1.0, id="the rare slow sample is within the 1 %"),
+        pytest.param([(10.0, 2), (1.0, 98)], 0.99, 10.0, id="2 % slow"),
+        pytest.param([(5.0, 0.0)], 0.99, None, id="no weight"),
+    ],
+)
+def test_weighted_percentile(samples: list[tuple[float, float]], fraction: float, expected: float | None) -> None:
+    assert weighted_percentile(samples, fraction) == expected
+
+
+def test_recovery_time_is_the_time_until_power_stays_under_the_cap() -> None:
+    step_s = 0.1
+    power = [900.0] * 100 + [850.0] * 12 + [790.0] * 300  # cap 800 from step 100 (10 s)
+    assert recovery_time_s(power, step_s, 10.0, 800.0) == pytest.approx(1.2)
+    flicker = [900.0] * 100 + [790.0] * 5 + [820.0] * 5 + [790.0] * 300
+    assert recovery_time_s(flicker, step_s, 10.0, 800.0) == pytest.approx(1.0)
+    assert recovery_time_s([900.0] * 300, step_s, 10.0, 800.0) is None
+
+
+def test_convergence_leaves_out_the_warmup_and_each_settling_window() -> None:
+    assert excluded_seconds(100, 10, [50.5], 3) == set(range(10)) | {50, 51, 52, 53, 54}
