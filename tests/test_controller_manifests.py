@@ -28,8 +28,8 @@ def test_the_controller_may_only_read_write_status_evict_and_record_events() -> 
         for group in rule["apiGroups"] for resource in rule["resources"]
     }
     assert rules == {
-        ("", "nodes"): ["get", "list", "watch"],
-        ("", "pods"): ["get", "list", "watch"],
+        ("", "nodes"): ["list", "watch"],
+        ("", "pods"): ["list", "watch"],
         ("powercapping.example.com", "powercappingpolicies"): ["get", "list", "watch"],
         ("powercapping.example.com", "powercappingpolicies/status"): ["update"],
         ("", "pods/eviction"): ["create"],

@@ -60,7 +60,7 @@ def test_every_part_is_installed_once(bundle: list[Manifest]) -> None:
     assert expected <= set(names)
     scheduler = find(bundle, "Deployment", "power-aware-scheduler")
     containers = [c["name"] for c in scheduler["spec"]["template"]["spec"]["containers"]]
-    assert containers[:2] == ["kube-scheduler", "extender"]
+    assert sorted(containers) == ["controller", "extender", "kube-scheduler"]
 
 
 def test_namespaced_objects_live_in_powercap_system(bundle: list[Manifest]) -> None:
@@ -136,7 +136,7 @@ def test_every_powercap_container_runs_a_command_with_flags_it_accepts(bundle: l
         args = parser.parse_args(argv[1:])
         assert args.func, argv
         seen.add(argv[1])
-    assert {"webhook", "extender", "agent"} <= seen
+    assert seen == {"webhook", "extender", "controller", "agent"}
 
 
 def test_cert_manager_variant_issues_the_webhook_certificate(bundle: list[Manifest]) -> None:
@@ -175,8 +175,14 @@ def test_monitoring_component_scrapes_every_program_with_metrics(tmp_path: Path,
             assert endpoint["port"] in ports, (monitor["metadata"]["name"], endpoint["port"])
             assert endpoint["relabelings"] == [{"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}]
             scraped.add(ports[endpoint["port"]]["name"])
-    assert {"agent", "webhook", "extender"} <= scraped
-    # the extender now listens on the pod's address; kube-scheduler's 127.0.0.1 still reaches it
-    [extender] = [c for _, c in powercap_containers(built) if c["name"] == "extender"]
-    assert build_parser().parse_args(extender["args"]).bind == "0.0.0.0:8888"
+    assert scraped == {"agent", "webhook", "extender", "controller"}
+    # extender and controller listen on the pod's address (kube-scheduler's and the probes'
+    # 127.0.0.1 still reach them); every other argument is the bundle's
+    parser = build_parser()
+    before = {c["name"]: c for _, c in powercap_containers(bundle)}
+    for name, flag, bind in (("extender", "bind", "0.0.0.0:8888"), ("controller", "health_bind", "0.0.0.0:8081")):
+        [container] = [c for _, c in powercap_containers(built) if c["name"] == name]
+        args, default = vars(parser.parse_args(container["args"])), vars(parser.parse_args(before[name]["args"]))
+        assert args[flag] == bind
+        assert {**args, flag: None} == {**default, flag: None}
     kubernetes_validate.validate(find(built, "Deployment", "power-aware-scheduler"), KUBERNETES_VERSION, strict=True)

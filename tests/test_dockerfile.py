@@ -171,7 +171,7 @@ def test_build_context_holds_every_package_and_what_it_links_to(context_files: s
 
 def test_every_powercap_command_is_in_the_image(context_files: set[str], pyproject: dict) -> None:
     commands = pyproject["project"]["entry-points"]["powercap.commands"]
-    assert {"webhook", "certs", "extender", "agent", "validate"} <= set(commands)
+    assert {"webhook", "certs", "extender", "controller", "agent", "validate"} <= set(commands)
     for name, target in {**commands, **pyproject["project"]["scripts"]}.items():
         module = target.split(":")[0]
         assert f"{module.replace('.', '/')}.py" in context_files, f"powercap {name}: {module} is not copied"
