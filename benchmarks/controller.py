@@ -28,7 +28,6 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,9 +40,9 @@ from powercap.algorithms import AlgorithmRegistry  # noqa: E402
 from powercap.allocation import GpuState, RackLimit, Service, allocate  # noqa: E402
 from powercap.budget import plan_round  # noqa: E402
 from powercap.cluster import ClusterSettings, build_cluster_view  # noqa: E402
-from powercap.telemetry import TELEMETRY_ANNOTATION, from_json, to_json  # noqa: E402
+from powercap.telemetry import TELEMETRY_ANNOTATION, GpuTelemetry, from_json  # noqa: E402
 from tests.fakes.apiserver import FakeApiServer  # noqa: E402
-from tests.fakes.clusters import Gpu, node  # noqa: E402
+from tests.fakes.clusters import Gpu, agents_apply, node  # noqa: E402
 from tests.fakes.objects import NOW, gpu_pod, policy  # noqa: E402
 
 GPUS_PER_NODE = 10
@@ -134,21 +133,11 @@ def bench_round(runs: int) -> tuple[float, float]:
 def agents_report(server: FakeApiServer, demand_w: dict[str, float], rng: random.Random, at: datetime,
                   noise: float) -> None:
     """Every node agent applies its published caps and reports: power = min(demand x (1 +- noise), cap)."""
-    caps: dict[str, float] = {}
-    for document in server.objects("powercappingpolicies"):
-        for entry in (document.get("status") or {}).get("allocations") or ():
-            for gpu in entry["gpus"]:
-                caps[gpu["uuid"]] = gpu["watts"]
-    for node_object in server.objects("nodes"):
-        old = from_json(node_object["metadata"]["annotations"][TELEMETRY_ANNOTATION])
-        gpus = []
-        for gpu in old.gpus:
-            limit_w = caps.get(gpu.uuid, gpu.min_w)
-            drawn_w = min(demand_w[gpu.uuid] * rng.uniform(1 - noise, 1 + noise), limit_w * rng.uniform(0.985, 1.0))
-            gpus.append(replace(gpu, limit_w=limit_w, power_w=round(drawn_w, 1)))
-        telemetry = replace(old, timestamp=at, gpus=tuple(gpus), power_w=sum(g.power_w for g in gpus))
-        node_object["metadata"]["annotations"][TELEMETRY_ANNOTATION] = to_json(telemetry)
-        server.put_object("nodes", node_object)
+    def draw_w(gpu: GpuTelemetry, limit_w: float) -> float:
+        return min(demand_w[gpu.uuid] * rng.uniform(1 - noise, 1 + noise), limit_w * rng.uniform(0.985, 1.0))
+
+    for updated in agents_apply(server.objects("nodes"), server.objects("powercappingpolicies"), at=at, draw_w=draw_w):
+        server.put_object("nodes", updated)
 
 
 def bench_writes(minutes: int, noise: float, interval_s: float = 5.0) -> dict[str, Any]:

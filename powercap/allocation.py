@@ -72,7 +72,7 @@ INF = math.inf
 _ROUNDING_SLACK_W = 1e-6
 # Levels closer than this count as converged (caps are whole watts). A rack keeps its old,
 # lower level then, and a service takes its new, lower one, so every sum still fits.
-_LEVEL_TOLERANCE_W = 0.25
+_LEVEL_TOLERANCE_W = 0.01
 _NODE_AND_UUID = attrgetter("node", "uuid")
 
 
@@ -436,7 +436,7 @@ class _Problem:
         ``P = +inf``, R only rises and P only falls, so after each service step the caps
         ``clamp(min(P, R), lo, hi)`` satisfy every service sum (by construction) and every
         rack sum (they are below the caps the rack level was computed for). Rounds stop when
-        no level moves by more than 0.25 W (a single round for a service alone).
+        no level moves by more than 0.01 W (a single round for a service alone).
         """
         service_of, rack_of = self.service_of, self.rack_of
         service_levels = [INF] * len(self.services)
