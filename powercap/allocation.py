@@ -319,9 +319,11 @@ def allocate(
     problem = _Problem.build(services, limits, settings)
     first = problem.fill(problem.floors, problem.demands)
     # Surplus: services that met every demand share what is left, up to each GPU's maximum.
+    # A GPU whose service budget or rack was already full cannot rise: it stays fixed.
+    full_racks = [level != INF for level in first.rack_levels] + [False]  # index -1: no rack
     surplus_ceilings = [
-        problem.maxima[i] if first.service_levels[problem.service_of[i]] == INF else first.caps[i]
-        for i in range(problem.size)
+        cap if first.service_levels[s] != INF or full_racks[r] else high
+        for cap, high, s, r in zip(first.caps, problem.maxima, problem.service_of, problem.rack_of)
     ]
     for i in problem.held:
         surplus_ceilings[i] = first.caps[i]
@@ -330,6 +332,11 @@ def allocate(
     caps = problem.apply_deadband(caps)
     caps, postponed = problem.limit_raises(caps)
     return problem.result(caps, first, second, postponed)
+
+
+# A group (a service or a rack) as a fill solves it: floors, ceilings, the other group of
+# each member, and the floors sorted with their prefix sums.
+_Group = tuple[list[float], list[float], list[int], list[float], list[float]]
 
 
 @dataclass
@@ -443,19 +450,23 @@ class _Problem:
         rack_levels = [INF] * len(self.rack_ids)
         # Per group, gathered once: floors (sorted, with prefix sums), ceilings, and the
         # other group (service of a rack member, rack of a service member) of each member.
-        def group(members: list[int], other: list[int]) -> tuple[list[float], list[float], list[int], list[float], list[float]]:
+        # A group whose members are all fixed (floor = ceiling) has nothing to solve and is
+        # not gathered.
+        fixed = [lo == hi for lo, hi in zip(los, his)]
+
+        def group(members: list[int], other: list[int]) -> _Group | None:
+            if all(fixed[i] for i in members):
+                return None
             floors = [los[i] for i in members]
             lo_sorted = sorted(floors)
             return floors, [his[i] for i in members], [other[i] for i in members], lo_sorted, [0.0, *accumulate(lo_sorted)]
 
-        rack_groups = [group(m, service_of) for m in self.members_of_rack]
-        service_groups = [group(m, rack_of) for m in self.members_of_service]
+        rack_groups = {r: g for r, m in enumerate(self.members_of_rack) if (g := group(m, service_of)) is not None}
+        service_groups = {s: g for s, m in enumerate(self.members_of_service) if (g := group(m, rack_of)) is not None}
         rack_levels.append(INF)  # index -1: the level of "no constrained rack"
         # Only groups whose inputs moved are solved again: a rack when one of its services'
         # levels changed, a service when one of its racks' levels changed.
-        # A group whose members are all fixed (floor = ceiling) has nothing to solve.
-        movable_racks = {r for r, g in enumerate(rack_groups) if g[0] != g[1]}
-        movable_services = {s for s, g in enumerate(service_groups) if g[0] != g[1]}
+        movable_racks, movable_services = set(rack_groups), set(service_groups)
         dirty_racks, dirty_services = set(movable_racks), set(movable_services)
         for _ in range(self.settings.max_rounds):
             for r in sorted(dirty_racks):
@@ -564,7 +575,8 @@ class _Problem:
                 bound = Bound.MINIMUM
             elif i in postponed:
                 bound = Bound.TRANSITION
-            elif r >= 0 and last_fill[s].rack_levels[r] < last_fill[s].service_levels[s]:
+            elif r >= 0 and (first.rack_levels[r] < first.service_levels[s]
+                             or last_fill[s].rack_levels[r] < last_fill[s].service_levels[s]):
                 bound = Bound.RACK
             else:
                 bound = Bound.BUDGET
