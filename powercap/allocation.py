@@ -471,8 +471,8 @@ class _Problem:
         for _ in range(self.settings.max_rounds):
             for r in sorted(dirty_racks):
                 floors, ceilings, others, lo_sorted, lo_prefix = rack_groups[r]
-                levels = [service_levels[o] for o in others]
-                capped = [lo if v < lo else hi if v > hi else v for lo, hi, v in zip(floors, ceilings, levels)]
+                capped = [lo if (v := service_levels[o]) < lo else hi if v > hi else v
+                          for lo, hi, o in zip(floors, ceilings, others)]
                 level = _level(lo_sorted, lo_prefix, capped, self.rack_capacity_w[r])
                 if not _same_level(level, rack_levels[r]):  # else keep the old, lower level: still feasible
                     dirty_services |= self.services_of_rack[r] & movable_services
@@ -482,8 +482,8 @@ class _Problem:
             dirty_racks = set()
             for s in sorted(dirty_services):
                 floors, ceilings, others, lo_sorted, lo_prefix = service_groups[s]
-                levels = [rack_levels[o] for o in others]
-                capped = [lo if v < lo else hi if v > hi else v for lo, hi, v in zip(floors, ceilings, levels)]
+                capped = [lo if (v := rack_levels[o]) < lo else hi if v > hi else v
+                          for lo, hi, o in zip(floors, ceilings, others)]
                 level = _level(lo_sorted, lo_prefix, capped, self.service_capacity_w[s])
                 if not _same_level(level, service_levels[s]):
                     dirty_racks |= self.racks_of_service[s] & movable_racks
