@@ -11,7 +11,10 @@ cluster view and writes the result to ``status.allocations``. The formula:
 2. **Demand** per GPU (:func:`estimate_demand_w`): a GPU drawing within ``pinned_fraction``
    (5 %) of its cap is *pinned* and asks for ``cap + step`` (step = 10 % of its
    [min, max] range); any other GPU gives budget back and asks for ``power + headroom``
-   (headroom = 10 % of its range). Demand is clamped to the GPU's [min, max]. A GPU whose
+   (headroom = 10 % of its range), except that it keeps asking for its previous cap while
+   that cap is within ``headroom / 2`` of ``power + headroom`` (power readings move a few
+   percent from one second to the next; without this the caps would follow the noise).
+   Demand is clamped to the GPU's [min, max]. A GPU whose
    node reports no fresh telemetry is *held* at its last cap (its agent may still be
    enforcing it), neither raised nor lowered.
 3. **Max-min fair fill toward demand.** Every GPU starts at its NVML minimum; a common
@@ -27,9 +30,11 @@ cluster view and writes the result to ``status.allocations``. The formula:
 4. **Surplus.** When every demand of a service is met and budget is left, the same fill
    runs again from the first result up to each GPU's maximum: caps cost nothing while a
    GPU draws below them, and a GPU whose load rises then has room before the next round.
-5. **Deadband.** A cap within ``deadband_w`` of the GPU's previous cap keeps the previous
+5. **Deadband.** A cap within ``deadband_fraction`` (5 %) of the GPU's [min, max] range
+   (25 W on a 200-700 W GPU) of its previous cap keeps the previous
    cap (so measurement noise does not rewrite status every round), unless that would break
-   a service or rack sum, in which case those GPUs take the new value.
+   a service or rack sum, in which case those GPUs take the new value, or the new cap is a
+   raise that meets the GPU's whole demand.
 6. **Safe transitions.** Node agents pick up a new allocation at different moments, so the
    caps in force mix old and new. Raises are cut so that
    ``sum_i max(previous_i, new_i) <= capacity_w``: a raise only spends budget that no GPU
@@ -65,7 +70,9 @@ INF = math.inf
 # Float slack when rounding a level back to whole watts: a cap computed as 399.9999999
 # is 400 W. Safe for budgets: n GPUs add at most n x 1e-6 W < 1 W to an integer sum.
 _ROUNDING_SLACK_W = 1e-6
-_LEVEL_TOLERANCE_W = 1e-6
+# Levels closer than this count as converged (caps are whole watts). A rack keeps its old,
+# lower level then, and a service takes its new, lower one, so every sum still fits.
+_LEVEL_TOLERANCE_W = 0.01
 _NODE_AND_UUID = attrgetter("node", "uuid")
 
 
@@ -77,18 +84,16 @@ class AllocationSettings:
     pinned_fraction: float = 0.05
     step_fraction: float = 0.10
     headroom_fraction: float = 0.10
-    deadband_w: float = 10.0
+    deadband_fraction: float = 0.05
     max_rounds: int = 30
 
     def __post_init__(self) -> None:
         problems = []
         if not 0 <= self.margin < 1:
             problems.append(f"margin must be in [0, 1), not {self.margin}")
-        for name in ("pinned_fraction", "step_fraction", "headroom_fraction"):
+        for name in ("pinned_fraction", "step_fraction", "headroom_fraction", "deadband_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} must be in [0, 1], not {getattr(self, name)}")
-        if self.deadband_w < 0:
-            problems.append(f"deadband_w must be >= 0, not {self.deadband_w}")
         if self.max_rounds < 1:
             problems.append(f"max_rounds must be >= 1, not {self.max_rounds}")
         if problems:
@@ -224,9 +229,12 @@ def minimum_cap_for_w(minimum_w: float, margin: float) -> int:
 def estimate_demand_w(gpu: GpuState, settings: AllocationSettings) -> float:
     """What a GPU would use if given it, clamped to its [min, max].
 
+    With ``headroom = headroom_fraction x (max - min)``:
+
     pinned (``power_w >= limit_w x (1 - pinned_fraction)``):
         ``max(limit_w + step_fraction x (max - min), power_w + headroom)``
-    otherwise: ``power_w + headroom_fraction x (max - min)``
+    otherwise: ``previous_w`` when ``|previous_w - (power_w + headroom)| <= headroom / 2``,
+    else ``power_w + headroom``.
     """
     min_w, max_w = _bounds(gpu)
     return _demands_w([gpu], [min_w], [max_w], settings)[0]
@@ -242,6 +250,11 @@ def _demands_w(gpus: Sequence[GpuState], minima: Sequence[int], maxima: Sequence
         if g.power_w >= g.limit_w * pinned_ratio else g.power_w + headroom * (high - low)
         for g, low, high in zip(gpus, minima, maxima)
     ]
+    wanted = [
+        g.previous_w if g.previous_w is not None and g.power_w < g.limit_w * pinned_ratio
+        and abs(g.previous_w - w) <= headroom * (high - low) / 2 else w
+        for g, w, low, high in zip(gpus, wanted, minima, maxima)
+    ]
     return [low if w < low else high if w > high else w for w, low, high in zip(wanted, minima, maxima)]
 
 
@@ -252,15 +265,21 @@ def water_level(los: Sequence[float], his: Sequence[float], capacity_w: float) -
     ``sum(lo) >= capacity_w`` (every GPU stays at its floor). O(n log n): two sorts, prefix
     sums, then a binary search over the breakpoints of the piecewise-linear fill.
     """
+    lo_sorted = sorted(los)
+    return _level(lo_sorted, [0.0, *accumulate(lo_sorted)], his, capacity_w)
+
+
+def _level(lo_sorted: list[float], lo_prefix: list[float], his: Sequence[float], capacity_w: float) -> float:
+    """:func:`water_level` with the floors already sorted and summed (they do not change
+    between the rounds of a fill, the ceilings do)."""
     if sum(his) <= capacity_w:
         return INF
-    if sum(los) >= capacity_w:
-        return -INF
-    count = len(los)
-    lo_sorted, hi_sorted = sorted(los), sorted(his)
-    lo_prefix = [0.0, *accumulate(lo_sorted)]
-    hi_prefix = [0.0, *accumulate(hi_sorted)]
     total_lo = lo_prefix[-1]
+    if total_lo >= capacity_w:
+        return -INF
+    count = len(lo_sorted)
+    hi_sorted = sorted(his)
+    hi_prefix = [0.0, *accumulate(hi_sorted)]
 
     def fill(level: float) -> float:
         below = bisect_left(lo_sorted, level)   # GPUs with lo < level are not held up by lo
@@ -300,9 +319,11 @@ def allocate(
     problem = _Problem.build(services, limits, settings)
     first = problem.fill(problem.floors, problem.demands)
     # Surplus: services that met every demand share what is left, up to each GPU's maximum.
+    # A GPU whose service budget or rack was already full cannot rise: it stays fixed.
+    full_racks = [level != INF for level in first.rack_levels] + [False]  # index -1: no rack
     surplus_ceilings = [
-        problem.maxima[i] if first.service_levels[problem.service_of[i]] == INF else first.caps[i]
-        for i in range(problem.size)
+        cap if first.service_levels[s] != INF or full_racks[r] else high
+        for cap, high, s, r in zip(first.caps, problem.maxima, problem.service_of, problem.rack_of)
     ]
     for i in problem.held:
         surplus_ceilings[i] = first.caps[i]
@@ -311,6 +332,11 @@ def allocate(
     caps = problem.apply_deadband(caps)
     caps, postponed = problem.limit_raises(caps)
     return problem.result(caps, first, second, postponed)
+
+
+# A group (a service or a rack) as a fill solves it: floors, ceilings, the other group of
+# each member, and the floors sorted with their prefix sums.
+_Group = tuple[list[float], list[float], list[int], list[float], list[float]]
 
 
 @dataclass
@@ -333,6 +359,8 @@ class _Problem:
     rack_limits: list[RackLimit]
     members_of_service: list[list[int]]
     members_of_rack: list[list[int]]
+    racks_of_service: list[set[int]]
+    services_of_rack: list[set[int]]
     service_capacity_w: list[int]
     rack_capacity_w: list[int]
     minima: list[int]
@@ -351,23 +379,22 @@ class _Problem:
     def build(cls, services: list[Service], limits: Mapping[str, RackLimit], settings: AllocationSettings) -> _Problem:
         gpus: list[GpuState] = []
         service_of: list[int] = []
-        seen: dict[str, str] = {}
+        members_of_service: list[list[int]] = []
         for index, service in enumerate(services):
-            for gpu in sorted(service.gpus, key=_NODE_AND_UUID):
-                if gpu.uuid in seen:
-                    raise ValueError(f"GPU {gpu.uuid} is listed by both {seen[gpu.uuid]} and {service.key}")
-                seen[gpu.uuid] = service.key
-                gpus.append(gpu)
-                service_of.append(index)
+            start = len(gpus)
+            gpus.extend(sorted(service.gpus, key=_NODE_AND_UUID))
+            service_of.extend([index] * (len(gpus) - start))
+            members_of_service.append(list(range(start, len(gpus))))
+        uuids = [g.uuid for g in gpus]
+        if len(set(uuids)) != len(uuids):
+            _refuse_shared_gpus(services)
         rack_ids = sorted({g.rack for g in gpus if g.rack is not None and g.rack in limits})
         rack_index = {rack: i for i, rack in enumerate(rack_ids)}
         rack_of = [rack_index.get(g.rack, -1) if g.rack is not None else -1 for g in gpus]
-        members_of_service: list[list[int]] = [[] for _ in services]
         members_of_rack: list[list[int]] = [[] for _ in rack_ids]
-        for i in range(len(gpus)):
-            members_of_service[service_of[i]].append(i)
-            if rack_of[i] >= 0:
-                members_of_rack[rack_of[i]].append(i)
+        for i, r in enumerate(rack_of):
+            if r >= 0:
+                members_of_rack[r].append(i)
         minima = [max(0, math.ceil(g.min_w - 1e-9)) for g in gpus]
         maxima = [max(low, math.floor(g.max_w + 1e-9)) for g, low in zip(gpus, minima)]
         floors = [float(low) for low in minima]
@@ -394,6 +421,8 @@ class _Problem:
             rack_limits=[limits[r] for r in rack_ids],
             members_of_service=members_of_service,
             members_of_rack=members_of_rack,
+            racks_of_service=[{rack_of[i] for i in m if rack_of[i] >= 0} for m in members_of_service],
+            services_of_rack=[{service_of[i] for i in m} for m in members_of_rack],
             service_capacity_w=[
                 budget_w(s.power_cap_w, settings.margin) - math.ceil(s.reserved_w - 1e-9) for s in services
             ],
@@ -413,32 +442,54 @@ class _Problem:
         Alternates rack levels ``R = F(P)`` and service levels ``P = G(R)``. Starting from
         ``P = +inf``, R only rises and P only falls, so after each service step the caps
         ``clamp(min(P, R), lo, hi)`` satisfy every service sum (by construction) and every
-        rack sum (they are below the caps the rack level was computed for).
+        rack sum (they are below the caps the rack level was computed for). Rounds stop when
+        no level moves by more than 0.01 W (a single round for a service alone).
         """
         service_of, rack_of = self.service_of, self.rack_of
         service_levels = [INF] * len(self.services)
         rack_levels = [INF] * len(self.rack_ids)
-        # Per group: (floors, ceilings, the other group of each member), gathered once.
-        rack_groups = [
-            ([los[i] for i in m], [his[i] for i in m], [service_of[i] for i in m]) for m in self.members_of_rack
-        ]
-        service_groups = [
-            ([los[i] for i in m], [his[i] for i in m], [rack_of[i] for i in m]) for m in self.members_of_service
-        ]
+        # Per group, gathered once: floors (sorted, with prefix sums), ceilings, and the
+        # other group (service of a rack member, rack of a service member) of each member.
+        # A group whose members are all fixed (floor = ceiling) has nothing to solve and is
+        # not gathered.
+        fixed = [lo == hi for lo, hi in zip(los, his)]
+
+        def group(members: list[int], other: list[int]) -> _Group | None:
+            if all(fixed[i] for i in members):
+                return None
+            floors = [los[i] for i in members]
+            lo_sorted = sorted(floors)
+            return floors, [his[i] for i in members], [other[i] for i in members], lo_sorted, [0.0, *accumulate(lo_sorted)]
+
+        rack_groups = {r: g for r, m in enumerate(self.members_of_rack) if (g := group(m, service_of)) is not None}
+        service_groups = {s: g for s, m in enumerate(self.members_of_service) if (g := group(m, rack_of)) is not None}
         rack_levels.append(INF)  # index -1: the level of "no constrained rack"
+        # Only groups whose inputs moved are solved again: a rack when one of its services'
+        # levels changed, a service when one of its racks' levels changed.
+        movable_racks, movable_services = set(rack_groups), set(service_groups)
+        dirty_racks, dirty_services = set(movable_racks), set(movable_services)
         for _ in range(self.settings.max_rounds):
-            for r, (floors, ceilings, others) in enumerate(rack_groups):
-                levels = [service_levels[o] for o in others]
-                capped = [lo if v < lo else hi if v > hi else v for lo, hi, v in zip(floors, ceilings, levels)]
-                rack_levels[r] = water_level(floors, capped, self.rack_capacity_w[r])
-            changed = False
-            for s, (floors, ceilings, others) in enumerate(service_groups):
-                levels = [rack_levels[o] for o in others]
-                capped = [lo if v < lo else hi if v > hi else v for lo, hi, v in zip(floors, ceilings, levels)]
-                level = water_level(floors, capped, self.service_capacity_w[s])
-                changed = changed or not _same_level(level, service_levels[s])
-                service_levels[s] = level
-            if not changed or not rack_groups:
+            for r in sorted(dirty_racks):
+                floors, ceilings, others, lo_sorted, lo_prefix = rack_groups[r]
+                capped = [lo if (v := service_levels[o]) < lo else hi if v > hi else v
+                          for lo, hi, o in zip(floors, ceilings, others)]
+                level = _level(lo_sorted, lo_prefix, capped, self.rack_capacity_w[r])
+                if not _same_level(level, rack_levels[r]):  # else keep the old, lower level: still feasible
+                    dirty_services |= self.services_of_rack[r] & movable_services
+                    rack_levels[r] = level
+            if not dirty_services:
+                break
+            dirty_racks = set()
+            for s in sorted(dirty_services):
+                floors, ceilings, others, lo_sorted, lo_prefix = service_groups[s]
+                capped = [lo if (v := rack_levels[o]) < lo else hi if v > hi else v
+                          for lo, hi, o in zip(floors, ceilings, others)]
+                level = _level(lo_sorted, lo_prefix, capped, self.service_capacity_w[s])
+                if not _same_level(level, service_levels[s]):
+                    dirty_racks |= self.racks_of_service[s] & movable_racks
+                service_levels[s] = level  # the new one even when close: it is the lower
+            dirty_services = set()
+            if not dirty_racks:
                 break
         levels = [min(service_levels[s], rack_levels[r]) for s, r in zip(service_of, rack_of)]
         caps = [lo if v < lo else hi if v > hi else v for lo, hi, v in zip(los, his, levels)]
@@ -446,13 +497,15 @@ class _Problem:
         return _Fill(caps, service_levels, rack_levels)
 
     def apply_deadband(self, caps: list[int]) -> list[int]:
-        """Keep a GPU's previous cap when the new one is within ``deadband_w`` of it, while every sum still fits."""
-        deadband_w = self.settings.deadband_w
-        if deadband_w <= 0:
+        """Keep a GPU's previous cap when the new one is within ``deadband_fraction x (max - min)``
+        of it, while every sum still fits; a raise that gives a GPU all it asks for goes through."""
+        fraction = self.settings.deadband_fraction
+        if fraction <= 0:
             return caps
         kept = [
-            last if known and abs(cap - last) < deadband_w else cap
-            for cap, last, known in zip(caps, self.previous, self.sticky)
+            last if known and abs(cap - last) < fraction * (high - low) and not last < cap >= math.floor(demand) else cap
+            for cap, last, known, low, high, demand in zip(
+                caps, self.previous, self.sticky, self.minima, self.maxima, self.demands)
         ]
         groups = [(m, c) for m, c in zip(self.members_of_service, self.service_capacity_w)]
         groups += [(m, c) for m, c in zip(self.members_of_rack, self.rack_capacity_w)]
@@ -522,7 +575,8 @@ class _Problem:
                 bound = Bound.MINIMUM
             elif i in postponed:
                 bound = Bound.TRANSITION
-            elif r >= 0 and last_fill[s].rack_levels[r] < last_fill[s].service_levels[s]:
+            elif r >= 0 and (first.rack_levels[r] < first.service_levels[s]
+                             or last_fill[s].rack_levels[r] < last_fill[s].service_levels[s]):
                 bound = Bound.RACK
             else:
                 bound = Bound.BUDGET
@@ -551,6 +605,16 @@ class _Problem:
             for r, limit in enumerate(self.rack_limits)
         }
         return Allocation(services=MappingProxyType(services), racks=MappingProxyType(racks))
+
+
+def _refuse_shared_gpus(services: Sequence[Service]) -> None:
+    """Raise ``ValueError`` naming the first GPU listed by two services (a caller bug)."""
+    seen: dict[str, str] = {}
+    for service in services:
+        for gpu in service.gpus:
+            if gpu.uuid in seen:
+                raise ValueError(f"GPU {gpu.uuid} is listed by both {seen[gpu.uuid]} and {service.key}")
+            seen[gpu.uuid] = service.key
 
 
 def _service_infeasible_reason(service: Service, gpu_count: int, floor_w: float, budget: int, margin: float) -> str:

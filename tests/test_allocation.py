@@ -163,9 +163,9 @@ def test_stale_gpu_is_held_at_its_last_cap() -> None:
 @pytest.mark.parametrize(
     "previous_w, expected_w",
     [
-        pytest.param(480, 480, id="5 W below the new fair share: keep 480"),
+        pytest.param(465, 465, id="20 W below the new fair share (under 5 % of 200-700 W): keep 465"),
         pytest.param(490, 485, id="5 W above: keeping it would pass the budget, take 485"),
-        pytest.param(470, 485, id="15 W away: move"),
+        pytest.param(455, 485, id="30 W away: move"),
     ],
 )
 def test_small_changes_keep_the_previous_cap(previous_w: int, expected_w: int) -> None:
@@ -245,7 +245,7 @@ def test_minimum_cap_for_covers_the_minimum() -> None:
 
 @pytest.mark.parametrize(
     "field, value",
-    [("margin", 1.0), ("margin", -0.1), ("pinned_fraction", 2), ("deadband_w", -1), ("max_rounds", 0)],
+    [("margin", 1.0), ("margin", -0.1), ("pinned_fraction", 2), ("deadband_fraction", -1), ("max_rounds", 0)],
 )
 def test_bad_settings_fail_at_start_up(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):

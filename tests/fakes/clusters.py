@@ -6,7 +6,7 @@ them); this adds per-GPU telemetry (power, limit, pod) and a cluster view in one
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -54,26 +54,27 @@ def with_status(policy: dict[str, Any], status: dict[str, Any]) -> dict[str, Any
     return {**policy, "status": status}
 
 
-def agents_apply(nodes: Sequence[dict[str, Any]], policies: Sequence[dict[str, Any]], *, at: datetime) -> list[dict[str, Any]]:
+def agents_apply(nodes: Sequence[dict[str, Any]], policies: Sequence[dict[str, Any]], *, at: datetime,
+                 draw_w: Callable[[GpuTelemetry, float], float] | None = None) -> list[dict[str, Any]]:
     """The nodes after their agents applied the policies' ``status.allocations`` and reported
-    again ``at``: each allocated GPU's limit becomes its allocation and its power at most that."""
+    again ``at``: each GPU's limit becomes its allocation (its minimum when it has none) and
+    its power ``draw_w(gpu, limit)`` (default: what it drew, at most the limit)."""
     allocated: dict[str, float] = {}
     for document in policies:
         for entry in (document.get("status") or {}).get("allocations") or ():
             for gpu in entry.get("gpus") or ():
                 allocated[gpu["uuid"]] = gpu["watts"]
+    draw = draw_w or (lambda gpu, limit_w: min(gpu.power_w, limit_w))
     updated = []
     for node_object in nodes:
         annotations = node_object["metadata"]["annotations"]
         old = from_json(annotations[TELEMETRY_ANNOTATION])
-        gpus = tuple(
-            replace(g, limit_w=allocated.get(g.uuid, g.limit_w), power_w=min(g.power_w, allocated.get(g.uuid, g.limit_w)))
-            for g in old.gpus
-        )
+        gpus = []
+        for gpu in old.gpus:
+            limit_w = allocated.get(gpu.uuid, gpu.min_w)
+            gpus.append(replace(gpu, limit_w=limit_w, power_w=round(draw(gpu, limit_w), 1)))
         extra_w = old.power_w - sum(g.power_w for g in old.gpus)
-        telemetry = NodeTelemetry(timestamp=at, power_w=sum(g.power_w for g in gpus) + extra_w,
-                                  inlet_temperature_c=old.inlet_temperature_c, gpus=gpus)
-        copy = {**node_object, "metadata": {**node_object["metadata"],
-                                            "annotations": {**annotations, TELEMETRY_ANNOTATION: to_json(telemetry)}}}
-        updated.append(copy)
+        telemetry = replace(old, timestamp=at, gpus=tuple(gpus), power_w=sum(g.power_w for g in gpus) + extra_w)
+        metadata = {**node_object["metadata"], "annotations": {**annotations, TELEMETRY_ANNOTATION: to_json(telemetry)}}
+        updated.append({**node_object, "metadata": metadata})
     return updated
