@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from extender.sources import Cache, CacheSource, NotReady, utc_now
+from extender.sources import Cache, CacheSource, NotReady, cluster_caches, utc_now
 from powercap import API_GROUP, API_VERSION, KIND, kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.allocation import AllocationSettings
@@ -93,13 +93,7 @@ class CacheSnapshots:
 
     @classmethod
     def on(cls, client: kube.KubeClient, settings: ClusterSettings, registry: AlgorithmRegistry) -> CacheSnapshots:
-        return cls(
-            kube.WatchCache(client, kube.node_path(), name="nodes"),
-            kube.WatchCache(client, kube.pod_path(), {"fieldSelector": POD_FIELD_SELECTOR}, name="pods"),
-            kube.WatchCache(client, kube.policy_path(), name="powercappingpolicies"),
-            settings,
-            registry,
-        )
+        return cls(*cluster_caches(client, POD_FIELD_SELECTOR), settings, registry)
 
     def snapshot(self) -> Snapshot:
         view = self._views.current()

@@ -317,16 +317,21 @@ class CacheSource:
 POD_FIELD_SELECTOR = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
 
 
+def cluster_caches(
+    client: kube.KubeClient, pod_field_selector: str = POD_FIELD_SELECTOR
+) -> tuple[kube.WatchCache, kube.WatchCache, kube.WatchCache]:
+    """Watch caches of ``client`` for all Nodes, the Pods ``pod_field_selector`` selects,
+    and all policies (not started)."""
+    return (
+        kube.WatchCache(client, kube.node_path(), name="nodes"),
+        kube.WatchCache(client, kube.pod_path(), {"fieldSelector": pod_field_selector}, name="pods"),
+        kube.WatchCache(client, kube.policy_path(), name="powercappingpolicies"),
+    )
+
+
 def cluster_source(client: kube.KubeClient, settings: ClusterSettings, registry: AlgorithmRegistry, **options: Any) -> CacheSource:
-    """A :class:`CacheSource` on three :class:`powercap.kube.WatchCache` of ``client``
-    (a :class:`powercap.kube.KubeClient`): all Nodes, bound unfinished Pods, all policies.
+    """A :class:`CacheSource` on :func:`cluster_caches` of ``client`` (a
+    :class:`powercap.kube.KubeClient`): all Nodes, bound unfinished Pods, all policies.
     The process's garbage collector is settled after rebuilds (the extender owns its process)."""
     options.setdefault("settle_gc", True)
-    return CacheSource(
-        kube.WatchCache(client, kube.node_path(), name="nodes"),
-        kube.WatchCache(client, kube.pod_path(), {"fieldSelector": POD_FIELD_SELECTOR}, name="pods"),
-        kube.WatchCache(client, kube.policy_path(), name="powercappingpolicies"),
-        settings,
-        registry,
-        **options,
-    )
+    return CacheSource(*cluster_caches(client), settings, registry, **options)
