@@ -57,7 +57,7 @@ API (stable; the budget controller uses it too):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import compress
@@ -363,6 +363,21 @@ class ClusterView:
         "find_node", "find_rack", "find_facts",
     )
 
+    now: datetime
+    settings: ClusterSettings
+    nodes: Mapping[str, NodeView]
+    racks: Mapping[str, RackView]
+    invalid_policies: Mapping[str, str]
+    node_facts: Mapping[str, NodeFacts]
+    gpu_min_w: float
+    has_constraints: bool
+    warnings: tuple[str, ...]
+    find_node: Callable[[str], NodeView | None]
+    find_rack: Callable[[str], RackView | None]
+    find_facts: Callable[[str], NodeFacts | None]
+    _policies: Mapping[str, PolicyView] | None
+    _state: _State
+
     def __init__(self, *, now: datetime, state: _State, warnings: tuple[str, ...]) -> None:
         object.__setattr__(self, "now", now)
         object.__setattr__(self, "settings", state.settings)
@@ -390,7 +405,8 @@ class ClusterView:
         """Every valid policy with its pods and GPUs (computed once per view, on first use)."""
         if self._policies is None:
             object.__setattr__(self, "_policies", MappingProxyType(_policy_views(self._state)))
-        return self._policies  # type: ignore[return-value]
+        assert self._policies is not None
+        return self._policies
 
     def node(self, name: str) -> NodeView | None:
         return self.nodes.get(name)
@@ -469,8 +485,8 @@ def build_cluster_view(
     else:
         policy_docs, valid, invalid = _parse_policies(policy_list, old.policy_docs if old else {}, registry)
         grouped: dict[str, list[Policy]] = {}
-        for policy in sorted(valid.values(), key=lambda p: p.name):
-            grouped.setdefault(policy.namespace, []).append(policy)
+        for valid_policy in sorted(valid.values(), key=lambda p: p.name):
+            grouped.setdefault(valid_policy.namespace, []).append(valid_policy)
         by_namespace = {ns: tuple(group) for ns, group in grouped.items()}
         limits = _rack_limits(valid.values())
 
@@ -512,7 +528,7 @@ def build_cluster_view(
         policy = _match(by_namespace, facts.namespace, facts.labels) if facts.active else None
         pod_docs[id(pod)] = (pod, facts, policy)
         if _counts_power(facts):
-            bound_by_node[facts.node_name] = (*bound_by_node.get(facts.node_name, ()), (facts, policy))  # type: ignore[index]
+            bound_by_node[facts.node_name] = (*bound_by_node.get(facts.node_name, ()), (facts, policy))  # type: ignore[index,arg-type]
             dirty.add(facts.node_name)  # type: ignore[arg-type]
             if policy is not None:
                 bound_gpus[policy.key] = bound_gpus.get(policy.key, 0) + facts.gpus
@@ -541,14 +557,14 @@ def build_cluster_view(
             racks_touched.add(before.rack_id)
         fresh_until.pop(name, None)
         assumed_policies.pop(name, None)
-        parsed = parsed_nodes.get(name)
-        if parsed is None:
+        dirty_node = parsed_nodes.get(name)
+        if dirty_node is None:
             trend_anchors.pop(name, None)
             continue
-        view, assumed_keys = _node_view(parsed, bound_by_node.get(name, ()), bound_gpus, now, settings, trend_anchors)
+        view, assumed_keys = _node_view(dirty_node, bound_by_node.get(name, ()), bound_gpus, now, settings, trend_anchors)
         node_views[name] = view
-        if parsed.rack_id is not None:
-            racks_touched.add(parsed.rack_id)
+        if dirty_node.rack_id is not None:
+            racks_touched.add(dirty_node.rack_id)
         if view.fresh and view.telemetry is not None:
             fresh_until[name] = view.telemetry.timestamp + timedelta(seconds=settings.stale_after_s)
         if assumed_keys:

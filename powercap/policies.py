@@ -197,8 +197,8 @@ def validate_policy(document: Any, registry: AlgorithmRegistry) -> ValidationRes
 
 
 def _dedupe(problems: list[Problem]) -> list[Problem]:
-    seen: set[Problem] = set()
-    return [p for p in problems if not (p in seen or seen.add(p))]
+    """``problems`` without repeats, in their first order."""
+    return list(dict.fromkeys(problems))
 
 
 def _check_type_meta(document: Mapping[str, Any]) -> list[Problem]:
@@ -330,9 +330,9 @@ def _check_selector(selector: Any, path: str) -> list[Problem]:
 def _warnings(spec: Mapping[str, Any]) -> list[Problem]:
     """Legal but suspicious settings. Each message stays under 120 characters."""
     warnings = []
-    cap = spec.get("powerCapLimit")
-    cap_is_number = isinstance(cap, int) and not isinstance(cap, bool) and cap > 0
-    if cap_is_number and cap < TYPICAL_GPU_MIN_LIMIT_W:
+    raw_cap = spec.get("powerCapLimit")
+    cap = raw_cap if isinstance(raw_cap, int) and not isinstance(raw_cap, bool) and raw_cap > 0 else None
+    if cap is not None and cap < TYPICAL_GPU_MIN_LIMIT_W:
         warnings.append(Problem(
             "spec.powerCapLimit",
             f"{cap} W is below one GPU's minimum limit ({TYPICAL_GPU_MIN_LIMIT_W} W on H100/H200): no pod can get a GPU",
@@ -343,7 +343,7 @@ def _warnings(spec: Mapping[str, Any]) -> list[Problem]:
             continue
         path = join_path("spec.rackConstraints", index)
         max_power = rack.get("maxPower")
-        if cap_is_number and isinstance(max_power, int) and not isinstance(max_power, bool) and 0 < max_power < cap:
+        if cap is not None and isinstance(max_power, int) and not isinstance(max_power, bool) and 0 < max_power < cap:
             warnings.append(Problem(
                 join_path(path, "maxPower"),
                 f"{max_power} W is below powerCapLimit {cap} W: this rack alone cannot hold the whole service",

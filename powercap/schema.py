@@ -42,10 +42,14 @@ _JSON_TYPE_NAMES = {
 }
 
 
+def package_data_text(name: str) -> str:
+    """The text of ``powercap/data/<name>``, from a checkout or an installed wheel."""
+    return resources.files("powercap").joinpath("data").joinpath(name).read_text(encoding="utf-8")
+
+
 def load_crd() -> dict[str, Any]:
     """The CustomResourceDefinition shipped with the package (config/crd/ in the repo)."""
-    text = resources.files("powercap").joinpath("data", CRD_RESOURCE).read_text(encoding="utf-8")
-    return yaml.safe_load(text)
+    return yaml.safe_load(package_data_text(CRD_RESOURCE))
 
 
 @lru_cache(maxsize=1)

@@ -143,10 +143,9 @@ def describe_load_error(error: Exception) -> str:
 
 def document_label(document: Any, index: int) -> str:
     metadata = document.get("metadata") if isinstance(document, dict) else None
-    name = metadata.get("name") if isinstance(metadata, dict) else None
-    if not isinstance(name, str) or not name:
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("name"), str) or not metadata["name"]:
         return f"document {index + 1}"
-    namespace = metadata.get("namespace")
+    name, namespace = metadata["name"], metadata.get("namespace")
     return f"{namespace if isinstance(namespace, str) and namespace else 'default'}/{name}"
 
 

@@ -23,7 +23,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from typing import Any
 
 import yaml
@@ -275,13 +274,12 @@ class Scenario:
 
 @lru_cache(maxsize=1)
 def scenario_schema() -> schema.Schema:
-    text = resources.files("powercap").joinpath("data", SCHEMA_RESOURCE).read_text(encoding="utf-8")
-    return yaml.safe_load(text)
+    return yaml.safe_load(schema.package_data_text(SCHEMA_RESOURCE))
 
 
 def default_scenario_text() -> str:
     """The built-in scenario (``powercap/data/scenario-default.yaml``)."""
-    return resources.files("powercap").joinpath("data", DEFAULT_SCENARIO_RESOURCE).read_text(encoding="utf-8")
+    return schema.package_data_text(DEFAULT_SCENARIO_RESOURCE)
 
 
 def load_scenario(text: str, registry: AlgorithmRegistry | None = None) -> Scenario:
