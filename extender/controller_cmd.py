@@ -193,9 +193,10 @@ def write_table(plan: RoundPlan, snapshot: Snapshot, decisions: Mapping[str, Dec
     for key, policy_plan in sorted(plan.policies.items()):
         policy, status = policy_plan.policy, policy_plan.status
         power = f"{status['powerW']} W" if "powerW" in status else "unknown"
+        ratio = f"ratio {status['ratio']:g} tokens/J  " if "ratio" in status else ""
         out.write(
             f"\n{key}  {policy.mode.value}  cap {policy.power_cap_w} W  budget {status['budgetW']} W  "
-            f"power {power}  {status['gpus']} GPUs  "
+            f"power {power}  {status['gpus']} GPUs  {ratio}"
             f"({'status would change' if policy_plan.changed else 'status unchanged'})\n"
         )
         measured = {g.gpu.uuid: g.gpu for g in view.policies[key].gpus}

@@ -179,7 +179,8 @@ class Agent:
         writes = sum(self._execute(plan, now_s, enforced_w) for plan in plans)
         self._save_state()
         telemetry = build_telemetry(
-            self._wall_clock(), readings, inlet_c, {p.uuid: p.pod for p in plans}, enforced_w
+            self._wall_clock(), readings, inlet_c, {p.uuid: p.pod for p in plans}, enforced_w,
+            {p.uuid: p.tokens_s for p in plans},
         )
         self.publisher.telemetry(telemetry, now_s)
         self._update_metrics(readings, plans, enforced_w, view.fresh)

@@ -36,9 +36,13 @@ Safety rules encoded here (each has a test row in tests/test_agentplan.py):
 - a restart adopts the recorded caps and control state (ratio offset, thermal limit), so
   the first tick after a restart writes nothing when the caps already match.
 
-Telemetry rate limiting (:func:`should_publish`) is here too: publish when any GPU's or
-the node's power moved by more than 5 %, a temperature by 2 degC or more, a limit or pod
-changed, or a heartbeat is due; never more often than a minimum interval.
+Telemetry (:func:`build_telemetry`) and its rate limiting (:func:`should_publish`) are
+here too: publish when any GPU's or the node's power moved by more than 5 %, a
+temperature by 2 degC or more, a limit or pod changed, or a heartbeat is due; never more
+often than a minimum interval. A GPU's ``tokensPerSecond`` (its pod's tokens/s split
+across the pod's GPUs by power, :func:`gpu_tokens_s`) never triggers a publish by
+itself: a rate moves on every scrape, and the ratio it feeds (``status.ratio``) may lag
+by a heartbeat; it goes out with whatever publish comes next.
 """
 
 from __future__ import annotations
@@ -170,7 +174,8 @@ class GpuPlan:
     ``cap_w`` is the limit to write for SET/RESTORE, the limit the law wants for
     OBSERVE, the current management limit otherwise. ``record`` is what the state file
     must hold once the action is done (None: forget the GPU); ``memory`` what to
-    remember for the next tick (None: nothing).
+    remember for the next tick (None: nothing). ``tokens_s`` is this GPU's share of its
+    pod's generated tokens/s (:func:`gpu_tokens_s`), None without a measurement.
     """
 
     uuid: str
@@ -183,6 +188,7 @@ class GpuPlan:
     pod: str | None = None
     pod_uid: str | None = None
     tokens_per_joule: float | None = None
+    tokens_s: float | None = None
     emergency: bool = False
     record: CapRecord | None = None
     memory: GpuMemory | None = None
@@ -302,13 +308,35 @@ def tokens_per_joule(tokens_s: float | None, power_w: float) -> float | None:
     return tokens_s / power_w
 
 
-def _pod_power_w(inputs: TickInputs) -> dict[str, float]:
-    """Power of every pod's GPUs together (a tensor-parallel pod spans several GPUs)."""
-    power: dict[str, float] = {}
+def gpu_tokens_s(pod_tokens_s: float | None, gpu_power_w: float, pod_power_w: float, pod_gpus: int) -> float | None:
+    """One GPU's share of its pod's generated tokens/s, split by power.
+
+    ``pod_tokens_s x gpu_power_w / pod_power_w`` (``pod_power_w`` = power of all the
+    pod's GPUs, this one included); evenly over ``pod_gpus`` when they all draw 0 W.
+    The shares of a pod's GPUs add up to its tokens/s, so a service's sum is right
+    however its pods spread. None when the pod's rate is unknown.
+    """
+    if pod_tokens_s is None or not math.isfinite(pod_tokens_s) or pod_gpus <= 0:
+        return None
+    share = gpu_power_w / pod_power_w if pod_power_w > 0 else 1.0 / pod_gpus
+    return max(0.0, pod_tokens_s) * share
+
+
+@dataclass
+class _PodLoad:
+    power_w: float = 0.0
+    gpus: int = 0
+
+
+def _pod_loads(inputs: TickInputs) -> dict[str, _PodLoad]:
+    """Power and number of every pod's GPUs together (a tensor-parallel pod spans several GPUs)."""
+    loads: dict[str, _PodLoad] = {}
     for reading in inputs.readings:
         for uid in inputs.pod_uids_by_gpu.get(reading.uuid, frozenset()):
-            power[uid] = power.get(uid, 0.0) + reading.power_w
-    return power
+            load = loads.setdefault(uid, _PodLoad())
+            load.power_w += reading.power_w
+            load.gpus += 1
+    return loads
 
 
 # -- the plan -----------------------------------------------------------------------------
@@ -321,7 +349,7 @@ def plan_tick(inputs: TickInputs) -> tuple[GpuPlan, ...]:
     for owner in owners.values():
         if owner.policy is not None:
             gpus_per_policy[owner.policy.key] = gpus_per_policy.get(owner.policy.key, 0) + 1
-    pod_power_w = _pod_power_w(inputs)
+    pod_loads = _pod_loads(inputs)
     plans = []
     for reading in inputs.readings:
         owner = owners[reading.uuid]
@@ -329,7 +357,7 @@ def plan_tick(inputs: TickInputs) -> tuple[GpuPlan, ...]:
         if owner.policy is None:
             plans.append(_plan_unowned(inputs, reading, record))
         else:
-            plans.append(_plan_owned(inputs, reading, owner, record, gpus_per_policy, pod_power_w))
+            plans.append(_plan_owned(inputs, reading, owner, record, gpus_per_policy, pod_loads))
     return tuple(plans)
 
 
@@ -354,14 +382,19 @@ def _plan_owned(
     owner: _Owner,
     record: CapRecord | None,
     gpus_per_policy: Mapping[str, int],
-    pod_power_w: Mapping[str, float],
+    pod_loads: Mapping[str, _PodLoad],
 ) -> GpuPlan:
     policy = owner.policy
     assert policy is not None
     pod_uid = (owner.pod.get("metadata") or {}).get("uid") if owner.pod else None
-    ratio = None
-    if policy.performance is not None and pod_uid is not None:
-        ratio = tokens_per_joule(inputs.tokens_s_by_pod.get(pod_uid), pod_power_w.get(pod_uid, 0.0))
+    ratio: float | None = None
+    tokens_s: float | None = None
+    if pod_uid is not None:
+        pod_tokens_s = inputs.tokens_s_by_pod.get(pod_uid)
+        load = pod_loads.get(pod_uid, _PodLoad())
+        tokens_s = gpu_tokens_s(pod_tokens_s, reading.power_w, load.power_w, load.gpus)
+        if policy.performance is not None:
+            ratio = tokens_per_joule(pod_tokens_s, load.power_w)
     memory = inputs.memories.get(reading.uuid)
     if memory is not None and memory.policy == policy.key:
         state = memory.control
@@ -402,6 +435,7 @@ def _plan_owned(
         pod=object_key(owner.pod) if owner.pod else None,
         pod_uid=pod_uid,
         tokens_per_joule=ratio,
+        tokens_s=tokens_s,
         emergency=decision.emergency,
         record=_next_record(reading, policy, decision, record) if enforcing else record,
         memory=GpuMemory(policy.key, decision.state),
@@ -439,11 +473,15 @@ def build_telemetry(
     inlet_c: float | None,
     pods_by_gpu: Mapping[str, str | None] | None = None,
     enforced_w_by_gpu: Mapping[str, float] | None = None,
+    tokens_s_by_gpu: Mapping[str, float | None] | None = None,
 ) -> NodeTelemetry:
     """The node annotation's content: ``powerW = sum of GPU power``; a GPU's ``limitW``
-    is its enforced limit (after this tick's writes when ``enforced_w_by_gpu`` has it)."""
+    is its enforced limit (after this tick's writes when ``enforced_w_by_gpu`` has it);
+    its ``tokensPerSecond`` is ``tokens_s_by_gpu``'s (:attr:`GpuPlan.tokens_s`), reported
+    only beside a pod (null otherwise)."""
     pods = pods_by_gpu or {}
     enforced = enforced_w_by_gpu or {}
+    tokens = tokens_s_by_gpu or {}
     gpus = tuple(
         GpuTelemetry(
             uuid=r.uuid,
@@ -454,6 +492,7 @@ def build_telemetry(
             max_w=r.max_limit_w,
             temperature_c=r.temperature_c,
             pod=pods.get(r.uuid),
+            tokens_s=tokens.get(r.uuid) if pods.get(r.uuid) is not None else None,
         )
         for r in readings
     )
@@ -482,7 +521,8 @@ def should_publish(
     True when nothing was published yet, or ``since_last_s >= min_interval_s`` and one of:
     heartbeat due (``since_last_s >= heartbeat_s``); the set of GPUs, a limit or a pod
     changed; ``|P' - P| > fraction x P`` for the node or a GPU; ``|T' - T| >= 2 degC`` for
-    a GPU or the inlet; the inlet became known or unknown.
+    a GPU or the inlet; the inlet became known or unknown. Tokens/s is not compared: it
+    rides along (module docstring).
     """
     if last is None:
         return True

@@ -18,6 +18,11 @@ Inputs of the allocation (:mod:`powercap.allocation`), per policy:
   ``unmanaged_power_w = rack power (measured + assumed) - measured power of the GPUs
   allocated in it``.
 
+The status's ``ratio`` (:func:`service_ratio`) is the service's generated tokens per
+joule: ``sum of tokensPerSecond / sum of powerW`` over its GPUs with fresh telemetry that
+report tokens/s (a pod without a metrics endpoint neither adds tokens nor dilutes the
+ratio with its power); absent when none does.
+
 ``Observe`` policies are allocated in a second pass, after the ``Enforce`` ones: their
 GPUs are not capped, so for the Enforce pass they are ordinary load (measured power); for
 their own pass the Enforce GPUs count at their new caps. An Observe policy thus reports
@@ -44,6 +49,7 @@ from powercap.allocation import (
 )
 from powercap.cluster import ClusterView, PolicyView
 from powercap.policies import Mode, Policy
+from powercap.telemetry import GpuTelemetry
 from powercap.status import (
     LaggingGpu,
     RackReading,
@@ -177,6 +183,7 @@ def _plan(
         margin=settings.margin,
         gpus=gpu_count,
         power_w=sum(g.gpu.power_w for g in fresh) if fresh or gpu_count == 0 else None,
+        ratio=service_ratio(g.gpu for g in fresh),
         racks=readings,
         rack_problems=tuple(
             reason for rack_id in service_racks
@@ -193,6 +200,19 @@ def _plan(
         status=render_status(inputs, policy.status, view.now),
         lagging=frozenset(g.uuid for g in lagging),
     )
+
+
+def service_ratio(gpus: Iterable[GpuTelemetry]) -> float | None:
+    """Tokens per joule of these GPUs: ``sum(tokens/s) / sum(power W)`` over those that
+    report tokens/s; None when none does or they draw no power."""
+    tokens_s = power_w = 0.0
+    reporting = False
+    for gpu in gpus:
+        if gpu.tokens_s is not None:
+            tokens_s += gpu.tokens_s
+            power_w += gpu.power_w
+            reporting = True
+    return tokens_s / power_w if reporting and power_w > 0 else None
 
 
 def _silent_nodes(policy_view: PolicyView, view: ClusterView) -> tuple[str, ...]:

@@ -7,9 +7,10 @@ and the controller writes only when something an operator would care about chang
 
 - **Measurements settle.** ``powerW``, ``ratio`` and each rack's ``powerW`` and
   ``temperatureC`` keep their stored value while the new reading is within a tolerance of
-  it (power: ``max(10 W, 2 %)`` of the policy's cap or the rack's reading; ratio: 2 %;
-  temperature: 0.5 °C). Readings move on every tick; a status write on every tick would be
-  a write storm.
+  it (power: ``max(10 W, 2 %)`` of the policy's cap or the rack's reading; ratio: 2 % of
+  the stored ratio; temperature: 0.5 °C). Readings move on every tick; a status write on
+  every tick would be a write storm. Power is whole watts, temperature one decimal, the
+  ratio (tokens per joule) three significant digits (``2.47``, ``0.0815``).
 - **Conditions** (metav1.Condition) are ``Ready``, ``Feasible`` and ``Enforced``;
   ``lastTransitionTime`` moves only when a condition's ``status`` changes. Messages use
   the settled figures, so they do not change with every reading either.
@@ -56,6 +57,7 @@ LAG_TOLERANCE = 0.05
 POWER_TOLERANCE = 0.02
 POWER_TOLERANCE_FLOOR_W = 10.0
 RATIO_TOLERANCE = 0.02
+RATIO_DIGITS = 3  # significant digits of status.ratio
 TEMPERATURE_TOLERANCE_C = 0.5
 _LISTED = 3  # items named in a message before "and N more"
 
@@ -84,7 +86,8 @@ class StatusInputs:
     """What one controller round knows about a policy.
 
     ``allocation``: this round's caps; ``power_w``: the service's measured power (fresh
-    telemetry only; None when nothing reports); ``gpus``: GPUs its bound pods use, reported
+    telemetry only; None when nothing reports); ``ratio``: its generated tokens per joule
+    (fresh GPUs that report tokens/s; None when none does); ``gpus``: GPUs its bound pods use, reported
     or not; ``unreported_gpus``: those no telemetry lists yet; ``silent_nodes``: why nodes
     hosting its GPUs have no fresh telemetry; ``rack_problems``: infeasible racks it runs in.
     """
@@ -181,7 +184,7 @@ def render_status(inputs: StatusInputs, stored: Mapping[str, Any] | None, now: d
     policy = inputs.policy
     power_w = _settle(_round_or_none(inputs.power_w, 0), stored.get("powerW"),
                       max(POWER_TOLERANCE_FLOOR_W, POWER_TOLERANCE * policy.power_cap_w))
-    ratio = _settle(_round_or_none(inputs.ratio, 3), stored.get("ratio"),
+    ratio = _settle(_significant_or_none(inputs.ratio, RATIO_DIGITS), stored.get("ratio"),
                     RATIO_TOLERANCE * abs(stored.get("ratio") or 0) if _is_number(stored.get("ratio")) else 0)
     conditions = build_conditions(inputs, power_w)
     status: dict[str, Any] = {
@@ -339,6 +342,13 @@ def _round_or_none(value: float | None, digits: int) -> float | None:
         return None
     rounded = round(value, digits)
     return int(rounded) if digits == 0 else rounded
+
+
+def _significant_or_none(value: float | None, digits: int) -> float | None:
+    """``value`` rounded to ``digits`` significant digits (None for None, NaN or infinity)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(f"{value:.{digits}g}")
 
 
 def _is_number(value: Any) -> bool:

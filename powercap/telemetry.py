@@ -7,7 +7,17 @@ Annotation ``powercapping.example.com/telemetry`` on the Node, one JSON object::
      "inletTemperatureC": 24.5,                 rack inlet air at this node, °C, or null
      "gpus": [{"uuid": "GPU-...", "index": 0,
                "powerW": 351.2, "limitW": 400, "minW": 200, "maxW": 700,
-               "temperatureC": 61, "pod": "inference/llama-0"}]}   pod is null when idle
+               "temperatureC": 61, "pod": "inference/llama-0",   pod is null when idle
+               "tokensPerSecond": 912.4}]}                        generated tokens/s, or null
+
+``tokensPerSecond`` is the share of the named pod's generated tokens/s that this GPU
+produces: a pod on several GPUs (tensor parallel) has its tokens/s split across them in
+proportion to their power, ``pod tokens/s x GPU power / power of the pod's GPUs`` (evenly
+when they all draw 0 W), so that summing the GPUs of a service gives the service's
+tokens/s and the power it takes to make them. It is null (or absent, from an older agent)
+when ``pod`` is null, the pod exposes no metrics, or no rate was scraped yet; it is
+never negative. The budget controller divides the sum by the same GPUs' power for the
+policy's ``status.ratio`` (tokens per joule).
 
 Unknown keys are ignored when reading, so a newer agent can add fields without breaking an
 older extender. A malformed annotation is reported as :class:`TelemetryError`; the reader
@@ -44,6 +54,7 @@ class GpuTelemetry:
     max_w: float
     temperature_c: float | None = None
     pod: str | None = None
+    tokens_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,7 @@ def to_json(telemetry: NodeTelemetry) -> str:
                 "maxW": _round(gpu.max_w),
                 "temperatureC": None if gpu.temperature_c is None else _round(gpu.temperature_c),
                 "pod": gpu.pod,
+                "tokensPerSecond": None if gpu.tokens_s is None else _round(gpu.tokens_s),
             }
             for gpu in telemetry.gpus
         ],
@@ -152,6 +164,7 @@ def _parse_gpu(raw: Any, position: int) -> GpuTelemetry:
         max_w=_number(raw, "maxW", f"{where}.maxW"),
         temperature_c=_optional_number(raw, "temperatureC", f"{where}.temperatureC"),
         pod=pod,
+        tokens_s=_optional_rate(raw, "tokensPerSecond", f"{where}.tokensPerSecond"),
     )
 
 
@@ -165,6 +178,14 @@ def _number(raw: Mapping[str, Any], key: str, where: str) -> float:
 def _optional_number(raw: Mapping[str, Any], key: str, where: str) -> float | None:
     value = raw.get(key)
     return None if value is None else _checked_number(value, where)
+
+
+def _optional_rate(raw: Mapping[str, Any], key: str, where: str) -> float | None:
+    """A non-negative number or null/absent (a rate: tokens/s)."""
+    value = _optional_number(raw, key, where)
+    if value is not None and value < 0:
+        raise TelemetryError(f"{where} must not be negative")
+    return value
 
 
 def _checked_number(value: Any, where: str) -> float:

@@ -15,7 +15,8 @@ from nodeagent.agent import Agent, AgentSettings
 from nodeagent.simulated import ManualClock, SimulatedBackend
 from nodeagent.tokens import CounterSample, TokenRates, counter_rate, counter_value, http_fetch, metrics_url
 from powercap import physics
-from tests.agenthelpers import NODE, StaticSource, pod, policy
+from powercap.telemetry import from_json, to_json
+from tests.agenthelpers import NODE, RecordingPublisher, StaticSource, pod, policy
 
 UID = "6f1d2c3b-0000-4000-8000-00000000abcd"
 VLLM = """# HELP vllm:generation_tokens_total Number of generation tokens processed.
@@ -181,3 +182,44 @@ def test_ratio_loop_lowers_the_cap_of_an_inefficient_pod(tmp_path: Path) -> None
     assert 350 <= cap_w <= 500
     assert ratios[0] < 3.0 * 0.95 and 3.0 * 0.95 <= ratios[-1] <= 3.0 * 1.05
 
+
+
+def test_telemetry_carries_the_pods_tokens_split_by_gpu_power(tmp_path: Path) -> None:
+    """A tensor-parallel pod on two simulated H200s, one busier than the other: the node
+    annotation reports per GPU the share of the pod's scraped tokens/s in proportion to its
+    power; the shares add up to the pod's rate, so the controller's sums are right."""
+    clock = ManualClock(0.0)
+    backend = SimulatedBackend([physics.H200_LIKE, physics.H200_LIKE], clock=clock)
+    backend.set_workload(0, physics.Workload(load=1.0))
+    backend.set_workload(1, physics.Workload(load=0.4))
+    uuids = [d.uuid for d in backend.devices()]
+    served: list[float] = []
+
+    def fetch(url: str, timeout_s: float) -> str:
+        served.append(backend.state(0).tokens + backend.state(1).tokens)
+        return body(served[-1])
+
+    source = StaticSource()
+    source.set(policy(caps_w={uuids[0]: 700, uuids[1]: 700}),
+               pods={UID: pod(UID, **{"powercapping.example.com/metrics": "8000/metrics"})})
+    tokens = TokenRates(fetch=fetch, clock=clock, interval_s=1.0)
+    proc = tmp_path / "proc"
+    for pid in (4242, 4243):
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "cgroup").write_text(f"0::/kubepods/burstable/pod{UID}/0123456789abcdef0123456789abcdef\n")
+    backend.set_pids(0, [4242])
+    backend.set_pids(1, [4243])
+    publisher = RecordingPublisher()
+    agent = Agent(backend, source, AgentSettings(node=NODE), publisher=publisher, tokens=tokens, clock=clock, proc_root=proc)
+    for _ in range(5):
+        clock.advance(1.0)
+        tokens.scrape_once()
+        agent.tick()
+    published = from_json(to_json(publisher.telemetries[-1]))
+    pod_rate = served[-1] - served[-2]  # tokens over the last 1 s scrape interval
+    shares = [g.tokens_s for g in published.gpus]
+    assert all(share is not None and share > 0 for share in shares)
+    assert sum(shares) == pytest.approx(pod_rate, abs=0.2)  # each rounded to 0.1 tokens/s
+    power = [g.power_w for g in published.gpus]
+    assert power[0] > power[1]
+    assert shares[0] / shares[1] == pytest.approx(power[0] / power[1], rel=0.01)

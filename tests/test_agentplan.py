@@ -196,8 +196,8 @@ def test_split_allocation_keeps_an_allocation_from_the_file() -> None:
     assert agentplan.split_allocation(given, NODE, [UUID_A, UUID_B]) is given
 
 
-def telemetry(power_w: float = 350.0, temp_c: float = 60.0, limit_w: float = 400.0, pod: str | None = "inference/llama-0", inlet_c: float | None = 24.0) -> NodeTelemetry:
-    gpu = GpuTelemetry(UUID_A, 0, power_w, limit_w, 200, 700, temp_c, pod)
+def telemetry(power_w: float = 350.0, temp_c: float = 60.0, limit_w: float = 400.0, pod: str | None = "inference/llama-0", inlet_c: float | None = 24.0, tokens_s: float | None = 420.0) -> NodeTelemetry:
+    gpu = GpuTelemetry(UUID_A, 0, power_w, limit_w, 200, 700, temp_c, pod, tokens_s)
     return NodeTelemetry(datetime(2026, 11, 27, tzinfo=timezone.utc), power_w, inlet_c, (gpu,))
 
 
@@ -216,6 +216,10 @@ def telemetry(power_w: float = 350.0, temp_c: float = 60.0, limit_w: float = 400
         pytest.param(telemetry(), telemetry(limit_w=390), 10.0, True, id="limit-changed"),
         pytest.param(telemetry(), telemetry(pod=None), 10.0, True, id="pod-left"),
         pytest.param(telemetry(), telemetry(), 30.0, True, id="heartbeat"),
+        pytest.param(telemetry(), telemetry(tokens_s=900.0), 10.0, False, id="tokens-alone-waits-for-heartbeat"),
+        pytest.param(telemetry(), telemetry(tokens_s=None), 29.9, False, id="tokens-lost-waits-for-heartbeat"),
+        pytest.param(telemetry(tokens_s=None), telemetry(tokens_s=420.0), 10.0, False, id="tokens-found-waits-for-heartbeat"),
+        pytest.param(telemetry(), telemetry(tokens_s=900.0), 30.0, True, id="tokens-go-out-with-the-heartbeat"),
     ],
 )
 def test_should_publish(last: NodeTelemetry | None, candidate: NodeTelemetry, since_s: float, expected: bool) -> None:
@@ -227,3 +231,48 @@ def test_build_telemetry_reports_enforced_limits_after_writes() -> None:
     built = agentplan.build_telemetry(stamp, [reading(), reading(UUID_B, 1, power_w=100)], 23.5, {UUID_A: "inference/llama-0"}, {UUID_B: 300.0})
     assert built.power_w == 450.0 and built.inlet_temperature_c == 23.5
     assert [(g.limit_w, g.pod) for g in built.gpus] == [(400.0, "inference/llama-0"), (300.0, None)]
+
+
+TENSOR_PARALLEL = {UUID_A: frozenset({POD_UID}), UUID_B: frozenset({POD_UID})}
+
+
+def test_a_pods_tokens_are_split_across_its_gpus_by_power_and_published() -> None:
+    """A tensor-parallel pod making 600 tokens/s on GPUs drawing 450 W and 150 W: the
+    annotation says 450 and 150 tokens/s, which sum to the pod's rate (no ratio target
+    needed: the Ratio column is for every policy)."""
+    tick = inputs(
+        readings=[reading(power_w=450.0), reading(UUID_B, 1, power_w=150.0)],
+        pod_uids_by_gpu=TENSOR_PARALLEL,
+        policies=[policy(gpus={UUID_A: 400, UUID_B: 400})],
+        tokens_s_by_pod={POD_UID: 600.0},
+    )
+    plans = plan_tick(tick)
+    assert [p.tokens_s for p in plans] == [pytest.approx(450.0), pytest.approx(150.0)]
+    built = agentplan.build_telemetry(datetime(2026, 11, 27, tzinfo=timezone.utc), tick.readings, None,
+                                      {p.uuid: p.pod for p in plans}, None, {p.uuid: p.tokens_s for p in plans})
+    assert [(g.pod, g.tokens_s) for g in built.gpus] == [("inference/llama-0", pytest.approx(450.0)),
+                                                         ("inference/llama-0", pytest.approx(150.0))]
+
+
+@pytest.mark.parametrize(
+    ("tick", "expected"),
+    [
+        pytest.param(inputs(tokens_s_by_pod={POD_UID: 700.0}), [700.0], id="one-gpu-pod-gets-it-all"),
+        pytest.param(inputs(), [None], id="no-metrics-scraped"),
+        pytest.param(inputs(readings=[reading(power_w=0.0), reading(UUID_B, 1, power_w=0.0)], pod_uids_by_gpu=TENSOR_PARALLEL,
+                            tokens_s_by_pod={POD_UID: 10.0}), [5.0, 5.0], id="idle-gpus-split-evenly"),
+        pytest.param(inputs(pods_by_uid={POD_UID: pod(policy_name="other")}, policies=[policy()], tokens_s_by_pod={POD_UID: 700.0}),
+                     [None], id="pod-of-no-policy-not-reported"),
+        pytest.param(inputs(tokens_s_by_pod={OTHER_POD_UID: 700.0}), [None], id="another-pods-rate-not-used"),
+    ],
+)
+def test_gpu_tokens_per_second(tick: TickInputs, expected: list[float | None]) -> None:
+    assert [p.tokens_s for p in plan_tick(tick)] == [pytest.approx(e) if e is not None else None for e in expected]
+
+
+def test_build_telemetry_reports_tokens_only_beside_a_pod() -> None:
+    stamp = datetime(2026, 11, 27, tzinfo=timezone.utc)
+    built = agentplan.build_telemetry(stamp, [reading(), reading(UUID_B, 1)], None,
+                                      {UUID_A: "inference/llama-0", UUID_B: None}, None, {UUID_A: 300.0, UUID_B: 99.0})
+    assert [g.tokens_s for g in built.gpus] == [300.0, None]
+    assert [g.tokens_s for g in agentplan.build_telemetry(stamp, [reading()], None, {UUID_A: "inference/llama-0"}).gpus] == [None]

@@ -126,3 +126,44 @@ def test_a_steady_cluster_plans_no_change() -> None:
                                       Gpu("A1", 310, applied["A1"], "inference/llama-0")], at=NOW + timedelta(seconds=5))]
     second = plan_round(view(nodes, pods, [with_status(policy("llama", cap_w=1200), stored)], now=NOW + timedelta(seconds=5)))
     assert not second.policies["inference/llama"].changed
+
+
+def test_ratio_is_tokens_over_power_of_the_fresh_gpus_that_report_tokens() -> None:
+    """llama-0 (2 GPUs, 1380 W) makes 3000 tokens/s, llama-1 (90 W) 135: 3135 / 1470 W = 2.13
+    tokens/J. llama-2 exposes no metrics: its 500 W do not dilute the ratio. llama-3's node
+    went stale: its tokens/s are not counted either."""
+    plan = plan_round(view(
+        [
+            node("gpu-1", "rack-1", [Gpu("A0", 690, 700, "inference/llama-0", tokens_s=1500),
+                                     Gpu("A1", 690, 700, "inference/llama-0", tokens_s=1500),
+                                     Gpu("A2", 90, 700, "inference/llama-1", tokens_s=135)]),
+            node("gpu-2", "rack-1", [Gpu("B0", 500, 700, "inference/llama-2")]),
+            node("gpu-3", "rack-1", [Gpu("C0", 100, 700, "inference/llama-3", tokens_s=9000)],
+                 at=NOW - timedelta(seconds=300)),
+        ],
+        [gpu_pod("llama-0", gpus=2, node="gpu-1", labels=LLAMA), gpu_pod("llama-1", gpus=1, node="gpu-1", labels=LLAMA),
+         gpu_pod("llama-2", gpus=1, node="gpu-2", labels=LLAMA), gpu_pod("llama-3", gpus=1, node="gpu-3", labels=LLAMA)],
+        [policy("llama", cap_w=4000)],
+    ))
+    status = plan.policies["inference/llama"].status
+    assert status["ratio"] == 2.13
+    assert status["powerW"] == 1970  # power still counts every fresh GPU
+
+
+def test_no_ratio_until_a_gpu_reports_tokens_and_small_moves_write_nothing() -> None:
+    pods = [gpu_pod("llama-0", gpus=1, node="gpu-1", labels=LLAMA)]
+    silent = plan_round(view([node("gpu-1", "rack-1", [Gpu("A0", 400, 700, "inference/llama-0")])], pods,
+                             [policy("llama", cap_w=1200)]))
+    assert "ratio" not in silent.policies["inference/llama"].status
+    stored = dict(silent.policies["inference/llama"].status)
+
+    def round_with(tokens_s: float, stored: dict) -> dict:
+        nodes = [node("gpu-1", "rack-1", [Gpu("A0", 400, 700, "inference/llama-0", tokens_s=tokens_s)],
+                      at=NOW + timedelta(seconds=5))]
+        plan = plan_round(view(nodes, pods, [with_status(policy("llama", cap_w=1200), stored)], now=NOW + timedelta(seconds=5)))
+        return dict(plan.policies["inference/llama"].status)
+
+    reporting = round_with(1000, stored)
+    assert reporting["ratio"] == 2.5 and reporting != stored
+    assert round_with(1015, reporting) == reporting  # 2.54 tokens/J: within 2 %, no status write
+    assert round_with(1100, reporting)["ratio"] == 2.75

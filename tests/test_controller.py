@@ -8,6 +8,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,11 @@ from extender.controller import (
     ListSnapshots,
 )
 from extender.controller_cmd import HealthServer
-from powercap import kube
+from powercap import kube, schema
 from powercap.algorithms import AlgorithmRegistry
 from powercap.cli import main
 from powercap.cluster import ClusterSettings
+from powercap.telemetry import TELEMETRY_ANNOTATION, from_json, to_json
 from tests.fakes.apiserver import FakeApiServer
 from tests.fakes.clusters import Gpu, agents_apply, node
 from tests.fakes.objects import NOW, gpu_pod, kubectl_list, policy
@@ -128,6 +130,58 @@ def test_nothing_is_read_or_written_when_nothing_changed(client, apiserver) -> N
         assert report.written == []
         assert not apiserver.requests_to("GET", POLICY_PATH) and not apiserver.requests_to("PUT", STATUS_PATH)
     assert events(apiserver) == []
+
+
+def printed_columns(obj: dict[str, Any]) -> dict[str, Any]:
+    """What ``kubectl get pcp`` prints in the CRD's plain-path printer columns (Cap, Power, GPUs, Ratio)."""
+    (version,) = schema.load_crd()["spec"]["versions"]
+    columns = {}
+    for column in version["additionalPrinterColumns"]:
+        if "[" in column["jsonPath"]:
+            continue  # filter expressions (Ready): not needed here
+        value: Any = obj
+        for key in column["jsonPath"].strip(".").split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        columns[column["name"]] = value
+    return columns
+
+
+def tokens_reported(apiserver: FakeApiServer, at: datetime, tokens_s_by_gpu: dict[str, float]) -> None:
+    """The node agents apply the allocations and publish again ``at``, each GPU with the
+    tokens/s given (others: null)."""
+    agents_catch_up(apiserver, at)
+    for obj in apiserver.objects("nodes"):
+        annotations = obj["metadata"]["annotations"]
+        old = from_json(annotations[TELEMETRY_ANNOTATION])
+        gpus = tuple(replace(g, tokens_s=tokens_s_by_gpu.get(g.uuid)) for g in old.gpus)
+        annotations[TELEMETRY_ANNOTATION] = to_json(replace(old, timestamp=at, gpus=gpus))
+        apiserver.put_object("nodes", obj)
+
+
+def test_the_ratio_column_shows_tokens_per_joule_and_settles(client, apiserver) -> None:
+    """llama-0 makes 2000 tokens/s on 1380 W and llama-2 300 on 180 W: 2300 / 1560 W = 1.47
+    tokens/J in the Ratio column. A 1 % move writes nothing; a 10 % one is written."""
+    serve_cluster(apiserver)
+    clock = Clock()
+    controller = controller_for(client, clock)
+    controller.run_round()
+    assert printed_columns(apiserver.get_object("powercappingpolicies", "llama", "inference"))["Ratio"] is None
+    clock.advance(5)
+    tokens_reported(apiserver, clock.datetime(), {"A0": 1000, "A1": 1000, "B0": 150, "B1": 150})
+    assert controller.run_round().written == ["inference/llama"]
+    stored = apiserver.get_object("powercappingpolicies", "llama", "inference")
+    columns = printed_columns(stored)
+    assert {name: columns[name] for name in ("Cap", "Power", "GPUs", "Ratio")} == {
+        "Cap": 2000, "Power": 1560, "GPUs": 4, "Ratio": 1.47}
+    clock.advance(5)
+    tokens_reported(apiserver, clock.datetime(), {"A0": 1010, "A1": 1010, "B0": 152, "B1": 152})
+    apiserver.clear_requests()
+    assert controller.run_round().written == []
+    assert not apiserver.requests_to("PUT", STATUS_PATH)
+    clock.advance(5)
+    tokens_reported(apiserver, clock.datetime(), {"A0": 1100, "A1": 1100, "B0": 165, "B1": 165})
+    assert controller.run_round().written == ["inference/llama"]
+    assert stored_status(apiserver)["ratio"] == 1.62
 
 
 def test_transitions_are_recorded_as_events_once(client, apiserver) -> None:
@@ -295,7 +349,8 @@ def test_health_endpoints(client, apiserver) -> None:
 @pytest.fixture
 def state_file(tmp_path: Path) -> Path:
     nodes = [
-        node("gpu-1", "rack-1", [Gpu("A0", 690, 700, "inference/llama-0"), Gpu("A1", 690, 700, "inference/llama-0")]),
+        node("gpu-1", "rack-1", [Gpu("A0", 690, 700, "inference/llama-0", tokens_s=1150),
+                                 Gpu("A1", 690, 700, "inference/llama-0", tokens_s=1150)]),
         node("gpu-2", "rack-1", [Gpu("B0", 90, 700, "inference/llama-2"), Gpu("B1", 90, 700, "inference/llama-2")]),
     ]
     pods = [gpu_pod("llama-0", gpus=2, node="gpu-1", labels=LLAMA), gpu_pod("llama-2", gpus=2, node="gpu-2", labels=LLAMA)]
@@ -309,7 +364,8 @@ def state_file(tmp_path: Path) -> Path:
 def test_once_prints_a_table(state_file: Path, capsys) -> None:
     assert main(["controller", "--once", "--cluster-state", str(state_file)]) == 0
     out = capsys.readouterr().out
-    assert "inference/llama  Enforce  cap 2000 W  budget 1940 W  power 1560 W  4 GPUs  (status would change)" in out
+    assert ("inference/llama  Enforce  cap 2000 W  budget 1940 W  power 1560 W  4 GPUs  ratio 1.67 tokens/J  "
+            "(status would change)") in out  # 2300 tokens/s over the 1380 W of the GPUs that report them
     assert "  gpu-2  B0   270    200       90       700      budget" in out
     assert "  Ready     True  WithinCap" in out
     assert "  rack rack-1: 1560 W, inlet 24.0 °C" in out
@@ -326,6 +382,7 @@ def test_once_prints_the_statuses_it_would_write(state_file: Path, output: str, 
     (item,) = document["items"]
     assert item["metadata"] == {"name": "llama", "namespace": "inference"}
     assert [a["watts"] for a in item["status"]["allocations"]] == [1400, 540]
+    assert item["status"]["ratio"] == 1.67
 
 
 @pytest.mark.parametrize(

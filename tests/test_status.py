@@ -74,8 +74,8 @@ def test_a_healthy_policy_shows_cap_power_gpus_and_ready() -> None:
 
 def test_status_matches_the_crd_schema() -> None:
     status_schema = schema.policy_schema()["properties"]["status"]
-    status = render_status(inputs(racks=(RackReading("rack-1", 3900.4, 24.25), RackReading("rack-2", 100, None))),
-                           None, NOW)
+    status = render_status(inputs(racks=(RackReading("rack-1", 3900.4, 24.25), RackReading("rack-2", 100, None)),
+                                  ratio=2.4681), None, NOW)
     assert schema.validate(status, status_schema) == []
     assert status["racks"] == [{"rackId": "rack-1", "powerW": 3900, "temperatureC": 24.2},
                                {"rackId": "rack-2", "powerW": 100, "temperatureC": None}]
@@ -99,6 +99,37 @@ def test_power_readings_settle(power_w: float, shown_w: float) -> None:
     status = render_status(inputs(power_w=power_w), stored, LATER)
     assert status["powerW"] == shown_w
     assert (status == stored) == (shown_w == 1600)
+
+
+@pytest.mark.parametrize(
+    "ratio, shown",
+    [
+        pytest.param(2.4681, 2.47, id="three significant digits"),
+        pytest.param(0.081549, 0.0815, id="small ratios keep their digits"),
+        pytest.param(1234.5, 1230.0, id="large ones too"),
+        pytest.param(None, None, id="no GPU reports tokens/s: no ratio"),
+    ],
+)
+def test_ratio_is_rounded_to_three_significant_digits(ratio: float | None, shown: float | None) -> None:
+    status = render_status(inputs(ratio=ratio), None, NOW)
+    assert status.get("ratio") == shown
+    assert ("ratio" in status) is (shown is not None)
+
+
+@pytest.mark.parametrize(
+    "ratio, shown",
+    [
+        pytest.param(2.54, 2.5, id="within 2 % of the stored 2.5: it stays"),
+        pytest.param(2.45, 2.5, id="also downwards"),
+        pytest.param(2.56, 2.56, id="beyond it: the new ratio is written"),
+        pytest.param(None, None, id="tokens/s no longer reported: the ratio goes"),
+    ],
+)
+def test_ratio_settles(ratio: float | None, shown: float | None) -> None:
+    stored = render_status(inputs(ratio=2.5), None, NOW)
+    status = render_status(inputs(ratio=ratio), stored, LATER)
+    assert status.get("ratio") == shown
+    assert (status == stored) == (shown == 2.5)
 
 
 def test_rack_readings_settle() -> None:

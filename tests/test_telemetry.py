@@ -23,7 +23,7 @@ SAMPLE = NodeTelemetry(
     power_w=701.25,
     inlet_temperature_c=24.5,
     gpus=(
-        GpuTelemetry("GPU-0a1b", 0, 351.25, 400, 200, 700, 61, "inference/llama-0"),
+        GpuTelemetry("GPU-0a1b", 0, 351.25, 400, 200, 700, 61, "inference/llama-0", tokens_s=912.44),
         GpuTelemetry("GPU-2c3d", 1, 350.0, 400, 200, 700, None, None),
     ),
 )
@@ -36,9 +36,9 @@ def test_written_format_is_the_documented_one() -> None:
         "inletTemperatureC": 24.5,
         "gpus": [
             {"uuid": "GPU-0a1b", "index": 0, "powerW": 351.2, "limitW": 400, "minW": 200, "maxW": 700,
-             "temperatureC": 61, "pod": "inference/llama-0"},
+             "temperatureC": 61, "pod": "inference/llama-0", "tokensPerSecond": 912.4},
             {"uuid": "GPU-2c3d", "index": 1, "powerW": 350, "limitW": 400, "minW": 200, "maxW": 700,
-             "temperatureC": None, "pod": None},
+             "temperatureC": None, "pod": None, "tokensPerSecond": None},
         ],
     }
 
@@ -51,6 +51,18 @@ def test_round_trip_and_unknown_keys_ignored() -> None:
     assert parsed.timestamp == NOW
     assert parsed.inlet_temperature_c == 24.5
     assert [g.pod for g in parsed.gpus] == ["inference/llama-0", None]
+    assert [g.tokens_s for g in parsed.gpus] == [912.4, None]
+
+
+def test_an_older_agents_annotation_without_tokens_per_second_still_parses() -> None:
+    document = json.loads(to_json(SAMPLE))
+    for gpu in document["gpus"]:
+        del gpu["tokensPerSecond"]
+    parsed = from_json(json.dumps(document))
+    assert [(g.uuid, g.power_w, g.tokens_s) for g in parsed.gpus] == [("GPU-0a1b", 351.2, None), ("GPU-2c3d", 350.0, None)]
+
+
+GPU_WITH = '{"timestamp": "2026-11-27T23:19:01Z", "powerW": 1, "gpus": [{"uuid": "G", "powerW": 1, "limitW": 1, "minW": 1, "maxW": 1, %s}]}'
 
 
 @pytest.mark.parametrize(
@@ -66,6 +78,10 @@ def test_round_trip_and_unknown_keys_ignored() -> None:
         pytest.param('{"timestamp": "2026-11-27T23:19:01Z", "powerW": 1, "gpus": [{"index": 0}]}', "gpus[0].uuid", id="gpu-no-uuid"),
         pytest.param('{"timestamp": "2026-11-27T23:19:01Z", "powerW": 1, "gpus": [{"uuid": "G", "powerW": 1, "limitW": 1, "minW": 1, "maxW": 1, "pod": "nons"}]}', "gpus[0].pod", id="pod-without-namespace"),
         pytest.param('{"timestamp": "2026-11-27T23:19:01Z", "powerW": NaN}', "powerW must be a finite number", id="nan"),
+        pytest.param(GPU_WITH % '"tokensPerSecond": "fast"', "gpus[0].tokensPerSecond must be a finite number", id="tokens-string"),
+        pytest.param(GPU_WITH % '"tokensPerSecond": true', "gpus[0].tokensPerSecond must be a finite number", id="tokens-bool"),
+        pytest.param(GPU_WITH % '"tokensPerSecond": -3', "gpus[0].tokensPerSecond must not be negative", id="tokens-negative"),
+        pytest.param(GPU_WITH % '"tokensPerSecond": Infinity', "gpus[0].tokensPerSecond must be a finite number", id="tokens-infinite"),
     ],
 )
 def test_malformed_annotations_name_the_problem(text: str, message: str) -> None:

@@ -18,7 +18,7 @@ from tests.fakes.objects import NOW, gpu_node
 
 @dataclass(frozen=True)
 class Gpu:
-    """One GPU as its node agent reports it."""
+    """One GPU as its node agent reports it (``tokens_s``: its share of its pod's tokens/s)."""
 
     uuid: str
     power_w: float
@@ -26,6 +26,7 @@ class Gpu:
     pod: str | None = None
     min_w: float = 200
     max_w: float = 700
+    tokens_s: float | None = None
 
 
 def node(name: str, rack: str | None, gpus: Sequence[Gpu], *, at: datetime = NOW, inlet_c: float | None = 24.0,
@@ -38,7 +39,7 @@ def node(name: str, rack: str | None, gpus: Sequence[Gpu], *, at: datetime = NOW
         inlet_temperature_c=inlet_c,
         gpus=tuple(
             GpuTelemetry(uuid=g.uuid, index=i, power_w=g.power_w, limit_w=g.limit_w, min_w=g.min_w, max_w=g.max_w,
-                         temperature_c=50.0, pod=g.pod)
+                         temperature_c=50.0, pod=g.pod, tokens_s=g.tokens_s)
             for i, g in enumerate(gpus)
         ),
     ))
