@@ -1,29 +1,37 @@
 """Simulator figures (issue 7, item 8): recovery after cap changes, seconds within the cap,
-powercap's tokens/s against the static equal split at the same caps, and speed.
+powercap's tokens/s against the static equal split at the same caps, what bounds that gain,
+and speed.
 
-    .venv/bin/python benchmarks/simulator.py [--seeds 1 2 3]      (prints markdown tables)
+    .venv/bin/python benchmarks/simulator.py [--seeds 1 2 3] [--no-variants]   (prints markdown)
 
-Runs, each with the three strategies (no capping, static split, powercap):
+Runs, each with no capping, the static split, powercap and the oracle bound (the best split
+of the same caps, knowing every GPU's load: ``powercap.simulation.engine.ORACLE``):
 
 - ``default``: the built-in scenario (64 GPUs, 600 s, one compressed day), per seed;
-- ``saturated``: the same with every service's traffic x 1.5, so that the caps bind
-  through the busy hours and tokens/s measures what each strategy can serve under them;
-- ``cap-steps``: the default scenario with six powerCapLimit changes (down and up) on
-  chat and code during their busy hours; every change's recovery time is reported.
+- ``saturated``: the same with every service's traffic x 1.5 (sustained overload);
+- ``cap-steps``: the default scenario with six powerCapLimit changes (three cuts, three raises)
+  on chat and code during their busy hours; every change's recovery time is reported;
+- variants (unless ``--no-variants``): the default scenario with one choice changed at a
+  time (caps, routing, day shape, one policy for two services), a service on mixed GPU
+  types, and powercap's own settings (margin, headroom, controller period, a slower day);
+  the table of what was tried in docs/benchmarks.md.
 
 Speed: wall time of each strategy's run of the default scenario (64 GPUs, 600 simulated
-seconds) and of all three together, as simulated seconds per wall second.
+seconds), as simulated seconds per wall second; "all three" is the sum of the three
+strategies ``powercap simulate`` runs (the oracle is left out).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,42 +39,210 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from powercap.simulation.engine import simulate  # noqa: E402
+from powercap.allocation import AllocationSettings  # noqa: E402
+from powercap.simulation.engine import NO_CAPPING, ORACLE, POWERCAP, STATIC_SPLIT, EngineSettings, SimulationResult, simulate  # noqa: E402
 from powercap.simulation.scenario import Scenario, default_scenario_text, scenario_from_document  # noqa: E402
 from powercap.simulation.summary import summarize  # noqa: E402
 
+ALL = (NO_CAPPING, STATIC_SPLIT, POWERCAP, ORACLE)
+SHOWN = ("no-capping", "static-split", "powercap")
 SATURATION = 1.5
 CAP_STEPS = [
-    {"atS": 100, "policy": "inference/code", "powerCapLimit": 4600},
-    {"atS": 160, "policy": "inference/code", "powerCapLimit": 5600},
-    {"atS": 200, "policy": "inference/chat", "powerCapLimit": 6000},
-    {"atS": 240, "policy": "inference/chat", "powerCapLimit": 7000},
-    {"atS": 280, "policy": "inference/chat", "powerCapLimit": 5600},
-    {"atS": 330, "policy": "inference/chat", "powerCapLimit": 6400},
+    {"atS": 100, "policy": "inference/code", "powerCapLimit": 3800},
+    {"atS": 160, "policy": "inference/code", "powerCapLimit": 5200},
+    {"atS": 200, "policy": "inference/chat", "powerCapLimit": 4400},
+    {"atS": 240, "policy": "inference/chat", "powerCapLimit": 6400},
+    {"atS": 280, "policy": "inference/chat", "powerCapLimit": 4200},
+    {"atS": 330, "policy": "inference/chat", "powerCapLimit": 5400},
 ]
+UNCAPPED_PEAK_W = {"chat": 9400, "code": 8000, "batch": 3800}
+"""1-second peak power of each default service with no capping (seed 1), for cap fractions."""
+
+Document = dict[str, Any]
 
 
-def default_document() -> dict[str, Any]:
+def default_document() -> Document:
     return yaml.safe_load(default_scenario_text())
 
 
-def saturated(document: dict[str, Any]) -> dict[str, Any]:
+def _service(document: Document, name: str) -> Document:
+    return next(s for s in document["services"] if s["name"] == name)
+
+
+def _policy(document: Document, name: str) -> Document:
+    return next(p for p in document["policies"] if p["metadata"]["name"] == name)
+
+
+def saturated(document: Document) -> Document:
     result = copy.deepcopy(document)
     for service in result["services"]:
         service["peakTokensS"] = service["peakTokensS"] * SATURATION
     return result
 
 
-def with_cap_steps(document: dict[str, Any]) -> dict[str, Any]:
+def with_cap_steps(document: Document) -> Document:
     result = copy.deepcopy(document)
     result["events"] = CAP_STEPS
     return result
 
 
-def run(scenario: Scenario) -> tuple[dict[str, Any], float]:
+# -- variants of the default scenario: one choice changed at a time -------------------------
+
+
+def caps(chat: int, code: int, batch: int, cut: int | None) -> Callable[[Document], Document]:
+    def change(document: Document) -> Document:
+        for name, watts in (("chat", chat), ("code", code), ("batch", batch)):
+            _policy(document, name)["spec"]["powerCapLimit"] = watts
+        document["events"] = [] if cut is None else [{**document["events"][0], "powerCapLimit": cut}]
+        return document
+    return change
+
+
+def routing(services: Sequence[str], skew: float, bound: float) -> Callable[[Document], Document]:
+    def change(document: Document) -> Document:
+        for name in services:
+            _service(document, name).update(podSkew=skew, loadBound=bound)
+        return document
+    return change
+
+
+def previous_routing(document: Document) -> Document:
+    """The routing of the scenario before: every service nearly even."""
+    for name, skew in (("chat", 0.4), ("code", 0.4), ("batch", 0.2)):
+        _service(document, name).update(podSkew=skew, loadBound=1.25)
+    return document
+
+
+def both(*changes: Callable[[Document], Document]) -> Callable[[Document], Document]:
+    def change(document: Document) -> Document:
+        for one in changes:
+            document = one(document)
+        return document
+    return change
+
+
+def flat_day(document: Document) -> Document:
+    for service in document["services"]:
+        service["dailyShape"] = "flat"
+    document["events"] = []
+    return document
+
+
+def shared_policy(cap_w: int) -> Callable[[Document], Document]:
+    """One policy over chat and code (same namespace, one selector): watts can move between them."""
+    def change(document: Document) -> Document:
+        chat, code = _policy(document, "chat"), _policy(document, "code")
+        racks = {c["rackId"]: c for c in chat["spec"]["rackConstraints"] + code["spec"]["rackConstraints"]}
+        serving = copy.deepcopy(chat)
+        serving["metadata"]["name"] = "serving"
+        serving["spec"]["powerCapLimit"] = cap_w
+        serving["spec"]["rackConstraints"] = [racks[r] for r in sorted(racks)]
+        document["policies"] = [p for p in document["policies"] if p not in (chat, code)] + [serving]
+        for name in ("chat", "code"):
+            _service(document, name)["policy"] = "serving"
+        document["events"] = []
+        return document
+    return change
+
+
+VARIANTS: list[tuple[str, Callable[[Document], Document]]] = [
+    ("the scenario before: caps 75/70/95 % of the peaks (chat 7000 -> 5800 W), even routing",
+     both(caps(7000, 5600, 3600, 5800), previous_routing)),
+    ("today's caps, even routing (podSkew 0.4/0.4/0.2, loadBound 1.25)", previous_routing),
+    ("caps of the scenario before, today's routing", caps(7000, 5600, 3600, 5800)),
+    ("**the default scenario**", lambda document: document),
+    ("deeper caps: 55 % of the peaks (chat 5200 -> 4000, code 4400, batch 2100 W)", caps(5200, 4400, 2100, 4000)),
+    ("gentler caps: 75 % of the peaks (chat 7000 -> 5400, code 6000, batch 2900 W)", caps(7000, 6000, 2900, 5400)),
+    ("chat and code bounded at 2x the mean load", routing(("chat", "code"), 0.8, 2.0)),
+    ("chat and code: podSkew 1.2, no load bound", routing(("chat", "code"), 1.2, 100.0)),
+    ("batch routed with affinity too (podSkew 0.8, loadBound 1.5)", routing(("batch",), 0.8, 1.5)),
+    ("flat day: every service at its peak all run, no cap change", flat_day),
+    ("one policy over chat and code, 11600 W (= 6400 + 5200), no cap change", shared_policy(11600)),
+]
+
+
+def mixed_gpus(cap_w: int, skew: float, bound: float) -> Document:
+    """A 34B coding service on 16 H200-like and 16 L40S-like GPUs, one pod per GPU, office day.
+
+    Uncapped it draws up to 16 x 605 + 16 x 315 = 14.7 kW flat out; offered traffic peaks at
+    90 % of its uncapped capacity. The router splits by capacity (H200 pods get 2.7x more).
+    """
+    capacity = 8 * 2 * (3000 + 1100) * 0.5 * 70 / 34
+    return {
+        "name": "mixed-gpus",
+        "durationS": 600,
+        "racks": [{"id": "r"}],
+        "nodes": [
+            {"name": "h200", "count": 2, "rack": "r", "gpuModel": "H200-like"},
+            {"name": "l40s", "count": 2, "rack": "r", "gpuModel": "L40S-like"},
+        ],
+        "policies": [{
+            "apiVersion": "powercapping.example.com/v1alpha1",
+            "kind": "PowerCappingPolicy",
+            "metadata": {"name": "code", "namespace": "inference"},
+            "spec": {"powerCapLimit": cap_w},
+        }],
+        "services": [{
+            "name": "code", "namespace": "inference", "policy": "code", "replicas": 32, "modelSizeB": 34,
+            "prefillShare": 0.5, "peakTokensS": 0.9 * capacity, "dailyShape": "office",
+            "podSkew": skew, "loadBound": bound, "maxQueueS": 20,
+        }],
+        "workload": {"dayStartHour": 6},
+    }
+
+
+MIXED: list[tuple[str, Document]] = [
+    (f"code on 16 H200 + 16 L40S, {cap} W ({cap // 32} W/GPU), podSkew {skew}, loadBound {bound}", mixed_gpus(cap, skew, bound))
+    for cap in (8000, 9600) for skew, bound in ((0.4, 1.25), (0.8, 1.5))
+]
+
+TUNING: list[tuple[str, EngineSettings, dict[str, float]]] = [
+    ("as shipped (3 % margin, 10 % headroom, 10 % step, 5 s rounds)", EngineSettings(), {}),
+    ("margin 0", EngineSettings(allocation=AllocationSettings(margin=0.0)), {}),
+    ("headroom 2 % of the range", EngineSettings(allocation=AllocationSettings(headroom_fraction=0.02)), {}),
+    ("step 30 % of the range", EngineSettings(allocation=AllocationSettings(step_fraction=0.3)), {}),
+    ("controller every 1 s", EngineSettings(), {"controller_interval_s": 1.0}),
+    ("all four", EngineSettings(allocation=AllocationSettings(margin=0.0, headroom_fraction=0.02, step_fraction=0.3)),
+     {"controller_interval_s": 1.0}),
+]
+
+
+# -- running and formatting ----------------------------------------------------------------
+
+
+def run(scenario: Scenario, strategies: Sequence[Any] = ALL, settings: EngineSettings | None = None) -> tuple[dict[str, Any], float]:
     started = time.perf_counter()
-    summary = summarize(simulate(scenario, clock=time.perf_counter))
+    summary = summarize(simulate(scenario, strategies, settings=settings, clock=time.perf_counter))
     return summary, time.perf_counter() - started
+
+
+def power_before(result: SimulationResult, change: dict[str, Any]) -> float:
+    """powercap's service power (1-s average) in the second before a cap change: does the cut bite?"""
+    recorder = next(r for r in result.runs if r.strategy.name == "powercap").recorder
+    service = next(s.name for s in result.scenario.services if f"{s.namespace}/{s.policy_name}" == change["policy"])
+    return recorder.service_energy_j[recorder.services.index(service)][int(change["atS"]) - 1]
+
+
+def change_percent(new: float, old: float) -> float:
+    return 100.0 * (new / old - 1.0)
+
+
+def versus_static(summary: dict[str, Any], name: str) -> tuple[float, dict[str, float]]:
+    """``name``'s tokens/s against the static split: the cluster, and per service, in %."""
+    strategies = summary["strategies"]
+    static, other = strategies["static-split"], strategies[name]
+    per_service = {
+        service: change_percent(figures["tokensPerSecond"], static["services"][service]["tokensPerSecond"])
+        for service, figures in other["services"].items()
+    }
+    return change_percent(other["tokensPerSecond"], static["tokensPerSecond"]), per_service
+
+
+def spread(values: Sequence[float], digits: int = 1, signed: bool = True) -> str:
+    sign = "+" if signed else ""
+    if len(values) == 1:
+        return f"{values[0]:{sign}.{digits}f}"
+    return f"{statistics.mean(values):{sign}.{digits}f} ({min(values):{sign}.{digits}f} to {max(values):{sign}.{digits}f})"
 
 
 def machine() -> str:
@@ -78,91 +254,166 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"{os.cpu_count()} CPUs (nproc), {cpu}, Python {platform.python_version()}, load average {load}"
+    return f"{os.cpu_count()} CPUs (nproc), {cpu}, Python {platform.python_version()}, load average {load()}"
+
+
+def load() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--no-variants", action="store_true", help="only the default, saturated and cap-steps runs")
     args = parser.parse_args(argv)
     print(f"Machine: {machine()}")
     print(f"Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+    main_runs(args.seeds)
+    if not args.no_variants:
+        variant_runs(args.seeds)
+    print(f"\nload average at the end: {load()}")
+    return 0
 
+
+def main_runs(seeds: Sequence[int]) -> None:
     rows = []
     speeds = []
     recoveries = []
-    for seed in args.seeds:
+    for seed in seeds:
         for variant, document in (("default", default_document()), ("saturated", saturated(default_document()))):
             scenario = scenario_from_document(document).with_overrides(seed=seed)
-            summary, wall_s = run(scenario)
+            result = simulate(scenario, ALL, clock=time.perf_counter)
+            summary = summarize(result)
             strategies = summary["strategies"]
-            powercap, static = strategies["powercap"], strategies["static-split"]
             rows.append({
                 "variant": variant,
                 "seed": seed,
-                "vs_static_tokens": summary["comparison"]["powercapVsStaticTokensPercent"],
-                "by_service": summary["comparison"]["powercapVsStaticTokensPercentByService"],
-                "vs_static_tokens_per_joule": summary["comparison"]["powercapVsStaticTokensPerJoulePercent"],
-                "within_all": {name: s["withinCapPercent"] for name, s in strategies.items()},
-                "within_after": {name: s["withinCapPercentAfterConvergence"] for name, s in strategies.items()},
-                "rack": {name: (s["rackPowerViolationSeconds"], s["rackTemperatureViolationSeconds"]) for name, s in strategies.items()},
-                "p99": {name: {k: v["p99LatencyProxyS"] for k, v in s["services"].items()} for name, s in strategies.items()},
-                "dropped": {name: s["droppedPercent"] for name, s in strategies.items()},
-                "tokens": {name: s["tokensPerSecond"] for name, s in strategies.items()},
-                "static_tokens": static["tokensPerSecond"],
-                "powercap_tokens": powercap["tokensPerSecond"],
+                "powercap": versus_static(summary, "powercap"),
+                "oracle": versus_static(summary, "oracle"),
+                "static_vs_uncapped": change_percent(strategies["static-split"]["tokensPerSecond"], strategies["no-capping"]["tokensPerSecond"]),
+                "tokens_per_joule": summary["comparison"]["powercapVsStaticTokensPerJoulePercent"],
+                "within_all": [strategies[n]["withinCapPercent"] for n in SHOWN],
+                "within_after": [strategies[n]["withinCapPercentAfterConvergence"] for n in SHOWN],
+                "rack": [(strategies[n]["rackPowerViolationSeconds"], strategies[n]["rackTemperatureViolationSeconds"]) for n in SHOWN],
+                "p99": {n: [v["p99LatencyProxyS"] for v in strategies[n]["services"].values()] for n in (*SHOWN, "oracle")},
+                "dropped": {n: [v["droppedPercent"] for v in strategies[n]["services"].values()] for n in (*SHOWN, "oracle")},
             })
-            recoveries += [(variant, seed, c) for c in powercap["capChanges"]]
+            recoveries += [(variant, seed, c, power_before(result, c)) for c in strategies["powercap"]["capChanges"]]
             if variant == "default":
-                speeds.append((seed, wall_s, {name: s["wallSeconds"] for name, s in strategies.items()}, scenario.duration_s))
-        steps = scenario_from_document(with_cap_steps(default_document())).with_overrides(seed=seed)
-        summary, _ = run(steps)
-        recoveries += [("cap-steps", seed, c) for c in summary["strategies"]["powercap"]["capChanges"]]
+                speeds.append((seed, {n: strategies[n]["wallSeconds"] for n in SHOWN}, scenario.duration_s))
+        steps_scenario = scenario_from_document(with_cap_steps(default_document())).with_overrides(seed=seed)
+        result = simulate(steps_scenario, [POWERCAP])
+        recoveries += [
+            ("cap-steps", seed, c, power_before(result, c)) for c in summarize(result)["strategies"]["powercap"]["capChanges"]
+        ]
 
-    print("powercap vs static-split at the same caps (tokens/s, % change):\n")
-    print("| variant | seed | all services | per service | tokens/J | within cap, all s (no-capping / static / powercap) | after convergence | rack W / °C violation s (no-capping / static / powercap) |")
-    print("| --- | ---: | ---: | --- | ---: | --- | --- | --- |")
+    print("powercap and the oracle bound against the static split at the same caps (tokens/s, % change; "
+          "chat / code / batch), and what the caps cost the static split against no capping:\n")
+    print("| variant | seed | powercap, cluster | powercap per service | oracle, cluster | oracle per service | static vs no-capping | powercap tokens/J vs static |")
+    print("| --- | ---: | ---: | --- | ---: | --- | ---: | ---: |")
     for row in rows:
-        per_service = ", ".join(f"{k} {v:+.1f}" for k, v in row["by_service"].items())
-        within = " / ".join(f"{v:.2f}" for v in row["within_all"].values())
-        after = " / ".join(f"{v:.2f}" for v in row["within_after"].values())
-        racks = " / ".join(f"{p}, {t}" for p, t in row["rack"].values())
-        print(f"| {row['variant']} | {row['seed']} | {row['vs_static_tokens']:+.1f} | {per_service} | "
-              f"{row['vs_static_tokens_per_joule']:+.1f} | {within} | {after} | {racks} |")
+        pc, pc_services = row["powercap"]
+        oracle, oracle_services = row["oracle"]
+        print(f"| {row['variant']} | {row['seed']} | {pc:+.1f} | " + " / ".join(f"{v:+.1f}" for v in pc_services.values())
+              + f" | {oracle:+.1f} | " + " / ".join(f"{v:+.1f}" for v in oracle_services.values())
+              + f" | {row['static_vs_uncapped']:+.1f} | {row['tokens_per_joule']:+.1f} |")
     for variant in ("default", "saturated"):
-        gains = [r["vs_static_tokens"] for r in rows if r["variant"] == variant]
-        print(f"\n{variant}: mean powercap vs static tokens/s {statistics.mean(gains):+.2f} % over {len(gains)} seed(s) (target >= +10 %)")
+        gains = [r["powercap"][0] for r in rows if r["variant"] == variant]
+        bounds = [r["oracle"][0] for r in rows if r["variant"] == variant]
+        print(f"\n{variant}: powercap vs static tokens/s {spread(gains, 2)} %, oracle {spread(bounds, 2)} % over {len(gains)} seed(s) (target >= +10 %)")
 
-    print("\np99 latency proxy, s (chat / code / batch), and dropped tokens %:\n")
-    print("| variant | seed | no-capping | static-split | powercap |")
+    print("\nCaps and racks: % of seconds within the caps (no-capping / static / powercap), all and after convergence; "
+          "rack maxPower, maxTemperature violation seconds:\n")
+    print("| variant | seed | within cap, all s | after convergence | rack W, °C violation s |")
     print("| --- | ---: | --- | --- | --- |")
     for row in rows:
-        cells = []
-        for name in ("no-capping", "static-split", "powercap"):
-            p99 = " / ".join(f"{v:.1f}" for v in row["p99"][name].values())
-            cells.append(f"{p99} ({row['dropped'][name]:.1f} % dropped)")
+        print(f"| {row['variant']} | {row['seed']} | " + " / ".join(f"{v:.2f}" for v in row["within_all"])
+              + " | " + " / ".join(f"{v:.2f}" for v in row["within_after"])
+              + " | " + " / ".join(f"{p}, {t}" for p, t in row["rack"]) + " |")
+
+    print("\np99 latency proxy, s, and tokens dropped, % (chat / code / batch):\n")
+    print("| variant | seed | no-capping | static-split | powercap | oracle |")
+    print("| --- | ---: | --- | --- | --- | --- |")
+    for row in rows:
+        cells = [
+            " / ".join(f"{v:.1f}" for v in row["p99"][n]) + " s; " + " / ".join(f"{v:.1f}" for v in row["dropped"][n]) + " %"
+            for n in (*SHOWN, "oracle")
+        ]
         print(f"| {row['variant']} | {row['seed']} | " + " | ".join(cells) + " |")
 
     print("\nRecovery after a cap change (powercap; power stays <= the new cap for 10 s from then on):\n")
-    print("| variant | seed | at s | policy | new cap W | recovery s |")
-    print("| --- | ---: | ---: | --- | ---: | ---: |")
-    for variant, seed, change in recoveries:
+    print("| variant | seed | at s | policy | new cap W | service power the second before, W | recovery s |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    for variant, seed, change, before_w in recoveries:
         recovery = change["recoveryS"]
-        print(f"| {variant} | {seed} | {change['atS']:g} | {change['policy']} | {change['powerCapLimitW']} | "
+        print(f"| {variant} | {seed} | {change['atS']:g} | {change['policy']} | {change['powerCapLimitW']} | {before_w:.0f} | "
               f"{'never' if recovery is None else f'{recovery:.1f}'} |")
-    worst = max((c["recoveryS"] for _, _, c in recoveries if c["recoveryS"] is not None), default=None)
+    worst = max((c["recoveryS"] for _, _, c, _ in recoveries if c["recoveryS"] is not None), default=None)
     print(f"\nworst recovery: {worst} s over {len(recoveries)} changes (target <= 3 s)")
 
-    print("\nSpeed, default scenario (64 GPUs, 600 simulated s):\n")
-    print("| seed | no-capping s | static-split s | powercap s | all three s | x real time (slowest strategy) | x real time (all three) |")
+    print("\nSpeed, default scenario (64 GPUs, 600 simulated s), wall seconds:\n")
+    print("| seed | no-capping | static-split | powercap | all three | x real time (slowest strategy) | x real time (all three) |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for seed, wall_s, per_strategy, duration_s in speeds:
-        slowest = max(per_strategy.values())
-        print(f"| {seed} | " + " | ".join(f"{per_strategy[n]:.2f}" for n in ("no-capping", "static-split", "powercap"))
-              + f" | {wall_s:.2f} | {duration_s / slowest:.0f} | {duration_s / wall_s:.0f} |")
-    print(f"\nload average after: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    return 0
+    for seed, per_strategy, duration_s in speeds:
+        slowest, total = max(per_strategy.values()), sum(per_strategy.values())
+        print(f"| {seed} | " + " | ".join(f"{per_strategy[n]:.2f}" for n in SHOWN)
+              + f" | {total:.2f} | {duration_s / slowest:.0f} | {duration_s / total:.0f} |")
+
+
+def variant_runs(seeds: Sequence[int]) -> None:
+    print(f"\nWhat was tried: the default scenario with one choice changed (seeds {', '.join(map(str, seeds))}: "
+          "mean (min to max)); tokens/s against the static split at the same caps, %:\n")
+    print("| variant | static vs no-capping | powercap, cluster | powercap chat / code / batch (means) | oracle, cluster | "
+          "oracle chat / code / batch (means) | dropped % no-capping / static / powercap / oracle (means) |")
+    print("| --- | ---: | ---: | --- | ---: | --- | --- |")
+    for label, change in VARIANTS:
+        print(variant_row(label, [scenario_from_document(change(default_document())).with_overrides(seed=s) for s in seeds]), flush=True)
+    for label, document in MIXED:
+        print(variant_row(label, [scenario_from_document(copy.deepcopy(document)).with_overrides(seed=s) for s in seeds]), flush=True)
+
+    first = scenario_from_document(default_document()).with_overrides(seed=seeds[0])
+    static = summarize(simulate(first, [STATIC_SPLIT]))["strategies"]["static-split"]
+    print(f"\npowercap's own settings on the default scenario (seed {seeds[0]}), tokens/s against the static split, %:\n")
+    print("| powercap settings | cluster | chat / code / batch | within cap after convergence, % |")
+    print("| --- | ---: | --- | ---: |")
+    for label, settings, timing in TUNING:
+        scenario = dataclasses.replace(first, timing=dataclasses.replace(first.timing, **timing)) if timing else first
+        figures = summarize(simulate(scenario, [POWERCAP], settings=settings))["strategies"]["powercap"]
+        per_service = " / ".join(
+            f"{change_percent(f['tokensPerSecond'], static['services'][name]['tokensPerSecond']):+.1f}" for name, f in figures["services"].items()
+        )
+        print(f"| {label} | {change_percent(figures['tokensPerSecond'], static['tokensPerSecond']):+.1f} | {per_service} | "
+              f"{figures['withinCapPercentAfterConvergence']:.2f} |", flush=True)
+    slow = scenario_from_document(default_document()).with_overrides(seed=seeds[0], duration_s=4 * first.duration_s)
+    summary, _ = run(slow, (STATIC_SPLIT, POWERCAP, ORACLE))
+    pc, oracle = versus_static(summary, "powercap")[0], versus_static(summary, "oracle")[0]
+    print(f"\nthe day in 2400 s instead of 600 s (seed {seeds[0]}): powercap {pc:+.1f} %, oracle {oracle:+.1f} % against the static split")
+
+
+def variant_row(label: str, scenarios: Sequence[Scenario]) -> str:
+    pcs, oracles, costs = [], [], []
+    pc_services: dict[str, list[float]] = {}
+    oracle_services: dict[str, list[float]] = {}
+    dropped: dict[str, list[float]] = {}
+    for scenario in scenarios:
+        summary, _ = run(scenario)
+        strategies = summary["strategies"]
+        pc, pc_per = versus_static(summary, "powercap")
+        oracle, oracle_per = versus_static(summary, "oracle")
+        pcs.append(pc)
+        oracles.append(oracle)
+        costs.append(change_percent(strategies["static-split"]["tokensPerSecond"], strategies["no-capping"]["tokensPerSecond"]))
+        for name, value in pc_per.items():
+            pc_services.setdefault(name, []).append(value)
+        for name, value in oracle_per.items():
+            oracle_services.setdefault(name, []).append(value)
+        for name in (*SHOWN, "oracle"):
+            dropped.setdefault(name, []).append(strategies[name]["droppedPercent"])
+    return (
+        f"| {label} | {spread(costs)} | {spread(pcs)} | " + " / ".join(f"{statistics.mean(v):+.1f}" for v in pc_services.values())
+        + f" | {spread(oracles)} | " + " / ".join(f"{statistics.mean(v):+.1f}" for v in oracle_services.values())
+        + " | " + " / ".join(f"{statistics.mean(v):.1f}" for v in dropped.values()) + " |"
+    )
 
 
 if __name__ == "__main__":

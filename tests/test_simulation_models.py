@@ -7,6 +7,8 @@ import math
 
 import pytest
 
+from powercap import physics
+from powercap.simulation.decisions import OracleGpu, oracle_split_w
 from powercap.simulation.metrics import excluded_seconds, recovery_time_s, weighted_percentile
 from powercap.simulation.scenario import Burst, Cooling, Rack, default_scenario_text, load_scenario
 from powercap.simulation.workload import bounded_shares, build_trace, daily_factor, pod_weight
@@ -115,3 +117,50 @@ def test_recovery_time_is_the_time_until_power_stays_under_the_cap() -> None:
 
 def test_convergence_leaves_out_the_warmup_and_each_settling_window() -> None:
     assert excluded_seconds(100, 10, [50.5], 3) == set(range(10)) | {50, 51, 52, 53, 54}
+
+
+H200 = physics.H200_LIKE
+L40S = physics.L40S_LIKE
+FULL_CHAT = physics.Workload(1.0, 0.25)
+
+
+def total_tokens(gpus: list[OracleGpu], caps: list[float]) -> float:
+    return math.fsum(g.tokens_s(c) for g, c in zip(gpus, caps))
+
+
+@pytest.mark.parametrize(
+    "gpus, cap_w",
+    [
+        pytest.param([OracleGpu(H200, FULL_CHAT)] * 4, 1400, id="four equal saturated GPUs"),
+        pytest.param([OracleGpu(H200, FULL_CHAT), OracleGpu(H200, physics.Workload(0.2, 0.25))] * 2, 1400, id="two busy, two light"),
+        pytest.param([OracleGpu(H200, FULL_CHAT), OracleGpu(L40S, FULL_CHAT)] * 2, 1200, id="H200 and L40S"),
+        pytest.param([OracleGpu(H200, physics.IDLE)] * 3, 1500, id="nothing to serve"),
+    ],
+)
+def test_the_oracle_split_stays_within_the_cap_and_serves_at_least_the_equal_split(gpus: list[OracleGpu], cap_w: float) -> None:
+    caps = oracle_split_w(gpus, cap_w)
+    assert math.fsum(caps) <= cap_w + 1e-6
+    assert all(g.model.min_limit_w <= c <= g.model.max_limit_w for g, c in zip(gpus, caps))
+    equal = [physics.clamp_limit_w(g.model, cap_w / len(gpus)) for g in gpus]
+    assert total_tokens(gpus, caps) >= total_tokens(gpus, equal) - 1e-6
+
+
+def test_the_oracle_gives_the_watts_of_light_gpus_to_busy_ones() -> None:
+    busy, light = OracleGpu(H200, FULL_CHAT), OracleGpu(H200, physics.Workload(0.2, 0.25))
+    caps = oracle_split_w([busy, light, busy, light], 1400)
+    assert caps[1] == caps[3] == H200.min_limit_w  # 200 W serve the light GPUs' whole load
+    assert caps[0] == caps[2] == pytest.approx(500)
+    assert light.tokens_s(caps[1]) == pytest.approx(light.tokens_s(H200.max_limit_w))
+
+
+def test_the_oracle_favours_the_gpu_that_turns_watts_into_more_tokens() -> None:
+    h200, l40s = OracleGpu(H200, FULL_CHAT), OracleGpu(L40S, FULL_CHAT)
+    caps = oracle_split_w([h200, l40s], 600)
+    assert caps[0] > 300 > caps[1]  # an equal split would give each 300 W
+    assert total_tokens([h200, l40s], caps) > total_tokens([h200, l40s], [300, 300]) * 1.03
+
+
+def test_the_oracle_spreads_watts_nobody_needs_and_keeps_minimums_under_a_tiny_cap() -> None:
+    idle = [OracleGpu(H200, physics.IDLE)] * 3
+    assert oracle_split_w(idle, 1500) == pytest.approx([500, 500, 500])
+    assert oracle_split_w(idle, 300) == [200, 200, 200]

@@ -16,11 +16,13 @@ calls the pure decision the service calls:
 
 The baselines use no powercap code: :func:`gpu_fit_scores` stands in for kube-scheduler's
 own scoring, :func:`static_split_w` for an operator dividing a service's cap evenly over
-its GPUs.
+its GPUs, and :func:`oracle_split_w` is an upper bound no controller can reach: the split of
+a cap that maximises tokens/s with perfect knowledge of every GPU's load and throughput curve.
 """
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from datetime import datetime
 from powercap.algorithms import MAX_SCORE, AlgorithmRegistry
 from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
 from powercap.objects import KubeObject
-from powercap.physics import clamp
+from powercap.physics import GpuModel, Workload, clamp, operating_point
 from powercap.placement import filter_nodes, placement_request, prioritize_nodes
 from powercap.policies import Policy
 
@@ -129,3 +131,67 @@ def cluster_view(
 def static_split_w(policy: Policy, service_gpus: int, min_w: float, max_w: float) -> float:
     """The static baseline: ``clamp(powerCapLimit / GPUs of the service, min, max)``."""
     return clamp(policy.power_cap_w / max(service_gpus, 1), min_w, max_w)
+
+
+@dataclass(frozen=True)
+class OracleGpu:
+    """What the oracle knows of one GPU: its model, its load now, and its service's tokens scale."""
+
+    model: GpuModel
+    workload: Workload
+    tokens_scale: float = 1.0
+
+    def tokens_s(self, cap_w: float) -> float:
+        return operating_point(self.model, cap_w, self.workload).tokens_s * self.tokens_scale
+
+
+ORACLE_STEP_W = 5.0
+"""Granularity of the oracle's fill."""
+
+
+def oracle_split_w(gpus: Sequence[OracleGpu], cap_w: float, step_w: float = ORACLE_STEP_W) -> list[float]:
+    """The caps, summing to at most ``cap_w``, that maximise the GPUs' tokens/s at their loads now.
+
+    Every GPU starts at its minimum limit; the rest of ``cap_w`` goes ``step_w`` at a time to
+    the GPU whose tokens/s gains most from it. Throughput is concave in the cap
+    (:func:`powercap.physics.operating_point`), so this greedy fill is optimal to within one
+    step. Watts that no GPU turns into tokens (every GPU serves its whole load) are then
+    shared as a common level up to each GPU's maximum, as headroom for the next second.
+    With ``cap_w`` below the minimums every GPU stays at its minimum.
+    """
+    caps = [g.model.min_limit_w for g in gpus]
+    left_w = cap_w - sum(caps)
+    tokens = [g.tokens_s(c) for g, c in zip(gpus, caps)]
+    heap: list[tuple[float, int]] = []
+
+    def push(i: int) -> None:
+        step = min(step_w, gpus[i].model.max_limit_w - caps[i])
+        if step > 1e-9:
+            gain = gpus[i].tokens_s(caps[i] + step) - tokens[i]
+            if gain > 1e-9:
+                heapq.heappush(heap, (-gain / step, i))
+
+    for i in range(len(gpus)):
+        push(i)
+    while heap and left_w > 1e-9:
+        _, i = heapq.heappop(heap)
+        step = min(step_w, gpus[i].model.max_limit_w - caps[i], left_w)
+        caps[i] += step
+        left_w -= step
+        tokens[i] = gpus[i].tokens_s(caps[i])
+        push(i)
+    # Headroom: raise the lowest caps together (a water level) with what is left.
+    order = sorted(range(len(gpus)), key=lambda i: caps[i])
+    while left_w > 1e-9 and order:
+        order = [i for i in order if caps[i] < gpus[i].model.max_limit_w - 1e-9]
+        if not order:
+            break
+        level = min(caps[i] for i in order)
+        low = [i for i in order if caps[i] <= level + 1e-9]
+        higher = [caps[i] for i in order if caps[i] > level + 1e-9]
+        ceiling = min([gpus[i].model.max_limit_w for i in low] + higher)
+        raise_w = min(ceiling - level, left_w / len(low))
+        for i in low:
+            caps[i] += raise_w
+        left_w -= raise_w * len(low)
+    return caps

@@ -29,6 +29,9 @@ Strategies: ``no-capping`` (kube-scheduler spreading, GPUs at their default limi
 ``static-split`` (same placement, each GPU of a policy's service capped at
 ``powerCapLimit / its GPUs``) and ``powercap`` (extender placement, controller budgets,
 agent control law). Each strategy runs on its own copy of the world, with the same trace.
+``oracle`` (not run by default) is a bound, not a controller: same placement as the
+baselines, each policy's cap re-split at every whole second to maximise tokens/s knowing
+every GPU's load (:func:`~powercap.simulation.decisions.oracle_split_w`).
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ class Strategy:
     """How pods are placed and GPUs capped.
 
     ``placement``: ``default`` (kube-scheduler spreading) or ``extender`` (with the
-    power-aware extender). ``capping``: ``none``, ``static`` or ``powercap``.
+    power-aware extender). ``capping``: ``none``, ``static``, ``powercap`` or ``oracle``.
     ``assumed_power``: whether the extender's view counts pods bound since the last
     telemetry (False hides those binds from it, an extender without assumed-power accounting).
     """
@@ -87,6 +90,11 @@ NO_CAPPING = Strategy("no-capping", "default", "none", "kube-scheduler spreading
 STATIC_SPLIT = Strategy("static-split", "default", "static", "kube-scheduler spreading; each GPU capped at powerCapLimit / GPUs")
 POWERCAP = Strategy("powercap", "extender", "powercap", "extender placement, controller budgets, agent control law")
 STRATEGIES: tuple[Strategy, ...] = (NO_CAPPING, STATIC_SPLIT, POWERCAP)
+ORACLE = Strategy(
+    "oracle", "default", "oracle",
+    "kube-scheduler spreading; each cap re-split every second for the most tokens/s, knowing every GPU's load (a bound)",
+)
+"""Not one of :data:`STRATEGIES`: the best any split of the caps could do (benchmarks/simulator.py)."""
 
 
 @dataclass(frozen=True)
@@ -219,6 +227,8 @@ class _Run:
             if self.world.pending:
                 self._schedule(t_s)
             second = step // steps_per_second
+            if self.strategy.capping == "oracle" and step % steps_per_second == 0:
+                self._oracle_caps()
             if step % steps_per_second == 0:
                 self._sample_latency(second, t_s)
             self._physics(t_s, second)
@@ -310,6 +320,8 @@ class _Run:
                 if capping == "static" and policy is not None and policy.enforced:
                     service_gpus = self._policy_gpus(policy.key)
                     gpu.cap_w = decisions.static_split_w(policy, service_gpus, gpu.model.min_limit_w, gpu.model.max_limit_w)
+                elif capping == "oracle" and policy is not None and policy.enforced:
+                    pass  # set by _oracle_caps every whole second
                 else:
                     gpu.cap_w = gpu.model.default_limit_w
         if self.strategy.placement == "extender" or capping == "powercap":
@@ -364,6 +376,24 @@ class _Run:
         if should_publish(node.telemetry, telemetry, t_s - last_s if last_s is not None else math.inf, self.settings.publish):
             node.set_telemetry(telemetry)
             self.published_at[node.name] = t_s
+
+    def _oracle_caps(self) -> None:
+        """The oracle bound: each enforced policy's cap split for the most tokens/s at the loads now."""
+        by_policy: dict[str, list[SimGpu]] = {}
+        for pod in self.world.pods.values():
+            key = self.pod_policy.get(pod.key)
+            if pod.node is not None and key is not None:
+                by_policy.setdefault(key, []).extend(pod.gpus)
+        for key, gpus in by_policy.items():
+            policy = self.world.parsed_policies.get(key)
+            if policy is None or not policy.enforced:
+                continue
+            known = [
+                decisions.OracleGpu(gpu.model, gpu.workload, gpu.pod.service.tokens_scale if gpu.pod is not None else 1.0)
+                for gpu in gpus
+            ]
+            for gpu, cap_w in zip(gpus, decisions.oracle_split_w(known, policy.power_cap_w)):
+                gpu.cap_w = cap_w
 
     def _policy_gpus(self, policy_key: str) -> int:
         return sum(
