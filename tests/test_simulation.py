@@ -190,3 +190,16 @@ def test_the_oracle_bound_serves_more_than_the_static_split_under_the_same_cap()
     assert oracle["tokensPerSecond"] > 1.05 * static["tokensPerSecond"]
     assert oracle["droppedPercent"] < static["droppedPercent"]
     assert oracle["capViolationSecondsAfterConvergence"] == 0
+
+
+def test_powercap_writes_the_status_kubectl_get_pcp_shows(default_run: tuple[SimulationResult, dict[str, Any]]) -> None:
+    """Cap, Power, GPUs, Ratio and Ready, as the controller writes them from the agents' telemetry."""
+    result, _ = default_run
+    (run,) = [r for r in result.runs if r.strategy.name == "powercap"]
+    assert set(run.statuses) == {f"{p['metadata'].get('namespace', 'default')}/{p['metadata']['name']}" for p in result.scenario.policies}
+    for key, status in run.statuses.items():
+        assert status["gpus"] > 0, key
+        assert 0 < status["powerW"] <= status["budgetW"] * 1.05, key
+        assert status["ratio"] > 0, f"{key}: the agents publish tokens/s, so the Ratio column is filled"
+        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+        assert ready["status"] in ("True", "False") and ready["reason"], key

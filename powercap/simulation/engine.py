@@ -118,6 +118,7 @@ class StrategyRun:
     evictions: list[tuple[float, str, str]] = field(default_factory=list)  # (at_s, pod, node)
     counter_energy_j: float = 0.0  # sum of the GPUs' energy counters at the end (NVML total energy)
     wall_s: float = 0.0
+    statuses: dict[str, Mapping[str, Any]] = field(default_factory=dict)  # policy key -> last status written
 
 
 @dataclass
@@ -197,6 +198,7 @@ class _Run:
         self.memories: dict[str, GpuMemory] = {}  # the agents' memory of each GPU
         self.records: dict[str, CapRecord] = {}  # the agents' state files
         self.pod_names_by_gpu: dict[str, dict[str, str | None]] = {}
+        self.tokens_s_by_gpu: dict[str, dict[str, float | None]] = {}
         self.published_at: dict[str, float] = {}
         self.last_move: dict[str, datetime] = {}
         self.evictions: list[tuple[float, str, str]] = []
@@ -240,6 +242,7 @@ class _Run:
         return StrategyRun(
             self.strategy, self.recorder, unschedulable, self.placements, self.cap_changes, self.evictions,
             counter_energy_j=math.fsum(gpu.state.energy_j for gpu in self.world.gpus),
+            statuses={key: document["status"] for key, document in self.world.policies.items() if "status" in document},
         )
 
     # -- 1. events -----------------------------------------------------------------------
@@ -365,13 +368,16 @@ class _Run:
                 gpu = by_uuid[plan.uuid]
                 gpu.cap_w = round(physics.clamp_limit_w(gpu.model, plan.cap_w) * 1000) / 1000
         self.pod_names_by_gpu[node.name] = {plan.uuid: plan.pod for plan in plans}
+        self.tokens_s_by_gpu[node.name] = {plan.uuid: plan.tokens_s for plan in plans}
 
     def _publish(self, node: SimNode, t_s: float) -> None:
         """The telemetry annotation, rate limited as the agent's publisher does."""
         pods = self.pod_names_by_gpu.get(node.name)
         if pods is None:  # no agent plan on this node: the pods the GPUs hold
             pods = {gpu.uuid: gpu.pod.key if gpu.pod is not None else None for gpu in node.gpus}
-        telemetry = build_telemetry(moment(t_s), node.gpus, node.rack.inlet_c, pods)
+        telemetry = build_telemetry(
+            moment(t_s), node.gpus, node.rack.inlet_c, pods, tokens_s_by_gpu=self.tokens_s_by_gpu.get(node.name)
+        )
         last_s = self.published_at.get(node.name)
         if should_publish(node.telemetry, telemetry, t_s - last_s if last_s is not None else math.inf, self.settings.publish):
             node.set_telemetry(telemetry)
