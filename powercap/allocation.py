@@ -61,8 +61,8 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from itertools import accumulate, repeat
-from operator import attrgetter
+from itertools import accumulate, compress, repeat
+from operator import attrgetter, gt
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -446,7 +446,8 @@ class _Problem:
         maximum_of = {m: math.floor(m + 1e-9) for m in set(max_ws)}
         minima = [minimum_of[m] for m in min_ws]
         maxima = [high if (high := maximum_of[m]) > low else low for m, low in zip(max_ws, minima)]
-        floors = [float(low) for low in minima]
+        float_of = {low: float(low) for low in minimum_of.values()}
+        floors = [float_of[low] for low in minima]
         demands = _demands_w(power_ws, limit_ws, previous_ws, minima, maxima, settings)
         whole_of = {last: int(last) for last in set(previous_ws) if last is not None}
         previous = [
@@ -610,17 +611,16 @@ class _Problem:
         """
         limited = list(caps)
         postponed: set[int] = set()
-        previous = self.previous
+        floor = math.floor
         for (start, end), capacity_w in zip(self.spans, self.service_capacity_w):
-            raises_w = sum([cap - last for cap, last in zip(caps[start:end], previous[start:end]) if cap > last])
-            room_w = max(capacity_w - sum(previous[start:end]), 0)
+            new, old = caps[start:end], self.previous[start:end]
+            raises_w = sum([cap - last for cap, last in zip(new, old) if cap > last])
+            room_w = max(capacity_w - sum(old), 0)
             if raises_w <= room_w:
                 continue
             share = room_w / raises_w
-            for i in range(start, end):
-                if caps[i] > previous[i]:
-                    limited[i] = previous[i] + math.floor((caps[i] - previous[i]) * share)
-                    postponed.add(i)
+            limited[start:end] = [last + floor((cap - last) * share) if cap > last else cap for cap, last in zip(new, old)]
+            postponed.update(compress(range(start, end), map(gt, new, old)))
         return limited, postponed
 
     def result(self, caps: list[int], first: _Fill, second: _Fill, postponed: set[int]) -> Allocation:
