@@ -1,13 +1,16 @@
 """Budget controller: allocation latency at 10,000 GPUs, and status writes of a steady cluster.
 
-    .venv/bin/python benchmarks/controller.py [--quick] [--write docs/benchmarks.md]
+    .venv/bin/python benchmarks/controller.py [--quick] [--reference] [--write docs/benchmarks.md]
 
 1. **Allocation** (:func:`powercap.allocation.allocate`, the pure formula) for 10,000 GPUs
    on 1,000 nodes (10 GPUs each) in 50 racks of 20 nodes, 25 of them limited by a
    ``maxPower`` that binds. Every GPU has a previous cap (steady state: deadband and safe
    transitions run), 1 % of them sit on nodes with stale telemetry. Two shapes: one
    service of 10,000 GPUs, and 100 services of 100 GPUs spread across the racks (racks
-   shared between services). Target: p99 <= 50 ms.
+   shared between services). Target: p99 <= 50 ms. With ``--reference``, the allocator as it
+   was before it was optimised (``tests/reference_allocation.py``, the tests' oracle) is timed
+   in the same run, its calls alternating with ``allocate``'s, for a before/after ratio from
+   the same machine state.
 2. **One whole round** (:func:`powercap.budget.plan_round`: allocation plus every status,
    from a cluster view of those 1,000 nodes and 100 policies).
 3. **Status writes per minute** of a steady cluster, through the real controller
@@ -25,9 +28,10 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -35,7 +39,7 @@ from common import machine, percentile, write_section  # noqa: E402
 from extender.controller import BudgetController, ControllerSettings, ListSnapshots  # noqa: E402
 from powercap import kube  # noqa: E402
 from powercap.algorithms import AlgorithmRegistry  # noqa: E402
-from powercap.allocation import GpuState, RackLimit, Service, allocate  # noqa: E402
+from powercap.allocation import Allocation, GpuState, RackLimit, Service, allocate  # noqa: E402
 from powercap.budget import plan_round  # noqa: E402
 from powercap.cluster import ClusterSettings, build_cluster_view  # noqa: E402
 from powercap.telemetry import TELEMETRY_ANNOTATION, GpuTelemetry, from_json  # noqa: E402
@@ -69,19 +73,48 @@ def allocation_inputs(rng: random.Random, services: int) -> tuple[list[Service],
     return result, racks
 
 
-def bench_allocation(runs: int) -> list[tuple[str, float, float, float]]:
-    """(shape, wall p50 ms, wall p99 ms, CPU p50 ms) per shape."""
+Allocate = Callable[[list[Service], list[RackLimit]], Allocation]
+
+
+class Timing(NamedTuple):
+    p50_ms: float   # wall clock
+    p99_ms: float   # wall clock
+    cpu_p50_ms: float
+
+
+class AllocationRow(NamedTuple):
+    shape: str
+    timing: Timing                         # allocate alone
+    compared: tuple[Timing, Timing] | None  # (reference, allocate), calls alternating
+
+
+def time_calls(calls: dict[str, Callable[[], object]], runs: int) -> dict[str, Timing]:
+    """Each call timed ``runs`` times after a warm-up, the calls alternating (the same machine state)."""
+    samples: dict[str, tuple[list[float], list[float]]] = {}
+    for name, call in calls.items():
+        call()
+        samples[name] = ([], [])
+    for _ in range(runs):
+        for name, call in calls.items():
+            started, started_cpu = time.perf_counter(), time.process_time()
+            call()
+            samples[name][0].append((time.perf_counter() - started) * 1000)
+            samples[name][1].append((time.process_time() - started_cpu) * 1000)
+    return {name: Timing(statistics.median(wall), percentile(wall, 0.99), statistics.median(cpu))
+            for name, (wall, cpu) in samples.items()}
+
+
+def bench_allocation(runs: int, reference: Allocate | None = None) -> list[AllocationRow]:
+    """Per shape, ``allocate`` timed alone, then, when given, ``reference`` and ``allocate`` alternating."""
     rows = []
     for label, services in (("1 service x 10,000 GPUs", 1), ("100 services x 100 GPUs, shared racks", 100)):
         inputs, racks = allocation_inputs(random.Random(7), services)
-        allocate(inputs, racks)  # warm up
-        wall, cpu = [], []
-        for _ in range(runs):
-            started, started_cpu = time.perf_counter(), time.process_time()
-            allocate(inputs, racks)
-            wall.append((time.perf_counter() - started) * 1000)
-            cpu.append((time.process_time() - started_cpu) * 1000)
-        rows.append((label, statistics.median(wall), percentile(wall, 0.99), statistics.median(cpu)))
+        alone = time_calls({"after": lambda: allocate(inputs, racks)}, runs)["after"]
+        compared = None
+        if reference is not None:
+            both = time_calls({"before": lambda: reference(inputs, racks), "after": lambda: allocate(inputs, racks)}, runs)
+            compared = (both["before"], both["after"])
+        rows.append(AllocationRow(label, alone, compared))
     return rows
 
 
@@ -113,17 +146,10 @@ def cluster_objects(rng: random.Random, nodes: int, gpus_per_node: int, policies
     return node_objects, pods, policy_objects
 
 
-def bench_round(runs: int) -> tuple[float, float, float]:
+def bench_round(runs: int) -> Timing:
     nodes, pods, policies = cluster_objects(random.Random(3), NODES, 8, 100, 2, RACK_NODES)
     view = build_cluster_view(nodes, pods, policies, NOW, ClusterSettings())
-    plan_round(view)
-    wall, cpu = [], []
-    for _ in range(runs):
-        started, started_cpu = time.perf_counter(), time.process_time()
-        plan_round(view)
-        wall.append((time.perf_counter() - started) * 1000)
-        cpu.append((time.process_time() - started_cpu) * 1000)
-    return statistics.median(wall), percentile(wall, 0.99), statistics.median(cpu)
+    return time_calls({"round": lambda: plan_round(view)}, runs)["round"]
 
 
 def agents_report(server: FakeApiServer, demand_w: dict[str, float], rng: random.Random, at: datetime,
@@ -177,7 +203,7 @@ def bench_writes(minutes: int, noise: float, interval_s: float = 5.0) -> dict[st
     }
 
 
-def markdown(allocation_rows, round_ms, writes, shared_note: str) -> str:
+def markdown(allocation_rows: list[AllocationRow], round_ms: Timing, writes, shared_note: str) -> str:
     lines = [
         SECTION,
         "",
@@ -189,13 +215,34 @@ def markdown(allocation_rows, round_ms, writes, shared_note: str) -> str:
         "| shape | p50 ms | p99 ms | CPU time p50 ms |",
         "| --- | ---: | ---: | ---: |",
     ]
-    lines += [f"| {label} | {p50:.1f} | {p99:.1f} | {cpu:.1f} |" for label, p50, p99, cpu in allocation_rows]
+    lines += [f"| {row.shape} | {row.timing.p50_ms:.1f} | {row.timing.p99_ms:.1f} | {row.timing.cpu_p50_ms:.1f} |"
+              for row in allocation_rows]
     lines += [
         f"| whole round (`plan_round`: allocation + 100 statuses, 8,000 GPUs) | {round_ms[0]:.1f} | {round_ms[1]:.1f} "
         f"| {round_ms[2]:.1f} |",
         "",
         "p50 and p99 are wall-clock times; CPU time leaves out the time the process waited for a core.",
         "",
+    ]
+    if any(row.compared is not None for row in allocation_rows):
+        lines += [
+            "Before and after the allocator was optimised (`--reference`: `tests/reference_allocation.py`, the "
+            "previous implementation, kept as the tests' oracle; same results watt for watt), timed in the same "
+            "run after the table above, calls alternating, so both saw the same machine state (alternating, they "
+            "also share the garbage collector's work: compare the p50 figures):",
+            "",
+            "| shape | before p50 ms | before p99 ms | after p50 ms | after p99 ms | p50 before / after | "
+            "CPU p50 before / after |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {row.shape} | {before.p50_ms:.1f} | {before.p99_ms:.1f} | {after.p50_ms:.1f} | {after.p99_ms:.1f} "
+            f"| {before.p50_ms / after.p50_ms:.2f}x | {before.cpu_p50_ms / after.cpu_p50_ms:.2f}x |"
+            for row in allocation_rows if row.compared is not None
+            for before, after in [row.compared]
+        ]
+        lines.append("")
+    lines += [
         f"Status writes of a steady cluster ({writes[0]['nodes']} nodes, {writes[0]['gpus']} GPUs, "
         f"{writes[0]['policies']} policies, budgets and 5 racks binding, a round every "
         f"{60 / writes[0]['rounds_per_minute']:g} s, {writes[0]['minutes']} simulated minutes; the real controller "
@@ -228,11 +275,20 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke test)")
     parser.add_argument("--write", metavar="FILE", help="replace the '## Budget controller' section of FILE")
     parser.add_argument("--note", default="", help="a sentence about the machine's load while measuring")
+    parser.add_argument("--reference", action="store_true",
+                        help="also time tests/reference_allocation.py (the allocator before it was optimised)")
     args = parser.parse_args()
     runs = 10 if args.quick else 200
-    allocation_rows = bench_allocation(runs)
-    for label, p50, p99, cpu in allocation_rows:
-        print(f"allocate, {label}: p50 {p50:.1f} ms, p99 {p99:.1f} ms, CPU p50 {cpu:.1f} ms")
+    reference: Allocate | None = None
+    if args.reference:
+        from tests.reference_allocation import allocate as reference
+    allocation_rows = bench_allocation(runs, reference)
+    for row in allocation_rows:
+        measured = [("allocate", row.timing)]
+        if row.compared is not None:
+            measured += [("reference, alternating", row.compared[0]), ("allocate, alternating", row.compared[1])]
+        for name, t in measured:
+            print(f"{name}, {row.shape}: p50 {t.p50_ms:.1f} ms, p99 {t.p99_ms:.1f} ms, CPU p50 {t.cpu_p50_ms:.1f} ms")
     round_ms = bench_round(3 if args.quick else 30)
     print(f"plan_round, 1,000 nodes, 100 policies: p50 {round_ms[0]:.1f} ms, p99 {round_ms[1]:.1f} ms")
     writes = [bench_writes(STEADY_MINUTES + 1 if args.quick else 15, noise) for noise in (0.01, 0.03)]

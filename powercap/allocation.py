@@ -61,8 +61,8 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from itertools import accumulate
-from operator import attrgetter
+from itertools import accumulate, compress, repeat
+from operator import attrgetter, gt
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -73,7 +73,7 @@ _ROUNDING_SLACK_W = 1e-6
 # Levels closer than this count as converged (caps are whole watts). A rack keeps its old,
 # lower level then, and a service takes its new, lower one, so every sum still fits.
 _LEVEL_TOLERANCE_W = 0.01
-_NODE_AND_UUID = attrgetter("node", "uuid")
+_NODE, _UUID = attrgetter("node"), attrgetter("uuid")
 
 
 @dataclass(frozen=True)
@@ -237,25 +237,53 @@ def estimate_demand_w(gpu: GpuState, settings: AllocationSettings) -> float:
     else ``power_w + headroom``.
     """
     min_w, max_w = _bounds(gpu)
-    return _demands_w([gpu], [min_w], [max_w], settings)[0]
+    return _demands_w([gpu.power_w], [gpu.limit_w], [gpu.previous_w], [min_w], [max_w], settings)[0]
 
 
-def _demands_w(gpus: Sequence[GpuState], minima: Sequence[int], maxima: Sequence[int],
-               settings: AllocationSettings) -> list[float]:
-    """:func:`estimate_demand_w` for many GPUs at once (one comprehension: 10,000 GPUs per round)."""
+def _demands_w(power_ws: Sequence[float], limit_ws: Sequence[float], previous_ws: Sequence[float | None],
+               minima: Sequence[int], maxima: Sequence[int], settings: AllocationSettings) -> list[float]:
+    """:func:`estimate_demand_w` for many GPUs at once, given as columns (10,000 GPUs per round)."""
     pinned_ratio = 1 - settings.pinned_fraction
     step, headroom = settings.step_fraction, settings.headroom_fraction
-    wanted = [
-        max(g.limit_w + step * (high - low), g.power_w + headroom * (high - low))
-        if g.power_w >= g.limit_w * pinned_ratio else g.power_w + headroom * (high - low)
-        for g, low, high in zip(gpus, minima, maxima)
-    ]
-    wanted = [
-        g.previous_w if g.previous_w is not None and g.power_w < g.limit_w * pinned_ratio
-        and abs(g.previous_w - w) <= headroom * (high - low) / 2 else w
-        for g, w, low, high in zip(gpus, wanted, minima, maxima)
-    ]
-    return [low if w < low else high if w > high else w for w, low, high in zip(wanted, minima, maxima)]
+    demands: list[float] = []
+    append = demands.append
+    for power, limit, last, low, high in zip(power_ws, limit_ws, previous_ws, minima, maxima):
+        headroom_w = headroom * (high - low)
+        wanted = power + headroom_w
+        pinned_w = limit * pinned_ratio
+        if power >= pinned_w:
+            raised = limit + step * (high - low)
+            if not wanted > raised:  # max(raised, wanted)
+                wanted = raised
+        elif last is not None and power < pinned_w and abs(last - wanted) <= headroom_w / 2:
+            wanted = last
+        append(low if wanted < low else high if wanted > high else wanted)
+    return demands
+
+
+_Columns = tuple[list[str], list[str], list[str | None], list[float], list[float], list[float], list[float],
+                 list[float | None], list[bool]]
+
+
+def _columns(gpus: Sequence[GpuState]) -> _Columns:
+    """uuid, node, rack, min_w, max_w, power_w, limit_w, previous_w and fresh of every GPU.
+
+    One pass over the objects, not one per field: when services interleave, the GPUs of one
+    service lie far apart in memory, and each pass would miss the cache on every GPU again.
+    """
+    columns: _Columns = ([], [], [], [], [], [], [], [], [])
+    uuid, node, rack, min_w, max_w, power_w, limit_w, previous_w, fresh = (column.append for column in columns)
+    for g in gpus:
+        uuid(g.uuid)
+        node(g.node)
+        rack(g.rack)
+        min_w(g.min_w)
+        max_w(g.max_w)
+        power_w(g.power_w)
+        limit_w(g.limit_w)
+        previous_w(g.previous_w)
+        fresh(g.fresh)
+    return columns
 
 
 def water_level(los: Sequence[float], his: Sequence[float], capacity_w: float) -> float:
@@ -277,30 +305,41 @@ def _level(lo_sorted: list[float], lo_prefix: list[float], his: Sequence[float],
     total_lo = lo_prefix[-1]
     if total_lo >= capacity_w:
         return -INF
-    count = len(lo_sorted)
     hi_sorted = sorted(his)
     hi_prefix = [0.0, *accumulate(hi_sorted)]
-
-    def fill(level: float) -> float:
-        below = bisect_left(lo_sorted, level)   # GPUs with lo < level are not held up by lo
-        capped = bisect_right(hi_sorted, level)  # GPUs with hi <= level are at hi
-        return total_lo - lo_prefix[below] + hi_prefix[capped] + level * (below - capped)
-
-    def last_at_most(points: list[float]) -> float:
-        low, high = 0, count  # invariant: fill(points[i]) <= capacity for i < low
-        while low < high:
-            middle = (low + high) // 2
-            if fill(points[middle]) <= capacity_w:
-                low = middle + 1
-            else:
-                high = middle
-        return points[low - 1] if low else -INF
-
-    start = max(last_at_most(lo_sorted), last_at_most(hi_sorted))
+    # The level lies right of the last breakpoint (a floor or a ceiling) whose fill is at most
+    # the capacity. A floor search cannot move it when every floor is at or left of the
+    # ceiling found: then max(floor found, ceiling found) is the ceiling found.
+    at_hi = _last_at_most(hi_sorted, lo_sorted, lo_prefix, hi_sorted, hi_prefix, capacity_w)
+    if lo_sorted[-1] <= at_hi:
+        start = at_hi
+    else:
+        start = max(_last_at_most(lo_sorted, lo_sorted, lo_prefix, hi_sorted, hi_prefix, capacity_w), at_hi)
     rising = bisect_right(lo_sorted, start) - bisect_right(hi_sorted, start)
     if rising <= 0:  # the fill is flat at the capacity (up to float rounding) right of start
         return start
-    return start + (capacity_w - fill(start)) / rising
+    below, capped = bisect_left(lo_sorted, start), bisect_right(hi_sorted, start)
+    return start + (capacity_w - (total_lo - lo_prefix[below] + hi_prefix[capped] + start * (below - capped))) / rising
+
+
+def _last_at_most(points: list[float], lo_sorted: list[float], lo_prefix: list[float], hi_sorted: list[float],
+                  hi_prefix: list[float], capacity_w: float) -> float:
+    """The last of ``points`` (sorted) whose fill is at most ``capacity_w`` (binary search), or ``-inf``.
+
+    ``fill(L) = total_lo - lo_prefix[below] + hi_prefix[capped] + L x (below - capped)``, with
+    ``below = #{lo < L}`` (not held up by their floor) and ``capped = #{hi <= L}`` (at their ceiling).
+    """
+    total_lo = lo_prefix[-1]
+    low, high = 0, len(points)  # invariant: fill(points[i]) <= capacity for i < low
+    while low < high:
+        middle = (low + high) // 2
+        level = points[middle]
+        below, capped = bisect_left(lo_sorted, level), bisect_right(hi_sorted, level)
+        if total_lo - lo_prefix[below] + hi_prefix[capped] + level * (below - capped) <= capacity_w:
+            low = middle + 1
+        else:
+            high = middle
+    return points[low - 1] if low else -INF
 
 
 def allocate(
@@ -317,18 +356,10 @@ def allocate(
     services = sorted(services, key=lambda s: s.key)
     limits = {r.rack_id: r for r in sorted(racks, key=lambda r: r.rack_id)}
     problem = _Problem.build(services, limits, settings)
-    first = problem.fill(problem.floors, problem.demands)
-    # Surplus: services that met every demand share what is left, up to each GPU's maximum.
-    # A GPU whose service budget or rack was already full cannot rise: it stays fixed.
-    full_racks = [level != INF for level in first.rack_levels] + [False]  # index -1: no rack
-    surplus_ceilings = [
-        cap if first.service_levels[s] != INF or full_racks[r] else high
-        for cap, high, s, r in zip(first.caps, problem.maxima, problem.service_of, problem.rack_of)
-    ]
-    for i in problem.held:
-        surplus_ceilings[i] = first.caps[i]
-    second = problem.fill(first.caps, surplus_ceilings)
-    caps = [math.floor(cap + _ROUNDING_SLACK_W) for cap in second.caps]
+    first = problem.fill(problem.floors, problem.wants)
+    second = problem.fill(first.caps, problem.surplus_ceilings(first))
+    floor = math.floor
+    caps = [floor(cap + _ROUNDING_SLACK_W) for cap in second.caps]
     caps = problem.apply_deadband(caps)
     caps, postponed = problem.limit_raises(caps)
     return problem.result(caps, first, second, postponed)
@@ -337,6 +368,11 @@ def allocate(
 # A group (a service or a rack) as a fill solves it: floors, ceilings, the other group of
 # each member, and the floors sorted with their prefix sums.
 _Group = tuple[list[float], list[float], list[int], list[float], list[float]]
+
+
+def _group(floors: list[float], ceilings: list[float], others: list[int]) -> _Group:
+    lo_sorted = sorted(floors)
+    return floors, ceilings, others, lo_sorted, [0.0, *accumulate(lo_sorted)]
 
 
 @dataclass
@@ -348,16 +384,24 @@ class _Fill:
 
 @dataclass
 class _Problem:
-    """The GPUs of every service as flat lists, indexed 0..size-1, in (service, node, uuid) order."""
+    """The GPUs of every service as flat columns, indexed 0..size-1, in (service, node, uuid) order.
+
+    The GPUs of service ``s`` are ``spans[s] = (start, end)``, a contiguous run, so per-service
+    work runs over slices. Everything the fills compare, sort and sum is a float (``floors``,
+    ``wants``): the same values as the whole-watt ints, but lists of one type sort
+    several times faster.
+    """
 
     settings: AllocationSettings
     services: list[Service]
-    gpus: list[GpuState]
+    uuids: Sequence[str]
+    nodes: Sequence[str]
+    racks: Sequence[str | None]
+    spans: list[tuple[int, int]]
     service_of: list[int]
     rack_of: list[int]                  # index into rack_ids, or -1 for an unconstrained rack
     rack_ids: list[str]
     rack_limits: list[RackLimit]
-    members_of_service: list[list[int]]
     members_of_rack: list[list[int]]
     racks_of_service: list[set[int]]
     services_of_rack: list[set[int]]
@@ -367,61 +411,71 @@ class _Problem:
     maxima: list[int]
     floors: list[float]                 # where the fill starts: the minimum, or the held cap
     demands: list[float]
+    wants: list[float]                  # the demands as floats
     held: set[int]
     previous: list[int]                 # previous cap, or the minimum for a new GPU
     sticky: list[bool]                  # fresh with a previous cap: the deadband applies
 
     @property
     def size(self) -> int:
-        return len(self.gpus)
+        return len(self.uuids)
 
     @classmethod
     def build(cls, services: list[Service], limits: Mapping[str, RackLimit], settings: AllocationSettings) -> _Problem:
         gpus: list[GpuState] = []
+        spans: list[tuple[int, int]] = []
         service_of: list[int] = []
-        members_of_service: list[list[int]] = []
         for index, service in enumerate(services):
             start = len(gpus)
-            gpus.extend(sorted(service.gpus, key=_NODE_AND_UUID))
-            service_of.extend([index] * (len(gpus) - start))
-            members_of_service.append(list(range(start, len(gpus))))
-        uuids = [g.uuid for g in gpus]
+            # by (node, uuid): two stable sorts on string keys build no key tuple per GPU
+            gpus.extend(sorted(sorted(service.gpus, key=_UUID), key=_NODE))
+            spans.append((start, len(gpus)))
+            service_of += [index] * (len(gpus) - start)
+        uuids, nodes, racks, min_ws, max_ws, power_ws, limit_ws, previous_ws, fresh = _columns(gpus)
         if len(set(uuids)) != len(uuids):
             _refuse_shared_gpus(services)
-        rack_ids = sorted({g.rack for g in gpus if g.rack is not None and g.rack in limits})
+        rack_ids = sorted(rack for rack in set(racks) if rack is not None and rack in limits)
         rack_index = {rack: i for i, rack in enumerate(rack_ids)}
-        rack_of = [rack_index.get(g.rack, -1) if g.rack is not None else -1 for g in gpus]
+        rack_of = [rack_index.get(rack, -1) for rack in racks]
         members_of_rack: list[list[int]] = [[] for _ in rack_ids]
         for i, r in enumerate(rack_of):
             if r >= 0:
                 members_of_rack[r].append(i)
-        minima = [max(0, math.ceil(g.min_w - 1e-9)) for g in gpus]
-        maxima = [max(low, math.floor(g.max_w + 1e-9)) for g, low in zip(gpus, minima)]
-        floors = [float(low) for low in minima]
-        demands = _demands_w(gpus, minima, maxima, settings)
+        # Whole watts (as _bounds), computed once per distinct value: GPUs share a few models.
+        minimum_of = {m: max(0, math.ceil(m - 1e-9)) for m in set(min_ws)}
+        maximum_of = {m: math.floor(m + 1e-9) for m in set(max_ws)}
+        minima = [minimum_of[m] for m in min_ws]
+        maxima = [high if (high := maximum_of[m]) > low else low for m, low in zip(max_ws, minima)]
+        float_of = {low: float(low) for low in minimum_of.values()}
+        floors = [float_of[low] for low in minima]
+        demands = _demands_w(power_ws, limit_ws, previous_ws, minima, maxima, settings)
+        whole_of = {last: int(last) for last in set(previous_ws) if last is not None}
         previous = [
-            low if g.previous_w is None else int(_clamp(g.previous_w, low, high))
-            for g, low, high in zip(gpus, minima, maxima)
+            low if last is None else low if last < low else high if last > high else whole_of[last]
+            for last, low, high in zip(previous_ws, minima, maxima)
         ]
-        held = {i for i, g in enumerate(gpus) if not g.fresh}
+        sticky = [last is not None for last in previous_ws]  # and fresh: the held ones are unset below
+        held = {i for i, ok in enumerate(fresh) if not ok}
         for i in held:
             # Its agent may still enforce whichever of the reported limit and our last cap is higher.
-            gpu = gpus[i]
-            last_w = 0.0 if gpu.previous_w is None else gpu.previous_w
-            hold_w = math.floor(_clamp(max(gpu.limit_w, last_w), minima[i], maxima[i]))
+            last_w = 0.0 if previous_ws[i] is None else previous_ws[i]
+            hold_w = math.floor(_clamp(max(limit_ws[i], last_w), minima[i], maxima[i]))
             floors[i] = demands[i] = float(hold_w)
             previous[i] = hold_w
+            sticky[i] = False
         return cls(
             settings=settings,
             services=services,
-            gpus=gpus,
+            uuids=uuids,
+            nodes=nodes,
+            racks=racks,
+            spans=spans,
             service_of=service_of,
             rack_of=rack_of,
             rack_ids=rack_ids,
             rack_limits=[limits[r] for r in rack_ids],
-            members_of_service=members_of_service,
             members_of_rack=members_of_rack,
-            racks_of_service=[{rack_of[i] for i in m if rack_of[i] >= 0} for m in members_of_service],
+            racks_of_service=[set(rack_of[start:end]) - {-1} for start, end in spans],
             services_of_rack=[{service_of[i] for i in m} for m in members_of_rack],
             service_capacity_w=[
                 budget_w(s.power_cap_w, settings.margin) - math.ceil(s.reserved_w - 1e-9) for s in services
@@ -431,9 +485,10 @@ class _Problem:
             maxima=maxima,
             floors=floors,
             demands=demands,
+            wants=[float(demand) for demand in demands],
             held=held,
             previous=previous,
-            sticky=[gpu.fresh and gpu.previous_w is not None for gpu in gpus],
+            sticky=sticky,
         )
 
     def fill(self, los: list[float], his: list[float]) -> _Fill:
@@ -451,22 +506,25 @@ class _Problem:
         # Per group, gathered once: floors (sorted, with prefix sums), ceilings, and the
         # other group (service of a rack member, rack of a service member) of each member.
         # A group whose members are all fixed (floor = ceiling) has nothing to solve and is
-        # not gathered.
-        fixed = [lo == hi for lo, hi in zip(los, his)]
-
-        def group(members: list[int], other: list[int]) -> _Group | None:
-            if all(fixed[i] for i in members):
-                return None
-            floors = [los[i] for i in members]
-            lo_sorted = sorted(floors)
-            return floors, [his[i] for i in members], [other[i] for i in members], lo_sorted, [0.0, *accumulate(lo_sorted)]
-
-        rack_groups = {r: g for r, m in enumerate(self.members_of_rack) if (g := group(m, service_of)) is not None}
-        service_groups = {s: g for s, m in enumerate(self.members_of_service) if (g := group(m, rack_of)) is not None}
+        # not gathered. Nor is a group whose ceilings fit its capacity: its level is +inf
+        # whatever the other levels, as a solve would find (each member is capped at most at
+        # its ceiling, and float sums are monotone), so it never moves.
+        rack_groups: dict[int, _Group] = {}
+        for r, members in enumerate(self.members_of_rack):
+            floors, ceilings = [los[i] for i in members], [his[i] for i in members]
+            if floors != ceilings and sum(ceilings) > self.rack_capacity_w[r]:
+                rack_groups[r] = _group(floors, ceilings, [service_of[i] for i in members])
+        service_groups: dict[int, _Group] = {}
+        for s, (start, end) in enumerate(self.spans):
+            floors, ceilings = los[start:end], his[start:end]
+            if floors != ceilings and sum(ceilings) > self.service_capacity_w[s]:
+                service_groups[s] = _group(floors, ceilings, rack_of[start:end])
         rack_levels.append(INF)  # index -1: the level of "no constrained rack"
         # Only groups whose inputs moved are solved again: a rack when one of its services'
         # levels changed, a service when one of its racks' levels changed.
         movable_racks, movable_services = set(rack_groups), set(service_groups)
+        services_to_redo = {r: self.services_of_rack[r] & movable_services for r in rack_groups}
+        racks_to_redo = {s: self.racks_of_service[s] & movable_racks for s in service_groups}
         dirty_racks, dirty_services = set(movable_racks), set(movable_services)
         for _ in range(self.settings.max_rounds):
             for r in sorted(dirty_racks):
@@ -475,7 +533,7 @@ class _Problem:
                           for lo, hi, o in zip(floors, ceilings, others)]
                 level = _level(lo_sorted, lo_prefix, capped, self.rack_capacity_w[r])
                 if not _same_level(level, rack_levels[r]):  # else keep the old, lower level: still feasible
-                    dirty_services |= self.services_of_rack[r] & movable_services
+                    dirty_services |= services_to_redo[r]
                     rack_levels[r] = level
             if not dirty_services:
                 break
@@ -486,15 +544,43 @@ class _Problem:
                           for lo, hi, o in zip(floors, ceilings, others)]
                 level = _level(lo_sorted, lo_prefix, capped, self.service_capacity_w[s])
                 if not _same_level(level, service_levels[s]):
-                    dirty_racks |= self.racks_of_service[s] & movable_racks
+                    dirty_racks |= racks_to_redo[s]
                 service_levels[s] = level  # the new one even when close: it is the lower
             dirty_services = set()
             if not dirty_racks:
                 break
-        levels = [min(service_levels[s], rack_levels[r]) for s, r in zip(service_of, rack_of)]
-        caps = [lo if v < lo else hi if v > hi else v for lo, hi, v in zip(los, his, levels)]
+        # cap = clamp(min(P, R), lo, hi), service by service: P is the same along a span, so
+        # min(P, R) is looked up by rack (min(P, +inf) = P for "no constrained rack", index -1)
+        caps: list[float] = []
+        for s, ((start, end), p) in enumerate(zip(self.spans, service_levels)):
+            levels = rack_levels
+            if p != INF:
+                levels = rack_levels.copy()
+                levels[-1] = p
+                for r in self.racks_of_service[s]:
+                    if not levels[r] < p:
+                        levels[r] = p
+            caps += [lo if (v := levels[r]) < lo else hi if v > hi else v
+                     for lo, hi, r in zip(los[start:end], his[start:end], rack_of[start:end])]
         rack_levels.pop()
         return _Fill(caps, service_levels, rack_levels)
+
+    def surplus_ceilings(self, first: _Fill) -> list[float]:
+        """Where the surplus fill may take each GPU: services that met every demand share what
+        is left, up to each GPU's maximum. A GPU whose service budget or rack was already
+        full cannot rise, nor can a held GPU: it stays fixed at its first cap."""
+        caps, maxima, rack_of = first.caps, self.maxima, self.rack_of
+        full_racks = [level != INF for level in first.rack_levels] + [False]  # index -1: no rack
+        ceilings: list[float] = []
+        for (start, end), level in zip(self.spans, first.service_levels):
+            if level != INF:
+                ceilings += caps[start:end]
+            else:
+                ceilings += [cap if full_racks[r] else float(high)
+                             for cap, high, r in zip(caps[start:end], maxima[start:end], rack_of[start:end])]
+        for i in self.held:
+            ceilings[i] = caps[i]
+        return ceilings
 
     def apply_deadband(self, caps: list[int]) -> list[int]:
         """Keep a GPU's previous cap when the new one is within ``deadband_fraction x (max - min)``
@@ -502,15 +588,17 @@ class _Problem:
         fraction = self.settings.deadband_fraction
         if fraction <= 0:
             return caps
+        floor = math.floor
         kept = [
-            last if known and abs(cap - last) < fraction * (high - low) and not last < cap >= math.floor(demand) else cap
+            last if known and abs(cap - last) < fraction * (high - low) and not last < cap >= floor(demand) else cap
             for cap, last, known, low, high, demand in zip(
                 caps, self.previous, self.sticky, self.minima, self.maxima, self.demands)
         ]
-        groups = [(m, c) for m, c in zip(self.members_of_service, self.service_capacity_w)]
-        groups += [(m, c) for m, c in zip(self.members_of_rack, self.rack_capacity_w)]
-        for members, capacity_w in groups:
-            if sum(kept[i] for i in members) > capacity_w:
+        for (start, end), capacity_w in zip(self.spans, self.service_capacity_w):
+            if sum(kept[start:end]) > capacity_w:
+                kept[start:end] = [new if new < old else old for old, new in zip(kept[start:end], caps[start:end])]
+        for members, capacity_w in zip(self.members_of_rack, self.rack_capacity_w):
+            if sum([kept[i] for i in members]) > capacity_w:
                 for i in members:
                     kept[i] = min(kept[i], caps[i])
         return kept
@@ -523,34 +611,33 @@ class _Problem:
         """
         limited = list(caps)
         postponed: set[int] = set()
-        for members, capacity_w in zip(self.members_of_service, self.service_capacity_w):
-            previous = [self.previous[i] for i in members]
-            raises_w = sum(max(0, caps[i] - last) for i, last in zip(members, previous))
-            room_w = capacity_w - sum(previous)
-            if raises_w <= max(room_w, 0):
+        floor = math.floor
+        for (start, end), capacity_w in zip(self.spans, self.service_capacity_w):
+            new, old = caps[start:end], self.previous[start:end]
+            raises_w = sum([cap - last for cap, last in zip(new, old) if cap > last])
+            room_w = max(capacity_w - sum(old), 0)
+            if raises_w <= room_w:
                 continue
-            share = max(room_w, 0) / raises_w
-            for i in members:
-                if caps[i] > self.previous[i]:
-                    limited[i] = self.previous[i] + math.floor((caps[i] - self.previous[i]) * share)
-                    postponed.add(i)
+            share = room_w / raises_w
+            limited[start:end] = [last + floor((cap - last) * share) if cap > last else cap for cap, last in zip(new, old)]
+            postponed.update(compress(range(start, end), map(gt, new, old)))
         return limited, postponed
 
     def result(self, caps: list[int], first: _Fill, second: _Fill, postponed: set[int]) -> Allocation:
         margin = self.settings.margin
         service_infeasible = []
-        for s, service in enumerate(self.services):
-            members = self.members_of_service[s]
-            floor_w = sum(self.floors[i] for i in members) + math.ceil(service.reserved_w - 1e-9)
+        for service, (start, end) in zip(self.services, self.spans):
+            floor_w = sum(self.floors[start:end]) + math.ceil(service.reserved_w - 1e-9)
             budget = budget_w(service.power_cap_w, margin)
             reason = None
             if floor_w > budget:
-                reason = _service_infeasible_reason(service, len(members), floor_w, budget, margin)
+                reason = _service_infeasible_reason(service, end - start, floor_w, budget, margin)
             service_infeasible.append(reason)
+        rack_floors_w = [sum([self.floors[i] for i in members]) for members in self.members_of_rack]
         rack_infeasible = []
         for r, limit in enumerate(self.rack_limits):
             members = self.members_of_rack[r]
-            floor_w = sum(self.floors[i] for i in members)
+            floor_w = rack_floors_w[r]
             reason = None
             if floor_w > self.rack_capacity_w[r]:
                 reason = (
@@ -562,49 +649,62 @@ class _Problem:
 
         # The fill that last let a service's GPUs rise: the surplus fill when every demand was met.
         last_fill = [second if level == INF else first for level in first.service_levels]
-        blocked = [reason is not None for reason in service_infeasible]
-        rack_blocked = [reason is not None for reason in rack_infeasible]
-        gpu_caps = []
-        for i, gpu in enumerate(self.gpus):
-            s, r, cap_w = self.service_of[i], self.rack_of[i], caps[i]
-            if cap_w >= self.maxima[i]:
-                bound = Bound.MAX
-            elif i in self.held:
-                bound = Bound.HELD
-            elif blocked[s] or (r >= 0 and rack_blocked[r]):
-                bound = Bound.MINIMUM
-            elif i in postponed:
-                bound = Bound.TRANSITION
-            elif r >= 0 and (first.rack_levels[r] < first.service_levels[s]
-                             or last_fill[s].rack_levels[r] < last_fill[s].service_levels[s]):
-                bound = Bound.RACK
-            else:
-                bound = Bound.BUDGET
-            gpu_caps.append(GpuCap(gpu.uuid, gpu.node, gpu.rack, cap_w, self.minima[i], self.maxima[i],
-                                   self.demands[i], bound))
+        bounds = self._bounds(caps, first, last_fill, service_infeasible, rack_infeasible, postponed)
+        # GpuCap(*row) for every row, without a Python-level NamedTuple.__new__ call per GPU
+        gpu_caps: list[GpuCap] = list(map(tuple.__new__, repeat(GpuCap), zip(
+            self.uuids, self.nodes, self.racks, caps, self.minima, self.maxima, self.demands, bounds)))
         services = {
             service.key: ServiceAllocation(
                 key=service.key,
                 power_cap_w=service.power_cap_w,
                 budget_w=budget_w(service.power_cap_w, margin),
                 reserved_w=service.reserved_w,
-                caps=tuple(gpu_caps[i] for i in self.members_of_service[s]),
+                caps=tuple(gpu_caps[start:end]),
                 infeasible_reason=service_infeasible[s],
             )
-            for s, service in enumerate(self.services)
+            for s, (service, (start, end)) in enumerate(zip(self.services, self.spans))
         }
         racks = {
             limit.rack_id: RackAllocation(
                 rack_id=limit.rack_id,
                 max_power_w=limit.max_power_w,
                 unmanaged_power_w=limit.unmanaged_power_w,
-                allocated_w=sum(caps[i] for i in self.members_of_rack[r]),
-                minimum_w=int(sum(self.floors[i] for i in self.members_of_rack[r])),
+                allocated_w=sum([caps[i] for i in self.members_of_rack[r]]),
+                minimum_w=int(rack_floors_w[r]),
                 infeasible_reason=rack_infeasible[r],
             )
             for r, limit in enumerate(self.rack_limits)
         }
         return Allocation(services=MappingProxyType(services), racks=MappingProxyType(racks))
+
+    def _bounds(self, caps: list[int], first: _Fill, last_fill: list[_Fill], service_infeasible: list[str | None],
+                rack_infeasible: list[str | None], postponed: set[int]) -> list[Bound]:
+        """Why each cap is not higher, the first that applies: MAX (at the maximum), HELD,
+        MINIMUM (its service or rack is infeasible), TRANSITION (postponed raise), RACK (its
+        rack's level was below its service's in the first fill or in the fill that last let
+        the service rise), else BUDGET."""
+        rack_blocked = [reason is not None for reason in rack_infeasible]
+        bounds: list[Bound] = []
+        for s, (start, end) in enumerate(self.spans):
+            # The bound of a GPU below its maximum depends only on its (service, rack): a table
+            # by rack index, the last entry for "no constrained rack".
+            by_rack = [Bound.MINIMUM if service_infeasible[s] is not None else Bound.BUDGET] * (len(self.rack_ids) + 1)
+            if service_infeasible[s] is None:
+                level, last = first.service_levels[s], last_fill[s]
+                for r in self.racks_of_service[s]:
+                    if rack_blocked[r]:
+                        by_rack[r] = Bound.MINIMUM
+                    elif first.rack_levels[r] < level or last.rack_levels[r] < last.service_levels[s]:
+                        by_rack[r] = Bound.RACK
+            bounds += [Bound.MAX if cap >= high else by_rack[r]
+                       for cap, high, r in zip(caps[start:end], self.maxima[start:end], self.rack_of[start:end])]
+        for i in postponed:
+            if bounds[i] is Bound.RACK or bounds[i] is Bound.BUDGET:
+                bounds[i] = Bound.TRANSITION
+        for i in self.held:
+            if bounds[i] is not Bound.MAX:
+                bounds[i] = Bound.HELD
+        return bounds
 
 
 def _refuse_shared_gpus(services: Sequence[Service]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from itertools import accumulate
 
 import pytest
 from hypothesis import given, settings
@@ -22,6 +23,8 @@ from powercap.allocation import (
     minimum_cap_for_w,
     water_level,
 )
+from powercap.allocation import _level
+from tests import reference_allocation
 
 
 def gpu(uuid: str, power_w: float, limit_w: float, *, node: str = "node-1", rack: str | None = "rack-1",
@@ -360,3 +363,119 @@ def test_same_input_same_output_in_any_order(problem, shuffler: random.Random) -
     shuffled = [dataclasses.replace(s, gpus=tuple(shuffler.sample(s.gpus, len(s.gpus)))) for s in services]
     shuffler.shuffle(shuffled)
     assert allocate(services, racks) == allocate(shuffled, list(reversed(racks)))
+
+
+# --- the same results as before the optimisation ---------------------------------------------
+# tests/reference_allocation.py is the allocator as it was before it was made faster; every
+# output must stay the same, watt for watt and type for type (repr tells 200 from 200.0).
+
+WATTS = st.integers(0, 800) | st.floats(0, 800)  # whole watts make exact sums and ties likely
+
+
+def assert_same_as_reference(services: list[Service], racks: list[RackLimit],
+                             settings: AllocationSettings | None = None) -> None:
+    new = allocate(services, racks, settings)
+    old = reference_allocation.allocate(services, racks, settings)
+    assert new == old
+    assert repr(new) == repr(old)
+
+
+@st.composite
+def varied_gpus(draw: st.DrawFn, uuid: str, racks: tuple[str, ...]) -> GpuState:
+    min_w = draw(st.sampled_from([0, 100, 150, 200, 200.5]))
+    max_w = math.ceil(min_w) + draw(st.sampled_from([0, 50, 500]) | st.integers(0, 600))
+    limit_w = draw(st.integers(math.ceil(min_w), max_w) | st.floats(min_w, max_w))
+    return GpuState(
+        uuid=uuid,
+        node=f"node-{draw(st.integers(0, 7))}",
+        rack=draw(st.sampled_from((*racks, None))),
+        min_w=min_w,
+        max_w=max_w,
+        # or right at the "pinned" threshold of each pinned_fraction drawn below
+        power_w=draw(WATTS | st.sampled_from([limit_w, limit_w * 0.95, limit_w * 0.5])),
+        limit_w=limit_w,
+        previous_w=draw(st.none() | st.integers(0, max_w + 50) | st.floats(0, max_w + 50)),
+        fresh=draw(st.booleans() | st.just(True)),
+    )
+
+
+@st.composite
+def varied_problems(draw: st.DrawFn) -> tuple[list[Service], list[RackLimit]]:
+    """More services, GPUs and racks than ``problems``, GPUs with min = max, previous caps
+    outside [min, max], services without GPUs, racks no GPU is in."""
+    racks = tuple(f"rack-{r}" for r in range(draw(st.integers(1, 5))))
+    services = []
+    for s in range(draw(st.integers(1, 6))):
+        gpus = tuple(draw(varied_gpus(f"GPU-{s}-{i}", racks)) for i in range(draw(st.integers(0, 25))))
+        services.append(Service(f"ns/svc-{s}", draw(st.integers(0, 12000) | st.floats(0, 12000)), gpus,
+                                reserved_w=draw(st.sampled_from([0, 0, 200, 350.5]))))
+    limits = [
+        RackLimit(rack, max_power_w=draw(st.integers(0, 8000)), unmanaged_power_w=draw(WATTS))
+        for rack in draw(st.sets(st.sampled_from((*racks, "rack-empty"))))
+    ]
+    return services, limits
+
+
+allocation_settings = st.builds(
+    AllocationSettings,
+    margin=st.sampled_from([0.0, 0.03, 0.25]),
+    pinned_fraction=st.sampled_from([0.0, 0.05, 0.5]),
+    step_fraction=st.sampled_from([0.0, 0.1, 1.0]),
+    headroom_fraction=st.sampled_from([0.0, 0.1, 0.4]),
+    deadband_fraction=st.sampled_from([0.0, 0.05, 0.3]),
+    max_rounds=st.sampled_from([1, 2, 3, 30]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(problems(with_history=True) | problems())
+def test_same_caps_as_before_the_optimisation(problem) -> None:
+    assert_same_as_reference(*problem)
+
+
+@settings(max_examples=300, deadline=None)
+@given(varied_problems(), allocation_settings)
+def test_same_caps_as_before_the_optimisation_on_varied_input(problem, allocation_settings) -> None:
+    assert_same_as_reference(*problem, allocation_settings)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(WATTS, WATTS), min_size=1, max_size=40), WATTS | st.integers(0, 30000))
+def test_same_water_level_as_before_the_optimisation(bounds: list[tuple[float, float]], capacity_w: float) -> None:
+    los = [float(min(pair)) for pair in bounds]
+    his = [float(max(pair)) for pair in bounds]
+    lo_sorted = sorted(los)
+    lo_prefix = [0.0, *accumulate(lo_sorted)]
+    expected = reference_allocation._level(lo_sorted, lo_prefix, his, capacity_w)
+    assert repr(_level(lo_sorted, lo_prefix, his, capacity_w)) == repr(expected)
+
+
+def cluster(rng: random.Random, gpus: int, services: int, racks: int) -> tuple[list[Service], list[RackLimit]]:
+    """A cluster like the benchmark's: ``services`` dealt round-robin over 8-GPU nodes, half
+    the racks limited, 60 % of the GPUs busy, most GPUs with a previous cap, 1 % stale."""
+    per_service: list[list[GpuState]] = [[] for _ in range(services)]
+    for index in range(gpus):
+        node, rack = index // 8, f"rack-{index // 8 % racks:02d}"
+        min_w, max_w = rng.choice([(200, 700), (100, 350), (150.5, 400)])
+        limit_w = rng.choice([min_w, max_w, round(rng.uniform(min_w, max_w))])
+        busy = rng.random() < 0.6
+        per_service[index % services].append(GpuState(
+            uuid=f"GPU-{index:05d}", node=f"gpu-{node:04d}", rack=rack, min_w=min_w, max_w=max_w,
+            power_w=limit_w * rng.uniform(0.96, 1.0) if busy else rng.uniform(50, 250),
+            limit_w=limit_w, previous_w=rng.choice([limit_w, None, round(rng.uniform(min_w, max_w))]),
+            fresh=rng.random() > 0.01,
+        ))
+    for gpu_states in per_service:
+        rng.shuffle(gpu_states)
+    result = [Service(f"bench/svc-{s:03d}", len(g) * rng.uniform(150, 600), tuple(g)) for s, g in enumerate(per_service)]
+    limits = [RackLimit(f"rack-{r:02d}", gpus / racks * rng.uniform(300, 500), rng.uniform(0, 2000))
+              for r in range(0, racks, 2)]
+    return result, limits
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("shape", [(3000, 1, 10), (3000, 30, 10), (2000, 200, 25)], ids=lambda s: "x".join(map(str, s)))
+def test_same_caps_as_before_the_optimisation_at_scale(seed: int, shape: tuple[int, int, int]) -> None:
+    """Thousands of GPUs, racks shared between services: many fill rounds, every bound."""
+    services, racks = cluster(random.Random(seed), *shape)
+    assert_same_as_reference(services, racks)
