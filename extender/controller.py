@@ -89,7 +89,8 @@ class CacheSnapshots:
     def __init__(self, nodes: Cache, pods: Cache, policies: Cache, settings: ClusterSettings,
                  registry: AlgorithmRegistry, *, clock: Callable[[], datetime] = utc_now) -> None:
         self._nodes, self._pods = nodes, pods
-        self._views = CacheSource(nodes, pods, policies, settings, registry, clock=clock, refresh_s=0.0)
+        # settle_gc: the controller owns its process; keep full collections from scanning the caches
+        self._views = CacheSource(nodes, pods, policies, settings, registry, clock=clock, refresh_s=0.0, settle_gc=True)
 
     @classmethod
     def on(cls, client: kube.KubeClient, settings: ClusterSettings, registry: AlgorithmRegistry) -> CacheSnapshots:

@@ -271,19 +271,29 @@ def _columns(gpus: Sequence[GpuState]) -> _Columns:
     One pass over the objects, not one per field: when services interleave, the GPUs of one
     service lie far apart in memory, and each pass would miss the cache on every GPU again.
     """
-    columns: _Columns = ([], [], [], [], [], [], [], [], [])
-    uuid, node, rack, min_w, max_w, power_w, limit_w, previous_w, fresh = (column.append for column in columns)
+    uuids: list[str] = []
+    nodes: list[str] = []
+    racks: list[str | None] = []
+    min_ws: list[float] = []
+    max_ws: list[float] = []
+    power_ws: list[float] = []
+    limit_ws: list[float] = []
+    previous_ws: list[float | None] = []
+    fresh: list[bool] = []
+    add_uuid, add_node, add_rack = uuids.append, nodes.append, racks.append
+    add_min, add_max, add_power, add_limit = min_ws.append, max_ws.append, power_ws.append, limit_ws.append
+    add_previous, add_fresh = previous_ws.append, fresh.append
     for g in gpus:
-        uuid(g.uuid)
-        node(g.node)
-        rack(g.rack)
-        min_w(g.min_w)
-        max_w(g.max_w)
-        power_w(g.power_w)
-        limit_w(g.limit_w)
-        previous_w(g.previous_w)
-        fresh(g.fresh)
-    return columns
+        add_uuid(g.uuid)
+        add_node(g.node)
+        add_rack(g.rack)
+        add_min(g.min_w)
+        add_max(g.max_w)
+        add_power(g.power_w)
+        add_limit(g.limit_w)
+        add_previous(g.previous_w)
+        add_fresh(g.fresh)
+    return uuids, nodes, racks, min_ws, max_ws, power_ws, limit_ws, previous_ws, fresh
 
 
 def water_level(los: Sequence[float], his: Sequence[float], capacity_w: float) -> float:
@@ -435,7 +445,7 @@ class _Problem:
         if len(set(uuids)) != len(uuids):
             _refuse_shared_gpus(services)
         rack_ids = sorted(rack for rack in set(racks) if rack is not None and rack in limits)
-        rack_index = {rack: i for i, rack in enumerate(rack_ids)}
+        rack_index: dict[str | None, int] = {rack: i for i, rack in enumerate(rack_ids)}
         rack_of = [rack_index.get(rack, -1) for rack in racks]
         members_of_rack: list[list[int]] = [[] for _ in rack_ids]
         for i, r in enumerate(rack_of):
@@ -458,7 +468,7 @@ class _Problem:
         held = {i for i, ok in enumerate(fresh) if not ok}
         for i in held:
             # Its agent may still enforce whichever of the reported limit and our last cap is higher.
-            last_w = 0.0 if previous_ws[i] is None else previous_ws[i]
+            last_w = previous_ws[i] or 0.0
             hold_w = math.floor(_clamp(max(limit_ws[i], last_w), minima[i], maxima[i]))
             floors[i] = demands[i] = float(hold_w)
             previous[i] = hold_w
