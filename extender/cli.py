@@ -27,6 +27,7 @@ from powercap.logs import JsonFormatter, configure_logging
 from extender.sources import StateFileError, StateFileSource, ViewSource, cluster_source
 from powercap import kube
 from powercap.algorithms import AlgorithmRegistry
+from powercap.cli import positive_seconds
 from powercap.cluster import ClusterSettings
 from powercap.objects import RACK_LABEL
 from powercap.policies import label_key_problem
@@ -70,16 +71,6 @@ def label_key(text: str) -> str:
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return text
-
-
-def positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be greater than 0")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

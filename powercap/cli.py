@@ -17,6 +17,17 @@ from powercap import __version__
 COMMAND_GROUP = "powercap.commands"
 
 
+def positive_seconds(text: str) -> float:
+    """argparse ``type=``: a finite number of seconds greater than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="powercap",

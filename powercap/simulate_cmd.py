@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from powercap.cli import positive_seconds
 from powercap.simulation.engine import SimulationResult, simulate
 from powercap.simulation.scenario import Scenario, ScenarioError, default_scenario_text, load_scenario
 from powercap.simulation.summary import summarize
@@ -37,20 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Exit 0: done; 2: the scenario is unreadable or invalid.",
     )
     parser.add_argument("--scenario", metavar="FILE", help="scenario YAML (default: the built-in 64-GPU scenario)")
-    parser.add_argument("--duration", type=positive_float, metavar="SECONDS", help="simulated seconds (overrides durationS)")
+    parser.add_argument("--duration", type=positive_seconds, metavar="SECONDS", help="simulated seconds (overrides durationS)")
     parser.add_argument("--seed", type=non_negative_int, metavar="N", help="random seed (overrides seed)")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output directory (default: {DEFAULT_OUT})")
     parser.set_defaults(func=run)
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
-    return value
 
 
 def non_negative_int(text: str) -> int:

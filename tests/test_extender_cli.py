@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
     ("argv", "message"),
     [
         pytest.param(["--bind", "8888"], "argument --bind: '8888' is not HOST:PORT", id="bind"),
-        pytest.param(["--stale-after", "0"], "argument --stale-after: must be greater than 0", id="stale-after"),
+        pytest.param(["--stale-after", "0"], "argument --stale-after: '0' must be a positive number of seconds", id="stale-after"),
         pytest.param(["--rack-label", "Not A Label"], "argument --rack-label: label key", id="rack-label"),
     ],
 )
