@@ -84,6 +84,10 @@ def parse_timestamp(text: str) -> datetime:
     normalised = text.strip()
     if normalised.endswith(("Z", "z")):
         normalised = normalised[:-1] + "+00:00"
+    head, dot, tail = normalised.partition(".")
+    if dot:  # Python 3.10's fromisoformat takes exactly 3 or 6 fractional digits; Go writes up to 9
+        digits = len(tail) - len(tail.lstrip("0123456789"))
+        normalised = f"{head}.{(tail[:digits] + '000000')[:6]}{tail[digits:]}"
     try:
         moment = datetime.fromisoformat(normalised)
     except ValueError:

@@ -102,3 +102,17 @@ def test_offsets_and_fractions_are_accepted() -> None:
     document = json.loads(to_json(SAMPLE))
     document["timestamp"] = "2026-11-28T00:19:01.250000+01:00"
     assert from_json(json.dumps(document)).timestamp == NOW
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("2026-11-27T23:19:01.25Z", id="two-digits"),
+        pytest.param("2026-11-27T23:19:01.250000000Z", id="nanoseconds-as-go-writes-them"),
+        pytest.param("2026-11-27T23:19:01.2500+00:00", id="four-digits-with-offset"),
+    ],
+)
+def test_any_fraction_of_a_second_is_read(text: str) -> None:
+    from powercap.telemetry import parse_timestamp
+
+    assert parse_timestamp(text) == NOW
