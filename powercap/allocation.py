@@ -66,6 +66,8 @@ from operator import attrgetter, gt
 from types import MappingProxyType
 from typing import NamedTuple
 
+from powercap.physics import clamp
+
 INF = math.inf
 # Float slack when rounding a level back to whole watts: a cap computed as 399.9999999
 # is 400 W. Safe for budgets: n GPUs add at most n x 1e-6 W < 1 W to an integer sum.
@@ -469,7 +471,7 @@ class _Problem:
         for i in held:
             # Its agent may still enforce whichever of the reported limit and our last cap is higher.
             last_w = previous_ws[i] or 0.0
-            hold_w = math.floor(_clamp(max(limit_ws[i], last_w), minima[i], maxima[i]))
+            hold_w = math.floor(clamp(max(limit_ws[i], last_w), minima[i], maxima[i]))
             floors[i] = demands[i] = float(hold_w)
             previous[i] = hold_w
             sticky[i] = False
@@ -743,10 +745,6 @@ def _bounds(gpu: GpuState) -> tuple[int, int]:
     """
     min_w = max(0, math.ceil(gpu.min_w - 1e-9))
     return min_w, max(min_w, math.floor(gpu.max_w + 1e-9))
-
-
-def _clamp(value: float, low: float, high: float) -> float:
-    return low if value < low else high if value > high else value
 
 
 def _same_level(a: float, b: float) -> bool:

@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import Enum
 
+from powercap.physics import clamp
 from powercap.policies import PerformanceTarget
 
 
@@ -93,10 +94,6 @@ class CapDecision:
     @property
     def emergency(self) -> bool:
         return self.reason is CapReason.THERMAL_CUT
-
-
-def clamp(value: float, low: float, high: float) -> float:
-    return max(low, min(high, value))
 
 
 def thermal_emergency(measurement: GpuMeasurement, settings: ControlSettings) -> bool:

@@ -41,6 +41,7 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 from powercap import API_GROUP, API_VERSION, PLURAL, __version__
+from powercap.telemetry import parse_rfc3339
 
 logger = logging.getLogger(__name__)
 
@@ -184,15 +185,7 @@ def parse_time(value: str) -> float:
 
     Raises ``ValueError`` on anything else.
     """
-    text = value.strip()
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    head, sep, tail = text.partition(".")
-    if sep:  # fromisoformat (3.10) wants exactly 3 or 6 fractional digits
-        digits = len(tail) - len(tail.lstrip("0123456789"))
-        frac = (tail[:digits] + "000000")[:6]
-        text = f"{head}.{frac}{tail[digits:]}"
-    parsed = dt.datetime.fromisoformat(text)
+    parsed = parse_rfc3339(value)
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.timezone.utc)
     return parsed.timestamp()

@@ -77,10 +77,9 @@ def format_timestamp(moment: datetime) -> str:
     return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
 
 
-def parse_timestamp(text: str) -> datetime:
-    """An RFC 3339 timestamp (``Z`` or an offset, any fraction of a second) as an aware datetime."""
-    if not isinstance(text, str):
-        raise TelemetryError(f"timestamp must be an RFC 3339 string, not {type(text).__name__}")
+def parse_rfc3339(text: str) -> datetime:
+    """An RFC 3339 / ISO 8601 date-time (``Z`` or an offset, any fraction of a second) as a
+    datetime; naive when the text has no zone. Raises ``ValueError`` on anything else."""
     normalised = text.strip()
     if normalised.endswith(("Z", "z")):
         normalised = normalised[:-1] + "+00:00"
@@ -88,8 +87,15 @@ def parse_timestamp(text: str) -> datetime:
     if dot:  # Python 3.10's fromisoformat takes exactly 3 or 6 fractional digits; Go writes up to 9
         digits = len(tail) - len(tail.lstrip("0123456789"))
         normalised = f"{head}.{(tail[:digits] + '000000')[:6]}{tail[digits:]}"
+    return datetime.fromisoformat(normalised)
+
+
+def parse_timestamp(text: str) -> datetime:
+    """An RFC 3339 timestamp (``Z`` or an offset, any fraction of a second) as an aware datetime."""
+    if not isinstance(text, str):
+        raise TelemetryError(f"timestamp must be an RFC 3339 string, not {type(text).__name__}")
     try:
-        moment = datetime.fromisoformat(normalised)
+        moment = parse_rfc3339(text)
     except ValueError:
         raise TelemetryError(f"timestamp {text!r} is not RFC 3339") from None
     if moment.tzinfo is None:

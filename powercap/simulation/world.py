@@ -28,6 +28,7 @@ from powercap.objects import GPU_RESOURCE, RACK_LABEL
 from powercap.physics import GpuModel, GpuState
 from powercap.policies import Policy
 from powercap.simulation.scenario import GPU_MODEL_LABEL, Rack, Scenario, Service
+from powercap.status import format_time
 from powercap.telemetry import TELEMETRY_ANNOTATION, NodeTelemetry, to_json
 
 EPOCH = datetime(2026, 1, 5, 0, 0, 0, tzinfo=timezone.utc)
@@ -41,7 +42,7 @@ def moment(t_s: float) -> datetime:
 
 def api_time(t_s: float) -> str:
     """A ``metav1.Time`` as the API server writes it: RFC 3339, whole seconds (truncated)."""
-    return moment(math.floor(t_s)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_time(moment(math.floor(t_s)))
 
 
 def steady_inlet_c(rack: Rack, power_w: float) -> float:
