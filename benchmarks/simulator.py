@@ -11,6 +11,13 @@ of the same caps, knowing every GPU's load: ``powercap.simulation.engine.ORACLE`
 - ``saturated``: the same with every service's traffic x 1.5 (sustained overload);
 - ``cap-steps``: the default scenario with six powerCapLimit changes (three cuts, three raises)
   on chat and code during their busy hours; every change's recovery time is reported;
+- equal tokens (unless ``--no-capacity``): the dual of the same-caps comparison, per
+  service and seed: the static split's tokens/s at the service's cap, and the smallest cap
+  (bisection on a factor of the service's powerCapLimit and its cap changes, the other
+  services unchanged) at which powercap, and the oracle, serve as many of that service's
+  tokens; "less power" is ``1 - factor``. A flat top of the throughput curve makes tokens/s
+  gains small and power savings large, so this is the figure comparable with POLCA's
+  "more servers under the same power budget";
 - variants (unless ``--no-variants``): the default scenario with one choice changed at a
   time (caps, routing, day shape, one policy for two services), a service on mixed GPU
   types, and powercap's own settings (margin, headroom, controller period, a slower day);
@@ -264,11 +271,14 @@ def load() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--no-variants", action="store_true", help="only the default, saturated and cap-steps runs")
+    parser.add_argument("--no-variants", action="store_true", help="leave out the table of what was tried")
+    parser.add_argument("--no-capacity", action="store_true", help="leave out the equal-tokens runs")
     args = parser.parse_args(argv)
     print(f"Machine: {machine()}")
     print(f"Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     main_runs(args.seeds)
+    if not args.no_capacity:
+        capacity_runs(args.seeds)
     if not args.no_variants:
         variant_runs(args.seeds)
     print(f"\nload average at the end: {load()}")
@@ -291,6 +301,7 @@ def main_runs(seeds: Sequence[int]) -> None:
                 "powercap": versus_static(summary, "powercap"),
                 "oracle": versus_static(summary, "oracle"),
                 "static_vs_uncapped": change_percent(strategies["static-split"]["tokensPerSecond"], strategies["no-capping"]["tokensPerSecond"]),
+                "ceiling": versus_static(summary, "no-capping"),
                 "tokens_per_joule": summary["comparison"]["powercapVsStaticTokensPerJoulePercent"],
                 "within_all": [strategies[n]["withinCapPercent"] for n in SHOWN],
                 "within_after": [strategies[n]["withinCapPercentAfterConvergence"] for n in SHOWN],
@@ -308,19 +319,23 @@ def main_runs(seeds: Sequence[int]) -> None:
         ]
 
     print("powercap and the oracle bound against the static split at the same caps (tokens/s, % change; "
-          "chat / code / batch), and what the caps cost the static split against no capping:\n")
-    print("| variant | seed | powercap, cluster | powercap per service | oracle, cluster | oracle per service | static vs no-capping | powercap tokens/J vs static |")
-    print("| --- | ---: | ---: | --- | ---: | --- | ---: | ---: |")
+          "chat / code / batch), and the ceiling: no capping at all against the static split (every GPU at its "
+          "maximum; no split of any cap can serve more):\n")
+    print("| variant | seed | powercap, cluster | powercap per service | oracle, cluster | oracle per service | "
+          "ceiling, cluster | ceiling per service | powercap tokens/J vs static |")
+    print("| --- | ---: | ---: | --- | ---: | --- | ---: | --- | ---: |")
     for row in rows:
-        pc, pc_services = row["powercap"]
-        oracle, oracle_services = row["oracle"]
-        print(f"| {row['variant']} | {row['seed']} | {pc:+.1f} | " + " / ".join(f"{v:+.1f}" for v in pc_services.values())
-              + f" | {oracle:+.1f} | " + " / ".join(f"{v:+.1f}" for v in oracle_services.values())
-              + f" | {row['static_vs_uncapped']:+.1f} | {row['tokens_per_joule']:+.1f} |")
+        cells = []
+        for name in ("powercap", "oracle", "ceiling"):
+            cluster, per_service = row[name]
+            cells += [f"{cluster:+.1f}", " / ".join(f"{v:+.1f}" for v in per_service.values())]
+        print(f"| {row['variant']} | {row['seed']} | " + " | ".join(cells) + f" | {row['tokens_per_joule']:+.1f} |")
     for variant in ("default", "saturated"):
         gains = [r["powercap"][0] for r in rows if r["variant"] == variant]
         bounds = [r["oracle"][0] for r in rows if r["variant"] == variant]
-        print(f"\n{variant}: powercap vs static tokens/s {spread(gains, 2)} %, oracle {spread(bounds, 2)} % over {len(gains)} seed(s) (target >= +10 %)")
+        ceilings = [r["ceiling"][0] for r in rows if r["variant"] == variant]
+        print(f"\n{variant}: powercap vs static tokens/s {spread(gains, 2)} %, oracle {spread(bounds, 2)} %, "
+              f"ceiling {spread(ceilings, 2)} % over {len(gains)} seed(s) (target >= +10 %)")
 
     print("\nCaps and racks: % of seconds within the caps (no-capping / static / powercap), all and after convergence; "
           "rack maxPower, maxTemperature violation seconds:\n")
@@ -358,6 +373,71 @@ def main_runs(seeds: Sequence[int]) -> None:
         slowest, total = max(per_strategy.values()), sum(per_strategy.values())
         print(f"| {seed} | " + " | ".join(f"{per_strategy[n]:.2f}" for n in SHOWN)
               + f" | {total:.2f} | {duration_s / slowest:.0f} | {duration_s / total:.0f} |")
+
+
+# -- equal tokens: how much less power serves the static split's tokens -----------------------
+
+
+CAPACITY_FACTORS = (0.5, 1.25)
+"""The range the bisection searches, as factors of the service's powerCapLimit."""
+CAPACITY_STEPS = 7
+
+
+def with_cap_factor(document: Document, policy: str, factor: float) -> Document:
+    """The scenario with one policy's powerCapLimit, and its cap changes, times ``factor``."""
+    result = copy.deepcopy(document)
+    spec = _policy(result, policy)["spec"]
+    spec["powerCapLimit"] = round(spec["powerCapLimit"] * factor)
+    for event in result.get("events", []):
+        if event["policy"].rpartition("/")[2] == policy:
+            event["powerCapLimit"] = round(event["powerCapLimit"] * factor)
+    return result
+
+
+def service_tokens_per_second(document: Document, seed: int, strategy: Any, service: str) -> float:
+    summary = summarize(simulate(scenario_from_document(document).with_overrides(seed=seed), [strategy]))
+    return float(summary["strategies"][strategy.name]["services"][service]["tokensPerSecond"])
+
+
+def cap_factor_for(document: Document, seed: int, strategy: Any, service: str, tokens_per_second: float) -> float | None:
+    """The smallest factor of the service's cap at which ``strategy`` serves ``tokens_per_second``
+    (to 1/128 of the search range), None when not even the top of the range does."""
+    low, high = CAPACITY_FACTORS
+    policy = _service(document, service)["policy"]
+    if service_tokens_per_second(with_cap_factor(document, policy, high), seed, strategy, service) < tokens_per_second:
+        return None
+    for _ in range(CAPACITY_STEPS):
+        middle = (low + high) / 2
+        if service_tokens_per_second(with_cap_factor(document, policy, middle), seed, strategy, service) >= tokens_per_second:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def capacity_runs(seeds: Sequence[int]) -> None:
+    document = default_document()
+    caps_w = {s["name"]: _policy(document, s["policy"])["spec"]["powerCapLimit"] for s in document["services"]}
+    print("\nEqual tokens, default scenario: the static split's tokens/s at each service's cap, and the cap at which "
+          "powercap and the oracle serve as many (one service's cap scaled, the others unchanged):\n")
+    print("| service | seed | static split: cap W, tokens/s | powercap: cap W, less power | oracle: cap W, less power |")
+    print("| --- | ---: | --- | --- | --- |")
+    savings: dict[str, list[float]] = {}
+    for service, cap_w in caps_w.items():
+        for seed in seeds:
+            static = service_tokens_per_second(document, seed, STATIC_SPLIT, service)
+            cells = []
+            for strategy in (POWERCAP, ORACLE):
+                factor = cap_factor_for(document, seed, strategy, service, static)
+                if factor is None:
+                    cells.append(f"more than {CAPACITY_FACTORS[1] * cap_w:.0f} W")
+                    continue
+                savings.setdefault(f"{service} {strategy.name}", []).append(100 * (1 - factor))
+                less = 100 * (1 - factor)
+                cells.append(f"{factor * cap_w:.0f} W, {less:.1f} % less" if less >= 0 else f"{factor * cap_w:.0f} W, {-less:.1f} % more")
+            print(f"| {service} | {seed} | {cap_w} W, {static:.0f} | " + " | ".join(cells) + " |", flush=True)
+    print("\nless power for the static split's tokens, mean (min to max) %: "
+          + "; ".join(f"{key} {spread(values, 1, signed=False)}" for key, values in savings.items()))
 
 
 def variant_runs(seeds: Sequence[int]) -> None:

@@ -178,6 +178,11 @@ def write_report(result: SimulationResult, summary: dict[str, Any], out: TextIO)
             f"powercap vs static-split at the same caps: tokens/s {_signed(comparison['powercapVsStaticTokensPercent'])} "
             f"({by_service}), tokens/J {_signed(comparison['powercapVsStaticTokensPerJoulePercent'])}\n"
         )
+    if "noCappingVsStaticTokensPercent" in comparison:
+        out.write(
+            f"no-capping vs static-split: tokens/s {_signed(comparison['noCappingVsStaticTokensPercent'])} "
+            "(what the caps cost the equal split; no split of the same caps can win back more)\n"
+        )
     if "powercapVsNoCappingEnergyPercent" in comparison:
         out.write(
             f"powercap vs no-capping: energy {_signed(comparison['powercapVsNoCappingEnergyPercent'])}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections import Counter
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from powercap.simulation.engine import ORACLE, POWERCAP, STATIC_SPLIT, STRATEGIES, SimulationResult, Strategy, StrategyRun, simulate
 from powercap.simulation.metrics import RECOVERY_HOLD_S
 from powercap.simulation.scenario import Scenario, default_scenario_text, load_scenario, scenario_from_document
+from powercap.simulate_cmd import write_report
 from powercap.simulation.summary import summarize
 
 GIB = 1 << 30
@@ -109,6 +111,20 @@ def test_at_the_same_caps_powercap_serves_more_interactive_tokens_and_drops_fewe
     for name in ("chat", "code"):
         assert powercap["services"][name]["droppedPercent"] < 0.85 * static["services"][name]["droppedPercent"]
     assert powercap["capViolationSecondsAfterConvergence"] == 0 == static["capViolationSecondsAfterConvergence"]
+
+
+def test_the_summary_says_what_the_caps_cost_the_equal_split(default_run: tuple[SimulationResult, dict[str, Any]]) -> None:
+    """No capping at all is the most a split of the caps could serve: powercap's gain over the
+    static split stays under it, and the table prints it next to that gain."""
+    result, summary = default_run
+    comparison, strategies = summary["comparison"], summary["strategies"]
+    ceiling = comparison["noCappingVsStaticTokensPercent"]
+    expected = 100 * (strategies["no-capping"]["tokensPerSecond"] / strategies["static-split"]["tokensPerSecond"] - 1)
+    assert ceiling == pytest.approx(expected, abs=0.01)
+    assert 0 < comparison["powercapVsStaticTokensPercent"] < ceiling
+    out = io.StringIO()
+    write_report(result, summary, out)
+    assert f"no-capping vs static-split: tokens/s {ceiling:+.1f} %" in out.getvalue()
 
 
 def burst_scenario(*, racks: int = 18, replicas: int = 100) -> Scenario:

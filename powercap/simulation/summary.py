@@ -163,6 +163,10 @@ def compare(strategies: dict[str, Any]) -> dict[str, Any]:
             name: _change(service["tokensPerSecond"], static["services"][name]["tokensPerSecond"])
             for name, service in powercap["services"].items()
         }
+    if static and uncapped:
+        # What the caps cost the equal split: every GPU at its maximum is the most tokens any
+        # split of the same caps could serve (unless uncapped GPUs overheat into slowdown).
+        comparison["noCappingVsStaticTokensPercent"] = _change(uncapped["tokensPerSecond"], static["tokensPerSecond"])
     if powercap and uncapped:
         comparison["powercapVsNoCappingEnergyPercent"] = _change(powercap["energyJ"], uncapped["energyJ"])
         comparison["powercapVsNoCappingTokensPercent"] = _change(powercap["tokensPerSecond"], uncapped["tokensPerSecond"])
