@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,12 +37,14 @@ from nodeagent.gpus import GpuBackend, GpuError, GpuSnapshot
 from nodeagent.inlet import InletSource, NoInlet
 from nodeagent.metrics import AgentMetrics
 from nodeagent.podmap import pod_uid_for_pid
+from nodeagent.podresources import PodResourcesSource
 from nodeagent.publisher import NullPublisher, Publisher
 from nodeagent.sources import PolicySource
 from nodeagent.state import StateFile
 from nodeagent.tokens import TokenRates, metrics_url
 from powercap.agentplan import Action, CapRecord, GpuMemory, GpuPlan, TickInputs, build_telemetry, plan_tick
 from powercap.control import ControlSettings
+from powercap.objects import KubeObject, object_key
 from powercap.policies import Policy
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,7 @@ class Agent:
         tokens: TokenRates | None = None,
         inlet: InletSource | None = None,
         metrics: AgentMetrics | None = None,
+        pod_resources: PodResourcesSource | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
         proc_root: Path = Path("/proc"),
@@ -119,6 +122,7 @@ class Agent:
         self.tokens = tokens
         self.inlet = inlet or NoInlet()
         self.metrics = metrics or AgentMetrics()
+        self.pod_resources = pod_resources
         self._clock = clock
         self._wall_clock = wall_clock
         self._proc_root = proc_root
@@ -153,6 +157,8 @@ class Agent:
         readings, pod_uids = self._read_gpus(now_s)
         view = self.source.view()
         self._fresh = view.fresh
+        if self.pod_resources is not None:
+            self._add_allocated_pods(pod_uids, view.pods_by_uid)
         if self.tokens is not None:
             self.tokens.set_targets(self._scrape_targets(pod_uids, view.pods_by_uid))
         inlet_c = self.inlet.read_c()
@@ -218,6 +224,21 @@ class Agent:
                 self._gpu_recovered(device.uuid)
         self._pid_pods = live_pids
         return readings, pod_uids
+
+    def _add_allocated_pods(self, pod_uids: dict[str, frozenset[str]], pods_by_uid: Mapping[str, KubeObject]) -> None:
+        """Add the pods the kubelet gave each GPU to, running a process on it or not yet."""
+        assert self.pod_resources is not None
+        holders = self.pod_resources.pods_by_device()
+        if not holders:
+            return
+        uid_by_name = {object_key(pod): uid for uid, pod in pods_by_uid.items()}
+        for device in self.devices:
+            if device.uuid not in pod_uids:  # not read this tick
+                continue
+            names = holders.get(device.uuid, frozenset()) | holders.get(str(device.index), frozenset())
+            allocated = {uid_by_name[name] for name in names if name in uid_by_name}
+            if allocated:
+                pod_uids[device.uuid] = pod_uids[device.uuid] | allocated
 
     @staticmethod
     def _scrape_targets(pod_uids: dict[str, frozenset[str]], pods: Any) -> dict[str, str]:
@@ -430,7 +451,8 @@ class Agent:
             self._save_state()
         elif self.records:
             log.info("exiting with caps in place", extra={"gpus_capped": sorted(self.records)})
-        for stopper in (self.source.stop, self.publisher.stop, self.tokens.stop if self.tokens else None):
+        for stopper in (self.source.stop, self.publisher.stop, self.tokens.stop if self.tokens else None,
+                        self.pod_resources.close if self.pod_resources else None):
             if stopper is not None:
                 try:
                     stopper()

@@ -25,6 +25,7 @@ from nodeagent.agent import Agent, AgentSettings
 from nodeagent.gpus import GpuBackend, GpuError
 from nodeagent.inlet import InletSource, NoInlet, inlet_spec_argument
 from nodeagent.metrics import AgentMetrics, MetricsServer
+from nodeagent.podresources import DEFAULT_GPU_RESOURCES, DEFAULT_SOCKET, PodResourcesSource
 from nodeagent.publisher import KubePublisher, NullPublisher, Publisher
 from nodeagent.sources import ClusterSource, FilePolicySource, PolicyFileError, PolicySource
 from nodeagent.state import DEFAULT_STATE_FILE, StateFile
@@ -56,6 +57,15 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def socket_or_none(text: str) -> Path | None:
+    """argparse type of --pod-resources-socket: a path, or 'none'."""
+    if text.strip().lower() == "none":
+        return None
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a socket path or 'none'")
+    return Path(text)
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "agent",
@@ -80,6 +90,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="on SIGTERM give every capped GPU its default limit back (default: keep caps)")
     parser.add_argument("--inlet", type=inlet_spec_argument, default=NoInlet(), metavar="SPEC",
                         help="inlet temperature: 'hwmon:<label>', 'file:<path>' or 'none' (default)")
+    parser.add_argument("--pod-resources-socket", type=socket_or_none, default=DEFAULT_SOCKET, metavar="PATH",
+                        help="the kubelet's pod-resources socket, to map GPUs to the pods they were given to before "
+                             "those run a process on them ('none': by processes only; default: %(default)s)")
+    parser.add_argument("--gpu-resource", action="append", metavar="NAME", dest="gpu_resources",
+                        help="extended resource whose device IDs name GPUs in the pod-resources API "
+                             f"(repeatable; default: {', '.join(DEFAULT_GPU_RESOURCES)})")
     parser.add_argument("--tokens-metric", default=DEFAULT_TOKENS_METRIC, metavar="NAME",
                         help=f"generated-tokens counter on each pod's metrics endpoint (default {DEFAULT_TOKENS_METRIC})")
     parser.set_defaults(func=run)
@@ -129,6 +145,10 @@ def run(args: argparse.Namespace) -> int:
     metrics = AgentMetrics()
     tokens = TokenRates(metric=args.tokens_metric)
     settings = AgentSettings(node=args.node, interval_s=args.interval, dry_run=args.dry_run)
+    pod_resources = (
+        PodResourcesSource(args.pod_resources_socket, args.gpu_resources or DEFAULT_GPU_RESOURCES)
+        if args.pod_resources_socket is not None and args.policy is None else None
+    )
     agent = Agent(
         backend,
         source,
@@ -138,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         tokens=tokens,
         inlet=inlet,
         metrics=metrics,
+        pod_resources=pod_resources,
     )
     host, port = args.metrics_bind
     try:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from nodeagent.agent import Agent, AgentSettings
+from nodeagent.podresources import PodResourcesSource
 from nodeagent.publisher import KubePublisher
 from nodeagent.simulated import ManualClock, SimulatedBackend
 from nodeagent.sources import ClusterSource
@@ -20,6 +21,7 @@ from powercap.kube import KubeClient
 from powercap.telemetry import TELEMETRY_ANNOTATION, from_json, to_json
 from tests.agenthelpers import NODE, pod, policy_document, wait_until
 from tests.fakes.apiserver import FakeApiServer
+from tests.fakes.kubelet import FakeKubelet
 
 UID = "6f1d2c3b-0000-4000-8000-00000000abcd"
 
@@ -173,3 +175,38 @@ def test_background_publisher_never_blocks_or_raises_when_unreachable() -> None:
         assert time.perf_counter() - started < 0.05
         publisher.stop()
         assert publisher.last_sent is None
+
+
+def test_a_pod_loading_its_model_owns_its_gpu_in_the_nodes_telemetry(
+    apiserver: FakeApiServer, client: KubeClient, simulated: tuple[SimulatedBackend, ManualClock],
+) -> None:
+    """The chain a new pod goes through: the pod from the API server's watch, its GPU from
+    the kubelet's pod-resources API (no process on the GPU yet), the pair in the Node's
+    telemetry annotation that the budget controller reads."""
+    backend, clock = simulated
+    uuids = [d.uuid for d in backend.devices()]
+    apiserver.put_object("nodes", node_object())
+    apiserver.put_object("powercappingpolicies", policy_document("llama"))  # no allocation yet
+    apiserver.put_object("pods", pod(UID))
+    kubelet = FakeKubelet()
+    kubelet.assignments = {"inference/llama-0": {"server": {"nvidia.com/gpu": [uuids[1]]}}}
+    kubelet.start()
+    source = ClusterSource(client, NODE, clock=clock)
+    source.policies.start()
+    source.pods.start()
+    publisher = KubePublisher(client, NODE, background=False)
+    agent = Agent(backend, source, AgentSettings(node=NODE), publisher=publisher, clock=clock,
+                  pod_resources=PodResourcesSource(kubelet.socket_path))
+    try:
+        assert source.policies.wait_synced(5) and source.pods.wait_synced(5) and source.probe()
+        clock.advance(1.0)
+        agent.tick()
+        node = apiserver.get_object("nodes", NODE)
+        assert node is not None
+        telemetry = from_json(node["metadata"]["annotations"][TELEMETRY_ANNOTATION])
+        assert [(g.uuid, g.pod) for g in telemetry.gpus] == [(uuids[0], None), (uuids[1], "inference/llama-0")]
+        # the pod's policy holds its GPU at the minimum until the controller allocates it
+        assert [backend.snapshot(i).requested_limit_w for i in (0, 1)] == [700, 200]
+    finally:
+        agent.close()
+        kubelet.remove()

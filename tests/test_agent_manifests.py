@@ -78,3 +78,6 @@ def test_state_dir_probes_and_flags_match_the_agent(built: Built) -> None:
 
     args = build_parser().parse_args([*container["command"][1:], *container["args"]])
     assert (args.backend, str(args.state_file), args.metrics_bind) == ("nvml", "/var/lib/powercap/agent-state.json", ("0.0.0.0", 9402))
+    # the kubelet's pod-resources socket the agent asks by default lies in a read-only mount
+    assert volumes["pod-resources"]["hostPath"]["path"] == str(args.pod_resources_socket.parent)
+    assert {"name": "pod-resources", "mountPath": str(args.pod_resources_socket.parent), "readOnly": True} in container["volumeMounts"]
