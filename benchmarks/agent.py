@@ -16,7 +16,9 @@ What it measures:
    own thread: (a) in a cluster, a new ``status.allocations`` written to the fake API
    server (real sockets, watch-backed cache); (b) an edit of the ``--policy`` file. Each
    trial changes the policy at a random phase of the tick and times until the backend's
-   setter is called with the new value.
+   setter is called with the new value;
+4. one call to the kubelet's pod-resources API (``PodResourcesSource.pods_by_device``, once
+   per tick in a cluster), wall time against grpcio's server in the same process.
 
 NVML calls into the fake cost less than on a driver (power ~1 us, limits ~140 us on an
 H200), so the NVML row is the agent's own overhead; add ~8 x 0.3 ms of driver time for
@@ -48,12 +50,14 @@ from common import machine, percentile, write_section  # noqa: E402
 from nodeagent.agent import Agent, AgentSettings  # noqa: E402
 from nodeagent.gpus import GpuBackend, GpuInfo, GpuSnapshot  # noqa: E402
 from nodeagent.nvml import NvmlBackend  # noqa: E402
+from nodeagent.podresources import PodResourcesSource  # noqa: E402
 from nodeagent.simulated import ManualClock, SimulatedBackend  # noqa: E402
 from nodeagent.sources import ClusterSource, FilePolicySource  # noqa: E402
 from powercap import physics  # noqa: E402
 from powercap.kube import KubeClient  # noqa: E402
 from tests.agenthelpers import NODE, RecordingPublisher, StaticSource, pod, policy, policy_document  # noqa: E402
 from tests.fakes.apiserver import FakeApiServer  # noqa: E402
+from tests.fakes.kubelet import FakeKubelet  # noqa: E402
 from tests.fakes.nvml import FakeNvml, build_fake_nvml, load_in_process  # noqa: E402
 
 GPUS = 8
@@ -248,13 +252,34 @@ def measure_reaction(work: Path, trials: int) -> dict[str, list[float]]:
     return results
 
 
-def render(ticks: dict[str, list[float]], rss: tuple[float, float], reaction: dict[str, list[float]], n_ticks: int) -> str:
+def measure_pod_resources(calls: int) -> list[float]:
+    """Wall ms of ``PodResourcesSource.pods_by_device`` against grpcio's server answering
+    for one pod per GPU (tests/fakes/kubelet.py), server time included."""
+    kubelet = FakeKubelet()
+    kubelet.assignments = {
+        f"inference/llama-{i}": {"server": {"nvidia.com/gpu": [f"GPU-{i:08d}-0000-4000-8000-000000000000"]}} for i in range(GPUS)
+    }
+    kubelet.start()
+    source = PodResourcesSource(kubelet.socket_path)
+    try:
+        assert len(source.pods_by_device()) == GPUS
+        samples = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            source.pods_by_device()
+            samples.append((time.perf_counter() - started) * 1000)
+        return samples
+    finally:
+        kubelet.remove()
+
+
+def render(ticks: dict[str, list[float]], rss: tuple[float, float], reaction: dict[str, list[float]], n_ticks: int,
+           pod_resources_ms: list[float]) -> str:
     lines = [
         "## Node agent",
         "",
         "`benchmarks/agent.py` (docstring says what each row measures). Machine: " + machine() + ".",
-        "The CPUs were shared with other sessions' builds and tests while this ran: read the",
-        "numbers as upper bounds.",
+        "Wall-clock rows depend on what else ran on these cores (load average above).",
         "",
         f"One control tick, {GPUS} GPUs, CPU time of the ticking thread, {n_ticks} ticks (target <= {TARGET_TICK_CPU_MS:g} ms):",
         "",
@@ -273,6 +298,12 @@ def render(ticks: dict[str, list[float]], rss: tuple[float, float], reaction: di
         f"target <= {TARGET_RSS_MB:g} MB): VmRSS {rss[0]:.1f} MB, peak VmHWM {rss[1]:.1f} MB. The kubernetes",
         "client is imported in this mode too; in a cluster the two watch caches add the policies and",
         "this node's pods.",
+        "",
+        f"The kubelet's pod-resources call (`PodResourcesSource.pods_by_device`, once per tick in a cluster: a new",
+        "unix-socket connection, one HTTP/2 request, the answer decoded), against grpcio's server in the",
+        f"same process answering for {GPUS} pods, server time included, {len(pod_resources_ms)} calls: "
+        f"p50 {percentile(pod_resources_ms, 0.50):.2f} ms, p99 {percentile(pod_resources_ms, 0.99):.2f} ms "
+        "(not part of the tick rows above).",
         "",
         f"Policy change -> new cap set, default 1 s interval (target p99 <= {TARGET_REACTION_P99_S:g} s):",
         "",
@@ -304,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         ticks = measure_ticks(work, args.ticks)
         rss = measure_rss(work)
         reaction = measure_reaction(work, args.trials)
-    section = render(ticks, rss, reaction, args.ticks)
+    pod_resources_ms = measure_pod_resources(args.ticks)
+    section = render(ticks, rss, reaction, args.ticks, pod_resources_ms)
     print(section)
     if args.write:
         write_section(args.write, "Node agent", section)
