@@ -23,7 +23,7 @@ import yaml
 from powercap import KIND, kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
-from powercap.objects import KubeObject
+from powercap.objects import KubeObject, shape_problems
 from powercap.telemetry import TelemetryError, node_telemetry
 from powercap.validate_cmd import describe_load_error, parse_documents
 
@@ -94,6 +94,11 @@ def load_state(text: str) -> tuple[list[KubeObject], list[KubeObject], list[Kube
         if not isinstance(item.get("metadata"), dict) or not item["metadata"].get("name"):
             raise ValueError(f"item {index + 1} ({item['kind']}) has no metadata.name")
         kind = item["kind"]
+        if kind in ("Node", "Pod"):
+            problems = shape_problems(item)
+            if problems:
+                name = item["metadata"]["name"]
+                raise ValueError(f"item {index + 1} ({kind} {name}): " + "; ".join(problems))
         if kind == "Node":
             nodes.append(item)
         elif kind == "Pod":

@@ -27,6 +27,9 @@ from typing import Any
 
 import msgspec
 
+from powercap.objects import shape_problems
+
+
 class WireError(ValueError):
     """A request body that is not a valid ExtenderArgs; the message says what is wrong."""
 
@@ -108,6 +111,9 @@ def decode_args(body: bytes) -> tuple[ExtenderArgs, Candidates]:
         raise WireError(f"request body is not JSON: {error}") from None
     if args.Pod is None:
         raise WireError("Pod is required")
+    problems = shape_problems(args.Pod)
+    if problems:
+        raise WireError("; ".join(f"Pod.{problem}" for problem in problems))
     if args.NodeNames is not None:
         return args, Candidates(list(args.NodeNames), None)
     if args.Nodes is None:

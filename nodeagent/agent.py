@@ -136,6 +136,7 @@ class Agent:
         self._held_lower: set[str] = set()
         self._last_plans: tuple[GpuPlan, ...] = ()
         self._fresh = False
+        self._source_problem: str | None = None
         self._state_failing = False
         self._lock = threading.Lock()
         self.ticks = 0
@@ -156,7 +157,7 @@ class Agent:
         now_s = self._clock()
         readings, pod_uids = self._read_gpus(now_s)
         view = self.source.view()
-        self._fresh = view.fresh
+        self._fresh, self._source_problem = view.fresh, view.problem
         if self.pod_resources is not None:
             self._add_allocated_pods(pod_uids, view.pods_by_uid)
         if self.tokens is not None:
@@ -414,6 +415,7 @@ class Agent:
             "dryRun": self.settings.dry_run,
             "ticks": ticks,
             "policyFresh": self._fresh,
+            "policyProblem": self._source_problem,
             "gpus": gpus,
         }
 

@@ -32,6 +32,7 @@ from powercap.agentplan import split_allocation
 from powercap.algorithms import AlgorithmRegistry
 from powercap.objects import RACK_LABEL, KubeObject, node_rack, object_key
 from powercap.policies import Policy, parse_policy
+from powercap.validate_cmd import describe_load_error
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class SourceView:
     fresh: bool = False
     node_rack: str | None = None
     apply_all_racks: bool = False
+    problem: str | None = None  # why the view is not fresh, where the source knows
 
 
 class PolicySource(Protocol):
@@ -60,9 +62,9 @@ class PolicyFileError(ValueError):
 def read_policy_file(path: Path, registry: AlgorithmRegistry) -> Policy:
     """The one PowerCappingPolicy in a YAML/JSON file, validated and defaulted."""
     try:
-        documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        documents = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise PolicyFileError(f"{path}: {error}") from error
+        raise PolicyFileError(f"{path}: {describe_load_error(error)}") from None
     if len(documents) != 1:
         raise PolicyFileError(f"{path}: expected one PowerCappingPolicy, found {len(documents)} documents")
     try:
@@ -81,7 +83,7 @@ class FilePolicySource:
         self._registry = registry or AlgorithmRegistry.default()
         self._stamp = self._file_stamp()
         self._policy = split_allocation(read_policy_file(path, self._registry), node, self._uuids)
-        self._valid = True
+        self._problem: str | None = None
         log.info("policy file loaded", extra={"policy_file": str(path), "policy": self._policy.key})
 
     def _file_stamp(self) -> tuple[int, int] | None:
@@ -104,13 +106,13 @@ class FilePolicySource:
             try:
                 policy = split_allocation(read_policy_file(self.path, self._registry), self.node, self._uuids)
             except PolicyFileError as error:
-                if self._valid:
+                if str(error) != self._problem:  # every new problem once: the one being fixed now
                     log.error("policy file invalid: keeping caps until it is fixed", extra={"error": str(error)})
-                self._valid = False
+                self._problem = str(error)
             else:
-                self._policy, self._valid = policy, True
+                self._policy, self._problem = policy, None
                 log.info("policy file reloaded", extra={"policy_file": str(self.path), "policy": policy.key})
-        return SourceView(policies=(self._policy,), fresh=self._valid, apply_all_racks=True)
+        return SourceView(policies=(self._policy,), fresh=self._problem is None, apply_all_racks=True, problem=self._problem)
 
 
 class ClusterSource:

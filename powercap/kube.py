@@ -37,6 +37,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import quote, urlencode
 
 import urllib3
+import yaml
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
@@ -440,8 +441,14 @@ class KubeClient(_ClosesOnExit):
             config_file = kubeconfig or os.environ.get("KUBECONFIG") or None
             try:
                 k8s_config.load_kube_config(config_file=config_file, context=context, client_configuration=config)
-            except (k8s_config.ConfigException, OSError, TypeError, ValueError) as exc:
-                raise KubeConfigError(f"no in-cluster config and no usable kubeconfig: {exc}") from exc
+            except yaml.YAMLError as exc:
+                where = config_file or "~/.kube/config"
+                raise KubeConfigError(f"kubeconfig {where} is not valid YAML: {' '.join(str(exc).split())}") from None
+            except (k8s_config.ConfigException, OSError, TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+                # a kubeconfig of the wrong shape (clusters: 5, a list) fails inside the client's loader
+                where = config_file or "~/.kube/config"
+                detail = str(exc) if isinstance(exc, (k8s_config.ConfigException, OSError)) else f"{where} is not a kubeconfig ({exc})"
+                raise KubeConfigError(f"no in-cluster config and no usable kubeconfig: {detail}") from None
         return cls(k8s_client.ApiClient(config), **timeouts)
 
     @classmethod

@@ -12,6 +12,7 @@ from typing import Any
 
 from powercap import API_GROUP
 from powercap.policies import Policy
+from powercap.schema import json_type_of
 
 RACK_LABEL = f"{API_GROUP}/rack"
 POWER_ANNOTATION = f"{API_GROUP}/power-watts"
@@ -26,6 +27,60 @@ def object_key(obj: KubeObject) -> str:
     metadata = obj.get("metadata") or {}
     namespace = metadata.get("namespace")
     return f"{namespace}/{metadata.get('name', '')}" if namespace else str(metadata.get("name", ""))
+
+
+_OBJECT_FIELDS = ("metadata", "spec", "status")
+_STRING_MAPS = (("metadata", "labels"), ("metadata", "annotations"))
+_QUANTITY_MAPS = (("status", "capacity"), ("status", "allocatable"))
+
+
+def shape_problems(obj: Any) -> list[str]:
+    """What makes ``obj`` unreadable as a Kubernetes Node or Pod here, one message per field
+    (empty when the fields this project reads have the types the API server gives them).
+
+    The API server never serves such objects; a hand-written request or state file can,
+    and the readers above would then fail on them instead of saying what is wrong.
+    """
+    if not isinstance(obj, Mapping):
+        return [f"must be an object, not {json_type_of(obj)}"]
+    problems = [
+        f"{name}: must be an object, not {json_type_of(obj[name])}"
+        for name in _OBJECT_FIELDS if obj.get(name) is not None and not isinstance(obj[name], Mapping)
+    ]
+    if problems:
+        return problems
+    for section, name in (*_STRING_MAPS, *_QUANTITY_MAPS):
+        value = (obj.get(section) or {}).get(name)
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            problems.append(f"{section}.{name}: must be an object, not {json_type_of(value)}")
+        elif (section, name) in _STRING_MAPS:
+            problems += [f"{section}.{name}[{key}]: must be a string, not {json_type_of(v)}"
+                         for key, v in value.items() if not isinstance(v, str)]
+    spec = obj.get("spec") or {}
+    for field_name in ("containers", "initContainers"):
+        containers = spec.get(field_name)
+        if containers is None:
+            continue
+        if not isinstance(containers, list):
+            problems.append(f"spec.{field_name}: must be a list, not {json_type_of(containers)}")
+            continue
+        for index, container in enumerate(containers):
+            path = f"spec.{field_name}[{index}]"
+            if not isinstance(container, Mapping):
+                problems.append(f"{path}: must be an object, not {json_type_of(container)}")
+                continue
+            resources = container.get("resources")
+            if resources is None:
+                continue
+            if not isinstance(resources, Mapping):
+                problems.append(f"{path}.resources: must be an object, not {json_type_of(resources)}")
+                continue
+            problems += [f"{path}.resources.{section}: must be an object, not {json_type_of(resources[section])}"
+                         for section in ("limits", "requests")
+                         if resources.get(section) is not None and not isinstance(resources[section], Mapping)]
+    return problems
 
 
 def labels_of(obj: KubeObject) -> Mapping[str, str]:

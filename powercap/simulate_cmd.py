@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from powercap.simulation.scenario import Scenario, ScenarioError, default_scenar
 from powercap.simulation.summary import summarize
 
 EXIT_OK, EXIT_BAD_SCENARIO = 0, 2
+MIN_DURATION_S, MAX_DURATION_S = 1.0, 1_000_000.0  # durationS in powercap/data/scenario-schema.yaml
 DEFAULT_OUT = "out/simulation"
 PROGRESS_WIDTH = 30
 
@@ -38,10 +40,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Exit 0: done; 2: the scenario is unreadable or invalid.",
     )
     parser.add_argument("--scenario", metavar="FILE", help="scenario YAML (default: the built-in 64-GPU scenario)")
-    parser.add_argument("--duration", type=positive_seconds, metavar="SECONDS", help="simulated seconds (overrides durationS)")
+    parser.add_argument("--duration", type=duration_seconds, metavar="SECONDS",
+                        help=f"simulated seconds, {MIN_DURATION_S:g} to {MAX_DURATION_S:.0f} (overrides durationS)")
     parser.add_argument("--seed", type=non_negative_int, metavar="N", help="random seed (overrides seed)")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output directory (default: {DEFAULT_OUT})")
     parser.set_defaults(func=run)
+
+
+def duration_seconds(text: str) -> float:
+    """argparse ``type=`` of --duration: the range the scenario schema allows for durationS."""
+    value = positive_seconds(text)
+    if not MIN_DURATION_S <= value <= MAX_DURATION_S:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between {MIN_DURATION_S:g} and {MAX_DURATION_S:.0f} seconds")
+    return value
 
 
 def non_negative_int(text: str) -> int:
@@ -60,6 +71,14 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_BAD_SCENARIO
     scenario = scenario.with_overrides(duration_s=args.duration, seed=args.seed)
     out_dir = Path(args.out)
+    try:  # before the run, not after it: a bad --out must not cost the simulation
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot write into {out_dir}")
+    except OSError as error:
+        reason = "exists and is not a directory" if isinstance(error, (FileExistsError, NotADirectoryError)) else error.strerror or str(error)
+        print(f"powercap simulate: --out {args.out}: {reason}", file=sys.stderr)
+        return EXIT_BAD_SCENARIO
     progress = ProgressBar(sys.stderr, strategies=3)
     started = time.perf_counter()
     result = simulate(scenario, progress=progress.update, clock=time.perf_counter)
@@ -68,13 +87,16 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(result)
     summary["wallSeconds"] = round(wall_s, 3)
     summary["speedVsRealTime"] = round(scenario.duration_s / wall_s, 1) if wall_s > 0 else None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary_path = out_dir / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    from powercap.simulate_plots import write_plots  # matplotlib is slow to import; only here
-
-    plots = write_plots(result, out_dir)
     write_report(result, summary, sys.stdout)
+    summary_path = out_dir / "summary.json"
+    try:
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        from powercap.simulate_plots import write_plots  # matplotlib is slow to import; only here
+
+        plots = write_plots(result, out_dir)
+    except OSError as error:
+        print(f"powercap simulate: writing into {out_dir} failed: {error}", file=sys.stderr)
+        return EXIT_BAD_SCENARIO
     print(f"\nwrote {summary_path}")
     print("plots: " + ", ".join(str(path) for path in plots))
     return EXIT_OK

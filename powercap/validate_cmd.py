@@ -18,6 +18,7 @@ import yaml
 from powercap.algorithms import AlgorithmRegistry
 from powercap.problems import Problem, ValidationResult
 from powercap.policies import validate_policy
+from powercap.schema import json_type_of
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNREADABLE = 0, 1, 2
 # libyaml's safe loader where PyYAML has it: ~10x faster, which matters for a snapshot of a
@@ -118,8 +119,13 @@ def parse_documents(text: str) -> Iterator[Any]:
     for document in documents:
         if document is None:
             continue  # an empty document between two '---'
-        if isinstance(document, dict) and document.get("kind") == "List" and isinstance(document.get("items"), list):
-            yield from document["items"]
+        if isinstance(document, dict) and document.get("kind") == "List":
+            items = document.get("items")
+            if items is None:
+                continue  # an empty List, as kubectl prints one
+            if not isinstance(items, list):
+                raise ValueError(f"a List whose items is {json_type_of(items)}, not a list")
+            yield from items
         else:
             yield document
 

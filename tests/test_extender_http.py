@@ -131,7 +131,16 @@ def test_an_infeasible_policy_is_unresolvable_everywhere(tmp_path: Path) -> None
         pytest.param(b'{"Pod": {}, "Nodes": null, "NodeNames": null}', "one of NodeNames or Nodes is required", id="no-nodes"),
         pytest.param(b'{"Pod": {}, "Nodes": {"items": [{"metadata": {}}]}}',
                      "Nodes.items[0]: Object missing required field `name` - at `metadata`", id="node-without-name"),
-        pytest.param(b'{"Pod": {"spec": {"containers": "x"}}, "NodeNames": []}', None, id="odd-pod-is-not-our-problem"),
+        pytest.param(b'{"Pod": {"spec": {"containers": "x"}}, "NodeNames": []}', "Pod.spec.containers: must be a list, not a string",
+                     id="containers-not-a-list"),
+        pytest.param(b'{"Pod": {"metadata": 5}, "NodeNames": ["gpu-1"]}', "Pod.metadata: must be an object, not an integer",
+                     id="metadata-not-an-object"),
+        pytest.param(b'{"Pod": {"spec": "x"}, "NodeNames": ["gpu-1"]}', "Pod.spec: must be an object, not a string", id="spec-not-an-object"),
+        pytest.param(b'{"Pod": {"spec": {"containers": [{"resources": [1]}]}}, "NodeNames": ["gpu-1"]}',
+                     "Pod.spec.containers[0].resources: must be an object, not a list", id="resources-not-an-object"),
+        pytest.param(b'{"Pod": {"metadata": {"annotations": {"powercapping.example.com/power-watts": 300}}}, "NodeNames": ["gpu-1"]}',
+                     "Pod.metadata.annotations[powercapping.example.com/power-watts]: must be a string, not an integer",
+                     id="annotation-not-a-string"),
     ],
 )
 @pytest.mark.parametrize("verb", ["filter", "prioritize"])

@@ -93,6 +93,11 @@ def test_a_bad_file_on_reload_keeps_the_last_good_view_and_says_why(tmp_path: Pa
     with caplog.at_level(logging.WARNING, logger="extender.sources"):
         assert passes(source) == ["gpu-1"]
     assert f"state file {path} could not be reloaded, keeping the last good view: invalid YAML at line 2" in caplog.text
+    path.write_text("kind: List\nitems: [{kind: Pod, metadata: {name: p}, spec: {containers: [{resources: [1]}]}}]\n")
+    clock.advance(5)
+    with caplog.at_level(logging.WARNING, logger="extender.sources"):
+        assert passes(source) == ["gpu-1"]  # well-formed YAML, malformed objects: the same
+    assert "keeping the last good view: item 1 (Pod p): spec.containers[0].resources: must be an object, not a list" in caplog.text
     write_state(path, 4800)
     clock.advance(5)
     assert passes(source) == []
@@ -106,6 +111,11 @@ def test_a_bad_file_on_reload_keeps_the_last_good_view_and_says_why(tmp_path: Pa
         pytest.param("", "no objects found (expected the output of kubectl get nodes,pods,pcp -A -o yaml)", id="empty"),
         pytest.param("kind: List\nitems: [42]\n", "item 1 is not a Kubernetes object (no kind)", id="not-objects"),
         pytest.param("kind: List\nitems: [{kind: Node, metadata: {}}]\n", "item 1 (Node) has no metadata.name", id="nameless"),
+        pytest.param("kind: List\nitems: 5\n", "a List whose items is an integer, not a list", id="items-not-a-list"),
+        pytest.param("kind: List\nitems: [{kind: Node, metadata: {name: gpu-1}, status: x}]\n",
+                     "item 1 (Node gpu-1): status: must be an object, not a string", id="node-status-not-an-object"),
+        pytest.param("kind: List\nitems: [{kind: Pod, metadata: {name: p, annotations: [1]}}]\n",
+                     "item 1 (Pod p): metadata.annotations: must be an object, not a list", id="pod-annotations-not-a-map"),
     ],
 )
 def test_a_bad_file_at_start_is_a_clear_error(tmp_path: Path, content: str | None, message: str) -> None:

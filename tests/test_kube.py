@@ -602,6 +602,27 @@ def test_from_environment_reads_the_kubeconfig(
         KubeClient.from_environment()
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param("garbage: [\n", "is not valid YAML: while parsing a flow node", id="not-yaml"),
+        pytest.param("clusters: 5\n", "is not a kubeconfig ('int' object is not iterable)", id="clusters-not-a-list"),
+        pytest.param("- a\n- b\n", "is not a kubeconfig", id="a-list"),
+    ],
+)
+def test_a_broken_kubeconfig_is_one_error_that_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str, message: str,
+) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(content)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    with pytest.raises(kube.KubeConfigError) as raised:
+        KubeClient.from_environment()
+    assert f"{kubeconfig} {message}" in str(raised.value)
+    assert raised.value.__cause__ is None and "\n" not in str(raised.value)
+
+
 def test_time_helpers_round_trip() -> None:
     stamp = kube.format_micro_time(1_795_000_000.123456)
     assert stamp == "2026-11-18T11:06:40.123456Z"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 import json
 import struct
 from pathlib import Path
@@ -72,11 +73,26 @@ def test_a_missing_scenario_file_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     assert "nope.yaml: error: no such file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--duration", "0"], ["--duration", "abc"], ["--seed", "-1"]], ids=str)
+@pytest.mark.parametrize(
+    "argv", [["--duration", "0"], ["--duration", "abc"], ["--duration", "1e9"], ["--seed", "-1"]], ids=str,
+)
 def test_bad_options_are_usage_errors(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as raised:
         main(["simulate", *argv])
     assert raised.value.code == 2
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/below"])
+def test_an_output_directory_that_cannot_be_made_stops_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str,
+) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    started = time.perf_counter()
+    assert main(["simulate", "--duration", "60", "--out", str(tmp_path / where)]) == 2
+    assert time.perf_counter() - started < 1.0  # refused before simulating, not after
+    captured = capsys.readouterr()
+    assert f"--out {tmp_path / where}: exists and is not a directory" in captured.err
+    assert captured.out == ""
 
 
 class Terminal(io.StringIO):
