@@ -27,7 +27,7 @@ from powercap.logs import JsonFormatter, configure_logging
 from extender.sources import StateFileError, StateFileSource, ViewSource, cluster_source
 from powercap import kube
 from powercap.algorithms import AlgorithmRegistry
-from powercap.cli import positive_seconds
+from powercap.cli import bind_address, positive_int, positive_seconds
 from powercap.cluster import ClusterSettings
 from powercap.objects import RACK_LABEL
 from powercap.policies import label_key_problem
@@ -54,16 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"node label whose value is the rack id (default {RACK_LABEL})")
     parser.add_argument("--stale-after", default=DEFAULT_STALE_AFTER_S, type=positive_seconds, metavar="SECONDS",
                         help=f"node telemetry older than this is stale (default {DEFAULT_STALE_AFTER_S:g})")
-    parser.add_argument("--threads", default=4, type=int, metavar="N", help="request threads (default 4)")
+    parser.add_argument("--threads", default=4, type=positive_int, metavar="N", help="request threads (default 4)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     parser.set_defaults(func=run)
-
-
-def bind_address(text: str) -> str:
-    host, separator, port = text.rpartition(":")
-    if not separator or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    return text
 
 
 def label_key(text: str) -> str:
@@ -99,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         "bind": args.bind,
         "workers": 1,
         "worker_class": "gthread",
-        "threads": max(1, args.threads),
+        "threads": args.threads,
         "timeout": 30,
         "graceful_timeout": 5,
         "keepalive": 75,  # kube-scheduler keeps its connection open between calls

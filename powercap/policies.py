@@ -162,7 +162,7 @@ def default_policy(document: Mapping[str, Any], registry: AlgorithmRegistry | No
     if not isinstance(spec, dict):
         return result
     name = (result.get("metadata") or {}).get("name") if isinstance(result.get("metadata"), dict) else None
-    if "selector" not in spec and isinstance(name, str) and name:
+    if "selector" not in spec and isinstance(name, str) and 0 < len(name) <= 63:  # longer: not a label value
         spec["selector"] = default_selector(name)
     algorithm = spec.get("customAlgorithm")
     if registry is not None and isinstance(algorithm, dict) and isinstance(algorithm.get("name"), str):
@@ -192,8 +192,20 @@ def validate_policy(document: Any, registry: AlgorithmRegistry) -> ValidationRes
         errors += _check_racks(spec.get("rackConstraints"))
         errors += _check_algorithm(spec.get("customAlgorithm"), registry)
         errors += _check_selector(spec.get("selector"), "spec.selector")
+        errors += _check_default_selector(spec, document.get("metadata"))
         warnings += _warnings(spec)
     return ValidationResult(errors=tuple(_dedupe(errors)), warnings=tuple(warnings))
+
+
+def _check_default_selector(spec: Mapping[str, Any], metadata: Any) -> list[Problem]:
+    """Without a selector the policy selects ``powercapping.example.com/policy: <name>``, and a
+    name longer than a label value (63 characters) cannot be one: say so here, where the
+    user wrote no selector, not at the selector the mutating webhook fills in."""
+    name = metadata.get("name") if isinstance(metadata, Mapping) else None
+    if spec.get("selector") is not None or not isinstance(name, str) or len(name) <= 63:
+        return []
+    return [Problem("spec.selector", f"is required when metadata.name is longer than 63 characters ({len(name)}): "
+                                     f"the default selector {POLICY_LABEL}: <metadata.name> needs a valid label value")]
 
 
 def _dedupe(problems: list[Problem]) -> list[Problem]:

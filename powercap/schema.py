@@ -82,7 +82,7 @@ def json_type_of(value: Any) -> str:
     if isinstance(value, int):
         return "an integer"
     if isinstance(value, float):
-        return "a number"
+        return "a number" if math.isfinite(value) else f"{value} (not a finite number)"
     if isinstance(value, str):
         return "a string"
     if isinstance(value, list):
@@ -149,7 +149,16 @@ def _expected_type_text(schema: Schema) -> str:
     return _JSON_TYPE_NAMES.get(schema.get("type", ""), "")
 
 
+_INTEGER_FORMATS = {"int32": 31, "int64": 63}
+
+
 def _check_bounds(value: float, schema: Schema, path: str) -> Iterator[Problem]:
+    bits = _INTEGER_FORMATS.get(schema.get("format", ""))
+    if bits is not None and not -(2 ** bits) <= value < 2 ** bits:
+        # the API server refuses what does not fit its Go type: say so before it does
+        yield Problem(path, f"{describe_value(value)} is outside the {schema['format']} range "
+                            f"(-2^{bits} to 2^{bits} - 1)")
+        return
     if "minimum" in schema:
         bound = schema["minimum"]
         if schema.get("exclusiveMinimum") and value <= bound:

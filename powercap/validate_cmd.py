@@ -76,11 +76,16 @@ def run(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
-def validate_files(paths: list[str], registry: AlgorithmRegistry, stdin: TextIO) -> Report:
+def validate_files(paths: list[str], registry: AlgorithmRegistry, stdin: TextIO | None) -> Report:
     report = Report()
     for path in paths:
         try:
-            text = stdin.read() if path == "-" else read_text(path)
+            if path == "-":
+                if stdin is None:  # started with standard input closed
+                    raise OSError("standard input is closed")
+                text = stdin.read()
+            else:
+                text = read_text(path)
             documents = list(parse_documents(text))
         except (OSError, UnicodeDecodeError, ValueError, RecursionError, yaml.YAMLError) as error:
             report.file_errors.append(FileError(display_name(path), describe_load_error(error)))

@@ -129,7 +129,7 @@ def test_simulated_single_server_runs_without_kubernetes(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        pytest.param(["--backend", "simulated", "--policy", "/nonexistent/policy.yaml"], 2, "No such file", id="policy-missing"),
+        pytest.param(["--backend", "simulated", "--policy", "/nonexistent/policy.yaml"], 2, "/nonexistent/policy.yaml: no such file", id="policy-missing"),
         pytest.param(["--backend", "nvml", "--policy", "/dev/null"], 1, "cannot start the nvml backend", id="no-nvml-library"),
         pytest.param(["--backend", "simulated", "--inlet", "thermometer"], 2, "inlet spec", id="bad-inlet"),
         pytest.param(["--backend", "simulated", "--interval", "0"], 2, "--interval", id="bad-interval"),

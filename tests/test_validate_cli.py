@@ -164,3 +164,30 @@ def test_installed_console_script(tmp_path: Path) -> None:
     assert "inference/llama-70b-chat: valid" in completed.stdout
     assert "inference/broken: spec.powerCapLimit: must be greater than 0" in completed.stdout
     assert completed.stderr == ""
+
+
+def test_standard_input_closed_is_a_message_not_a_traceback() -> None:
+    script = Path(sys.executable).parent / "powercap"
+    completed = subprocess.run([str(script), "validate", "-"], capture_output=True, text=True, timeout=60,
+                               preexec_fn=lambda: os.close(0))  # the shell's `<&-`
+    assert completed.returncode == 2
+    assert "<stdin>: error: standard input is closed" in completed.stdout
+    assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(["webhook", "--cert-dir", "/tmp", "--bind", "127.0.0.1:99999"], "argument --bind: '127.0.0.1:99999' is not HOST:PORT", id="webhook-port"),
+        pytest.param(["webhook", "--cert-dir", "/tmp", "--bind", "nonsense"], "argument --bind: 'nonsense' is not HOST:PORT", id="webhook-host"),
+        pytest.param(["webhook", "--cert-dir", "/tmp", "--workers", "x"], "argument --workers: 'x' is not an integer", id="webhook-workers"),
+        pytest.param(["certs", "--service", "s", "--namespace", "n", "--out", "/tmp/x", "--days", "99999999"],
+                     "argument --days: must be at most 36500 days, not 99999999", id="certs-days"),
+        pytest.param(["extender", "--threads", "0"], "argument --threads: must be at least 1, not 0", id="extender-threads"),
+    ],
+)
+def test_out_of_range_flags_are_usage_errors(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

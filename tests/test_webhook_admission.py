@@ -15,7 +15,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from powercap.algorithms import AlgorithmRegistry
-from powercap.policies import POLICY_LABEL, default_policy
+from powercap.policies import POLICY_LABEL, default_policy, validate_policy
 
 from .conftest import SAMPLES_DIR
 from .webhook_helpers import (  # noqa: F401  (fixtures)
@@ -301,3 +301,21 @@ def test_chunked_bodies_are_read_and_limited_too(webhook_process: WebhookProcess
     assert chunked.status_code == 200 and chunked.json()["response"]["status"]["message"] == BROKEN_MESSAGE
     too_large = session.post(url, data=iter([b" " * (1024 * 1024)] * 4), timeout=10)
     assert too_large.status_code == 413
+
+
+def test_a_name_too_long_for_the_default_selector_is_refused_as_validate_refuses_it(
+    webhook_process: WebhookProcess, session: requests.Session,
+) -> None:
+    """Mutation leaves the selector out rather than fill in a label value that cannot be one;
+    validation then names the field the user has to write, as ``powercap validate`` does."""
+    long_name = "llama-" + "x" * 94
+    obj = policy(long_name)
+    mutated = apply_patch(obj, webhook_process.endpoint.admit(session, "mutate", admission_review("CREATE", obj)))
+    assert "selector" not in mutated["spec"]
+    refused = webhook_process.endpoint.admit(session, "validate", admission_review("CREATE", mutated))
+    assert refused["allowed"] is False
+    causes = refused["status"]["details"]["causes"]
+    assert [c["field"] for c in causes] == ["spec.selector"]
+    assert causes[0]["message"].startswith("is required when metadata.name is longer than 63 characters (100)")
+    offline = validate_policy(mutated, AlgorithmRegistry.default())
+    assert [str(p) for p in offline.errors] == [f"{c['field']}: {c['message']}" for c in causes]

@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from powercap.cli import bind_address, positive_int
+
 EXIT_CONFIG_ERROR = 2
 DEFAULT_BIND = "0.0.0.0:8443"
 # Two single-threaded Python processes use both cores of a small node; four threads each
@@ -34,9 +36,9 @@ def register_webhook(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         "CERT_DIR/tls.crt and CERT_DIR/tls.key and reloaded when the files change.",
     )
     parser.add_argument("--cert-dir", required=True, type=Path, help="directory holding tls.crt and tls.key")
-    parser.add_argument("--bind", default=DEFAULT_BIND, metavar="HOST:PORT", help="address to listen on (default %(default)s)")
-    parser.add_argument("--workers", type=_positive_int, default=DEFAULT_WORKERS, metavar="N", help="worker processes (default %(default)s)")
-    parser.add_argument("--threads", type=_positive_int, default=DEFAULT_THREADS, metavar="N", help="threads per worker (default %(default)s)")
+    parser.add_argument("--bind", default=DEFAULT_BIND, type=bind_address, metavar="HOST:PORT", help="address to listen on (default %(default)s)")
+    parser.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS, metavar="N", help="worker processes (default %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS, metavar="N", help="threads per worker (default %(default)s)")
     parser.add_argument(
         "--no-cross-policy-checks", dest="cross_policy_checks", action="store_false",
         help="do not read other policies from the Kubernetes API (no overlap or shared-rack checks)",
@@ -57,16 +59,19 @@ def register_certs(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     parser.add_argument("--service", required=True, help="name of the webhook's Service")
     parser.add_argument("--namespace", required=True, help="namespace of the webhook's Service")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
-    parser.add_argument("--days", type=_positive_int, default=DEFAULT_SERVING_DAYS, help="serving certificate validity (default %(default)s)")
-    parser.add_argument("--ca-days", type=_positive_int, default=DEFAULT_CA_DAYS, help="validity of a new CA (default %(default)s)")
+    parser.add_argument("--days", type=_validity_days, default=DEFAULT_SERVING_DAYS, help="serving certificate validity (default %(default)s)")
+    parser.add_argument("--ca-days", type=_validity_days, default=DEFAULT_CA_DAYS, help="validity of a new CA (default %(default)s)")
     parser.add_argument("--extra-san", action="append", default=[], metavar="SAN", help="another DNS name or IP address (repeatable)")
     parser.set_defaults(func=run_certs)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+MAX_VALIDITY_DAYS = 36500  # 100 years; X.509 dates end in 9999
+
+
+def _validity_days(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_VALIDITY_DAYS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_VALIDITY_DAYS} days, not {value}")
     return value
 
 
