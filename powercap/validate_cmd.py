@@ -92,7 +92,7 @@ def validate_files(paths: list[str], registry: AlgorithmRegistry, stdin: TextIO 
             continue
         if not documents:
             result = ValidationResult(errors=(Problem("", "no documents found"),))
-            report.documents.append(DocumentReport(display_name(path), 0, "-", result))
+            report.documents.append(DocumentReport(display_name(path), 0, "", result))
         for index, document in enumerate(documents):
             report.documents.append(DocumentReport(
                 display_name(path), index, document_label(document, index), validate_policy(document, registry)
@@ -164,7 +164,7 @@ def write_text_report(report: Report, out: TextIO) -> None:
     for error in report.file_errors:
         out.write(f"{error.file}: error: {error.message}\n")
     for document in report.documents:
-        prefix = f"{document.file}: {document.label}"
+        prefix = f"{document.file}: {document.label}" if document.label else document.file
         for problem in document.result.errors:
             out.write(f"{prefix}: {problem}\n")
         for problem in document.result.warnings:

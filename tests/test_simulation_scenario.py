@@ -75,7 +75,7 @@ def delete_path(path: list[Any]) -> Any:
         pytest.param(delete_path(["services"]), "services", "is required", id="no services"),
         pytest.param(set_path(["nodes", 2, "rack"], "rack-9"), "nodes[2].rack", 'unknown rack "rack-9"', id="unknown rack"),
         pytest.param(set_path(["nodes", 0, "gpuModel"], "B200"), "nodes[0].gpuModel", 'unknown GPU model "B200"', id="unknown GPU"),
-        pytest.param(set_path(["nodes", 0, "minLimitW"], 800), "nodes[0].gpuModel", "default_limit_w", id="limits inconsistent"),
+        pytest.param(set_path(["nodes", 0, "minLimitW"], 800), "nodes[0].gpuModel", "defaultLimitW: must be in [minLimitW, maxLimitW]", id="limits inconsistent"),
         pytest.param(set_path(["nodes", 1, "name"], "h200-a"), "nodes[1].name", 'node "h200-a-0" is also defined by nodes[0]', id="duplicate node"),
         pytest.param(set_path(["policies", 0, "spec", "powerCapLimit"], 0), "policies[0].spec.powerCapLimit", "must be greater than 0",
                      id="policy checked by the webhook's validator"),

@@ -113,7 +113,7 @@ def test_kubectl_list_output_is_expanded(capsys: pytest.CaptureFixture[str], tmp
 @pytest.mark.parametrize(
     ("content", "expected_code", "expected"),
     [
-        pytest.param(b"", 1, ": -: no documents found", id="empty-file"),
+        pytest.param(b"", 1, "input.yaml: no documents found", id="empty-file"),
         pytest.param(b"spec: [unclosed\n", 2, "error: invalid YAML at line 2", id="yaml-syntax-error"),
         pytest.param(b"- a\n- b\n", 1, "document 1: a policy must be an object, not a list", id="a-list"),
         pytest.param(b"apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n", 1,

@@ -103,6 +103,27 @@ def test_a_ca_certificate_without_its_key_is_refused(tmp_path: Path) -> None:
     assert result.stderr.startswith(f"error: {tmp_path / 'ca.key'} is missing")
 
 
+@pytest.mark.parametrize(("broken", "message"), [
+    ("ca.crt", "{dir}/ca.crt is not a PEM certificate; remove ca.crt and ca.key to create a new CA"),
+    ("ca.key", "{dir}/ca.key is not an unencrypted PEM private key"),
+])
+def test_a_ca_file_that_is_not_pem_is_named(tmp_path: Path, broken: str, message: str) -> None:
+    run_certs(tmp_path)
+    (tmp_path / broken).write_text("garbage\n")
+    result = run_certs(tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == f"error: {message.format(dir=tmp_path)}\n"
+
+
+def test_serving_files_that_are_missing_or_not_pem_are_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=f"^{tmp_path / 'tls.crt'}: no such file"):
+        new_server_context(tmp_path / "tls.crt", tmp_path / "tls.key")
+    (tmp_path / "tls.crt").write_text("garbage\n")
+    (tmp_path / "tls.key").write_text("garbage\n")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'tls.crt'} and {tmp_path / 'tls.key'} are not a PEM certificate"):
+        new_server_context(tmp_path / "tls.crt", tmp_path / "tls.key")
+
+
 def test_the_serving_certificate_never_outlives_its_ca(tmp_path: Path) -> None:
     issued = issue_certificates(tmp_path, serving_days=400, ca_days=30)
     assert issued.serving_certificate.not_valid_after_utc == issued.ca_certificate.not_valid_after_utc

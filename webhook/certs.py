@@ -132,8 +132,14 @@ def _load_or_create_ca(
         if not (cert_path.exists() and key_path.exists()):
             missing = key_path if cert_path.exists() else cert_path
             raise CertificateError(f"{missing} is missing; remove the other CA file to create a new CA")
-        certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        try:
+            certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        except ValueError:
+            raise CertificateError(f"{cert_path} is not a PEM certificate; remove ca.crt and ca.key to create a new CA") from None
+        try:
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        except (ValueError, TypeError):
+            raise CertificateError(f"{key_path} is not an unencrypted PEM private key") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != certificate.public_key():
             raise CertificateError(f"{key_path} is not the ECDSA key of {cert_path}")
         if certificate.not_valid_after_utc <= now:

@@ -167,7 +167,7 @@ def decode_review(body: bytes) -> Request:
         raise BadRequest("AdmissionReview has no request object")
     uid = request.get("uid")
     if not isinstance(uid, str) or not uid:
-        raise BadRequest("request.uid is missing")
+        raise BadRequest("request.uid is missing" if uid is None else f"request.uid must be a non-empty string, not {_shown(uid)}")
     operation = request.get("operation")
     if operation not in OPERATIONS:
         raise BadRequest(f"request.operation must be one of {', '.join(OPERATIONS)}, got {_shown(operation)}")

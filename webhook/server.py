@@ -47,7 +47,14 @@ def new_server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    context.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file))
+    for path in (cert_file, key_file):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file (--cert-dir holds tls.crt and tls.key; powercap certs writes them)")
+    try:
+        context.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file))
+    except ssl.SSLError as error:
+        # OpenSSL's own text ("[SSL] PEM lib") names neither file
+        raise ValueError(f"{cert_file} and {key_file} are not a PEM certificate and its private key ({error.reason or error})") from None
     return context
 
 

@@ -401,8 +401,15 @@ def _gpu_model_problem(group: Mapping[str, Any]) -> tuple[str, str] | None:
     try:
         gpu_model(group)
     except ValueError as error:
-        return "gpuModel", f"the limits do not fit the {preset.name} preset: {error}"
+        # physics names its fields in Python; say them as the scenario does
+        message = str(error).removeprefix(f"GpuModel {preset.name!r}: ")
+        for python_name, scenario_name in _LIMIT_FIELDS:
+            message = message.replace(python_name, scenario_name)
+        return "gpuModel", f"the limits do not fit the {preset.name} preset: {message}"
     return None
+
+
+_LIMIT_FIELDS = (("default_limit_w", "defaultLimitW"), ("min_limit_w", "minLimitW"), ("max_limit_w", "maxLimitW"))
 
 
 def gpu_model(group: Mapping[str, Any]) -> GpuModel:
