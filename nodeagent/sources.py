@@ -32,6 +32,7 @@ from powercap.agentplan import split_allocation
 from powercap.algorithms import AlgorithmRegistry
 from powercap.objects import RACK_LABEL, KubeObject, node_rack, object_key
 from powercap.policies import Policy, parse_policy
+from powercap.schema import SAFE_LOADER
 from powercap.validate_cmd import describe_load_error
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class PolicyFileError(ValueError):
 def read_policy_file(path: Path, registry: AlgorithmRegistry) -> Policy:
     """The one PowerCappingPolicy in a YAML/JSON file, validated and defaulted."""
     try:
-        documents = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+        documents = [d for d in yaml.load_all(path.read_text(encoding="utf-8"), Loader=SAFE_LOADER) if d is not None]
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise PolicyFileError(f"{path}: {describe_load_error(error)}") from None
     if len(documents) != 1:

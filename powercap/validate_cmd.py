@@ -18,12 +18,9 @@ import yaml
 from powercap.algorithms import AlgorithmRegistry
 from powercap.problems import Problem, ValidationResult
 from powercap.policies import validate_policy
-from powercap.schema import json_type_of
+from powercap.schema import SAFE_LOADER, json_type_of
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNREADABLE = 0, 1, 2
-# libyaml's safe loader where PyYAML has it: ~10x faster, which matters for a snapshot of a
-# large cluster (kubectl get nodes,pods -A -o yaml of 5000 nodes is ~100 MB).
-SAFE_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass

@@ -26,7 +26,8 @@ def test_each_new_problem_is_logged_once_and_the_last_good_policy_is_kept(
     write(path, 800)
     source = FilePolicySource(path, "node-1", UUIDS)
     edits: list[tuple[bytes | None, str]] = [
-        (b"a: [b\n", f"{path}: invalid YAML at line 2, column 1: expected ',' or ']', but got '<stream end>'"),
+        (b"a: [b\n", f"{path}: invalid YAML at line 2, column 1: "),
+        (b"spec: {}\nspec: {}\n", f'{path}: invalid YAML at line 2, column 1: duplicate key "spec" (first at line 1)'),
         (b"hello\n", f"{path}: a policy must be an object, not a string"),
         (b"\xff\xfe\x00", f"{path}: not UTF-8 text"),
         (yaml.safe_dump(policy_document(cap_w=-5)).encode(), "spec.powerCapLimit: must be greater than 0"),

@@ -123,6 +123,8 @@ def test_kubectl_list_output_is_expanded(capsys: pytest.CaptureFixture[str], tmp
         pytest.param(b"{\"spec\": ", 2, "error: invalid YAML", id="truncated-json"),
         pytest.param(b"[" * 5000, 2, "error:", id="deep-nesting"),
         pytest.param(b"42\n", 1, "a policy must be an object, not an integer", id="a-scalar"),
+        pytest.param(b"kind: PowerCappingPolicy\nspec: {powerCapLimit: 100}\nspec: {powerCapLimit: 200}\n", 2,
+                     'error: invalid YAML at line 3, column 1: duplicate key "spec" (first at line 2)', id="duplicate-key"),
     ],
 )
 def test_any_input_gets_a_message_not_a_traceback(

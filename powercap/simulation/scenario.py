@@ -285,7 +285,7 @@ def default_scenario_text() -> str:
 def load_scenario(text: str, registry: AlgorithmRegistry | None = None) -> Scenario:
     """Parse and validate a scenario; raises :class:`ScenarioError` listing every problem."""
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=schema.SAFE_LOADER)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
