@@ -31,6 +31,7 @@ from nodeagent.sources import ClusterSource, FilePolicySource, PolicyFileError, 
 from nodeagent.state import DEFAULT_STATE_FILE, StateFile
 from nodeagent.tokens import DEFAULT_TOKENS_METRIC, TokenRates
 from powercap import kube, physics
+from powercap.cli import node_name
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="The node agent: reads every GPU, maps GPUs to pods and policies, sets power "
         "limits through NVML, publishes node telemetry. See docs/nodeagent.md.",
     )
-    parser.add_argument("--node", default=os.environ.get("NODE_NAME") or socket.gethostname(),
+    parser.add_argument("--node", default=os.environ.get("NODE_NAME") or socket.gethostname(), type=node_name,
                         help="this node's name (default: $NODE_NAME, else the host name)")
     parser.add_argument("--backend", choices=("nvml", "simulated"), default="nvml",
                         help=f"GPUs through NVML, or simulated H200-like GPUs (${SIMULATED_GPUS_ENV}, default 4)")

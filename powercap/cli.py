@@ -39,6 +39,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+def dns_label(text: str) -> str:
+    """argparse ``type=``: a Kubernetes name such as a namespace or a Service's."""
+    from powercap.policies import is_dns1123_label
+
+    if not is_dns1123_label(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Kubernetes name (a-z, 0-9 and '-', at most 63 characters)")
+    return text
+
+
+def node_name(text: str) -> str:
+    """argparse ``type=``: a Node's name; lowercased, as the kubelet names a Node after its
+    host name."""
+    from powercap.policies import is_dns1123_subdomain
+
+    name = text.strip().lower()
+    if not is_dns1123_subdomain(name):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Node name (a-z, 0-9, '-' and '.', at most 253 characters)")
+    return name
+
+
 def bind_address(text: str) -> str:
     """argparse ``type=``: ``HOST:PORT`` with a port in 0..65535 (0: any free port;
     ``[::1]:PORT`` for IPv6)."""

@@ -37,6 +37,16 @@ MAX_PLAUSIBLE_INLET_C = 45
 _DNS1123_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS1123_SUBDOMAIN_RE = re.compile(rf"^{_DNS1123_LABEL}(\.{_DNS1123_LABEL})*$")
 _DNS1123_LABEL_RE = re.compile(rf"^{_DNS1123_LABEL}$")
+
+
+def is_dns1123_label(text: str) -> bool:
+    """A Kubernetes name such as a namespace or a Service: a-z, 0-9, '-', at most 63."""
+    return len(text) <= 63 and bool(_DNS1123_LABEL_RE.match(text))
+
+
+def is_dns1123_subdomain(text: str) -> bool:
+    """A Kubernetes object name such as a Node's: labels joined by '.', at most 253."""
+    return len(text) <= 253 and bool(_DNS1123_SUBDOMAIN_RE.match(text))
 _LABEL_NAME_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)$")
 
 

@@ -186,6 +186,11 @@ def test_standard_input_closed_is_a_message_not_a_traceback() -> None:
         pytest.param(["certs", "--service", "s", "--namespace", "n", "--out", "/tmp/x", "--days", "99999999"],
                      "argument --days: must be at most 36500 days, not 99999999", id="certs-days"),
         pytest.param(["extender", "--threads", "0"], "argument --threads: must be at least 1, not 0", id="extender-threads"),
+        pytest.param(["certs", "--service", "Bad Name!", "--namespace", "n", "--out", "/tmp/x"],
+                     "argument --service: 'Bad Name!' is not a Kubernetes name", id="certs-service"),
+        pytest.param(["certs", "--service", "s", "--namespace", "n", "--out", "/tmp/x", "--extra-san", ""],
+                     "argument --extra-san: '' is neither an IP address nor a DNS name", id="certs-san"),
+        pytest.param(["agent", "--node", ""], "argument --node: '' is not a Node name", id="agent-node"),
     ],
 )
 def test_out_of_range_flags_are_usage_errors(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:

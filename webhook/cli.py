@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from powercap.cli import bind_address, positive_int
+from powercap.cli import bind_address, dns_label, positive_int
 
 EXIT_CONFIG_ERROR = 2
 DEFAULT_BIND = "0.0.0.0:8443"
@@ -56,13 +56,30 @@ def register_certs(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
         "base64 caBundle for the webhook configurations on stdout. An existing CA in OUT is kept and "
         "only the serving certificate is renewed.",
     )
-    parser.add_argument("--service", required=True, help="name of the webhook's Service")
-    parser.add_argument("--namespace", required=True, help="namespace of the webhook's Service")
+    parser.add_argument("--service", required=True, type=dns_label, help="name of the webhook's Service")
+    parser.add_argument("--namespace", required=True, type=dns_label, help="namespace of the webhook's Service")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
     parser.add_argument("--days", type=_validity_days, default=DEFAULT_SERVING_DAYS, help="serving certificate validity (default %(default)s)")
     parser.add_argument("--ca-days", type=_validity_days, default=DEFAULT_CA_DAYS, help="validity of a new CA (default %(default)s)")
-    parser.add_argument("--extra-san", action="append", default=[], metavar="SAN", help="another DNS name or IP address (repeatable)")
+    parser.add_argument("--extra-san", action="append", default=[], type=subject_alt_name, metavar="SAN",
+                        help="another DNS name or IP address (repeatable)")
     parser.set_defaults(func=run_certs)
+
+
+def subject_alt_name(text: str) -> str:
+    """argparse ``type=`` of --extra-san: an IP address or a DNS name (``*.`` allowed first)."""
+    import ipaddress
+
+    from powercap.policies import is_dns1123_subdomain
+
+    try:
+        ipaddress.ip_address(text)
+        return text
+    except ValueError:
+        pass
+    if not is_dns1123_subdomain(text.removeprefix("*.")):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an IP address nor a DNS name")
+    return text
 
 
 MAX_VALIDITY_DAYS = 36500  # 100 years; X.509 dates end in 9999
