@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from powercap.cli import positive_seconds
+from powercap.cli import non_negative_int, positive_seconds
 from powercap.simulation.engine import SimulationResult, simulate
 from powercap.simulation.scenario import Scenario, ScenarioError, default_scenario_text, load_scenario
 from powercap.simulation.summary import summarize
@@ -52,16 +52,6 @@ def duration_seconds(text: str) -> float:
     value = positive_seconds(text)
     if not MIN_DURATION_S <= value <= MAX_DURATION_S:
         raise argparse.ArgumentTypeError(f"{text!r} must be between {MIN_DURATION_S:g} and {MAX_DURATION_S:.0f} seconds")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 0")
     return value
 
 
