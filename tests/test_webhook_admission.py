@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from typing import Any
 
@@ -268,15 +269,25 @@ def test_metrics_count_requests_of_every_worker_by_endpoint_and_outcome(webhook_
     latency = ("powercap_webhook_request_duration_seconds_count", (("endpoint", "validate"),))
     with webhook_process.endpoint.session() as scraper:
         before = metric_samples(scraper, webhook_process)
-    for _ in range(6):  # a new connection each time, so the requests spread over the workers
+
+    def client(_: int) -> None:  # a new connection each time, so the requests spread over the workers
         with webhook_process.endpoint.session() as fresh:
             webhook_process.endpoint.admit(fresh, "validate", admission_review("CREATE", BROKEN))
             webhook_process.endpoint.admit(fresh, "mutate", admission_review("CREATE", policy()))
             webhook_process.endpoint.post(fresh, "mutate", None, raw=b"not json")
-    with webhook_process.endpoint.session() as scraper:
-        after = metric_samples(scraper, webhook_process)
-    for key in (denied, patched, bad, latency):
-        assert after.get(key, 0) - before.get(key, 0) == 6, key
+
+    with ThreadPoolExecutor(max_workers=6) as pool:  # concurrent: both workers get some
+        list(pool.map(client, range(24)))
+
+    def scrape(_: int) -> dict[Any, float]:
+        with webhook_process.endpoint.session() as scraper:
+            return metric_samples(scraper, webhook_process)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # whichever worker answers, the totals
+        scrapes = list(pool.map(scrape, range(8)))
+    for after in scrapes:
+        for key in (denied, patched, bad, latency):
+            assert after.get(key, 0) - before.get(key, 0) == 24, key
 
 
 def test_one_json_log_line_per_admission(webhook_process: WebhookProcess, session: requests.Session) -> None:

@@ -164,7 +164,8 @@ class WebhookProcess:
                  env: dict[str, str] | None = None) -> None:
         self.cert_dir = cert_dir
         self.log_file = log_file
-        environment = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(log_file.parent / "metrics"), **(env or {})}
+        # as the Deployment runs it: no PROMETHEUS_MULTIPROC_DIR, no --metrics-dir
+        environment = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | (env or {})
         flags = [] if cross_policy_checks else ["--no-cross-policy-checks"]
         with open(log_file, "wb") as log:
             self.process = subprocess.Popen(

@@ -116,19 +116,22 @@ def run_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare_metrics_dir(requested: str | None) -> str | None:
+def prepare_metrics_dir(requested: str | None) -> str:
     """Choose and empty the prometheus multiprocess directory, and export it for the workers.
 
-    Returns None (metrics per process) when prometheus_client was imported before this
-    ran, as when ``main`` is called inside a test process.
+    prometheus_client picks its value class (per process, or shared through this directory)
+    when it is first imported, and ``powercap``'s other commands import it while the
+    parser is built: pick again now that the directory is set, before any webhook metric
+    exists, or each gunicorn worker would count only its own requests.
     """
-    if "prometheus_client" in sys.modules and not os.environ.get(METRICS_DIR_ENV):
-        return None
     directory = requested or os.environ.get(METRICS_DIR_ENV) or tempfile.mkdtemp(prefix="powercap-webhook-metrics-")
     Path(directory).mkdir(parents=True, exist_ok=True)
     for stale in Path(directory).glob("*.db"):
         stale.unlink()
     os.environ[METRICS_DIR_ENV] = directory
+    values = sys.modules.get("prometheus_client.values")
+    if values is not None:
+        values.ValueClass = values.get_value_class()  # type: ignore[attr-defined]
     return directory
 
 
