@@ -730,9 +730,14 @@ def _refuse_shared_gpus(services: Sequence[Service]) -> None:
 
 
 def _service_infeasible_reason(service: Service, gpu_count: int, floor_w: float, budget: int, margin: float) -> str:
-    reserved = f" (including {service.reserved_w:.0f} W for GPUs not reporting yet)" if service.reserved_w else ""
+    if not service.reserved_w:
+        who = f"{gpu_count} GPUs"
+    elif gpu_count:
+        who = f"{gpu_count} GPUs and those not reporting yet ({service.reserved_w:.0f} W at their minimum)"
+    else:
+        who = f"the GPUs not reporting yet ({service.reserved_w:.0f} W at their minimum)"
     return (
-        f"{gpu_count} GPUs need at least {floor_w:.0f} W (their minimum power limits){reserved}, but the budget is "
+        f"{who} need at least {floor_w:.0f} W (their minimum power limits), but the budget is "
         f"{budget} W (powerCapLimit {service.power_cap_w:.0f} W minus the {margin * 100:g} % margin); raise "
         f"powerCapLimit to at least {minimum_cap_for_w(floor_w, margin)} W or run fewer GPUs"
     )

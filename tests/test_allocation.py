@@ -132,6 +132,20 @@ def test_infeasible_reason_says_what_to_change() -> None:
     assert budget_w(825, 0.03) >= 800 > budget_w(824, 0.03)
 
 
+@pytest.mark.parametrize(
+    ("reporting", "who"),
+    [
+        pytest.param(2, "2 GPUs and those not reporting yet (400 W at their minimum) need at least 800 W", id="some-reporting"),
+        pytest.param(0, "the GPUs not reporting yet (400 W at their minimum) need at least 400 W", id="none-reporting"),
+    ],
+)
+def test_infeasible_reason_counts_gpus_not_reporting_yet(reporting: int, who: str) -> None:
+    """A new pod's GPUs have no telemetry yet; the reason must not read '0 GPUs need 800 W'."""
+    service = Service("ns/svc", 300, tuple(gpu(u, 300, 400) for u in "ab"[:reporting]), reserved_w=400)
+    reason = allocate([service]).services["ns/svc"].infeasible_reason
+    assert reason is not None and reason.startswith(who)
+
+
 def test_infeasible_rack_reason_names_the_rack_and_its_load() -> None:
     allocation = allocate(
         [Service("ns/svc", 4200, (gpu("a", 690, 700), gpu("b", 690, 700)))],

@@ -198,3 +198,16 @@ def test_out_of_range_flags_are_usage_errors(capsys: pytest.CaptureFixture[str],
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly() -> None:
+    """``powercap validate ... | head -1``: no BrokenPipeError traceback, SIGPIPE's exit status."""
+    script = Path(sys.executable).parent / "powercap"
+    files = [str(SAMPLES_DIR / "basic.yaml")] * 3000  # far more output than a pipe buffers
+    process = subprocess.Popen([str(script), "validate", *files], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.read(10)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141
+    assert stderr == ""
