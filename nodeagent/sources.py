@@ -145,6 +145,7 @@ class ClusterSource:
         self._lock = threading.Lock()
         self._last_ok_s: float | None = None
         self._reachable = True
+        self._probe_error: str | None = None
         self._rack: str | None = None
         self._parsed: dict[str, tuple[str, Policy | None]] = {}
         self._built_versions: tuple[int, int] | None = None
@@ -161,6 +162,7 @@ class ClusterSource:
         except kube.ApiError as error:
             with self._lock:
                 was, self._reachable = self._reachable, False
+                self._probe_error = str(error)
             if was:
                 log.warning("API server unreachable: keeping caps", extra={"node": self.node, "error": str(error)})
             return False
@@ -178,14 +180,21 @@ class ClusterSource:
             self._stopping.wait(self.probe_interval_s)
 
     def fresh(self) -> bool:
+        return self.problem() is None
+
+    def problem(self) -> str | None:
+        """Why the view is stale (None while it is fresh)."""
         with self._lock:
-            last_ok_s = self._last_ok_s
-        return (
-            self.policies.has_synced
-            and self.pods.has_synced
-            and last_ok_s is not None
-            and self._clock() - last_ok_s <= self.stale_after_s
-        )
+            last_ok_s, error = self._last_ok_s, self._probe_error
+        for cache in (self.policies, self.pods):
+            if not cache.has_synced:
+                return f"the {cache.name} cache has not listed yet" + (f" ({cache.last_error})" if cache.last_error else "")
+        if last_ok_s is None:
+            return f"the API server has not answered yet ({error})" if error else "the API server has not answered yet"
+        silent_s = self._clock() - last_ok_s
+        if silent_s > self.stale_after_s:
+            return f"no answer from the API server for {silent_s:.0f} s" + (f" ({error})" if error else "")
+        return None
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -214,7 +223,9 @@ class ClusterSource:
             self._parsed = {k: v for k, v in self._parsed.items() if k in live}
         with self._lock:
             rack = self._rack
-        return SourceView(policies=self._view_policies, pods_by_uid=self._view_pods, fresh=self.fresh(), node_rack=rack)
+        problem = self.problem()
+        return SourceView(policies=self._view_policies, pods_by_uid=self._view_pods, fresh=problem is None,
+                          node_rack=rack, problem=problem)
 
     def _parse(self, document: Mapping[str, Any]) -> Policy | None:
         """A policy from the cache, parsed once per resourceVersion; invalid ones are skipped."""

@@ -89,11 +89,14 @@ def test_api_server_gone_makes_the_view_stale_and_nothing_raises(
     apiserver: FakeApiServer, cluster: tuple[ClusterSource, ManualClock]
 ) -> None:
     source, clock = cluster
-    assert source.probe() and source.view().fresh
+    assert source.probe() and source.view().fresh and source.view().problem is None
     apiserver.stop()
     assert source.probe() is False
+    assert source.view().fresh  # within stale_after_s of the last answer
     clock.advance(31.0)
-    assert source.view().fresh is False
+    view = source.view()
+    assert view.fresh is False
+    assert view.problem is not None and view.problem.startswith("no answer from the API server for 31 s (")
 
 
 @pytest.fixture
