@@ -97,6 +97,8 @@ def delete_path(path: list[Any]) -> Any:
                      "either policy and powerCapLimit, or service and replicas", id="mixed event"),
         pytest.param(set_path(["workload", "bursts"], [{"service": "video", "atS": 1, "durationS": 2, "factor": 2}]),
                      "workload.bursts[0].service", 'unknown service "video"', id="burst service"),
+        pytest.param(set_path(["workload", "bursts"], [{"service": "chat", "atS": 600, "durationS": 2, "factor": 2}]),
+                     "workload.bursts[0].atS", "must be before durationS (600 s)", id="burst after the end"),
         pytest.param(set_path(["workload", "randomBursts"], {"count": 2, "minFactor": 2, "maxFactor": 1}),
                      "workload.randomBursts.minFactor", "must not exceed maxFactor", id="burst range"),
         pytest.param(set_path(["scheduler"], {"gpuScoring": "Random"}), "scheduler.gpuScoring", "must be one of", id="scoring"),

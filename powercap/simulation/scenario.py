@@ -361,6 +361,8 @@ def semantic_problems(document: Mapping[str, Any], registry: AlgorithmRegistry) 
     for index, burst in enumerate(bursts):
         if "service" in burst and burst["service"] not in service_names:
             problems.append(Problem(f"workload.bursts[{index}].service", _unknown_service(burst["service"], service_names)))
+        if burst["atS"] >= duration_s:
+            problems.append(Problem(f"workload.bursts[{index}].atS", f"must be before durationS ({duration_s:g} s)"))
     random_bursts = document["workload"]["randomBursts"]
     if random_bursts["minFactor"] > random_bursts["maxFactor"]:
         problems.append(Problem("workload.randomBursts.minFactor", "must not exceed maxFactor"))
