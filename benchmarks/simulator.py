@@ -393,7 +393,7 @@ def with_cap_factor(document: Document, policy: str, factor: float) -> Document:
 
 
 def service_tokens_per_second(document: Document, seed: int, strategy: Any, service: str) -> float:
-    summary = summarize(simulate(scenario_from_document(document).with_overrides(seed=seed), [strategy]))
+    summary, _ = run(scenario_from_document(document).with_overrides(seed=seed), [strategy])
     return float(summary["strategies"][strategy.name]["services"][service]["tokensPerSecond"])
 
 

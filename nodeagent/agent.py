@@ -159,7 +159,7 @@ class Agent:
         view = self.source.view()
         self._fresh, self._source_problem = view.fresh, view.problem
         if self.pod_resources is not None:
-            self._add_allocated_pods(pod_uids, view.pods_by_uid)
+            self._add_allocated_pods(pod_uids, view.pods_by_uid, self.pod_resources.pods_by_device())
         if self.tokens is not None:
             self.tokens.set_targets(self._scrape_targets(pod_uids, view.pods_by_uid))
         inlet_c = self.inlet.read_c()
@@ -226,10 +226,10 @@ class Agent:
         self._pid_pods = live_pids
         return readings, pod_uids
 
-    def _add_allocated_pods(self, pod_uids: dict[str, frozenset[str]], pods_by_uid: Mapping[str, KubeObject]) -> None:
-        """Add the pods the kubelet gave each GPU to, running a process on it or not yet."""
-        assert self.pod_resources is not None
-        holders = self.pod_resources.pods_by_device()
+    def _add_allocated_pods(self, pod_uids: dict[str, frozenset[str]], pods_by_uid: Mapping[str, KubeObject],
+                            holders: Mapping[str, frozenset[str]]) -> None:
+        """Add the pods the kubelet gave each GPU to (``holders``: device ID -> pod keys),
+        running a process on it or not yet."""
         if not holders:
             return
         uid_by_name = {object_key(pod): uid for uid, pod in pods_by_uid.items()}
@@ -453,8 +453,7 @@ class Agent:
             self._save_state()
         elif self.records:
             log.info("exiting with caps in place", extra={"gpus_capped": sorted(self.records)})
-        for stopper in (self.source.stop, self.publisher.stop, self.tokens.stop if self.tokens else None,
-                        self.pod_resources.close if self.pod_resources else None):
+        for stopper in (self.source.stop, self.publisher.stop, self.tokens.stop if self.tokens else None):
             if stopper is not None:
                 try:
                     stopper()

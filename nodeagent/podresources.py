@@ -81,9 +81,9 @@ def _varint(data: memoryview, position: int) -> tuple[int, int]:
             raise PodResourcesError("varint longer than 10 bytes")
 
 
-def _fields(data: memoryview) -> Iterator[tuple[int, int, Any]]:
-    """(field number, wire type, value) of every field of one message; a length-delimited
-    value is a memoryview, a varint an int; fixed-width values are skipped as None."""
+def _fields(data: memoryview) -> Iterator[tuple[int, Any]]:
+    """(field number, value) of every field of one message; a length-delimited value is a
+    memoryview, a varint an int; fixed-width values are skipped as None."""
     position = 0
     while position < len(data):
         key, position = _varint(data, position)
@@ -105,7 +105,7 @@ def _fields(data: memoryview) -> Iterator[tuple[int, int, Any]]:
             raise PodResourcesError(f"field {number}: unsupported wire type {wire_type}")
         if number == 0:
             raise PodResourcesError("field number 0")
-        yield number, wire_type, value
+        yield number, value
 
 
 def _text(value: Any, what: str) -> str:
@@ -118,7 +118,7 @@ def _text(value: Any, what: str) -> str:
 
 
 def _messages(data: memoryview, number: int, what: str) -> Iterator[memoryview]:
-    for field_number, _, value in _fields(data):
+    for field_number, value in _fields(data):
         if field_number == number:
             if not isinstance(value, memoryview):
                 raise PodResourcesError(f"{what} is not a message")
@@ -127,7 +127,7 @@ def _messages(data: memoryview, number: int, what: str) -> Iterator[memoryview]:
 
 def _strings(data: memoryview, wanted: Mapping[int, str]) -> dict[int, list[str]]:
     found: dict[int, list[str]] = {number: [] for number in wanted}
-    for number, _, value in _fields(data):
+    for number, value in _fields(data):
         if number in wanted:
             found[number].append(_text(value, wanted[number]))
     return found
@@ -281,6 +281,3 @@ class PodResourcesSource:
             log.log(level, "kubelet pod-resources API unavailable; mapping GPUs to pods by their processes only",
                     extra={"socket": str(self.socket_path), "problem": problem})
             self._problem = problem
-
-    def close(self) -> None:
-        """Nothing to release: every call opens and closes its own connection."""

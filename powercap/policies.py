@@ -246,7 +246,7 @@ def _check_metadata(metadata: Any) -> list[Problem]:
     if name is None and not metadata.get("generateName"):
         problems.append(Problem("metadata.name", "is required"))
     elif name is not None:
-        if not isinstance(name, str) or len(name) > 253 or not _DNS1123_SUBDOMAIN_RE.match(name):
+        if not isinstance(name, str) or not is_dns1123_subdomain(name):
             problems.append(Problem(
                 "metadata.name",
                 f"{schema.describe_value(name)} must be a lowercase RFC 1123 subdomain "
@@ -254,7 +254,7 @@ def _check_metadata(metadata: Any) -> list[Problem]:
             ))
     namespace = metadata.get("namespace")
     if namespace is not None and (
-        not isinstance(namespace, str) or len(namespace) > 63 or not _DNS1123_LABEL_RE.match(namespace)
+        not isinstance(namespace, str) or not is_dns1123_label(namespace)
     ):
         problems.append(Problem(
             "metadata.namespace",
@@ -303,7 +303,7 @@ def _check_algorithm(choice: Any, registry: AlgorithmRegistry) -> list[Problem]:
 def label_key_problem(key: str) -> str | None:
     """Why ``key`` is not a valid label key (``[prefix/]name``), or None."""
     prefix, _, name = key.rpartition("/")
-    if prefix and (len(prefix) > 253 or not _DNS1123_SUBDOMAIN_RE.match(prefix)):
+    if prefix and not is_dns1123_subdomain(prefix):
         return f'label key prefix "{prefix}" must be a lowercase DNS subdomain'
     if not name or len(name) > 63 or not _LABEL_NAME_RE.match(name):
         return (f'label key "{key}" must be at most 63 characters of letters, digits, '

@@ -84,13 +84,10 @@ def test_bytes_that_are_no_list_response_are_refused_with_the_problem(data: byte
 def test_a_real_grpc_call_over_the_unix_socket(kubelet: FakeKubelet) -> None:
     kubelet.start()
     source = PodResourcesSource(kubelet.socket_path)
-    try:
-        assert source.pods_by_device() == {GPU0: frozenset({"inference/llama-0"}), "1": frozenset({"inference/llama-1"})}
-        kubelet.assignments = {"inference/llama-0": {"server": {"nvidia.com/gpu": [GPU0, GPU1]}}}
-        assert source.pods_by_device() == {GPU0: frozenset({"inference/llama-0"}), GPU1: frozenset({"inference/llama-0"})}
-        assert kubelet.calls == 2
-    finally:
-        source.close()
+    assert source.pods_by_device() == {GPU0: frozenset({"inference/llama-0"}), "1": frozenset({"inference/llama-1"})}
+    kubelet.assignments = {"inference/llama-0": {"server": {"nvidia.com/gpu": [GPU0, GPU1]}}}
+    assert source.pods_by_device() == {GPU0: frozenset({"inference/llama-0"}), GPU1: frozenset({"inference/llama-0"})}
+    assert kubelet.calls == 2
 
 
 def test_no_socket_maps_nothing_says_so_once_and_recovers_when_the_kubelet_appears(
@@ -98,17 +95,14 @@ def test_no_socket_maps_nothing_says_so_once_and_recovers_when_the_kubelet_appea
 ) -> None:
     source = PodResourcesSource(kubelet.socket_path)
     caplog.set_level(logging.INFO, logger="nodeagent.podresources")
-    try:
-        assert source.pods_by_device() == {} and source.pods_by_device() == {}
-        assert [r.getMessage() for r in caplog.records] == [
-            "kubelet pod-resources API unavailable; mapping GPUs to pods by their processes only"
-        ]
-        assert caplog.records[0].problem == f"socket {kubelet.socket_path} not found"
-        kubelet.start()
-        assert source.pods_by_device()[GPU0] == frozenset({"inference/llama-0"})
-        assert caplog.records[-1].getMessage() == "kubelet pod-resources API answers again"
-    finally:
-        source.close()
+    assert source.pods_by_device() == {} and source.pods_by_device() == {}
+    assert [r.getMessage() for r in caplog.records] == [
+        "kubelet pod-resources API unavailable; mapping GPUs to pods by their processes only"
+    ]
+    assert caplog.records[0].problem == f"socket {kubelet.socket_path} not found"
+    kubelet.start()
+    assert source.pods_by_device()[GPU0] == frozenset({"inference/llama-0"})
+    assert caplog.records[-1].getMessage() == "kubelet pod-resources API answers again"
 
 
 def test_a_kubelet_without_the_list_method_maps_nothing_with_one_warning(
@@ -116,10 +110,7 @@ def test_a_kubelet_without_the_list_method_maps_nothing_with_one_warning(
 ) -> None:
     kubelet.start(serve_list=False)
     source = PodResourcesSource(kubelet.socket_path)
-    try:
-        assert source.pods_by_device() == {} and source.pods_by_device() == {}
-    finally:
-        source.close()
+    assert source.pods_by_device() == {} and source.pods_by_device() == {}
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].problem.startswith("List failed: UNIMPLEMENTED")
 
@@ -132,15 +123,12 @@ def test_an_error_status_or_an_undecodable_answer_maps_nothing(kubelet: FakeKube
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "rejected by rate limit")
         raise AssertionError("abort raises")
 
-    try:
-        kubelet.answer = refuse
-        assert source.pods_by_device() == {}
-        kubelet.answer = lambda context: b"\x0b"
-        assert source.pods_by_device() == {}
-        kubelet.answer = None
-        assert source.pods_by_device()[GPU0] == frozenset({"inference/llama-0"})
-    finally:
-        source.close()
+    kubelet.answer = refuse
+    assert source.pods_by_device() == {}
+    kubelet.answer = lambda context: b"\x0b"
+    assert source.pods_by_device() == {}
+    kubelet.answer = None
+    assert source.pods_by_device()[GPU0] == frozenset({"inference/llama-0"})
     problems = [r.problem for r in caplog.records if r.levelno == logging.WARNING]
     assert problems == [
         "List failed: RESOURCE_EXHAUSTED: rejected by rate limit",
