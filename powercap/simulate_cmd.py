@@ -59,7 +59,12 @@ def run(args: argparse.Namespace) -> int:
     scenario = read_scenario(args.scenario, sys.stderr)
     if scenario is None:
         return EXIT_BAD_SCENARIO
-    scenario = scenario.with_overrides(duration_s=args.duration, seed=args.seed)
+    try:
+        scenario = scenario.with_overrides(duration_s=args.duration, seed=args.seed)
+    except ScenarioError as error:
+        for problem in error.problems:
+            print(f"{args.scenario or 'built-in scenario'}: --duration {args.duration:g}: {problem}", file=sys.stderr)
+        return EXIT_BAD_SCENARIO
     out_dir = Path(args.out)
     try:  # before the run, not after it: a bad --out must not cost the simulation
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -96,8 +101,10 @@ def read_scenario(path: str | None, err: TextIO) -> Scenario | None:
     """The scenario at ``path`` (the built-in one when None); None after reporting why it is unusable."""
     name = path or "built-in scenario"
     try:
-        text = default_scenario_text() if path is None else Path(path).read_text(encoding="utf-8")
-        return load_scenario(text)
+        if path is None:
+            return load_scenario(default_scenario_text())
+        directory = Path(path).parent
+        return load_scenario(Path(path).read_text(encoding="utf-8"), read_trace=lambda name: (directory / name).read_text(encoding="utf-8"))
     except FileNotFoundError:
         err.write(f"{name}: error: no such file\n")
     except IsADirectoryError:
@@ -154,8 +161,16 @@ def write_report(result: SimulationResult, summary: dict[str, Any], out: TextIO)
     info = summary["scenario"]
     out.write(
         f"scenario {info['name']}: {info['gpus']} GPUs, {info['nodes']} nodes, {len(info['racks'])} racks, "
-        f"{len(info['services'])} services; {scenario.duration_s:g} s simulated, seed {scenario.seed}\n\n"
+        f"{len(info['services'])} services; {scenario.duration_s:g} s simulated, seed {scenario.seed}\n"
     )
+    for service in scenario.services:
+        if service.trace is not None:
+            trace = service.trace
+            out.write(
+                f"{service.name}: replays {trace.file} ({trace.format}, {trace.recorded.duration_s:g} s, "
+                f"{trace.recorded.total_tokens:,.0f} tokens) from {trace.start_s:g} s at {trace.speedup:g}x, tokens x {trace.scale:g}\n"
+            )
+    out.write("\n")
     services = list(info["services"])
     header = ["strategy", "tokens/s", "tokens/J", "kWh", "cap viol. s", "within cap", "rack W viol. s",
               "rack °C viol. s", "p99 latency s", "dropped"]

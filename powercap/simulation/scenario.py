@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -33,6 +33,7 @@ from powercap.objects import GPU_RESOURCE, POWER_ANNOTATION
 from powercap.physics import GpuModel
 from powercap.policies import POLICY_LABEL, Policy, parse_policy, validate_policy
 from powercap.problems import Problem, join_path
+from powercap.simulation.tracefile import RecordedTokens, TraceError, parse_trace
 
 SCHEMA_RESOURCE = "scenario-schema.yaml"
 DEFAULT_SCENARIO_RESOURCE = "scenario-default.yaml"
@@ -55,6 +56,10 @@ DAILY_SHAPES: Mapping[str, tuple[float, ...]] = {
     "night": (1.0, 1.0, 1.0, 0.98, 0.95, 0.85, 0.6, 0.35, 0.25, 0.2, 0.2, 0.2,
               0.2, 0.2, 0.2, 0.2, 0.22, 0.25, 0.35, 0.5, 0.7, 0.85, 0.95, 1.0),
 }
+
+
+TraceReader = Callable[[str], str]
+"""Reads a trace file named in a scenario (relative to the scenario file); raises OSError."""
 
 
 class ScenarioError(ValueError):
@@ -98,6 +103,37 @@ class NodeGroup:
 
 
 @dataclass(frozen=True)
+class Trace:
+    """Recorded traffic replayed for a service: simulated second ``k`` offers
+    ``scale x`` the tokens of trace time ``[start_s + k x speedup, start_s + (k + 1) x speedup)``."""
+
+    file: str
+    format: str
+    start_s: float
+    speedup: float
+    scale: float
+    recorded: RecordedTokens
+
+    def needed_s(self, duration_s: float) -> float:
+        """Trace seconds a run of ``duration_s`` plays, from the trace's start."""
+        return self.start_s + duration_s * self.speedup
+
+    def offered_tokens(self, second: int) -> float:
+        """Tokens offered in simulated second ``second`` (before bursts)."""
+        start = self.start_s + second * self.speedup
+        return self.scale * self.recorded.tokens_between(start, start + self.speedup)
+
+    def coverage_problem(self, duration_s: float) -> str | None:
+        if self.needed_s(duration_s) <= self.recorded.duration_s:
+            return None
+        return (
+            f"the trace covers {self.recorded.duration_s:g} s, and a {duration_s:g}-s run from startS "
+            f"{self.start_s:g} at speedup {self.speedup:g} needs {self.needed_s(duration_s):g} s of it; "
+            "shorten the run, raise speedup or lower startS"
+        )
+
+
+@dataclass(frozen=True)
 class Service:
     """An inference service: its pods, the model it serves and the traffic it gets.
 
@@ -121,6 +157,8 @@ class Service:
     load_bound: float
     base_latency_s: float
     max_queue_s: float
+    trace: Trace | None = None
+    """Recorded traffic; when set, ``peak_tokens_s``, ``daily_shape`` and the noise are unused."""
 
     @property
     def tokens_scale(self) -> float:
@@ -254,6 +292,13 @@ class Scenario:
         """The same scenario with another duration (the day is compressed into it) or seed."""
         changes: dict[str, Any] = {}
         if duration_s is not None:
+            problems = [
+                Problem(f"services[{index}].trace", problem)
+                for index, service in enumerate(self.services)
+                if service.trace is not None and (problem := service.trace.coverage_problem(duration_s)) is not None
+            ]
+            if problems:
+                raise ScenarioError(problems)
             changes["duration_s"] = duration_s
             if self.workload.day_length_s == self.duration_s:
                 changes["workload"] = dataclasses.replace(self.workload, day_length_s=duration_s)
@@ -282,8 +327,12 @@ def default_scenario_text() -> str:
     return schema.package_data_text(DEFAULT_SCENARIO_RESOURCE)
 
 
-def load_scenario(text: str, registry: AlgorithmRegistry | None = None) -> Scenario:
-    """Parse and validate a scenario; raises :class:`ScenarioError` listing every problem."""
+def load_scenario(text: str, registry: AlgorithmRegistry | None = None, read_trace: TraceReader | None = None) -> Scenario:
+    """Parse and validate a scenario; raises :class:`ScenarioError` listing every problem.
+
+    ``read_trace`` reads the files named by ``services[].trace.file``; without it a scenario
+    naming one is refused (the built-in scenario has no file to be relative to).
+    """
     try:
         document = yaml.load(text, Loader=schema.SAFE_LOADER)
     except yaml.MarkedYAMLError as error:
@@ -292,10 +341,10 @@ def load_scenario(text: str, registry: AlgorithmRegistry | None = None) -> Scena
         raise ScenarioError([Problem("", f"invalid YAML{where}: {error.problem}")]) from None
     except yaml.YAMLError as error:
         raise ScenarioError([Problem("", f"invalid YAML: {error}")]) from None
-    return scenario_from_document(document, registry)
+    return scenario_from_document(document, registry, read_trace)
 
 
-def scenario_from_document(document: Any, registry: AlgorithmRegistry | None = None) -> Scenario:
+def scenario_from_document(document: Any, registry: AlgorithmRegistry | None = None, read_trace: TraceReader | None = None) -> Scenario:
     """A :class:`Scenario` from a parsed document; raises :class:`ScenarioError` listing every problem."""
     registry = registry or AlgorithmRegistry.default()
     if not isinstance(document, dict):
@@ -303,11 +352,69 @@ def scenario_from_document(document: Any, registry: AlgorithmRegistry | None = N
     problems = schema.validate(document, scenario_schema())
     if problems:
         raise ScenarioError(problems)
+    problems = _traffic_problems(document["services"])
     defaulted = schema.apply_defaults(document, scenario_schema())
-    problems = semantic_problems(defaulted, registry)
+    problems += semantic_problems(defaulted, registry)
+    traces = _read_traces(defaulted, read_trace, problems)
     if problems:
         raise ScenarioError(problems)
-    return _build(defaulted)
+    return _build(defaulted, traces)
+
+
+def _traffic_problems(services: Sequence[Mapping[str, Any]]) -> list[Problem]:
+    """A service's traffic is either peakTokensS (x dailyShape) or a trace (raw document: before defaults)."""
+    problems = []
+    for index, service in enumerate(services):
+        path = join_path("services", index)
+        if "trace" in service:
+            problems += [
+                Problem(join_path(path, field), "cannot be used with trace (the trace gives the traffic)")
+                for field in ("peakTokensS", "dailyShape")
+                if field in service
+            ]
+        elif "peakTokensS" not in service:
+            problems.append(Problem(join_path(path, "peakTokensS"), "is required (or trace, to replay recorded traffic)"))
+    return problems
+
+
+def _read_traces(document: Mapping[str, Any], read_trace: TraceReader | None, problems: list[Problem]) -> dict[int, Trace]:
+    """The trace of every service that names one, by service index; problems appended."""
+    traces: dict[int, Trace] = {}
+    duration_s = float(document["durationS"])
+    for index, service in enumerate(document["services"]):
+        spec = service.get("trace")
+        if spec is None:
+            continue
+        path = join_path(join_path("services", index), "trace")
+        file_path = join_path(path, "file")
+        if read_trace is None:
+            problems.append(Problem(file_path, "trace files are read relative to a scenario file; run with --scenario FILE"))
+            continue
+        try:
+            recorded = parse_trace(read_trace(spec["file"]), spec["format"])
+        except FileNotFoundError:
+            problems.append(Problem(file_path, f"{spec['file']}: no such file (relative to the scenario file)"))
+            continue
+        except (OSError, UnicodeDecodeError) as error:
+            reason = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else error.strerror or str(error)
+            problems.append(Problem(file_path, f"{spec['file']}: {reason}"))
+            continue
+        except TraceError as error:
+            problems.append(Problem(file_path, f"{spec['file']}: {error}"))
+            continue
+        trace = Trace(
+            file=spec["file"],
+            format=spec["format"],
+            start_s=float(spec["startS"]),
+            speedup=float(spec["speedup"]),
+            scale=float(spec["scale"]),
+            recorded=recorded,
+        )
+        coverage = trace.coverage_problem(duration_s)
+        if coverage is not None:
+            problems.append(Problem(path, coverage))
+        traces[index] = trace
+    return traces
 
 
 def semantic_problems(document: Mapping[str, Any], registry: AlgorithmRegistry) -> list[Problem]:
@@ -496,7 +603,7 @@ def _event_problems(
     return problems
 
 
-def _build(document: Mapping[str, Any]) -> Scenario:
+def _build(document: Mapping[str, Any], traces: Mapping[int, Trace]) -> Scenario:
     duration_s = float(document["durationS"])
     timing = document["timing"]
     workload = document["workload"]
@@ -554,14 +661,15 @@ def _build(document: Mapping[str, Any]) -> Scenario:
                 gpu_models=tuple(service["gpuModels"]) if "gpuModels" in service else None,
                 power_watts=_optional_float(service.get("powerWatts")),
                 prefill_share=float(service["prefillShare"]),
-                peak_tokens_s=float(service["peakTokensS"]),
+                peak_tokens_s=float(service.get("peakTokensS", 0.0)),
                 daily_shape=_daily_shape(service["dailyShape"]),
                 pod_skew=float(service["podSkew"]),
                 load_bound=float(service["loadBound"]),
                 base_latency_s=float(service["baseLatencyS"]),
                 max_queue_s=float(service["maxQueueS"]),
+                trace=traces.get(index),
             )
-            for service in document["services"]
+            for index, service in enumerate(document["services"])
         ),
         workload=Workload(
             day_length_s=float(workload.get("dayLengthS", duration_s)),

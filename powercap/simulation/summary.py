@@ -39,6 +39,19 @@ def summarize(result: SimulationResult) -> dict[str, Any]:
             "nodes": sum(group.count for group in scenario.nodes),
             "racks": [rack.rack_id for rack in scenario.racks],
             "services": [service.name for service in scenario.services],
+            "traces": {
+                service.name: {
+                    "file": service.trace.file,
+                    "format": service.trace.format,
+                    "startS": service.trace.start_s,
+                    "speedup": service.trace.speedup,
+                    "scale": service.trace.scale,
+                    "traceSeconds": service.trace.recorded.duration_s,
+                    "traceTokens": service.trace.recorded.total_tokens,
+                }
+                for service in scenario.services
+                if service.trace is not None
+            },
             "bursts": [
                 {"service": b.service, "atS": b.at_s, "durationS": b.duration_s, "factor": b.factor}
                 for b in result.trace.bursts

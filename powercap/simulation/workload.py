@@ -15,6 +15,10 @@ and simulated second ``k``::
   ``g_k`` standard normal, ``rho = 0.9``: a log-normal AR(1) with mean 1 and standard
   deviation ``sigma = workload.noise`` of the log.
 
+A service with a recorded ``trace`` offers ``scale x`` the trace's tokens of the trace
+window the second plays (``Trace.offered_tokens``) times the bursts, with no noise and no
+daily shape: the recording has its own.
+
 Between whole seconds the rate is interpolated linearly (:meth:`WorkloadTrace.offered_tokens_s`).
 
 A service's traffic is split over its serving pods in proportion to ``weight x capacity``
@@ -98,11 +102,15 @@ def build_trace(scenario: Scenario) -> WorkloadTrace:
         for second in range(seconds):
             if second:
                 level = NOISE_AUTOCORRELATION * level + innovation * noise_rng.gauss(0.0, 1.0)
-            factor = daily_factor(service.daily_shape, hour_of_day(scenario, second))
+            factor = 1.0
             for burst in bursts:
                 if (burst.service is None or burst.service == service.name) and burst.at_s <= second < burst.at_s + burst.duration_s:
                     factor *= burst.factor
-            values.append(service.peak_tokens_s * factor * math.exp(level - sigma * sigma / 2.0))
+            if service.trace is not None:
+                values.append(service.trace.offered_tokens(second) * factor)
+            else:
+                factor *= daily_factor(service.daily_shape, hour_of_day(scenario, second))
+                values.append(service.peak_tokens_s * factor * math.exp(level - sigma * sigma / 2.0))
         per_second[service.name] = tuple(values)
     return WorkloadTrace(per_second=per_second, bursts=bursts)
 

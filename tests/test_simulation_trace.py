@@ -1,0 +1,194 @@
+"""Recorded traffic: trace files (Azure LLM inference format, rate samples) replayed by the simulator."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from powercap.cli import main
+from powercap.simulation.scenario import ScenarioError, default_scenario_text, scenario_from_document
+from powercap.simulation.tracefile import RecordedTokens, TraceError, parse_azure_llm, parse_rate, parse_trace
+from powercap.simulation.workload import build_trace
+
+# The head of AzureLLMInferenceTrace_conv.csv's layout: 7 fractional digits, no zone.
+AZURE_HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+
+
+def azure_rows(rows: list[tuple[float, int]], start: str = "2023-11-16 18:15:46") -> str:
+    """An Azure-format CSV with requests at ``start`` + seconds, 7 fractional digits as published."""
+    from datetime import datetime, timedelta
+
+    origin = datetime.fromisoformat(start)
+    lines = [AZURE_HEADER.rstrip("\n")]
+    for offset_s, generated in rows:
+        moment = origin + timedelta(seconds=offset_s)
+        lines.append(f"{moment.strftime('%Y-%m-%d %H:%M:%S.%f')}0,{1000 + generated},{generated}")
+    return "\n".join(lines) + "\n"
+
+
+def test_azure_requests_are_summed_per_second_from_the_first_timestamp() -> None:
+    text = azure_rows([(0.2, 10), (0.9, 5), (2.5, 100), (1.3, 7)])  # unsorted, as merged files can be
+    recorded = parse_azure_llm(text)
+    assert recorded.per_second == (15.0, 7.0, 100.0)  # seconds [0.2, 1.2), [1.2, 2.2), [2.2, 3.2)
+    assert recorded.requests == 4
+    assert recorded.total_tokens == 122
+    assert recorded.duration_s == 3
+
+
+def test_azure_columns_are_found_by_name_and_seconds_may_be_numbers() -> None:
+    text = "\ufeffGeneratedTokens,Other,TIMESTAMP\n3,x,10.5\n4,y,11.7\n\n"
+    assert parse_azure_llm(text).per_second == (3.0, 4.0)
+
+
+def test_tokens_between_integrates_any_window() -> None:
+    recorded = RecordedTokens(per_second=(10.0, 20.0, 30.0), requests=3)
+    assert recorded.tokens_between(0, 3) == 60
+    assert recorded.tokens_between(0.5, 1.5) == pytest.approx(5 + 10)
+    assert recorded.tokens_between(2.5, 10) == pytest.approx(15)  # nothing arrives after the end
+    assert recorded.tokens_between(-5, 0) == 0
+
+
+def test_rate_samples_are_interpolated() -> None:
+    recorded = parse_rate("timeS,tokensPerSecond\n100,1000\n110,2000\n130,2000\n")
+    assert recorded.duration_s == 30
+    assert recorded.per_second[0] == pytest.approx(1050)  # the middle of the first second
+    assert recorded.per_second[9] == pytest.approx(1950)
+    assert recorded.per_second[20:] == (2000.0,) * 10
+    assert recorded.total_tokens == pytest.approx(10 * 1500 + 20 * 2000)
+
+
+@pytest.mark.parametrize(
+    "text, trace_format, message",
+    [
+        ("", "azure-llm", "empty file; the header must name TIMESTAMP, GeneratedTokens"),
+        (AZURE_HEADER, "azure-llm", "no requests after the header"),
+        ("time,tokens\n1,2\n", "azure-llm", "line 1: the header has no column TIMESTAMP, GeneratedTokens"),
+        (AZURE_HEADER + "2023-11-16 18:15:46.0,1,2\nyesterday,1,2\n", "azure-llm", "line 3: TIMESTAMP 'yesterday' is neither a date-time"),
+        (AZURE_HEADER + "1.0,10,-3\n", "azure-llm", "line 2: GeneratedTokens -3 is negative"),
+        (AZURE_HEADER + "1.0,10,many\n", "azure-llm", "line 2: GeneratedTokens 'many' is not a number"),
+        (AZURE_HEADER + "1.0,10,nan\n", "azure-llm", "line 2: GeneratedTokens 'nan' is not a finite number"),
+        (AZURE_HEADER + "1.0,10\n", "azure-llm", "line 2: 2 fields, the header has 3"),
+        (AZURE_HEADER + "2023-11-16T18:15:46Z,1,2\n2023-11-16 18:15:47,1,2\n", "azure-llm", "line 3: TIMESTAMP '2023-11-16 18:15:47' has a time zone"),
+        (AZURE_HEADER + "0,1,2\n5000000,1,2\n", "azure-llm", "spans 57.9 days; at most 31 days can be replayed"),
+        ("timeS,tokensPerSecond\n5,10\n", "rate", "needs at least two samples"),
+        ("timeS,tokensPerSecond\n5,10\n5,20\n", "rate", "line 3: timeS 5 is not after the previous sample's 5"),
+        ("timeS,tokensPerSecond\n5,10\n6,inf\n", "rate", "line 3: tokensPerSecond 'inf' is not a finite number"),
+        ("timeS,tokensPerSecond\n5,10\n6,20\n", "jsonl", 'unknown format "jsonl"'),
+    ],
+    ids=lambda value: value if isinstance(value, str) and len(value) < 12 else None,
+)
+def test_a_bad_trace_names_its_line(text: str, trace_format: str, message: str) -> None:
+    with pytest.raises(TraceError) as raised:
+        parse_trace(text, trace_format)
+    assert message in str(raised.value)
+
+
+def traced_document(trace: dict[str, Any], duration_s: float = 60) -> dict[str, Any]:
+    """The built-in scenario with chat replaying ``trace`` instead of its daily shape."""
+    document = yaml.safe_load(default_scenario_text())
+    document["durationS"] = duration_s
+    document["events"] = []
+    document["workload"]["bursts"] = [{"service": "chat", "atS": 10, "durationS": 5, "factor": 2}]
+    document["workload"]["randomBursts"] = {"count": 0}
+    chat = document["services"][0]
+    del chat["peakTokensS"], chat["dailyShape"]
+    chat["trace"] = trace
+    return document
+
+
+def test_the_replay_offers_exactly_the_traces_tokens_of_the_played_window() -> None:
+    # 300 s of trace, one request per second carrying (second + 1) tokens x 100
+    text = azure_rows([(k + 0.5, (k + 1) * 100) for k in range(300)])
+    files = {"conv.csv": text}
+    document = traced_document({"file": "conv.csv", "startS": 40, "speedup": 2.5, "scale": 3})
+    scenario = scenario_from_document(document, read_trace=files.__getitem__)
+    series = build_trace(scenario).per_second["chat"]
+    recorded = parse_azure_llm(text)
+    for second in (0, 5, 33, 59):
+        window_start = 40 + 2.5 * second
+        expected = 3 * recorded.tokens_between(window_start, window_start + 2.5)
+        burst = 2 if 10 <= second < 15 else 1
+        assert series[second] == pytest.approx(expected * burst)
+    # over the run, outside the burst: every token of trace seconds [40, 190) once, times scale
+    unburst = math.fsum(series[s] for s in range(60) if not 10 <= s < 15)
+    burst_tokens = math.fsum(series[s] for s in range(10, 15)) / 2
+    assert unburst + burst_tokens == pytest.approx(3 * recorded.tokens_between(40, 190))
+    # the other services keep their daily shapes
+    assert min(build_trace(scenario).per_second["code"]) > 0
+
+
+def test_a_scenario_names_every_trace_problem() -> None:
+    document = traced_document({"file": "short.csv", "speedup": 10})
+    code = document["services"][1]
+    code["trace"] = {"file": "missing.csv"}
+    batch = document["services"][2]
+    del batch["peakTokensS"]
+    files = {"short.csv": azure_rows([(0, 5), (100, 5)])}
+
+    def read(name: str) -> str:
+        if name not in files:
+            raise FileNotFoundError(name)
+        return files[name]
+
+    with pytest.raises(ScenarioError) as raised:
+        scenario_from_document(document, read_trace=read)
+    shown = [str(problem) for problem in raised.value.problems]
+    assert "services[1].peakTokensS: cannot be used with trace (the trace gives the traffic)" in shown
+    assert "services[1].dailyShape: cannot be used with trace (the trace gives the traffic)" in shown
+    assert "services[2].peakTokensS: is required (or trace, to replay recorded traffic)" in shown
+    assert "services[1].trace.file: missing.csv: no such file (relative to the scenario file)" in shown
+    assert (
+        "services[0].trace: the trace covers 101 s, and a 60-s run from startS 0 at speedup 10 needs 600 s of it; "
+        "shorten the run, raise speedup or lower startS" in shown
+    )
+
+
+def test_without_a_reader_a_trace_is_refused() -> None:
+    with pytest.raises(ScenarioError) as raised:
+        scenario_from_document(traced_document({"file": "conv.csv"}))
+    assert [str(p) for p in raised.value.problems] == [
+        "services[0].trace.file: trace files are read relative to a scenario file; run with --scenario FILE"
+    ]
+
+
+def test_trace_fields_are_checked_by_the_schema() -> None:
+    with pytest.raises(ScenarioError) as raised:
+        scenario_from_document(traced_document({"file": "conv.csv", "format": "csv", "speedup": 0, "sacle": 2}))
+    shown = "\n".join(str(p) for p in raised.value.problems)
+    assert "services[0].trace.format: unsupported value 'csv'; must be one of: azure-llm, rate" in shown
+    assert "services[0].trace.speedup: must be greater than 0" in shown
+    assert "services[0].trace.sacle" in shown and "did you mean scale" in shown
+
+
+def test_simulate_replays_a_trace_file_next_to_the_scenario(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "traces").mkdir()
+    (tmp_path / "traces" / "conv.csv").write_text(azure_rows([(k / 20, 60) for k in range(20 * 120)]))
+    document = traced_document({"file": "traces/conv.csv", "speedup": 2}, duration_s=40)
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text(yaml.safe_dump(document))
+    out = tmp_path / "out"
+    assert main(["simulate", "--scenario", str(scenario), "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "chat: replays traces/conv.csv (azure-llm, 120 s, 144,000 tokens) from 0 s at 2x, tokens x 1" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scenario"]["traces"]["chat"]["traceTokens"] == 144000
+    offered = summary["strategies"]["static-split"]["services"]["chat"]["offeredTokensPerSecond"]
+    # 1200 tokens/s of trace at 2x, doubled for the 5-s burst: (35 x 2400 + 5 x 4800) / 40
+    assert offered == pytest.approx((35 * 2400 + 5 * 4800) / 40, rel=0.02)
+
+
+def test_a_duration_longer_than_the_trace_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "conv.csv").write_text(azure_rows([(k, 100) for k in range(100)]))
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text(yaml.safe_dump(traced_document({"file": "conv.csv"}, duration_s=50)))
+    assert main(["simulate", "--scenario", str(scenario), "--duration", "200", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        f"{scenario}: --duration 200: services[0].trace: the trace covers 100 s, and a 200-s run from startS 0 at speedup 1 "
+        "needs 200 s of it" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "o").exists()
