@@ -355,15 +355,16 @@ def plan_tick(inputs: TickInputs) -> tuple[GpuPlan, ...]:
         owner = owners[reading.uuid]
         record = inputs.records.get(reading.uuid)
         if owner.policy is None:
-            plans.append(_plan_unowned(inputs, reading, record))
+            plans.append(_plan_unowned(inputs, reading, owner.pod, record))
         else:
             plans.append(_plan_owned(inputs, reading, owner, record, gpus_per_policy, pod_loads))
     return tuple(plans)
 
 
-def _plan_unowned(inputs: TickInputs, reading: GpuReading, record: CapRecord | None) -> GpuPlan:
+def _plan_unowned(inputs: TickInputs, reading: GpuReading, pod: KubeObject | None, record: CapRecord | None) -> GpuPlan:
     current_w = reading.requested_limit_w
-    base = GpuPlan(reading.uuid, reading.index, Action.NONE, current_w, current_w, "unowned")
+    # The pod is named even when no policy matches it: telemetry and logs show who uses the GPU.
+    base = GpuPlan(reading.uuid, reading.index, Action.NONE, current_w, current_w, "unowned", pod=object_key(pod) if pod else None)
     if record is None:
         return base
     if not inputs.policy_fresh:

@@ -276,3 +276,13 @@ def test_build_telemetry_reports_tokens_only_beside_a_pod() -> None:
                                       {UUID_A: "inference/llama-0", UUID_B: None}, None, {UUID_A: 300.0, UUID_B: 99.0})
     assert [g.tokens_s for g in built.gpus] == [300.0, None]
     assert [g.tokens_s for g in agentplan.build_telemetry(stamp, [reading()], None, {UUID_A: "inference/llama-0"}).gpus] == [None]
+
+
+def test_a_gpu_whose_pod_no_policy_matches_is_left_alone_but_named() -> None:
+    """kubectl-visible: the telemetry says which pod uses an unmanaged GPU, and its cap is untouched."""
+    tick = inputs(pods_by_uid={POD_UID: pod(name="embedder-0", policy_name="other")}, policies=[policy()])
+    plan = only(tick)
+    assert (plan.action, plan.reason, plan.pod, plan.policy) == (Action.NONE, "unowned", "inference/embedder-0", None)
+    built = agentplan.build_telemetry(datetime(2026, 11, 27, tzinfo=timezone.utc), tick.readings, None, {plan.uuid: plan.pod})
+    assert built.gpus[0].pod == "inference/embedder-0"
+    assert only(inputs(pod_uids_by_gpu={}, policies=[policy()])).pod is None  # no process: nobody to name
