@@ -16,9 +16,8 @@ proportion to their power, ``pod tokens/s x GPU power / power of the pod's GPUs`
 when they all draw 0 W), so that summing the GPUs of a service gives the service's
 tokens/s and the power it takes to make them. It is null (or absent, from an older agent)
 when ``pod`` is null, no policy owns the pod, the pod exposes no metrics, or no rate was
-scraped yet; it is
-never negative. The budget controller divides the sum by the same GPUs' power for the
-policy's ``status.ratio`` (tokens per joule).
+scraped yet; it is never negative. The budget controller divides the sum by the same GPUs'
+power for the policy's ``status.ratio`` (tokens per joule).
 
 Unknown keys are ignored when reading, so a newer agent can add fields without breaking an
 older extender. A malformed annotation is reported as :class:`TelemetryError`; the reader
