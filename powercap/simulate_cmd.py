@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -104,7 +104,12 @@ def read_scenario(path: str | None, err: TextIO) -> Scenario | None:
         if path is None:
             return load_scenario(default_scenario_text())
         directory = Path(path).parent
-        return load_scenario(Path(path).read_text(encoding="utf-8"), read_trace=lambda name: (directory / name).read_text(encoding="utf-8"))
+
+        def read_trace(name: str) -> Iterator[str]:
+            with (directory / name).open(encoding="utf-8", newline="") as lines:
+                yield from lines
+
+        return load_scenario(Path(path).read_text(encoding="utf-8"), read_trace=read_trace)
     except FileNotFoundError:
         err.write(f"{name}: error: no such file\n")
     except IsADirectoryError:

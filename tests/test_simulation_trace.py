@@ -33,7 +33,7 @@ def azure_rows(rows: list[tuple[float, int]], start: str = "2023-11-16 18:15:46"
 
 def test_azure_requests_are_summed_per_second_from_the_first_timestamp() -> None:
     text = azure_rows([(0.2, 10), (0.9, 5), (2.5, 100), (1.3, 7)])  # unsorted, as merged files can be
-    recorded = parse_azure_llm(text)
+    recorded = parse_azure_llm(text.splitlines(keepends=True))
     assert recorded.per_second == (15.0, 7.0, 100.0)  # seconds [0.2, 1.2), [1.2, 2.2), [2.2, 3.2)
     assert recorded.requests == 4
     assert recorded.total_tokens == 122
@@ -42,7 +42,7 @@ def test_azure_requests_are_summed_per_second_from_the_first_timestamp() -> None
 
 def test_azure_columns_are_found_by_name_and_seconds_may_be_numbers() -> None:
     text = "\ufeffGeneratedTokens,Other,TIMESTAMP\n3,x,10.5\n4,y,11.7\n\n"
-    assert parse_azure_llm(text).per_second == (3.0, 4.0)
+    assert parse_azure_llm(text.splitlines(keepends=True)).per_second == (3.0, 4.0)
 
 
 def test_tokens_between_integrates_any_window() -> None:
@@ -54,7 +54,7 @@ def test_tokens_between_integrates_any_window() -> None:
 
 
 def test_rate_samples_are_interpolated() -> None:
-    recorded = parse_rate("timeS,tokensPerSecond\n100,1000\n110,2000\n130,2000\n")
+    recorded = parse_rate("timeS,tokensPerSecond\n100,1000\n110,2000\n130,2000\n".splitlines(keepends=True))
     assert recorded.duration_s == 30
     assert recorded.per_second[0] == pytest.approx(1050)  # the middle of the first second
     assert recorded.per_second[9] == pytest.approx(1950)
@@ -70,11 +70,13 @@ def test_rate_samples_are_interpolated() -> None:
         ("time,tokens\n1,2\n", "azure-llm", "line 1: the header has no column TIMESTAMP, GeneratedTokens"),
         (AZURE_HEADER + "2023-11-16 18:15:46.0,1,2\nyesterday,1,2\n", "azure-llm", "line 3: TIMESTAMP 'yesterday' is neither a date-time"),
         (AZURE_HEADER + "1.0,10,-3\n", "azure-llm", "line 2: GeneratedTokens -3 is negative"),
+        (AZURE_HEADER + "1.0,10,3\n2023-11-16 18:15:46.0,1,2\n", "azure-llm", "line 3: TIMESTAMP '2023-11-16 18:15:46.0': earlier rows use the other kind"),
+        (AZURE_HEADER + "2023-11-16 25:15:46.0,1,2\n", "azure-llm", "line 2: TIMESTAMP '2023-11-16 25:15:46.0' is not a valid date-time"),
         (AZURE_HEADER + "1.0,10,many\n", "azure-llm", "line 2: GeneratedTokens 'many' is not a number"),
         (AZURE_HEADER + "1.0,10,nan\n", "azure-llm", "line 2: GeneratedTokens 'nan' is not a finite number"),
         (AZURE_HEADER + "1.0,10\n", "azure-llm", "line 2: 2 fields, the header has 3"),
         (AZURE_HEADER + "2023-11-16T18:15:46Z,1,2\n2023-11-16 18:15:47,1,2\n", "azure-llm", "line 3: TIMESTAMP '2023-11-16 18:15:47' has a time zone"),
-        (AZURE_HEADER + "0,1,2\n5000000,1,2\n", "azure-llm", "spans 57.9 days; at most 31 days can be replayed"),
+        (AZURE_HEADER + "0,1,2\n5000000,1,2\n", "azure-llm", "line 3: the trace spans more than 31 days, the most that can be replayed"),
         ("timeS,tokensPerSecond\n5,10\n", "rate", "needs at least two samples"),
         ("timeS,tokensPerSecond\n5,10\n5,20\n", "rate", "line 3: timeS 5 is not after the previous sample's 5"),
         ("timeS,tokensPerSecond\n5,10\n6,inf\n", "rate", "line 3: tokensPerSecond 'inf' is not a finite number"),
@@ -84,7 +86,7 @@ def test_rate_samples_are_interpolated() -> None:
 )
 def test_a_bad_trace_names_its_line(text: str, trace_format: str, message: str) -> None:
     with pytest.raises(TraceError) as raised:
-        parse_trace(text, trace_format)
+        parse_trace(text.splitlines(keepends=True), trace_format)
     assert message in str(raised.value)
 
 
@@ -104,11 +106,10 @@ def traced_document(trace: dict[str, Any], duration_s: float = 60) -> dict[str, 
 def test_the_replay_offers_exactly_the_traces_tokens_of_the_played_window() -> None:
     # 300 s of trace, one request per second carrying (second + 1) tokens x 100
     text = azure_rows([(k + 0.5, (k + 1) * 100) for k in range(300)])
-    files = {"conv.csv": text}
     document = traced_document({"file": "conv.csv", "startS": 40, "speedup": 2.5, "scale": 3})
-    scenario = scenario_from_document(document, read_trace=files.__getitem__)
+    scenario = scenario_from_document(document, read_trace=lambda name: {"conv.csv": text}[name].splitlines(keepends=True))
     series = build_trace(scenario).per_second["chat"]
-    recorded = parse_azure_llm(text)
+    recorded = parse_azure_llm(text.splitlines(keepends=True))
     for second in (0, 5, 33, 59):
         window_start = 40 + 2.5 * second
         expected = 3 * recorded.tokens_between(window_start, window_start + 2.5)
@@ -130,10 +131,10 @@ def test_a_scenario_names_every_trace_problem() -> None:
     del batch["peakTokensS"]
     files = {"short.csv": azure_rows([(0, 5), (100, 5)])}
 
-    def read(name: str) -> str:
+    def read(name: str) -> list[str]:
         if name not in files:
             raise FileNotFoundError(name)
-        return files[name]
+        return files[name].splitlines(keepends=True)
 
     with pytest.raises(ScenarioError) as raised:
         scenario_from_document(document, read_trace=read)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -58,8 +58,9 @@ DAILY_SHAPES: Mapping[str, tuple[float, ...]] = {
 }
 
 
-TraceReader = Callable[[str], str]
-"""Reads a trace file named in a scenario (relative to the scenario file); raises OSError."""
+TraceReader = Callable[[str], Iterable[str]]
+"""The lines of a trace file named in a scenario (relative to the scenario file); raises
+OSError (or UnicodeDecodeError) when opening or reading it fails."""
 
 
 class ScenarioError(ValueError):

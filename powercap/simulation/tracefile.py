@@ -24,16 +24,16 @@ Columns are found by their header names (others are ignored). The result is a
 :class:`RecordedTokens`: tokens per whole trace second from the first timestamp, whose
 :meth:`RecordedTokens.tokens_between` integrates it over any window (linear within a second),
 so a replay can run faster or slower than the trace. Every error names its line.
-Pure: the caller reads the file.
+Pure: the caller opens the file and passes its lines, read as a stream.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import math
+import re
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import accumulate
@@ -84,47 +84,55 @@ class RecordedTokens:
         return self.cumulative[second] + self.per_second[second] * (t_s - second)
 
 
-def parse_trace(text: str, trace_format: str) -> RecordedTokens:
-    """Parse a trace file's text; raises :class:`TraceError` naming the line."""
+Lines = Iterable[str]
+"""A trace file's lines (an open text file, or ``text.splitlines(keepends=True)``): read as a
+stream, so a week of requests (the 2024 traces: 27 million rows, 1.1 GB) never sits in memory."""
+
+
+def parse_trace(lines: Lines, trace_format: str) -> RecordedTokens:
+    """Parse a trace's lines; raises :class:`TraceError` naming the line."""
     if trace_format == "azure-llm":
-        return parse_azure_llm(text)
+        return parse_azure_llm(lines)
     if trace_format == "rate":
-        return parse_rate(text)
+        return parse_rate(lines)
     raise TraceError(f'unknown format "{trace_format}"; formats: {", ".join(FORMATS)}')
 
 
-def parse_azure_llm(text: str) -> RecordedTokens:
-    rows = _rows(text, AZURE_COLUMNS)
-    arrivals: list[tuple[float, float]] = []
-    origin: datetime | None = None
-    for line, fields in rows:
-        moment, generated = fields
-        seconds, origin = _seconds(moment, origin, line)
-        arrivals.append((seconds, _count(generated, "GeneratedTokens", line)))
-    if not arrivals:
+def parse_azure_llm(lines: Lines) -> RecordedTokens:
+    """Requests summed per whole second, counted from the first row's timestamp (rows before
+    it, in an unsorted file, count too)."""
+    tokens_by_second: dict[int, float] = {}
+    clock = _TimestampClock()
+    requests = 0
+    low = high = 0
+    for line, (moment, generated) in _rows(lines, AZURE_COLUMNS):
+        second = math.floor(clock.seconds(moment, line))
+        tokens_by_second[second] = tokens_by_second.get(second, 0.0) + _count(generated, "GeneratedTokens", line)
+        requests += 1
+        if second < low or second > high:
+            low, high = min(low, second), max(high, second)
+            if high - low > MAX_TRACE_S:
+                raise TraceError(f"line {line}: the trace spans more than {MAX_TRACE_S // 86400} days, the most that can be replayed (cut the file)")
+    if not requests:
         raise TraceError("no requests after the header")
-    first = min(t for t, _ in arrivals)
-    last = max(t for t, _ in arrivals)
-    _check_length(last - first)
-    per_second = [0.0] * (int(last - first) + 1)
-    for t_s, tokens in arrivals:
-        per_second[int(t_s - first)] += tokens
-    return RecordedTokens(per_second=tuple(per_second), requests=len(arrivals))
+    per_second = tuple(tokens_by_second.get(second, 0.0) for second in range(low, high + 1))
+    return RecordedTokens(per_second=per_second, requests=requests)
 
 
-def parse_rate(text: str) -> RecordedTokens:
+def parse_rate(lines: Lines) -> RecordedTokens:
     samples: list[tuple[float, float]] = []
-    for line, (time_text, rate_text) in _rows(text, RATE_COLUMNS):
+    for line, (time_text, rate_text) in _rows(lines, RATE_COLUMNS):
         t_s = _number(time_text, "timeS", line)
         rate = _count(rate_text, "tokensPerSecond", line)
         if samples and t_s <= samples[-1][0]:
             raise TraceError(f"line {line}: timeS {time_text} is not after the previous sample's {samples[-1][0]:g}")
+        if samples and t_s - samples[0][0] > MAX_TRACE_S:
+            raise TraceError(f"line {line}: the trace spans more than {MAX_TRACE_S // 86400} days, the most that can be replayed (cut the file)")
         samples.append((t_s, rate))
     if len(samples) < 2:
         raise TraceError("needs at least two samples (a rate between two times)")
     first = samples[0][0]
     span_s = samples[-1][0] - first
-    _check_length(span_s)
     times = [t - first for t, _ in samples]
     rates = [r for _, r in samples]
     # tokens in second k: the rate at its middle (samples are usually 15-60 s apart)
@@ -142,46 +150,80 @@ def _interpolate(times: Sequence[float], values: Sequence[float], t: float) -> f
     return values[i - 1] + (values[i] - values[i - 1]) * fraction
 
 
-def _rows(text: str, columns: Sequence[str]) -> list[tuple[int, list[str]]]:
+def _rows(lines: Lines, columns: Sequence[str]) -> Iterator[tuple[int, list[str]]]:
     """``(line number, the named columns' fields)`` of every non-empty row after the header."""
-    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
+    reader = csv.reader(lines)
     try:
         header = next(reader, None)
         if header is None:
             raise TraceError(f"empty file; the header must name {', '.join(columns)}")
-        names = [name.strip() for name in header]
+        names = [name.strip().lstrip("\ufeff") for name in header]
         missing = [column for column in columns if column not in names]
         if missing:
             raise TraceError(f"line 1: the header has no column {', '.join(missing)}; it must name {', '.join(columns)} (it has: {', '.join(names)})")
         positions = [names.index(column) for column in columns]
-        rows = []
+        last = max(positions)
         for fields in reader:
-            if not any(field.strip() for field in fields):
-                continue
-            if len(fields) <= max(positions):
+            if len(fields) <= last:
+                if not any(field.strip() for field in fields):
+                    continue
                 raise TraceError(f"line {reader.line_num}: {len(fields)} fields, the header has {len(names)}")
-            rows.append((reader.line_num, [fields[p].strip() for p in positions]))
+            yield reader.line_num, [fields[p].strip() for p in positions]
     except csv.Error as error:
         raise TraceError(f"line {reader.line_num}: not CSV: {error}") from None
-    return rows
 
 
-def _seconds(text: str, origin: datetime | None, line: int) -> tuple[float, datetime | None]:
-    """Seconds of a TIMESTAMP (a date-time, measured from the first one read, or a number)."""
-    try:
-        return float(text), origin
-    except ValueError:
-        pass
-    try:
-        moment = parse_rfc3339(text.replace(" ", "T", 1))
-    except ValueError:
-        raise TraceError(f"line {line}: TIMESTAMP {text!r} is neither a date-time nor a number of seconds") from None
-    if origin is None:
-        origin = moment
-    try:
-        return (moment - origin).total_seconds(), origin
-    except TypeError:  # one timestamp with a zone, another without
-        raise TraceError(f"line {line}: TIMESTAMP {text!r} has a time zone and earlier ones do not (or the other way round)") from None
+_DATE_TIME = re.compile(r"(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d)(\.\d+)?(Z|z|[+-]\d\d:?\d\d)?")
+
+
+class _TimestampClock:
+    """Seconds of TIMESTAMPs from the first one: a number of seconds, or a date-time.
+
+    Date-times are parsed once per distinct whole second (the fraction is added as a
+    number): a trace has millions of rows but far fewer distinct seconds.
+    """
+
+    def __init__(self) -> None:
+        self._origin: datetime | None = None
+        self._first_number: float | None = None
+        self._second_text = ""
+        self._second_s = 0.0
+
+    def seconds(self, text: str, line: int) -> float:
+        match = _DATE_TIME.fullmatch(text)
+        if match is None:
+            try:
+                value = _number(text, "TIMESTAMP", line)
+            except TraceError:
+                raise TraceError(f"line {line}: TIMESTAMP {text!r} is neither a date-time nor a number of seconds") from None
+            if self._first_number is None:
+                self._mixed_check(self._origin is not None, text, line)
+                self._first_number = value
+            return value - self._first_number
+        self._mixed_check(self._first_number is not None, text, line)
+        whole, fraction, zone = match.groups()
+        second_text = whole + (zone or "")
+        if second_text != self._second_text:
+            self._second_s = self._whole_seconds(second_text, text, line)
+            self._second_text = second_text
+        return self._second_s + (float(fraction) if fraction else 0.0)
+
+    @staticmethod
+    def _mixed_check(mixed: bool, text: str, line: int) -> None:
+        if mixed:
+            raise TraceError(f"line {line}: TIMESTAMP {text!r}: earlier rows use the other kind (date-times and numbers of seconds cannot be mixed)")
+
+    def _whole_seconds(self, second_text: str, text: str, line: int) -> float:
+        try:
+            moment = parse_rfc3339(second_text.replace(" ", "T", 1))
+        except ValueError:
+            raise TraceError(f"line {line}: TIMESTAMP {text!r} is not a valid date-time") from None
+        if self._origin is None:
+            self._origin = moment
+        try:
+            return (moment - self._origin).total_seconds()
+        except TypeError:  # one timestamp with a zone, another without
+            raise TraceError(f"line {line}: TIMESTAMP {text!r} has a time zone and earlier ones do not (or the other way round)") from None
 
 
 def _number(text: str, column: str, line: int) -> float:
@@ -199,8 +241,3 @@ def _count(text: str, column: str, line: int) -> float:
     if value < 0:
         raise TraceError(f"line {line}: {column} {text} is negative")
     return value
-
-
-def _check_length(span_s: float) -> None:
-    if span_s > MAX_TRACE_S:
-        raise TraceError(f"spans {span_s / 86400:.1f} days; at most {MAX_TRACE_S // 86400} days can be replayed (cut the file)")
