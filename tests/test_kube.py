@@ -181,7 +181,8 @@ def test_cache_relists_on_gone_and_reports_what_it_missed(
     apiserver.clear_faults()
 
     assert wait_until(lambda: keys(cache) == {"ml/a", "ml/c"})
-    assert sorted(seen) == [("ADDED", "ml/c"), ("DELETED", "ml/b")]
+    # listeners run just after the items are swapped in
+    assert wait_until(lambda: sorted(seen) == [("ADDED", "ml/c"), ("DELETED", "ml/b")]), seen
     assert len(apiserver.requests_to("GET", kube.pod_path(NS), watch=False)) == 2
     apiserver.put_object("pods", pod("d"))  # and it watches again after the relist
     assert wait_until(lambda: "ml/d" in keys(cache))
