@@ -18,8 +18,12 @@ its traceback and answered 500 with a one-line message. A client never sees a tr
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
+
 from flask import Flask, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -27,8 +31,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from extender import wire
 from extender.sources import NotReady, ViewSource
 from powercap.algorithms import AlgorithmRegistry
-from powercap.objects import pod_gpus_requested
-from powercap.placement import RejectReason, filter_nodes, placement_request, prioritize_nodes
+from powercap.objects import POWER_ANNOTATION, object_key, pod_gpus_requested, pod_power_annotation_problem
+from powercap.placement import PlacementRequest, RejectReason, filter_nodes, placement_request, prioritize_nodes
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,38 @@ class ExtenderMetrics:
                 self.requests.labels(verb, outcome)
 
 
+class AnnotationWarnings:
+    """Logs a pod's unusable ``power-watts`` annotation once per pod and value, not once per
+    filter or prioritize call (kube-scheduler retries a pending pod for as long as it waits).
+    Remembers the last ``limit`` pods."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._limit = limit
+        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def check(self, pod: dict[str, Any], placement: PlacementRequest) -> None:
+        problem = pod_power_annotation_problem(pod)
+        if problem is None:
+            return
+        metadata = pod.get("metadata") or {}
+        raw = str((metadata.get("annotations") or {}).get(POWER_ANNOTATION))
+        seen_key = (str(metadata.get("uid") or object_key(pod)), raw)
+        with self._lock:
+            if seen_key in self._seen:
+                return
+            self._seen[seen_key] = None
+            if len(self._seen) > self._limit:
+                self._seen.popitem(last=False)
+        fallback = ("GPUs x the per-GPU share of its policy's powerCapLimit" if placement.policy is not None
+                    else "GPUs x the node's GPU maximum power limit")
+        log.warning(
+            "pod %s: %s; its power is estimated as %s instead", placement.pod_key, problem, fallback,
+            extra={"pod": placement.pod_key, "annotation": POWER_ANNOTATION, "value": raw,
+                   "policy": placement.policy.key if placement.policy is not None else None, "estimate": fallback},
+        )
+
+
 def create_app(
     source: ViewSource,
     registry: AlgorithmRegistry,
@@ -75,6 +111,7 @@ def create_app(
     app = Flask("powercap-extender")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     metrics = metrics or ExtenderMetrics()
+    annotation_warnings = AnnotationWarnings()
 
     def timed(verb: str, handler: Callable[[bytes], tuple[bytes, int, str]]) -> Response:
         started = time.perf_counter()
@@ -105,6 +142,7 @@ def create_app(
                 return wire.encode_filter_result(candidates, candidates.names, {}, {}), 200, "not_ready"
             return wire.encode_filter_error(f"powercap extender is not ready: {waiting}"), 200, "not_ready"
         request_ = placement_request(view, args.Pod)
+        annotation_warnings.check(args.Pod, request_)
         outcome = filter_nodes(view, request_, candidates.names)
         for reason, count in outcome.rejections.items():
             metrics.rejected.labels(reason.value).inc(count)
@@ -126,6 +164,7 @@ def create_app(
         except NotReady:
             return wire.encode_priorities((name, 0) for name in candidates.names), 200, "not_ready"
         request_ = placement_request(view, args.Pod)
+        annotation_warnings.check(args.Pod, request_)
         scores = prioritize_nodes(view, request_, candidates.names, registry)
         if request_.scored:
             log.debug("prioritize %s", request_.pod_key, extra={"verb": "prioritize", "pod": request_.pod_key,

@@ -228,6 +228,8 @@ class BudgetController:
         def compute(current: dict[str, Any]) -> dict[str, Any] | None:
             if (current.get("metadata") or {}).get("uid") not in (policy.uid, None, ""):
                 return None  # deleted and re-created since the snapshot: next round
+            if not self._is_leader():  # the Lease may be lost while a conflict is retried
+                return None
             before.clear()
             before.update(current.get("status") or {})
             return render_status(plan.inputs, before, now)
@@ -236,12 +238,14 @@ class BudgetController:
         try:
             stored = kube.update_status(self._client, path, compute, attempts=self.settings.write_attempts)
         except kube.NotFound:
+            log.info("status of %s not written: the policy was deleted", policy.key, extra={"policy": policy.key})
             return
         except kube.ApiError as error:
             self.metrics.write_failures.inc()
             report.failed.append(policy.key)
-            log.warning("status of %s not written: %s", policy.key, error,
-                        extra={"policy": policy.key, "error": str(error), "code": error.code})
+            log.log(logging.ERROR if error.code in (401, 403) else logging.WARNING,
+                    "status of %s not written: %s", policy.key, error,
+                    extra={"policy": policy.key, "error": str(error), "code": error.code})
             return
         if stored is None:
             return

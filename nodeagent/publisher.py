@@ -4,7 +4,12 @@
   :func:`powercap.telemetry.to_json`, through one merge patch
   (:func:`powercap.kube.patch_node_annotations`), rate-limited by
   :func:`powercap.agentplan.should_publish` against the last annotation that was
-  *accepted* (a failed patch is retried on a later tick).
+  *accepted*. A failed patch is retried on a later tick, after a backoff that doubles
+  from ``min_interval_s`` up to :data:`MAX_RETRY_S` (or the server's ``Retry-After``),
+  so that an API server that is down, a deleted Node or a missing RBAC permission costs
+  one request a minute, not one a tick. The first failure, and each new kind of
+  failure, is logged as a warning (an error for 401/403) naming the problem; the repeats
+  are debug lines; success after failures is logged once.
 - Events (events.k8s.io/v1, through :func:`powercap.kube.post_event`, which never
   raises) on the policy that owns the GPU: ``PowerCapChanged`` (Normal),
   ``ThermalEmergency``, ``GpuDegraded`` and ``PowerLimitHeldLower`` (Warning). At most
@@ -32,6 +37,7 @@ from powercap.telemetry import TELEMETRY_ANNOTATION, NodeTelemetry, to_json
 log = logging.getLogger(__name__)
 
 REPORTING_CONTROLLER = "powercapping.example.com/agent"
+MAX_RETRY_S = 60.0  # the longest pause between telemetry patches while they fail
 EventType = Literal["Normal", "Warning"]
 
 
@@ -90,6 +96,9 @@ class KubePublisher:
         self._last_sent: NodeTelemetry | None = None
         self._last_sent_s = 0.0
         self._pending: tuple[NodeTelemetry, float] | None = None
+        self._failures = 0  # consecutive failed telemetry patches
+        self._retry_at_s = 0.0
+        self._last_problem = ""
         self._events_at_s: dict[tuple[str, str], float] = {}
         self._folded: dict[tuple[str, str], int] = {}
         self._work: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=max_queued_events)
@@ -138,6 +147,8 @@ class KubePublisher:
     def telemetry(self, telemetry: NodeTelemetry, now_s: float) -> None:
         """Queue ``telemetry`` when :func:`should_publish` says it is worth a patch."""
         with self._lock:
+            if now_s < self._retry_at_s:
+                return
             if not should_publish(self._last_sent, telemetry, now_s - self._last_sent_s, self.settings):
                 return
             queued = self._pending is not None
@@ -154,10 +165,32 @@ class KubePublisher:
         try:
             kube.patch_node_annotations(self._client, self.node, {TELEMETRY_ANNOTATION: to_json(telemetry)})
         except kube.ApiError as error:
-            log.warning("telemetry not published", extra={"node": self.node, "error": str(error)})
+            self._failed(error, now_s)
             return
         with self._lock:
             self._last_sent, self._last_sent_s = telemetry, now_s
+            failures, self._failures, self._retry_at_s, self._last_problem = self._failures, 0, 0.0, ""
+        if failures:
+            log.info("telemetry published again", extra={"node": self.node, "failed_attempts": failures})
+
+    def _failed(self, error: kube.ApiError, now_s: float) -> None:
+        with self._lock:
+            self._failures += 1
+            delay_s = min(MAX_RETRY_S, self.settings.min_interval_s * 2 ** (self._failures - 1))
+            delay_s = max(delay_s, min(error.retry_after_s or 0.0, MAX_RETRY_S))
+            self._retry_at_s = now_s + delay_s
+            problem = f"{error.code} {error.reason}"
+            new_problem, self._last_problem = problem != self._last_problem, problem
+            failures = self._failures
+        if isinstance(error, kube.NotFound):
+            message = f"telemetry not published: Node {self.node} not found (deleted?)"
+        else:
+            message = f"telemetry not published: {error}"
+        level = logging.DEBUG
+        if new_problem:
+            level = logging.ERROR if error.code in (401, 403) else logging.WARNING
+        log.log(level, message, extra={"node": self.node, "error": str(error), "code": error.code,
+                                       "failed_attempts": failures, "retry_in_s": delay_s})
 
     # -- events ------------------------------------------------------------------------
     def event(self, policy: Policy, reason: str, note: str, event_type: EventType, now_s: float) -> None:

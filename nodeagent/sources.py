@@ -164,7 +164,14 @@ class ClusterSource:
                 was, self._reachable = self._reachable, False
                 self._probe_error = str(error)
             if was:
-                log.warning("API server unreachable: keeping caps", extra={"node": self.node, "error": str(error)})
+                if isinstance(error, kube.NotFound):
+                    why = f"Node {self.node} not found (deleted?)"
+                elif error.code in (401, 403):
+                    why = f"the API server refuses to show Node {self.node}"
+                else:
+                    why = "API server unreachable"
+                log.log(logging.ERROR if error.code in (401, 403) else logging.WARNING,
+                        "%s: keeping caps", why, extra={"node": self.node, "error": str(error), "code": error.code})
             return False
         with self._lock:
             self._last_ok_s = self._clock()

@@ -64,6 +64,9 @@ PATCH_CONTENT_TYPES: dict[str, str] = {
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_READ_TIMEOUT_S = 30.0
 DEFAULT_WATCH_TIMEOUT_S = 300.0
+# A Retry-After (429, 503) is honoured up to this; a bigger one would leave a cache stale
+# for longer than any backoff of ours.
+MAX_RETRY_AFTER_S = 60.0
 
 
 # --------------------------------------------------------------------------- errors
@@ -94,6 +97,65 @@ class ApiError(Exception):
         self.message = message
         self.details: Mapping[str, Any] = details or {}
         self.retry_after_s = retry_after_s
+        self.request: RequestFacts | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.code} {self.reason}: {self.message}"
+        hint = self.permission_hint
+        return f"{text} ({hint})" if hint else text
+
+    @property
+    def permission_hint(self) -> str:
+        """For a 401 or 403 of a request we sent: what the operator must fix, naming the
+        verb and the resource ("" otherwise). A 403 message of the RBAC authorizer names
+        them too, but a 401, or a 403 from a webhook authorizer or a proxy, does not."""
+        if self.request is None or self.code not in (401, 403):
+            return ""
+        if self.code == 401:
+            return (f"the API server did not accept our credentials to {self.request.describe()}: "
+                    "the service account token is missing, expired or revoked")
+        return f"missing RBAC permission: {self.request.describe()}"
+
+
+class RequestFacts:
+    """What a request did, in RBAC's words: ``verb`` (get, list, watch, create, update,
+    patch, delete), ``resource`` (``pods``, ``pods/eviction``), ``api_group`` ("" for the
+    core group) and ``namespace`` (None at the cluster scope)."""
+
+    __slots__ = ("verb", "resource", "api_group", "namespace")
+
+    def __init__(self, verb: str, resource: str, api_group: str, namespace: str | None) -> None:
+        self.verb, self.resource, self.api_group, self.namespace = verb, resource, api_group, namespace
+
+    @classmethod
+    def of(cls, method: str, path: str, params: Params | None) -> RequestFacts | None:
+        """The facts of ``method path``, or None for a path that names no resource."""
+        parts = [p for p in path.split("?")[0].strip("/").split("/") if p]
+        if parts[:2] == ["api", "v1"]:
+            group, rest = "", parts[2:]
+        elif parts[:1] == ["apis"] and len(parts) >= 3:
+            group, rest = parts[1], parts[3:]
+        else:
+            return None
+        namespace = None
+        if len(rest) >= 3 and rest[0] == "namespaces":
+            namespace, rest = rest[1], rest[2:]
+        if not rest:
+            return None
+        plural, name = rest[0], rest[1] if len(rest) > 1 else None
+        resource = plural + (f"/{rest[2]}" if len(rest) > 2 else "")
+        watching = str((params or {}).get("watch")).lower() in ("true", "1")
+        verb = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method, method.lower())
+        if method == "GET" and name is None:
+            verb = "watch" if watching else "list"
+        elif method == "DELETE" and name is None:
+            verb = "deletecollection"
+        return cls(verb, resource, group, namespace)
+
+    def describe(self) -> str:
+        """``list pods in API group "" at the cluster scope`` (the RBAC rule to grant)."""
+        scope = f'in namespace "{self.namespace}"' if self.namespace else "at the cluster scope"
+        return f'{self.verb} {self.resource} in API group "{self.api_group}" {scope}'
 
 
 class NotFound(ApiError):
@@ -294,6 +356,14 @@ def _shutdown_socket(response: urllib3.BaseHTTPResponse) -> None:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def _set_read_timeout(response: urllib3.BaseHTTPResponse, timeout_s: float) -> None:
+    """Let the rest of ``response`` be read with ``timeout_s`` per socket read."""
+    connection = getattr(response, "connection", None) or getattr(response, "_connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        sock.settimeout(timeout_s)
 
 
 _Closable = TypeVar("_Closable", bound="_ClosesOnExit")
@@ -526,9 +596,11 @@ class KubeClient(_ClosesOnExit):
                 raw = b""
             finally:
                 response.release_conn()
-            raise _error_from_response(
+            error = _error_from_response(
                 response.status, response.reason or "", raw, response.headers.get("Retry-After")
             )
+            error.request = RequestFacts.of(method, path, params)
+            raise error
         return response
 
     def request(
@@ -609,8 +681,9 @@ class KubeClient(_ClosesOnExit):
         """Start a watch on a collection from ``resource_version``.
 
         ``resource_version`` "" or "0" first replays the current objects as ADDED.
-        The server ends the stream after ``timeout_s``; the read timeout is
-        ``timeout_s`` plus the client's read timeout. Raises at once when the server
+        The server ends the stream after ``timeout_s``. The response headers must come
+        within the client's read timeout; after them the read timeout is ``timeout_s``
+        plus the client's read timeout. Raises at once when the server
         refuses the watch (e.g. :class:`Gone` as an HTTP 410); later failures surface
         while iterating. See :class:`WatchStream`.
         """
@@ -621,7 +694,10 @@ class KubeClient(_ClosesOnExit):
             allowWatchBookmarks=True if allow_bookmarks else None,
             timeoutSeconds=max(1, int(timeout_s)),
         )
-        response = self._send("GET", path, watch_params, None, None, timeout_s + self.read_timeout_s)
+        # The headers must come within the read timeout (a wedged server is noticed like
+        # on any request); only then may the stream stay quiet until the server ends it.
+        response = self._send("GET", path, watch_params, None, None, self.read_timeout_s)
+        _set_read_timeout(response, timeout_s + self.read_timeout_s)
         return WatchStream(response, path)
 
     def create(self, path: str, body: JsonObject) -> JsonObject:
@@ -672,7 +748,10 @@ class WatchCache:
     applied to a dict keyed by :func:`object_key`. On 410 Gone (an HTTP 410 or an
     ``ERROR`` event carrying a 410 Status) it lists again and emits the difference as
     events; on any other failure it waits an exponential backoff with jitter (capped at
-    ``backoff_max_s``) and watches again from the last resourceVersion seen.
+    ``backoff_max_s``), or the server's ``Retry-After`` when longer, and watches again
+    from the last resourceVersion seen. A watch that ends without delivering anything
+    counts as a failure too, so a server or proxy that closes watches at once is not
+    hammered. 401 and 403 are logged as errors naming the verb and resource to grant.
 
     ``version`` increases by one for every applied change, so a consumer rebuilds a
     derived view only when it moved. Listeners run on the cache thread after each
@@ -794,13 +873,25 @@ class WatchCache:
         need_list = True
         while not self._stopping.is_set():
             self._progress = False
+            retry_after_s = 0.0
             try:
                 if need_list:
                     self._relist()
                     need_list = False
                 self._watch()
-                failures = 0
-                continue
+                if self._progress or self._stopping.is_set():
+                    failures = 0
+                    continue
+                # Ended without a single event or bookmark: a proxy that closes long requests
+                # at once would otherwise have us re-watch in a tight loop (client-go's
+                # "very short watch" check). A quiet watch that ran its whole timeout only
+                # waits a moment more.
+                failures += 1
+                logger.info(
+                    "watch cache %s: watch ended without any event, watching again after a pause",
+                    self.name,
+                    extra=self._log_extra(failures=failures),
+                )
             except Gone as exc:
                 need_list = True
                 self._last_error = str(exc)
@@ -817,12 +908,20 @@ class WatchCache:
                 self._connected.clear()
                 self._last_error = str(exc)
                 failures = 1 if self._progress else failures + 1
-                logger.warning(
+                retry_after_s = min(exc.retry_after_s or 0.0, MAX_RETRY_AFTER_S)
+                facts = exc.request
+                logger.log(
+                    # no permission is a deployment mistake, not a passing fault
+                    logging.ERROR if exc.code in (401, 403) else logging.WARNING,
                     "watch cache %s: %s failed: %s",
                     self.name,
                     "list" if need_list else "watch",
                     exc,
-                    extra=self._log_extra(error=str(exc), code=exc.code, failures=failures),
+                    extra=self._log_extra(
+                        error=str(exc), code=exc.code, failures=failures, retry_after_s=exc.retry_after_s,
+                        verb=facts.verb if facts else None, resource=facts.resource if facts else None,
+                        api_group=facts.api_group if facts else None,
+                    ),
                 )
             except Exception as exc:  # never let the cache thread die
                 failures += 1
@@ -830,7 +929,7 @@ class WatchCache:
                     "watch cache %s: unexpected error", self.name, extra=self._log_extra(error=str(exc))
                 )
             delay_s = _backoff_s(failures, self._backoff_initial_s, self._backoff_max_s, self._rng)
-            self._stopping.wait(delay_s)
+            self._stopping.wait(max(delay_s, retry_after_s))
         logger.debug("watch cache %s stopped", self.name, extra=self._log_extra())
 
     def _relist(self) -> None:
@@ -935,10 +1034,10 @@ class LeaderElector:
     Each round (:meth:`tick`) reads the Lease and, when it is missing, free, expired or
     already ours, writes ``holderIdentity``/``renewTime`` with a PUT conditional on the
     resourceVersion read (a 409 means another candidate won this round). A Lease held by
-    someone else counts as expired only when both ``renewTime + leaseDurationSeconds``
-    is past by our clock and we have not seen the record change for
-    ``leaseDurationSeconds`` of our own clock (client-go's guard against clock skew).
-    Taking over from another holder sets ``acquireTime`` and increments
+    someone else counts as expired once we have not seen the record change for
+    ``leaseDurationSeconds`` of our own clock; ``renewTime``, written by the holder's
+    clock, is not trusted (as in client-go: clocks of two machines may disagree by more
+    than a lease). Taking over from another holder sets ``acquireTime`` and increments
     ``leaseTransitions``.
 
     The leader renews every ``retry_period_s``; candidates retry with jitter. Leadership
@@ -1014,12 +1113,20 @@ class LeaderElector:
         try:
             held = self._try_acquire_or_renew(now_s)
         except ApiError as exc:
-            logger.warning(
+            facts = exc.request
+            logger.log(
+                logging.ERROR if exc.code in (401, 403) else logging.WARNING,
                 "lease %s/%s: acquire/renew failed: %s",
                 self.namespace,
                 self.name,
                 exc,
-                extra=self._log_extra(error=str(exc), code=exc.code),
+                extra=self._log_extra(error=str(exc), code=exc.code, verb=facts.verb if facts else None,
+                                      resource=facts.resource if facts else None),
+            )
+            held = None
+        except Exception as exc:  # a Lease of an odd shape must not end the elector thread
+            logger.exception(
+                "lease %s/%s: acquire/renew failed", self.namespace, self.name, extra=self._log_extra(error=str(exc))
             )
             held = None
         if held:
@@ -1061,14 +1168,14 @@ class LeaderElector:
         holder = spec.get("holderIdentity") or ""
         if not holder or holder == self.identity:
             return False
-        duration_s = float(spec.get("leaseDurationSeconds") or self.lease_duration_s)
         try:
-            renewed_s = parse_time(str(spec["renewTime"]))
-        except (KeyError, ValueError):
-            renewed_s = float("-inf")
-        expired_by_renew_time = renewed_s + duration_s < now_s
-        unchanged_for_duration = self._observed_at_s + duration_s <= now_s
-        return not (expired_by_renew_time and unchanged_for_duration)
+            duration_s = float(spec.get("leaseDurationSeconds") or self.lease_duration_s)
+        except (TypeError, ValueError):
+            duration_s = self.lease_duration_s
+        # Only our own clock counts, as in client-go: renewTime was written by the holder's
+        # clock, and a holder whose clock runs ahead would keep a dead Lease "fresh" for as
+        # long as the skew. A live holder changes the record every retry period.
+        return now_s < self._observed_at_s + duration_s
 
     def _try_acquire_or_renew(self, now_s: float) -> bool | None:
         """True: we hold the Lease now. False: someone else holds a valid Lease.

@@ -6,6 +6,7 @@ node agent and the simulator all read Nodes, Pods and policies the same way thro
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -149,6 +150,16 @@ def pod_power_annotation_w(pod: KubeObject) -> float | None:
     except ValueError:
         return None
     return watts if watts is not None and math.isfinite(watts) and watts > 0 else None
+
+
+def pod_power_annotation_problem(pod: KubeObject) -> str | None:
+    """Why a pod's ``powercapping.example.com/power-watts`` annotation is ignored, or None
+    when it is absent or usable (see :func:`pod_power_annotation_w`)."""
+    raw = annotations_of(pod).get(POWER_ANNOTATION)
+    if raw is None or pod_power_annotation_w(pod) is not None:
+        return None
+    return (f'annotation {POWER_ANNOTATION}: {json.dumps(str(raw))} is not a positive number of watts '
+            '(such as "400" or "400W")')
 
 
 def pod_is_active(pod: KubeObject) -> bool:

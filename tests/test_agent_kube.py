@@ -180,6 +180,63 @@ def test_background_publisher_never_blocks_or_raises_when_unreachable() -> None:
         assert publisher.last_sent is None
 
 
+@pytest.mark.parametrize(
+    ("fault", "level", "says"),
+    [
+        pytest.param("down", "WARNING", "telemetry not published: 503 ServiceUnavailable", id="apiserver-down"),
+        pytest.param("deleted", "WARNING", f"telemetry not published: Node {NODE} not found (deleted?)", id="node-deleted"),
+        pytest.param(
+            "forbidden", "ERROR",
+            'missing RBAC permission: patch nodes in API group "" at the cluster scope', id="403",
+        ),
+    ],
+)
+def test_failing_telemetry_patches_back_off_and_say_why_once(
+    apiserver: FakeApiServer, client: KubeClient, caplog: pytest.LogCaptureFixture, fault: str, level: str, says: str,
+) -> None:
+    """Two minutes of ticks against an API server that refuses every patch: a handful of
+    requests, one log line naming the problem, and the first tick after it is fixed publishes."""
+    from datetime import datetime, timezone
+
+    from powercap.telemetry import NodeTelemetry
+
+    if fault != "deleted":
+        apiserver.put_object("nodes", node_object())
+        apiserver.fail_next(10_000, 503 if fault == "down" else 403, method="PATCH")
+    publisher = KubePublisher(client, NODE, background=False, settings=PublishSettings(min_interval_s=5.0))
+    patch_path = f"/api/v1/nodes/{NODE}"
+    with caplog.at_level("DEBUG", logger="nodeagent.publisher"):
+        for second in range(120):
+            publisher.telemetry(NodeTelemetry(datetime.now(timezone.utc), 100.0 + second, None), float(second))
+        attempts = len(apiserver.requests_to("PATCH", patch_path))
+        assert 3 <= attempts <= 6, f"{attempts} patches in 120 ticks"
+        loud = [r for r in caplog.records if r.levelno >= 30]
+        assert len(loud) == 1 and loud[0].levelname == level and says in loud[0].getMessage()
+        assert publisher.last_sent is None
+
+        apiserver.clear_faults()
+        apiserver.put_object("nodes", node_object())
+        for second in range(120, 240):
+            publisher.telemetry(NodeTelemetry(datetime.now(timezone.utc), 100.0 + second, None), float(second))
+            if publisher.last_sent is not None:
+                break
+    assert publisher.last_sent is not None and second <= 120 + 60, "published within a minute of the fix"
+    assert any(r.getMessage() == "telemetry published again" for r in caplog.records)
+
+
+def test_a_deleted_node_is_named_in_the_log_and_caps_are_kept(
+    apiserver: FakeApiServer, cluster: tuple[ClusterSource, ManualClock], caplog: pytest.LogCaptureFixture
+) -> None:
+    source, clock = cluster
+    assert source.probe()
+    apiserver.delete_object("nodes", NODE)
+    with caplog.at_level("WARNING", logger="nodeagent.sources"):
+        assert source.probe() is False
+    assert [r.getMessage() for r in caplog.records] == [f"Node {NODE} not found (deleted?): keeping caps"]
+    clock.advance(31.0)
+    assert source.view().fresh is False
+
+
 def test_a_pod_loading_its_model_owns_its_gpu_in_the_nodes_telemetry(
     apiserver: FakeApiServer, client: KubeClient, simulated: tuple[SimulatedBackend, ManualClock],
 ) -> None:

@@ -117,6 +117,84 @@ def test_status_is_written_through_the_subresource_retrying_a_conflict(client, a
     assert {c["type"]: c["status"] for c in status["conditions"]} == {"Ready": "True", "Feasible": "True", "Enforced": "True"}
 
 
+def test_a_lease_lost_while_retrying_a_conflict_stops_the_write(client, apiserver) -> None:
+    serve_cluster(apiserver)
+    apiserver.conflict_next_put(STATUS_PATH)
+    answers = [True, True]  # leading at the round's check and at the first attempt; lost after the 409
+    controller = controller_for(client, Clock(), is_leader=lambda: answers.pop(0) if answers else False)
+    report = controller.run_round()
+    assert report.written == [] and report.failed == []
+    assert len(apiserver.requests_to("PUT", STATUS_PATH)) == 1, "no write after the Lease was lost"
+    assert stored_status(apiserver) == {}
+
+
+class DeletedBeforeTheWrite:
+    """Snapshots that delete the policy right after the round took its snapshot."""
+
+    def __init__(self, client: kube.KubeClient, apiserver: FakeApiServer, clock: Clock) -> None:
+        self._inner = ListSnapshots(client, ClusterSettings(), AlgorithmRegistry.default(), clock=clock.datetime)
+        self._apiserver = apiserver
+
+    def snapshot(self) -> Any:
+        taken = self._inner.snapshot()
+        self._apiserver.delete_object("powercappingpolicies", "llama", "inference")
+        return taken
+
+
+@pytest.mark.parametrize(
+    ("fault", "failed", "level", "says"),
+    [
+        pytest.param("deleted", [], "INFO", "status of inference/llama not written: the policy was deleted", id="404"),
+        pytest.param(422, ["inference/llama"], "WARNING", "422 Invalid: injected fault 422", id="422"),
+        pytest.param(
+            403, ["inference/llama"], "ERROR",
+            'missing RBAC permission: update powercappingpolicies/status in API group "powercapping.example.com" '
+            'in namespace "inference"',
+            id="403",
+        ),
+    ],
+)
+def test_a_refused_status_write_is_logged_and_the_round_goes_on(
+    client, apiserver, caplog: pytest.LogCaptureFixture, fault: Any, failed: list[str], level: str, says: str,
+) -> None:
+    serve_cluster(apiserver)
+    apiserver.put_object("powercappingpolicies", policy("mistral", "batch", cap_w=900))
+    clock = Clock()
+    controller = controller_for(client, clock)
+    if fault == "deleted":
+        controller = BudgetController(client, DeletedBeforeTheWrite(client, apiserver, clock),  # type: ignore[arg-type]
+                                      ControllerSettings(identity="controller-a"), clock=clock)
+    else:
+        apiserver.fail_next(1, fault, method="PUT", path=STATUS_PATH)
+    with caplog.at_level("INFO", logger="extender.controller"):
+        report = controller.run_round()
+    assert report.failed == failed
+    assert "batch/mistral" in report.written, "the other policies are still written"
+    (record,) = [r for r in caplog.records if says in r.getMessage()]
+    assert record.levelname == level
+    assert controller.metrics.write_failures._value.get() == len(failed)  # noqa: SLF001 - the counter's value
+    assert len(apiserver.requests_to("PUT", STATUS_PATH)) == (0 if fault == "deleted" else 1), "no retry loop"
+    if fault != "deleted":
+        clock.advance(5)
+        assert "inference/llama" in controller.run_round().written  # the next round writes it
+
+
+def test_objects_of_odd_shapes_never_stop_a_round(client, apiserver) -> None:
+    """Fields the API server leaves out or sends as null: the round still writes every status."""
+    serve_cluster(apiserver)
+    apiserver.put_object("nodes", {"metadata": {"name": "bare", "labels": None, "annotations": None}, "status": None})
+    odd_pod = gpu_pod("odd", gpus=1, node="gpu-2", labels=LLAMA)
+    odd_pod["metadata"]["ownerReferences"] = None
+    odd_pod["spec"]["containers"][0]["resources"] = None
+    odd_pod["status"] = None
+    apiserver.put_object("pods", odd_pod)
+    junk_status = {"allocations": [None, {"node": None, "gpus": None}], "conditions": None, "racks": None}
+    apiserver.put_object("powercappingpolicies", {**policy("mistral", "batch", cap_w=900), "status": junk_status})
+    report = controller_for(client, Clock()).run_round()
+    assert sorted(report.written) == ["batch/mistral", "inference/llama"]
+    assert stored_status(apiserver)["budgetW"] == 1940
+
+
 def test_nothing_is_read_or_written_when_nothing_changed(client, apiserver) -> None:
     serve_cluster(apiserver)
     clock = Clock()

@@ -105,6 +105,35 @@ def test_unrelated_pods_pass_every_node_untouched(client: FlaskClient, pod: dict
     assert {s["Score"] for s in scores} == {0}
 
 
+@pytest.mark.parametrize("value", ["-5", "0", "nan", "inf", "400 watts", "0.4kW", ""])
+def test_an_unusable_power_annotation_falls_back_and_is_logged_once_per_pod(
+    client: FlaskClient, caplog: pytest.LogCaptureFixture, value: str
+) -> None:
+    typo = gpu_pod("llama-8", gpus=1, power_watts=value)
+    plain = gpu_pod("llama-9", gpus=1)
+    with caplog.at_level(logging.WARNING, logger="extender.app"):
+        for _ in range(3):  # kube-scheduler retries a pending pod
+            for verb in ("filter", "prioritize"):
+                for cache_capable in (True, False):
+                    answer = post(client, verb, extender_args(typo, NODES, node_cache_capable=cache_capable)).get_json()
+                    fallback = post(client, verb, extender_args(plain, NODES, node_cache_capable=cache_capable)).get_json()
+                    assert answer == fallback  # exactly as without the annotation
+    (record,) = [r for r in caplog.records if "power-watts" in r.getMessage()]
+    assert record.getMessage() == (
+        f"pod inference/llama-8: annotation powercapping.example.com/power-watts: {json.dumps(value)} is not a "
+        "positive number of watts (such as \"400\" or \"400W\"); its power is estimated as GPUs x the per-GPU "
+        "share of its policy's powerCapLimit instead"
+    )
+    assert (record.pod, record.value, record.policy) == ("inference/llama-8", value, "inference/llama")  # type: ignore[attr-defined]
+
+
+def test_a_usable_power_annotation_is_used_without_a_warning(client: FlaskClient, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="extender.app"):
+        result = post(client, "filter", extender_args(gpu_pod("llama-8", power_watts="700W"), NODES, node_cache_capable=True))
+    assert result.get_json()["FailedNodes"] == FAILED  # 700 W, as LLAMA_POD's "700"
+    assert not caplog.records
+
+
 def test_an_infeasible_policy_is_unresolvable_everywhere(tmp_path: Path) -> None:
     path = tmp_path / "cluster.json"
     path.write_text(json.dumps(kubectl_list(NODES, [], [policy("llama", cap_w=300)])))

@@ -181,7 +181,8 @@ def test_cache_relists_on_gone_and_reports_what_it_missed(
     apiserver.clear_faults()
 
     assert wait_until(lambda: keys(cache) == {"ml/a", "ml/c"})
-    assert sorted(seen) == [("ADDED", "ml/c"), ("DELETED", "ml/b")]
+    # listeners run just after the items are swapped in
+    assert wait_until(lambda: sorted(seen) == [("ADDED", "ml/c"), ("DELETED", "ml/b")]), seen
     assert len(apiserver.requests_to("GET", kube.pod_path(NS), watch=False)) == 2
     apiserver.put_object("pods", pod("d"))  # and it watches again after the relist
     assert wait_until(lambda: "ml/d" in keys(cache))
@@ -268,6 +269,107 @@ def test_watch_stream_yields_bookmarks_and_error_events(apiserver: FakeApiServer
         assert kind == "ERROR" and status["reason"] == "Expired"
         assert isinstance(kube.error_from_status(status), Gone)
         assert next(stream, None) is None
+
+
+def test_cache_pauses_when_the_server_ends_every_watch_at_once(
+    apiserver: FakeApiServer, start_cache: CacheFactory
+) -> None:
+    """A proxy that closes long requests at once must not turn the cache into a tight loop."""
+    cache = start_cache(kube.pod_path(), backoff_initial_s=0.1, backoff_max_s=0.2)
+    assert cache.wait_synced(5) and apiserver.wait_for_watches(1)
+    apiserver.end_next_watches(10_000, path=kube.pod_path())
+    apiserver.close_watches()
+    time.sleep(0.6)
+    watches = len(apiserver.requests_to("GET", kube.pod_path(), watch=True))
+    assert 2 <= watches <= 8, f"{watches} watch requests in 0.6 s"
+    assert cache.connected, "the server answers: the copy is current"
+    apiserver.clear_faults()
+    apiserver.put_object("pods", pod("later"))
+    assert wait_until(lambda: keys(cache) == {"ml/later"})
+    assert len(apiserver.requests_to("GET", kube.pod_path(), watch=False)) == 1
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_cache_waits_as_long_as_retry_after_says(
+    apiserver: FakeApiServer, start_cache: CacheFactory, status: int
+) -> None:
+    apiserver.put_object("pods", pod("a"))
+    apiserver.fail_next(1, status, watch=False, retry_after_s=1)
+    cache = start_cache(kube.pod_path(), backoff_initial_s=0.01, backoff_max_s=0.02)
+    assert wait_until(lambda: len(apiserver.requests_to("GET", kube.pod_path())) >= 1)
+    time.sleep(0.5)
+    assert len(apiserver.requests_to("GET", kube.pod_path())) == 1, "asked again before Retry-After"
+    assert cache.wait_synced(5) and keys(cache) == {"ml/a"}
+
+
+@pytest.mark.parametrize(
+    ("status", "watch", "says"),
+    [
+        pytest.param(
+            403, False,
+            'pods is forbidden: User "system:serviceaccount:powercap-system:powercap" cannot list resource "pods" '
+            'in API group "" at the cluster scope (missing RBAC permission: list pods in API group "" at the cluster scope)',
+            id="403-list",
+        ),
+        pytest.param(
+            403, True, 'missing RBAC permission: watch pods in API group "" in namespace "ml"', id="403-watch",
+        ),
+        pytest.param(
+            401, False,
+            "401 Unauthorized: Unauthorized (the API server did not accept our credentials to list pods in API group "
+            '"" in namespace "ml": the service account token is missing, expired or revoked)',
+            id="401-list",
+        ),
+    ],
+)
+def test_cache_says_which_permission_is_missing(
+    apiserver: FakeApiServer, start_cache: CacheFactory, caplog: pytest.LogCaptureFixture,
+    status: int, watch: bool, says: str,
+) -> None:
+    path = kube.pod_path() if status == 403 and not watch else kube.pod_path(NS)
+    apiserver.fail_next(10_000, status, watch=watch)
+    with caplog.at_level("WARNING", logger="powercap.kube"):
+        cache = start_cache(path, backoff_initial_s=0.05, backoff_max_s=0.1)
+        assert wait_until(lambda: any(says in r.getMessage() for r in caplog.records))
+    record = next(r for r in caplog.records if says in r.getMessage())
+    assert record.levelname == "ERROR"
+    assert (record.verb, record.resource, record.code) == ("watch" if watch else "list", "pods", status)  # type: ignore[attr-defined]
+    assert says in cache.last_error
+    assert len(apiserver.requests_to("GET", path, watch=watch)) < 20, "backs off, no tight loop"
+
+
+@pytest.mark.parametrize("watch", [False, True], ids=["list-hangs", "watch-hangs"])
+def test_cache_gives_up_on_a_request_the_server_never_answers(apiserver: FakeApiServer, watch: bool) -> None:
+    apiserver.put_object("pods", pod("a"))
+    apiserver.hang_next(1, path=kube.pod_path(), watch=watch)
+    with KubeClient.for_server(apiserver.url, read_timeout_s=0.3) as impatient:
+        cache = WatchCache(impatient, kube.pod_path(), backoff_initial_s=0.02, backoff_max_s=0.05)
+        cache.start()
+        try:
+            assert cache.wait_synced(5) and keys(cache) == {"ml/a"}
+            # a wedged watch is abandoned after the read timeout, not after the 300 s watch timeout
+            assert wait_until(lambda: len(apiserver.requests_to("GET", kube.pod_path(), watch=watch)) >= 2)
+            apiserver.put_object("pods", pod("b"))
+            assert wait_until(lambda: keys(cache) == {"ml/a", "ml/b"})
+        finally:
+            cache.stop()
+            apiserver.clear_faults()
+
+
+def test_cache_resumes_after_a_stream_cut_mid_line_without_losing_or_repeating(
+    apiserver: FakeApiServer, start_cache: CacheFactory
+) -> None:
+    seen: list[tuple[str, str]] = []
+    cache = start_cache(kube.pod_path(), listeners=(lambda kind, obj: seen.append((kind, kube.object_key(obj))),))
+    assert cache.wait_synced(5) and apiserver.wait_for_watches(1)
+    apiserver.put_object("pods", pod("a"))
+    assert wait_until(lambda: keys(cache) == {"ml/a"})
+    apiserver.close_watches(mid_line=True)  # ends with half an event line
+    apiserver.put_object("pods", pod("b"))
+    apiserver.put_object("pods", pod("a", tier="gold"))
+    assert wait_until(lambda: len(seen) == 3)
+    assert seen == [("ADDED", "ml/a"), ("ADDED", "ml/b"), ("MODIFIED", "ml/a")]
+    assert len(apiserver.requests_to("GET", kube.pod_path(), watch=False)) == 1  # resumed, no relist
 
 
 # --------------------------------------------------------------------------- leader election
@@ -359,6 +461,54 @@ def test_a_lost_race_is_not_fatal(client: KubeClient, apiserver: FakeApiServer) 
     assert a.tick()
     assert calls == ["a started"]
     assert len(apiserver.requests_to("PUT", LEASE)) == 2
+
+
+@pytest.mark.parametrize("holder_skew_s", [3600.0, -3600.0], ids=["holder-clock-ahead", "holder-clock-behind"])
+def test_lease_expiry_is_judged_by_our_own_clock(client: KubeClient, apiserver: FakeApiServer, holder_skew_s: float) -> None:
+    """renewTime is written by the holder's clock: a holder an hour ahead must not keep a
+    dead Lease for an hour, and one an hour behind must not lose a live Lease."""
+    ours = FakeClock()
+    theirs = FakeClock(ours() + holder_skew_s)
+    a, b = elector(client, "a", theirs), elector(client, "b", ours)
+    assert a.tick()
+    for _ in range(10):  # a renews every 2 s: b never takes over, whatever renewTime says
+        ours.advance(2)
+        theirs.advance(2)
+        assert a.tick() and not b.tick()
+    ours.advance(14)  # a stopped renewing 14 s ago
+    assert not b.tick()
+    ours.advance(2)
+    assert b.tick() and lease_spec(apiserver)["holderIdentity"] == "b"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        pytest.param({"holderIdentity": "x", "leaseDurationSeconds": "fifteen", "renewTime": None}, id="wrong-types"),
+        pytest.param("garbage", id="spec-not-an-object"),
+    ],
+)
+def test_an_odd_lease_never_ends_the_elector(client: KubeClient, apiserver: FakeApiServer, spec: Any) -> None:
+    apiserver.put_object("leases", {"metadata": {"name": "budget-controller", "namespace": "powercap-system"}, "spec": spec})
+    clock = FakeClock()
+    a = elector(client, "a", clock)
+    assert a.tick() is False or a.is_leader  # no exception
+    apiserver.delete_object("leases", "budget-controller", "powercap-system")
+    clock.advance(2)
+    assert a.tick() and lease_spec(apiserver)["holderIdentity"] == "a"
+
+
+def test_a_forbidden_lease_says_which_permission_is_missing(
+    client: KubeClient, apiserver: FakeApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = elector(client, "a", FakeClock())
+    apiserver.fail_next(1, 403, method="POST")
+    with caplog.at_level("WARNING", logger="powercap.kube"):
+        assert not a.tick()
+    (record,) = [r for r in caplog.records if "acquire/renew failed" in r.getMessage()]
+    assert record.levelname == "ERROR"
+    assert 'missing RBAC permission: create leases in API group "coordination.k8s.io" in namespace "powercap-system"' in (
+        record.getMessage())
 
 
 def test_elector_thread_leads_and_releases_the_lease_on_stop(client: KubeClient, apiserver: FakeApiServer) -> None:

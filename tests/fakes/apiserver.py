@@ -39,9 +39,11 @@ reads the current state, not a snapshot; no authentication, admission or default
 Test-facing API: the ``apiserver`` fixture of tests/conftest.py (a started
 :class:`FakeApiServer`; benchmarks use ``with FakeApiServer() as server:``), its ``url``, direct state helpers that also emit watch events (:meth:`put_object`,
 :meth:`delete_object`, :meth:`objects`, :meth:`get_object`), :meth:`compact`,
-:meth:`close_watches`, :meth:`send_bookmark`, fault injection (:meth:`fail_next`,
-:meth:`drop_next`, :meth:`conflict_next_put`, :meth:`block_evictions`,
-:meth:`clear_faults`) and the request log (:attr:`requests`, :meth:`requests_to`).
+:meth:`close_watches`, :meth:`send_bookmark`, fault injection (:meth:`fail_next`, which
+answers 401 and 403 with the authenticator's and the RBAC authorizer's exact Status,
+:meth:`drop_next`, :meth:`hang_next`, :meth:`end_next_watches`, :meth:`conflict_next_put`,
+:meth:`block_evictions`, :meth:`clear_faults`) and the request log (:attr:`requests`,
+:meth:`requests_to`).
 """
 
 from __future__ import annotations
@@ -345,6 +347,8 @@ class _Fault:
     method: str | None
     path: str | None
     watch: bool | None
+    retry_after_s: int | None = None
+    mode: Literal["status", "drop", "hang", "empty-watch"] = "status"
 
     def matches(self, method: str, path: str, is_watch: bool) -> bool:
         return (
@@ -432,9 +436,11 @@ class FakeApiServer:
         self._history_rvs: list[int] = []
         self._watch_epoch = 0
         self._close_abrupt = False
+        self._close_mid_line = False
         self._bookmark_generation = 0
         self._active_watches = 0
         self._faults: list[_Fault] = []
+        self._hang_generation = 0
         self._conflicts: dict[str, int] = {}
         self._blocked_evictions: set[str] = set()
         self._block_all_evictions = False
@@ -550,12 +556,14 @@ class FakeApiServer:
             self._cond.notify_all()
             return self._compacted_rv
 
-    def close_watches(self, *, abrupt: bool = False) -> None:
-        """End every open watch: cleanly (final chunk), or ``abrupt=True`` by cutting the
-        connection mid-stream."""
+    def close_watches(self, *, abrupt: bool = False, mid_line: bool = False) -> None:
+        """End every open watch: cleanly (final chunk), ``abrupt=True`` by cutting the
+        connection mid-stream, or ``mid_line=True`` cleanly but after the first half of an
+        event line (a proxy that cut the body and still ended the chunked stream)."""
         with self._cond:
             self._watch_epoch += 1
             self._close_abrupt = abrupt
+            self._close_mid_line = mid_line
             self._cond.notify_all()
 
     def send_bookmark(self) -> None:
@@ -590,12 +598,38 @@ class FakeApiServer:
         method: str | None = None,
         path: str | None = None,
         watch: bool | None = None,
+        retry_after_s: int | None = None,
     ) -> None:
         """Answer the next ``count`` matching requests with ``status`` and a Status body
-        (429 also gets ``Retry-After: 1``). ``path`` matches as a prefix; ``watch``
-        restricts to (non-)watch requests."""
+        as the API server writes it: 401 ``Unauthorized``; 403 the RBAC authorizer's
+        message naming the user, verb, resource, API group and scope; others
+        ``injected fault <status>``. ``retry_after_s`` sets ``Retry-After`` and
+        ``details.retryAfterSeconds`` (429 gets 1 s by default). ``path`` matches as a
+        prefix; ``watch`` restricts to (non-)watch requests."""
+        if retry_after_s is None and status == 429:
+            retry_after_s = 1
         with self._cond:
-            self._faults.append(_Fault(count, status, method, path, watch))
+            self._faults.append(_Fault(count, status, method, path, watch, retry_after_s))
+
+    def hang_next(
+        self,
+        count: int = 1,
+        *,
+        method: str | None = None,
+        path: str | None = None,
+        watch: bool | None = None,
+    ) -> None:
+        """Read the next ``count`` matching requests and never answer them (an overloaded
+        or wedged API server behind a load balancer that keeps the connection), until
+        :meth:`clear_faults` or :meth:`stop`."""
+        with self._cond:
+            self._faults.append(_Fault(count, None, method, path, watch, mode="hang"))
+
+    def end_next_watches(self, count: int = 1, *, path: str | None = None) -> None:
+        """Answer the next ``count`` watches with 200 and a stream that ends at once,
+        without a single event (a proxy that closes long requests early)."""
+        with self._cond:
+            self._faults.append(_Fault(count, None, "GET", path, True, mode="empty-watch"))
 
     def drop_next(
         self,
@@ -608,7 +642,7 @@ class FakeApiServer:
         """Close the connection without any response on the next ``count`` matching
         requests."""
         with self._cond:
-            self._faults.append(_Fault(count, None, method, path, watch))
+            self._faults.append(_Fault(count, None, method, path, watch, mode="drop"))
 
     def conflict_next_put(self, path: str, count: int = 1) -> None:
         """Answer the next ``count`` PUTs to exactly ``path`` with 409 Conflict."""
@@ -628,6 +662,8 @@ class FakeApiServer:
         """Forget every pending fault, conflict and eviction block."""
         with self._cond:
             self._faults.clear()
+            self._hang_generation += 1
+            self._cond.notify_all()
             self._conflicts.clear()
             self._blocked_evictions.clear()
             self._block_all_evictions = False
@@ -727,15 +763,23 @@ class FakeApiServer:
             fault = next((f for f in self._faults if f.matches(h.command, path, request.is_watch)), None)
             if fault is not None:
                 fault.remaining -= 1
-        if fault is not None and fault.status is None:
+        if fault is not None and fault.mode == "drop":
             h.close_connection = True
             h.connection.shutdown(socket.SHUT_RDWR)
             return
+        if fault is not None and fault.mode == "hang":
+            self._hang(h)
+            return
+        if fault is not None and fault.mode == "empty-watch":
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            h.wfile.write(b"0\r\n\r\n")
+            return
         try:
             if fault is not None:
-                headers = {"Retry-After": "1"} if fault.status == 429 else None
-                details = {"retryAfterSeconds": 1} if fault.status == 429 else None
-                raise _Reply(fault.status or 500, f"injected fault {fault.status}", details=details, headers=headers)
+                raise self._injected(fault, request)
             if isinstance(body, str):
                 raise _Reply(400, "the request body is not valid JSON")
             code, response = self._dispatch(h, request)
@@ -746,6 +790,53 @@ class FakeApiServer:
         except _WatchServed:
             return
         self._send_json(h, code, response)
+
+    def _hang(self, h: _Handler) -> None:
+        """Say nothing until the fault is cleared, the server stops or the client leaves."""
+        with self._cond:
+            generation = self._hang_generation
+            while not self._closed and self._hang_generation == generation and not _peer_closed(h.connection):
+                self._cond.wait(0.05)
+        h.close_connection = True
+        try:
+            h.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    SERVICE_ACCOUNT = "system:serviceaccount:powercap-system:powercap"
+
+    def _injected(self, fault: _Fault, request: RecordedRequest) -> _Reply:
+        code = fault.status or 500
+        headers = {"Retry-After": str(fault.retry_after_s)} if fault.retry_after_s is not None else None
+        details: JsonObject | None = {"retryAfterSeconds": fault.retry_after_s} if fault.retry_after_s is not None else None
+        if code == 401:
+            return _Reply(401, "Unauthorized", headers=headers)
+        if code == 403:
+            return self._forbidden(request)
+        return _Reply(code, f"injected fault {code}", details=details, headers=headers)
+
+    def _forbidden(self, request: RecordedRequest) -> _Reply:
+        """The RBAC authorizer's 403, word for word (staging/src/k8s.io/apiserver/pkg/
+        endpoints/handlers/responsewriters/errors.go, ``forbiddenMessage``)."""
+        try:
+            route = self._route(request.path)
+        except _Reply as not_routed:
+            return not_routed
+        rt = route.rt
+        verb = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[request.method]
+        if request.method == "GET" and route.name is None:
+            verb = "watch" if request.is_watch else "list"
+        resource = rt.plural + (f"/{route.subresource}" if route.subresource else "")
+        scope = f'in the namespace "{route.namespace}"' if route.namespace else "at the cluster scope"
+        subject = f'{rt.qualified} "{route.name}"' if route.name else rt.qualified
+        message = (f'{subject} is forbidden: User "{self.SERVICE_ACCOUNT}" cannot {verb} resource "{resource}" '
+                   f'in API group "{rt.group}" {scope}')
+        details: JsonObject = {"kind": rt.plural}
+        if route.name:
+            details["name"] = route.name
+        if rt.group:
+            details["group"] = rt.group
+        return _Reply(403, message, details=details)
 
     @staticmethod
     def _send_json(h: _Handler, code: int, obj: JsonObject, headers: Mapping[str, str] | None = None) -> None:
@@ -1086,6 +1177,10 @@ class FakeApiServer:
             if news == "cut":
                 h.close_connection = True
                 h.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if news == "close" and self._close_mid_line:
+                half = b'{"type":"ADDED","object":{"kind":"'
+                h.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(half), half))
                 return
             if news == "news":
                 for change in changes:
