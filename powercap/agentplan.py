@@ -55,6 +55,7 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Any, Protocol, TypeGuard
 
+from powercap.allocation import AllocationSettings, budget_w
 from powercap.control import CapDecision, CapReason, ControlSettings, ControlState, GpuMeasurement, next_cap
 from powercap.objects import KubeObject, object_key, pod_is_active, policy_for_pod
 from powercap.policies import Policy
@@ -244,16 +245,20 @@ def _is_number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def split_allocation(policy: Policy, node: str, uuids: Sequence[str]) -> Policy:
+def split_allocation(
+    policy: Policy, node: str, uuids: Sequence[str], margin: float = AllocationSettings().margin
+) -> Policy:
     """``--policy FILE`` mode: every local GPU belongs to ``policy``.
 
     Keeps an allocation the file's ``status`` already has for ``node``; otherwise
-    writes one: each GPU gets ``floor(powerCapLimit / len(uuids))`` W, so the node's caps
-    sum to at most powerCapLimit (the control law then clamps each to its [min, max]).
+    writes one: each GPU gets ``floor(budget / len(uuids))`` W with the budget controller's
+    ``budget = floor(powerCapLimit x (1 - margin))``, so the node's caps sum to at most the
+    same budget a cluster would give (the margin absorbs power overshooting a limit); the
+    control law then clamps each to its [min, max].
     """
     if node_allocation(policy, node) is not None or not uuids:
         return policy
-    per_gpu_w = policy.power_cap_w // len(uuids)
+    per_gpu_w = budget_w(policy.power_cap_w, margin) // len(uuids)
     entry = {"node": node, "gpus": [{"uuid": u, "watts": per_gpu_w} for u in uuids], "watts": per_gpu_w * len(uuids)}
     status = dict(policy.status)
     status["allocations"] = [*(status.get("allocations") or ()), entry]

@@ -181,8 +181,11 @@ def test_hot_inlet_cuts_the_cap_and_flags_an_emergency() -> None:
 @pytest.mark.parametrize(
     ("uuids", "cap_w", "expected"),
     [
-        pytest.param(["a", "b", "c"], 1000, [333, 333, 333], id="floor-never-sums-above-cap"),
-        pytest.param(["a"], 450, [450], id="single-gpu"),
+        # the budget is powerCapLimit minus the controller's 3 % margin: floor(1000 x 0.97) = 970
+        pytest.param(["a", "b", "c"], 1000, [323, 323, 323], id="floor-never-sums-above-budget"),
+        pytest.param(["a"], 450, [436], id="single-gpu"),
+        # the same policy on a cluster gets budgetW 2716 from the controller; not 4 x 700 = 2800
+        pytest.param(["a", "b", "c", "d"], 2800, [679, 679, 679, 679], id="keeps-the-overshoot-margin"),
     ],
 )
 def test_split_allocation(uuids: list[str], cap_w: int, expected: list[int]) -> None:

@@ -20,6 +20,7 @@ TARGET = PerformanceTarget(target_tokens_per_joule=1.0, tolerance_pct=10)
         pytest.param(replace(H100, allocation_w=500), ControlState(), 500, CapReason.ALLOCATION, True, id="allocation-raised"),
         pytest.param(replace(H100, allocation_w=398), ControlState(), 398, CapReason.ALLOCATION, True, id="small-cut-below-allocation-still-applied"),
         pytest.param(replace(H100, allocation_w=403), ControlState(), 400, CapReason.HOLD, False, id="small-raise-ignored-hysteresis"),
+        pytest.param(replace(H100, allocation_w=405), ControlState(), 405, CapReason.ALLOCATION, True, id="raise-of-one-whole-hysteresis-step-applied"),
         pytest.param(replace(H100, allocation_w=900), ControlState(), 700, CapReason.ALLOCATION, True, id="allocation-clamped-to-max"),
         pytest.param(replace(H100, allocation_w=50), ControlState(), 200, CapReason.ALLOCATION, True, id="allocation-clamped-to-min"),
         pytest.param(replace(H100, allocation_w=None), ControlState(), 200, CapReason.NO_ALLOCATION, True, id="new-gpu-runs-at-minimum"),
