@@ -285,3 +285,21 @@ def test_the_run_offers_exactly_the_played_windows_tokens_and_repeats(tmp_path: 
             strategy.pop("wallSeconds"), strategy.pop("speedVsRealTime")
         figures.append(summary["strategies"])
     assert figures[0] == figures[1]
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (PermissionError(13, "Permission denied"), "services[0].trace.file: conv.csv: Permission denied"),
+        (IsADirectoryError(21, "Is a directory"), "services[0].trace.file: conv.csv: Is a directory"),
+        (FileNotFoundError(2, "No such file"), "services[0].trace.file: conv.csv: no such file (relative to the scenario file)"),
+    ],
+    ids=["unreadable", "directory", "missing"],
+)
+def test_a_trace_file_that_cannot_be_opened_is_named(error: OSError, message: str) -> None:
+    def read(name: str) -> list[str]:
+        raise error
+
+    with pytest.raises(ScenarioError) as raised:
+        scenario_from_document(traced_document({"file": "conv.csv"}), read_trace=read)
+    assert [str(p) for p in raised.value.problems] == [message]
