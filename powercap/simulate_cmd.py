@@ -23,6 +23,7 @@ from powercap.cli import non_negative_int, positive_seconds
 from powercap.simulation.engine import SimulationResult, simulate
 from powercap.simulation.scenario import Scenario, ScenarioError, default_scenario_text, load_scenario
 from powercap.simulation.summary import summarize
+from powercap.simulation.tracefile import TraceError
 
 EXIT_OK, EXIT_BAD_SCENARIO = 0, 2
 MIN_DURATION_S, MAX_DURATION_S = 1.0, 1_000_000.0  # durationS in powercap/data/scenario-schema.yaml
@@ -107,7 +108,10 @@ def read_scenario(path: str | None, err: TextIO) -> Scenario | None:
 
         def read_trace(name: str) -> Iterator[str]:
             with (directory / name).open(encoding="utf-8", newline="") as lines:
-                yield from lines
+                try:
+                    yield from lines
+                except UnicodeDecodeError:
+                    raise TraceError(undecodable_line(directory / name)) from None
 
         return load_scenario(Path(path).read_text(encoding="utf-8"), read_trace=read_trace)
     except FileNotFoundError:
@@ -123,6 +127,17 @@ def read_scenario(path: str | None, err: TextIO) -> Scenario | None:
             err.write(f"{name}: {problem}\n")
         err.write(f"{name}: {len(error.problems)} problem(s); see docs/simulator.md for the format\n")
     return None
+
+
+def undecodable_line(path: Path) -> str:
+    """Where a file that is not UTF-8 stops being so: its first such line, and the byte."""
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return f"line {number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
+    return "not UTF-8 text"
 
 
 class ProgressBar:

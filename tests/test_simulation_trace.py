@@ -81,6 +81,13 @@ def test_rate_samples_are_interpolated() -> None:
         ("timeS,tokensPerSecond\n5,10\n5,20\n", "rate", "line 3: timeS 5 is not after the previous sample's 5"),
         ("timeS,tokensPerSecond\n5,10\n6,inf\n", "rate", "line 3: tokensPerSecond 'inf' is not a finite number"),
         ("timeS,tokensPerSecond\n5,10\n6,20\n", "jsonl", 'unknown format "jsonl"'),
+        # sums of such values are infinite: the run would offer inf tokens and summary.json say NaN
+        (AZURE_HEADER + "1.0,10,3\n2.0,10,1e308\n", "azure-llm", "line 3: GeneratedTokens 1e308 is more than 1e+18"),
+        (AZURE_HEADER + "1.0,10,9e17\n2.0,10,9e17\n", "azure-llm", "line 3: GeneratedTokens 9e17: the trace's tokens add up to more than 1e+18"),
+        ("timeS,tokensPerSecond\n0,1e300\n6,20\n", "rate", "line 2: tokensPerSecond 1e300 is more than 1e+18"),
+        ("timeS,tokensPerSecond\n0,1e17\n60,1e17\n", "rate", "line 3: tokensPerSecond 1e17: the trace's tokens add up to more than 1e+18"),
+        # the 2024 files' zone is written without a space; one with a space is named
+        (AZURE_HEADER + "2024-05-10 00:00:00.009930 +00:00,1,2\n", "azure-llm", "line 2: TIMESTAMP '2024-05-10 00:00:00.009930 +00:00' is neither"),
     ],
     ids=lambda value: value if isinstance(value, str) and len(value) < 12 else None,
 )
@@ -145,7 +152,7 @@ def test_a_scenario_names_every_trace_problem() -> None:
     assert "services[1].trace.file: missing.csv: no such file (relative to the scenario file)" in shown
     assert (
         "services[0].trace: the trace covers 101 s, and a 60-s run from startS 0 at speedup 10 needs 600 s of it; "
-        "shorten the run, raise speedup or lower startS" in shown
+        "shorten the run to at most 10.1 s, lower speedup or lower startS" in shown
     )
 
 
@@ -193,3 +200,106 @@ def test_a_duration_longer_than_the_trace_exits_2(tmp_path: Path, capsys: pytest
         "needs 200 s of it" in capsys.readouterr().err
     )
     assert not (tmp_path / "o").exists()
+
+
+def write_scenario(tmp_path: Path, trace: dict[str, Any], duration_s: float = 20, bursts: bool = False) -> Path:
+    document = traced_document(trace, duration_s=duration_s)
+    if not bursts:
+        document["workload"]["bursts"] = []
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text(yaml.safe_dump(document))
+    return scenario
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        # a Latin-1 export: the line and the byte, not only "not UTF-8"
+        (AZURE_HEADER.encode() + b"0,1,2\n1,1,2\n2,1,3\xe9\n", "conv.csv: line 4: not UTF-8 text (byte 0xe9 at column 6)"),
+        (AZURE_HEADER.encode() + b"0,1,2\n1,1,1e308\n", "conv.csv: line 3: GeneratedTokens 1e308 is more than 1e+18"),
+        (b"\x7fELF\x02\x01\x01\x00\xff\xfe\n", "conv.csv: line 1: not UTF-8 text (byte 0xff at column 9)"),
+    ],
+    ids=["latin-1", "huge", "binary"],
+)
+def test_simulate_names_the_line_of_an_unusable_file_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, message: str
+) -> None:
+    (tmp_path / "conv.csv").write_bytes(content)
+    scenario = write_scenario(tmp_path, {"file": "conv.csv"})
+    assert main(["simulate", "--scenario", str(scenario), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{scenario}: services[0].trace.file: {message}" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "trace, message",
+    [
+        # a higher speedup plays more of the trace, so the advice is to lower it
+        ({"speedup": 10}, "the trace covers 100 s, and a 20-s run from startS 0 at speedup 10 needs 200 s of it; "
+                          "shorten the run to at most 10 s, lower speedup or lower startS"),
+        ({"speedup": 3600}, "the trace covers 100 s, and a 20-s run from startS 0 at speedup 3600 needs 72000 s of it; "
+                            "lower speedup or lower startS"),
+        ({"startS": 100}, "startS 100 is at or after the end of the trace, which covers 100 s"),
+        ({"startS": 5000, "speedup": 0.5}, "startS 5000 is at or after the end of the trace, which covers 100 s"),
+    ],
+)
+def test_a_trace_too_short_for_the_run_says_how_to_fit_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], trace: dict[str, Any], message: str
+) -> None:
+    (tmp_path / "conv.csv").write_text(azure_rows([(k, 100) for k in range(100)]))
+    scenario = write_scenario(tmp_path, {"file": "conv.csv", **trace})
+    assert main(["simulate", "--scenario", str(scenario), "--out", str(tmp_path / "o")]) == 2
+    assert f"{scenario}: services[0].trace: {message}" in capsys.readouterr().err
+
+
+def test_a_scale_too_large_to_compute_with_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "conv.csv").write_text(azure_rows([(k, 100) for k in range(100)]))
+    scenario = write_scenario(tmp_path, {"file": "conv.csv", "scale": 1e307})
+    assert main(["simulate", "--scenario", str(scenario), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        f"{scenario}: services[0].trace.scale: 1e+307 times the trace's busiest second (100 tokens) is too large to compute with"
+        in capsys.readouterr().err
+    )
+
+
+def test_the_run_offers_exactly_the_played_windows_tokens_and_repeats(tmp_path: Path) -> None:
+    """summary.json's offered tokens are the file's tokens of the played window, times scale,
+    even for bursty request-level traffic (a spike in the very first second), and a second
+    run gives the same figures."""
+    import random
+
+    rng = random.Random(3)
+    rows = [(k + rng.random(), rng.randint(1, 2000)) for k in range(100) for _ in range(40 if k % 7 == 0 else 1)]
+    (tmp_path / "conv.csv").write_text(azure_rows(rows))
+    scenario = write_scenario(tmp_path, {"file": "conv.csv", "startS": 7, "speedup": 1.5, "scale": 2})
+    recorded = parse_azure_llm((tmp_path / "conv.csv").read_text().splitlines(keepends=True))
+    expected = 2 * recorded.tokens_between(7, 7 + 20 * 1.5)
+    figures = []
+    for out in ("a", "b"):
+        assert main(["simulate", "--scenario", str(scenario), "--out", str(tmp_path / out)]) == 0
+        summary = json.loads((tmp_path / out / "summary.json").read_text())
+        for strategy in summary["strategies"].values():
+            assert strategy["services"]["chat"]["offeredTokensPerSecond"] * 20 == pytest.approx(expected, rel=1e-6)
+            strategy.pop("wallSeconds"), strategy.pop("speedVsRealTime")
+        figures.append(summary["strategies"])
+    assert figures[0] == figures[1]
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (PermissionError(13, "Permission denied"), "services[0].trace.file: conv.csv: Permission denied"),
+        (IsADirectoryError(21, "Is a directory"), "services[0].trace.file: conv.csv: Is a directory"),
+        (FileNotFoundError(2, "No such file"), "services[0].trace.file: conv.csv: no such file (relative to the scenario file)"),
+    ],
+    ids=["unreadable", "directory", "missing"],
+)
+def test_a_trace_file_that_cannot_be_opened_is_named(error: OSError, message: str) -> None:
+    def read(name: str) -> list[str]:
+        raise error
+
+    with pytest.raises(ScenarioError) as raised:
+        scenario_from_document(traced_document({"file": "conv.csv"}), read_trace=read)
+    assert [str(p) for p in raised.value.problems] == [message]

@@ -60,7 +60,8 @@ DAILY_SHAPES: Mapping[str, tuple[float, ...]] = {
 
 TraceReader = Callable[[str], Iterable[str]]
 """The lines of a trace file named in a scenario (relative to the scenario file); raises
-OSError (or UnicodeDecodeError) when opening or reading it fails."""
+OSError (or UnicodeDecodeError) when opening or reading it fails, or TraceError naming the
+line that cannot be read."""
 
 
 class ScenarioError(ValueError):
@@ -125,12 +126,19 @@ class Trace:
         return self.scale * self.recorded.tokens_between(start, start + self.speedup)
 
     def coverage_problem(self, duration_s: float) -> str | None:
-        if self.needed_s(duration_s) <= self.recorded.duration_s:
+        """Why a run of ``duration_s`` cannot be played from this trace (None: it can)."""
+        covered_s = self.recorded.duration_s
+        if self.start_s >= covered_s:
+            return f"startS {self.start_s:g} is at or after the end of the trace, which covers {covered_s:g} s"
+        if self.needed_s(duration_s) <= covered_s:
             return None
+        # a higher speedup plays more trace per simulated second, so the fix is a lower one
+        longest_s = math.floor((covered_s - self.start_s) / self.speedup * 1000) / 1000
+        shorten = f"shorten the run to at most {longest_s:g} s, " if longest_s >= 1 else ""
         return (
-            f"the trace covers {self.recorded.duration_s:g} s, and a {duration_s:g}-s run from startS "
+            f"the trace covers {covered_s:g} s, and a {duration_s:g}-s run from startS "
             f"{self.start_s:g} at speedup {self.speedup:g} needs {self.needed_s(duration_s):g} s of it; "
-            "shorten the run, raise speedup or lower startS"
+            f"{shorten}lower speedup or lower startS"
         )
 
 
@@ -411,6 +419,10 @@ def _read_traces(document: Mapping[str, Any], read_trace: TraceReader | None, pr
             scale=float(spec["scale"]),
             recorded=recorded,
         )
+        busiest = max(recorded.per_second)
+        if not math.isfinite(trace.scale * busiest * max(1.0, trace.speedup)):
+            problems.append(Problem(join_path(path, "scale"), f"{trace.scale:g} times the trace's busiest second ({busiest:g} tokens) is too large to compute with"))
+            continue
         coverage = trace.coverage_problem(duration_s)
         if coverage is not None:
             problems.append(Problem(path, coverage))

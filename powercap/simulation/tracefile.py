@@ -45,6 +45,9 @@ AZURE_COLUMNS = ("TIMESTAMP", "GeneratedTokens")
 RATE_COLUMNS = ("timeS", "tokensPerSecond")
 MAX_TRACE_S = 31 * 86400
 """Longest trace read (a month): the per-second series of a longer one would not fit a laptop's memory well."""
+MAX_TOKENS = 1e18
+"""Most generated tokens a trace may hold (a month at a billion tokens/s is 2.7e15): a file
+beyond it is broken, and sums of such values overflow to infinity."""
 
 
 class TraceError(ValueError):
@@ -105,9 +108,16 @@ def parse_azure_llm(lines: Lines) -> RecordedTokens:
     clock = _TimestampClock()
     requests = 0
     low = high = 0
+    total = 0.0
     for line, (moment, generated) in _rows(lines, AZURE_COLUMNS):
         second = math.floor(clock.seconds(moment, line))
-        tokens_by_second[second] = tokens_by_second.get(second, 0.0) + _count(generated, "GeneratedTokens", line)
+        count = _count(generated, "GeneratedTokens", line)
+        if count > MAX_TOKENS:
+            raise TraceError(f"line {line}: GeneratedTokens {generated} is more than {MAX_TOKENS:g}")
+        tokens_by_second[second] = tokens_by_second.get(second, 0.0) + count
+        total += count
+        if total > MAX_TOKENS:
+            raise TraceError(f"line {line}: GeneratedTokens {generated}: the trace's tokens add up to more than {MAX_TOKENS:g}")
         requests += 1
         if second < low or second > high:
             low, high = min(low, second), max(high, second)
@@ -121,13 +131,20 @@ def parse_azure_llm(lines: Lines) -> RecordedTokens:
 
 def parse_rate(lines: Lines) -> RecordedTokens:
     samples: list[tuple[float, float]] = []
+    total = 0.0
     for line, (time_text, rate_text) in _rows(lines, RATE_COLUMNS):
         t_s = _number(time_text, "timeS", line)
         rate = _count(rate_text, "tokensPerSecond", line)
+        if rate > MAX_TOKENS:
+            raise TraceError(f"line {line}: tokensPerSecond {rate_text} is more than {MAX_TOKENS:g}")
         if samples and t_s <= samples[-1][0]:
             raise TraceError(f"line {line}: timeS {time_text} is not after the previous sample's {samples[-1][0]:g}")
         if samples and t_s - samples[0][0] > MAX_TRACE_S:
             raise TraceError(f"line {line}: the trace spans more than {MAX_TRACE_S // 86400} days, the most that can be replayed (cut the file)")
+        if samples:
+            total += (t_s - samples[-1][0]) * (rate + samples[-1][1]) / 2.0
+            if total > MAX_TOKENS:
+                raise TraceError(f"line {line}: tokensPerSecond {rate_text}: the trace's tokens add up to more than {MAX_TOKENS:g}")
         samples.append((t_s, rate))
     if len(samples) < 2:
         raise TraceError("needs at least two samples (a rate between two times)")

@@ -19,7 +19,11 @@ A service with a recorded ``trace`` offers ``scale x`` the trace's tokens of the
 window the second plays (``Trace.offered_tokens``) times the bursts, with no noise and no
 daily shape: the recording has its own.
 
-Between whole seconds the rate is interpolated linearly (:meth:`WorkloadTrace.offered_tokens_s`).
+Between whole seconds the synthetic rate is interpolated linearly
+(:meth:`WorkloadTrace.offered_tokens_s`); a replayed trace's rate is constant within each
+second, so that every simulated second offers exactly its window's tokens (interpolating
+would move up to half of a second's requests into the next one, and the first second's out
+of the run).
 
 A service's traffic is split over its serving pods in proportion to ``weight x capacity``
 where capacity is the pod's uncapped tokens/s and ``weight = exp(podSkew x g - podSkew^2 / 2)``
@@ -49,13 +53,18 @@ class WorkloadTrace:
 
     per_second: Mapping[str, tuple[float, ...]]
     bursts: tuple[Burst, ...]
+    replayed: frozenset[str] = frozenset()
+    """Services replaying a recorded trace: their rate is constant within each second."""
 
     def offered_tokens_s(self, service: str, t_s: float) -> float:
-        """Linear interpolation between the whole seconds around ``t_s``."""
+        """Linear interpolation between the whole seconds around ``t_s`` (a replayed
+        service: the rate of the second holding ``t_s``)."""
         series = self.per_second[service]
         second = int(t_s)
         if second >= len(series) - 1:
             return series[-1]
+        if service in self.replayed:
+            return series[second]
         fraction = t_s - second
         return series[second] + (series[second + 1] - series[second]) * fraction
 
@@ -112,7 +121,8 @@ def build_trace(scenario: Scenario) -> WorkloadTrace:
                 factor *= daily_factor(service.daily_shape, hour_of_day(scenario, second))
                 values.append(service.peak_tokens_s * factor * math.exp(level - sigma * sigma / 2.0))
         per_second[service.name] = tuple(values)
-    return WorkloadTrace(per_second=per_second, bursts=bursts)
+    replayed = frozenset(service.name for service in scenario.services if service.trace is not None)
+    return WorkloadTrace(per_second=per_second, bursts=bursts, replayed=replayed)
 
 
 def pod_weight(seed: int, service: Service, pod_index: int) -> float:
