@@ -13,7 +13,11 @@ Inputs of the allocation (:mod:`powercap.allocation`), per policy:
 - ``reserved_w``: GPUs its bound pods requested that no telemetry lists yet (a pod just
   started) run at their minimum until their agent reports them:
   ``(boundGpus - reportedGpus) x the largest minimum among its GPUs`` (the default
-  minimum when none reports);
+  minimum when none reports); and the GPUs its *pending* pods request, as many as the
+  budget can hold beside the bound GPUs' minimums (:func:`reservable_pending_gpus`), so
+  that a new GPU starting at its minimum never lifts the caps' sum above the budget: the
+  extender places a pod of the policy only once the published allocations leave room for
+  its GPUs' minimums (:func:`powercap.placement.budget_room_rejection`);
 - racks: every rack with a ``maxPower`` (the strictest over Enforce policies), with
   ``unmanaged_power_w = rack power (measured + assumed) - measured power of the GPUs
   allocated in it``.
@@ -40,6 +44,7 @@ from typing import Any
 from powercap.allocation import (
     Allocation,
     AllocationSettings,
+    budget_w,
     GpuState,
     RackAllocation,
     RackLimit,
@@ -96,7 +101,7 @@ def plan_round(
     whole round to apply the allocation); when None (a one-off run), every lagging GPU is.
     """
     settings = settings or AllocationSettings()
-    services = {key: _service(policy_view, view) for key, policy_view in sorted(view.policies.items())}
+    services = {key: _service(policy_view, view, settings.margin) for key, policy_view in sorted(view.policies.items())}
     enforce = [s for key, s in services.items() if view.policies[key].policy.mode is Mode.ENFORCE]
     observe = [s for key, s in services.items() if view.policies[key].policy.mode is Mode.OBSERVE]
     first = allocate(enforce, _rack_limits(view, enforce, counted_at_caps=None), settings)
@@ -112,7 +117,18 @@ def plan_round(
     return RoundPlan(now=view.now, policies=MappingProxyType(plans), racks=MappingProxyType(racks))
 
 
-def _service(policy_view: PolicyView, view: ClusterView) -> Service:
+def reservable_pending_gpus(policy_view: PolicyView, reported_min_w: float, minimum_w: float, margin: float) -> int:
+    """How many of the policy's pending GPUs the budget can keep a minimum free for, beside
+    the minimums of its bound GPUs (``reported_min_w`` for those telemetry lists, ``minimum_w``
+    each for the rest). Pods beyond that cannot be placed anyway (the extender says so)."""
+    if policy_view.pending_gpus <= 0 or minimum_w <= 0:
+        return 0
+    unreported = max(0, policy_view.bound_gpus - len(policy_view.gpus))
+    room_w = budget_w(policy_view.policy.power_cap_w, margin) - reported_min_w - unreported * minimum_w
+    return max(0, min(policy_view.pending_gpus, int(room_w // minimum_w)))
+
+
+def _service(policy_view: PolicyView, view: ClusterView, margin: float) -> Service:
     published = published_allocations(policy_view.policy.status)
     gpus = []
     for entry in policy_view.gpus:
@@ -124,8 +140,15 @@ def _service(policy_view: PolicyView, view: ClusterView) -> Service:
             previous_w=published.get(gpu.uuid), fresh=node is not None and node.fresh,
         ))
     unreported = max(0, policy_view.bound_gpus - len(gpus))
-    minimum_w = max((g.min_w for g in gpus), default=view.settings.default_gpu_min_w)
-    return Service(policy_view.key, policy_view.policy.power_cap_w, tuple(gpus), reserved_w=unreported * minimum_w)
+    minimum_w = _new_gpu_minimum_w(policy_view, view)
+    pending = reservable_pending_gpus(policy_view, sum(g.min_w for g in gpus), minimum_w, margin)
+    return Service(policy_view.key, policy_view.policy.power_cap_w, tuple(gpus), reserved_w=(unreported + pending) * minimum_w)
+
+
+def _new_gpu_minimum_w(policy_view: PolicyView, view: ClusterView) -> float:
+    """What a GPU joining the service runs at until it has an allocation: the largest
+    minimum among its GPUs (the default minimum when none reports)."""
+    return max((g.gpu.min_w for g in policy_view.gpus), default=view.settings.default_gpu_min_w)
 
 
 def _rack_limits(view: ClusterView, services: Iterable[Service], counted_at_caps: Allocation | None) -> list[RackLimit]:
@@ -192,6 +215,9 @@ def _plan(
         lagging=reported,
         silent_nodes=_silent_nodes(policy_view, view),
         unreported_gpus=unreported,
+        pending_reserved_gpus=reservable_pending_gpus(
+            policy_view, sum(g.gpu.min_w for g in policy_view.gpus), _new_gpu_minimum_w(policy_view, view), settings.margin,
+        ),
     )
     return PolicyPlan(
         policy=policy,

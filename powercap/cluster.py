@@ -204,14 +204,16 @@ class PolicyView:
     """A valid policy and what it holds now.
 
     ``pods``: keys of its active pods (bound or pending), sorted. ``bound_gpus``: GPUs
-    requested by those of them bound to a node. ``gpus``: the GPUs node telemetry
-    attributes to its pods (last readable telemetry of each node, fresh or not).
+    requested by those of them bound to a node; ``pending_gpus``: by those not bound yet.
+    ``gpus``: the GPUs node telemetry attributes to its pods (last readable telemetry of
+    each node, fresh or not).
     """
 
     policy: Policy
     pods: tuple[str, ...] = ()
     bound_gpus: int = 0
     gpus: tuple[PolicyGpu, ...] = ()
+    pending_gpus: int = 0
 
     @property
     def key(self) -> str:
@@ -661,10 +663,13 @@ def _parse_policies(
 def _policy_views(state: _State) -> dict[str, PolicyView]:
     pods: dict[str, list[str]] = {key: [] for key in state.valid}
     owner: dict[str, str] = {}
+    pending: dict[str, int] = dict.fromkeys(state.valid, 0)
     for _, facts, policy in state.pod_docs.values():
         if policy is not None and facts.active:
             pods[policy.key].append(facts.key)
             owner[facts.key] = policy.key
+            if facts.node_name is None:
+                pending[policy.key] += facts.gpus
     gpus: dict[str, list[PolicyGpu]] = {key: [] for key in state.valid}
     for parsed in state.parsed_nodes.values():
         if parsed.telemetry is not None:
@@ -678,6 +683,7 @@ def _policy_views(state: _State) -> dict[str, PolicyView]:
             pods=tuple(sorted(pods[key])),
             bound_gpus=state.bound_gpus.get(key, 0),
             gpus=tuple(sorted(gpus[key], key=lambda g: (g.node, g.gpu.index))),
+            pending_gpus=pending[key],
         )
         for key, policy in state.valid.items()
     }

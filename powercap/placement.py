@@ -18,9 +18,17 @@ a candidate node in a constrained rack fails when
 Nodes in no rack, or in a rack no Enforce policy limits, pass. A node the view does not know
 (added a moment ago) fails while any rack is constrained, since its rack is unknown.
 When the policy cannot power another GPU at all,
-``(policy's bound GPUs + pod's GPUs) x smallest GPU minimum limit > powerCapLimit``,
-every node fails as unresolvable (``infeasible_policy``): no node, and no preemption of
-other workloads, can help; the fix is a larger powerCapLimit or fewer replicas.
+``(policy's bound GPUs + pod's GPUs) x smallest GPU minimum limit > budget`` (the budget
+the controller publishes in ``status.budgetW``: powerCapLimit less its margin; computed
+with the default margin before the first status), every node fails as unresolvable
+(``infeasible_policy``): no node, and no preemption of other workloads, can help; the fix
+is a larger powerCapLimit or fewer replicas. When it can, but the allocations the
+controller published leave less than the pod's GPUs' minimums free,
+``allocated + (bound GPUs without an allocation) x minimum + pod's GPUs x minimum > budget``,
+every node fails, resolvably (``budget``): a new GPU starts at its minimum on top of the
+caps in force, so placing it now would lift their sum above the budget. The controller
+keeps the minimums of pending pods free in its next round (:mod:`powercap.budget`), and
+kube-scheduler's retry then places the pod.
 
 Reasons are per rack, so kube-scheduler's summary ("0/12 nodes are available: 4 rack-1:
 ...") groups the nodes of one rack into one line.
@@ -50,9 +58,11 @@ from powercap.algorithms import (
     NodeFacts,
     PlacementAlgorithm,
 )
+from powercap.allocation import AllocationSettings, budget_w
 from powercap.cluster import ClusterView, RackView, estimate_pod_power_w, pod_facts
 from powercap.objects import KubeObject
 from powercap.policies import Policy
+from powercap.status import published_allocations
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +74,7 @@ class RejectReason(str, Enum):
     TEMPERATURE = "temperature"
     STALE_TELEMETRY = "stale_telemetry"
     INFEASIBLE_POLICY = "infeasible_policy"
+    BUDGET = "budget"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,23 +130,81 @@ def format_watts(watts: float) -> str:
     return f"{watts:.0f}" if abs(watts - round(watts)) < 0.05 else f"{watts:.1f}"
 
 
+def policy_budget_w(policy: Policy) -> int:
+    """The budget the controller shares out: ``status.budgetW`` when it published one,
+    else ``powerCapLimit`` less the default margin."""
+    published = (policy.status or {}).get("budgetW")
+    if isinstance(published, (int, float)) and not isinstance(published, bool) and math.isfinite(published) and published >= 0:
+        return int(published)
+    return budget_w(policy.power_cap_w, AllocationSettings.margin)
+
+
 def infeasible_reason(request: PlacementRequest, gpu_min_w: float) -> str | None:
     """Why the pod's policy cannot power another GPU at all, or None.
 
-    Infeasible when ``(boundGpus + podGpus) x gpuMinW > powerCapLimit``: even with every
-    GPU of the service at its minimum limit the cap would be exceeded.
+    Infeasible when ``(boundGpus + podGpus) x gpuMinW > budget``: even with every GPU of
+    the service at its minimum limit the budget would be exceeded (the controller would
+    find the policy infeasible and hold every GPU at its minimum).
     """
     policy = request.policy
     if policy is None or request.gpus <= 0:
         return None
     bound = request.bound_gpus
     needed_w = (bound + request.gpus) * gpu_min_w
-    if needed_w <= policy.power_cap_w:
+    budget = policy_budget_w(policy)
+    if needed_w <= budget:
         return None
     return (
         f"policy {policy.key} cannot power another GPU: ({bound} GPUs in use + {request.gpus} for this pod) "
-        f"x {format_watts(gpu_min_w)} W minimum limit = {format_watts(needed_w)} W > powerCapLimit {policy.power_cap_w} W"
+        f"x {format_watts(gpu_min_w)} W minimum limit = {format_watts(needed_w)} W > its budget {budget} W "
+        f"(powerCapLimit {policy.power_cap_w} W less the controller's margin)"
     )
+
+
+def budget_room_rejection(request: PlacementRequest, gpu_min_w: float) -> str | None:
+    """Why the pod must wait for the controller to free its GPUs' minimums, or None.
+
+    ``allocated + unallocatedBound x gpuMinW + podGpus x gpuMinW > budget``, where
+    ``allocated`` is the sum of the published allocations and ``unallocatedBound`` the
+    bound GPUs beyond those allocated (pods started since the last round, at their minimum).
+    """
+    policy = request.policy
+    if policy is None or request.gpus <= 0:
+        return None
+    allocated_w, allocated_gpus = published_totals(policy)
+    budget = policy_budget_w(policy)
+    waiting_w = max(0, request.bound_gpus - allocated_gpus) * gpu_min_w
+    needed_w = request.gpus * gpu_min_w
+    if allocated_w + waiting_w + needed_w <= budget:
+        return None
+    held = f"{format_watts(allocated_w)} W allocated"
+    if waiting_w:
+        held += f" + {format_watts(waiting_w)} W for GPUs of starting pods"
+    return (
+        f"policy {policy.key} has no budget free for this pod yet: {held} + {request.gpus} x "
+        f"{format_watts(gpu_min_w)} W minimum for this pod > its budget {budget} W; the budget controller "
+        "frees it in its next round (a few seconds), then the pod is scheduled"
+    )
+
+
+_PUBLISHED: dict[int, tuple[Mapping[str, object], float, int]] = {}
+
+
+def published_totals(policy: Policy) -> tuple[float, int]:
+    """Watts and GPUs of the allocations in the policy's status (memoised per status object:
+    a status is replaced, never changed, when the controller writes a new one)."""
+    status = policy.status
+    if not status:
+        return 0.0, 0
+    cached = _PUBLISHED.get(id(status))
+    if cached is not None and cached[0] is status:
+        return cached[1], cached[2]
+    allocations = published_allocations(status)
+    totals = (math.fsum(allocations.values()), len(allocations))
+    if len(_PUBLISHED) > 4096:
+        _PUBLISHED.clear()
+    _PUBLISHED[id(status)] = (status, *totals)
+    return totals
 
 
 def rack_rejection(rack: RackView, estimate_w: float) -> tuple[str, tuple[RejectReason, ...]] | None:
@@ -189,6 +258,12 @@ def filter_nodes(view: ClusterView, pod: KubeObject | PlacementRequest, node_nam
         return FilterOutcome(
             passed=[], unresolvable=unresolvable,
             rejections=Counter({RejectReason.INFEASIBLE_POLICY: len(unresolvable)}),
+        )
+    no_room = budget_room_rejection(request, view.gpu_min_w)
+    if no_room is not None:
+        return FilterOutcome(
+            passed=[], failed=dict.fromkeys(node_names, no_room),
+            rejections=Counter({RejectReason.BUDGET: len(node_names)}),
         )
     if not view.has_constraints:
         return FilterOutcome(passed=list(node_names))

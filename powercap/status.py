@@ -88,8 +88,10 @@ class StatusInputs:
     ``allocation``: this round's caps; ``power_w``: the service's measured power (fresh
     telemetry only; None when nothing reports); ``ratio``: its generated tokens per joule
     (fresh GPUs that report tokens/s; None when none does); ``gpus``: GPUs its bound pods use, reported
-    or not; ``unreported_gpus``: those no telemetry lists yet; ``silent_nodes``: why nodes
-    hosting its GPUs have no fresh telemetry; ``rack_problems``: infeasible racks it runs in.
+    or not; ``unreported_gpus``: those no telemetry lists yet; ``pending_reserved_gpus``:
+    GPUs of its pending pods whose minimums the budget keeps free; ``silent_nodes``: why
+    nodes hosting its GPUs have no fresh telemetry; ``rack_problems``: infeasible racks it
+    runs in.
     """
 
     policy: Policy
@@ -103,6 +105,7 @@ class StatusInputs:
     lagging: tuple[LaggingGpu, ...] = ()
     silent_nodes: tuple[str, ...] = ()
     unreported_gpus: int = 0
+    pending_reserved_gpus: int = 0
 
 
 @dataclass(frozen=True)
@@ -271,6 +274,9 @@ def _enforced(inputs: StatusInputs) -> Condition:
     if inputs.unreported_gpus:
         message += (f"; {_count(inputs.unreported_gpus, 'GPU')} of starting pods not reported yet "
                     "(they run at their minimum)")
+    if inputs.pending_reserved_gpus:
+        message += (f"; the minimums of {_count(inputs.pending_reserved_gpus, 'GPU')} of pending pods are kept "
+                    "free, so they can be scheduled")
     return Condition(ENFORCED, "True", "AllocationApplied", message)
 
 

@@ -1,0 +1,127 @@
+"""Scaling a service up never lifts the sum of its caps above its budget (DESIGN.md section 5).
+
+A GPU that joins a service starts at its NVML minimum, on top of the caps in force. So the
+extender places a pod of the policy only when the published allocations leave its GPUs'
+minimums free, and the controller keeps the minimums of pending pods free in its rounds.
+These tests run the real cluster view, controller round (:func:`powercap.budget.plan_round`)
+and extender filter (:func:`powercap.placement.filter_nodes`) in turn, as the services do.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from powercap.budget import plan_round
+from powercap.placement import RejectReason, filter_nodes
+from powercap.status import published_allocations
+from tests.fakes.clusters import Gpu, agents_apply, node, view, with_status
+from tests.fakes.objects import NOW, gpu_pod, policy
+
+LLAMA = {"app.kubernetes.io/name": "llama"}
+BUDGET_W = 1940  # powerCapLimit 2000 W less the 3 % margin
+MIN_W = 200
+
+
+def busy_service() -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Four busy one-GPU pods of llama on gpu-1 (four GPUs free there) and the policy."""
+    pods = [gpu_pod(f"llama-{i}", node="gpu-1", labels=LLAMA, bound_at=NOW - timedelta(minutes=10)) for i in range(4)]
+    nodes = [node("gpu-1", None, [Gpu(f"A{i}", 690, 700, f"inference/llama-{i}") for i in range(4)])]
+    return nodes, pods, policy("llama", cap_w=2000)
+
+
+def allocated_w(document: dict[str, Any]) -> float:
+    return sum(published_allocations(document.get("status")).values())
+
+
+def round_at(nodes: list[dict[str, Any]], pods: list[dict[str, Any]], document: dict[str, Any], seconds: int) -> dict[str, Any]:
+    """The policy with the status one controller round ``seconds`` after NOW would store."""
+    plan = plan_round(view(nodes, pods, [document], now=NOW + timedelta(seconds=seconds)))
+    return with_status(document, plan.policies["inference/llama"].status)
+
+
+def test_a_new_pod_waits_until_the_controller_frees_its_minimum() -> None:
+    nodes, pods, document = busy_service()
+    document = round_at(nodes, pods, document, 0)
+    nodes = agents_apply(nodes, [document], at=NOW + timedelta(seconds=1))
+    assert allocated_w(document) == BUDGET_W  # the busy GPUs hold the whole budget
+
+    # a fifth replica: placing it now would run its GPU at 200 W on top of 1940 W of caps
+    new = gpu_pod("llama-4", labels=LLAMA)
+    refused = filter_nodes(view(nodes, [*pods, new], [document]), new, ["gpu-1"])
+    assert refused.passed == [] and refused.unresolvable == {}
+    assert refused.failed == {"gpu-1": (
+        "policy inference/llama has no budget free for this pod yet: 1940 W allocated + 1 x 200 W minimum for "
+        "this pod > its budget 1940 W; the budget controller frees it in its next round (a few seconds), then the "
+        "pod is scheduled"
+    )}
+    assert refused.rejections == {RejectReason.BUDGET: 1}
+
+    # the next round sees the pending pod and keeps its minimum free
+    document = round_at(nodes, [*pods, new], document, 5)
+    assert allocated_w(document) == BUDGET_W - MIN_W
+    [enforced] = [c for c in document["status"]["conditions"] if c["type"] == "Enforced"]
+    assert enforced["message"].endswith("the minimums of 1 GPU of pending pods are kept free, so they can be scheduled")
+    nodes = agents_apply(nodes, [document], at=NOW + timedelta(seconds=6))
+    assert filter_nodes(view(nodes, [*pods, new], [document]), new, ["gpu-1"]).passed == ["gpu-1"]
+
+    # bound, not reported yet: its GPU runs at its minimum and the caps in force still fit
+    bound = gpu_pod("llama-4", node="gpu-1", labels=LLAMA, bound_at=NOW + timedelta(seconds=7))
+    pods = [*pods, bound]
+    document = round_at(nodes, pods, document, 10)
+    assert allocated_w(document) + MIN_W <= BUDGET_W
+
+    # and a sixth replica waits again
+    sixth = gpu_pod("llama-5", labels=LLAMA)
+    again = filter_nodes(view(nodes, [*pods, sixth], [document]), sixth, ["gpu-1"])
+    assert again.rejections == {RejectReason.BUDGET: 1}
+    assert "1740 W allocated + 200 W for GPUs of starting pods + 1 x 200 W minimum" in again.failed["gpu-1"]
+
+
+def test_the_caps_in_force_never_exceed_the_budget_while_a_service_scales_up() -> None:
+    """Three replicas added one by one, rounds every 5 s, agents applying within a second."""
+    nodes, pods, document = busy_service()
+    document = round_at(nodes, pods, document, 0)
+    nodes = agents_apply(nodes, [document], at=NOW)
+    waiting = [gpu_pod(f"llama-{i}", labels=LLAMA) for i in range(4, 7)]
+    for second in range(1, 60):
+        now = NOW + timedelta(seconds=second)
+        current = view(nodes, [*pods, *waiting], [document], now=now)
+        for pod in list(waiting):
+            if filter_nodes(current, pod, ["gpu-1"]).passed:
+                waiting.remove(pod)
+                pods.append(gpu_pod(pod["metadata"]["name"], node="gpu-1", labels=LLAMA, bound_at=now))
+        if second % 5 == 0:
+            document = round_at(nodes, [*pods, *waiting], document, second)
+            nodes = agents_apply(nodes, [document], at=now)
+        # caps in force: the applied allocations, and every GPU no telemetry lists yet at its minimum
+        in_force = view(nodes, pods, [document], now=now).policies["inference/llama"]
+        reported = {g.gpu.uuid: g.gpu.limit_w for g in in_force.gpus}
+        new_gpus = in_force.bound_gpus - len(reported)
+        assert sum(reported.values()) + new_gpus * MIN_W <= BUDGET_W, f"at {second} s"
+    assert waiting == [] and len(pods) == 7  # all placed, each within a round or two
+
+
+def test_the_controller_keeps_free_only_what_the_budget_can_hold() -> None:
+    """Twenty pending pods: the four bound GPUs keep their minimums; five pending ones fit beside them."""
+    nodes, pods, document = busy_service()
+    pending = [gpu_pod(f"llama-{i}", labels=LLAMA) for i in range(4, 24)]
+    plan = plan_round(view(nodes, [*pods, *pending], [document]))
+    result = plan.policies["inference/llama"]
+    assert [c.cap_w for c in result.allocation.caps] == [235] * 4  # (1940 - 5 x 200) / 4
+    conditions = {c["type"]: c for c in result.status["conditions"]}
+    assert conditions["Feasible"]["reason"] == "BudgetCoversMinimums"
+    assert "the minimums of 5 GPUs of pending pods are kept free" in conditions["Enforced"]["message"]
+
+
+def test_a_pod_the_budget_can_never_hold_is_unresolvable() -> None:
+    """9 GPUs x 200 W = 1800 W fit powerCapLimit 1850 W but not its 1794 W budget: the
+    controller would find the policy infeasible, so the pod is refused for good."""
+    pods = [gpu_pod(f"llama-{i}", node="gpu-1", labels=LLAMA, bound_at=NOW - timedelta(minutes=10)) for i in range(8)]
+    nodes = [node("gpu-1", None, [Gpu(f"A{i}", 210, 225, f"inference/llama-{i}") for i in range(8)])]
+    new = gpu_pod("llama-8", labels=LLAMA)
+    outcome = filter_nodes(view(nodes, [*pods, new], [policy("llama", cap_w=1850)]), new, ["gpu-1"])
+    assert outcome.unresolvable == {"gpu-1": (
+        "policy inference/llama cannot power another GPU: (8 GPUs in use + 1 for this pod) x 200 W minimum limit "
+        "= 1800 W > its budget 1794 W (powerCapLimit 1850 W less the controller's margin)"
+    )}
