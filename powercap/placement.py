@@ -19,8 +19,8 @@ Nodes in no rack, or in a rack no Enforce policy limits, pass. A node the view d
 (added a moment ago) fails while any rack is constrained, since its rack is unknown.
 When the policy cannot power another GPU at all,
 ``(policy's bound GPUs + pod's GPUs) x smallest GPU minimum limit > budget`` (the budget
-the controller publishes in ``status.budgetW``: powerCapLimit less its margin; computed
-with the default margin before the first status), every node fails as unresolvable
+the controller shares out: powerCapLimit less the default margin, or the ``status.budgetW``
+it published when smaller), every node fails as unresolvable
 (``infeasible_policy``): no node, and no preemption of other workloads, can help; the fix
 is a larger powerCapLimit or fewer replicas. When it can, but the allocations the
 controller published leave less than the pod's GPUs' minimums free,
@@ -131,12 +131,14 @@ def format_watts(watts: float) -> str:
 
 
 def policy_budget_w(policy: Policy) -> int:
-    """The budget the controller shares out: ``status.budgetW`` when it published one,
-    else ``powerCapLimit`` less the default margin."""
+    """The budget the controller shares out: ``powerCapLimit`` less the default margin, or
+    the ``status.budgetW`` it published when smaller (a controller run with a larger margin;
+    a status written before the cap was raised still holds until the next round)."""
+    default = budget_w(policy.power_cap_w, AllocationSettings.margin)
     published = (policy.status or {}).get("budgetW")
     if isinstance(published, (int, float)) and not isinstance(published, bool) and math.isfinite(published) and published >= 0:
-        return int(published)
-    return budget_w(policy.power_cap_w, AllocationSettings.margin)
+        return min(default, int(published))
+    return default
 
 
 def infeasible_reason(request: PlacementRequest, gpu_min_w: float) -> str | None:

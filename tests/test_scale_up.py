@@ -125,3 +125,16 @@ def test_a_pod_the_budget_can_never_hold_is_unresolvable() -> None:
         "policy inference/llama cannot power another GPU: (8 GPUs in use + 1 for this pod) x 200 W minimum limit "
         "= 1800 W > its budget 1794 W (powerCapLimit 1850 W less the controller's margin)"
     )}
+
+
+def test_the_budget_follows_a_lowered_cap_before_the_controller_writes_again() -> None:
+    """The status still says budgetW 1940 from powerCapLimit 2000; the cap is now 1000 W."""
+    nodes, pods, document = busy_service()
+    document = round_at(nodes, pods, document, 0)
+    lowered = {**document, "spec": {**document["spec"], "powerCapLimit": 1000}}
+    new = gpu_pod("llama-4", labels=LLAMA)
+    outcome = filter_nodes(view(nodes, [*pods, new], [lowered]), new, ["gpu-1"])
+    assert outcome.unresolvable == {"gpu-1": (
+        "policy inference/llama cannot power another GPU: (4 GPUs in use + 1 for this pod) x 200 W minimum limit "
+        "= 1000 W > its budget 970 W (powerCapLimit 1000 W less the controller's margin)"
+    )}
