@@ -131,14 +131,22 @@ def format_watts(watts: float) -> str:
 
 
 def policy_budget_w(policy: Policy) -> int:
-    """The budget the controller shares out: ``powerCapLimit`` less the default margin, or
-    the ``status.budgetW`` it published when smaller (a controller run with a larger margin;
-    a status written before the cap was raised still holds until the next round)."""
+    """The budget the controller shares out: the ``status.budgetW`` it published for the
+    policy's current spec (``status.observedGeneration`` is the policy's generation: a
+    controller run with any ``--margin``); while the spec is newer than the status (the cap
+    was just changed), the smaller of that and ``powerCapLimit`` less the default margin;
+    ``powerCapLimit`` less the default margin before the first status. Never above
+    ``powerCapLimit``."""
     default = budget_w(policy.power_cap_w, AllocationSettings.margin)
-    published = (policy.status or {}).get("budgetW")
-    if isinstance(published, (int, float)) and not isinstance(published, bool) and math.isfinite(published) and published >= 0:
-        return min(default, int(published))
-    return default
+    status = policy.status or {}
+    published = status.get("budgetW")
+    if not (isinstance(published, (int, float)) and not isinstance(published, bool)
+            and math.isfinite(published) and published >= 0):
+        return default
+    observed = status.get("observedGeneration")
+    if isinstance(observed, int) and not isinstance(observed, bool) and observed == policy.generation:
+        return min(int(published), budget_w(policy.power_cap_w, 0.0))
+    return min(default, int(published))
 
 
 def infeasible_reason(request: PlacementRequest, gpu_min_w: float) -> str | None:

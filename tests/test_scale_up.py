@@ -12,6 +12,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from powercap.allocation import AllocationSettings
 from powercap.budget import plan_round
 from powercap.placement import RejectReason, filter_nodes
 from powercap.status import published_allocations
@@ -128,13 +129,46 @@ def test_a_pod_the_budget_can_never_hold_is_unresolvable() -> None:
 
 
 def test_the_budget_follows_a_lowered_cap_before_the_controller_writes_again() -> None:
-    """The status still says budgetW 1940 from powerCapLimit 2000; the cap is now 1000 W."""
+    """The status still says budgetW 1940 from powerCapLimit 2000; the cap is now 1000 W
+    (the apiserver counts the spec change as a new generation)."""
     nodes, pods, document = busy_service()
     document = round_at(nodes, pods, document, 0)
-    lowered = {**document, "spec": {**document["spec"], "powerCapLimit": 1000}}
+    lowered = {**document, "metadata": {**document["metadata"], "generation": 2},
+               "spec": {**document["spec"], "powerCapLimit": 1000}}
     new = gpu_pod("llama-4", labels=LLAMA)
     outcome = filter_nodes(view(nodes, [*pods, new], [lowered]), new, ["gpu-1"])
     assert outcome.unresolvable == {"gpu-1": (
         "policy inference/llama cannot power another GPU: (4 GPUs in use + 1 for this pod) x 200 W minimum limit "
         "= 1000 W > its budget 970 W (powerCapLimit 1000 W less the controller's margin)"
     )}
+
+
+def test_a_controller_with_a_smaller_margin_does_not_keep_new_pods_pending_forever() -> None:
+    """A controller run with --margin 0.01 shares out 1980 W of powerCapLimit 2000 W and
+    publishes budgetW 1980: the extender measures the room against that budget, not the
+    default-margin 1940 W, or a busy service's new replica would never be placed."""
+    settings = AllocationSettings(margin=0.01)
+    nodes, pods, document = busy_service()
+    new = gpu_pod("llama-4", labels=LLAMA)
+    for second in (0, 5, 10, 15):
+        plan = plan_round(view(nodes, [*pods, new], [document], now=NOW + timedelta(seconds=second)), settings)
+        document = with_status(document, plan.policies["inference/llama"].status)
+        nodes = agents_apply(nodes, [document], at=NOW + timedelta(seconds=second + 1))
+    assert document["status"]["budgetW"] == 1980
+    assert allocated_w(document) == 1980 - MIN_W  # the controller keeps the new GPU's minimum free
+    outcome = filter_nodes(view(nodes, [*pods, new], [document], now=NOW + timedelta(seconds=17)), new, ["gpu-1"])
+    assert outcome.passed == ["gpu-1"], outcome.failed
+
+
+def test_a_raised_or_lowered_cap_is_judged_against_the_new_spec_until_the_controller_writes() -> None:
+    """budgetW 1980 was published for powerCapLimit 2000 by a --margin 0.01 controller; the
+    cap is lowered to 1000 W (a new generation): the extender takes the smaller budget."""
+    nodes, pods, document = busy_service()
+    plan = plan_round(view(nodes, pods, [document]), AllocationSettings(margin=0.01))
+    document = with_status(document, plan.policies["inference/llama"].status)
+    lowered = {**document, "metadata": {**document["metadata"], "generation": 2},
+               "spec": {**document["spec"], "powerCapLimit": 1000}}
+    new = gpu_pod("llama-4", labels=LLAMA)
+    outcome = filter_nodes(view(nodes, [*pods, new], [lowered]), new, ["gpu-1"])
+    assert "its budget 970 W" in outcome.unresolvable["gpu-1"]
+
