@@ -133,6 +133,8 @@ class NodeView:
     assumed_power_w: float = 0.0
     assumed_pods: tuple[str, ...] = ()
     gpu_max_w: float = DEFAULT_GPU_MAX_W  # largest GPU maximum limit (telemetry, else default)
+    # largest GPU minimum limit (telemetry, else default): what a GPU given to a new pod starts at
+    new_gpu_min_w: float = DEFAULT_GPU_MIN_W
     power_capacity_w: float | None = None  # sum of its GPUs' maximum limits (telemetry only)
     inlet_temperature_c: float | None = None  # fresh only
     inlet_rise_c_per_min: float | None = None
@@ -313,6 +315,7 @@ class _ParsedNode:
     telemetry_error: str | None
     visible_pods: frozenset[str] = frozenset()  # telemetry gpus[].pod
     gpu_min_w: float | None = None  # smallest GPU minimum limit in its telemetry
+    gpu_largest_min_w: float | None = None  # largest GPU minimum limit in its telemetry
 
 
 BoundPod = tuple[PodFacts, Policy | None]
@@ -346,6 +349,7 @@ class _State:
     # node -> (timestamp, inlet °C, rise °C/min): the sample the next trend is measured from
     trend_anchors: dict[str, tuple[datetime, float, float | None]]
     gpu_min_w: float
+    largest_gpu_min_w: float
 
 
 class ClusterView:
@@ -353,7 +357,8 @@ class ClusterView:
 
     Members: ``now``, ``settings``, ``nodes``, ``racks``, ``policies`` (computed on first
     use), ``invalid_policies`` (key -> why), ``node_facts`` (name -> :class:`NodeFacts`),
-    ``gpu_min_w`` (smallest GPU minimum limit seen), ``has_constraints``, ``warnings``;
+    ``gpu_min_w`` (smallest GPU minimum limit seen), ``largest_gpu_min_w`` (largest),
+    ``has_constraints``, ``warnings``;
     ``find_node``/``find_rack``/``find_facts`` (fast ``get`` of those mappings for hot loops),
     ``node(name)``, ``rack_of(name)``, ``telemetry_age_s(name)``, ``policy_for_pod(pod)``, ``bound_gpus(policy_key)``,
     ``policy_view_for_pod(pod)``.
@@ -361,7 +366,7 @@ class ClusterView:
 
     __slots__ = (
         "now", "settings", "nodes", "racks", "invalid_policies", "node_facts",
-        "gpu_min_w", "has_constraints", "warnings", "_policies", "_state",
+        "gpu_min_w", "largest_gpu_min_w", "has_constraints", "warnings", "_policies", "_state",
         "find_node", "find_rack", "find_facts",
     )
 
@@ -372,6 +377,7 @@ class ClusterView:
     invalid_policies: Mapping[str, str]
     node_facts: Mapping[str, NodeFacts]
     gpu_min_w: float
+    largest_gpu_min_w: float
     has_constraints: bool
     warnings: tuple[str, ...]
     find_node: Callable[[str], NodeView | None]
@@ -388,6 +394,7 @@ class ClusterView:
         object.__setattr__(self, "invalid_policies", MappingProxyType(state.invalid))
         object.__setattr__(self, "node_facts", MappingProxyType(state.node_facts))
         object.__setattr__(self, "gpu_min_w", state.gpu_min_w)
+        object.__setattr__(self, "largest_gpu_min_w", state.largest_gpu_min_w)
         object.__setattr__(self, "has_constraints", any(
             limits.constrained and rack_id in state.rack_views for rack_id, limits in state.limits.items()
         ))
@@ -602,8 +609,10 @@ def build_cluster_view(
     if full or added_nodes or removed_node_ids or old is None:
         mins = [p.gpu_min_w for p in parsed_nodes.values() if p.gpu_min_w is not None]
         gpu_min_w = min(mins) if mins else settings.default_gpu_min_w
+        largest = [p.gpu_largest_min_w for p in parsed_nodes.values() if p.gpu_largest_min_w is not None]
+        largest_gpu_min_w = max(largest) if largest else settings.default_gpu_min_w
     else:
-        gpu_min_w = old.gpu_min_w
+        gpu_min_w, largest_gpu_min_w = old.gpu_min_w, old.largest_gpu_min_w
 
     state = _State(
         settings=settings, registry=registry, policy_docs=policy_docs, valid=valid, invalid=invalid,
@@ -611,6 +620,7 @@ def build_cluster_view(
         pod_docs=pod_docs, bound_by_node=bound_by_node, bound_gpus=bound_gpus, node_views=node_views,
         rack_views=rack_views, node_facts=node_facts, fresh_until=fresh_until,
         assumed_policies=assumed_policies, trend_anchors=trend_anchors, gpu_min_w=gpu_min_w,
+        largest_gpu_min_w=largest_gpu_min_w,
     )
     return ClusterView(now=now, state=state, warnings=_warnings(rack_views, limits, invalid))
 
@@ -708,6 +718,7 @@ def _parse_node(node: KubeObject, settings: ClusterSettings) -> _ParsedNode:
         telemetry_error=error,
         visible_pods=frozenset(g.pod for g in gpus if g.pod is not None),
         gpu_min_w=min((g.min_w for g in gpus), default=None),
+        gpu_largest_min_w=max((g.min_w for g in gpus), default=None),
     )
 
 
@@ -766,6 +777,7 @@ def _node_view(
         assumed_power_w=assumed_w,
         assumed_pods=tuple(sorted(assumed)),
         gpu_max_w=gpu_max_w,
+        new_gpu_min_w=parsed.gpu_largest_min_w if parsed.gpu_largest_min_w is not None else settings.default_gpu_min_w,
         power_capacity_w=capacity_w,
         inlet_temperature_c=inlet,
         inlet_rise_c_per_min=rise,

@@ -131,14 +131,22 @@ def format_watts(watts: float) -> str:
 
 
 def policy_budget_w(policy: Policy) -> int:
-    """The budget the controller shares out: ``powerCapLimit`` less the default margin, or
-    the ``status.budgetW`` it published when smaller (a controller run with a larger margin;
-    a status written before the cap was raised still holds until the next round)."""
+    """The budget the controller shares out: the ``status.budgetW`` it published for the
+    policy's current spec (``status.observedGeneration`` is the policy's generation: a
+    controller run with any ``--margin``); while the spec is newer than the status (the cap
+    was just changed), the smaller of that and ``powerCapLimit`` less the default margin;
+    ``powerCapLimit`` less the default margin before the first status. Never above
+    ``powerCapLimit``."""
     default = budget_w(policy.power_cap_w, AllocationSettings.margin)
-    published = (policy.status or {}).get("budgetW")
-    if isinstance(published, (int, float)) and not isinstance(published, bool) and math.isfinite(published) and published >= 0:
-        return min(default, int(published))
-    return default
+    status = policy.status or {}
+    published = status.get("budgetW")
+    if not (isinstance(published, (int, float)) and not isinstance(published, bool)
+            and math.isfinite(published) and published >= 0):
+        return default
+    observed = status.get("observedGeneration")
+    if isinstance(observed, int) and not isinstance(observed, bool) and observed == policy.generation:
+        return min(int(published), budget_w(policy.power_cap_w, 0.0))
+    return min(default, int(published))
 
 
 def infeasible_reason(request: PlacementRequest, gpu_min_w: float) -> str | None:
@@ -163,12 +171,13 @@ def infeasible_reason(request: PlacementRequest, gpu_min_w: float) -> str | None
     )
 
 
-def budget_room_rejection(request: PlacementRequest, gpu_min_w: float) -> str | None:
+def budget_room_rejection(request: PlacementRequest, gpu_min_w: float, new_gpu_min_w: float | None = None) -> str | None:
     """Why the pod must wait for the controller to free its GPUs' minimums, or None.
 
-    ``allocated + unallocatedBound x gpuMinW + podGpus x gpuMinW > budget``, where
-    ``allocated`` is the sum of the published allocations and ``unallocatedBound`` the
-    bound GPUs beyond those allocated (pods started since the last round, at their minimum).
+    ``allocated + unallocatedBound x gpuMinW + podGpus x newGpuMinW > budget``, where
+    ``allocated`` is the sum of the published allocations, ``unallocatedBound`` the bound
+    GPUs beyond those allocated (pods started since the last round, at their minimum) and
+    ``newGpuMinW`` what the pod's GPUs start at on the node judged (``gpu_min_w`` when None).
     """
     policy = request.policy
     if policy is None or request.gpus <= 0:
@@ -176,7 +185,8 @@ def budget_room_rejection(request: PlacementRequest, gpu_min_w: float) -> str | 
     allocated_w, allocated_gpus = published_totals(policy)
     budget = policy_budget_w(policy)
     waiting_w = max(0, request.bound_gpus - allocated_gpus) * gpu_min_w
-    needed_w = request.gpus * gpu_min_w
+    pod_min_w = gpu_min_w if new_gpu_min_w is None else new_gpu_min_w
+    needed_w = request.gpus * pod_min_w
     if allocated_w + waiting_w + needed_w <= budget:
         return None
     held = f"{format_watts(allocated_w)} W allocated"
@@ -184,7 +194,7 @@ def budget_room_rejection(request: PlacementRequest, gpu_min_w: float) -> str | 
         held += f" + {format_watts(waiting_w)} W for GPUs of starting pods"
     return (
         f"policy {policy.key} has no budget free for this pod yet: {held} + {request.gpus} x "
-        f"{format_watts(gpu_min_w)} W minimum for this pod > its budget {budget} W; the budget controller "
+        f"{format_watts(pod_min_w)} W minimum for this pod > its budget {budget} W; the budget controller "
         "frees it in its next round (a few seconds), then the pod is scheduled"
     )
 
@@ -194,7 +204,11 @@ _PUBLISHED: dict[int, tuple[Mapping[str, object], float, int]] = {}
 
 def published_totals(policy: Policy) -> tuple[float, int]:
     """Watts and GPUs of the allocations in the policy's status (memoised per status object:
-    a status is replaced, never changed, when the controller writes a new one)."""
+    a status is replaced, never changed, when the controller writes a new one).
+
+    A node entry without a ``gpus`` list counts its ``watts`` (its agent splits them over
+    the policy's GPUs there) and no GPU: the GPUs it covers are unknown here, so they are
+    counted again among the bound GPUs without an allocation, on the safe side."""
     status = policy.status
     if not status:
         return 0.0, 0
@@ -202,11 +216,19 @@ def published_totals(policy: Policy) -> tuple[float, int]:
     if cached is not None and cached[0] is status:
         return cached[1], cached[2]
     allocations = published_allocations(status)
-    totals = (math.fsum(allocations.values()), len(allocations))
+    node_only_w = [
+        float(entry["watts"]) for entry in status.get("allocations") or ()
+        if isinstance(entry, Mapping) and not entry.get("gpus") and _finite_watts(entry.get("watts"))
+    ]
+    totals = (math.fsum([*allocations.values(), *node_only_w]), len(allocations))
     if len(_PUBLISHED) > 4096:
         _PUBLISHED.clear()
     _PUBLISHED[id(status)] = (status, *totals)
     return totals
+
+
+def _finite_watts(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def rack_rejection(rack: RackView, estimate_w: float) -> tuple[str, tuple[RejectReason, ...]] | None:
@@ -267,12 +289,18 @@ def filter_nodes(view: ClusterView, pod: KubeObject | PlacementRequest, node_nam
             passed=[], failed=dict.fromkeys(node_names, no_room),
             rejections=Counter({RejectReason.BUDGET: len(node_names)}),
         )
-    if not view.has_constraints:
-        return FilterOutcome(passed=list(node_names))
-
-    passed: list[str] = []
     failed: dict[str, str] = {}
     rejections: Counter[RejectReason] = Counter()
+    if view.largest_gpu_min_w > view.gpu_min_w and budget_room_rejection(
+        request, view.gpu_min_w, view.largest_gpu_min_w,
+    ) is not None:
+        # room for the pod's GPUs at the cheapest minimum, not at every node's: judge each node
+        node_names = _nodes_with_room(view, request, node_names, failed)
+        rejections[RejectReason.BUDGET] = len(failed)
+    if not view.has_constraints:
+        return FilterOutcome(passed=list(node_names), failed=failed, rejections=rejections)
+
+    passed: list[str] = []
     # (rack, GPU maximum) -> None (pass) or (reason, reasons); racks without limits pass
     checked: dict[tuple[str | None, float], tuple[str, tuple[RejectReason, ...]] | None] = {}
     find_node, find_rack = view.find_node, view.find_rack
@@ -295,6 +323,26 @@ def filter_nodes(view: ClusterView, pod: KubeObject | PlacementRequest, node_nam
             failed[name] = rejection[0]
             rejections.update(rejection[1])
     return FilterOutcome(passed=passed, failed=failed, rejections=rejections)
+
+
+def _nodes_with_room(view: ClusterView, request: PlacementRequest, node_names: Sequence[str], failed: dict[str, str]) -> list[str]:
+    """The nodes where the budget leaves room for the pod's GPUs at their minimum there (a
+    node the view does not know: the largest minimum seen); the others go into ``failed``."""
+    room: list[str] = []
+    by_minimum: dict[float, str | None] = {}
+    find_node, unknown_w = view.find_node, view.largest_gpu_min_w
+    for name in node_names:
+        node = find_node(name)
+        minimum_w = node.new_gpu_min_w if node is not None else unknown_w
+        try:
+            rejection = by_minimum[minimum_w]
+        except KeyError:
+            rejection = by_minimum[minimum_w] = budget_room_rejection(request, view.gpu_min_w, minimum_w)
+        if rejection is None:
+            room.append(name)
+        else:
+            failed[name] = rejection
+    return room
 
 
 def prioritize_nodes(

@@ -12,6 +12,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from powercap.allocation import AllocationSettings
 from powercap.budget import plan_round
 from powercap.placement import RejectReason, filter_nodes
 from powercap.status import published_allocations
@@ -128,13 +129,80 @@ def test_a_pod_the_budget_can_never_hold_is_unresolvable() -> None:
 
 
 def test_the_budget_follows_a_lowered_cap_before_the_controller_writes_again() -> None:
-    """The status still says budgetW 1940 from powerCapLimit 2000; the cap is now 1000 W."""
+    """The status still says budgetW 1940 from powerCapLimit 2000; the cap is now 1000 W
+    (the apiserver counts the spec change as a new generation)."""
     nodes, pods, document = busy_service()
     document = round_at(nodes, pods, document, 0)
-    lowered = {**document, "spec": {**document["spec"], "powerCapLimit": 1000}}
+    lowered = {**document, "metadata": {**document["metadata"], "generation": 2},
+               "spec": {**document["spec"], "powerCapLimit": 1000}}
     new = gpu_pod("llama-4", labels=LLAMA)
     outcome = filter_nodes(view(nodes, [*pods, new], [lowered]), new, ["gpu-1"])
     assert outcome.unresolvable == {"gpu-1": (
         "policy inference/llama cannot power another GPU: (4 GPUs in use + 1 for this pod) x 200 W minimum limit "
         "= 1000 W > its budget 970 W (powerCapLimit 1000 W less the controller's margin)"
     )}
+
+
+def test_a_controller_with_a_smaller_margin_does_not_keep_new_pods_pending_forever() -> None:
+    """A controller run with --margin 0.01 shares out 1980 W of powerCapLimit 2000 W and
+    publishes budgetW 1980: the extender measures the room against that budget, not the
+    default-margin 1940 W, or a busy service's new replica would never be placed."""
+    settings = AllocationSettings(margin=0.01)
+    nodes, pods, document = busy_service()
+    new = gpu_pod("llama-4", labels=LLAMA)
+    for second in (0, 5, 10, 15):
+        plan = plan_round(view(nodes, [*pods, new], [document], now=NOW + timedelta(seconds=second)), settings)
+        document = with_status(document, plan.policies["inference/llama"].status)
+        nodes = agents_apply(nodes, [document], at=NOW + timedelta(seconds=second + 1))
+    assert document["status"]["budgetW"] == 1980
+    assert allocated_w(document) == 1980 - MIN_W  # the controller keeps the new GPU's minimum free
+    outcome = filter_nodes(view(nodes, [*pods, new], [document], now=NOW + timedelta(seconds=17)), new, ["gpu-1"])
+    assert outcome.passed == ["gpu-1"], outcome.failed
+
+
+def test_a_raised_or_lowered_cap_is_judged_against_the_new_spec_until_the_controller_writes() -> None:
+    """budgetW 1980 was published for powerCapLimit 2000 by a --margin 0.01 controller; the
+    cap is lowered to 1000 W (a new generation): the extender takes the smaller budget."""
+    nodes, pods, document = busy_service()
+    plan = plan_round(view(nodes, pods, [document]), AllocationSettings(margin=0.01))
+    document = with_status(document, plan.policies["inference/llama"].status)
+    lowered = {**document, "metadata": {**document["metadata"], "generation": 2},
+               "spec": {**document["spec"], "powerCapLimit": 1000}}
+    new = gpu_pod("llama-4", labels=LLAMA)
+    outcome = filter_nodes(view(nodes, [*pods, new], [lowered]), new, ["gpu-1"])
+    assert "its budget 970 W" in outcome.unresolvable["gpu-1"]
+
+
+
+def test_a_pod_is_measured_at_the_minimum_of_the_gpus_of_the_node_it_would_get() -> None:
+    """The service runs on 200 W-minimum GPUs; an L4 node (60 W minimum) elsewhere in the
+    cluster must not make a two-GPU pod look cheap: on gpu-1 its GPUs start at 2 x 200 W."""
+    pods = [gpu_pod(f"llama-{i}", node="gpu-1", labels=LLAMA, bound_at=NOW - timedelta(minutes=10)) for i in range(8)]
+    nodes = [
+        node("gpu-1", None, [Gpu(f"A{i}", 690, 700, f"inference/llama-{i}") for i in range(8)], capacity=16),
+        node("l4-1", None, [Gpu(f"L{i}", 30, 72, min_w=60, max_w=72) for i in range(4)], capacity=4),
+    ]
+    document = policy("llama", cap_w=2000)
+    new = gpu_pod("llama-8", gpus=2, labels=LLAMA)
+    for second in (0, 5):
+        plan = plan_round(view(nodes, [*pods, new], [document], now=NOW + timedelta(seconds=second)))
+        document = with_status(document, plan.policies["inference/llama"].status)
+        nodes = agents_apply(nodes, [document], at=NOW + timedelta(seconds=second + 1))
+    outcome = filter_nodes(view(nodes, [*pods, new], [document], now=NOW + timedelta(seconds=7)), new, ["gpu-1", "l4-1"])
+    # on gpu-1 its GPUs would start at 2 x 200 W on top of 1736 W allocated
+    assert outcome.passed == ["l4-1"]
+    assert "1736 W allocated + 2 x 200 W minimum for this pod > its budget 1940 W" in outcome.failed["gpu-1"]
+    in_force = allocated_w(document) + 2 * 60
+    assert in_force <= BUDGET_W
+
+
+def test_allocations_published_per_node_only_count_against_the_budget() -> None:
+    """A status whose allocations name only a node's watts (the CRD allows it; agents split
+    them evenly over the node's GPUs) still holds the budget: a fifth replica waits."""
+    nodes, pods, document = busy_service()
+    document = with_status(document, {"observedGeneration": 1, "budgetW": BUDGET_W,
+                                      "allocations": [{"node": "gpu-1", "watts": BUDGET_W}]})
+    new = gpu_pod("llama-4", labels=LLAMA)
+    outcome = filter_nodes(view(nodes, [*pods, new], [document]), new, ["gpu-1"])
+    assert outcome.rejections == {RejectReason.BUDGET: 1}
+    assert outcome.failed["gpu-1"].startswith("policy inference/llama has no budget free for this pod yet: 1940 W allocated")
