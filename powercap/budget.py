@@ -13,8 +13,10 @@ Inputs of the allocation (:mod:`powercap.allocation`), per policy:
 - ``reserved_w``: GPUs its bound pods requested that no telemetry lists yet (a pod just
   started) run at their minimum until their agent reports them:
   ``(boundGpus - reportedGpus) x the largest minimum among its GPUs`` (the default
-  minimum when none reports); and the GPUs its *pending* pods request, as many as the
-  budget can hold beside the bound GPUs' minimums (:func:`reservable_pending_gpus`), so
+  minimum when none reports); and the GPUs of its pending pods that the extender refused
+  for want of budget (kube-scheduler says so in the pod's PodScheduled condition; a pod
+  pending for another reason, such as no free GPU, reserves nothing), as many as the
+  budget can hold beside the bound GPUs' minimums (:func:`reservable_waiting_gpus`), so
   that a new GPU starting at its minimum never lifts the caps' sum above the budget: the
   extender places a pod of the policy only once the published allocations leave room for
   its GPUs' minimums (:func:`powercap.placement.budget_room_rejection`);
@@ -117,15 +119,15 @@ def plan_round(
     return RoundPlan(now=view.now, policies=MappingProxyType(plans), racks=MappingProxyType(racks))
 
 
-def reservable_pending_gpus(policy_view: PolicyView, reported_min_w: float, minimum_w: float, margin: float) -> int:
-    """How many of the policy's pending GPUs the budget can keep a minimum free for, beside
+def reservable_waiting_gpus(policy_view: PolicyView, reported_min_w: float, minimum_w: float, margin: float) -> int:
+    """How many of the GPUs waiting for budget the budget can keep a minimum free for, beside
     the minimums of its bound GPUs (``reported_min_w`` for those telemetry lists, ``minimum_w``
     each for the rest). Pods beyond that cannot be placed anyway (the extender says so)."""
-    if policy_view.pending_gpus <= 0 or minimum_w <= 0:
+    if policy_view.budget_waiting_gpus <= 0 or minimum_w <= 0:
         return 0
     unreported = max(0, policy_view.bound_gpus - len(policy_view.gpus))
     room_w = budget_w(policy_view.policy.power_cap_w, margin) - reported_min_w - unreported * minimum_w
-    return max(0, min(policy_view.pending_gpus, int(room_w // minimum_w)))
+    return max(0, min(policy_view.budget_waiting_gpus, int(room_w // minimum_w)))
 
 
 def _service(policy_view: PolicyView, view: ClusterView, margin: float) -> Service:
@@ -141,8 +143,8 @@ def _service(policy_view: PolicyView, view: ClusterView, margin: float) -> Servi
         ))
     unreported = max(0, policy_view.bound_gpus - len(gpus))
     minimum_w = _new_gpu_minimum_w(policy_view, view)
-    pending = reservable_pending_gpus(policy_view, sum(g.min_w for g in gpus), minimum_w, margin)
-    return Service(policy_view.key, policy_view.policy.power_cap_w, tuple(gpus), reserved_w=(unreported + pending) * minimum_w)
+    waiting = reservable_waiting_gpus(policy_view, sum(g.min_w for g in gpus), minimum_w, margin)
+    return Service(policy_view.key, policy_view.policy.power_cap_w, tuple(gpus), reserved_w=(unreported + waiting) * minimum_w)
 
 
 def _new_gpu_minimum_w(policy_view: PolicyView, view: ClusterView) -> float:
@@ -215,7 +217,7 @@ def _plan(
         lagging=reported,
         silent_nodes=_silent_nodes(policy_view, view),
         unreported_gpus=unreported,
-        pending_reserved_gpus=reservable_pending_gpus(
+        pending_reserved_gpus=reservable_waiting_gpus(
             policy_view, sum(g.gpu.min_w for g in policy_view.gpus), _new_gpu_minimum_w(policy_view, view), settings.margin,
         ),
     )

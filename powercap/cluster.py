@@ -206,7 +206,8 @@ class PolicyView:
     """A valid policy and what it holds now.
 
     ``pods``: keys of its active pods (bound or pending), sorted. ``bound_gpus``: GPUs
-    requested by those of them bound to a node; ``pending_gpus``: by those not bound yet.
+    requested by those of them bound to a node; ``budget_waiting_gpus``: by those not bound
+    yet that kube-scheduler reports refused for want of budget (:attr:`PodFacts.waits_for_budget`).
     ``gpus``: the GPUs node telemetry attributes to its pods (last readable telemetry of
     each node, fresh or not).
     """
@@ -215,7 +216,7 @@ class PolicyView:
     pods: tuple[str, ...] = ()
     bound_gpus: int = 0
     gpus: tuple[PolicyGpu, ...] = ()
-    pending_gpus: int = 0
+    budget_waiting_gpus: int = 0
 
     @property
     def key(self) -> str:
@@ -234,6 +235,7 @@ class PodFacts:
     power_annotation_w: float | None
     bound_at: datetime | None
     active: bool
+    waits_for_budget: bool = False
 
 
 # The apiserver writes condition times in whole seconds: a pod whose PodScheduled time reads
@@ -261,7 +263,23 @@ def pod_facts(pod: KubeObject) -> PodFacts:
         power_annotation_w=pod_power_annotation_w(pod),
         bound_at=_bound_at(pod) if node_name else None,
         active=pod_is_active(pod),
+        waits_for_budget=not node_name and _refused_for_budget(pod),
     )
+
+
+BUDGET_REFUSAL = "has no budget free for this pod yet"
+"""Words of the extender's budget refusal (:func:`powercap.placement.budget_room_rejection`).
+kube-scheduler copies the extender's reasons into the message of the pod's PodScheduled
+condition (``0/12 nodes are available: 12 policy ns/p has no budget free ...``), which is
+how the budget controller learns that a pending pod waits for budget, and nothing else."""
+
+
+def _refused_for_budget(pod: KubeObject) -> bool:
+    for condition in (pod.get("status") or {}).get("conditions") or ():
+        if isinstance(condition, Mapping) and condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            message = condition.get("message")
+            return isinstance(message, str) and BUDGET_REFUSAL in message
+    return False
 
 
 def _bound_at(pod: KubeObject) -> datetime | None:
@@ -673,13 +691,13 @@ def _parse_policies(
 def _policy_views(state: _State) -> dict[str, PolicyView]:
     pods: dict[str, list[str]] = {key: [] for key in state.valid}
     owner: dict[str, str] = {}
-    pending: dict[str, int] = dict.fromkeys(state.valid, 0)
+    waiting: dict[str, int] = dict.fromkeys(state.valid, 0)
     for _, facts, policy in state.pod_docs.values():
         if policy is not None and facts.active:
             pods[policy.key].append(facts.key)
             owner[facts.key] = policy.key
-            if facts.node_name is None:
-                pending[policy.key] += facts.gpus
+            if facts.waits_for_budget:
+                waiting[policy.key] += facts.gpus
     gpus: dict[str, list[PolicyGpu]] = {key: [] for key in state.valid}
     for parsed in state.parsed_nodes.values():
         if parsed.telemetry is not None:
@@ -693,7 +711,7 @@ def _policy_views(state: _State) -> dict[str, PolicyView]:
             pods=tuple(sorted(pods[key])),
             bound_gpus=state.bound_gpus.get(key, 0),
             gpus=tuple(sorted(gpus[key], key=lambda g: (g.node, g.gpu.index))),
-            pending_gpus=pending[key],
+            budget_waiting_gpus=waiting[key],
         )
         for key, policy in state.valid.items()
     }

@@ -195,7 +195,7 @@ def budget_room_rejection(request: PlacementRequest, gpu_min_w: float, new_gpu_m
     return (
         f"policy {policy.key} has no budget free for this pod yet: {held} + {request.gpus} x "
         f"{format_watts(pod_min_w)} W minimum for this pod > its budget {budget} W; the budget controller "
-        "frees it in its next round (a few seconds), then the pod is scheduled"
+        "frees it in its next round, then kube-scheduler retries the pod"
     )
 
 

@@ -89,7 +89,7 @@ class StatusInputs:
     telemetry only; None when nothing reports); ``ratio``: its generated tokens per joule
     (fresh GPUs that report tokens/s; None when none does); ``gpus``: GPUs its bound pods use, reported
     or not; ``unreported_gpus``: those no telemetry lists yet; ``pending_reserved_gpus``:
-    GPUs of its pending pods whose minimums the budget keeps free; ``silent_nodes``: why
+    GPUs of its pods waiting for budget whose minimums the budget keeps free; ``silent_nodes``: why
     nodes hosting its GPUs have no fresh telemetry; ``rack_problems``: infeasible racks it
     runs in.
     """
@@ -275,8 +275,8 @@ def _enforced(inputs: StatusInputs) -> Condition:
         message += (f"; {_count(inputs.unreported_gpus, 'GPU')} of starting pods not reported yet "
                     "(they run at their minimum)")
     if inputs.pending_reserved_gpus:
-        message += (f"; the minimums of {_count(inputs.pending_reserved_gpus, 'GPU')} of pending pods are kept "
-                    "free, so they can be scheduled")
+        message += (f"; the minimums of {_count(inputs.pending_reserved_gpus, 'GPU')} of pods waiting for budget "
+                    "are kept free, so they can be scheduled")
     return Condition(ENFORCED, "True", "AllocationApplied", message)
 
 

@@ -2,7 +2,8 @@
 
 A GPU that joins a service starts at its NVML minimum, on top of the caps in force. So the
 extender places a pod of the policy only when the published allocations leave its GPUs'
-minimums free, and the controller keeps the minimums of pending pods free in its rounds.
+minimums free, and the controller keeps free the minimums of pending pods that kube-scheduler
+reports refused for budget (in their PodScheduled condition).
 These tests run the real cluster view, controller round (:func:`powercap.budget.plan_round`)
 and extender filter (:func:`powercap.placement.filter_nodes`) in turn, as the services do.
 """
@@ -22,6 +23,7 @@ from tests.fakes.objects import NOW, gpu_pod, policy
 LLAMA = {"app.kubernetes.io/name": "llama"}
 BUDGET_W = 1940  # powerCapLimit 2000 W less the 3 % margin
 MIN_W = 200
+WAITING = "policy inference/llama has no budget free for this pod yet: 1940 W allocated + 1 x 200 W minimum ..."
 
 
 def busy_service() -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
@@ -29,6 +31,18 @@ def busy_service() -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str
     pods = [gpu_pod(f"llama-{i}", node="gpu-1", labels=LLAMA, bound_at=NOW - timedelta(minutes=10)) for i in range(4)]
     nodes = [node("gpu-1", None, [Gpu(f"A{i}", 690, 700, f"inference/llama-{i}") for i in range(4)])]
     return nodes, pods, policy("llama", cap_w=2000)
+
+
+def refused_by_scheduler(pod: dict[str, Any], reason: str) -> dict[str, Any]:
+    """The pending pod after a failed attempt: kube-scheduler's PodScheduled condition,
+    whose message counts the nodes per reason (the extender's reasons verbatim)."""
+    condition = {
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "lastProbeTime": None,
+        "lastTransitionTime": "2026-11-27T23:20:03Z",
+        "message": f"0/1 nodes are available: 1 {reason}. preemption: 0/1 nodes are available: "
+                   "1 Preemption is not helpful for scheduling.",
+    }
+    return {**pod, "status": {**pod["status"], "conditions": [condition]}}
 
 
 def allocated_w(document: dict[str, Any]) -> float:
@@ -53,16 +67,17 @@ def test_a_new_pod_waits_until_the_controller_frees_its_minimum() -> None:
     assert refused.passed == [] and refused.unresolvable == {}
     assert refused.failed == {"gpu-1": (
         "policy inference/llama has no budget free for this pod yet: 1940 W allocated + 1 x 200 W minimum for "
-        "this pod > its budget 1940 W; the budget controller frees it in its next round (a few seconds), then the "
-        "pod is scheduled"
+        "this pod > its budget 1940 W; the budget controller frees it in its next round, then kube-scheduler "
+        "retries the pod"
     )}
     assert refused.rejections == {RejectReason.BUDGET: 1}
 
-    # the next round sees the pending pod and keeps its minimum free
+    # the next round sees the pod refused for budget and keeps its minimum free
+    new = refused_by_scheduler(new, refused.failed["gpu-1"])
     document = round_at(nodes, [*pods, new], document, 5)
     assert allocated_w(document) == BUDGET_W - MIN_W
     [enforced] = [c for c in document["status"]["conditions"] if c["type"] == "Enforced"]
-    assert enforced["message"].endswith("the minimums of 1 GPU of pending pods are kept free, so they can be scheduled")
+    assert enforced["message"].endswith("the minimums of 1 GPU of pods waiting for budget are kept free, so they can be scheduled")
     nodes = agents_apply(nodes, [document], at=NOW + timedelta(seconds=6))
     assert filter_nodes(view(nodes, [*pods, new], [document]), new, ["gpu-1"]).passed == ["gpu-1"]
 
@@ -89,9 +104,12 @@ def test_the_caps_in_force_never_exceed_the_budget_while_a_service_scales_up() -
         now = NOW + timedelta(seconds=second)
         current = view(nodes, [*pods, *waiting], [document], now=now)
         for pod in list(waiting):
-            if filter_nodes(current, pod, ["gpu-1"]).passed:
+            outcome = filter_nodes(current, pod, ["gpu-1"])
+            if outcome.passed:
                 waiting.remove(pod)
                 pods.append(gpu_pod(pod["metadata"]["name"], node="gpu-1", labels=LLAMA, bound_at=now))
+            else:
+                waiting[waiting.index(pod)] = refused_by_scheduler(pod, outcome.failed["gpu-1"])
         if second % 5 == 0:
             document = round_at(nodes, [*pods, *waiting], document, second)
             nodes = agents_apply(nodes, [document], at=now)
@@ -104,15 +122,25 @@ def test_the_caps_in_force_never_exceed_the_budget_while_a_service_scales_up() -
 
 
 def test_the_controller_keeps_free_only_what_the_budget_can_hold() -> None:
-    """Twenty pending pods: the four bound GPUs keep their minimums; five pending ones fit beside them."""
+    """Twenty pods refused for budget: the four bound GPUs keep their minimums; five of the
+    waiting ones fit beside them."""
     nodes, pods, document = busy_service()
-    pending = [gpu_pod(f"llama-{i}", labels=LLAMA) for i in range(4, 24)]
+    pending = [refused_by_scheduler(gpu_pod(f"llama-{i}", labels=LLAMA), WAITING) for i in range(4, 24)]
     plan = plan_round(view(nodes, [*pods, *pending], [document]))
     result = plan.policies["inference/llama"]
     assert [c.cap_w for c in result.allocation.caps] == [235] * 4  # (1940 - 5 x 200) / 4
     conditions = {c["type"]: c for c in result.status["conditions"]}
     assert conditions["Feasible"]["reason"] == "BudgetCoversMinimums"
-    assert "the minimums of 5 GPUs of pending pods are kept free" in conditions["Enforced"]["message"]
+    assert "the minimums of 5 GPUs of pods waiting for budget are kept free" in conditions["Enforced"]["message"]
+
+
+def test_a_pod_pending_for_another_reason_reserves_nothing() -> None:
+    """No free GPU anywhere, or never tried yet: the running GPUs keep the whole budget."""
+    nodes, pods, document = busy_service()
+    no_gpu = refused_by_scheduler(gpu_pod("llama-4", labels=LLAMA), "Insufficient nvidia.com/gpu")
+    untried = gpu_pod("llama-5", labels=LLAMA)
+    plan = plan_round(view(nodes, [*pods, no_gpu, untried], [document]))
+    assert [c.cap_w for c in plan.policies["inference/llama"].allocation.caps] == [485] * 4
 
 
 def test_a_pod_the_budget_can_never_hold_is_unresolvable() -> None:
@@ -149,7 +177,7 @@ def test_a_controller_with_a_smaller_margin_does_not_keep_new_pods_pending_forev
     default-margin 1940 W, or a busy service's new replica would never be placed."""
     settings = AllocationSettings(margin=0.01)
     nodes, pods, document = busy_service()
-    new = gpu_pod("llama-4", labels=LLAMA)
+    new = refused_by_scheduler(gpu_pod("llama-4", labels=LLAMA), WAITING)
     for second in (0, 5, 10, 15):
         plan = plan_round(view(nodes, [*pods, new], [document], now=NOW + timedelta(seconds=second)), settings)
         document = with_status(document, plan.policies["inference/llama"].status)
@@ -173,7 +201,6 @@ def test_a_raised_or_lowered_cap_is_judged_against_the_new_spec_until_the_contro
     assert "its budget 970 W" in outcome.unresolvable["gpu-1"]
 
 
-
 def test_a_pod_is_measured_at_the_minimum_of_the_gpus_of_the_node_it_would_get() -> None:
     """The service runs on 200 W-minimum GPUs; an L4 node (60 W minimum) elsewhere in the
     cluster must not make a two-GPU pod look cheap: on gpu-1 its GPUs start at 2 x 200 W."""
@@ -183,7 +210,7 @@ def test_a_pod_is_measured_at_the_minimum_of_the_gpus_of_the_node_it_would_get()
         node("l4-1", None, [Gpu(f"L{i}", 30, 72, min_w=60, max_w=72) for i in range(4)], capacity=4),
     ]
     document = policy("llama", cap_w=2000)
-    new = gpu_pod("llama-8", gpus=2, labels=LLAMA)
+    new = refused_by_scheduler(gpu_pod("llama-8", gpus=2, labels=LLAMA), WAITING)
     for second in (0, 5):
         plan = plan_round(view(nodes, [*pods, new], [document], now=NOW + timedelta(seconds=second)))
         document = with_status(document, plan.policies["inference/llama"].status)

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from powercap import placement
 from powercap.simulation.engine import ORACLE, POWERCAP, STATIC_SPLIT, STRATEGIES, SimulationResult, Strategy, StrategyRun, simulate
 from powercap.simulation.metrics import RECOVERY_HOLD_S
 from powercap.simulation.scenario import Scenario, default_scenario_text, load_scenario, scenario_from_document
@@ -219,3 +220,45 @@ def test_powercap_writes_the_status_kubectl_get_pcp_shows(default_run: tuple[Sim
         assert status["ratio"] > 0, f"{key}: the agents publish tokens/s, so the Ratio column is filled"
         ready = next(c for c in status["conditions"] if c["type"] == "Ready")
         assert ready["status"] in ("True", "False") and ready["reason"], key
+
+
+def scale_up_scenario() -> Scenario:
+    """Four busy one-GPU pods whose caps use all of powerCapLimit 2000 W, scaled to seven at 30 s."""
+    return scenario_from_document({
+        "name": "scale-up",
+        "durationS": 90,
+        "timing": {"warmupS": 0, "podStartupS": 5},
+        "racks": [{"id": "r"}],
+        "nodes": [{"name": "n", "rack": "r", "gpuModel": "H200-like"}],
+        "policies": [{
+            "apiVersion": "powercapping.example.com/v1alpha1",
+            "kind": "PowerCappingPolicy",
+            "metadata": {"name": "svc", "namespace": "default"},
+            "spec": {"powerCapLimit": 2000},
+        }],
+        "services": [{"name": "svc", "policy": "svc", "replicas": 4, "peakTokensS": 20000}],
+        "workload": {"noise": 0, "randomBursts": {"count": 0}},
+        "events": [{"atS": 30, "service": "svc", "replicas": 7}],
+    })
+
+
+def seconds_over_cap(result: SimulationResult) -> list[int]:
+    recorder = result.runs[0].recorder
+    return [s for s, (cap, caps_sum) in enumerate(zip(recorder.service_cap_w[0], recorder.service_caps_sum_w[0]))
+            if cap is not None and caps_sum > cap]
+
+
+def test_scaling_up_waits_for_budget_instead_of_lifting_the_caps_sum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each new pod waits until the controller frees its GPU's minimum; the caps set on the
+    service's GPUs then pass powerCapLimit only in the second a GPU joins at its own (default)
+    limit, before its agent's next tick sets its minimum. Without the wait they stay above it."""
+    gated = simulate(scale_up_scenario(), [POWERCAP])
+    figures = summarize(gated)["strategies"]["powercap"]
+    assert figures["unschedulablePods"] == 0 and len(gated.runs[0].placements) == 7
+    over = seconds_over_cap(gated)
+    assert figures["services"]["svc"]["capsSumAboveCapSeconds"] == len(over)
+    assert len([s for s in over if s >= 30]) <= 3, over  # at most the second each of the 3 new GPUs joins
+
+    monkeypatch.setattr(placement, "budget_room_rejection", lambda *args, **kwargs: None)
+    ungated = simulate(scale_up_scenario(), [POWERCAP])
+    assert len([s for s in seconds_over_cap(ungated) if s >= 30]) > len([s for s in over if s >= 30])

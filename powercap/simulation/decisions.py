@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -78,6 +79,17 @@ class Placement:
 
     node: str | None
     failed: Mapping[str, str]
+
+
+def fit_error(node_count: int, failed: Mapping[str, str]) -> str:
+    """kube-scheduler's message for a pod no node took (the PodScheduled condition's):
+    ``0/12 nodes are available: 8 <reason>, 4 <reason>.``, reasons by count; nodes without
+    a reason had no free GPU."""
+    counts = Counter(failed.values())
+    if len(failed) < node_count:
+        counts["Insufficient nvidia.com/gpu"] += node_count - len(failed)
+    parts = ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+    return f"0/{node_count} nodes are available: {parts}."
 
 
 def place_default(pod_gpus: int, candidates: Sequence[Candidate], rng: random.Random, scoring: str) -> Placement:

@@ -485,6 +485,7 @@ class _Run:
                 pod.next_attempt_s = t_s + SCHEDULER_RETRY_S
                 reasons = sorted(set(placement.failed.values()))
                 self.unschedulable[pod.key] = reasons[0] if reasons else "no node has enough free GPUs"
+                pod.refuse(decisions.fit_error(len(self.world.nodes), placement.failed))
                 continue
             node = next(n for n in self.world.nodes if n.name == placement.node)
             pod.bind(node, bind_s)
@@ -506,6 +507,7 @@ class _Run:
         recorder = self.recorder
         serving = self._traffic(t_s, second)
         service_energy = [0.0] * len(self.scenario.services)
+        caps_sum_w = [0.0] * len(self.scenario.services)
         for rack in self.world.racks.values():
             rack.step_energy_j = 0.0
         advance = physics.advance
@@ -520,6 +522,7 @@ class _Run:
             pod = gpu.pod
             if pod is not None:
                 service_energy[pod.service_index] += energy_j
+                caps_sum_w[pod.service_index] += gpu.cap_w
                 pod.step_tokens += new.tokens - old.tokens
             elif gpu.workload is not idle:
                 gpu.workload = idle
@@ -541,6 +544,8 @@ class _Run:
         for index, energy_j in enumerate(service_energy):
             recorder.service_energy_j[index][second] += energy_j
             recorder.service_step_power_w[index].append(energy_j / dt_s)
+            if caps_sum_w[index] > recorder.service_caps_sum_w[index][second]:
+                recorder.service_caps_sum_w[index][second] = caps_sum_w[index]
         cluster_energy = 0.0
         for r, rack in enumerate(self.world.racks.values()):
             energy_j = rack.step_energy_j

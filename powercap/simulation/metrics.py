@@ -47,6 +47,7 @@ class Recorder:
     service_offered_tokens: list[list[float]] = field(default_factory=list)
     service_dropped_tokens: list[list[float]] = field(default_factory=list)
     service_cap_w: list[list[float | None]] = field(default_factory=list)
+    service_caps_sum_w: list[list[float]] = field(default_factory=list)  # most the GPUs' caps summed to in the second
     service_step_power_w: list[list[float]] = field(default_factory=list)
     service_latency: list[list[tuple[float, float]]] = field(default_factory=list)
     rack_energy_j: list[list[float]] = field(default_factory=list)
@@ -61,6 +62,7 @@ class Recorder:
         self.service_offered_tokens = [[0.0] * n for _ in range(s)]
         self.service_dropped_tokens = [[0.0] * n for _ in range(s)]
         self.service_cap_w = [[None] * n for _ in range(s)]
+        self.service_caps_sum_w = [[0.0] * n for _ in range(s)]
         self.service_step_power_w = [[] for _ in range(s)]
         self.service_latency = [[] for _ in range(s)]
         self.rack_energy_j = [[0.0] * n for _ in range(r)]

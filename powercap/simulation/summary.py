@@ -99,6 +99,10 @@ def summarize_run(scenario: Scenario, run: StrategyRun) -> dict[str, Any]:
             "capViolationSeconds": len(over),
             "capViolationSecondsAfterConvergence": len(over_after),
             "firstCapViolations": over[:10],
+            # the caps set on its GPUs (a pod's GPUs from binding on) summed above powerCapLimit
+            "capsSumAboveCapSeconds": sum(
+                1 for cap, caps_sum in zip(caps, recorder.service_caps_sum_w[index]) if cap is not None and caps_sum > cap + 1e-6
+            ),
             "p99LatencyProxyS": weighted_percentile(recorder.service_latency[index], LATENCY_PERCENTILE),
         }
     racks: dict[str, Any] = {}

@@ -180,6 +180,7 @@ class SimPod:
     uncapped_tokens_s: float = 0.0  # set at binding (see :meth:`bind`)
     key: str = ""  # namespace/name
     uid: str = ""
+    unschedulable: str | None = None  # kube-scheduler's message of its last failed attempt
     _object: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -201,6 +202,11 @@ class SimPod:
         self.uncapped_tokens_s = sum(g.model.peak_tokens_s for g in gpus) * (1.0 - share) * self.service.tokens_scale
         self._object = None
 
+    def refuse(self, message: str) -> None:
+        """A failed scheduling attempt: kube-scheduler writes PodScheduled False with ``message``."""
+        if message != self.unschedulable:
+            self.unschedulable, self._object = message, None
+
     def unbind(self) -> None:
         for gpu in self.gpus:
             gpu.pod = None
@@ -221,6 +227,10 @@ class SimPod:
                     "phase": "Running" if running else "Pending",
                     "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": api_time(self.bound_s)}],
                 }
+            elif self.unschedulable is not None:
+                pod["status"]["conditions"] = [{
+                    "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": self.unschedulable,
+                }]
             self._object = pod
         return self._object
 
