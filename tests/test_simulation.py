@@ -183,12 +183,10 @@ def test_pods_that_fit_nowhere_stay_pending_with_the_extenders_reason() -> None:
     assert any("> maxPower 3000 W" in reason for reason in figures["unschedulable"].values())
 
 
-def skewed_scenario() -> Scenario:
-    """8 one-GPU pods on one H200-like node, uneven routing (up to 2x the mean load), a cap of 250 W per GPU."""
+def one_node_scenario(name: str, service: dict[str, Any], **top: Any) -> Scenario:
+    """One H200-like node (8 GPUs) in one rack, and one service under a 2000 W policy."""
     return scenario_from_document({
-        "name": "skewed",
-        "durationS": 60,
-        "timing": {"warmupS": 15},
+        "name": name,
         "racks": [{"id": "r"}],
         "nodes": [{"name": "n", "rack": "r", "gpuModel": "H200-like"}],
         "policies": [{
@@ -197,8 +195,17 @@ def skewed_scenario() -> Scenario:
             "metadata": {"name": "svc", "namespace": "default"},
             "spec": {"powerCapLimit": 2000},
         }],
-        "services": [{"name": "svc", "policy": "svc", "replicas": 8, "peakTokensS": 12000, "podSkew": 0.8, "loadBound": 2}],
+        "services": [{"name": "svc", "policy": "svc", **service}],
+        **top,
     })
+
+
+def skewed_scenario() -> Scenario:
+    """8 one-GPU pods on one H200-like node, uneven routing (up to 2x the mean load), a cap of 250 W per GPU."""
+    return one_node_scenario(
+        "skewed", {"replicas": 8, "peakTokensS": 12000, "podSkew": 0.8, "loadBound": 2},
+        durationS=60, timing={"warmupS": 15},
+    )
 
 
 def test_the_oracle_bound_serves_more_than_the_static_split_under_the_same_cap() -> None:
@@ -224,22 +231,12 @@ def test_powercap_writes_the_status_kubectl_get_pcp_shows(default_run: tuple[Sim
 
 def scale_up_scenario() -> Scenario:
     """Four busy one-GPU pods whose caps use all of powerCapLimit 2000 W, scaled to seven at 30 s."""
-    return scenario_from_document({
-        "name": "scale-up",
-        "durationS": 90,
-        "timing": {"warmupS": 0, "podStartupS": 5},
-        "racks": [{"id": "r"}],
-        "nodes": [{"name": "n", "rack": "r", "gpuModel": "H200-like"}],
-        "policies": [{
-            "apiVersion": "powercapping.example.com/v1alpha1",
-            "kind": "PowerCappingPolicy",
-            "metadata": {"name": "svc", "namespace": "default"},
-            "spec": {"powerCapLimit": 2000},
-        }],
-        "services": [{"name": "svc", "policy": "svc", "replicas": 4, "peakTokensS": 20000}],
-        "workload": {"noise": 0, "randomBursts": {"count": 0}},
-        "events": [{"atS": 30, "service": "svc", "replicas": 7}],
-    })
+    return one_node_scenario(
+        "scale-up", {"replicas": 4, "peakTokensS": 20000},
+        durationS=90, timing={"warmupS": 0, "podStartupS": 5},
+        workload={"noise": 0, "randomBursts": {"count": 0}},
+        events=[{"atS": 30, "service": "svc", "replicas": 7}],
+    )
 
 
 def seconds_over_cap(result: SimulationResult) -> list[int]:
