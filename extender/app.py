@@ -22,6 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from flask import Flask, Response, request
@@ -32,7 +33,7 @@ from extender import wire
 from extender.sources import NotReady, ViewSource
 from powercap.algorithms import AlgorithmRegistry
 from powercap.objects import POWER_ANNOTATION, object_key, pod_gpus_requested, pod_power_annotation_problem
-from powercap.placement import PlacementRequest, RejectReason, filter_nodes, placement_request, prioritize_nodes
+from powercap.placement import PlacementRequest, RecentAdmissions, RejectReason, filter_nodes, placement_request, prioritize_nodes
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     metrics = metrics or ExtenderMetrics()
     annotation_warnings = AnnotationWarnings()
+    admissions = RecentAdmissions()
 
     def timed(verb: str, handler: Callable[[bytes], tuple[bytes, int, str]]) -> Response:
         started = time.perf_counter()
@@ -143,7 +145,12 @@ def create_app(
             return wire.encode_filter_error(f"powercap extender is not ready: {waiting}"), 200, "not_ready"
         request_ = placement_request(view, args.Pod)
         annotation_warnings.check(args.Pod, request_)
+        now_s = time.monotonic()
+        if request_.covered:
+            request_ = replace(request_, admitted_w=admissions.admitted_w(view, request_, now_s))
         outcome = filter_nodes(view, request_, candidates.names)
+        if outcome.passed:
+            admissions.passed(view, request_, now_s)
         for reason, count in outcome.rejections.items():
             metrics.rejected.labels(reason.value).inc(count)
         if request_.covered:

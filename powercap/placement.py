@@ -26,7 +26,9 @@ is a larger powerCapLimit or fewer replicas. When it can, but the allocations th
 controller published leave less than the pod's GPUs' minimums free,
 ``allocated + (bound GPUs without an allocation) x minimum + pod's GPUs x minimum > budget``,
 every node fails, resolvably (``budget``): a new GPU starts at its minimum on top of the
-caps in force, so placing it now would lift their sum above the budget. The controller
+caps in force, so placing it now would lift their sum above the budget. The extender adds
+the minimums of the policy's pods it let through that its view does not show bound yet
+(:class:`RecentAdmissions`: kube-scheduler binds asynchronously). The controller
 keeps the minimums of pending pods free in its next round (:mod:`powercap.budget`), and
 kube-scheduler's retry then places the pod.
 
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -86,6 +89,7 @@ class PlacementRequest:
     power_annotation_w: float | None
     policy: Policy | None
     bound_gpus: int = 0  # GPUs the policy's pods already hold
+    admitted_w: float = 0.0  # minimums of the policy's pods this filter passed that the view shows pending still
 
     @property
     def covered(self) -> bool:
@@ -187,16 +191,53 @@ def budget_room_rejection(request: PlacementRequest, gpu_min_w: float, new_gpu_m
     waiting_w = max(0, request.bound_gpus - allocated_gpus) * gpu_min_w
     pod_min_w = gpu_min_w if new_gpu_min_w is None else new_gpu_min_w
     needed_w = request.gpus * pod_min_w
-    if allocated_w + waiting_w + needed_w <= budget:
+    if allocated_w + waiting_w + request.admitted_w + needed_w <= budget:
         return None
     held = f"{format_watts(allocated_w)} W allocated"
     if waiting_w:
         held += f" + {format_watts(waiting_w)} W for GPUs of starting pods"
+    if request.admitted_w:
+        held += f" + {format_watts(request.admitted_w)} W for pods placed a moment ago"
     return (
         f"policy {policy.key} has no budget free for this pod yet: {held} + {request.gpus} x "
         f"{format_watts(pod_min_w)} W minimum for this pod > its budget {budget} W; the budget controller "
         "frees it in its next round, then kube-scheduler retries the pod"
     )
+
+
+class RecentAdmissions:
+    """Pods of Enforce policies the filter passed, until the view shows them bound.
+
+    kube-scheduler binds asynchronously and places the next pod at once: the next filter
+    call can come before the first pod's binding reaches the extender's watch, and both pods
+    would take the same free budget. So the extender remembers what it let through, at the
+    largest GPU minimum in the cluster, and counts it against the policy's budget until the
+    pod is bound (then ``bound_gpus`` counts it), gone, or ``ttl_s`` old (kube-scheduler
+    chose no node, or a later plugin refused it). Thread-safe; ``now_s`` is monotonic.
+    """
+
+    def __init__(self, ttl_s: float = 30.0) -> None:
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._passed: dict[str, tuple[str, float, float]] = {}  # pod -> (policy, W, when)
+
+    def admitted_w(self, view: ClusterView, request: PlacementRequest, now_s: float) -> float:
+        """What the policy's other passed pods, still pending in ``view``, hold of its budget."""
+        if request.policy is None:
+            return 0.0
+        total = 0.0
+        with self._lock:
+            for pod_key, (policy_key, watts, at_s) in list(self._passed.items()):
+                if now_s - at_s > self.ttl_s or not view.pod_pending(pod_key):
+                    del self._passed[pod_key]
+                elif policy_key == request.policy.key and pod_key != request.pod_key:
+                    total += watts
+        return total
+
+    def passed(self, view: ClusterView, request: PlacementRequest, now_s: float) -> None:
+        if request.covered and request.policy is not None:
+            with self._lock:
+                self._passed[request.pod_key] = (request.policy.key, request.gpus * view.largest_gpu_min_w, now_s)
 
 
 _PUBLISHED: dict[int, tuple[Mapping[str, object], float, int]] = {}

@@ -284,3 +284,28 @@ def test_a_body_without_content_length_is_read_too(client: FlaskClient) -> None:
                            headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
     assert response.status_code == 200
     assert response.get_json()["NodeNames"] == ["gpu-roomy"]
+
+
+def test_two_pods_placed_back_to_back_do_not_share_one_free_minimum(tmp_path: Path) -> None:
+    """The published allocations leave 200 W free: room for one more GPU. kube-scheduler
+    filters pod A, binds it, and filters pod B before A's binding reaches the extender's
+    view: B must wait, or both GPUs would start at 200 W on the same free 200 W."""
+    status = {"observedGeneration": 1, "budgetW": 1940,
+              "allocations": [{"node": "gpu-loose", "watts": 1740, "gpus": [{"uuid": f"GPU-{i}", "watts": 435} for i in range(4)]}]}
+    capped = {**policy("llama", cap_w=2000), "status": status}
+    running = [gpu_pod(f"llama-{i}", node="gpu-loose", bound_at=NOW - timedelta(minutes=5)) for i in range(4)]
+    first, second = gpu_pod("llama-4"), gpu_pod("llama-5")
+    path = tmp_path / "cluster.json"
+    path.write_text(json.dumps(kubectl_list([LOOSE], [*running, first, second], [capped])))
+    registry = AlgorithmRegistry.default(discover=lambda: [])
+    client = create_app(StateFileSource(str(path), ClusterSettings(), registry), registry).test_client()
+
+    assert post(client, "filter", extender_args(first, [LOOSE], node_cache_capable=True)).get_json()["NodeNames"] == ["gpu-loose"]
+    refused = post(client, "filter", extender_args(second, [LOOSE], node_cache_capable=True)).get_json()
+    assert refused["NodeNames"] == [] and refused["FailedAndUnresolvableNodes"] == {}
+    assert refused["FailedNodes"]["gpu-loose"].startswith(
+        "policy inference/llama has no budget free for this pod yet: 1740 W allocated + 200 W for pods placed a "
+        "moment ago + 1 x 200 W minimum for this pod > its budget 1940 W"
+    )
+    # the same pod asked again passes: it does not count against itself
+    assert post(client, "filter", extender_args(first, [LOOSE], node_cache_capable=True)).get_json()["NodeNames"] == ["gpu-loose"]

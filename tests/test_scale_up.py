@@ -15,7 +15,7 @@ from typing import Any
 
 from powercap.allocation import AllocationSettings
 from powercap.budget import plan_round
-from powercap.placement import RejectReason, filter_nodes
+from powercap.placement import RecentAdmissions, RejectReason, filter_nodes, placement_request
 from powercap.status import published_allocations
 from tests.fakes.clusters import Gpu, agents_apply, node, view, with_status
 from tests.fakes.objects import NOW, gpu_pod, policy
@@ -233,3 +233,27 @@ def test_allocations_published_per_node_only_count_against_the_budget() -> None:
     outcome = filter_nodes(view(nodes, [*pods, new], [document]), new, ["gpu-1"])
     assert outcome.rejections == {RejectReason.BUDGET: 1}
     assert outcome.failed["gpu-1"].startswith("policy inference/llama has no budget free for this pod yet: 1940 W allocated")
+
+
+def test_a_pod_let_through_counts_until_the_view_shows_it_bound_or_it_is_old() -> None:
+    """RecentAdmissions: the extender's memory of pods it passed and kube-scheduler has not bound yet."""
+    nodes, pods, document = busy_service()
+    first, second = gpu_pod("llama-4", labels=LLAMA), gpu_pod("llama-5", labels=LLAMA)
+    admissions = RecentAdmissions(ttl_s=30)
+    pending_view = view(nodes, [*pods, first, second], [document])
+    admissions.passed(pending_view, placement_request(pending_view, first), now_s=100.0)
+
+    second_request = placement_request(pending_view, second)
+    assert admissions.admitted_w(pending_view, second_request, now_s=101.0) == MIN_W
+    assert admissions.admitted_w(pending_view, placement_request(pending_view, first), now_s=101.0) == 0  # not itself
+
+    # bound now: the view's bound GPUs count it, the memory lets go
+    bound = gpu_pod("llama-4", node="gpu-1", labels=LLAMA, bound_at=NOW)
+    bound_view = view(nodes, [*pods, bound, second], [document])
+    assert admissions.admitted_w(bound_view, placement_request(bound_view, second), now_s=102.0) == 0
+    assert placement_request(bound_view, second).bound_gpus == 5
+
+    # never bound (kube-scheduler chose no node): forgotten after ttl_s
+    admissions.passed(pending_view, placement_request(pending_view, first), now_s=200.0)
+    assert admissions.admitted_w(pending_view, second_request, now_s=229.0) == MIN_W
+    assert admissions.admitted_w(pending_view, second_request, now_s=231.0) == 0
