@@ -103,7 +103,8 @@ def plan_round(
     whole round to apply the allocation); when None (a one-off run), every lagging GPU is.
     """
     settings = settings or AllocationSettings()
-    services = {key: _service(policy_view, view, settings.margin) for key, policy_view in sorted(view.policies.items())}
+    waiting = {key: reservable_waiting_gpus(policy_view, view, settings.margin) for key, policy_view in view.policies.items()}
+    services = {key: _service(policy_view, view, waiting[key]) for key, policy_view in sorted(view.policies.items())}
     enforce = [s for key, s in services.items() if view.policies[key].policy.mode is Mode.ENFORCE]
     observe = [s for key, s in services.items() if view.policies[key].policy.mode is Mode.OBSERVE]
     first = allocate(enforce, _rack_limits(view, enforce, counted_at_caps=None), settings)
@@ -115,22 +116,24 @@ def plan_round(
     plans = {}
     for key, policy_view in sorted(view.policies.items()):
         before = None if lagging_before is None else lagging_before.get(key, ())
-        plans[key] = _plan(policy_view, allocations[key], racks, view, settings, before)
+        plans[key] = _plan(policy_view, allocations[key], racks, view, settings, before, waiting[key])
     return RoundPlan(now=view.now, policies=MappingProxyType(plans), racks=MappingProxyType(racks))
 
 
-def reservable_waiting_gpus(policy_view: PolicyView, reported_min_w: float, minimum_w: float, margin: float) -> int:
+def reservable_waiting_gpus(policy_view: PolicyView, view: ClusterView, margin: float) -> int:
     """How many of the GPUs waiting for budget the budget can keep a minimum free for, beside
-    the minimums of its bound GPUs (``reported_min_w`` for those telemetry lists, ``minimum_w``
+    the minimums of its bound GPUs (their own for those telemetry lists, the new-GPU minimum
     each for the rest). Pods beyond that cannot be placed anyway (the extender says so)."""
+    minimum_w = _new_gpu_minimum_w(policy_view, view)
     if policy_view.budget_waiting_gpus <= 0 or minimum_w <= 0:
         return 0
     unreported = max(0, policy_view.bound_gpus - len(policy_view.gpus))
+    reported_min_w = sum(g.gpu.min_w for g in policy_view.gpus)
     room_w = budget_w(policy_view.policy.power_cap_w, margin) - reported_min_w - unreported * minimum_w
     return max(0, min(policy_view.budget_waiting_gpus, int(room_w // minimum_w)))
 
 
-def _service(policy_view: PolicyView, view: ClusterView, margin: float) -> Service:
+def _service(policy_view: PolicyView, view: ClusterView, waiting_gpus: int) -> Service:
     published = published_allocations(policy_view.policy.status)
     gpus = []
     for entry in policy_view.gpus:
@@ -142,9 +145,8 @@ def _service(policy_view: PolicyView, view: ClusterView, margin: float) -> Servi
             previous_w=published.get(gpu.uuid), fresh=node is not None and node.fresh,
         ))
     unreported = max(0, policy_view.bound_gpus - len(gpus))
-    minimum_w = _new_gpu_minimum_w(policy_view, view)
-    waiting = reservable_waiting_gpus(policy_view, sum(g.min_w for g in gpus), minimum_w, margin)
-    return Service(policy_view.key, policy_view.policy.power_cap_w, tuple(gpus), reserved_w=(unreported + waiting) * minimum_w)
+    reserved_w = (unreported + waiting_gpus) * _new_gpu_minimum_w(policy_view, view)
+    return Service(policy_view.key, policy_view.policy.power_cap_w, tuple(gpus), reserved_w=reserved_w)
 
 
 def _new_gpu_minimum_w(policy_view: PolicyView, view: ClusterView) -> float:
@@ -186,6 +188,7 @@ def _plan(
     view: ClusterView,
     settings: AllocationSettings,
     lagging_before: Collection[str] | None,
+    waiting_gpus: int,
 ) -> PolicyPlan:
     policy = policy_view.policy
     fresh = [g for g in policy_view.gpus if (node := view.nodes.get(g.node)) is not None and node.fresh]
@@ -217,9 +220,7 @@ def _plan(
         lagging=reported,
         silent_nodes=_silent_nodes(policy_view, view),
         unreported_gpus=unreported,
-        pending_reserved_gpus=reservable_waiting_gpus(
-            policy_view, sum(g.gpu.min_w for g in policy_view.gpus), _new_gpu_minimum_w(policy_view, view), settings.margin,
-        ),
+        pending_reserved_gpus=waiting_gpus,
     )
     return PolicyPlan(
         policy=policy,
