@@ -243,7 +243,7 @@ class BudgetController:
         except kube.ApiError as error:
             self.metrics.write_failures.inc()
             report.failed.append(policy.key)
-            log.log(logging.ERROR if error.code in (401, 403) else logging.WARNING,
+            log.log(error.log_level,
                     "status of %s not written: %s", policy.key, error,
                     extra={"policy": policy.key, "error": str(error), "code": error.code})
             return

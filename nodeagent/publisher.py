@@ -188,7 +188,7 @@ class KubePublisher:
             message = f"telemetry not published: {error}"
         level = logging.DEBUG
         if new_problem:
-            level = logging.ERROR if error.code in (401, 403) else logging.WARNING
+            level = error.log_level
         log.log(level, message, extra={"node": self.node, "error": str(error), "code": error.code,
                                        "failed_attempts": failures, "retry_in_s": delay_s})
 

@@ -166,11 +166,11 @@ class ClusterSource:
             if was:
                 if isinstance(error, kube.NotFound):
                     why = f"Node {self.node} not found (deleted?)"
-                elif error.code in (401, 403):
+                elif error.denied:
                     why = f"the API server refuses to show Node {self.node}"
                 else:
                     why = "API server unreachable"
-                log.log(logging.ERROR if error.code in (401, 403) else logging.WARNING,
+                log.log(error.log_level,
                         "%s: keeping caps", why, extra={"node": self.node, "error": str(error), "code": error.code})
             return False
         with self._lock:

@@ -105,11 +105,21 @@ class ApiError(Exception):
         return f"{text} ({hint})" if hint else text
 
     @property
+    def denied(self) -> bool:
+        """401 or 403: a deployment mistake (credentials, RBAC), not a passing fault."""
+        return self.code in (401, 403)
+
+    @property
+    def log_level(self) -> int:
+        """ERROR when :attr:`denied` (nothing heals it but the operator), else WARNING."""
+        return logging.ERROR if self.denied else logging.WARNING
+
+    @property
     def permission_hint(self) -> str:
         """For a 401 or 403 of a request we sent: what the operator must fix, naming the
         verb and the resource ("" otherwise). A 403 message of the RBAC authorizer names
         them too, but a 401, or a 403 from a webhook authorizer or a proxy, does not."""
-        if self.request is None or self.code not in (401, 403):
+        if self.request is None or not self.denied:
             return ""
         if self.code == 401:
             return (f"the API server did not accept our credentials to {self.request.describe()}: "
@@ -911,8 +921,7 @@ class WatchCache:
                 retry_after_s = min(exc.retry_after_s or 0.0, MAX_RETRY_AFTER_S)
                 facts = exc.request
                 logger.log(
-                    # no permission is a deployment mistake, not a passing fault
-                    logging.ERROR if exc.code in (401, 403) else logging.WARNING,
+                    exc.log_level,
                     "watch cache %s: %s failed: %s",
                     self.name,
                     "list" if need_list else "watch",
@@ -1115,7 +1124,7 @@ class LeaderElector:
         except ApiError as exc:
             facts = exc.request
             logger.log(
-                logging.ERROR if exc.code in (401, 403) else logging.WARNING,
+                exc.log_level,
                 "lease %s/%s: acquire/renew failed: %s",
                 self.namespace,
                 self.name,

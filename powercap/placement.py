@@ -51,6 +51,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TypeGuard
 
 from powercap.algorithms import (
     DEFAULT_ALGORITHM,
@@ -144,8 +145,7 @@ def policy_budget_w(policy: Policy) -> int:
     default = budget_w(policy.power_cap_w, AllocationSettings.margin)
     status = policy.status or {}
     published = status.get("budgetW")
-    if not (isinstance(published, (int, float)) and not isinstance(published, bool)
-            and math.isfinite(published) and published >= 0):
+    if not _finite_watts(published):
         return default
     observed = status.get("observedGeneration")
     if isinstance(observed, int) and not isinstance(observed, bool) and observed == policy.generation:
@@ -268,7 +268,7 @@ def published_totals(policy: Policy) -> tuple[float, int]:
     return totals
 
 
-def _finite_watts(value: object) -> bool:
+def _finite_watts(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
