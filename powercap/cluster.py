@@ -359,7 +359,7 @@ class _State:
     pod_docs: dict[int, tuple[KubeObject, PodFacts, Policy | None]]
     bound_by_node: dict[str, tuple[BoundPod, ...]]
     bound_gpus: dict[str, int]
-    node_of_pod: dict[str, str | None]  # active pod key -> its node (None: pending)
+    pending_pods: set[str]  # keys of the active pods not bound yet (few: copied every build)
     node_views: dict[str, NodeView]
     rack_views: dict[str, RackView]
     node_facts: dict[str, NodeFacts]
@@ -464,8 +464,7 @@ class ClusterView:
 
     def pod_pending(self, pod_key: str) -> bool:
         """Whether the view has the pod (``namespace/name``) active and not bound yet."""
-        node_of_pod = self._state.node_of_pod
-        return pod_key in node_of_pod and node_of_pod[pod_key] is None
+        return pod_key in self._state.pending_pods
 
     def policy_view_for_pod(self, pod: KubeObject | PodFacts) -> PolicyView | None:
         policy = self.policy_for_pod(pod)
@@ -545,13 +544,13 @@ def build_cluster_view(
     pod_docs = dict(base_pods)
     bound_by_node: dict[str, tuple[BoundPod, ...]] = dict(old.bound_by_node) if old is not None and not full else {}
     bound_gpus: dict[str, int] = dict(old.bound_gpus) if old is not None and not full else dict.fromkeys(valid, 0)
-    node_of_pod: dict[str, str | None] = dict(old.node_of_pod) if old is not None and not full else {}
+    pending_pods: set[str] = set(old.pending_pods) if old is not None and not full else set()
     touched_policies: set[str] = set()
     reuse_facts = old.pod_docs if old is not None else {}
     for pod_id in removed_pod_ids:
         _, facts, policy = pod_docs.pop(pod_id)
-        if facts.active:
-            node_of_pod.pop(facts.key, None)
+        if facts.active and facts.node_name is None:
+            pending_pods.discard(facts.key)
         if _counts_power(facts):
             bound_by_node[facts.node_name] = tuple(b for b in bound_by_node[facts.node_name] if b[0] is not facts)  # type: ignore[index]
             dirty.add(facts.node_name)  # type: ignore[arg-type]
@@ -563,8 +562,8 @@ def build_cluster_view(
         facts = cached[1] if cached is not None and cached[0] is pod else pod_facts(pod)
         policy = _match(by_namespace, facts.namespace, facts.labels) if facts.active else None
         pod_docs[id(pod)] = (pod, facts, policy)
-        if facts.active:
-            node_of_pod[facts.key] = facts.node_name
+        if facts.active and facts.node_name is None:
+            pending_pods.add(facts.key)
         if _counts_power(facts):
             bound_by_node[facts.node_name] = (*bound_by_node.get(facts.node_name, ()), (facts, policy))  # type: ignore[index,arg-type]
             dirty.add(facts.node_name)  # type: ignore[arg-type]
@@ -646,7 +645,7 @@ def build_cluster_view(
     state = _State(
         settings=settings, registry=registry, policy_docs=policy_docs, valid=valid, invalid=invalid,
         by_namespace=by_namespace, limits=limits, node_docs=node_docs, parsed_nodes=parsed_nodes,
-        pod_docs=pod_docs, bound_by_node=bound_by_node, bound_gpus=bound_gpus, node_of_pod=node_of_pod,
+        pod_docs=pod_docs, bound_by_node=bound_by_node, bound_gpus=bound_gpus, pending_pods=pending_pods,
         node_views=node_views,
         rack_views=rack_views, node_facts=node_facts, fresh_until=fresh_until,
         assumed_policies=assumed_policies, trend_anchors=trend_anchors, gpu_min_w=gpu_min_w,
