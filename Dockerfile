@@ -11,6 +11,7 @@ COPY config/crd/ config/crd/
 COPY powercap/ powercap/
 COPY webhook/ webhook/
 COPY extender/ extender/
+COPY controller/ controller/
 COPY nodeagent/ nodeagent/
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 

@@ -14,7 +14,7 @@
 2. **One whole round** (:func:`powercap.budget.plan_round`: allocation plus every status,
    from a cluster view of those 1,000 nodes and 100 policies).
 3. **Status writes per minute** of a steady cluster, through the real controller
-   (:class:`extender.controller.BudgetController`) and HTTP client against the fake API
+   (:class:`controller.loop.BudgetController`) and HTTP client against the fake API
    server: 100 nodes x 8 GPUs, 20 policies, 5 constrained racks, a round every 5 s of
    simulated time for 15 minutes. Each round the simulated node agents apply the
    published caps and report fresh telemetry in which every GPU's power moves by up to
@@ -37,8 +37,8 @@ from typing import Any, NamedTuple
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import machine, percentile, write_section  # noqa: E402
-from extender.controller import BudgetController, ControllerSettings, ListSnapshots  # noqa: E402
-from extender.sources import settle_garbage_collector  # noqa: E402
+from controller.loop import BudgetController, ControllerSettings, ListSnapshots  # noqa: E402
+from powercap.runtime.sources import settle_garbage_collector  # noqa: E402
 from powercap import kube  # noqa: E402
 from powercap.algorithms import AlgorithmRegistry  # noqa: E402
 from powercap.allocation import Allocation, GpuState, RackLimit, Service, allocate  # noqa: E402
@@ -112,7 +112,7 @@ def bench_allocation(runs: int, reference: Allocate | None = None) -> list[Alloc
     for label, services in (("1 service x 10,000 GPUs", 1), ("100 services x 100 GPUs, shared racks", 100)):
         inputs, racks = allocation_inputs(random.Random(7), services)
         # The controller process takes its long-lived objects (caches, the view) out of the
-        # cyclic collector after each rebuild (extender.sources.settle_garbage_collector), so
+        # cyclic collector after each rebuild (powercap.runtime.sources.settle_garbage_collector), so
         # a full collection does not scan them in the middle of a round; do the same here.
         settle_garbage_collector()
         try:
@@ -232,7 +232,7 @@ def markdown(allocation_rows: list[AllocationRow], round_ms: Timing, writes, sha
         "",
         "p50 and p99 are wall-clock times; CPU time leaves out the time the process waited for a core. "
         "The inputs are taken out of Python's cyclic garbage collector before timing, as the controller "
-        "process does with its caches after each rebuild (`extender.sources.settle_garbage_collector`); "
+        "process does with its caches after each rebuild (`powercap.runtime.sources.settle_garbage_collector`); "
         "without that, about one call in ten carries a ~20 ms full collection over the 10,000 inputs.",
         "",
     ]

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import machine, percentile  # noqa: E402
 from extender import wire  # noqa: E402
 from extender.app import create_app  # noqa: E402
-from extender.sources import CacheSource, settle_garbage_collector  # noqa: E402
+from powercap.runtime.sources import CacheSource, settle_garbage_collector  # noqa: E402
 import msgspec  # noqa: E402
 
 from powercap.algorithms import AlgorithmRegistry  # noqa: E402

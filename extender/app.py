@@ -1,7 +1,7 @@
 """The extender's HTTP app: kube-scheduler's filter and prioritize calls, health, metrics.
 
 ``create_app(source, registry)`` builds a Flask app around an injected
-:class:`~extender.sources.ViewSource`; decisions are :mod:`powercap.placement`'s, this
+:class:`~powercap.runtime.sources.ViewSource`; decisions are :mod:`powercap.placement`'s, this
 module only translates the wire format (:mod:`extender.wire`), counts and logs.
 
 - ``POST /filter``: ExtenderArgs -> ExtenderFilterResult (``NodeNames`` or ``Nodes`` as asked).
@@ -30,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from extender import wire
-from extender.sources import NotReady, ViewSource
+from powercap.runtime.sources import NotReady, ViewSource
 from powercap.algorithms import AlgorithmRegistry
 from powercap.objects import POWER_ANNOTATION, object_key, pod_gpus_requested, pod_power_annotation_problem
 from powercap.placement import PlacementRequest, RecentAdmissions, RejectReason, filter_nodes, placement_request, prioritize_nodes

@@ -23,14 +23,13 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornLogger
 
 from extender.app import create_app
-from powercap.logs import JsonFormatter, configure_logging
-from extender.sources import StateFileError, StateFileSource, ViewSource, cluster_source
+from powercap.runtime.logs import JsonFormatter, configure_logging
+from powercap.runtime.sources import StateFileError, StateFileSource, ViewSource, cluster_source
 from powercap import kube
 from powercap.algorithms import AlgorithmRegistry
-from powercap.cli import bind_address, positive_int, positive_seconds
+from powercap.runtime.cliargs import bind_address, label_key, positive_int, positive_seconds
 from powercap.cluster import ClusterSettings
 from powercap.objects import RACK_LABEL
-from powercap.policies import label_key_problem
 from powercap.telemetry import DEFAULT_STALE_AFTER_S
 
 DEFAULT_BIND = "127.0.0.1:8888"
@@ -57,13 +56,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", default=4, type=positive_int, metavar="N", help="request threads (default 4)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     parser.set_defaults(func=run)
-
-
-def label_key(text: str) -> str:
-    problem = label_key_problem(text)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return text
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from powercap.logs import configure_logging
+from powercap.runtime.logs import configure_logging
 from nodeagent.agent import Agent, AgentSettings
 from nodeagent.gpus import GpuBackend, GpuError
 from nodeagent.inlet import InletSource, NoInlet, inlet_spec_argument
@@ -31,7 +31,7 @@ from nodeagent.sources import ClusterSource, FilePolicySource, PolicyFileError, 
 from nodeagent.state import DEFAULT_STATE_FILE, StateFile
 from nodeagent.tokens import DEFAULT_TOKENS_METRIC, TokenRates
 from powercap import kube, physics
-from powercap.cli import node_name
+from powercap.runtime.cliargs import node_name
 
 log = logging.getLogger(__name__)
 

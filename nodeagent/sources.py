@@ -33,7 +33,7 @@ from powercap.algorithms import AlgorithmRegistry
 from powercap.objects import RACK_LABEL, KubeObject, node_rack, object_key
 from powercap.policies import Policy, parse_policy
 from powercap.schema import SAFE_LOADER
-from powercap.validate_cmd import describe_load_error
+from powercap.runtime.documents import describe_load_error
 
 log = logging.getLogger(__name__)
 

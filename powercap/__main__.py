@@ -1,5 +1,5 @@
 import sys
 
-from powercap.cli import main
+from powercap.commands import main
 
 sys.exit(main())

@@ -66,7 +66,7 @@ from operator import attrgetter, gt
 from types import MappingProxyType
 from typing import NamedTuple
 
-from powercap.physics import clamp
+from powercap.numeric import clamp
 
 INF = math.inf
 # Float slack when rounding a level back to whole watts: a cap computed as 399.9999999

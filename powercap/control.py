@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from powercap.physics import clamp
+from powercap.numeric import clamp
 from powercap.policies import PerformanceTarget
 
 

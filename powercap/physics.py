@@ -33,6 +33,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from powercap.numeric import clamp
+
 
 @dataclass(frozen=True, slots=True)
 class GpuModel:
@@ -195,11 +197,6 @@ class GpuState:
     energy_j: float = 0.0
     tokens: float = 0.0
     tokens_s: float = 0.0
-
-
-def clamp(value: float, low: float, high: float) -> float:
-    """``min(max(value, low), high)``."""
-    return low if value < low else high if value > high else value
 
 
 def clamp_limit_w(model: GpuModel, cap_w: float) -> float:

@@ -19,7 +19,7 @@ import yaml
 
 from tests.conftest import REPO_ROOT
 
-PACKAGES = ("powercap", "webhook", "extender", "nodeagent")
+PACKAGES = ("powercap", "webhook", "extender", "controller", "nodeagent")
 METRIC_CLASSES = {"Counter": "counter", "Gauge": "gauge", "Histogram": "histogram", "Summary": "summary",
                   "Info": "info", "Enum": "stateset"}
 KSM_CONFIG = REPO_ROOT / "config" / "monitoring" / "kube-state-metrics.yaml"

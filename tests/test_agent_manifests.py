@@ -74,7 +74,7 @@ def test_state_dir_probes_and_flags_match_the_agent(built: Built) -> None:
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert container["ports"] == [{"name": "metrics", "containerPort": 9402, "protocol": "TCP"}]
-    from powercap.cli import build_parser
+    from powercap.commands import build_parser
 
     args = build_parser().parse_args([*container["command"][1:], *container["args"]])
     assert (args.backend, str(args.state_file), args.metrics_bind) == ("nvml", "/var/lib/powercap/agent-state.json", ("0.0.0.0", 9402))

@@ -16,16 +16,16 @@ from typing import Any
 import pytest
 import yaml
 
-from extender.controller import (
+from controller.loop import (
     BudgetController,
     CacheSnapshots,
     ControllerSettings,
     ListSnapshots,
 )
-from extender.controller_cmd import HealthServer
+from controller.cli import HealthServer
 from powercap import kube, schema
 from powercap.algorithms import AlgorithmRegistry
-from powercap.cli import main
+from powercap.commands import main
 from powercap.cluster import ClusterSettings
 from powercap.telemetry import TELEMETRY_ANNOTATION, from_json, to_json
 from tests.fakes.apiserver import FakeApiServer
@@ -166,7 +166,7 @@ def test_a_refused_status_write_is_logged_and_the_round_goes_on(
                                       ControllerSettings(identity="controller-a"), clock=clock)
     else:
         apiserver.fail_next(1, fault, method="PUT", path=STATUS_PATH)
-    with caplog.at_level("INFO", logger="extender.controller"):
+    with caplog.at_level("INFO", logger="controller"):
         report = controller.run_round()
     assert report.failed == failed
     assert "batch/mistral" in report.written, "the other policies are still written"

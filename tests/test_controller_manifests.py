@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from powercap.cli import build_parser
+from powercap.commands import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPONENT = ROOT / "config" / "controller"

@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 from kubernetes_validate.utils import all_versions
 
-from powercap.cli import build_parser
+from powercap.commands import build_parser
 from tests.manifests import (
     NAMESPACE,
     Manifest,

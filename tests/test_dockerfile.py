@@ -173,8 +173,8 @@ def test_every_powercap_command_is_in_the_image(context_files: set[str], pyproje
     commands = pyproject["project"]["entry-points"]["powercap.commands"]
     assert {"webhook", "certs", "extender", "controller", "agent", "validate"} <= set(commands)
     for name, target in {**commands, **pyproject["project"]["scripts"]}.items():
-        module = target.split(":")[0]
-        assert f"{module.replace('.', '/')}.py" in context_files, f"powercap {name}: {module} is not copied"
+        module_path = target.split(":")[0].replace(".", "/")
+        assert {f"{module_path}.py", f"{module_path}/__init__.py"} & context_files, f"powercap {name}: {module_path} is not copied"
 
 
 def test_base_image_provides_what_the_manifests_run_besides_powercap(final: Stage) -> None:

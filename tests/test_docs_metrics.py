@@ -65,7 +65,7 @@ def test_doc_lists_exactly_the_metrics_that_exist(catalog: dict[str, Metric]) ->
 
 def test_every_program_with_metrics_is_covered(catalog: dict[str, Metric]) -> None:
     sources = {m.source.split("/")[0] for m in catalog.values()}
-    assert {"nodeagent", "extender", "webhook", "config"} <= sources
+    assert {"nodeagent", "extender", "controller", "webhook", "config"} <= sources
 
 
 def targets(dashboard: dict[str, Any]) -> list[tuple[str, str]]:

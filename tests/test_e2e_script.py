@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from extender.app import create_app
-from extender.sources import StateFileSource
+from powercap.runtime.sources import StateFileSource
 from powercap.algorithms import AlgorithmRegistry
 from powercap.cluster import ClusterSettings
 from powercap.objects import RACK_LABEL

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from powercap.cli import main
+from powercap.commands import main
 from tests.fakes.objects import extender_args, gpu_node, gpu_pod, kubectl_list, policy, telemetry
 
 ROOT = Path(__file__).resolve().parent.parent

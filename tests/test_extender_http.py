@@ -14,7 +14,7 @@ import yaml
 from flask.testing import FlaskClient
 
 from extender.app import create_app
-from extender.sources import NotReady, StateFileSource
+from powercap.runtime.sources import NotReady, StateFileSource
 from powercap.algorithms import AlgorithmRegistry
 from powercap.cluster import ClusterSettings, ClusterView
 from tests.fakes.objects import NOW, extender_args, gpu_node, gpu_pod, kubectl_list, policy, telemetry

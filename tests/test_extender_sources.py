@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from extender.app import create_app
-from extender.sources import NotReady, StateFileError, StateFileSource, cluster_source, load_state
+from powercap.runtime.sources import NotReady, StateFileError, StateFileSource, cluster_source, load_state
 from powercap import kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.cluster import ClusterSettings
@@ -90,12 +90,12 @@ def test_a_bad_file_on_reload_keeps_the_last_good_view_and_says_why(tmp_path: Pa
     source = source_on(path, clock)
     path.write_text("items: [unclosed\n")
     clock.advance(5)
-    with caplog.at_level(logging.WARNING, logger="extender.sources"):
+    with caplog.at_level(logging.WARNING, logger="powercap.runtime.sources"):
         assert passes(source) == ["gpu-1"]
     assert f"state file {path} could not be reloaded, keeping the last good view: invalid YAML at line 2" in caplog.text
     path.write_text("kind: List\nitems: [{kind: Pod, metadata: {name: p}, spec: {containers: [{resources: [1]}]}}]\n")
     clock.advance(5)
-    with caplog.at_level(logging.WARNING, logger="extender.sources"):
+    with caplog.at_level(logging.WARNING, logger="powercap.runtime.sources"):
         assert passes(source) == ["gpu-1"]  # well-formed YAML, malformed objects: the same
     assert "keeping the last good view: item 1 (Pod p): spec.containers[0].resources: must be an object, not a list" in caplog.text
     write_state(path, 4800)

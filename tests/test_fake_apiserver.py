@@ -64,8 +64,8 @@ def test_status_subresource_splits_spec_and_status_writes(client: KubeClient, ap
 def test_delete_answers_like_the_real_server(client: KubeClient, apiserver: FakeApiServer) -> None:
     apiserver.put_object("pods", {"metadata": {"name": "p", "namespace": NS}})
     apiserver.put_object("leases", {"metadata": {"name": "l", "namespace": NS}, "spec": {}})
-    assert client.delete(kube.pod_path(NS, "p"))["kind"] == "Pod"
-    status = client.delete(kube.lease_path(NS, "l"))
+    assert client.request("DELETE", kube.pod_path(NS, "p"))["kind"] == "Pod"
+    status = client.request("DELETE", kube.lease_path(NS, "l"))
     assert (status["kind"], status["status"], status["details"]["group"]) == ("Status", "Success", "coordination.k8s.io")
 
 

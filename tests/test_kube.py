@@ -14,6 +14,7 @@ import pytest
 from tests.fakes.apiserver import FakeApiServer
 
 from powercap import kube
+from powercap.objects import object_key
 from powercap.kube import (
     ApiError,
     Conflict,
@@ -55,9 +56,7 @@ def start_cache(client: KubeClient) -> Iterator[CacheFactory]:
         **options: Any,
     ) -> WatchCache:
         settings = {"backoff_initial_s": 0.02, "backoff_max_s": 0.1, "rng": random.Random(0), **options}
-        cache = WatchCache(client, path, params, **settings)
-        for listener in listeners:
-            cache.add_listener(listener)
+        cache = WatchCache(client, path, params, listeners=listeners, **settings)
         cache.start()
         started.append(cache)
         return cache
@@ -106,7 +105,7 @@ def lease_spec(server: FakeApiServer) -> dict[str, Any]:
 
 
 def keys(cache: WatchCache) -> set[str]:
-    return {kube.object_key(o) for o in cache.items()}
+    return {object_key(o) for o in cache.items()}
 
 
 class FakeClock:
@@ -133,7 +132,7 @@ def test_cache_lists_then_applies_watch_events(apiserver: FakeApiServer, start_c
         kube.pod_path(),
         {"fieldSelector": "spec.nodeName=n1"},
         listeners=(
-            lambda kind, obj: seen.append((kind, kube.object_key(obj))),
+            lambda kind, obj: seen.append((kind, object_key(obj))),
             lambda kind, obj: 1 / 0,  # a broken listener must not stop the cache
         ),
     )
@@ -167,7 +166,7 @@ def test_cache_relists_on_gone_and_reports_what_it_missed(
     apiserver.put_object("pods", pod("a"))
     apiserver.put_object("pods", pod("b"))
     seen: list[tuple[str, str]] = []
-    cache = start_cache(kube.pod_path(NS), listeners=(lambda kind, obj: seen.append((kind, kube.object_key(obj))),))
+    cache = start_cache(kube.pod_path(NS), listeners=(lambda kind, obj: seen.append((kind, object_key(obj))),))
     assert cache.wait_synced(5)
     seen.clear()
 
@@ -360,7 +359,7 @@ def test_cache_resumes_after_a_stream_cut_mid_line_without_losing_or_repeating(
     apiserver: FakeApiServer, start_cache: CacheFactory
 ) -> None:
     seen: list[tuple[str, str]] = []
-    cache = start_cache(kube.pod_path(), listeners=(lambda kind, obj: seen.append((kind, kube.object_key(obj))),))
+    cache = start_cache(kube.pod_path(), listeners=(lambda kind, obj: seen.append((kind, object_key(obj))),))
     assert cache.wait_synced(5) and apiserver.wait_for_watches(1)
     apiserver.put_object("pods", pod("a"))
     assert wait_until(lambda: keys(cache) == {"ml/a"})

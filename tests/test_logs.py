@@ -1,4 +1,4 @@
-"""powercap.logs: one JSON object per log line."""
+"""powercap.runtime.logs: one JSON object per log line."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from powercap.logs import JsonFormatter
+from powercap.runtime.logs import JsonFormatter
 
 
 def record(message: str, **extra: object) -> logging.LogRecord:

@@ -13,7 +13,7 @@ from powercap import placement
 from powercap.simulation.engine import ORACLE, POWERCAP, STATIC_SPLIT, STRATEGIES, SimulationResult, Strategy, StrategyRun, simulate
 from powercap.simulation.metrics import RECOVERY_HOLD_S
 from powercap.simulation.scenario import Scenario, default_scenario_text, load_scenario, scenario_from_document
-from powercap.simulate_cmd import write_report
+from powercap.simulation.cli import write_report
 from powercap.simulation.summary import summarize
 
 GIB = 1 << 30

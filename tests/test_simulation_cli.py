@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from powercap.cli import main
-from powercap.simulate_cmd import ProgressBar
+from powercap.commands import main
+from powercap.simulation.cli import ProgressBar
 from powercap.simulation.scenario import default_scenario_text
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from powercap.cli import main
+from powercap.commands import main
 from powercap.simulation.scenario import ScenarioError, default_scenario_text, scenario_from_document
 from powercap.simulation.tracefile import RecordedTokens, TraceError, parse_azure_llm, parse_rate, parse_trace
 from powercap.simulation.workload import build_trace

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from powercap.cli import main
+from powercap.commands import main
 
 from .conftest import REPO_ROOT, SAMPLES_DIR
 

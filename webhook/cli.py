@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from powercap.cli import bind_address, dns_label, positive_int
+from powercap.runtime.cliargs import bind_address, dns_label, positive_int
 
 EXIT_CONFIG_ERROR = 2
 DEFAULT_BIND = "0.0.0.0:8443"

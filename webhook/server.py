@@ -134,11 +134,11 @@ AppFactory = Callable[[CertificateReloader], Flask]
 
 def logging_config(level: str) -> dict[str, Any]:
     """gunicorn's ``logconfig_dict``: every logger, gunicorn's too, to stderr as JSON lines
-    (:class:`powercap.logs.JsonFormatter`); gunicorn's access log off (one admission line each)."""
+    (:class:`powercap.runtime.logs.JsonFormatter`); gunicorn's access log off (one admission line each)."""
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"json": {"()": "powercap.logs.JsonFormatter"}},
+        "formatters": {"json": {"()": "powercap.runtime.logs.JsonFormatter"}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
         "root": {"level": level.upper(), "handlers": ["stderr"]},
         "loggers": {

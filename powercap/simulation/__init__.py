@@ -14,5 +14,5 @@
   records and the figures of ``summary.json``.
 
 Pure: no I/O (trace files are read by a reader the caller passes), no clock (the caller may pass one to time runs), no plotting; the
-``powercap simulate`` command (:mod:`powercap.simulate_cmd`) does those.
+``powercap simulate`` command (:mod:`powercap.simulation.cli`) does those.
 """

@@ -32,7 +32,8 @@ from datetime import datetime
 from powercap.algorithms import MAX_SCORE, AlgorithmRegistry
 from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
 from powercap.objects import KubeObject
-from powercap.physics import GpuModel, Workload, clamp, operating_point
+from powercap.numeric import clamp
+from powercap.physics import GpuModel, Workload, operating_point
 from powercap.placement import filter_nodes, placement_request, prioritize_nodes
 from powercap.policies import Policy
 

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from extender.sources import Cache, CacheSource, NotReady, cluster_caches, utc_now
+from powercap.runtime.sources import Cache, CacheSource, NotReady, cluster_caches, utc_now
 from powercap import API_GROUP, API_VERSION, KIND, kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.allocation import AllocationSettings
@@ -44,7 +44,7 @@ from powercap.policies import Policy
 from powercap.rebalance import Move, plan_rebalance
 from powercap.status import Transition, render_status, transitions
 
-log = logging.getLogger("extender.controller")
+log = logging.getLogger("controller")
 
 REPORTING_CONTROLLER = f"{API_GROUP}/budget-controller"
 DEFAULT_INTERVAL_S = 5.0

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from powercap.cli import non_negative_int, positive_seconds
+from powercap.runtime.cliargs import non_negative_int, positive_seconds
 from powercap.simulation.engine import SimulationResult, simulate
 from powercap.simulation.scenario import Scenario, ScenarioError, default_scenario_text, load_scenario
 from powercap.simulation.summary import summarize
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     summary_path = out_dir / "summary.json"
     try:
         summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        from powercap.simulate_plots import write_plots  # matplotlib is slow to import; only here
+        from powercap.simulation.plots import write_plots  # matplotlib is slow to import; only here
 
         plots = write_plots(result, out_dir)
     except OSError as error:

@@ -2,7 +2,7 @@
 
 In a cluster (the default) it runs leader-elected on a coordination.k8s.io Lease, in its
 own container of the ``power-aware-scheduler`` Deployment, and writes each policy's
-``status`` (see :mod:`extender.controller`). ``--once`` prints what one round would write
+``status`` (see :mod:`controller.loop`). ``--once`` prints what one round would write
 and writes nothing: over a snapshot with ``--cluster-state FILE`` (``kubectl get
 nodes,pods,pcp -A -o yaml``), else over the cluster as listed now. Exit status 2: bad
 usage, an unreadable snapshot, or no way to reach a cluster.
@@ -27,8 +27,7 @@ from typing import Any, TextIO
 import yaml
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from extender.cli import bind_address, label_key, positive_seconds
-from extender.controller import (
+from controller.loop import (
     DEFAULT_INTERVAL_S,
     BudgetController,
     CacheSnapshots,
@@ -37,8 +36,9 @@ from extender.controller import (
     ListSnapshots,
     Snapshot,
 )
-from powercap.logs import configure_logging
-from extender.sources import load_state, snapshot_time, utc_now
+from powercap.runtime.cliargs import bind_address, label_key, positive_seconds
+from powercap.runtime.logs import configure_logging
+from powercap.runtime.sources import load_state, snapshot_time, utc_now
 from powercap import API_GROUP, API_VERSION, KIND, kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.allocation import AllocationSettings
@@ -47,13 +47,13 @@ from powercap.cluster import ClusterSettings, build_cluster_view
 from powercap.objects import RACK_LABEL
 from powercap.rebalance import Decision, plan_rebalance
 from powercap.telemetry import DEFAULT_STALE_AFTER_S
-from powercap.validate_cmd import describe_load_error
+from powercap.runtime.documents import LOAD_ERRORS, describe_load_error
 
 EXIT_USAGE = 2
 DEFAULT_HEALTH_BIND = "127.0.0.1:8081"
 DEFAULT_LEASE_NAMESPACE = "powercap-system"
 DEFAULT_LEASE_NAME = "powercap-controller"
-log = logging.getLogger("extender.controller")
+log = logging.getLogger("controller")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -144,7 +144,7 @@ def load_snapshot(path: str | None, settings: ClusterSettings, registry: Algorit
     try:
         with open(path, "rb") as handle:
             nodes, pods, policies = load_state(handle.read().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError, yaml.YAMLError) as error:
+    except LOAD_ERRORS as error:
         raise SnapshotError(f"{path}: {describe_load_error(error)}") from None
     now = snapshot_time(nodes) or utc_now()
     view = build_cluster_view(nodes, pods, policies, now, settings, registry=registry)

@@ -25,7 +25,7 @@ from powercap.algorithms import AlgorithmRegistry
 from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
 from powercap.objects import KubeObject, shape_problems
 from powercap.telemetry import TelemetryError, node_telemetry
-from powercap.validate_cmd import describe_load_error, parse_documents
+from powercap.runtime.documents import describe_load_error, parse_documents
 
 log = logging.getLogger(__name__)
 

@@ -1,22 +1,14 @@
-"""The ``powercap`` command.
+"""argparse ``type=`` functions shared by the programs' command lines.
 
-Subcommands are registered through the ``powercap.commands`` entry-point group (see
-pyproject.toml): each service package contributes its own, so this module, part of the
-pure core, never imports a service package.
+Each raises :class:`argparse.ArgumentTypeError` with a message that names what is wrong,
+which argparse prints as ``argument --flag: <message>`` and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import sys
-from collections.abc import Sequence
-from importlib.metadata import entry_points
 
-from powercap import __version__
-
-COMMAND_GROUP = "powercap.commands"
+from powercap.policies import is_dns1123_label, is_dns1123_subdomain, label_key_problem
 
 
 def positive_seconds(text: str) -> float:
@@ -52,8 +44,6 @@ def non_negative_int(text: str) -> int:
 
 def dns_label(text: str) -> str:
     """argparse ``type=``: a Kubernetes name such as a namespace or a Service's."""
-    from powercap.policies import is_dns1123_label
-
     if not is_dns1123_label(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a Kubernetes name (a-z, 0-9 and '-', at most 63 characters)")
     return text
@@ -62,8 +52,6 @@ def dns_label(text: str) -> str:
 def node_name(text: str) -> str:
     """argparse ``type=``: a Node's name; lowercased, as the kubelet names a Node after its
     host name."""
-    from powercap.policies import is_dns1123_subdomain
-
     name = text.strip().lower()
     if not is_dns1123_subdomain(name):
         raise argparse.ArgumentTypeError(f"{text!r} is not a Node name (a-z, 0-9, '-' and '.', at most 253 characters)")
@@ -79,36 +67,9 @@ def bind_address(text: str) -> str:
     return text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="powercap",
-        description="GPU power capping for LLM inference on Kubernetes.",
-    )
-    parser.add_argument("--version", action="version", version=f"powercap {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for entry_point in sorted(entry_points(group=COMMAND_GROUP), key=lambda ep: ep.name):
-        register = entry_point.load()
-        register(subparsers)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        # the reader went away (powercap ... | head): stop quietly, as a killed-by-SIGPIPE
-        # program would, and keep Python from failing again while flushing stdout at exit
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 128 + signal.SIGPIPE
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def label_key(text: str) -> str:
+    """argparse ``type=``: a label key such as ``powercapping.example.com/rack``."""
+    problem = label_key_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
