@@ -21,11 +21,9 @@ import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import yaml
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controller.loop import (
     DEFAULT_INTERVAL_S,
@@ -36,7 +34,8 @@ from controller.loop import (
     ListSnapshots,
     Snapshot,
 )
-from powercap.runtime.cliargs import bind_address, label_key, positive_seconds
+from powercap.runtime.cliargs import add_cluster_view_arguments, add_log_level_argument, bind_address, positive_seconds
+from powercap.runtime.httpserver import HttpServer, Route, check_reply, metrics_route
 from powercap.runtime.logs import configure_logging
 from powercap.runtime.sources import load_state, snapshot_time, utc_now
 from powercap import API_GROUP, API_VERSION, KIND, kube
@@ -44,9 +43,7 @@ from powercap.algorithms import AlgorithmRegistry
 from powercap.allocation import AllocationSettings
 from powercap.budget import RoundPlan, plan_round
 from powercap.cluster import ClusterSettings, build_cluster_view
-from powercap.objects import RACK_LABEL
 from powercap.rebalance import Decision, plan_rebalance
-from powercap.telemetry import DEFAULT_STALE_AFTER_S
 from powercap.runtime.documents import LOAD_ERRORS, describe_load_error
 
 EXIT_USAGE = 2
@@ -74,17 +71,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"seconds between rounds (default {DEFAULT_INTERVAL_S:g})")
     parser.add_argument("--margin", default=AllocationSettings().margin, type=margin_fraction, metavar="FRACTION",
                         help="share of powerCapLimit held back for power overshoot (default 0.03: 3 %%)")
-    parser.add_argument("--rack-label", default=RACK_LABEL, type=label_key, metavar="KEY",
-                        help=f"node label whose value is the rack id (default {RACK_LABEL})")
-    parser.add_argument("--stale-after", default=DEFAULT_STALE_AFTER_S, type=positive_seconds, metavar="SECONDS",
-                        help=f"node telemetry older than this is stale (default {DEFAULT_STALE_AFTER_S:g})")
+    add_cluster_view_arguments(parser)
     parser.add_argument("--lease-namespace", default=DEFAULT_LEASE_NAMESPACE, metavar="NAMESPACE")
     parser.add_argument("--lease-name", default=DEFAULT_LEASE_NAME, metavar="NAME")
     parser.add_argument("--identity", default=None, metavar="ID",
                         help="this replica's name in the Lease (default: $POD_NAME, else host name and a random suffix)")
     parser.add_argument("--health-bind", default=DEFAULT_HEALTH_BIND, type=bind_address, metavar="HOST:PORT",
                         help=f"address of /healthz, /readyz and /metrics (default {DEFAULT_HEALTH_BIND})")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_log_level_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -242,7 +236,7 @@ def serve(client: kube.KubeClient, cluster_settings: ClusterSettings, registry: 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    health = HealthServer(args.health_bind, controller, snapshots, metrics)
+    health = HttpServer.on(args.health_bind, health_routes(controller, snapshots, metrics), name="controller-health")
     log.info("powercap controller starting", extra={
         "identity": settings.identity, "lease": f"{args.lease_namespace}/{args.lease_name}",
         "interval_s": settings.interval_s, "margin": settings.allocation.margin, "health": args.health_bind,
@@ -261,56 +255,22 @@ def serve(client: kube.KubeClient, cluster_settings: ClusterSettings, registry: 
     return 0
 
 
-class HealthServer:
-    """``/healthz`` (the loop ran lately), ``/readyz`` (caches synced) and ``/metrics`` on a local port."""
+def health_routes(controller: BudgetController, snapshots: Readiness, metrics: ControllerMetrics) -> dict[str, Route]:
+    """``/healthz`` (the loop ran lately), ``/readyz`` (caches synced) and ``/metrics``."""
+    return {
+        "/healthz": lambda: check_reply(loop_stall(controller, datetime.now().timestamp())),
+        "/readyz": lambda: check_reply(snapshots.readiness()),
+        "/metrics": metrics_route(metrics.registry),
+    }
 
-    def __init__(self, bind: str, controller: BudgetController, snapshots: CacheSnapshots,
-                 metrics: ControllerMetrics) -> None:
-        host, _, port = bind.rpartition(":")
-        self._controller, self._snapshots, self._metrics = controller, snapshots, metrics
-        handler = self._handler()
-        self._server = ThreadingHTTPServer((host, int(port)), handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="controller-health", daemon=True)
 
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
+class Readiness(Protocol):
+    def readiness(self) -> str | None: ...
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        health = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                code, body, content_type = health.answer(self.path)
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-                return None
-
-        return Handler
-
-    def answer(self, path: str) -> tuple[int, bytes, str]:
-        if path == "/metrics":
-            return 200, generate_latest(self._metrics.registry), CONTENT_TYPE_LATEST
-        if path == "/readyz":
-            waiting = self._snapshots.readiness()
-            return (503, f"{waiting}\n".encode(), "text/plain") if waiting else (200, b"ok\n", "text/plain")
-        if path == "/healthz":
-            last_s = self._controller.last_round_s
-            limit_s = 3 * self._controller.settings.interval_s + 60
-            now_s = datetime.now().timestamp()
-            if last_s is not None and now_s - last_s > limit_s:
-                return 503, f"no round for {now_s - last_s:.0f} s\n".encode(), "text/plain"
-            return 200, b"ok\n", "text/plain"
-        return 404, b"not found\n", "text/plain"
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+def loop_stall(controller: BudgetController, now_s: float) -> str | None:
+    """Why the loop looks stuck (no round for 3 intervals and a minute), or None."""
+    last_s = controller.last_round_s
+    if last_s is not None and now_s - last_s > 3 * controller.settings.interval_s + 60:
+        return f"no round for {now_s - last_s:.0f} s"
+    return None

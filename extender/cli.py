@@ -19,18 +19,15 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Flask
-from gunicorn.app.base import BaseApplication
-from gunicorn.glogging import Logger as GunicornLogger
 
 from extender.app import create_app
-from powercap.runtime.logs import JsonFormatter, configure_logging
-from powercap.runtime.sources import StateFileError, StateFileSource, ViewSource, cluster_source
 from powercap import kube
 from powercap.algorithms import AlgorithmRegistry
-from powercap.runtime.cliargs import bind_address, label_key, positive_int, positive_seconds
 from powercap.cluster import ClusterSettings
-from powercap.objects import RACK_LABEL
-from powercap.telemetry import DEFAULT_STALE_AFTER_S
+from powercap.runtime.cliargs import add_cluster_view_arguments, add_log_level_argument, bind_address, positive_int
+from powercap.runtime.logs import configure_logging
+from powercap.runtime.sources import StateFileError, StateFileSource, ViewSource, cluster_source
+from powercap.runtime.wsgi import GunicornServer
 
 DEFAULT_BIND = "127.0.0.1:8888"
 EXIT_USAGE = 2
@@ -49,12 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"address to listen on (default {DEFAULT_BIND}: beside kube-scheduler)")
     parser.add_argument("--cluster-state", metavar="FILE",
                         help="run without a cluster on this Kubernetes List of Nodes, Pods and PowerCappingPolicies (YAML or JSON)")
-    parser.add_argument("--rack-label", default=RACK_LABEL, type=label_key, metavar="KEY",
-                        help=f"node label whose value is the rack id (default {RACK_LABEL})")
-    parser.add_argument("--stale-after", default=DEFAULT_STALE_AFTER_S, type=positive_seconds, metavar="SECONDS",
-                        help=f"node telemetry older than this is stale (default {DEFAULT_STALE_AFTER_S:g})")
+    add_cluster_view_arguments(parser)
     parser.add_argument("--threads", default=4, type=positive_int, metavar="N", help="request threads (default 4)")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_log_level_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -80,21 +74,20 @@ def run(args: argparse.Namespace) -> int:
         for source in sources:
             source.stop()
 
-    options = {
+    server_settings = {
         "bind": args.bind,
         "workers": 1,
-        "worker_class": "gthread",
         "threads": args.threads,
         "timeout": 30,
         "graceful_timeout": 5,
         "keepalive": 75,  # kube-scheduler keeps its connection open between calls
-        "logger_class": JsonGunicornLogger,
         "worker_exit": worker_exit,
+        "proc_name": "powercap-extender",
     }
     log.info("powercap extender listening on %s", args.bind,
              extra={"bind": args.bind, "mode": "state-file" if args.cluster_state else "cluster",
                     "rack_label": settings.rack_label, "stale_after_s": settings.stale_after_s})
-    ExtenderServer(options, load_app).run()
+    GunicornServer(server_settings, load_app, args.log_level).run()
     return 0
 
 
@@ -111,26 +104,3 @@ def source_factory(state_file: str | None, settings: ClusterSettings, registry: 
     except kube.KubeConfigError as error:
         raise ClusterUnreachable(f"{error}; run with --cluster-state FILE to replay a snapshot without a cluster") from None
     return lambda: cluster_source(kube.KubeClient.from_environment(), settings, registry)
-
-
-class JsonGunicornLogger(GunicornLogger):
-    """gunicorn's own messages as JSON lines too; no access log (metrics count the calls)."""
-
-    def setup(self, cfg: Any) -> None:
-        super().setup(cfg)
-        for handler in self.error_log.handlers:
-            handler.setFormatter(JsonFormatter())
-
-
-class ExtenderServer(BaseApplication):  # type: ignore[misc]
-    def __init__(self, options: dict[str, Any], load_app: Callable[[], Flask]) -> None:
-        self._options = options
-        self._load_app = load_app
-        super().__init__()
-
-    def load_config(self) -> None:
-        for key, value in self._options.items():
-            self.cfg.set(key, value)
-
-    def load(self) -> Flask:
-        return self._load_app()

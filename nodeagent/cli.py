@@ -24,7 +24,7 @@ from powercap.runtime.logs import configure_logging
 from nodeagent.agent import Agent, AgentSettings
 from nodeagent.gpus import GpuBackend, GpuError
 from nodeagent.inlet import InletSource, NoInlet, inlet_spec_argument
-from nodeagent.metrics import AgentMetrics, MetricsServer
+from nodeagent.metrics import AgentMetrics, agent_routes
 from nodeagent.podresources import DEFAULT_GPU_RESOURCES, DEFAULT_SOCKET, PodResourcesSource
 from nodeagent.publisher import KubePublisher, NullPublisher, Publisher
 from nodeagent.sources import ClusterSource, FilePolicySource, PolicyFileError, PolicySource
@@ -32,6 +32,7 @@ from nodeagent.state import DEFAULT_STATE_FILE, StateFile
 from nodeagent.tokens import DEFAULT_TOKENS_METRIC, TokenRates
 from powercap import kube, physics
 from powercap.runtime.cliargs import node_name
+from powercap.runtime.httpserver import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     )
     host, port = args.metrics_bind
     try:
-        server = MetricsServer(metrics, agent.healthy, agent.status, host, port)
+        server = HttpServer(host, port, agent_routes(metrics, agent.healthy, agent.status), name="metrics-server")
     except OSError as error:
         agent.close()
         return _fail(f"--metrics-bind {host}:{port}: {error}", EXIT_CONFIG)

@@ -26,16 +26,13 @@ process. Metrics (``gpu`` is the GPU's UUID):
 from __future__ import annotations
 
 import json
-import logging
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-log = logging.getLogger(__name__)
+from powercap.runtime.httpserver import Route, check_reply, metrics_route
+
 
 GPU_GAUGES = ("power", "limit", "planned", "temperature", "ratio", "degraded", "out_of_band")
 
@@ -91,65 +88,11 @@ class AgentMetrics:
             except KeyError:
                 pass
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
 
-
-class MetricsServer:
-    """``/metrics``, ``/healthz`` and ``/status`` on ``host:port`` (port 0: any free port)."""
-
-    def __init__(
-        self,
-        metrics: AgentMetrics,
-        healthy: Callable[[], bool],
-        status: Callable[[], dict[str, Any]],
-        host: str,
-        port: int,
-    ) -> None:
-        handler = _handler(metrics, healthy, status)
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="metrics-server", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-def _handler(
-    metrics: AgentMetrics, healthy: Callable[[], bool], status: Callable[[], dict[str, Any]]
-) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._reply(200, CONTENT_TYPE_LATEST, metrics.exposition())
-            elif path == "/healthz":
-                ok = healthy()
-                self._reply(200 if ok else 503, "text/plain", b"ok\n" if ok else b"ticks stalled\n")
-            elif path == "/status":
-                self._reply(200, "application/json", json.dumps(status(), indent=1).encode())
-            else:
-                self._reply(404, "text/plain", b"not found\n")
-
-        def _reply(self, code: int, content_type: str, body: bytes) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - overrides http.server
-            log.debug("metrics request", extra={"request": format % args})
-
-    return Handler
+def agent_routes(metrics: AgentMetrics, healthy: Callable[[], bool], status: Callable[[], dict[str, Any]]) -> dict[str, Route]:
+    """``/metrics``, ``/healthz`` (503 while ticks stall) and ``/status`` (the agent's GPUs as JSON)."""
+    return {
+        "/metrics": metrics_route(metrics.registry),
+        "/healthz": lambda: check_reply(None if healthy() else "ticks stalled"),
+        "/status": lambda: (200, "application/json", json.dumps(status(), indent=1).encode()),
+    }

@@ -25,15 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
 
 from powercap import kube
 from powercap.agentplan import split_allocation
 from powercap.algorithms import AlgorithmRegistry
 from powercap.objects import RACK_LABEL, KubeObject, node_rack, object_key
 from powercap.policies import Policy, parse_policy
-from powercap.schema import SAFE_LOADER
-from powercap.runtime.documents import describe_load_error
+from powercap.runtime.documents import LOAD_ERRORS, describe_load_error, parse_documents, read_text
+from powercap.runtime.filewatch import FileWatch
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +62,8 @@ class PolicyFileError(ValueError):
 def read_policy_file(path: Path, registry: AlgorithmRegistry) -> Policy:
     """The one PowerCappingPolicy in a YAML/JSON file, validated and defaulted."""
     try:
-        documents = [d for d in yaml.load_all(path.read_text(encoding="utf-8"), Loader=SAFE_LOADER) if d is not None]
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        documents = list(parse_documents(read_text(str(path))))
+    except LOAD_ERRORS as error:
         raise PolicyFileError(f"{path}: {describe_load_error(error)}") from None
     if len(documents) != 1:
         raise PolicyFileError(f"{path}: expected one PowerCappingPolicy, found {len(documents)} documents")
@@ -82,17 +81,10 @@ class FilePolicySource:
         self.node = node
         self._uuids = list(gpu_uuids)
         self._registry = registry or AlgorithmRegistry.default()
-        self._stamp = self._file_stamp()
+        self._file = FileWatch([path])
         self._policy = split_allocation(read_policy_file(path, self._registry), node, self._uuids)
         self._problem: str | None = None
         log.info("policy file loaded", extra={"policy_file": str(path), "policy": self._policy.key})
-
-    def _file_stamp(self) -> tuple[int, int] | None:
-        try:
-            stat = self.path.stat()
-        except OSError:
-            return None
-        return (stat.st_mtime_ns, stat.st_size)
 
     def start(self) -> None:
         """Nothing runs in the background: the file is checked on every :meth:`view`."""
@@ -101,9 +93,7 @@ class FilePolicySource:
         """Nothing to stop."""
 
     def view(self) -> SourceView:
-        stamp = self._file_stamp()
-        if stamp != self._stamp:
-            self._stamp = stamp
+        if self._file.changed():
             try:
                 policy = split_allocation(read_policy_file(self.path, self._registry), self.node, self._uuids)
             except PolicyFileError as error:

@@ -15,7 +15,8 @@ import pytest
 
 from nodeagent.agent import Agent, AgentSettings
 from nodeagent.gpus import NoPermission
-from nodeagent.metrics import AgentMetrics, MetricsServer
+from nodeagent.metrics import AgentMetrics, agent_routes
+from powercap.runtime.httpserver import HttpServer
 from nodeagent.simulated import ManualClock, SimulatedBackend
 from powercap import physics
 from tests.agenthelpers import NODE, StaticSource, policy
@@ -37,7 +38,7 @@ class Running:
         self.source.set(policy(caps_w={uuids[0]: 400, uuids[1]: 500}))
         self.metrics = AgentMetrics()
         self.agent = Agent(self.backend, self.source, AgentSettings(node=NODE), metrics=self.metrics, clock=self.clock)
-        self.server = MetricsServer(self.metrics, self.agent.healthy, self.agent.status, "127.0.0.1", 0)
+        self.server = HttpServer("127.0.0.1", 0, agent_routes(self.metrics, self.agent.healthy, self.agent.status))
         self.server.start()
 
     def get(self, path: str) -> tuple[int, bytes]:

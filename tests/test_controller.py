@@ -22,7 +22,8 @@ from controller.loop import (
     ControllerSettings,
     ListSnapshots,
 )
-from controller.cli import HealthServer
+from controller.cli import health_routes
+from powercap.runtime.httpserver import HttpServer
 from powercap import kube, schema
 from powercap.algorithms import AlgorithmRegistry
 from powercap.commands import main
@@ -406,7 +407,7 @@ def test_health_endpoints(client, apiserver) -> None:
             return None
 
     controller = controller_for(client, Clock())
-    server = HealthServer("127.0.0.1:0", controller, Ready(), controller.metrics)  # type: ignore[arg-type]
+    server = HttpServer.on("127.0.0.1:0", health_routes(controller, Ready(), controller.metrics))
     server.start()
     try:
         base = f"http://127.0.0.1:{server.port}"

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from powercap.runtime.cliargs import bind_address, dns_label, positive_int
+from powercap.runtime.cliargs import add_log_level_argument, bind_address, dns_label, positive_int
 
 EXIT_CONFIG_ERROR = 2
 DEFAULT_BIND = "0.0.0.0:8443"
@@ -44,7 +44,7 @@ def register_webhook(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         help="do not read other policies from the Kubernetes API (no overlap or shared-rack checks)",
     )
     parser.add_argument("--metrics-dir", metavar="DIR", help=f"prometheus multiprocess directory (default ${METRICS_DIR_ENV} or a new temporary directory)")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_log_level_argument(parser)
     parser.set_defaults(func=run_webhook)
 
 

@@ -20,7 +20,6 @@ not us, closes idle connections: a server-side close can race a request being se
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import threading
 from collections.abc import Callable
@@ -29,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask
-from gunicorn.app.base import BaseApplication
 
+from powercap.runtime.filewatch import FileStamp, file_stamp
+from powercap.runtime.wsgi import GunicornServer
 from webhook.certs import TLS_CERT, TLS_KEY
 
 log = logging.getLogger("powercap.webhook.server")
@@ -58,17 +58,6 @@ def new_server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     return context
 
 
-FileStamp = tuple[int, int, int, int]  # device, inode, size, mtime in ns
-
-
-def _stamp(path: Path) -> FileStamp | None:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
-
-
 class CertificateReloader:
     """An SSL context that follows the certificate and key files (see the module docstring).
 
@@ -91,7 +80,7 @@ class CertificateReloader:
     def context(self) -> ssl.SSLContext:
         """The context for a new connection; raises ``ssl.SSLError``/``OSError`` only if none ever loaded."""
         with self._lock:
-            stamps = (_stamp(self.cert_file), _stamp(self.key_file))
+            stamps = (file_stamp(self.cert_file), file_stamp(self.key_file))
             if stamps != self._stamps or self._context is None:
                 self._reload(stamps)
             if self._context is None:
@@ -132,34 +121,14 @@ class ServerOptions:
 AppFactory = Callable[[CertificateReloader], Flask]
 
 
-def logging_config(level: str) -> dict[str, Any]:
-    """gunicorn's ``logconfig_dict``: every logger, gunicorn's too, to stderr as JSON lines
-    (:class:`powercap.runtime.logs.JsonFormatter`); gunicorn's access log off (one admission line each)."""
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {"json": {"()": "powercap.runtime.logs.JsonFormatter"}},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
-        "root": {"level": level.upper(), "handlers": ["stderr"]},
-        "loggers": {
-            "gunicorn.error": {"level": level.upper(), "handlers": [], "propagate": True},
-            "gunicorn.access": {"level": "WARNING", "handlers": [], "propagate": True},
-        },
-    }
-
-
-class WebhookServer(BaseApplication):  # type: ignore[misc]  # gunicorn is untyped
-    """Gunicorn, configured in code. ``app_factory`` runs in each worker after the fork, so
-    threads it starts (watch caches) belong to the worker."""
+class WebhookServer(GunicornServer):
+    """The webhook under gunicorn, over TLS with the certificate files followed (see the
+    module docstring). ``app_factory`` runs in each worker after the fork."""
 
     def __init__(self, options: ServerOptions, app_factory: AppFactory) -> None:
         self.options = options
-        self.app_factory = app_factory
         self.reloader = CertificateReloader(options.cert_file, options.key_file)
-        super().__init__()
-
-    def load_config(self) -> None:
-        reloader, metrics_dir = self.reloader, self.options.metrics_dir
+        reloader, metrics_dir = self.reloader, options.metrics_dir
 
         def ssl_context(config: Any, default_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
             return reloader.context()
@@ -170,26 +139,15 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]  # gunicorn is untyp
                 multiprocess.mark_process_dead(worker.pid, metrics_dir)
 
         settings: dict[str, Any] = {
-            "bind": [self.options.bind],
-            "workers": self.options.workers,
-            "worker_class": "gthread",
-            "threads": self.options.threads,
-            "certfile": str(self.options.cert_file),
-            "keyfile": str(self.options.key_file),
+            "bind": [options.bind],
+            "workers": options.workers,
+            "threads": options.threads,
+            "certfile": str(options.cert_file),
+            "keyfile": str(options.key_file),
             "ssl_context": ssl_context,
             "child_exit": child_exit,
             "keepalive": KEEPALIVE_S,
             "graceful_timeout": GRACEFUL_TIMEOUT_S,
-            "accesslog": None,
-            "errorlog": "-",
-            "logconfig_dict": logging_config(self.options.log_level),
             "proc_name": "powercap-webhook",
-            "forwarded_allow_ips": "",
         }
-        if "control_socket_disable" in self.cfg.settings:  # gunicorn >= 25: no control socket in $HOME
-            settings["control_socket_disable"] = True
-        for key, value in settings.items():
-            self.cfg.set(key, value)
-
-    def load(self) -> Flask:
-        return self.app_factory(self.reloader)
+        super().__init__(settings, lambda: app_factory(reloader), options.log_level)

@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-import yaml
 
 from powercap.algorithms import AlgorithmRegistry
 from powercap.problems import Problem, ValidationResult

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 
+from powercap.objects import RACK_LABEL
 from powercap.policies import is_dns1123_label, is_dns1123_subdomain, label_key_problem
+from powercap.telemetry import DEFAULT_STALE_AFTER_S
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def positive_seconds(text: str) -> float:
@@ -73,3 +77,15 @@ def label_key(text: str) -> str:
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return text
+
+
+def add_log_level_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+
+
+def add_cluster_view_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of every program that builds a cluster view: ``--rack-label``, ``--stale-after``."""
+    parser.add_argument("--rack-label", default=RACK_LABEL, type=label_key, metavar="KEY",
+                        help=f"node label whose value is the rack id (default {RACK_LABEL})")
+    parser.add_argument("--stale-after", default=DEFAULT_STALE_AFTER_S, type=positive_seconds, metavar="SECONDS",
+                        help=f"node telemetry older than this is stale (default {DEFAULT_STALE_AFTER_S:g})")

@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-import yaml
 
 from powercap import KIND, kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
 from powercap.objects import KubeObject, shape_problems
 from powercap.telemetry import TelemetryError, node_telemetry
-from powercap.runtime.documents import describe_load_error, parse_documents
+from powercap.runtime.documents import LOAD_ERRORS, describe_load_error, parse_documents
+from powercap.runtime.filewatch import FileWatch
 
 log = logging.getLogger(__name__)
 
@@ -150,20 +149,13 @@ class StateFileSource:
         self._clock = clock
         self._check_interval_s = check_interval_s
         self._lock = threading.Lock()
-        self._signature = self._stat()
+        self._file = FileWatch([path])
         self._last_check = clock()
         try:
             self._view = self._load(None)
-        except (OSError, ValueError, UnicodeDecodeError, RecursionError, yaml.YAMLError) as error:
+        except LOAD_ERRORS as error:
             raise StateFileError(f"{path}: {describe_load_error(error)}") from None
         self._announce(self._view)
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            info = os.stat(self.path)
-        except OSError:
-            return None
-        return (info.st_mtime_ns, info.st_size, info.st_ino)
 
     def _load(self, previous: ClusterView | None) -> ClusterView:
         with open(self.path, "rb") as handle:
@@ -192,13 +184,11 @@ class StateFileSource:
             if (now - self._last_check).total_seconds() < self._check_interval_s:
                 return self._view
             self._last_check = now
-            signature = self._stat()
-            if signature == self._signature:
+            if not self._file.changed():
                 return self._view
-            self._signature = signature
             try:
                 view = self._load(self._view)
-            except (OSError, ValueError, UnicodeDecodeError, RecursionError, yaml.YAMLError) as error:
+            except LOAD_ERRORS as error:
                 log.warning(
                     "state file %s could not be reloaded, keeping the last good view: %s",
                     self.path, describe_load_error(error),
