@@ -30,10 +30,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from extender import wire
+from extender.state import PublishedTotalsCache, RecentAdmissions
 from powercap.runtime.sources import NotReady, ViewSource
 from powercap.algorithms import AlgorithmRegistry
 from powercap.objects import POWER_ANNOTATION, object_key, pod_gpus_requested, pod_power_annotation_problem
-from powercap.placement import PlacementRequest, RecentAdmissions, RejectReason, filter_nodes, placement_request, prioritize_nodes
+from powercap.placement import PlacementRequest, RejectReason, filter_nodes, placement_request, prioritize_nodes
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ def create_app(
     metrics = metrics or ExtenderMetrics()
     annotation_warnings = AnnotationWarnings()
     admissions = RecentAdmissions()
+    published_totals = PublishedTotalsCache()
 
     def timed(verb: str, handler: Callable[[bytes], tuple[bytes, int, str]]) -> Response:
         started = time.perf_counter()
@@ -143,7 +145,7 @@ def create_app(
             if pod_gpus_requested(args.Pod) == 0:  # never block the unrelated
                 return wire.encode_filter_result(candidates, candidates.names, {}, {}), 200, "not_ready"
             return wire.encode_filter_error(f"powercap extender is not ready: {waiting}"), 200, "not_ready"
-        request_ = placement_request(view, args.Pod)
+        request_ = placement_request(view, args.Pod, published_totals)
         annotation_warnings.check(args.Pod, request_)
         now_s = time.monotonic()
         if request_.covered:
@@ -170,7 +172,7 @@ def create_app(
             view = source.current()
         except NotReady:
             return wire.encode_priorities((name, 0) for name in candidates.names), 200, "not_ready"
-        request_ = placement_request(view, args.Pod)
+        request_ = placement_request(view, args.Pod, published_totals)
         annotation_warnings.check(args.Pod, request_)
         scores = prioritize_nodes(view, request_, candidates.names, registry)
         if request_.scored:

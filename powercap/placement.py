@@ -28,7 +28,7 @@ controller published leave less than the pod's GPUs' minimums free,
 every node fails, resolvably (``budget``): a new GPU starts at its minimum on top of the
 caps in force, so placing it now would lift their sum above the budget. The extender adds
 the minimums of the policy's pods it let through that its view does not show bound yet
-(:class:`RecentAdmissions`: kube-scheduler binds asynchronously). The controller
+(``PlacementRequest.admitted_w``: kube-scheduler binds asynchronously). The controller
 keeps the minimums of pending pods free in its next round (:mod:`powercap.budget`), and
 kube-scheduler's retry then places the pod.
 
@@ -46,9 +46,8 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypeGuard
@@ -63,7 +62,7 @@ from powercap.algorithms import (
     PlacementAlgorithm,
 )
 from powercap.allocation import AllocationSettings, budget_w
-from powercap.cluster import ClusterView, RackView, estimate_pod_power_w, pod_facts
+from powercap.cluster import BUDGET_REFUSAL, ClusterView, RackView, estimate_pod_power_w, pod_facts
 from powercap.objects import KubeObject
 from powercap.policies import Policy
 from powercap.status import published_allocations
@@ -90,6 +89,8 @@ class PlacementRequest:
     power_annotation_w: float | None
     policy: Policy | None
     bound_gpus: int = 0  # GPUs the policy's pods already hold
+    allocated_w: float = 0.0  # the policy's published allocations: watts ...
+    allocated_gpus: int = 0  # ... and the GPUs they name (see published_totals)
     admitted_w: float = 0.0  # minimums of the policy's pods this filter passed that the view shows pending still
 
     @property
@@ -108,15 +109,25 @@ class PlacementRequest:
         return estimate_pod_power_w(self.gpus, self.power_annotation_w, self.policy, service_gpus, node_gpu_max_w)
 
 
-def placement_request(view: ClusterView, pod: KubeObject) -> PlacementRequest:
+PublishedTotals = Callable[[Policy], tuple[float, int]]
+
+
+def placement_request(view: ClusterView, pod: KubeObject, totals: PublishedTotals | None = None) -> PlacementRequest:
+    """The pod's facts, its policy and what that policy holds; ``totals`` reads the policy's
+    published allocations (:func:`published_totals`, or a caller's memo of it)."""
     facts = pod_facts(pod)
     policy = view.policy_for_pod(facts) if facts.gpus > 0 else None
+    if policy is None:
+        return PlacementRequest(pod_key=facts.key, gpus=facts.gpus, power_annotation_w=facts.power_annotation_w, policy=None)
+    allocated_w, allocated_gpus = (totals or published_totals)(policy)
     return PlacementRequest(
         pod_key=facts.key,
         gpus=facts.gpus,
         power_annotation_w=facts.power_annotation_w,
         policy=policy,
-        bound_gpus=view.bound_gpus(policy.key) if policy is not None else 0,
+        bound_gpus=view.bound_gpus(policy.key),
+        allocated_w=allocated_w,
+        allocated_gpus=allocated_gpus,
     )
 
 
@@ -186,9 +197,9 @@ def budget_room_rejection(request: PlacementRequest, gpu_min_w: float, new_gpu_m
     policy = request.policy
     if policy is None or request.gpus <= 0:
         return None
-    allocated_w, allocated_gpus = published_totals(policy)
+    allocated_w = request.allocated_w
     budget = policy_budget_w(policy)
-    waiting_w = max(0, request.bound_gpus - allocated_gpus) * gpu_min_w
+    waiting_w = max(0, request.bound_gpus - request.allocated_gpus) * gpu_min_w
     pod_min_w = gpu_min_w if new_gpu_min_w is None else new_gpu_min_w
     needed_w = request.gpus * pod_min_w
     if allocated_w + waiting_w + request.admitted_w + needed_w <= budget:
@@ -199,53 +210,14 @@ def budget_room_rejection(request: PlacementRequest, gpu_min_w: float, new_gpu_m
     if request.admitted_w:
         held += f" + {format_watts(request.admitted_w)} W for pods placed a moment ago"
     return (
-        f"policy {policy.key} has no budget free for this pod yet: {held} + {request.gpus} x "
+        f"policy {policy.key} {BUDGET_REFUSAL}: {held} + {request.gpus} x "
         f"{format_watts(pod_min_w)} W minimum for this pod > its budget {budget} W; the budget controller "
         "frees it in its next round, then kube-scheduler retries the pod"
     )
 
 
-class RecentAdmissions:
-    """Pods of Enforce policies the filter passed, until the view shows them bound.
-
-    kube-scheduler binds asynchronously and places the next pod at once: the next filter
-    call can come before the first pod's binding reaches the extender's watch, and both pods
-    would take the same free budget. So the extender remembers what it let through, at the
-    largest GPU minimum in the cluster, and counts it against the policy's budget until the
-    pod is bound (then ``bound_gpus`` counts it), gone, or ``ttl_s`` old (kube-scheduler
-    chose no node, or a later plugin refused it). Thread-safe; ``now_s`` is monotonic.
-    """
-
-    def __init__(self, ttl_s: float = 30.0) -> None:
-        self.ttl_s = ttl_s
-        self._lock = threading.Lock()
-        self._passed: dict[str, tuple[str, float, float]] = {}  # pod -> (policy, W, when)
-
-    def admitted_w(self, view: ClusterView, request: PlacementRequest, now_s: float) -> float:
-        """What the policy's other passed pods, still pending in ``view``, hold of its budget."""
-        if request.policy is None:
-            return 0.0
-        total = 0.0
-        with self._lock:
-            for pod_key, (policy_key, watts, at_s) in list(self._passed.items()):
-                if now_s - at_s > self.ttl_s or not view.pod_pending(pod_key):
-                    del self._passed[pod_key]
-                elif policy_key == request.policy.key and pod_key != request.pod_key:
-                    total += watts
-        return total
-
-    def passed(self, view: ClusterView, request: PlacementRequest, now_s: float) -> None:
-        if request.covered and request.policy is not None:
-            with self._lock:
-                self._passed[request.pod_key] = (request.policy.key, request.gpus * view.largest_gpu_min_w, now_s)
-
-
-_PUBLISHED: dict[int, tuple[Mapping[str, object], float, int]] = {}
-
-
 def published_totals(policy: Policy) -> tuple[float, int]:
-    """Watts and GPUs of the allocations in the policy's status (memoised per status object:
-    a status is replaced, never changed, when the controller writes a new one).
+    """Watts and GPUs of the allocations in the policy's status.
 
     A node entry without a ``gpus`` list counts its ``watts`` (its agent splits them over
     the policy's GPUs there) and no GPU: the GPUs it covers are unknown here, so they are
@@ -253,19 +225,12 @@ def published_totals(policy: Policy) -> tuple[float, int]:
     status = policy.status
     if not status:
         return 0.0, 0
-    cached = _PUBLISHED.get(id(status))
-    if cached is not None and cached[0] is status:
-        return cached[1], cached[2]
     allocations = published_allocations(status)
     node_only_w = [
         float(entry["watts"]) for entry in status.get("allocations") or ()
         if isinstance(entry, Mapping) and not entry.get("gpus") and _finite_watts(entry.get("watts"))
     ]
-    totals = (math.fsum([*allocations.values(), *node_only_w]), len(allocations))
-    if len(_PUBLISHED) > 4096:
-        _PUBLISHED.clear()
-    _PUBLISHED[id(status)] = (status, *totals)
-    return totals
+    return math.fsum([*allocations.values(), *node_only_w]), len(allocations)
 
 
 def _finite_watts(value: object) -> TypeGuard[float]:

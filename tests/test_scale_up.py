@@ -15,7 +15,8 @@ from typing import Any
 
 from powercap.allocation import AllocationSettings
 from powercap.budget import plan_round
-from powercap.placement import RecentAdmissions, RejectReason, filter_nodes, placement_request
+from extender.state import PublishedTotalsCache, RecentAdmissions
+from powercap.placement import RejectReason, filter_nodes, placement_request, published_totals
 from powercap.status import published_allocations
 from tests.fakes.clusters import Gpu, agents_apply, node, view, with_status
 from tests.fakes.objects import NOW, gpu_pod, policy
@@ -257,3 +258,20 @@ def test_a_pod_let_through_counts_until_the_view_shows_it_bound_or_it_is_old() -
     admissions.passed(pending_view, placement_request(pending_view, first), now_s=200.0)
     assert admissions.admitted_w(pending_view, second_request, now_s=229.0) == MIN_W
     assert admissions.admitted_w(pending_view, second_request, now_s=231.0) == 0
+
+
+def test_the_extenders_memo_of_published_totals_follows_each_new_status() -> None:
+    nodes, pods, document = busy_service()
+    per_gpu = [{"uuid": f"A{i}", "watts": 485} for i in range(4)]
+    published = with_status(document, {"allocations": [{"node": "gpu-1", "gpus": per_gpu, "watts": 1940}]})
+    totals = PublishedTotalsCache(max_entries=2)
+    first = view(nodes, pods, [published])
+    request = placement_request(first, gpu_pod("llama-4", labels=LLAMA), totals)
+    policy = first.policies["inference/llama"].policy
+    assert (request.allocated_w, request.allocated_gpus) == published_totals(policy) == (1940.0, 4)
+
+    # the controller writes a new status: the new object is read, not the memo of the old one
+    rewritten = with_status(document, {"allocations": [{"node": "gpu-1", "watts": 1000}]})
+    second = view(nodes, pods, [rewritten])
+    assert totals(second.policies["inference/llama"].policy) == (1000.0, 0)
+    assert totals(policy) == (1940.0, 4)
