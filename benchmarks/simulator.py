@@ -1,4 +1,4 @@
-"""Simulator figures (issue 7, item 8): recovery after cap changes, seconds within the cap,
+"""Simulator figures: recovery after cap changes, seconds within the cap,
 powercap's tokens/s against the static equal split at the same caps, what bounds that gain,
 and speed.
 

@@ -16,7 +16,7 @@ What it measures:
    ``8 / 300 s`` minus the answer time before its next request), the latency at the target
    load rather than at saturation.
 
-Targets (the issue's): handler p99 <= 1 ms; at 8 connections >= 300 requests/s (row 2)
+Targets: handler p99 <= 1 ms; at 8 connections >= 300 requests/s (row 2)
 with p99 <= 20 ms (row 3, at 300 requests/s).
 
 The table goes to stdout and, with ``--write``, replaces the ``## Webhook`` section of

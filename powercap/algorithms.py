@@ -82,7 +82,7 @@ class PlacementAlgorithm:
 
     Subclasses set ``name``, ``parameters_schema`` (a JSON-schema object; the registry
     validates a policy's parameters against it and fills in its ``default`` values) and
-    state their semantics in the class docstring. Scoring is added by the extender issue.
+    state their semantics in the class docstring; :meth:`score` ranks the candidates.
     """
 
     name: ClassVar[str] = ""

@@ -367,14 +367,14 @@ def allocate(
     settings = settings or AllocationSettings()
     services = sorted(services, key=lambda s: s.key)
     limits = {r.rack_id: r for r in sorted(racks, key=lambda r: r.rack_id)}
-    problem = _Problem.build(services, limits, settings)
-    first = problem.fill(problem.floors, problem.wants)
-    second = problem.fill(first.caps, problem.surplus_ceilings(first))
+    columns = _GpuColumns.build(services, limits, settings)
+    first = columns.fill(columns.floors, columns.wants)
+    second = columns.fill(first.caps, columns.surplus_ceilings(first))
     floor = math.floor
     caps = [floor(cap + _ROUNDING_SLACK_W) for cap in second.caps]
-    caps = problem.apply_deadband(caps)
-    caps, postponed = problem.limit_raises(caps)
-    return problem.result(caps, first, second, postponed)
+    caps = columns.apply_deadband(caps)
+    caps, postponed = columns.limit_raises(caps)
+    return columns.result(caps, first, second, postponed)
 
 
 # A group (a service or a rack) as a fill solves it: floors, ceilings, the other group of
@@ -395,7 +395,7 @@ class _Fill:
 
 
 @dataclass
-class _Problem:
+class _GpuColumns:
     """The GPUs of every service as flat columns, indexed 0..size-1, in (service, node, uuid) order.
 
     The GPUs of service ``s`` are ``spans[s] = (start, end)``, a contiguous run, so per-service
@@ -433,7 +433,7 @@ class _Problem:
         return len(self.uuids)
 
     @classmethod
-    def build(cls, services: list[Service], limits: Mapping[str, RackLimit], settings: AllocationSettings) -> _Problem:
+    def build(cls, services: list[Service], limits: Mapping[str, RackLimit], settings: AllocationSettings) -> _GpuColumns:
         gpus: list[GpuState] = []
         spans: list[tuple[int, int]] = []
         service_of: list[int] = []
@@ -746,7 +746,7 @@ def _service_infeasible_reason(service: Service, gpu_count: int, floor_w: float,
 def _bounds(gpu: GpuState) -> tuple[int, int]:
     """Whole-watt [min, max]: the minimum rounded up, the maximum down (never below the minimum).
 
-    (``_Problem.build`` computes the same for every GPU at once.)
+    (``_GpuColumns.build`` computes the same for every GPU at once.)
     """
     min_w = max(0, math.ceil(gpu.min_w - 1e-9))
     return min_w, max(min_w, math.floor(gpu.max_w + 1e-9))

@@ -17,9 +17,8 @@ Inputs of the allocation (:mod:`powercap.allocation`), per policy:
   for want of budget (kube-scheduler says so in the pod's PodScheduled condition; a pod
   pending for another reason, such as no free GPU, reserves nothing), as many as the
   budget can hold beside the bound GPUs' minimums (:func:`reservable_waiting_gpus`), so
-  that a new GPU starting at its minimum never lifts the caps' sum above the budget: the
-  extender places a pod of the policy only once the published allocations leave room for
-  its GPUs' minimums (:func:`powercap.placement.budget_room_rejection`);
+  that a new GPU starting at its minimum never lifts the caps' sum above the budget (the
+  scale-up hand-off with the extender: docs/architecture.md);
 - racks: every rack with a ``maxPower`` (the strictest over Enforce policies), with
   ``unmanaged_power_w = rack power (measured + assumed) - measured power of the GPUs
   allocated in it``.

@@ -26,11 +26,10 @@ is a larger powerCapLimit or fewer replicas. When it can, but the allocations th
 controller published leave less than the pod's GPUs' minimums free,
 ``allocated + (bound GPUs without an allocation) x minimum + pod's GPUs x minimum > budget``,
 every node fails, resolvably (``budget``): a new GPU starts at its minimum on top of the
-caps in force, so placing it now would lift their sum above the budget. The extender adds
-the minimums of the policy's pods it let through that its view does not show bound yet
-(``PlacementRequest.admitted_w``: kube-scheduler binds asynchronously). The controller
-keeps the minimums of pending pods free in its next round (:mod:`powercap.budget`), and
-kube-scheduler's retry then places the pod.
+caps in force, so placing it now would lift their sum above the budget. ``allocated``
+comes from ``PlacementRequest.allocated_w``; the minimums of pods passed a moment ago and
+not yet bound, from ``PlacementRequest.admitted_w`` (how the extender and the controller
+take turns on a scale-up: docs/architecture.md).
 
 Reasons are per rack, so kube-scheduler's summary ("0/12 nodes are available: 4 rack-1:
 ...") groups the nodes of one rack into one line.

@@ -7,6 +7,7 @@
 # Usage: scripts/demo.sh [powercap simulate options, e.g. --duration 300 --seed 2]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+POWERCAP_EXTRAS=simulate
 source scripts/venv.sh
 OUT="out/simulation"
 "$VENV/bin/powercap" validate config/samples/*.yaml >/dev/null

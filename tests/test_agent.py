@@ -1,5 +1,5 @@
 """The agent's control loop through the real pynvml path (the fake libnvidia-ml.so): every
-safety case of issue 5, tick by tick, without sleeping."""
+safety case of DESIGN.md section 6, tick by tick, without sleeping."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import io
 import time
 import json
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,21 @@ def test_simulate_writes_the_table_the_summary_and_the_plots(tmp_path: Path, cap
     for name in ("service-power.png", "racks.png", "throughput.png"):
         width, height = png_size(out / name)
         assert width >= 800 and height >= 500
+
+
+def test_without_matplotlib_the_table_and_summary_are_written_and_the_missing_extra_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The programs' images leave matplotlib out; simulate there still runs, and says why no plots."""
+    for name in [m for m in sys.modules if m.split(".")[0] == "matplotlib"] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # import matplotlib(.anything) -> ImportError
+    monkeypatch.delitem(sys.modules, "powercap.simulation.plots", raising=False)
+    out = tmp_path / "results"
+    assert main(["simulate", "--duration", "30", "--out", str(out)]) == 0
+    stdout, stderr = capsys.readouterr()
+    assert "powercap simulate: no plots: matplotlib is not installed (pip install 'powercap[simulate]')" in stderr
+    assert "powercap" in stdout and "plots:" not in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
 
 
 def test_a_scenario_file_is_used(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

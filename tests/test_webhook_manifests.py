@@ -1,4 +1,4 @@
-"""config/webhook builds offline with kubectl and says what the issue asks of it."""
+"""config/webhook builds offline with kubectl and holds what DESIGN.md section 3 asks of it."""
 
 from __future__ import annotations
 

@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         reason = "exists and is not a directory" if isinstance(error, (FileExistsError, NotADirectoryError)) else error.strerror or str(error)
         print(f"powercap simulate: --out {args.out}: {reason}", file=sys.stderr)
         return EXIT_BAD_SCENARIO
+    write_plots = plot_writer(sys.stderr)
     progress = ProgressBar(sys.stderr, strategies=3)
     started = time.perf_counter()
     result = simulate(scenario, progress=progress.update, clock=time.perf_counter)
@@ -87,15 +88,30 @@ def run(args: argparse.Namespace) -> int:
     summary_path = out_dir / "summary.json"
     try:
         summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        from powercap.simulation.plots import write_plots  # matplotlib is slow to import; only here
-
-        plots = write_plots(result, out_dir)
+        plots = write_plots(result, out_dir) if write_plots else []
     except OSError as error:
         print(f"powercap simulate: writing into {out_dir} failed: {error}", file=sys.stderr)
         return EXIT_BAD_SCENARIO
     print(f"\nwrote {summary_path}")
-    print("plots: " + ", ".join(str(path) for path in plots))
+    if plots:
+        print("plots: " + ", ".join(str(path) for path in plots))
     return EXIT_OK
+
+
+PlotWriter = Callable[[SimulationResult, Path], list[Path]]
+
+
+def plot_writer(err: TextIO) -> PlotWriter | None:
+    """The plots' writer, or None (said on ``err``) when matplotlib, an optional extra of
+    powercap that the programs' images leave out, is not installed."""
+    try:
+        from powercap.simulation.plots import write_plots  # matplotlib is slow to import; only here
+    except ImportError as error:
+        missing = (error.name or 'matplotlib').split('.')[0]
+        print(f"powercap simulate: no plots: {missing} is not installed "
+              "(pip install 'powercap[simulate]'); the table and summary.json are written", file=err)
+        return None
+    return write_plots
 
 
 def read_scenario(path: str | None, err: TextIO) -> Scenario | None:

@@ -10,7 +10,7 @@ Figures (all pure functions of the recorded series):
 - **cap violation**: a second whose average service power exceeds the service's
   ``powerCapLimit`` in force at the end of that second;
 - **after convergence**: leaving out the first ``warmupS`` seconds and ``settleS`` seconds
-  after each cap change (the time the issue allows the system to get back under a cap);
+  after each cap change (the time allowed to get back under a lowered cap);
 - **rack violation**: a second whose average rack power exceeds the rack's ``maxPower``,
   or whose average inlet temperature exceeds its ``maxTemperature``;
 - **recovery time** after a cap change: from the change to the first physics step from

@@ -1,8 +1,7 @@
 """The results of a simulation as one JSON-ready document (``summary.json``).
 
 Figures per strategy (definitions in :mod:`powercap.simulation.metrics`), per service and
-per rack, plus the comparison the issue asks for: powercap's tokens/s against the static
-equal split at the same caps.
+per rack, plus powercap's tokens/s against the static equal split at the same caps.
 """
 
 from __future__ import annotations
