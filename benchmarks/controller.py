@@ -1,16 +1,14 @@
 """Budget controller: allocation latency at 10,000 GPUs, and status writes of a steady cluster.
 
-    .venv/bin/python benchmarks/controller.py [--quick] [--reference] [--write docs/benchmarks.md]
+    .venv/bin/python benchmarks/controller.py [--quick] [--write docs/benchmarks.md]
 
 1. **Allocation** (:func:`powercap.allocation.allocate`, the pure formula) for 10,000 GPUs
    on 1,000 nodes (10 GPUs each) in 50 racks of 20 nodes, 25 of them limited by a
    ``maxPower`` that binds. Every GPU has a previous cap (steady state: deadband and safe
    transitions run), 1 % of them sit on nodes with stale telemetry. Two shapes: one
    service of 10,000 GPUs, and 100 services of 100 GPUs spread across the racks (racks
-   shared between services). Target: p99 <= 50 ms. With ``--reference``, the allocator as it
-   was before it was optimised (``tests/reference_allocation.py``, the tests' oracle) is timed
-   in the same run, its calls alternating with ``allocate``'s, for a before/after ratio from
-   the same machine state.
+   shared between services). Target: p99 <= 50 ms. (To compare two versions, run this
+   script in a checkout of each, back to back: docs/benchmarks.md does so.)
 2. **One whole round** (:func:`powercap.budget.plan_round`: allocation plus every status,
    from a cluster view of those 1,000 nodes and 100 policies).
 3. **Status writes per minute** of a steady cluster, through the real controller
@@ -41,7 +39,7 @@ from controller.loop import BudgetController, ControllerSettings, ListSnapshots 
 from powercap.runtime.sources import settle_garbage_collector  # noqa: E402
 from powercap import kube  # noqa: E402
 from powercap.algorithms import AlgorithmRegistry  # noqa: E402
-from powercap.allocation import Allocation, GpuState, RackLimit, Service, allocate  # noqa: E402
+from powercap.allocation import GpuState, RackLimit, Service, allocate  # noqa: E402
 from powercap.budget import plan_round  # noqa: E402
 from powercap.cluster import ClusterSettings, build_cluster_view  # noqa: E402
 from powercap.telemetry import TELEMETRY_ANNOTATION, GpuTelemetry, from_json  # noqa: E402
@@ -75,9 +73,6 @@ def allocation_inputs(rng: random.Random, services: int) -> tuple[list[Service],
     return result, racks
 
 
-Allocate = Callable[[list[Service], list[RackLimit]], Allocation]
-
-
 class Timing(NamedTuple):
     p50_ms: float   # wall clock
     p99_ms: float   # wall clock
@@ -86,8 +81,7 @@ class Timing(NamedTuple):
 
 class AllocationRow(NamedTuple):
     shape: str
-    timing: Timing                         # allocate alone
-    compared: tuple[Timing, Timing] | None  # (reference, allocate), calls alternating
+    timing: Timing
 
 
 def time_calls(calls: dict[str, Callable[[], object]], runs: int) -> dict[str, Timing]:
@@ -106,8 +100,8 @@ def time_calls(calls: dict[str, Callable[[], object]], runs: int) -> dict[str, T
             for name, (wall, cpu) in samples.items()}
 
 
-def bench_allocation(runs: int, reference: Allocate | None = None) -> list[AllocationRow]:
-    """Per shape, ``allocate`` timed alone, then, when given, ``reference`` and ``allocate`` alternating."""
+def bench_allocation(runs: int) -> list[AllocationRow]:
+    """Per shape, ``allocate`` timed ``runs`` times."""
     rows = []
     for label, services in (("1 service x 10,000 GPUs", 1), ("100 services x 100 GPUs, shared racks", 100)):
         inputs, racks = allocation_inputs(random.Random(7), services)
@@ -116,14 +110,10 @@ def bench_allocation(runs: int, reference: Allocate | None = None) -> list[Alloc
         # a full collection does not scan them in the middle of a round; do the same here.
         settle_garbage_collector()
         try:
-            alone = time_calls({"after": lambda: allocate(inputs, racks)}, runs)["after"]
-            compared = None
-            if reference is not None:
-                both = time_calls({"before": lambda: reference(inputs, racks), "after": lambda: allocate(inputs, racks)}, runs)
-                compared = (both["before"], both["after"])
+            timing = time_calls({"allocate": lambda: allocate(inputs, racks)}, runs)["allocate"]
         finally:
             gc.unfreeze()
-        rows.append(AllocationRow(label, alone, compared))
+        rows.append(AllocationRow(label, timing))
     return rows
 
 
@@ -236,24 +226,6 @@ def markdown(allocation_rows: list[AllocationRow], round_ms: Timing, writes, sha
         "without that, about one call in ten carries a ~20 ms full collection over the 10,000 inputs.",
         "",
     ]
-    if any(row.compared is not None for row in allocation_rows):
-        lines += [
-            "Before and after the allocator was optimised (`--reference`: `tests/reference_allocation.py`, the "
-            "previous implementation, kept as the tests' oracle; same results watt for watt), timed in the same "
-            "run after the table above, calls alternating, so both saw the same machine state (alternating, they "
-            "also share the garbage collector's work: compare the p50 figures):",
-            "",
-            "| shape | before p50 ms | before p99 ms | after p50 ms | after p99 ms | p50 before / after | "
-            "CPU p50 before / after |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        lines += [
-            f"| {row.shape} | {before.p50_ms:.1f} | {before.p99_ms:.1f} | {after.p50_ms:.1f} | {after.p99_ms:.1f} "
-            f"| {before.p50_ms / after.p50_ms:.2f}x | {before.cpu_p50_ms / after.cpu_p50_ms:.2f}x |"
-            for row in allocation_rows if row.compared is not None
-            for before, after in [row.compared]
-        ]
-        lines.append("")
     lines += [
         f"Status writes of a steady cluster ({writes[0]['nodes']} nodes, {writes[0]['gpus']} GPUs, "
         f"{writes[0]['policies']} policies, budgets and 5 racks binding, a round every "
@@ -287,20 +259,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke test)")
     parser.add_argument("--write", metavar="FILE", help="replace the '## Budget controller' section of FILE")
     parser.add_argument("--note", default="", help="a sentence about the machine's load while measuring")
-    parser.add_argument("--reference", action="store_true",
-                        help="also time tests/reference_allocation.py (the allocator before it was optimised)")
     args = parser.parse_args()
     runs = 10 if args.quick else 200
-    reference: Allocate | None = None
-    if args.reference:
-        from tests.reference_allocation import allocate as reference
-    allocation_rows = bench_allocation(runs, reference)
+    allocation_rows = bench_allocation(runs)
     for row in allocation_rows:
-        measured = [("allocate", row.timing)]
-        if row.compared is not None:
-            measured += [("reference, alternating", row.compared[0]), ("allocate, alternating", row.compared[1])]
-        for name, t in measured:
-            print(f"{name}, {row.shape}: p50 {t.p50_ms:.1f} ms, p99 {t.p99_ms:.1f} ms, CPU p50 {t.cpu_p50_ms:.1f} ms")
+        t = row.timing
+        print(f"allocate, {row.shape}: p50 {t.p50_ms:.1f} ms, p99 {t.p99_ms:.1f} ms, CPU p50 {t.cpu_p50_ms:.1f} ms")
     round_ms = bench_round(3 if args.quick else 30)
     print(f"plan_round, 1,000 nodes, 100 policies: p50 {round_ms[0]:.1f} ms, p99 {round_ms[1]:.1f} ms")
     writes = [bench_writes(STEADY_MINUTES + 1 if args.quick else 15, noise) for noise in (0.01, 0.03)]
