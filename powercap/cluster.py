@@ -9,6 +9,11 @@ parsing. Callers rebuild only when their caches' versions moved (or the clock ad
 enough to age telemetry), passing the previous view so that unchanged objects are not
 parsed again.
 
+Layout: the parts (node, pod, rack and policy views) and their formulas are pure
+functions in :mod:`powercap.clusterviews`; this module keeps the bookkeeping between
+builds (what changed, what a change reaches) and composes them. The names below are
+all importable from here.
+
 Definitions (W = watts, °C = rack inlet air):
 
 - **rack** of a node: the value of its label ``settings.rack_label`` (default
@@ -58,317 +63,95 @@ API (stable; the budget controller uses it too):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import compress
 from operator import not_
-from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
 from powercap.algorithms import AlgorithmRegistry, NodeFacts
-from powercap.objects import (
-    RACK_LABEL,
-    KubeObject,
-    annotations_of,
-    labels_of,
-    node_gpu_capacity,
-    object_key,
-    pod_gpus_requested,
-    pod_is_active,
-    pod_power_annotation_w,
+from powercap.clusterviews import (
+    BINDING_TIME_RESOLUTION,
+    BUDGET_REFUSAL,
+    DEFAULT_GPU_MAX_W,
+    DEFAULT_GPU_MIN_W,
+    MIN_TREND_WINDOW_S,
+    BoundPod,
+    ClusterSettings,
+    NodeView,
+    ParsedNode,
+    PodEntry,
+    PodFacts,
+    PolicyGpu,
+    PolicySet,
+    PolicyView,
+    RackLimits,
+    RackView,
+    TelemetryStatus,
+    cluster_warnings,
+    estimate_pod_power_w,
+    gpu_min_limits,
+    match_policy,
+    node_view,
+    parse_node,
+    pod_facts,
+    policy_views,
+    power_node,
+    rack_view,
+    read_policies,
+    scoring_facts,
 )
-from powercap.policies import Policy, parse_policy
-from powercap.telemetry import (
-    DEFAULT_STALE_AFTER_S,
-    TELEMETRY_ANNOTATION,
-    GpuTelemetry,
-    NodeTelemetry,
-    TelemetryError,
-    from_json,
-    parse_timestamp,
-)
+from powercap.objects import KubeObject, labels_of
+from powercap.policies import Policy
 
-# A GPU's power limits when no telemetry says otherwise (H100/H200 SXM: 200-700 W).
-DEFAULT_GPU_MAX_W = 700.0
-DEFAULT_GPU_MIN_W = 200.0
-# The inlet trend is measured over at least this many seconds of telemetry, so that a
-# 0.5 °C sensor step between two samples one second apart is not read as 30 °C/min.
-MIN_TREND_WINDOW_S = 30.0
-
-
-@dataclass(frozen=True)
-class ClusterSettings:
-    """How the view reads the cluster.
-
-    ``rack_label``: node label whose value is the rack id. ``stale_after_s``: telemetry
-    older than this is stale. ``default_gpu_max_w`` / ``default_gpu_min_w``: a GPU's
-    power limits when no telemetry reports them.
-    """
-
-    rack_label: str = RACK_LABEL
-    stale_after_s: float = DEFAULT_STALE_AFTER_S
-    default_gpu_max_w: float = DEFAULT_GPU_MAX_W
-    default_gpu_min_w: float = DEFAULT_GPU_MIN_W
-
-
-class TelemetryStatus(str, Enum):
-    FRESH = "fresh"
-    STALE = "stale"
-    MISSING = "missing"
-    MALFORMED = "malformed"
-
-
-@dataclass(frozen=True, slots=True)
-class NodeView:
-    """One node. Power and temperature figures count only fresh telemetry."""
-
-    name: str
-    rack_id: str | None
-    gpu_capacity: int
-    telemetry_status: TelemetryStatus
-    telemetry: NodeTelemetry | None = None  # the last readable telemetry, fresh or stale
-    telemetry_problem: str | None = None  # why it is not fresh, in words a person can act on
-    measured_power_w: float = 0.0  # the telemetry's powerW when fresh, else 0
-    assumed_power_w: float = 0.0
-    assumed_pods: tuple[str, ...] = ()
-    gpu_max_w: float = DEFAULT_GPU_MAX_W  # largest GPU maximum limit (telemetry, else default)
-    # largest GPU minimum limit (telemetry, else default): what a GPU given to a new pod starts at
-    new_gpu_min_w: float = DEFAULT_GPU_MIN_W
-    power_capacity_w: float | None = None  # sum of its GPUs' maximum limits (telemetry only)
-    inlet_temperature_c: float | None = None  # fresh only
-    inlet_rise_c_per_min: float | None = None
-
-    @property
-    def fresh(self) -> bool:
-        return self.telemetry_status is TelemetryStatus.FRESH
-
-    @property
-    def needs_telemetry(self) -> bool:
-        """GPU nodes (and nodes that publish anyway) must report; CPU-only nodes need not."""
-        return self.gpu_capacity > 0 or self.telemetry_status is not TelemetryStatus.MISSING
-
-    @property
-    def power_w(self) -> float:
-        """measured + assumed, W."""
-        return self.measured_power_w + self.assumed_power_w
-
-
-@dataclass(frozen=True, slots=True)
-class RackLimits:
-    """The strictest limits over the Enforce policies naming a rack, and who set them."""
-
-    max_power_w: int | None = None
-    max_power_policy: str | None = None
-    max_temperature_c: float | None = None
-    max_temperature_policy: str | None = None
-
-    @property
-    def constrained(self) -> bool:
-        return self.max_power_w is not None or self.max_temperature_c is not None
-
-
-@dataclass(frozen=True, slots=True)
-class RackView:
-    """One rack (nodes sharing a rack label value)."""
-
-    rack_id: str
-    nodes: tuple[str, ...]
-    measured_power_w: float
-    assumed_power_w: float
-    inlet_temperature_c: float | None
-    inlet_rise_c_per_min: float | None
-    limits: RackLimits
-    unreliable_nodes: tuple[str, ...] = ()  # nodes that need telemetry and have no fresh one
-    telemetry_problem: str | None = None  # the first unreliable node's problem (+ "and N more")
-    assumed_pods: tuple[str, ...] = ()  # pods whose power is assumed, not yet measured
-
-    @property
-    def power_w(self) -> float:
-        """measured + assumed, W."""
-        return self.measured_power_w + self.assumed_power_w
-
-    @property
-    def constrained(self) -> bool:
-        return self.limits.constrained
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyGpu:
-    """A GPU that node telemetry attributes to one of a policy's pods."""
-
-    node: str
-    gpu: GpuTelemetry
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyView:
-    """A valid policy and what it holds now.
-
-    ``pods``: keys of its active pods (bound or pending), sorted. ``bound_gpus``: GPUs
-    requested by those of them bound to a node; ``budget_waiting_gpus``: by those not bound
-    yet that kube-scheduler reports refused for want of budget (:attr:`PodFacts.waits_for_budget`).
-    ``gpus``: the GPUs node telemetry attributes to its pods (last readable telemetry of
-    each node, fresh or not).
-    """
-
-    policy: Policy
-    pods: tuple[str, ...] = ()
-    bound_gpus: int = 0
-    gpus: tuple[PolicyGpu, ...] = ()
-    budget_waiting_gpus: int = 0
-
-    @property
-    def key(self) -> str:
-        return self.policy.key
-
-
-@dataclass(frozen=True, slots=True)
-class PodFacts:
-    """What the view reads off a Pod object (see :func:`pod_facts`)."""
-
-    key: str
-    namespace: str
-    labels: Mapping[str, str]
-    node_name: str | None
-    gpus: int
-    power_annotation_w: float | None
-    bound_at: datetime | None
-    active: bool
-    waits_for_budget: bool = False
-
-
-# The apiserver writes condition times in whole seconds: a pod whose PodScheduled time reads
-# 5 s may have been bound at 5.9 s, after telemetry taken at 5.1 s. Only a binding at least
-# this long before the telemetry is surely in its power.
-BINDING_TIME_RESOLUTION = timedelta(seconds=1)
-
-
-def pod_facts(pod: KubeObject) -> PodFacts:
-    """The facts of a Pod object the view and the filter need.
-
-    ``bound_at``: the PodScheduled condition's lastTransitionTime (set by the apiserver
-    at binding), else ``status.startTime``, else ``metadata.creationTimestamp``; None
-    when none can be read.
-    """
-    metadata = pod.get("metadata") or {}
-    spec = pod.get("spec") or {}
-    node_name = spec.get("nodeName") if isinstance(spec, Mapping) else None
-    return PodFacts(
-        key=object_key(pod),
-        namespace=metadata.get("namespace") or "default",
-        labels=labels_of(pod),
-        node_name=node_name if isinstance(node_name, str) and node_name else None,
-        gpus=pod_gpus_requested(pod),
-        power_annotation_w=pod_power_annotation_w(pod),
-        bound_at=_bound_at(pod) if node_name else None,
-        active=pod_is_active(pod),
-        waits_for_budget=not node_name and _refused_for_budget(pod),
-    )
-
-
-BUDGET_REFUSAL = "has no budget free for this pod yet"
-"""Words of the extender's budget refusal (:func:`powercap.placement.budget_room_rejection`).
-kube-scheduler copies the extender's reasons into the message of the pod's PodScheduled
-condition (``0/12 nodes are available: 12 policy ns/p has no budget free ...``), which is
-how the budget controller learns that a pending pod waits for budget, and nothing else."""
-
-
-def _refused_for_budget(pod: KubeObject) -> bool:
-    for condition in (pod.get("status") or {}).get("conditions") or ():
-        if isinstance(condition, Mapping) and condition.get("type") == "PodScheduled" and condition.get("status") == "False":
-            message = condition.get("message")
-            return isinstance(message, str) and BUDGET_REFUSAL in message
-    return False
-
-
-def _bound_at(pod: KubeObject) -> datetime | None:
-    status = pod.get("status") or {}
-    candidates = [
-        c.get("lastTransitionTime")
-        for c in status.get("conditions") or ()
-        if isinstance(c, Mapping) and c.get("type") == "PodScheduled" and c.get("status") == "True"
-    ]
-    candidates += [status.get("startTime"), (pod.get("metadata") or {}).get("creationTimestamp")]
-    for text in candidates:
-        if isinstance(text, str):
-            try:
-                return parse_timestamp(text)
-            except TelemetryError:
-                continue
-    return None
-
-
-def estimate_pod_power_w(
-    gpus: int,
-    power_annotation_w: float | None,
-    policy: Policy | None,
-    service_gpus: int,
-    node_gpu_max_w: float,
-) -> float:
-    """The power a pod will draw on a node, W.
-
-    ``power_annotation_w`` when set; else, for a pod of ``policy``,
-    ``gpus x min(powerCapLimit / service_gpus, node_gpu_max_w)`` where ``service_gpus`` is
-    every GPU of the service counting this pod's (the budget controller splits the cap
-    evenly before demand moves it; a GPU never draws above its maximum limit); else
-    ``gpus x node_gpu_max_w``. 0 for a pod with no GPU and no annotation.
-    """
-    if power_annotation_w is not None:
-        return power_annotation_w
-    if gpus <= 0:
-        return 0.0
-    if policy is not None:
-        per_gpu_budget_w = policy.power_cap_w / max(service_gpus, gpus)
-        return gpus * min(per_gpu_budget_w, node_gpu_max_w)
-    return gpus * node_gpu_max_w
-
-
-@dataclass(frozen=True, slots=True)
-class _ParsedNode:
-    name: str
-    rack_id: str | None
-    gpu_capacity: int
-    telemetry: NodeTelemetry | None
-    telemetry_error: str | None
-    visible_pods: frozenset[str] = frozenset()  # telemetry gpus[].pod
-    gpu_min_w: float | None = None  # smallest GPU minimum limit in its telemetry
-    gpu_largest_min_w: float | None = None  # largest GPU minimum limit in its telemetry
-
-
-BoundPod = tuple[PodFacts, Policy | None]
-
+__all__ = [
+    "BINDING_TIME_RESOLUTION",
+    "BUDGET_REFUSAL",
+    "DEFAULT_GPU_MAX_W",
+    "DEFAULT_GPU_MIN_W",
+    "MIN_TREND_WINDOW_S",
+    "ClusterSettings",
+    "ClusterView",
+    "NodeView",
+    "PodFacts",
+    "PolicyGpu",
+    "PolicyView",
+    "RackLimits",
+    "RackView",
+    "TelemetryStatus",
+    "build_cluster_view",
+    "estimate_pod_power_w",
+    "pod_facts",
+]
 
 @dataclass
 class _State:
     """What a build leaves for the next one, so that the next parses and recomputes only
     what changed. Watch caches hand out the same dict until an object changes, so object
     identity is a cheap, exact "unchanged" test: a changed object is a new dict. Never
-    changes a result, only skips work; never mutated once its view is handed out.
+    changes a result, only skips work; updated in place only by the build that creates it,
+    never once its view is handed out.
     """
 
     settings: ClusterSettings
     registry: AlgorithmRegistry
-    policy_docs: dict[int, tuple[KubeObject, Policy | str]]
-    valid: dict[str, Policy]
-    invalid: dict[str, str]
-    by_namespace: dict[str, tuple[Policy, ...]]
-    limits: dict[str, RackLimits]
-    node_docs: dict[int, tuple[KubeObject, _ParsedNode]]
-    parsed_nodes: dict[str, _ParsedNode]
-    pod_docs: dict[int, tuple[KubeObject, PodFacts, Policy | None]]
-    bound_by_node: dict[str, tuple[BoundPod, ...]]
-    bound_gpus: dict[str, int]
-    pending_pods: set[str]  # keys of the active pods not bound yet (few: copied every build)
-    node_views: dict[str, NodeView]
-    rack_views: dict[str, RackView]
-    node_facts: dict[str, NodeFacts]
-    fresh_until: dict[str, datetime]  # nodes with fresh telemetry: when it goes stale
-    assumed_policies: dict[str, frozenset[str]]  # node -> policies of its assumed pods
-    # node -> (timestamp, inlet °C, rise °C/min): the sample the next trend is measured from
-    trend_anchors: dict[str, tuple[datetime, float, float | None]]
+    policy_set: PolicySet
     gpu_min_w: float
     largest_gpu_min_w: float
+    node_docs: dict[int, tuple[KubeObject, ParsedNode]] = field(default_factory=dict)
+    parsed_nodes: dict[str, ParsedNode] = field(default_factory=dict)
+    pod_docs: dict[int, PodEntry] = field(default_factory=dict)
+    bound_by_node: dict[str, tuple[BoundPod, ...]] = field(default_factory=dict)  # node -> pods drawing power on it
+    bound_gpus: dict[str, int] = field(default_factory=dict)  # policy -> GPUs of its active pods bound to a node
+    pending_pods: set[str] = field(default_factory=set)  # keys of the active pods not bound yet (few: copied every build)
+    node_views: dict[str, NodeView] = field(default_factory=dict)
+    rack_views: dict[str, RackView] = field(default_factory=dict)
+    node_facts: dict[str, NodeFacts] = field(default_factory=dict)
+    fresh_until: dict[str, datetime] = field(default_factory=dict)  # nodes with fresh telemetry: when it goes stale
+    assumed_policies: dict[str, frozenset[str]] = field(default_factory=dict)  # node -> policies of its assumed pods
+    # node -> (timestamp, inlet °C, rise °C/min): the sample the next trend is measured from
+    trend_anchors: dict[str, tuple[datetime, float, float | None]] = field(default_factory=dict)
 
 
 class ClusterView:
@@ -410,12 +193,12 @@ class ClusterView:
         object.__setattr__(self, "settings", state.settings)
         object.__setattr__(self, "nodes", MappingProxyType(state.node_views))
         object.__setattr__(self, "racks", MappingProxyType(state.rack_views))
-        object.__setattr__(self, "invalid_policies", MappingProxyType(state.invalid))
+        object.__setattr__(self, "invalid_policies", MappingProxyType(state.policy_set.invalid))
         object.__setattr__(self, "node_facts", MappingProxyType(state.node_facts))
         object.__setattr__(self, "gpu_min_w", state.gpu_min_w)
         object.__setattr__(self, "largest_gpu_min_w", state.largest_gpu_min_w)
         object.__setattr__(self, "has_constraints", any(
-            limits.constrained and rack_id in state.rack_views for rack_id, limits in state.limits.items()
+            limits.constrained and rack_id in state.rack_views for rack_id, limits in state.policy_set.rack_limits.items()
         ))
         object.__setattr__(self, "warnings", warnings)
         object.__setattr__(self, "_policies", None)
@@ -432,7 +215,9 @@ class ClusterView:
     def policies(self) -> Mapping[str, PolicyView]:
         """Every valid policy with its pods and GPUs (computed once per view, on first use)."""
         if self._policies is None:
-            object.__setattr__(self, "_policies", MappingProxyType(_policy_views(self._state)))
+            state = self._state
+            views = policy_views(state.policy_set.valid, state.pod_docs.values(), state.parsed_nodes.values(), state.bound_gpus)
+            object.__setattr__(self, "_policies", MappingProxyType(views))
         assert self._policies is not None
         return self._policies
 
@@ -447,9 +232,9 @@ class ClusterView:
     def policy_for_pod(self, pod: KubeObject | PodFacts) -> Policy | None:
         """The valid policy matching the pod (its namespace, its selector; first by name on overlap)."""
         if isinstance(pod, PodFacts):
-            return _match(self._state.by_namespace, pod.namespace, pod.labels)
+            return match_policy(self._state.policy_set.by_namespace, pod.namespace, pod.labels)
         namespace = (pod.get("metadata") or {}).get("namespace") or "default"
-        return _match(self._state.by_namespace, namespace, labels_of(pod))
+        return match_policy(self._state.policy_set.by_namespace, namespace, labels_of(pod))
 
     def telemetry_age_s(self, node_name: str) -> float | None:
         """How old the node's last readable telemetry is at ``now`` (None: unknown node or none)."""
@@ -471,13 +256,6 @@ class ClusterView:
         return self.policies.get(policy.key) if policy is not None else None
 
 
-def _match(by_namespace: Mapping[str, tuple[Policy, ...]], namespace: str, labels: Mapping[str, str]) -> Policy | None:
-    for policy in by_namespace.get(namespace, ()):
-        if policy.selector.matches(labels):
-            return policy
-    return None
-
-
 def build_cluster_view(
     nodes: Iterable[KubeObject],
     pods: Iterable[KubeObject],
@@ -497,161 +275,91 @@ def build_cluster_view(
     same as without it. It also holds the inlet samples the temperature trend is measured
     from. Cost with ``previous``: O(objects) identity checks at C speed plus O(changes)
     Python work; without it, O(nodes + pods + policies).
+
+    Steps: reuse or re-read the policies (any change to them, rare, rebuilds every pod,
+    node and rack); apply the node and pod objects added or gone; mark the nodes a change
+    reaches; recompute those nodes, then their racks and scoring facts.
     """
     settings = settings or ClusterSettings()
+    old, registry = _reusable_state(previous, settings, registry)
+    node_list, pod_list, policy_list = list(nodes), list(pods), list(policies)
+    policy_set = _policy_set(policy_list, old, registry)
+    full = old is None or policy_set is not old.policy_set
+    added_nodes, removed_node_ids = _diff(node_list, old.node_docs if old is not None else {})
+    added_pods, removed_pod_ids = _diff(pod_list, old.pod_docs if old is not None and not full else {})
+    state = _carried_state(old, full, settings, registry, policy_set)
+    dirty = _apply_node_changes(state, added_nodes, removed_node_ids)
+    touched_policies: set[str] = set()
+    _forget_pods(state, removed_pod_ids, dirty, touched_policies)
+    _record_pods(state, added_pods, old.pod_docs if old is not None else {}, dirty, touched_policies)
+    if full:
+        dirty = set(state.parsed_nodes) | set(state.node_views)
+    else:
+        clock_went_back = previous is not None and now < previous.now
+        _mark_reached_nodes(state, dirty, touched_policies, now, clock_went_back)
+    racks_touched = _recompute_nodes(state, dirty, now)
+    _recompute_racks(state, _rack_members(state, racks_touched, dirty, full), dirty)
+    if full or added_nodes or removed_node_ids or old is None:
+        state.gpu_min_w, state.largest_gpu_min_w = gpu_min_limits(state.parsed_nodes.values(), settings.default_gpu_min_w)
+    warnings = cluster_warnings(state.rack_views, policy_set.rack_limits, policy_set.invalid)
+    return ClusterView(now=now, state=state, warnings=warnings)
+
+
+def _reusable_state(
+    previous: ClusterView | None,
+    settings: ClusterSettings,
+    registry: AlgorithmRegistry | None,
+) -> tuple[_State | None, AlgorithmRegistry]:
+    """The previous build's state when it was read with the same settings and registry (else
+    None: everything is read anew), and the registry to use (given, else the previous one's,
+    else the built-in algorithms only)."""
     old = previous._state if previous is not None else None
     if old is not None and old.settings != settings:
         old = None  # the rack label or staleness changed: everything is read anew
     registry = registry or (old.registry if old is not None else AlgorithmRegistry.default(discover=lambda: []))
     if old is not None and old.registry is not registry:
         old = None
-    node_list, pod_list, policy_list = list(nodes), list(pods), list(policies)
+    return old, registry
 
-    # -- policies: any change (rare) makes a full rebuild
-    policy_ids = set(map(id, policy_list))
-    full = old is None or policy_ids != set(old.policy_docs)
-    if not full:
-        assert old is not None
-        policy_docs, valid, invalid = old.policy_docs, old.valid, old.invalid
-        by_namespace, limits = old.by_namespace, old.limits
-    else:
-        policy_docs, valid, invalid = _parse_policies(policy_list, old.policy_docs if old else {}, registry)
-        grouped: dict[str, list[Policy]] = {}
-        for valid_policy in sorted(valid.values(), key=lambda p: p.name):
-            grouped.setdefault(valid_policy.namespace, []).append(valid_policy)
-        by_namespace = {ns: tuple(group) for ns, group in grouped.items()}
-        limits = _rack_limits(valid.values())
 
-    # -- nodes: the objects that are new (changed) or gone since the previous build
-    base_nodes = old.node_docs if old is not None else {}
-    added_nodes, removed_node_ids = _diff(node_list, base_nodes)
-    node_docs = dict(base_nodes)
-    parsed_nodes = dict(old.parsed_nodes) if old is not None else {}
-    dirty: set[str] = set()
-    for node_id in removed_node_ids:
-        parsed = node_docs.pop(node_id)[1]
-        parsed_nodes.pop(parsed.name, None)
-        dirty.add(parsed.name)
-    for node in added_nodes:
-        parsed = _parse_node(node, settings)
-        node_docs[id(node)] = (node, parsed)
-        parsed_nodes[parsed.name] = parsed
-        dirty.add(parsed.name)
+def _policy_set(policy_list: list[KubeObject], old: _State | None, registry: AlgorithmRegistry) -> PolicySet:
+    """The previous build's policies when the same documents (by identity) are listed; else
+    the documents read anew (reusing the parse of each one seen before): a full rebuild."""
+    if old is not None and set(map(id, policy_list)) == set(old.policy_set.documents):
+        return old.policy_set
+    return read_policies(policy_list, old.policy_set.documents if old is not None else {}, registry)
 
-    # -- pods: who is bound where, and each bound GPU pod's policy
-    base_pods = old.pod_docs if old is not None and not full else {}
-    added_pods, removed_pod_ids = _diff(pod_list, base_pods)
-    pod_docs = dict(base_pods)
-    bound_by_node: dict[str, tuple[BoundPod, ...]] = dict(old.bound_by_node) if old is not None and not full else {}
-    bound_gpus: dict[str, int] = dict(old.bound_gpus) if old is not None and not full else dict.fromkeys(valid, 0)
-    pending_pods: set[str] = set(old.pending_pods) if old is not None and not full else set()
-    touched_policies: set[str] = set()
-    reuse_facts = old.pod_docs if old is not None else {}
-    for pod_id in removed_pod_ids:
-        _, facts, policy = pod_docs.pop(pod_id)
-        if facts.active and facts.node_name is None:
-            pending_pods.discard(facts.key)
-        if _counts_power(facts):
-            bound_by_node[facts.node_name] = tuple(b for b in bound_by_node[facts.node_name] if b[0] is not facts)  # type: ignore[index]
-            dirty.add(facts.node_name)  # type: ignore[arg-type]
-            if policy is not None:
-                bound_gpus[policy.key] -= facts.gpus
-                touched_policies.add(policy.key)
-    for pod in added_pods:
-        cached = reuse_facts.get(id(pod))
-        facts = cached[1] if cached is not None and cached[0] is pod else pod_facts(pod)
-        policy = _match(by_namespace, facts.namespace, facts.labels) if facts.active else None
-        pod_docs[id(pod)] = (pod, facts, policy)
-        if facts.active and facts.node_name is None:
-            pending_pods.add(facts.key)
-        if _counts_power(facts):
-            bound_by_node[facts.node_name] = (*bound_by_node.get(facts.node_name, ()), (facts, policy))  # type: ignore[index,arg-type]
-            dirty.add(facts.node_name)  # type: ignore[arg-type]
-            if policy is not None:
-                bound_gpus[policy.key] = bound_gpus.get(policy.key, 0) + facts.gpus
-                touched_policies.add(policy.key)
 
-    # -- what else a change reaches: pods whose per-GPU budget moved, telemetry going stale
-    fresh_until = dict(old.fresh_until) if old is not None else {}
-    node_views = dict(old.node_views) if old is not None else {}
-    assumed_policies = dict(old.assumed_policies) if old is not None else {}
-    if full:
-        dirty = set(parsed_nodes) | set(node_views)
-    else:
-        if touched_policies:
-            dirty.update(n for n, keys in assumed_policies.items() if keys & touched_policies)
-        dirty.update(n for n, until in fresh_until.items() if until < now)
-        dirty.update(n for n, v in node_views.items() if v.telemetry_status is TelemetryStatus.STALE)
-        if previous is not None and now < previous.now:
-            dirty.update(node_views)  # the clock went back: ages are all different
-    trend_anchors = dict(old.trend_anchors) if old is not None else {}
-
-    # -- recompute the dirty nodes
-    racks_touched: set[str] = set()
-    for name in dirty:
-        before = node_views.pop(name, None)
-        if before is not None and before.rack_id is not None:
-            racks_touched.add(before.rack_id)
-        fresh_until.pop(name, None)
-        assumed_policies.pop(name, None)
-        dirty_node = parsed_nodes.get(name)
-        if dirty_node is None:
-            trend_anchors.pop(name, None)
-            continue
-        view, assumed_keys = _node_view(dirty_node, bound_by_node.get(name, ()), bound_gpus, now, settings, trend_anchors)
-        node_views[name] = view
-        if dirty_node.rack_id is not None:
-            racks_touched.add(dirty_node.rack_id)
-        if view.fresh and view.telemetry is not None:
-            fresh_until[name] = view.telemetry.timestamp + timedelta(seconds=settings.stale_after_s)
-        if assumed_keys:
-            assumed_policies[name] = assumed_keys
-
-    # -- racks and scoring facts of the touched ones
-    rack_views = dict(old.rack_views) if old is not None and not full else {}
-    node_facts = dict(old.node_facts) if old is not None and not full else {}
-    members_of: dict[str, list[NodeView]] = {rack_id: [] for rack_id in racks_touched}
-    if full:
-        for view in node_views.values():
-            if view.rack_id in members_of:
-                members_of[view.rack_id].append(view)
-    else:
-        for rack_id, members in members_of.items():
-            before_rack = rack_views.get(rack_id)
-            names = set(before_rack.nodes if before_rack is not None else ()) | dirty
-            members.extend(v for v in map(node_views.get, names) if v is not None and v.rack_id == rack_id)
-    for rack_id, members in members_of.items():
-        if members:
-            rack_views[rack_id] = _rack_view(rack_id, members, limits.get(rack_id, RackLimits()))
-            for member in members:
-                node_facts[member.name] = _node_facts(member, rack_views[rack_id])
-        else:
-            rack_views.pop(rack_id, None)
-    for name in dirty:
-        view_or_none = node_views.get(name)
-        if view_or_none is None:
-            node_facts.pop(name, None)
-        elif view_or_none.rack_id is None:
-            node_facts[name] = _node_facts(view_or_none, None)
-
-    if full or added_nodes or removed_node_ids or old is None:
-        mins = [p.gpu_min_w for p in parsed_nodes.values() if p.gpu_min_w is not None]
-        gpu_min_w = min(mins) if mins else settings.default_gpu_min_w
-        largest = [p.gpu_largest_min_w for p in parsed_nodes.values() if p.gpu_largest_min_w is not None]
-        largest_gpu_min_w = max(largest) if largest else settings.default_gpu_min_w
-    else:
-        gpu_min_w, largest_gpu_min_w = old.gpu_min_w, old.largest_gpu_min_w
-
+def _carried_state(
+    old: _State | None,
+    full: bool,
+    settings: ClusterSettings,
+    registry: AlgorithmRegistry,
+    policy_set: PolicySet,
+) -> _State:
+    """The state a build starts from: copies of ``old``'s containers (its view is handed out
+    and never changes). When ``full`` (the policies changed: every pod's policy and every
+    rack's limits may have moved) pods, racks and scoring facts start empty; nodes, their
+    views and trend samples are kept, and every node is recomputed."""
     state = _State(
-        settings=settings, registry=registry, policy_docs=policy_docs, valid=valid, invalid=invalid,
-        by_namespace=by_namespace, limits=limits, node_docs=node_docs, parsed_nodes=parsed_nodes,
-        pod_docs=pod_docs, bound_by_node=bound_by_node, bound_gpus=bound_gpus, pending_pods=pending_pods,
-        node_views=node_views,
-        rack_views=rack_views, node_facts=node_facts, fresh_until=fresh_until,
-        assumed_policies=assumed_policies, trend_anchors=trend_anchors, gpu_min_w=gpu_min_w,
-        largest_gpu_min_w=largest_gpu_min_w,
+        settings=settings,
+        registry=registry,
+        policy_set=policy_set,
+        gpu_min_w=settings.default_gpu_min_w,
+        largest_gpu_min_w=settings.default_gpu_min_w,
+        bound_gpus=dict.fromkeys(policy_set.valid, 0),
     )
-    return ClusterView(now=now, state=state, warnings=_warnings(rack_views, limits, invalid))
+    if old is None:
+        return state
+    state.node_docs, state.parsed_nodes = dict(old.node_docs), dict(old.parsed_nodes)
+    state.node_views, state.fresh_until = dict(old.node_views), dict(old.fresh_until)
+    state.assumed_policies, state.trend_anchors = dict(old.assumed_policies), dict(old.trend_anchors)
+    state.gpu_min_w, state.largest_gpu_min_w = old.gpu_min_w, old.largest_gpu_min_w
+    if not full:
+        state.pod_docs, state.bound_by_node = dict(old.pod_docs), dict(old.bound_by_node)
+        state.bound_gpus, state.pending_pods = dict(old.bound_gpus), set(old.pending_pods)
+        state.rack_views, state.node_facts = dict(old.rack_views), dict(old.node_facts)
+    return state
 
 
 def _diff(objects: list[KubeObject], before: Mapping[int, tuple[Any, ...]]) -> tuple[list[KubeObject], set[int]]:
@@ -667,244 +375,145 @@ def _diff(objects: list[KubeObject], before: Mapping[int, tuple[Any, ...]]) -> t
     return added, set(before).difference(ids)
 
 
-def _counts_power(facts: PodFacts) -> bool:
-    """A pod that draws power on a node: bound, active, with GPUs or a power annotation."""
-    return facts.node_name is not None and facts.active and (facts.gpus > 0 or facts.power_annotation_w is not None)
+def _apply_node_changes(state: _State, added: Iterable[KubeObject], removed_ids: Iterable[int]) -> set[str]:
+    """Parse the Node objects new since the previous build and drop those gone (by ``id``);
+    returns the names of the nodes they are (dirty)."""
+    node_docs, parsed_nodes, settings = state.node_docs, state.parsed_nodes, state.settings
+    dirty: set[str] = set()
+    for node_id in removed_ids:
+        parsed = node_docs.pop(node_id)[1]
+        parsed_nodes.pop(parsed.name, None)
+        dirty.add(parsed.name)
+    for node in added:
+        parsed = parse_node(node, settings)
+        node_docs[id(node)] = (node, parsed)
+        parsed_nodes[parsed.name] = parsed
+        dirty.add(parsed.name)
+    return dirty
 
 
-def _parse_policies(
-    documents: list[KubeObject],
-    before: Mapping[int, tuple[KubeObject, Policy | str]],
-    registry: AlgorithmRegistry,
-) -> tuple[dict[int, tuple[KubeObject, Policy | str]], dict[str, Policy], dict[str, str]]:
-    docs: dict[int, tuple[KubeObject, Policy | str]] = {}
-    valid: dict[str, Policy] = {}
-    invalid: dict[str, str] = {}
-    for document in documents:
-        cached = before.get(id(document))
-        parsed: Policy | str
-        if cached is not None and cached[0] is document:
-            parsed = cached[1]
-        else:
-            try:
-                parsed = parse_policy(document, registry)
-            except (ValueError, TypeError, KeyError) as error:
-                parsed = str(error)
-        docs[id(document)] = (document, parsed)
-        if isinstance(parsed, Policy):
-            valid[parsed.key] = parsed
-        else:
-            metadata = document.get("metadata") or {}
-            invalid[f"{metadata.get('namespace') or 'default'}/{metadata.get('name', '')}"] = parsed
-    return docs, valid, invalid
+def _forget_pods(state: _State, removed_ids: Iterable[int], dirty: set[str], touched_policies: set[str]) -> None:
+    """Drop the pods gone since the previous build: from the pending pods, from the pods
+    drawing power on their node (marked dirty) and from their policy's bound GPUs (the
+    policy marked touched: its per-GPU budget moves)."""
+    pod_docs, bound_by_node, bound_gpus, pending = state.pod_docs, state.bound_by_node, state.bound_gpus, state.pending_pods
+    for pod_id in removed_ids:
+        _, facts, policy = pod_docs.pop(pod_id)
+        if facts.active and facts.node_name is None:
+            pending.discard(facts.key)
+        node_name = power_node(facts)
+        if node_name is not None:
+            bound_by_node[node_name] = tuple(b for b in bound_by_node[node_name] if b[0] is not facts)
+            dirty.add(node_name)
+            if policy is not None:
+                bound_gpus[policy.key] -= facts.gpus
+                touched_policies.add(policy.key)
 
 
-def _policy_views(state: _State) -> dict[str, PolicyView]:
-    pods: dict[str, list[str]] = {key: [] for key in state.valid}
-    owner: dict[str, str] = {}
-    waiting: dict[str, int] = dict.fromkeys(state.valid, 0)
-    for _, facts, policy in state.pod_docs.values():
-        if policy is not None and facts.active:
-            pods[policy.key].append(facts.key)
-            owner[facts.key] = policy.key
-            if facts.waits_for_budget:
-                waiting[policy.key] += facts.gpus
-    gpus: dict[str, list[PolicyGpu]] = {key: [] for key in state.valid}
-    for parsed in state.parsed_nodes.values():
-        if parsed.telemetry is not None:
-            for gpu in parsed.telemetry.gpus:
-                key = owner.get(gpu.pod) if gpu.pod is not None else None
-                if key is not None:
-                    gpus[key].append(PolicyGpu(node=parsed.name, gpu=gpu))
-    return {
-        key: PolicyView(
-            policy=policy,
-            pods=tuple(sorted(pods[key])),
-            bound_gpus=state.bound_gpus.get(key, 0),
-            gpus=tuple(sorted(gpus[key], key=lambda g: (g.node, g.gpu.index))),
-            budget_waiting_gpus=waiting[key],
-        )
-        for key, policy in state.valid.items()
-    }
+def _record_pods(
+    state: _State,
+    added: Iterable[KubeObject],
+    reusable: Mapping[int, PodEntry],
+    dirty: set[str],
+    touched_policies: set[str],
+) -> None:
+    """Add the pods new since the previous build (their facts reused from ``reusable`` for
+    an object seen there): the policy of an active pod (first match by name in its
+    namespace), pending when active and unbound; a pod drawing power is added to its node
+    (marked dirty) and its GPUs to its policy's bound GPUs (the policy marked touched)."""
+    pod_docs, bound_by_node, bound_gpus, pending = state.pod_docs, state.bound_by_node, state.bound_gpus, state.pending_pods
+    by_namespace = state.policy_set.by_namespace
+    for pod in added:
+        cached = reusable.get(id(pod))
+        facts = cached[1] if cached is not None and cached[0] is pod else pod_facts(pod)
+        policy = match_policy(by_namespace, facts.namespace, facts.labels) if facts.active else None
+        pod_docs[id(pod)] = (pod, facts, policy)
+        if facts.active and facts.node_name is None:
+            pending.add(facts.key)
+        node_name = power_node(facts)
+        if node_name is not None:
+            bound_by_node[node_name] = (*bound_by_node.get(node_name, ()), (facts, policy))
+            dirty.add(node_name)
+            if policy is not None:
+                bound_gpus[policy.key] = bound_gpus.get(policy.key, 0) + facts.gpus
+                touched_policies.add(policy.key)
 
 
-def _parse_node(node: KubeObject, settings: ClusterSettings) -> _ParsedNode:
-    rack = labels_of(node).get(settings.rack_label)
-    text = annotations_of(node).get(TELEMETRY_ANNOTATION)
-    telemetry: NodeTelemetry | None = None
-    error: str | None = None
-    if text is not None:
-        try:
-            telemetry = from_json(text)
-        except TelemetryError as problem:
-            error = str(problem)
-    gpus = telemetry.gpus if telemetry is not None else ()
-    return _ParsedNode(
-        name=object_key(node),
-        rack_id=rack if isinstance(rack, str) and rack else None,
-        gpu_capacity=node_gpu_capacity(node),
-        telemetry=telemetry,
-        telemetry_error=error,
-        visible_pods=frozenset(g.pod for g in gpus if g.pod is not None),
-        gpu_min_w=min((g.min_w for g in gpus), default=None),
-        gpu_largest_min_w=max((g.min_w for g in gpus), default=None),
-    )
+def _mark_reached_nodes(state: _State, dirty: set[str], touched_policies: set[str], now: datetime, clock_went_back: bool) -> None:
+    """Add to ``dirty`` the nodes a change reaches besides its own: nodes with assumed pods of
+    a touched policy (per-GPU budget = powerCapLimit / bound GPUs moved), nodes whose fresh
+    telemetry went stale (``fresh_until < now``), stale nodes (the age in their problem
+    moves), and every node when the clock went back (every age moves)."""
+    if touched_policies:
+        dirty.update(n for n, keys in state.assumed_policies.items() if keys & touched_policies)
+    dirty.update(n for n, until in state.fresh_until.items() if until < now)
+    dirty.update(n for n, v in state.node_views.items() if v.telemetry_status is TelemetryStatus.STALE)
+    if clock_went_back:
+        dirty.update(state.node_views)  # the clock went back: ages are all different
 
 
-def _node_view(
-    parsed: _ParsedNode,
-    bound: Iterable[BoundPod],
-    bound_gpus: Mapping[str, int],
-    now: datetime,
-    settings: ClusterSettings,
-    trend_anchors: dict[str, tuple[datetime, float, float | None]],
-) -> tuple[NodeView, frozenset[str]]:
-    """The node's view, and the policies of its assumed pods (their budget moves its power)."""
-    name, telemetry = parsed.name, parsed.telemetry
-    gpu_max_w = max((g.max_w for g in telemetry.gpus), default=settings.default_gpu_max_w) if telemetry else settings.default_gpu_max_w
-    capacity_w = sum(g.max_w for g in telemetry.gpus) if telemetry and telemetry.gpus else None
-    problem: str | None = None
-    if parsed.telemetry_error is not None:
-        status = TelemetryStatus.MALFORMED
-        problem = f"telemetry of node {name} is unreadable ({parsed.telemetry_error})"
-    elif telemetry is None:
-        status = TelemetryStatus.MISSING
-        problem = f"no telemetry from node {name} (annotation {TELEMETRY_ANNOTATION} missing; is the node agent running there?)"
-    else:
-        age_s = max(0.0, telemetry.age_s(now))
-        if age_s <= settings.stale_after_s:
-            status = TelemetryStatus.FRESH
-        else:
-            status = TelemetryStatus.STALE
-            problem = f"no telemetry from node {name} for {age_s:.0f} s (stale after {settings.stale_after_s:g} s)"
-    fresh = status is TelemetryStatus.FRESH
-
-    assumed_w = 0.0
-    assumed: list[str] = []
-    assumed_policies: set[str] = set()
-    for facts, policy in bound:
-        if facts.key in parsed.visible_pods:
+def _recompute_nodes(state: _State, dirty: Iterable[str], now: datetime) -> set[str]:
+    """Recompute the view of every dirty node (dropping those gone) with when its telemetry
+    goes stale (``timestamp + stale_after_s``) and its assumed pods' policies; returns the
+    racks the nodes were or are in."""
+    node_views, fresh_until, assumed_policies = state.node_views, state.fresh_until, state.assumed_policies
+    parsed_nodes, bound_by_node, bound_gpus = state.parsed_nodes, state.bound_by_node, state.bound_gpus
+    settings, trend_anchors = state.settings, state.trend_anchors
+    stale_after = timedelta(seconds=settings.stale_after_s)
+    racks_touched: set[str] = set()
+    for name in dirty:
+        before = node_views.pop(name, None)
+        if before is not None and before.rack_id is not None:
+            racks_touched.add(before.rack_id)
+        fresh_until.pop(name, None)
+        assumed_policies.pop(name, None)
+        parsed = parsed_nodes.get(name)
+        if parsed is None:
+            trend_anchors.pop(name, None)
             continue
-        if telemetry is not None and facts.bound_at is not None and facts.bound_at + BINDING_TIME_RESOLUTION <= telemetry.timestamp:
-            continue  # bound before the last telemetry: already in its power
-        service_gpus = bound_gpus.get(policy.key, facts.gpus) if policy is not None else facts.gpus
-        assumed_w += estimate_pod_power_w(facts.gpus, facts.power_annotation_w, policy, service_gpus, gpu_max_w)
-        assumed.append(facts.key)
-        if policy is not None:
-            assumed_policies.add(policy.key)
-
-    inlet = telemetry.inlet_temperature_c if fresh and telemetry is not None else None
-    rise = _inlet_rise(name, telemetry if fresh else None, trend_anchors)
-    view = NodeView(
-        name=name,
-        rack_id=parsed.rack_id,
-        gpu_capacity=parsed.gpu_capacity,
-        telemetry_status=status,
-        telemetry=telemetry,
-        telemetry_problem=problem,
-        measured_power_w=telemetry.power_w if fresh and telemetry is not None else 0.0,
-        assumed_power_w=assumed_w,
-        assumed_pods=tuple(sorted(assumed)),
-        gpu_max_w=gpu_max_w,
-        new_gpu_min_w=parsed.gpu_largest_min_w if parsed.gpu_largest_min_w is not None else settings.default_gpu_min_w,
-        power_capacity_w=capacity_w,
-        inlet_temperature_c=inlet,
-        inlet_rise_c_per_min=rise,
-    )
-    return view, frozenset(assumed_policies)
+        view, assumed_keys = node_view(parsed, bound_by_node.get(name, ()), bound_gpus, now, settings, trend_anchors)
+        node_views[name] = view
+        if parsed.rack_id is not None:
+            racks_touched.add(parsed.rack_id)
+        if view.fresh and view.telemetry is not None:
+            fresh_until[name] = view.telemetry.timestamp + stale_after
+        if assumed_keys:
+            assumed_policies[name] = assumed_keys
+    return racks_touched
 
 
-def _inlet_rise(
-    name: str,
-    telemetry: NodeTelemetry | None,
-    anchors: dict[str, tuple[datetime, float, float | None]],
-) -> float | None:
-    """Inlet trend, °C/min: ``(inlet - inlet_anchor) / (t - t_anchor)`` once ``t - t_anchor >=
-    MIN_TREND_WINDOW_S``; the newer sample then becomes the anchor. None until measured."""
-    if telemetry is None or telemetry.inlet_temperature_c is None:
-        anchors.pop(name, None)
-        return None
-    anchor = anchors.get(name)
-    inlet, moment = telemetry.inlet_temperature_c, telemetry.timestamp
-    if anchor is None or moment < anchor[0]:
-        anchors[name] = (moment, inlet, None)
-        return None
-    window_s = (moment - anchor[0]).total_seconds()
-    if window_s < MIN_TREND_WINDOW_S:
-        return anchor[2]
-    rise = (inlet - anchor[1]) / (window_s / 60.0)
-    anchors[name] = (moment, inlet, rise)
-    return rise
+def _rack_members(state: _State, racks_touched: Iterable[str], dirty: set[str], full: bool) -> dict[str, list[NodeView]]:
+    """The node views of each touched rack: on a full build from every node; else from the
+    rack's previous members and the dirty nodes (a node may have moved in or out)."""
+    members_of: dict[str, list[NodeView]] = {rack_id: [] for rack_id in racks_touched}
+    node_views = state.node_views
+    if full:
+        for view in node_views.values():
+            if view.rack_id in members_of:
+                members_of[view.rack_id].append(view)
+        return members_of
+    for rack_id, members in members_of.items():
+        before_rack = state.rack_views.get(rack_id)
+        names = set(before_rack.nodes if before_rack is not None else ()) | dirty
+        members.extend(v for v in map(node_views.get, names) if v is not None and v.rack_id == rack_id)
+    return members_of
 
 
-def _rack_limits(policies: Iterable[Policy]) -> dict[str, RackLimits]:
-    """Per rack, the smallest maxPower and maxTemperature over Enforce policies (ties: first by key)."""
-    result: dict[str, RackLimits] = {}
-    for policy in sorted(policies, key=lambda p: p.key):
-        if not policy.enforced:
-            continue
-        for rack in policy.racks:
-            current = result.get(rack.rack_id, RackLimits())
-            power, power_by = current.max_power_w, current.max_power_policy
-            if rack.max_power_w is not None and (power is None or rack.max_power_w < power):
-                power, power_by = rack.max_power_w, policy.key
-            temperature, temperature_by = current.max_temperature_c, current.max_temperature_policy
-            if rack.max_temperature_c is not None and (temperature is None or rack.max_temperature_c < temperature):
-                temperature, temperature_by = rack.max_temperature_c, policy.key
-            result[rack.rack_id] = RackLimits(power, power_by, temperature, temperature_by)
-    return result
-
-
-def _rack_view(rack_id: str, members: list[NodeView], limits: RackLimits) -> RackView:
-    members.sort(key=lambda n: n.name)
-    fresh = [n for n in members if n.fresh]
-    inlets = [n.inlet_temperature_c for n in fresh if n.inlet_temperature_c is not None]
-    rises = [n.inlet_rise_c_per_min for n in fresh if n.inlet_rise_c_per_min is not None]
-    unreliable = [n for n in members if n.needs_telemetry and not n.fresh]
-    problem = None
-    if unreliable:
-        problem = unreliable[0].telemetry_problem
-        if len(unreliable) > 1:
-            problem = f"{problem}; and {len(unreliable) - 1} more node(s) without fresh telemetry"
-    return RackView(
-        rack_id=rack_id,
-        nodes=tuple(n.name for n in members),
-        measured_power_w=sum(n.measured_power_w for n in members),
-        assumed_power_w=sum(n.assumed_power_w for n in members),
-        inlet_temperature_c=max(inlets) if inlets else None,
-        inlet_rise_c_per_min=max(rises) if rises else None,
-        limits=limits,
-        unreliable_nodes=tuple(n.name for n in unreliable),
-        telemetry_problem=problem,
-        assumed_pods=tuple(sorted(pod for n in members for pod in n.assumed_pods)),
-    )
-
-
-def _warnings(racks: Mapping[str, RackView], limits: Mapping[str, RackLimits], invalid: Mapping[str, str]) -> tuple[str, ...]:
-    """Things an operator should know that do not stop scheduling."""
-    warnings = [f"policy {key} is invalid and ignored: {why}" for key, why in sorted(invalid.items())]
-    for rack_id, rack_limits in sorted(limits.items()):
-        rack = racks.get(rack_id)
-        if rack is None:
-            warnings.append(f"rack {rack_id} (policy {rack_limits.max_power_policy or rack_limits.max_temperature_policy}) has no nodes with that rack label")
-        elif rack_limits.max_temperature_c is not None and rack.inlet_temperature_c is None and not rack.unreliable_nodes:
-            warnings.append(
-                f"rack {rack_id}: no node reports an inlet temperature, so maxTemperature "
-                f"{rack_limits.max_temperature_c:g} °C cannot be checked"
-            )
-    return tuple(warnings)
-
-
-def _node_facts(node: NodeView, rack: RackView | None) -> NodeFacts:
-    return NodeFacts(
-        name=node.name,
-        rack_id=node.rack_id,
-        node_power_w=node.power_w if node.fresh else None,
-        node_capacity_w=node.power_capacity_w,
-        rack_power_w=rack.power_w if rack is not None else None,
-        rack_max_power_w=rack.limits.max_power_w if rack is not None else None,
-        inlet_c=rack.inlet_temperature_c if rack is not None else node.inlet_temperature_c,
-        rack_max_temperature_c=rack.limits.max_temperature_c if rack is not None else None,
-        inlet_rise_c_per_min=rack.inlet_rise_c_per_min if rack is not None else node.inlet_rise_c_per_min,
-        gpu_max_w=node.gpu_max_w,
-    )
+def _recompute_racks(state: _State, members_of: Mapping[str, list[NodeView]], dirty: Iterable[str]) -> None:
+    """Rebuild each touched rack's view (drop a rack left without nodes) and its members'
+    scoring facts; then the scoring facts of the dirty nodes without a rack (drop those gone)."""
+    rack_views, node_facts, limits = state.rack_views, state.node_facts, state.policy_set.rack_limits
+    for rack_id, members in members_of.items():
+        if members:
+            rack = rack_view(rack_id, members, limits.get(rack_id, RackLimits()))
+            rack_views[rack_id] = rack
+            for member in members:
+                node_facts[member.name] = scoring_facts(member, rack)
+        else:
+            rack_views.pop(rack_id, None)
+    for name in dirty:
+        view = state.node_views.get(name)
+        if view is None:
+            node_facts.pop(name, None)
+        elif view.rack_id is None:
+            node_facts[name] = scoring_facts(view, None)
