@@ -202,6 +202,13 @@ class PodFacts:
 # 5 s may have been bound at 5.9 s, after telemetry taken at 5.1 s. Only a binding at least
 # this long before the telemetry is surely in its power.
 BINDING_TIME_RESOLUTION = timedelta(seconds=1)
+MAX_CLOCK_AHEAD_S = 5.0
+"""How far in the future a node's telemetry may be stamped and still count (clock skew)."""
+
+
+def clock_ahead(telemetry: NodeTelemetry, now: datetime) -> bool:
+    """Whether ``telemetry`` is stamped more than ``MAX_CLOCK_AHEAD_S`` after ``now``."""
+    return telemetry.age_s(now) < -MAX_CLOCK_AHEAD_S
 
 
 def pod_facts(pod: KubeObject) -> PodFacts:
@@ -353,9 +360,11 @@ def parse_node(node: KubeObject, settings: ClusterSettings) -> ParsedNode:
 def telemetry_status(node: ParsedNode, now: datetime, stale_after_s: float) -> tuple[TelemetryStatus, str | None]:
     """The node's telemetry status, and unless FRESH the problem in words a person can act on.
 
-    MALFORMED: the annotation is unreadable; MISSING: there is none; else, with
-    ``age_s = max(0, now - timestamp)`` (a clock ahead never makes telemetry fresher),
-    FRESH when ``age_s <= stale_after_s``, STALE otherwise.
+    MALFORMED: the annotation is unreadable; MISSING: there is none; STALE when it is
+    stamped more than ``MAX_CLOCK_AHEAD_S`` after ``now`` (the node's clock is ahead: its
+    age is unknown, and a clock hours ahead must not keep telemetry fresh for hours); else,
+    with ``age_s = max(0, now - timestamp)``, FRESH when ``age_s <= stale_after_s``, STALE
+    otherwise.
     """
     name, telemetry = node.name, node.telemetry
     if node.telemetry_error is not None:
@@ -363,6 +372,12 @@ def telemetry_status(node: ParsedNode, now: datetime, stale_after_s: float) -> t
     if telemetry is None:
         return TelemetryStatus.MISSING, (
             f"no telemetry from node {name} (annotation {TELEMETRY_ANNOTATION} missing; is the node agent running there?)"
+        )
+    if clock_ahead(telemetry, now):
+        ahead_s = -telemetry.age_s(now)
+        return TelemetryStatus.STALE, (
+            f"telemetry of node {name} is stamped {ahead_s:.0f} s in the future (its clock is ahead; "
+            f"more than {MAX_CLOCK_AHEAD_S:g} s counts as stale)"
         )
     age_s = max(0.0, telemetry.age_s(now))
     if age_s <= stale_after_s:
@@ -374,16 +389,19 @@ def assumed_power(
     node: ParsedNode,
     bound: Iterable[BoundPod],
     bound_gpus: Mapping[str, int],
+    now: datetime,
 ) -> tuple[float, tuple[str, ...], frozenset[str]]:
     """The power of the node's pods that its telemetry does not show yet: ``(W, pod keys
     sorted, keys of their policies)``.
 
     A bound pod is assumed unless its key is in the telemetry's ``gpus[].pod`` or
     ``bound_at + BINDING_TIME_RESOLUTION <= timestamp`` (every pod is, without readable
-    telemetry). ``W = sum of estimate_pod_power_w(gpus, annotation, policy,
+    telemetry or with telemetry stamped in the future: :func:`clock_ahead`). ``W = sum of estimate_pod_power_w(gpus, annotation, policy,
     bound_gpus[policy] (else its own GPUs), node.gpu_max_w)`` over the assumed pods.
     """
     telemetry, visible, gpu_max_w = node.telemetry, node.visible_pods, node.gpu_max_w
+    if telemetry is not None and clock_ahead(telemetry, now):
+        telemetry, visible = None, frozenset()
     assumed_w = 0.0
     assumed: list[str] = []
     policies: set[str] = set()
@@ -439,7 +457,7 @@ def node_view(
     """
     status, problem = telemetry_status(node, now, settings.stale_after_s)
     fresh_telemetry = node.telemetry if status is TelemetryStatus.FRESH else None
-    assumed_w, assumed_pods, assumed_policies = assumed_power(node, bound, bound_gpus)
+    assumed_w, assumed_pods, assumed_policies = assumed_power(node, bound, bound_gpus, now)
     view = NodeView(
         name=node.name,
         rack_id=node.rack_id,

@@ -54,6 +54,9 @@ def test_rack_power_is_fresh_node_power_and_temperature_the_hottest_inlet() -> N
         pytest.param(telemetry(100, at=NOW - timedelta(seconds=91)), 8, TelemetryStatus.STALE,
                      "no telemetry from node n for 91 s (stale after 90 s)", id="one-second-late"),
         pytest.param(telemetry(100, at=NOW + timedelta(seconds=5)), 8, TelemetryStatus.FRESH, None, id="clock-skew-ahead"),
+        pytest.param(telemetry(100, at=NOW + timedelta(hours=2)), 8, TelemetryStatus.STALE,
+                     "telemetry of node n is stamped 7200 s in the future (its clock is ahead; more than 5 s counts as stale)",
+                     id="clock-hours-ahead-is-stale-not-fresh-for-hours"),
         pytest.param(None, 8, TelemetryStatus.MISSING,
                      "no telemetry from node n (annotation powercapping.example.com/telemetry missing; "
                      "is the node agent running there?)", id="missing"),
@@ -120,6 +123,18 @@ def test_policy_pods_are_assumed_at_their_per_gpu_budget() -> None:
     for cap_w, expected_w in ((4000, 4 * 700), (2000, 4 * 500)):
         view = view_of([gpu_node("gpu-1", "rack-1", telemetry(0))], pods, [policy("llama", cap_w=cap_w)])
         assert view.nodes["gpu-1"].assumed_power_w == expected_w
+
+
+def test_telemetry_stamped_in_the_future_hides_no_pod_from_assumed_power() -> None:
+    """A node clock an hour ahead stamps telemetry after every binding; the pods bound since
+    the real last reading (and those it lists) still count as assumed power."""
+    ahead = telemetry(1000, at=NOW + timedelta(hours=1), pods=["inference/seen"])
+    pods = [gpu_pod("new", gpus=1, labels=OTHER, node="gpu-1", bound_at=NOW - timedelta(seconds=2)),
+            gpu_pod("seen", gpus=1, labels=OTHER, node="gpu-1", bound_at=NOW - timedelta(seconds=60))]
+    view = view_of([gpu_node("gpu-1", "rack-1", ahead)], pods, [policy("llama", cap_w=8000, racks=RACK_1)])
+    node = view.nodes["gpu-1"]
+    assert node.assumed_pods == ("inference/new", "inference/seen") and node.assumed_power_w == 2 * 700
+    assert not node.fresh and view.racks["rack-1"].telemetry_problem is not None
 
 
 def test_every_gpu_pod_on_a_node_without_telemetry_is_assumed() -> None:
