@@ -18,8 +18,11 @@ class RecentAdmissions:
     call can come before the first pod's binding reaches the extender's watch, and both pods
     would take the same free budget. So the extender remembers what it let through, at the
     largest GPU minimum in the cluster, and counts it against the policy's budget until the
-    pod is bound (then ``bound_gpus`` counts it), gone, or ``ttl_s`` old (kube-scheduler
-    chose no node, or a later plugin refused it). Thread-safe; ``now_s`` is monotonic.
+    view shows the pod bound (then ``bound_gpus`` counts it) or it is ``ttl_s`` old
+    (kube-scheduler chose no node, a later plugin refused it, or the pod was deleted: the
+    extender's pod cache in a cluster lists bound pods only, so it cannot see a pending pod
+    go; holding its minimum until ``ttl_s`` errs on the safe side). Thread-safe; ``now_s``
+    is monotonic.
     """
 
     def __init__(self, ttl_s: float = 30.0) -> None:
@@ -34,7 +37,7 @@ class RecentAdmissions:
         total = 0.0
         with self._lock:
             for pod_key, (policy_key, watts, at_s) in list(self._passed.items()):
-                if now_s - at_s > self.ttl_s or not view.pod_pending(pod_key):
+                if now_s - at_s > self.ttl_s or view.pod_bound(pod_key):
                     del self._passed[pod_key]
                 elif policy_key == request.policy.key and pod_key != request.pod_key:
                     total += watts

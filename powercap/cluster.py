@@ -144,7 +144,6 @@ class _State:
     pod_docs: dict[int, PodEntry] = field(default_factory=dict)
     bound_by_node: dict[str, tuple[BoundPod, ...]] = field(default_factory=dict)  # node -> pods drawing power on it
     bound_gpus: dict[str, int] = field(default_factory=dict)  # policy -> GPUs of its active pods bound to a node
-    pending_pods: set[str] = field(default_factory=set)  # keys of the active pods not bound yet (few: copied every build)
     node_views: dict[str, NodeView] = field(default_factory=dict)
     rack_views: dict[str, RackView] = field(default_factory=dict)
     node_facts: dict[str, NodeFacts] = field(default_factory=dict)
@@ -163,12 +162,13 @@ class ClusterView:
     ``has_constraints``, ``warnings``;
     ``find_node``/``find_rack``/``find_facts`` (fast ``get`` of those mappings for hot loops),
     ``node(name)``, ``rack_of(name)``, ``telemetry_age_s(name)``, ``policy_for_pod(pod)``, ``bound_gpus(policy_key)``,
+    ``pod_bound(pod_key)``,
     ``policy_view_for_pod(pod)``.
     """
 
     __slots__ = (
         "now", "settings", "nodes", "racks", "invalid_policies", "node_facts",
-        "gpu_min_w", "largest_gpu_min_w", "has_constraints", "warnings", "_policies", "_state",
+        "gpu_min_w", "largest_gpu_min_w", "has_constraints", "warnings", "_policies", "_bound_pods", "_state",
         "find_node", "find_rack", "find_facts",
     )
 
@@ -186,6 +186,7 @@ class ClusterView:
     find_rack: Callable[[str], RackView | None]
     find_facts: Callable[[str], NodeFacts | None]
     _policies: Mapping[str, PolicyView] | None
+    _bound_pods: frozenset[str] | None
     _state: _State
 
     def __init__(self, *, now: datetime, state: _State, warnings: tuple[str, ...]) -> None:
@@ -202,6 +203,7 @@ class ClusterView:
         ))
         object.__setattr__(self, "warnings", warnings)
         object.__setattr__(self, "_policies", None)
+        object.__setattr__(self, "_bound_pods", None)
         object.__setattr__(self, "_state", state)
         # the same lookups as nodes.get, racks.get and node_facts.get, without the proxy's cost
         object.__setattr__(self, "find_node", state.node_views.get)
@@ -247,9 +249,14 @@ class ClusterView:
         """GPUs requested by a policy's active pods bound to a node."""
         return self._state.bound_gpus.get(policy_key, 0)
 
-    def pod_pending(self, pod_key: str) -> bool:
-        """Whether the view has the pod (``namespace/name``) active and not bound yet."""
-        return pod_key in self._state.pending_pods
+    def pod_bound(self, pod_key: str) -> bool:
+        """Whether the view has the pod (``namespace/name``) active and bound to a node (the
+        set of bound pods is built on the first call, once per view)."""
+        bound = self._bound_pods
+        if bound is None:
+            bound = frozenset(facts.key for pods in self._state.bound_by_node.values() for facts, _ in pods)
+            object.__setattr__(self, "_bound_pods", bound)
+        return pod_key in bound
 
     def policy_view_for_pod(self, pod: KubeObject | PodFacts) -> PolicyView | None:
         policy = self.policy_for_pod(pod)
@@ -357,7 +364,7 @@ def _carried_state(
     state.gpu_min_w, state.largest_gpu_min_w = old.gpu_min_w, old.largest_gpu_min_w
     if not full:
         state.pod_docs, state.bound_by_node = dict(old.pod_docs), dict(old.bound_by_node)
-        state.bound_gpus, state.pending_pods = dict(old.bound_gpus), set(old.pending_pods)
+        state.bound_gpus = dict(old.bound_gpus)
         state.rack_views, state.node_facts = dict(old.rack_views), dict(old.node_facts)
     return state
 
@@ -393,14 +400,11 @@ def _apply_node_changes(state: _State, added: Iterable[KubeObject], removed_ids:
 
 
 def _forget_pods(state: _State, removed_ids: Iterable[int], dirty: set[str], touched_policies: set[str]) -> None:
-    """Drop the pods gone since the previous build: from the pending pods, from the pods
-    drawing power on their node (marked dirty) and from their policy's bound GPUs (the
+    """Drop the pods gone since the previous build: from the pods drawing power on their node (marked dirty) and from their policy's bound GPUs (the
     policy marked touched: its per-GPU budget moves)."""
-    pod_docs, bound_by_node, bound_gpus, pending = state.pod_docs, state.bound_by_node, state.bound_gpus, state.pending_pods
+    pod_docs, bound_by_node, bound_gpus = state.pod_docs, state.bound_by_node, state.bound_gpus
     for pod_id in removed_ids:
         _, facts, policy = pod_docs.pop(pod_id)
-        if facts.active and facts.node_name is None:
-            pending.discard(facts.key)
         node_name = power_node(facts)
         if node_name is not None:
             bound_by_node[node_name] = tuple(b for b in bound_by_node[node_name] if b[0] is not facts)
@@ -419,17 +423,15 @@ def _record_pods(
 ) -> None:
     """Add the pods new since the previous build (their facts reused from ``reusable`` for
     an object seen there): the policy of an active pod (first match by name in its
-    namespace), pending when active and unbound; a pod drawing power is added to its node
+    namespace); a pod drawing power is added to its node
     (marked dirty) and its GPUs to its policy's bound GPUs (the policy marked touched)."""
-    pod_docs, bound_by_node, bound_gpus, pending = state.pod_docs, state.bound_by_node, state.bound_gpus, state.pending_pods
+    pod_docs, bound_by_node, bound_gpus = state.pod_docs, state.bound_by_node, state.bound_gpus
     by_namespace = state.policy_set.by_namespace
     for pod in added:
         cached = reusable.get(id(pod))
         facts = cached[1] if cached is not None and cached[0] is pod else pod_facts(pod)
         policy = match_policy(by_namespace, facts.namespace, facts.labels) if facts.active else None
         pod_docs[id(pod)] = (pod, facts, policy)
-        if facts.active and facts.node_name is None:
-            pending.add(facts.key)
         node_name = power_node(facts)
         if node_name is not None:
             bound_by_node[node_name] = (*bound_by_node.get(node_name, ()), (facts, policy))

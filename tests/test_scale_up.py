@@ -10,6 +10,7 @@ and extender filter (:func:`powercap.placement.filter_nodes`) in turn, as the se
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -275,3 +276,34 @@ def test_the_extenders_memo_of_published_totals_follows_each_new_status() -> Non
     second = view(nodes, pods, [rewritten])
     assert totals(second.policies["inference/llama"].policy) == (1000.0, 0)
     assert totals(policy) == (1940.0, 4)
+
+
+def test_two_pods_let_through_back_to_back_do_not_share_one_free_minimum_with_a_bound_pods_only_cache() -> None:
+    """In a cluster the extender's pod cache lists bound pods only, so its view never shows a
+    pending pod: the memory of what it let through must hold until the view shows the pod
+    bound, not drop it because the view does not list it pending."""
+    nodes, pods, document = busy_service()
+    document = round_at(nodes, pods, document, 0)
+    first, second = gpu_pod("llama-4", labels=LLAMA), gpu_pod("llama-5", labels=LLAMA)
+    # the controller kept one minimum free for a waiting pod (one, not two)
+    document = round_at(nodes, [*pods, refused_by_scheduler(first, "policy inference/llama has no budget free for this pod yet")],
+                        document, 5)
+    nodes = agents_apply(nodes, [document], at=NOW + timedelta(seconds=6))
+    bound_only = view(nodes, pods, [document])  # the production cache: no pending pod in it
+    admissions = RecentAdmissions(ttl_s=30)
+
+    request = placement_request(bound_only, first)
+    assert filter_nodes(bound_only, request, ["gpu-1"]).passed == ["gpu-1"]
+    admissions.passed(bound_only, request, now_s=100.0)
+
+    request = placement_request(bound_only, second)
+    request = replace(request, admitted_w=admissions.admitted_w(bound_only, request, now_s=100.2))
+    assert request.admitted_w == MIN_W
+    outcome = filter_nodes(bound_only, request, ["gpu-1"])
+    assert outcome.passed == [] and outcome.rejections == {RejectReason.BUDGET: 1}
+    assert f"+ {MIN_W} W for pods placed a moment ago" in outcome.failed["gpu-1"]
+
+    # once the view shows the first pod bound, its GPUs count there and the memory lets go
+    bound = gpu_pod("llama-4", node="gpu-1", labels=LLAMA, bound_at=NOW + timedelta(seconds=7))
+    after = view(nodes, [*pods, bound], [document])
+    assert admissions.admitted_w(after, placement_request(after, second), now_s=101.0) == 0
