@@ -7,7 +7,11 @@ reloaded when the file changes. Exit status 2: bad usage, a bad state file at st
 no way to reach a cluster.
 
 One gunicorn worker process with several threads: the caches live in that process, so a
-second worker would only double the API traffic and memory.
+second worker would only double the API traffic and memory. The worker is
+:class:`powercap.runtime.httpworker.BufferingWorker`: requests arrive whole before a thread
+runs them, so a slow or idle connection holds no thread. ``--metrics-bind`` adds a second
+address that serves only ``/metrics``, ``/healthz`` and ``/readyz``, for Prometheus, while
+``--bind`` (kube-scheduler's) stays on loopback.
 """
 
 from __future__ import annotations
@@ -20,18 +24,34 @@ from typing import Any
 
 from flask import Flask
 
-from extender.app import create_app
+from extender.app import DEFAULT_MAX_BODY_BYTES, create_app
 from powercap import kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.cluster import ClusterSettings
 from powercap.runtime.cliargs import add_cluster_view_arguments, add_log_level_argument, bind_address, positive_int
+from powercap.runtime.httpworker import ConnectionLimits
 from powercap.runtime.logs import configure_logging
 from powercap.runtime.sources import StateFileError, StateFileSource, ViewSource, cluster_source
 from powercap.runtime.wsgi import GunicornServer
 
 DEFAULT_BIND = "127.0.0.1:8888"
 EXIT_USAGE = 2
+# kube-scheduler's httpTimeout is 5 s; a full-Node body of 5000 nodes (~75 MB) arrives over
+# loopback in well under a second
+REQUEST_TIMEOUT_S = 10.0
+WORKER_CONNECTIONS = 1000
 log = logging.getLogger("extender")
+
+
+def connection_limits() -> ConnectionLimits:
+    """The extender's bounds (:mod:`powercap.runtime.httpworker`): requests being received may
+    hold two of the largest bodies together."""
+    return ConnectionLimits(
+        max_body_bytes=DEFAULT_MAX_BODY_BYTES,
+        request_timeout_s=REQUEST_TIMEOUT_S,
+        write_timeout_s=REQUEST_TIMEOUT_S,
+        max_buffered_bytes=2 * DEFAULT_MAX_BODY_BYTES,
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,6 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--bind", default=DEFAULT_BIND, type=bind_address, metavar="HOST:PORT",
                         help=f"address to listen on (default {DEFAULT_BIND}: beside kube-scheduler)")
+    parser.add_argument("--metrics-bind", type=bind_address, metavar="HOST:PORT",
+                        help="a second address serving only /metrics, /healthz and /readyz (for Prometheus, "
+                        "e.g. 0.0.0.0:8889); default: none, /metrics is served on --bind only")
     parser.add_argument("--cluster-state", metavar="FILE",
                         help="run without a cluster on this Kubernetes List of Nodes, Pods and PowerCappingPolicies (YAML or JSON)")
     add_cluster_view_arguments(parser)
@@ -68,26 +91,27 @@ def run(args: argparse.Namespace) -> int:
         source = make_source()
         source.start()
         sources.append(source)
-        return create_app(source, registry)
+        return create_app(source, registry, metrics_listeners=(1,) if args.metrics_bind else ())
 
     def worker_exit(server: Any, worker: Any) -> None:
         for source in sources:
             source.stop()
 
     server_settings = {
-        "bind": args.bind,
+        "bind": [args.bind, *([args.metrics_bind] if args.metrics_bind else [])],
         "workers": 1,
         "threads": args.threads,
         "timeout": 30,
         "graceful_timeout": 5,
         "keepalive": 75,  # kube-scheduler keeps its connection open between calls
+        "worker_connections": WORKER_CONNECTIONS,
         "worker_exit": worker_exit,
         "proc_name": "powercap-extender",
     }
     log.info("powercap extender listening on %s", args.bind,
-             extra={"bind": args.bind, "mode": "state-file" if args.cluster_state else "cluster",
+             extra={"bind": args.bind, "metrics_bind": args.metrics_bind, "mode": "state-file" if args.cluster_state else "cluster",
                     "rack_label": settings.rack_label, "stale_after_s": settings.stale_after_s})
-    GunicornServer(server_settings, load_app, args.log_level).run()
+    GunicornServer(server_settings, load_app, args.log_level, limits=connection_limits()).run()
     return 0
 
 

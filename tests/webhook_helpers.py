@@ -259,3 +259,199 @@ def webhook_process(webhook_certs: Path, tmp_path_factory: pytest.TempPathFactor
     server = WebhookProcess(webhook_certs, tmp_path_factory.mktemp("webhook-run") / "webhook.log")
     yield server
     server.stop()
+
+
+# --- slow and idle clients (slowloris) -------------------------------------------------
+
+SLOW_HEAD = b"POST /validate HTTP/1.1\r\nHost: slow\r\nContent-Type: application/json\r\n"
+
+
+@dataclass
+class SlowLoad:
+    """What :func:`slow_clients` holds open: connections by kind, and how many the server
+    closed (each is reopened, within ``max_reopen``)."""
+
+    idle: int = 0
+    handshakes: int = 0
+    heads: int = 0
+    bodies: int = 0
+    closed_by_server: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.idle + self.handshakes + self.heads + self.bodies
+
+
+@contextmanager
+def slow_clients(
+    port: int,
+    *,
+    tls: bool,
+    idle: int = 200,
+    slow: int = 50,
+    path: str = "/validate",
+    byte_interval_s: float = 0.5,
+    hold_limit_s: float = 120.0,
+    max_reopen: int = 2000,
+) -> Iterator[SlowLoad]:
+    """Hold ``idle`` TCP connections that send nothing and ``slow`` slowloris connections on
+    127.0.0.1:``port`` while the block runs.
+
+    The slow ones are split between requests whose head is trickled a byte every
+    ``byte_interval_s`` and never finished, requests with a complete head announcing a 1 MB
+    body trickled likewise, and, with ``tls``, TLS handshakes never completed (a partial
+    ClientHello record); with ``tls`` the trickling ones complete their handshake first.
+    A connection the server closes is reopened (at most ``max_reopen`` times in all). One
+    thread does the trickling; it stops when the block ends or after ``hold_limit_s``.
+    """
+    import socket
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    load = SlowLoad()
+    kinds = ["handshake", "head", "body"] if tls else ["head", "body"]
+    plan = ["idle"] * idle + [kinds[i % len(kinds)] for i in range(slow)]
+
+    def open_one(kind: str) -> tuple[Any, bytes]:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if kind == "idle":
+            return raw, b""
+        if kind == "handshake":
+            raw.sendall(b"\x16\x03\x01\x02\x00\x01")  # a TLS record header and the start of a ClientHello
+            return raw, b""
+        sock = context.wrap_socket(raw) if tls else raw
+        head = SLOW_HEAD.replace(b"/validate", path.encode())
+        if kind == "head":
+            return sock, head + b"X-Slow: " + b"a" * 100_000
+        sock.sendall(head + b"Content-Length: 1000000\r\n\r\n")
+        return sock, b"{" + b" " * 999_998 + b"}"
+
+    live: list[list[Any]] = []  # [socket, kind, remaining bytes]
+    for kind in plan:
+        sock, pending = open_one(kind)
+        live.append([sock, kind, pending])
+    stop = threading.Event()
+    counts = {"idle": 0, "handshake": 0, "head": 0, "body": 0}
+    for _sock, kind, _pending in live:
+        counts[kind] += 1
+    load.idle, load.handshakes, load.heads, load.bodies = counts["idle"], counts["handshake"], counts["head"], counts["body"]
+
+    def trickle() -> None:
+        deadline = time.monotonic() + hold_limit_s
+        reopened = 0
+        while not stop.is_set() and time.monotonic() < deadline:
+            for entry in live:
+                sock, kind, pending = entry
+                alive = True
+                try:
+                    if pending:
+                        sock.send(pending[:1])
+                        entry[2] = pending[1:]
+                    elif kind in ("idle", "handshake"):
+                        sock.setblocking(False)
+                        try:
+                            alive = sock.recv(1) != b""
+                        except BlockingIOError:
+                            pass
+                        finally:
+                            sock.setblocking(True)
+                except (OSError, ValueError):
+                    alive = False
+                if not alive and reopened < max_reopen and not stop.is_set():
+                    load.closed_by_server += 1
+                    reopened += 1
+                    sock.close()
+                    try:
+                        entry[0], entry[2] = open_one(kind)
+                    except OSError:
+                        pass
+            stop.wait(byte_interval_s)
+
+    thread = threading.Thread(target=trickle, name="slow-clients", daemon=True)
+    thread.start()
+    try:
+        yield load
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        for sock, _kind, _pending in live:
+            sock.close()
+
+
+def answered_within(call: Any, count: int, limit_s: float = 1.0) -> tuple[int, list[float]]:
+    """Run ``call()`` (one request, raising on failure or after ``limit_s``) ``count`` times;
+    how many answered within ``limit_s``, and every latency (``limit_s`` for a failure)."""
+    answered, latencies = 0, []
+    for _ in range(count):
+        started = time.monotonic()
+        try:
+            call()
+        except Exception:  # a timeout or a refused connection: not answered
+            latencies.append(limit_s)
+            continue
+        elapsed = time.monotonic() - started
+        latencies.append(elapsed)
+        answered += elapsed <= limit_s
+    return answered, latencies
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class ExtenderProcess:
+    """``powercap extender --cluster-state SNAPSHOT`` in a subprocess on 127.0.0.1 (the
+    production server: gunicorn with the buffering worker), ready when constructed."""
+
+    def __init__(self, snapshot: Path, log_file: Path, *flags: str) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_file = log_file
+        with open(log_file, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "powercap", "extender", "--cluster-state", str(snapshot),
+                 "--bind", f"127.0.0.1:{self.port}", *flags],
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+            )
+        try:
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        with requests.Session() as session:
+            session.trust_env = False
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"powercap extender exited with {self.process.returncode}:\n{self.log()}")
+                try:
+                    if session.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                        return
+                except requests.ConnectionError:
+                    pass
+                time.sleep(0.05)
+        raise TimeoutError(f"powercap extender never became ready:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

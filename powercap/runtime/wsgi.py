@@ -2,6 +2,10 @@
 extender), with one logging set-up: every logger, gunicorn's own included, writes JSON
 lines to stderr (:class:`powercap.runtime.logs.JsonFormatter`); no access log (each
 program counts its requests in metrics and logs what matters itself).
+
+The worker is :class:`powercap.runtime.httpworker.BufferingWorker`: requests are received
+whole by an event loop before a thread runs them, so slow or idle clients hold no thread
+(that module's docstring gives the design and its bounds).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from typing import Any
 
 from flask import Flask
 from gunicorn.app.base import BaseApplication
+
+from powercap.runtime.httpworker import ConnectionLimits, worker_class
 
 
 def logging_config(level: str) -> dict[str, Any]:
@@ -32,21 +38,23 @@ class GunicornServer(BaseApplication):  # type: ignore[misc]  # gunicorn is unty
     """Gunicorn with ``settings`` (gunicorn's names) over the common ones below.
 
     ``load_app`` runs in each worker after the fork, so threads it starts (watch caches)
-    belong to the worker. Common settings: ``gthread`` workers, JSON logs at
-    ``log_level``, no access log, no ``X-Forwarded-*`` trust, and no control socket
+    belong to the worker. Common settings: the buffering worker with ``limits``, JSON logs
+    at ``log_level``, no access log, no ``X-Forwarded-*`` trust, and no control socket
     (gunicorn >= 25 would otherwise open one in ``$HOME``, which a read-only root
     filesystem refuses and which no one here uses).
     """
 
-    def __init__(self, settings: Mapping[str, Any], load_app: Callable[[], Flask], log_level: str = "info") -> None:
+    def __init__(self, settings: Mapping[str, Any], load_app: Callable[[], Flask], log_level: str = "info",
+                 *, limits: ConnectionLimits) -> None:
         self._settings = dict(settings)
         self._load_app = load_app
         self._log_level = log_level
+        self.limits = limits
         super().__init__()
 
     def load_config(self) -> None:
         settings: dict[str, Any] = {
-            "worker_class": "gthread",
+            "worker_class": worker_class(self.limits),
             "accesslog": None,
             "errorlog": "-",
             "logconfig_dict": logging_config(self._log_level),
