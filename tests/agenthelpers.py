@@ -1,11 +1,20 @@
 """Builders shared by the node agent tests: policies with allocations, pods, a static
-policy source and a publisher that records what it was asked to send."""
+policy source, a publisher that records what it was asked to send, and ``powercap agent``
+run as a process (:class:`AgentProcess`) with a kubeconfig for the fake API server."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -14,6 +23,7 @@ from powercap.policies import Policy, parse_policy
 from powercap.telemetry import NodeTelemetry
 
 NODE = "gpu-node-1"
+AGENT = [sys.executable, "-m", "powercap", "agent"]
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
@@ -96,3 +106,75 @@ class RecordingPublisher:
 
     def reasons(self) -> list[str]:
         return [reason for _, reason, _, _ in self.events]
+
+
+def node_object(rack: str | None = "rack-a1") -> dict[str, Any]:
+    """This node (NODE) as the API server stores it, with its rack label."""
+    labels = {"powercapping.example.com/rack": rack} if rack else {}
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE, "labels": labels}}
+
+
+def allocation_document(name: str, caps_w: dict[str, int], node: str = NODE, **spec: Any) -> dict[str, Any]:
+    """A policy document whose status allocates ``caps_w`` (GPU UUID -> W) on ``node``."""
+    document = policy_document(name, **spec)
+    gpus = [{"uuid": u, "watts": w} for u, w in caps_w.items()]
+    document["status"] = {"allocations": [{"node": node, "gpus": gpus, "watts": sum(caps_w.values())}]}
+    return document
+
+
+def write_kubeconfig(path: Path, server_url: str) -> Path:
+    """A kubeconfig for ``server_url`` (the fake API server), with a token it does not check."""
+    path.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        f"clusters: [{{name: fake, cluster: {{server: '{server_url}'}}}}]\n"
+        "users: [{name: agent, user: {token: not-checked}}]\n"
+        "contexts: [{name: fake, context: {cluster: fake, user: agent}}]\n"
+        "current-context: fake\n"
+    )
+    return path
+
+
+class AgentProcess:
+    """A running ``powercap agent``; its JSON log lines are collected as they come."""
+
+    def __init__(self, command: list[str], env: dict[str, str], timeout_s: float = 15.0) -> None:
+        self.process = subprocess.Popen(command, env={**os.environ, **env}, stderr=subprocess.PIPE, text=True)
+        self.lines: list[dict[str, Any]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        wait_until(lambda: any(line["message"] == "agent running" for line in self.lines) or self.process.poll() is not None,
+                   timeout_s)
+        assert self.process.poll() is None, self.lines
+        self.metrics_port = next(line["metrics_port"] for line in self.lines if line["message"] == "agent running")
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            if line.startswith("{"):
+                self.lines.append(json.loads(line))
+
+    def logged(self, message: str) -> list[dict[str, Any]]:
+        """The log lines with this message."""
+        return [line for line in list(self.lines) if line["message"] == message]
+
+    def get(self, path: str) -> bytes:
+        """GET ``/status``, ``/metrics`` or ``/healthz`` from the agent."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=5) as response:
+            body: bytes = response.read()
+            return body
+
+    def status(self) -> dict[str, Any]:
+        document: dict[str, Any] = json.loads(self.get("/status"))
+        return document
+
+    def stop(self) -> tuple[int, list[dict[str, Any]]]:
+        """SIGTERM, then the exit status and every JSON log line."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait(timeout=5)
+        self._reader.join(5)
+        return code, self.lines

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,40 +13,13 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.agenthelpers import policy_document, wait_until
+from tests.agenthelpers import AGENT, AgentProcess, policy_document, wait_until
 from tests.fakes.nvml import FakeNvml
-
-AGENT = [sys.executable, "-m", "powercap", "agent"]
 
 
 def write_policy(path: Path, cap_w: int = 800, **spec: Any) -> Path:
     path.write_text(yaml.safe_dump(policy_document("llama", cap_w=cap_w, **spec)))
     return path
-
-
-class AgentProcess:
-    """A running ``powercap agent``; its JSON log lines are collected as they come."""
-
-    def __init__(self, command: list[str], env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(command, env={**os.environ, **env}, stderr=subprocess.PIPE, text=True)
-        self.lines: list[dict[str, Any]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        wait_until(lambda: any(line["message"] == "agent running" for line in self.lines) or self.process.poll() is not None)
-        assert self.process.poll() is None, self.lines
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            if line.startswith("{"):
-                self.lines.append(json.loads(line))
-
-    def stop(self) -> tuple[int, list[dict[str, Any]]]:
-        """SIGTERM, then the exit status and every JSON log line."""
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=15)
-        self._reader.join(5)
-        return code, self.lines
 
 
 def start_agent(tmp_path: Path, env: dict[str, str], *args: str) -> AgentProcess:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -19,7 +18,7 @@ from powercap import physics
 from powercap.agentplan import PublishSettings
 from powercap.kube import KubeClient
 from powercap.telemetry import TELEMETRY_ANNOTATION, from_json, to_json
-from tests.agenthelpers import NODE, pod, policy_document, wait_until
+from tests.agenthelpers import NODE, allocation_document, node_object, pod, policy_document, wait_until
 from tests.fakes.apiserver import FakeApiServer
 from tests.fakes.kubelet import FakeKubelet
 
@@ -31,18 +30,6 @@ UID = "6f1d2c3b-0000-4000-8000-00000000abcd"
 def client(apiserver: FakeApiServer) -> Iterator[KubeClient]:
     with KubeClient.for_server(apiserver.url, connect_timeout_s=0.5, read_timeout_s=2.0) as kube_client:
         yield kube_client
-
-
-def node_object(rack: str | None = "rack-a1") -> dict[str, Any]:
-    labels = {"powercapping.example.com/rack": rack} if rack else {}
-    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE, "labels": labels}}
-
-
-def allocation_document(name: str, caps_w: dict[str, int], **spec: Any) -> dict[str, Any]:
-    document = policy_document(name, **spec)
-    gpus = [{"uuid": u, "watts": w} for u, w in caps_w.items()]
-    document["status"] = {"allocations": [{"node": NODE, "gpus": gpus, "watts": sum(caps_w.values())}]}
-    return document
 
 
 @pytest.fixture

@@ -36,6 +36,12 @@
  * Every call of nvmlDeviceSetPowerManagementLimit, successful or not, is counted
  * (fake_nvml_set_calls) and, when $FAKE_NVML_SET_LOG names a file, appended to it as
  * "nvmlDeviceSetPowerManagementLimit gpu=I limit_mw=MW rc=RC". Single-threaded.
+ *
+ * When $FAKE_NVML_STATE names a file, the limits in force are written to it whenever they
+ * may have changed (nvmlInit, a successful set, control lines applied), atomically (a
+ * temporary file renamed over it), so a test can sample what a child process enforces:
+ *   count N set_calls C
+ *   gpu I limit_mw MW enforced_mw MW min_mw MW max_mw MW default_mw MW   (one line per GPU)
  */
 
 #include <errno.h>
@@ -289,6 +295,24 @@ static void apply_text(char *text) {
     }
 }
 
+/* Write the limits in force to $FAKE_NVML_STATE (see the header), if it is set. */
+static void dump_state(void) {
+    const char *path = getenv("FAKE_NVML_STATE");
+    if (path == NULL) return;
+    char temporary[4096];
+    if (snprintf(temporary, sizeof temporary, "%s.tmp", path) >= (int)sizeof temporary) return;
+    FILE *f = fopen(temporary, "w");
+    if (f == NULL) return;
+    fprintf(f, "count %u set_calls %lu\n", gpu_count, set_calls);
+    for (unsigned int i = 0; i < gpu_count; i++) {
+        const struct fake_gpu *g = &gpus[i];
+        unsigned int enforced = (g->limiter_mw && g->limiter_mw < g->limit_mw) ? g->limiter_mw : g->limit_mw;
+        fprintf(f, "gpu %u limit_mw %u enforced_mw %u min_mw %u max_mw %u default_mw %u\n", i, g->limit_mw,
+                enforced, g->min_mw, g->max_mw, g->default_mw);
+    }
+    if (fclose(f) == 0) rename(temporary, path);
+}
+
 /* Apply the lines added to $FAKE_NVML_CONTROL since the last read, if it changed. */
 static void refresh_from_control_file(void) {
     const char *path = getenv("FAKE_NVML_CONTROL");
@@ -313,6 +337,7 @@ static void refresh_from_control_file(void) {
             text[got] = '\0';
             control.offset += (long)got;
             apply_text(text);
+            dump_state();
         }
         free(text);
     }
@@ -386,12 +411,14 @@ EXPORT nvmlReturn_t nvmlInitWithFlags(unsigned int flags) {
     (void)flags;
     ENTER_LIBRARY(0);
     init_refcount++;
+    dump_state();
     return NVML_SUCCESS;
 }
 
 EXPORT nvmlReturn_t nvmlInit_v2(void) {
     ENTER_LIBRARY(0);
     init_refcount++;
+    dump_state();
     return NVML_SUCCESS;
 }
 
@@ -508,6 +535,7 @@ EXPORT nvmlReturn_t nvmlDeviceSetPowerManagementLimit(nvmlDevice_t device, unsig
                 rc);
         fclose(log);
     }
+    if (rc == NVML_SUCCESS) dump_state();
     return rc;
 }
 

@@ -12,7 +12,9 @@ ctypes calls with NVML's struct layouts.
   directory (holding a ``libnvidia-ml.so.1`` link) on ``LD_LIBRARY_PATH`` and a control
   file in ``FAKE_NVML_CONTROL``, to which every command is appended; the library applies
   new lines when the file's mtime or size changes. Set calls are logged to
-  ``FAKE_NVML_SET_LOG``.
+  ``FAKE_NVML_SET_LOG``; the limits in force are written to ``FAKE_NVML_STATE`` whenever
+  they may have changed (:meth:`FakeNvml.limits_in_force`), so a test samples what the
+  child enforces while it runs.
 
 Fixtures (re-exported by tests/conftest.py): ``fake_nvml_build`` (session: compile once),
 ``fake_nvml`` (in-process, state reset for each test), ``fake_nvml_subprocess``.
@@ -58,6 +60,18 @@ class FakeNvmlBuild:
 
     path: Path
     library_dir: Path
+
+
+@dataclass(frozen=True)
+class GpuLimits:
+    """One GPU's limits as the fake held them at its last change, in W."""
+
+    index: int
+    limit_w: float
+    enforced_w: float
+    min_w: float
+    max_w: float
+    default_w: float
 
 
 @dataclass(frozen=True)
@@ -114,11 +128,13 @@ class FakeNvml:
         lib: ctypes.CDLL | None = None,
         env: dict[str, str] | None = None,
         set_log: Path | None = None,
+        state_file: Path | None = None,
     ) -> None:
         self._send = send
         self._lib = lib
         self._env = env or {}
         self._set_log = set_log
+        self._state_file = state_file
 
     @classmethod
     def in_process(cls, lib: ctypes.CDLL) -> FakeNvml:
@@ -132,8 +148,10 @@ class FakeNvml:
     def for_subprocess(cls, build: FakeNvmlBuild, work_dir: Path) -> FakeNvml:
         control = work_dir / "fake-nvml-control.txt"
         set_log = work_dir / "fake-nvml-set.log"
+        state_file = work_dir / "fake-nvml-state.txt"
         control.write_text("reset\n")
         set_log.write_text("")
+        state_file.unlink(missing_ok=True)
 
         def send(line: str) -> None:
             with control.open("a") as stream:
@@ -143,8 +161,9 @@ class FakeNvml:
             "LD_LIBRARY_PATH": str(build.library_dir),
             "FAKE_NVML_CONTROL": str(control),
             "FAKE_NVML_SET_LOG": str(set_log),
+            "FAKE_NVML_STATE": str(state_file),
         }
-        return cls(send, env=env, set_log=set_log)
+        return cls(send, env=env, set_log=set_log, state_file=state_file)
 
     # -- configuration -------------------------------------------------------------
     def command(self, line: str) -> FakeNvml:
@@ -238,6 +257,23 @@ class FakeNvml:
     def env(self) -> dict[str, str]:
         """Environment entries that point a subprocess at the fake (subprocess mode)."""
         return dict(self._env)
+
+    def limits_in_force(self) -> list[GpuLimits] | None:
+        """Every GPU's limits as the child process's fake last wrote them (subprocess
+        mode); None before a child has started NVML."""
+        if self._state_file is None:
+            raise RuntimeError("no state file in in-process mode; use limit_w()")
+        try:
+            lines = self._state_file.read_text().splitlines()
+        except FileNotFoundError:
+            return None
+        limits = []
+        for line in lines[1:]:
+            words = line.split()
+            fields = dict(zip(words[2::2], (int(w) for w in words[3::2])))
+            limits.append(GpuLimits(int(words[1]), fields["limit_mw"] / 1000, fields["enforced_mw"] / 1000,
+                                    fields["min_mw"] / 1000, fields["max_mw"] / 1000, fields["default_mw"] / 1000))
+        return limits
 
     def logged_set_calls(self) -> list[SetCall]:
         """Set calls recorded in ``FAKE_NVML_SET_LOG`` (subprocess mode)."""
