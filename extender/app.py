@@ -9,6 +9,14 @@ module only translates the wire format (:mod:`extender.wire`), counts and logs.
 - ``GET /healthz``: the process serves. ``GET /readyz``: the cluster view is available
   (caches synced). ``GET /metrics``: Prometheus text format.
 
+On the listeners named in ``metrics_listeners`` (``--metrics-bind``: indexes into
+gunicorn's ``bind`` list, read from :data:`powercap.runtime.httpworker.LISTENER_KEY`)
+only ``/metrics``, ``/healthz`` and ``/readyz`` are served; anything else is 404 there, so
+the address Prometheus scrapes cannot place pods.
+
+Limits: the body (``max_body_bytes``, 413) and what :func:`extender.wire.decode_args`
+checks before decoding (400).
+
 Errors: an undecodable or malformed body is a 400 with a JSON ``{"Error": "..."}``; a
 filter call that cannot be decided (no view yet) answers 200 with ``Error`` set, which
 fails that scheduling attempt so kube-scheduler retries; a bug of ours is logged with
@@ -21,7 +29,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any
 
@@ -31,6 +39,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from extender import wire
 from extender.state import PublishedTotalsCache, RecentAdmissions
+from powercap.runtime.httpworker import LISTENER_KEY
 from powercap.runtime.sources import NotReady, ViewSource
 from powercap.algorithms import AlgorithmRegistry
 from powercap.objects import POWER_ANNOTATION, object_key, pod_gpus_requested, pod_power_annotation_problem
@@ -41,6 +50,7 @@ log = logging.getLogger(__name__)
 # A full-Node filter request for 5000 nodes is about 75 MB (15 KB per Node).
 DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
 JSON = "application/json"
+METRICS_LISTENER_PATHS = ("/metrics", "/healthz", "/readyz")
 # Request latencies worth telling apart: kube-scheduler's budget is ~5 ms per pod at 500
 # candidates; its default httpTimeout is 5 s.
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -109,6 +119,7 @@ def create_app(
     *,
     metrics: ExtenderMetrics | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    metrics_listeners: Collection[int] = (),
 ) -> Flask:
     app = Flask("powercap-extender")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
@@ -180,6 +191,13 @@ def create_app(
                                                                  "candidates": len(candidates.names)})
         return wire.encode_priorities(scores), 200, "ok"
 
+    @app.before_request
+    def only_probes_and_metrics_on_the_metrics_address() -> Response | None:
+        if request.environ.get(LISTENER_KEY) in metrics_listeners and request.path not in METRICS_LISTENER_PATHS:
+            return Response(wire_error("404 Not Found: this address serves /metrics, /healthz and /readyz only"),
+                            status=404, mimetype=JSON)
+        return None
+
     @app.post("/filter")
     def filter_() -> Response:
         return timed("filter", do_filter)
@@ -215,7 +233,10 @@ def read_body(max_body_bytes: int) -> bytes:
     chunked reader costs ~80 ms for a 75 MB full-Node body); otherwise let werkzeug read it."""
     length = request.content_length
     if length is None:
-        return request.get_data(cache=False)
+        data = request.get_data(cache=False)
+        if len(data) > max_body_bytes:
+            raise RequestEntityTooLarge()
+        return data
     if length > max_body_bytes:
         raise RequestEntityTooLarge()
     return request.environ["wsgi.input"].read(length)

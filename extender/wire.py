@@ -18,16 +18,46 @@ what kube-scheduler uses as the filtered nodes in that mode.
 Filter response: :class:`ExtenderFilterResult`; kube-scheduler reads ``NodeNames`` when
 configured nodeCacheCapable and ``Nodes`` otherwise, so the answer comes in the form the
 request used. Prioritize response: a bare JSON array of :class:`HostPriority`.
+
+Limits, checked before anything is decoded into Python objects (a body is first read as
+three raw JSON values, ``Pod``, ``Nodes`` and ``NodeNames``, which builds no object):
+
+- ``Pod``: at most :data:`MAX_POD_BYTES` of JSON and the shape :data:`POD_LIMITS`
+  (nesting depth, entries per array or object, values; :mod:`powercap.runtime.jsonlimits`);
+- ``NodeNames`` and ``Nodes.items``: at most :data:`MAX_CANDIDATES` entries. Node objects
+  stay raw JSON: the names are counted from the commas (a name cannot hold one), and the
+  items, when their commas alone do not show that the raw objects' bookkeeping stays
+  smaller than twice their JSON, by a first pass that counts them and stops at the limit;
+- the whole body nests at most about a thousand levels (msgspec's recursion limit);
+- the Pod's GPU requests and limits (``nvidia.com/gpu``) are whole numbers from 0 to
+  :data:`MAX_GPUS`, as a Kubernetes quantity (``"2"``, ``"2000m"``, ``"1k"``, ``"1e1"``) or a
+  JSON number; they are handed on as ints. Anything else (``"²"``, ``"0.5"``, ``"-1"``,
+  5 000 digits, ``"1e400"``) is a :class:`WireError` naming the field.
 """
 
 from __future__ import annotations
 
+import math
+import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import msgspec
 
-from powercap.objects import shape_problems
+from powercap.objects import GPU_RESOURCE, shape_problems
+from powercap.runtime.jsonlimits import JsonLimitExceeded, JsonLimits, check_json_limits
+
+# A Pod is at most 1.5 MB in etcd; kube-scheduler sends it as stored.
+MAX_POD_BYTES = 4 * 1024 * 1024
+POD_LIMITS = JsonLimits(max_depth=64, max_items=10_000, max_values=200_000)
+# Candidate nodes per call: kube-scheduler sends at most every node of the cluster
+# (Kubernetes is tested to 5 000 nodes; the largest managed clusters have 65 000).
+MAX_CANDIDATES = 100_000
+MAX_GPUS = 1_000_000
+# bytes of bookkeeping per msgspec.Raw in a list (the object and its pointer)
+_RAW_ITEM_BYTES = 56
 
 
 class WireError(ValueError):
@@ -71,7 +101,36 @@ class _NodeName(msgspec.Struct):
     metadata: _NodeMetadata
 
 
-_ARGS_DECODER = msgspec.json.Decoder(ExtenderArgs)
+_NULL = msgspec.Raw(b"null")
+
+
+class _RawArgs(msgspec.Struct):
+    Pod: msgspec.Raw = _NULL
+    Nodes: msgspec.Raw = _NULL
+    NodeNames: msgspec.Raw = _NULL
+
+
+_counting = threading.local()
+
+
+class _CountedItem(msgspec.Struct):
+    """A Node counted by the first pass over ``Nodes.items``; stops the pass past the limit."""
+
+    def __post_init__(self) -> None:
+        _counting.items += 1
+        if _counting.items > MAX_CANDIDATES:
+            raise ValueError(f"more than {MAX_CANDIDATES} entries (the limit)")
+
+
+class _CountedNodeList(msgspec.Struct):
+    items: list[_CountedItem] | None = None
+
+
+_RAW_ARGS_DECODER = msgspec.json.Decoder(_RawArgs)
+_POD_DECODER = msgspec.json.Decoder(dict[str, Any])
+_NODE_NAMES_DECODER = msgspec.json.Decoder(list[str])
+_NODE_LIST_DECODER = msgspec.json.Decoder(NodeList)
+_COUNTED_NODE_LIST_DECODER = msgspec.json.Decoder(_CountedNodeList)
 _NODE_NAME_DECODER = msgspec.json.Decoder(_NodeName)
 _ENCODER = msgspec.json.Encoder()
 
@@ -101,35 +160,163 @@ def decode_args(body: bytes) -> tuple[ExtenderArgs, Candidates]:
     """Decode an ExtenderArgs body; raises :class:`WireError` naming the first problem.
 
     A Pod is required, and one of ``NodeNames`` or ``Nodes`` (``NodeNames`` wins when both
-    are set); every Node must have ``metadata.name``.
+    are set); every Node must have ``metadata.name``. The limits of the module docstring
+    are checked before each part is decoded.
     """
-    try:
-        args = _ARGS_DECODER.decode(body)
-    except msgspec.ValidationError as error:
-        raise WireError(f"not an ExtenderArgs object: {error}") from None
-    except msgspec.DecodeError as error:
-        raise WireError(f"request body is not JSON: {error}") from None
-    if args.Pod is None:
+    raw = _decode(_RAW_ARGS_DECODER, body, "")
+    if _is_null(raw.Pod):
         raise WireError("Pod is required")
-    problems = shape_problems(args.Pod)
-    if problems:
-        raise WireError("; ".join(f"Pod.{problem}" for problem in problems))
-    if args.NodeNames is not None:
-        return args, Candidates(list(args.NodeNames), None)
-    if args.Nodes is None:
+    pod = decode_pod(raw.Pod)
+    if not _is_null(raw.NodeNames):
+        if bytes(raw.NodeNames).count(b",") + 1 > MAX_CANDIDATES:
+            raise WireError(f"NodeNames: more than {MAX_CANDIDATES} names (the limit)")
+        node_names: list[str] = _decode(_NODE_NAMES_DECODER, raw.NodeNames, "NodeNames")
+        return ExtenderArgs(Pod=pod, NodeNames=node_names), Candidates(list(node_names), None)
+    if _is_null(raw.Nodes):
         raise WireError("one of NodeNames or Nodes is required")
+    nodes = decode_node_list(raw.Nodes, commas_at_most=body.count(b","))
     names: list[str] = []
     raw_by_name: dict[str, msgspec.Raw] = {}
-    for index, raw in enumerate(args.Nodes.items or ()):
-        name = _leading_name(raw)
+    for index, item in enumerate(nodes.items or ()):
+        name = _leading_name(item)
         if name is None:
             try:
-                name = _NODE_NAME_DECODER.decode(raw).metadata.name
+                name = _NODE_NAME_DECODER.decode(item).metadata.name
             except msgspec.ValidationError as error:
                 raise WireError(f"Nodes.items[{index}]: {error}".replace("at `$.", "at `")) from None
         names.append(name)
-        raw_by_name[name] = raw
-    return args, Candidates(names, raw_by_name)
+        raw_by_name[name] = item
+    return ExtenderArgs(Pod=pod, Nodes=nodes), Candidates(names, raw_by_name)
+
+
+def _is_null(raw: msgspec.Raw) -> bool:
+    return len(raw) == 4 and bytes(raw) == b"null"
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], data: Any, where: str) -> Any:
+    """``decoder.decode(data)``, its errors as :class:`WireError`; ``where`` is the field
+    ``data`` was read from (``"NodeNames"``), for the paths in the messages."""
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as error:
+        text = str(error)
+        if where:
+            text = text.replace("`$", f"`$.{where}") if "`$" in text else f"{text} - at `$.{where}`"
+        raise WireError(f"not an ExtenderArgs object: {text}") from None
+    except msgspec.DecodeError as error:
+        raise WireError(f"request body is not JSON: {error}") from None
+    except RecursionError:
+        raise WireError("request body is nested too deeply to read (about a thousand levels)") from None
+
+
+def decode_pod(raw: msgspec.Raw | bytes) -> dict[str, Any]:
+    """The Pod of a request, within :data:`MAX_POD_BYTES` and :data:`POD_LIMITS`, its shape
+    checked and its GPU quantities made ints."""
+    if len(raw) > MAX_POD_BYTES:
+        raise WireError(f"Pod: larger than {MAX_POD_BYTES} bytes of JSON (the limit)")
+    try:
+        check_json_limits(memoryview(raw), POD_LIMITS, "Pod")
+    except JsonLimitExceeded as exceeded:
+        raise WireError(str(exceeded)) from None
+    pod = _decode(_POD_DECODER, raw, "Pod")
+    problems = shape_problems(pod)
+    if problems:
+        raise WireError("; ".join(f"Pod.{problem}" for problem in problems))
+    normalise_gpu_quantities(pod)
+    return pod
+
+
+def decode_node_list(raw: msgspec.Raw | bytes, commas_at_most: int) -> NodeList:
+    """``Nodes`` with its items as raw JSON, at most :data:`MAX_CANDIDATES` of them.
+
+    ``commas_at_most`` bounds the commas in ``raw`` (those of the whole body: counting
+    them in ``raw`` would copy it); there are at most that many items plus one.
+    """
+    data = memoryview(raw)
+    if _RAW_ITEM_BYTES * (commas_at_most + 1) > 2 * len(data):
+        # items may be small enough for their raw objects to outweigh the JSON: count first
+        _counting.items = 0
+        try:
+            _decode(_COUNTED_NODE_LIST_DECODER, data, "Nodes")
+        except WireError:
+            if _counting.items > MAX_CANDIDATES:
+                raise WireError(f"Nodes.items: more than {MAX_CANDIDATES} nodes (the limit)") from None
+            raise
+    nodes: NodeList = _decode(_NODE_LIST_DECODER, raw, "Nodes")
+    if nodes.items is not None and len(nodes.items) > MAX_CANDIDATES:
+        raise WireError(f"Nodes.items: more than {MAX_CANDIDATES} nodes (the limit)")
+    return nodes
+
+
+_QUANTITY = re.compile(
+    r"(?P<number>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?",
+    re.ASCII,
+)
+_SUFFIXES = {
+    "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
+    "k": Decimal("1e3"), "M": Decimal("1e6"), "G": Decimal("1e9"), "T": Decimal("1e12"),
+    "P": Decimal("1e15"), "E": Decimal("1e18"),
+    "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40),
+    "Pi": Decimal(2**50), "Ei": Decimal(2**60),
+}
+_MAX_QUANTITY_CHARS = 64
+
+
+def gpu_count(value: Any) -> int:
+    """A GPU request or limit as an int; ``ValueError`` saying why it is not a whole number
+    of GPUs from 0 to :data:`MAX_GPUS` (module docstring)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("must be a quantity such as \"2\"")
+    if isinstance(value, str):
+        text = value.strip()
+        match = _QUANTITY.fullmatch(text) if len(text) <= _MAX_QUANTITY_CHARS else None
+        if match is None:
+            raise ValueError("is not a Kubernetes quantity such as \"2\"")
+        suffix = match["suffix"] or ""
+        try:
+            number = Decimal(match["number"])
+            if suffix not in _SUFFIXES:  # an exponent, e3 or E-2
+                exponent = int(suffix[1:])
+                if abs(exponent) > _MAX_QUANTITY_CHARS:
+                    raise ValueError(f"is not a whole number of GPUs from 0 to {MAX_GPUS}")
+                amount = number.scaleb(exponent)
+            else:
+                amount = number * _SUFFIXES[suffix]
+        except InvalidOperation:
+            raise ValueError("is not a Kubernetes quantity such as \"2\"") from None
+    else:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("is not a finite number")
+        amount = Decimal(value)
+    if amount < 0:
+        raise ValueError("must not be negative")
+    if amount > MAX_GPUS:
+        raise ValueError(f"is more than {MAX_GPUS} GPUs")
+    if amount != amount.to_integral_value():
+        raise ValueError("is not a whole number of GPUs")
+    return int(amount)
+
+
+def normalise_gpu_quantities(pod: dict[str, Any]) -> None:
+    """Replace each container's ``nvidia.com/gpu`` request and limit by its int value;
+    :class:`WireError` naming the first that is not a whole number of GPUs."""
+    spec = pod.get("spec") or {}
+    for field in ("containers", "initContainers"):
+        for index, container in enumerate(spec.get(field) or ()):
+            resources = container.get("resources") if isinstance(container, dict) else None
+            if not isinstance(resources, dict):
+                continue
+            for section in ("limits", "requests"):
+                quantities = resources.get(section)
+                if not isinstance(quantities, dict) or GPU_RESOURCE not in quantities:
+                    continue
+                value = quantities[GPU_RESOURCE]
+                try:
+                    quantities[GPU_RESOURCE] = gpu_count(value)
+                except ValueError as problem:
+                    shown = msgspec.json.encode(value).decode()
+                    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+                    raise WireError(f"Pod.spec.{field}[{index}].resources.{section}[{GPU_RESOURCE}]: {shown} {problem}") from None
 
 
 _GO_NODE_PREFIX = b'{"metadata":{"name":"'

@@ -154,7 +154,7 @@ def test_an_infeasible_policy_is_unresolvable_everywhere(tmp_path: Path) -> None
         pytest.param(b"", "request body is not JSON: Input data was truncated", id="empty"),
         pytest.param(b"{not json", "request body is not JSON", id="not-json"),
         pytest.param(b"[]", "not an ExtenderArgs object: Expected `object`, got `array`", id="array"),
-        pytest.param(b'{"Pod": {}, "NodeNames": "gpu-1"}', "not an ExtenderArgs object: Expected `array | null`, got `str` - at `$.NodeNames`",
+        pytest.param(b'{"Pod": {}, "NodeNames": "gpu-1"}', "not an ExtenderArgs object: Expected `array`, got `str` - at `$.NodeNames`",
                      id="node-names-not-a-list"),
         pytest.param(b'{"NodeNames": ["gpu-1"]}', "Pod is required", id="no-pod"),
         pytest.param(b'{"Pod": {}, "Nodes": null, "NodeNames": null}', "one of NodeNames or Nodes is required", id="no-nodes"),

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
+import msgspec
+
 from powercap.problems import Problem
 
 API_VERSION = "admission.k8s.io/v1"
@@ -135,26 +137,103 @@ class Verdict:
 
     ``problems`` are the reasons of a refusal (``allowed`` False), each with its field path.
     ``patch`` is an RFC 6902 JSON Patch (a list of operations), None or empty for no change.
+    ``code`` and ``reason`` are the refusal's ``status``: 422 ``Invalid`` for a bad object,
+    400 ``BadRequest`` or 413 ``RequestEntityTooLarge`` for a request past the webhook's
+    limits (see :meth:`refuse_request`).
     """
 
     allowed: bool = True
     problems: tuple[Problem, ...] = ()
     warnings: tuple[str, ...] = ()
     patch: Sequence[Mapping[str, Any]] | None = None
+    code: int = DENIAL_CODE
+    reason: str = DENIAL_REASON
 
     @classmethod
     def deny(cls, problems: Sequence[Problem], warnings: Sequence[str] = ()) -> Verdict:
         return cls(allowed=False, problems=tuple(problems), warnings=tuple(warnings))
 
+    @classmethod
+    def refuse_request(cls, message: str, *, too_large: bool = False) -> Verdict:
+        """A refusal of the request as a whole (no field path): 413 when ``too_large``, else 400."""
+        code, reason = (413, "RequestEntityTooLarge") if too_large else (400, "BadRequest")
+        return cls(allowed=False, problems=(Problem("", message),), code=code, reason=reason)
+
 
 def decode_review(body: bytes) -> Request:
-    """Parse and check an AdmissionReview request body; raise :class:`BadRequest` if it is not one."""
+    """Parse and check an AdmissionReview request body; raise :class:`BadRequest` if it is not one.
+
+    The body's shape must have been checked first (``powercap.runtime.jsonlimits``): this
+    decodes all of it.
+    """
     try:
         review = json.loads(body, parse_constant=_reject_constant)
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, too many digits, NaN
         raise BadRequest(f"request body is not JSON: {_short(error)}") from None
     except RecursionError:
         raise BadRequest("request body is not JSON: nested too deeply") from None
+    return review_from_document(review)
+
+
+class _EnvelopeKind(msgspec.Struct):
+    group: str | None = None
+    version: str | None = None
+    kind: str | None = None
+
+
+class _EnvelopeUser(msgspec.Struct):
+    username: str | None = None
+
+
+class _EnvelopeRequest(msgspec.Struct, rename={"sub_resource": "subResource", "user_info": "userInfo", "dry_run": "dryRun"}):
+    uid: str | None = None
+    kind: _EnvelopeKind | None = None
+    name: str | None = None
+    namespace: str | None = None
+    sub_resource: str | None = None
+    operation: str | None = None
+    user_info: _EnvelopeUser | None = None
+    dry_run: bool | None = None
+
+
+class _Envelope(msgspec.Struct, rename={"api_version": "apiVersion"}):
+    api_version: str | None = None
+    kind: str | None = None
+    request: _EnvelopeRequest | None = None
+
+
+_ENVELOPE_DECODER = msgspec.json.Decoder(_Envelope)
+
+
+def decode_envelope(body: bytes) -> Request:
+    """The request of an AdmissionReview without its ``object`` and ``oldObject``, which
+    are skipped, never decoded: to answer a body too large or too deep to be decoded
+    whole. :class:`BadRequest` when it is not an AdmissionReview (or nests too deeply for
+    even that, about a thousand levels)."""
+    try:
+        envelope = _ENVELOPE_DECODER.decode(body)
+    except msgspec.ValidationError as error:
+        raise BadRequest(f"request body is not an AdmissionReview: {_short(error)}") from None
+    except msgspec.DecodeError as error:
+        raise BadRequest(f"request body is not JSON: {_short(error)}") from None
+    except RecursionError:
+        raise BadRequest("request body is not JSON: nested too deeply") from None
+    document: dict[str, Any] = {"apiVersion": envelope.api_version, "kind": envelope.kind}
+    if envelope.request is not None:
+        request = envelope.request
+        fields = {
+            "uid": request.uid, "name": request.name, "namespace": request.namespace,
+            "subResource": request.sub_resource, "operation": request.operation,
+            "dryRun": False if request.dry_run is None else request.dry_run,
+            "kind": None if request.kind is None else msgspec.structs.asdict(request.kind),
+            "userInfo": {"username": request.user_info.username} if request.user_info is not None else None,
+        }
+        document["request"] = {key: value for key, value in fields.items() if value is not None}
+    return review_from_document(document)
+
+
+def review_from_document(review: Any) -> Request:
+    """Check a decoded AdmissionReview; raise :class:`BadRequest` if it is not one."""
     if not isinstance(review, dict):
         raise BadRequest("request body must be a JSON object (an AdmissionReview)")
     if review.get("kind") != KIND or review.get("apiVersion") != API_VERSION:
@@ -245,20 +324,18 @@ def build_response(request: Request, verdict: Verdict) -> AdmissionReviewPayload
     """
     response: ResponsePayload = {"uid": request.uid, "allowed": verdict.allowed}
     if not verdict.allowed:
+        details = StatusDetails(name=request.name or _object_name(request.object), group=request.kind["group"], kind=request.kind["kind"])
+        if verdict.code == DENIAL_CODE:
+            details["causes"] = [
+                StatusCause(reason=CAUSE_REASON, field=problem.path, message=problem.message)
+                for problem in verdict.problems
+            ]
         response["status"] = StatusPayload(
             status="Failure",
-            code=DENIAL_CODE,
-            reason=DENIAL_REASON,
+            code=verdict.code,
+            reason=verdict.reason,
             message=denial_message(verdict.problems),
-            details=StatusDetails(
-                name=request.name or _object_name(request.object),
-                group=request.kind["group"],
-                kind=request.kind["kind"],
-                causes=[
-                    StatusCause(reason=CAUSE_REASON, field=problem.path, message=problem.message)
-                    for problem in verdict.problems
-                ],
-            ),
+            details=details,
         )
     if verdict.warnings:
         response["warnings"] = [shorten(warning) for warning in verdict.warnings]
