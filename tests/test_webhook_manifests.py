@@ -43,6 +43,7 @@ def test_every_namespaced_object_lands_in_powercap_system(built: dict[tuple[str,
     assert set(built) == {
         ("ServiceAccount", "powercap-webhook"), ("ClusterRole", "powercap-webhook"), ("ClusterRoleBinding", "powercap-webhook"),
         ("Deployment", "powercap-webhook"), ("PodDisruptionBudget", "powercap-webhook"), ("Service", "powercap-webhook"),
+        ("NetworkPolicy", "powercap-webhook"),
         ("ValidatingWebhookConfiguration", "powercap-validating-webhook"), ("MutatingWebhookConfiguration", "powercap-mutating-webhook"),
     }
     for (kind, _), doc in built.items():
@@ -105,6 +106,17 @@ def test_webhook_configurations_match_only_policies(
     assert (service["name"], service["namespace"], service["port"]) == ("powercap-webhook", "powercap-system", 443)
     routes = {rule.rule for rule in create_app(registry=AlgorithmRegistry.default()).url_map.iter_rules()}
     assert service["path"] == path and path in routes
+
+
+def test_network_policy_admits_only_the_https_port_of_the_webhook_pods(built: dict[tuple[str, str], dict[str, Any]]) -> None:
+    policy = built["NetworkPolicy", "powercap-webhook"]["spec"]
+    pod = built["Deployment", "powercap-webhook"]["spec"]["template"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]  # egress stays open: the policy watch needs the API server
+    assert policy["ingress"] == [{"ports": [{"protocol": "TCP", "port": "https"}]}]
+    [container] = pod["spec"]["containers"]
+    assert [port["name"] for port in container["ports"]] == ["https"]
+    assert built["Service", "powercap-webhook"]["spec"]["ports"][0]["targetPort"] == "https"
 
 
 def test_service_account_may_only_list_and_watch_policies(built: dict[tuple[str, str], dict[str, Any]]) -> None:

@@ -1,4 +1,5 @@
-"""Helpers for the webhook tests: certificates, servers on real TLS sockets, AdmissionReviews.
+"""Helpers for the webhook and server tests: certificates, servers on real TLS sockets,
+AdmissionReviews, the extender as a process, and slow and idle clients.
 
 Two ways to serve the webhook on 127.0.0.1 with an ephemeral port:
 
@@ -161,15 +162,15 @@ class WebhookProcess:
     """``powercap webhook`` in a subprocess (gunicorn with its default worker setup)."""
 
     def __init__(self, cert_dir: Path, log_file: Path, *, cross_policy_checks: bool = False,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, flags: tuple[str, ...] = ()) -> None:
         self.cert_dir = cert_dir
         self.log_file = log_file
         # as the Deployment runs it: no PROMETHEUS_MULTIPROC_DIR, no --metrics-dir
         environment = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | (env or {})
-        flags = [] if cross_policy_checks else ["--no-cross-policy-checks"]
+        options = [*([] if cross_policy_checks else ["--no-cross-policy-checks"]), *flags]
         with open(log_file, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "powercap", "webhook", "--cert-dir", str(cert_dir), "--bind", "127.0.0.1:0", *flags],
+                [sys.executable, "-m", "powercap", "webhook", "--cert-dir", str(cert_dir), "--bind", "127.0.0.1:0", *options],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=environment,
             )
         try:

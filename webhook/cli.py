@@ -43,6 +43,12 @@ def register_webhook(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         "--no-cross-policy-checks", dest="cross_policy_checks", action="store_false",
         help="do not read other policies from the Kubernetes API (no overlap or shared-rack checks)",
     )
+    parser.add_argument(
+        "--client-ca-file", type=Path, metavar="FILE",
+        help="PEM CA certificate(s): /validate and /mutate then answer only clients presenting a certificate "
+        "it signed (kube-apiserver, through its AdmissionConfiguration kubeconfig); probes and /metrics "
+        "stay open. Default: no client certificates asked for",
+    )
     parser.add_argument("--metrics-dir", metavar="DIR", help=f"prometheus multiprocess directory (default ${METRICS_DIR_ENV} or a new temporary directory)")
     add_log_level_argument(parser)
     parser.set_defaults(func=run_webhook)
@@ -142,15 +148,16 @@ def run_webhook(args: argparse.Namespace) -> int:
 
     options = ServerOptions(
         cert_dir=args.cert_dir, bind=args.bind, workers=args.workers, threads=args.threads,
-        metrics_dir=metrics_dir, log_level=args.log_level,
+        metrics_dir=metrics_dir, log_level=args.log_level, client_ca_file=args.client_ca_file,
     )
     try:
-        new_server_context(options.cert_file, options.key_file)
+        new_server_context(options.cert_file, options.key_file, options.client_ca_file)
         connect = wiring.kubernetes_policies if args.cross_policy_checks else None
         if connect is not None:
             wiring.check_kubernetes_configuration()
     except (OSError, ValueError, wiring.ConfigurationError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    WebhookServer(options, wiring.app_factory(connect, metrics_dir)).run()
+    factory = wiring.app_factory(connect, metrics_dir, require_client_certificate=options.client_ca_file is not None)
+    WebhookServer(options, factory).run()
     return 0

@@ -46,8 +46,9 @@ def kubernetes_policies(registry: AlgorithmRegistry) -> PolicyLookup:
     return WatchedPolicies(cache, registry)
 
 
-def app_factory(connect: Connect | None, metrics_dir: str | None) -> AppFactory:
-    """Build the per-worker app: registry, policy lookup (None: cross-policy checks off), metrics."""
+def app_factory(connect: Connect | None, metrics_dir: str | None, *, require_client_certificate: bool = False) -> AppFactory:
+    """Build the per-worker app: registry, policy lookup (None: cross-policy checks off),
+    metrics; ``require_client_certificate`` when the server verifies client certificates."""
 
     def build(reloader: CertificateReloader) -> Flask:
         reloader.context()  # load the certificate now, so a worker with a bad one fails at boot
@@ -59,6 +60,7 @@ def app_factory(connect: Connect | None, metrics_dir: str | None) -> AppFactory:
             policies=policies,
             metrics=WebhookMetrics(multiprocess_dir=metrics_dir),
             is_ready=lambda: reloader.loaded and (policies is None or policies.ready()),
+            require_client_certificate=require_client_certificate,
         )
 
     return build
