@@ -1,0 +1,101 @@
+"""Fixtures of the end-to-end suite: one real control plane for the whole session.
+
+Run by ``scripts/test.sh`` after the unit tests (``pytest -m e2e tests/e2e``); every test
+here carries the ``e2e`` marker, which the unit run deselects. The first run builds the
+control plane (scripts/controlplane.sh build: minutes, cached outside the repository).
+"""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import (
+    NAMESPACE,
+    POWERCAP,
+    ControlPlane,
+    bundle_objects,
+    controlplane_bin,
+    free_port,
+    have_toolchain,
+    start_controlplane,
+    stop_controlplane,
+    wait_until,
+    webhook_configurations,
+)
+
+E2E_DIR = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_DIR in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """etcd, kube-apiserver and kube-scheduler, with the CRD, namespace, ServiceAccounts and
+    RBAC of config/default applied (the objects that need no kubelet)."""
+    missing = have_toolchain()
+    if missing:
+        pytest.fail(f"the end-to-end suite needs a real control plane, and {missing}")
+    controlplane_bin()
+    directory = tmp_path_factory.mktemp("controlplane")
+    plane = start_controlplane(directory)
+    try:
+        plane.apply(bundle_objects())
+        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                      "crd/powercappingpolicies.powercapping.example.com")
+        # discovery and the OpenAPI document follow the CRD a moment later
+        wait_until(lambda: plane.kubectl("explain", "pcp.spec", check=False).returncode == 0, 60,
+                   "kubectl explain pcp to work")
+        yield plane
+    finally:
+        plane.stop_all()
+        stop_controlplane(directory)
+
+
+@pytest.fixture(scope="session")
+def webhook_url(cluster: ControlPlane) -> str:
+    """``powercap webhook`` on 127.0.0.1 as ServiceAccount powercap-webhook, registered with
+    config/webhook's configurations (a url instead of the Service, the real caBundle)."""
+    certs = cluster.directory / "webhook-certs"
+    subprocess.run([POWERCAP, "certs", "--service", "powercap-webhook",
+                    "--namespace", NAMESPACE, "--out", str(certs), "--extra-san", "127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    port = free_port()
+    url = f"https://127.0.0.1:{port}"
+    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", context=context, timeout=2) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+    cluster.start("webhook", ["webhook", "--cert-dir", str(certs), "--bind", f"127.0.0.1:{port}", "--workers", "1"],
+                  kubeconfig=cluster.service_account_kubeconfig("powercap-webhook"), ready=ready)
+    cluster.apply(webhook_configurations(url, (certs / "ca.crt").read_bytes()))
+    return url
+
+
+@pytest.fixture
+def namespace(cluster: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace for one test, with the ServiceAccount ``default`` that pods need."""
+    name = f"e2e-{abs(hash(request.node.nodeid)) % 10**8}"
+    cluster.kubectl("create", "namespace", name)
+    # kube-controller-manager makes the ServiceAccount "default"; pods need it
+    wait_until(lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
+               30, f"the ServiceAccount default in {name}")
+    yield name
+    # pods bound to nodes without a kubelet go only when forced
+    cluster.kubectl("delete", "pcp", "--all", "-n", name, check=False)
+    cluster.kubectl("delete", "pods", "--all", "-n", name, "--force", "--grace-period=0", check=False)
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
