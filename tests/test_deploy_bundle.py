@@ -176,13 +176,18 @@ def test_monitoring_component_scrapes_every_program_with_metrics(tmp_path: Path,
             assert endpoint["relabelings"] == [{"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}]
             scraped.add(ports[endpoint["port"]]["name"])
     assert scraped == {"agent", "webhook", "extender", "controller"}
-    # extender and controller listen on the pod's address (kube-scheduler's and the probes'
-    # 127.0.0.1 still reach them); every other argument is the bundle's
+    # the extender's metrics and the controller's health server listen on the pod's address;
+    # kube-scheduler's calls stay on loopback; every other argument is the bundle's
     parser = build_parser()
     before = {c["name"]: c for _, c in powercap_containers(bundle)}
-    for name, flag, bind in (("extender", "bind", "0.0.0.0:8888"), ("controller", "health_bind", "0.0.0.0:8081")):
+    for name, flag, bind in (("extender", "metrics_bind", "0.0.0.0:8889"), ("controller", "health_bind", "0.0.0.0:8081")):
         [container] = [c for _, c in powercap_containers(built) if c["name"] == name]
         args, default = vars(parser.parse_args(container["args"])), vars(parser.parse_args(before[name]["args"]))
         assert args[flag] == bind
         assert {**args, flag: None} == {**default, flag: None}
+    for workload in (bundle, built):
+        [extender] = [c for _, c in powercap_containers(workload) if c["name"] == "extender"]
+        assert vars(parser.parse_args(extender["args"]))["bind"] == "127.0.0.1:8888", "kube-scheduler's address stays loopback"
+    [extender] = [c for _, c in powercap_containers(built) if c["name"] == "extender"]
+    assert [(p["name"], p["containerPort"]) for p in extender["ports"]] == [("ext-metrics", 8889)]
     kubernetes_validate.validate(find(built, "Deployment", "power-aware-scheduler"), KUBERNETES_VERSION, strict=True)

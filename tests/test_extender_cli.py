@@ -129,3 +129,34 @@ def test_the_default_scheduler_stanza_matches_the_second_schedulers() -> None:
     stanza = yaml.safe_load((scheduler_dir / "default-scheduler-extender.yaml").read_text())
     assert stanza["extenders"] == second["extenders"]
     assert stanza["extenders"][0]["httpTimeout"] == "5s" and stanza["extenders"][0]["ignorable"] is False
+
+
+def test_metrics_bind_serves_metrics_and_probes_only(tmp_path: Path) -> None:
+    """kube-scheduler's address stays on loopback; Prometheus scrapes --metrics-bind, where
+    nothing can place a pod."""
+    import requests
+
+    from tests.webhook_helpers import ExtenderProcess
+
+    nodes = [gpu_node("gpu-1", "rack-1", telemetry(4800)), gpu_node("gpu-2", "rack-2", telemetry(1000))]
+    path = tmp_path / "snapshot.yaml"
+    path.write_text(yaml.safe_dump(kubectl_list(nodes, [], [policy("llama")])))
+    metrics_port = free_port()
+    server = ExtenderProcess(path, tmp_path / "extender.log", "--metrics-bind", f"127.0.0.1:{metrics_port}")
+    body = extender_args(gpu_pod("llama-0", gpus=1), nodes, node_cache_capable=True)
+    try:
+        with requests.Session() as session:
+            session.trust_env = False
+            metrics = f"http://127.0.0.1:{metrics_port}"
+            assert session.post(f"{server.base_url}/filter", data=body, timeout=5).status_code == 200
+            scraped = session.get(f"{metrics}/metrics", timeout=5)
+            assert scraped.status_code == 200
+            assert 'powercap_extender_requests_total{outcome="ok",verb="filter"} 1.0' in scraped.text
+            assert session.get(f"{metrics}/readyz", timeout=5).status_code == 200
+            assert session.get(f"{metrics}/healthz", timeout=5).status_code == 200
+            refused = session.post(f"{metrics}/filter", data=body, timeout=5)
+            assert refused.status_code == 404
+            assert refused.json() == {"Error": "404 Not Found: this address serves /metrics, /healthz and /readyz only"}
+            assert session.post(f"{metrics}/prioritize", data=body, timeout=5).status_code == 404
+    finally:
+        server.stop()
