@@ -4,6 +4,13 @@
 # webhook configurations. Running it again renews the serving certificate from the same CA
 # (kept in OUT), so the caBundle does not change and the webhook reloads the new files.
 #
+# The Secret is written with server-side apply, never `kubectl apply` client-side, which
+# would copy the private key into the kubectl.kubernetes.io/last-applied-configuration
+# annotation (readable by whoever may read the Secret's metadata, and kept by every later
+# client-side apply); that annotation is removed if an older version of this script left
+# one. OUT is created mode 0700 and ca.key must stay 0600 (powercap certs refuses it
+# otherwise).
+#
 # Usage: scripts/webhook-certs.sh [--namespace NS] [--out DIR] [--days N]
 #   defaults: --namespace powercap-system --out out/webhook-certs --days 365
 # Environment: POWERCAP (the powercap command; default: the project's .venv), KUBECTL.
@@ -29,7 +36,9 @@ fi
 
 CA_BUNDLE="$("$POWERCAP" certs --service "$SERVICE" --namespace "$NAMESPACE" --out "$OUT" --days "$DAYS")"
 "$KUBECTL" -n "$NAMESPACE" create secret tls powercap-webhook-tls \
-  --cert="$OUT/tls.crt" --key="$OUT/tls.key" --dry-run=client -o yaml | "$KUBECTL" apply -f -
+  --cert="$OUT/tls.crt" --key="$OUT/tls.key" --dry-run=client -o yaml |
+  "$KUBECTL" apply --server-side --force-conflicts --field-manager=powercap-webhook-certs -f -
+"$KUBECTL" -n "$NAMESPACE" annotate secret powercap-webhook-tls kubectl.kubernetes.io/last-applied-configuration- >/dev/null
 for kind in validating mutating; do
   name="powercap-${kind}-webhook"
   if "$KUBECTL" get "${kind}webhookconfiguration" "$name" >/dev/null 2>&1; then

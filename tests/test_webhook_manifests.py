@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -155,7 +156,12 @@ def test_cert_script_makes_the_secret_and_patches_both_ca_bundles(tmp_path: Path
     assert result.returncode == 0, result.stderr
     log = calls.read_text()
     ca_bundle = base64.b64encode((out / "ca.crt").read_bytes()).decode()
-    assert f"-n powercap-system create secret tls powercap-webhook-tls --cert={out}/tls.crt --key={out}/tls.key" in log
+    assert f"-n powercap-system create secret tls powercap-webhook-tls --cert={out}/tls.crt --key={out}/tls.key --dry-run=client -o yaml" in log
+    # never a client-side apply: it would copy tls.key into the last-applied-configuration annotation
+    applies = [line for line in log.splitlines() if line.startswith("apply")]
+    assert applies == ["apply --server-side --force-conflicts --field-manager=powercap-webhook-certs -f -"]
+    assert "-n powercap-system annotate secret powercap-webhook-tls kubectl.kubernetes.io/last-applied-configuration-" in log
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
     for kind in ("validating", "mutating"):
         assert (f'patch {kind}webhookconfiguration powercap-{kind}-webhook --type=json -p '
                 f'[{{"op":"add","path":"/webhooks/0/clientConfig/caBundle","value":"{ca_bundle}"}}]') in log

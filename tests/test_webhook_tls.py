@@ -83,6 +83,33 @@ def test_private_keys_are_written_mode_0600_whatever_the_umask(tmp_path: Path) -
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary files left behind"
 
 
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o777])
+def test_new_directories_are_0700_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    out = tmp_path / "out" / "webhook-certs"
+    old_umask = os.umask(umask)
+    try:
+        issue_certificates(out)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    assert stat.S_IMODE(out.parent.stat().st_mode) == 0o700
+    assert {name: stat.S_IMODE((out / name).stat().st_mode) for name in ("ca.key", "tls.key")} == {"ca.key": 0o600, "tls.key": 0o600}
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_a_ca_key_others_may_read_is_refused_and_left_alone(tmp_path: Path, mode: int) -> None:
+    assert run_certs(tmp_path).returncode == 0
+    (tmp_path / "ca.key").chmod(mode)
+    serving = (tmp_path / "tls.crt").read_bytes()
+    result = run_certs(tmp_path)
+    assert result.returncode == 2
+    assert f"{tmp_path / 'ca.key'} may be read by group or others (mode {mode:04o})" in result.stderr
+    assert f"chmod 600 {tmp_path / 'ca.key'}" in result.stderr
+    assert (tmp_path / "tls.crt").read_bytes() == serving, "nothing is issued from an exposed CA"
+    (tmp_path / "ca.key").chmod(0o600)
+    assert run_certs(tmp_path).returncode == 0
+
+
 def test_running_again_renews_the_serving_certificate_from_the_same_ca(tmp_path: Path) -> None:
     first = run_certs(tmp_path)
     ca_bytes, old_serial = (tmp_path / "ca.crt").read_bytes(), load(tmp_path / "tls.crt").serial_number

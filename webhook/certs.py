@@ -10,7 +10,9 @@ Common Name, so the names must be SANs. Files written to the output directory::
     tls.key  serving private key (PEM, PKCS#8), 0600
 
 Running again with an existing ``ca.crt``/``ca.key`` keeps the CA (so the caBundle in the
-cluster stays valid) and renews only the serving certificate. Every file is replaced
+cluster stays valid) and renews only the serving certificate; a ``ca.key`` that group or
+others may read is refused (whoever read it can impersonate the webhook). Directories it
+creates are 0700, whatever the umask. Every file is replaced
 atomically (temporary file + rename), so a server watching the files never reads half a
 file. Keys are ECDSA P-256: small, fast handshakes, accepted by every Kubernetes version.
 """
@@ -21,6 +23,7 @@ import base64
 import datetime
 import ipaddress
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 CA_CERT, CA_KEY, TLS_CERT, TLS_KEY = "ca.crt", "ca.key", "tls.crt", "tls.key"
 PRIVATE_KEY_MODE = 0o600
 CERTIFICATE_MODE = 0o644
+DIRECTORY_MODE = 0o700
 CLOCK_SKEW = datetime.timedelta(minutes=5)  # not-before is backdated by this much
 
 PrivateKey = ec.EllipticCurvePrivateKey
@@ -93,7 +97,7 @@ def issue(
     ``now + serving_days`` and the CA's not-after.
     """
     now = now or datetime.datetime.now(datetime.timezone.utc)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_private_directory(out_dir)
     ca_certificate, ca_key, ca_created = _load_or_create_ca(out_dir, service, namespace, ca_days, now)
     key = ec.generate_private_key(ec.SECP256R1())
     not_after = min(now + datetime.timedelta(days=serving_days), ca_certificate.not_valid_after_utc)
@@ -124,6 +128,29 @@ def issue(
     return IssuedCertificates(out_dir, ca_certificate, certificate, ca_created)
 
 
+def make_private_directory(path: Path) -> None:
+    """Create ``path`` and its missing parents mode 0700, whatever the umask (an existing
+    directory is left as it is)."""
+    missing = []
+    for directory in (path, *path.parents):
+        if directory.exists():
+            break
+        missing.append(directory)
+    for directory in reversed(missing):
+        directory.mkdir(mode=DIRECTORY_MODE, exist_ok=True)
+        os.chmod(directory, DIRECTORY_MODE)  # the umask may have taken bits from mkdir's mode
+
+
+def _check_private(key_path: Path) -> None:
+    mode = stat.S_IMODE(key_path.stat().st_mode)
+    if mode & 0o077:
+        raise CertificateError(
+            f"{key_path} may be read by group or others (mode {mode:04o}), and whoever read it can impersonate "
+            f"the webhook: if no one did, 'chmod 600 {key_path}' and run again; otherwise remove ca.crt and ca.key "
+            "to make a new CA (the caBundle changes)"
+        )
+
+
 def _load_or_create_ca(
     out_dir: Path, service: str, namespace: str, ca_days: int, now: datetime.datetime
 ) -> tuple[x509.Certificate, PrivateKey, bool]:
@@ -136,6 +163,7 @@ def _load_or_create_ca(
             certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
         except ValueError:
             raise CertificateError(f"{cert_path} is not a PEM certificate; remove ca.crt and ca.key to create a new CA") from None
+        _check_private(key_path)
         try:
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         except (ValueError, TypeError):
