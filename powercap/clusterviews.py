@@ -654,11 +654,17 @@ def policy_views(
             if facts.waits_for_budget:
                 waiting[policy.key] += facts.gpus
     gpus: dict[str, list[PolicyGpu]] = {key: [] for key in valid}
-    for node in nodes:
+    claimed: set[str] = set()
+    for node in sorted(nodes, key=lambda n: n.name):
         if node.telemetry is not None:
             for gpu in node.telemetry.gpus:
                 key = owner.get(gpu.pod) if gpu.pod is not None else None
-                if key is not None:
+                if key is not None and gpu.uuid not in claimed:
+                    # a UUID reported by a second node (a cloned machine image, a buggy agent)
+                    # is counted once, on the first node by name: the other node's agent finds
+                    # no allocation for it and holds it at its minimum, and one bad report
+                    # cannot stop the round for every policy
+                    claimed.add(gpu.uuid)
                     gpus[key].append(PolicyGpu(node=node.name, gpu=gpu))
     return {
         key: PolicyView(

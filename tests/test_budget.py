@@ -167,3 +167,21 @@ def test_no_ratio_until_a_gpu_reports_tokens_and_small_moves_write_nothing() -> 
     assert reporting["ratio"] == 2.5 and reporting != stored
     assert round_with(1015, reporting) == reporting  # 2.54 tokens/J: within 2 %, no status write
     assert round_with(1100, reporting)["ratio"] == 2.75
+
+
+def test_a_gpu_uuid_reported_by_two_nodes_does_not_stop_the_round() -> None:
+    """Seen against the real API server: two nodes' telemetry naming the same GPU UUID (a
+    cloned machine image, a buggy agent) made every round fail for every policy. The UUID is
+    counted once, on the first node by name; the other policies are allocated as usual."""
+    plan = plan_round(view(
+        [
+            node("gpu-1", "rack-1", [Gpu("A0", 600, 700, "inference/llama-0"), Gpu("A1", 600, 700, "inference/llama-0")]),
+            node("gpu-2", "rack-1", [Gpu("A0", 600, 700, "inference/llama-1"), Gpu("B1", 600, 700, "inference/mistral-0")]),
+        ],
+        [gpu_pod("llama-0", gpus=2, node="gpu-1", labels=LLAMA), gpu_pod("llama-1", gpus=1, node="gpu-2", labels=LLAMA),
+         gpu_pod("mistral-0", gpus=1, node="gpu-2", labels=MISTRAL)],
+        [policy("llama", cap_w=1000), policy("mistral", cap_w=500, selector={"matchLabels": MISTRAL})],
+    ))
+    assert set(caps(plan)) == {"A0", "A1"} and sum(caps(plan).values()) <= 970
+    assert [a["node"] for a in plan.policies["inference/llama"].status["allocations"]] == ["gpu-1"]
+    assert set(caps(plan, "inference/mistral")) == {"B1"}

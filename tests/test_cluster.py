@@ -176,7 +176,8 @@ def test_policy_view_lists_its_pods_and_the_gpus_telemetry_attributes_to_them() 
     view = view_of(
         [
             gpu_node("gpu-1", "rack-1", telemetry(1400, pods=["inference/llama-0", "inference/llama-0", "inference/web"])),
-            gpu_node("gpu-2", "rack-1", telemetry(700, pods=[None, "inference/llama-1"])),
+            # another moment: the helper derives GPU UUIDs from it, and no two nodes share a GPU
+            gpu_node("gpu-2", "rack-1", telemetry(700, at=NOW - timedelta(milliseconds=1), pods=[None, "inference/llama-1"])),
         ],
         [
             gpu_pod("llama-0", gpus=2, node="gpu-1", bound_at=NOW - timedelta(minutes=5)),
