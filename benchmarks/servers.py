@@ -237,7 +237,8 @@ def slow_client_rows(target: Webhook | Extender, work: Path, requests_: int, hol
             answered, latencies = timed_calls(call, requests_, hold_s / requests_)
             shape = (f"200 idle + {load.handshakes} TLS handshakes + {load.heads} heads + {load.bodies} bodies"
                      if target.name == "webhook" else f"200 idle + {load.heads} heads + {load.bodies} bodies")
-            rows.append(f"| {target.name} | {shape} (server closed {load.closed_by_server}, reopened) | "
+            opened = f"; {load.not_opened} not even opened at first" if load.not_opened else ""
+            rows.append(f"| {target.name} | {shape} (server closed {load.closed_by_server}, reopened{opened}) | "
                         f"{answered} of {requests_} | {max(latencies):.3f} |")
         del process
     return rows

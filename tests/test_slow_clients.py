@@ -62,7 +62,7 @@ def test_the_webhook_answers_every_request_within_a_second_under_slow_and_idle_c
     with slow_clients(port, tls=True, idle=200, slow=50) as load:
         answered, latencies = answered_within(validate_on_a_new_connection, REQUESTS, LIMIT_S)
         held = load.total - load.closed_by_server
-    assert (load.idle, load.handshakes, load.heads, load.bodies) == (200, 17, 17, 16)
+    assert (load.idle, load.handshakes, load.heads, load.bodies, load.not_opened) == (200, 17, 17, 16, 0)
     assert held == 250, "the slow connections must still be open while the requests are answered"
     assert answered == REQUESTS, f"answered {answered} of {REQUESTS} within {LIMIT_S} s: {latencies}"
 
@@ -79,7 +79,7 @@ def test_the_extender_answers_every_call_within_a_second_under_slow_and_idle_con
     with slow_clients(extender.port, tls=False, idle=200, slow=50, path="/filter") as load:
         answered, latencies = answered_within(filter_on_a_new_connection, REQUESTS, LIMIT_S)
         held = load.total - load.closed_by_server
-    assert (load.idle, load.heads, load.bodies) == (200, 25, 25)
+    assert (load.idle, load.heads, load.bodies, load.not_opened) == (200, 25, 25, 0)
     assert held == 250
     assert answered == REQUESTS, f"answered {answered} of {REQUESTS} within {LIMIT_S} s: {latencies}"
     assert json.dumps(extender.log_lines())  # the log stays JSON lines

@@ -277,6 +277,7 @@ class SlowLoad:
     heads: int = 0
     bodies: int = 0
     closed_by_server: int = 0
+    not_opened: int = 0  # connections the server did not accept or handshake within 5 s
 
     @property
     def total(self) -> int:
@@ -329,9 +330,13 @@ def slow_clients(
         sock.sendall(head + b"Content-Length: 1000000\r\n\r\n")
         return sock, b"{" + b" " * 999_998 + b"}"
 
-    live: list[list[Any]] = []  # [socket, kind, remaining bytes]
+    live: list[list[Any]] = []  # [socket or None, kind, remaining bytes]
     for kind in plan:
-        sock, pending = open_one(kind)
+        try:
+            sock, pending = open_one(kind)
+        except OSError:  # the server is already stuck: try again from the trickling thread
+            load.not_opened += 1
+            sock, pending = None, b""
         live.append([sock, kind, pending])
     stop = threading.Event()
     counts = {"idle": 0, "handshake": 0, "head": 0, "body": 0}
@@ -347,7 +352,9 @@ def slow_clients(
                 sock, kind, pending = entry
                 alive = True
                 try:
-                    if pending:
+                    if sock is None:
+                        alive = False
+                    elif pending:
                         sock.send(pending[:1])
                         entry[2] = pending[1:]
                     elif kind in ("idle", "handshake"):
@@ -361,13 +368,14 @@ def slow_clients(
                 except (OSError, ValueError):
                     alive = False
                 if not alive and reopened < max_reopen and not stop.is_set():
-                    load.closed_by_server += 1
                     reopened += 1
-                    sock.close()
+                    if sock is not None:
+                        load.closed_by_server += 1
+                        sock.close()
                     try:
                         entry[0], entry[2] = open_one(kind)
                     except OSError:
-                        pass
+                        entry[0], entry[2] = None, b""
             stop.wait(byte_interval_s)
 
     thread = threading.Thread(target=trickle, name="slow-clients", daemon=True)
@@ -378,7 +386,8 @@ def slow_clients(
         stop.set()
         thread.join(timeout=30)
         for sock, _kind, _pending in live:
-            sock.close()
+            if sock is not None:
+                sock.close()
 
 
 def answered_within(call: Any, count: int, limit_s: float = 1.0) -> tuple[int, list[float]]:

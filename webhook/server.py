@@ -56,7 +56,7 @@ REQUEST_TIMEOUT_S = 10.0
 # open connections per worker process; each costs a file descriptor and a small buffer
 WORKER_CONNECTIONS = 1000
 # what the requests still arriving may hold together, per worker process
-MAX_BUFFERED_BYTES = 32 * 1024 * 1024
+MAX_BUFFERED_BYTES = 16 * 1024 * 1024
 
 
 def connection_limits() -> ConnectionLimits:

@@ -408,25 +408,27 @@ class BufferingWorker(base.Worker):  # type: ignore[misc]  # gunicorn is untyped
             head = bytes(conn.inbox[:head_end])
             del conn.inbox[:head_end]
             conn.head = self._read_head(conn, head)
-        if conn.framing == _Framing.LENGTH:
-            wanted = (0 if conn.oversize else conn.length) - len(conn.body)
-            if wanted > 0:
-                take = conn.inbox[:wanted]
-                conn.body += take
-                del conn.inbox[:len(take)]
-            if conn.oversize and conn.inbox:
-                drop = min(len(conn.inbox), conn.length - conn.dropped)
-                conn.dropped += drop
-                del conn.inbox[:drop]
-            received = len(conn.body) + conn.dropped
-            if received < conn.length and (not conn.oversize or conn.dropped < limits.drain_limit_bytes):
+        if conn.framing == _Framing.LENGTH and not conn.oversize:
+            # the body stays in the inbox until it is whole, then is copied out once
+            if len(conn.inbox) < conn.length:
                 return None
-            if received < conn.length:
+            with memoryview(conn.inbox) as view:
+                body = bytes(view[:conn.length])
+            conn.inbox = conn.inbox[conn.length:]  # a pipelined next request, usually nothing
+            return BufferedRequest(conn.head, body, conn.close_after)
+        if conn.framing == _Framing.LENGTH:
+            drop = min(len(conn.inbox), conn.length - conn.dropped)
+            conn.dropped += drop
+            del conn.inbox[:drop]
+            if conn.dropped < conn.length and conn.dropped < limits.drain_limit_bytes:
+                return None
+            if conn.dropped < conn.length:
                 conn.close_after = True  # the rest of the body is still coming
         elif conn.framing == _Framing.CHUNKED:
             if not self._unchunk(conn):
                 return None
-        return BufferedRequest(conn.head, bytes(conn.body), conn.close_after or conn.oversize)
+        body, conn.body = bytes(conn.body), bytearray()
+        return BufferedRequest(conn.head, body, conn.close_after or conn.oversize)
 
     def _read_head(self, conn: Connection, head: bytes) -> bytes:
         """Find the body's framing in ``head``; answer ``Expect: 100-continue``.
