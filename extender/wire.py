@@ -184,6 +184,8 @@ def decode_args(body: bytes) -> tuple[ExtenderArgs, Candidates]:
                 name = _NODE_NAME_DECODER.decode(item).metadata.name
             except msgspec.ValidationError as error:
                 raise WireError(f"Nodes.items[{index}]: {error}".replace("at `$.", "at `")) from None
+            except RecursionError:
+                raise WireError(f"Nodes.items[{index}]: nested too deeply to read") from None
         names.append(name)
         raw_by_name[name] = item
     return ExtenderArgs(Pod=pod, Nodes=nodes), Candidates(names, raw_by_name)

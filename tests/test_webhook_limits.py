@@ -79,6 +79,20 @@ def test_a_body_past_a_limit_is_denied_naming_the_limit(
     assert "Traceback" not in server.log()
 
 
+@pytest.mark.parametrize("endpoint", ["validate", "mutate"])
+def test_nesting_within_the_limit_gets_a_normal_answer(server: WebhookProcess, endpoint: str) -> None:
+    review, body = review_bytes(b'{"a":' * 50 + b"1" + b"}" * 50)
+    reply = post(server, endpoint, body)
+    assert reply.status_code == 200
+    response = reply.json()["response"]
+    if endpoint == "validate":  # headroom takes no parameters: a normal refusal, with the path
+        assert response["allowed"] is False and response["status"]["code"] == 422
+        assert response["status"]["message"] == "spec.customAlgorithm.parameters.x: unknown parameter; allowed: none"
+    else:
+        assert response["allowed"] is True and response["patchType"] == "JSONPatch"
+    assert "Traceback" not in server.log()
+
+
 def test_a_body_too_deep_to_read_even_its_envelope_gets_400_naming_the_limit(server: WebhookProcess) -> None:
     _review, body = review_bytes(b"[" * 5000 + b"]" * 5000)
     reply = post(server, "mutate", body)
