@@ -54,6 +54,7 @@ from nodeagent.podresources import PodResourcesSource  # noqa: E402
 from nodeagent.simulated import ManualClock, SimulatedBackend  # noqa: E402
 from nodeagent.sources import ClusterSource, FilePolicySource  # noqa: E402
 from powercap import physics  # noqa: E402
+from powercap.allocation import AllocationSettings, budget_w  # noqa: E402
 from powercap.kube import KubeClient  # noqa: E402
 from tests.agenthelpers import NODE, RecordingPublisher, StaticSource, pod, policy, policy_document  # noqa: E402
 from tests.fakes.apiserver import FakeApiServer  # noqa: E402
@@ -197,9 +198,10 @@ class TimedBackend(GpuBackend):
 
 
 def reaction_trials(
-    backend: TimedBackend, agent: Agent, change: Callable[[int], None], trials: int, rng: random.Random
+    backend: TimedBackend, agent: Agent, change: Callable[[int], float | None], trials: int, rng: random.Random
 ) -> list[float]:
-    """Seconds from ``change(watts)`` to the setter call, with the agent on its own thread."""
+    """Seconds from ``change(watts)`` to the setter call, with the agent on its own thread;
+    ``change`` returns the limit the agent will set when that is not ``watts``."""
     stop = threading.Event()
     thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
     thread.start()
@@ -209,8 +211,8 @@ def reaction_trials(
             watts = 300 + 10 * (trial % 20)
             time.sleep(rng.uniform(0.0, 1.0))
             started = time.monotonic()
-            change(watts)
-            latencies.append(backend.wait_for(0, watts, started) - started)
+            expected = change(watts)
+            latencies.append(backend.wait_for(0, watts if expected is None else expected, started) - started)
     finally:
         stop.set()
         thread.join(5)
@@ -245,8 +247,9 @@ def measure_reaction(work: Path, trials: int) -> dict[str, list[float]]:
     backend = TimedBackend(simulated)
     agent = Agent(backend, FilePolicySource(policy_file, NODE, [uuid]), AgentSettings(node=NODE))
 
-    def edit(watts: int) -> None:
+    def edit(watts: int) -> float:
         policy_file.write_text(yaml.safe_dump(policy_document("llama", cap_w=watts)))
+        return budget_w(watts, AllocationSettings().margin)  # --policy FILE keeps the controller's margin
 
     results["--policy FILE: file edited"] = reaction_trials(backend, agent, edit, trials, rng)
     return results
