@@ -147,6 +147,20 @@ class GpuBackend(abc.ABC):
         Expensive on real hardware (~3 ms per GPU): call it every few seconds at most.
         """
 
+    def rescan(self) -> None:  # noqa: B027 - optional hook: a fixed device list by default
+        """Enumerate again, so that a GPU that failed enumeration joins :meth:`devices`
+        once it answers. Raises :class:`GpuError` when the library itself fails."""
+
+    def unenumerated(self) -> dict[int, str]:
+        """GPUs present but left out of :meth:`devices` because enumeration failed:
+        index -> why. They hold a limit nobody can read: the agent counts them at a maximum."""
+        return {}
+
+    def power_limit_w(self, index: int) -> float:
+        """The power management limit alone, in W: what a GPU whose full
+        :meth:`snapshot` fails still holds, where it can be read."""
+        return self.snapshot(index).requested_limit_w
+
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release the backend. Further calls are undefined."""
 
@@ -162,7 +176,7 @@ class GpuBackend(abc.ABC):
         self.close()
 
 
-OPERATIONS = ("devices", "snapshot", "set_power_limit_w", "compute_pids", "total_energy_j")
+OPERATIONS = ("devices", "snapshot", "set_power_limit_w", "compute_pids", "total_energy_j", "power_limit_w")
 """The backend operations, by method name (used to inject errors into test backends)."""
 
 

@@ -101,13 +101,15 @@ class NvmlBackend(GpuBackend):
     """Real GPUs. Construction initialises NVML and enumerates; :meth:`close` shuts it down.
 
     Raises :class:`LibraryNotFound` or :class:`DriverNotLoaded` (index None) when NVML
-    cannot start. A GPU that fails enumeration (lost, no permission) is logged and left
-    out of :meth:`devices`; the others work.
+    cannot start. A GPU that fails enumeration (lost, no permission) is logged, left out
+    of :meth:`devices` and listed by :meth:`unenumerated`; :meth:`rescan` tries it again.
+    The others work.
     """
 
     def __init__(self) -> None:
         self._handles: dict[int, Any] = {}
         self._devices: dict[int, GpuInfo] = {}
+        self._unenumerated: dict[int, str] = {}
         self._constraints: dict[int, _Constraints] = {}
         self._legacy_temperature = not hasattr(pynvml, "nvmlDeviceGetTemperatureV")
         self._open = False
@@ -117,15 +119,7 @@ class NvmlBackend(GpuBackend):
     def _start(self) -> None:
         pynvml.nvmlInit()
         self._open = True
-        count = pynvml.nvmlDeviceGetCount()
-        for index in range(count):
-            try:
-                self._devices[index] = self._probe(index)
-            except GpuError as error:
-                log.warning(
-                    "GPU left out: enumeration failed",
-                    extra={"gpu_index": index, "error": str(error), "kind": type(error).__name__},
-                )
+        count = self._enumerate()
         log.info(
             "NVML started",
             extra={
@@ -134,6 +128,41 @@ class NvmlBackend(GpuBackend):
                 "gpus_usable": len(self._devices),
             },
         )
+
+    def _enumerate(self) -> int:
+        """Probe every index not enumerated yet; returns the GPU count. A GPU once
+        enumerated stays (a lost one fails its reads, and is counted at its maximum)."""
+        count = int(pynvml.nvmlDeviceGetCount())
+        for index in range(count):
+            if index in self._devices:
+                continue
+            try:
+                self._devices[index] = self._probe(index)
+            except GpuError as error:
+                why = f"{type(error).__name__}: {error}"
+                if self._unenumerated.get(index) != why:
+                    log.warning(
+                        "GPU left out: enumeration failed",
+                        extra={"gpu_index": index, "error": str(error), "kind": type(error).__name__},
+                    )
+                self._unenumerated[index] = why
+            else:
+                if self._unenumerated.pop(index, None) is not None:
+                    log.info("GPU enumerated", extra={"gpu_index": index, "gpu": self._devices[index].uuid})
+        for index in [i for i in self._unenumerated if i >= count]:
+            del self._unenumerated[index]
+        return count
+
+    @translate_nvml_errors
+    def rescan(self) -> None:
+        self._enumerate()
+
+    def unenumerated(self) -> dict[int, str]:
+        return dict(self._unenumerated)
+
+    @translate_nvml_errors
+    def power_limit_w(self, index: int) -> float:
+        return float(pynvml.nvmlDeviceGetPowerManagementLimit(self._handle(index))) / 1000
 
     @translate_nvml_errors
     def _probe(self, index: int) -> GpuInfo:

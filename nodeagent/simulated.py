@@ -135,7 +135,9 @@ class SimulatedBackend(GpuBackend):
         self, operation: str, error: type[GpuError] | None, *, index: int | None = None
     ) -> None:
         """Make ``operation`` (a GpuBackend method name) raise ``error`` for GPU ``index``
-        (None: every GPU, and ``devices``); ``error=None`` removes the injection."""
+        (None: every GPU, and ``devices``); ``error=None`` removes the injection.
+        ``devices`` for one GPU: it fails enumeration (left out of :meth:`devices`, listed
+        by :meth:`unenumerated`) until the injection is removed."""
         if operation not in OPERATIONS:
             raise ValueError(f"operation: must be one of {', '.join(OPERATIONS)}")
         if error is None:
@@ -193,7 +195,16 @@ class SimulatedBackend(GpuBackend):
         error = self._errors.get(("devices", None))
         if error is not None:
             raise error("injected error in devices")
-        return [gpu.info for gpu in self._gpus]
+        return [gpu.info for gpu in self._gpus if ("devices", gpu.info.index) not in self._errors]
+
+    def unenumerated(self) -> dict[int, str]:
+        return {
+            index: f"{error.__name__}: injected" for (operation, index), error in self._errors.items()
+            if operation == "devices" and index is not None
+        }
+
+    def power_limit_w(self, index: int) -> float:
+        return self._enter("power_limit_w", index).requested_limit_w
 
     def snapshot(self, index: int) -> GpuSnapshot:
         gpu = self._enter("snapshot", index)
