@@ -4,8 +4,11 @@
   PowerCappingPolicy (read-only) and the pods bound to this node
   (``fieldSelector=spec.nodeName=<node>``), plus a probe that GETs this node every few
   seconds for its rack label and as proof that the API server answers. The view is
-  *fresh* once both caches have synced and the last successful API request is younger
-  than ``stale_after_s``; otherwise the agent keeps its caps (never raises one).
+  *fresh* once both caches have synced, the last successful API request is younger than
+  ``stale_after_s``, and each cache's watch is connected, or, while a watch is down, a
+  LIST of its collection (made by the probe, every ``probe_interval_s``) is younger than
+  ``stale_after_s`` and stands in for the cache. Otherwise the agent keeps its caps
+  (never raises one).
 - :class:`FilePolicySource` (``--policy FILE``): one policy from a file, no Kubernetes.
   Every local GPU belongs to it; its ``powerCapLimit`` is split evenly over the local
   GPUs (see :func:`powercap.agentplan.split_allocation`) unless the file's ``status``
@@ -24,7 +27,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-
 
 from powercap import kube
 from powercap.agentplan import split_allocation
@@ -106,10 +108,19 @@ class FilePolicySource:
         return SourceView(policies=(self._policy,), fresh=self._problem is None, apply_all_racks=True, problem=self._problem)
 
 
+@dataclass(frozen=True)
+class _Listed:
+    """A LIST of a collection made while its watch was down: its items, when it was made."""
+
+    items: tuple[KubeObject, ...]
+    at_s: float
+
+
 class ClusterSource:
     """Policies and this node's pods from the API server (module docstring).
 
-    ``clock`` is monotonic seconds; tests call :meth:`probe` and :meth:`view` directly.
+    ``clock`` is monotonic seconds; tests call :meth:`probe`, :meth:`list_while_watches_down`
+    and :meth:`view` directly.
     """
 
     def __init__(
@@ -130,15 +141,22 @@ class ClusterSource:
         self.probe_interval_s = probe_interval_s
         self._rack_label = rack_label
         self._registry = registry or AlgorithmRegistry.default()
+        pod_params = {"fieldSelector": f"spec.nodeName={node}"}
         self.policies = kube.WatchCache(client, kube.policy_path(), name="policies")
-        self.pods = kube.WatchCache(client, kube.pod_path(), {"fieldSelector": f"spec.nodeName={node}"}, name="pods")
+        self.pods = kube.WatchCache(client, kube.pod_path(), pod_params, name="pods")
+        self._collections: tuple[tuple[kube.WatchCache, str, dict[str, str]], ...] = (
+            (self.policies, kube.policy_path(), {}), (self.pods, kube.pod_path(), pod_params),
+        )
         self._lock = threading.Lock()
         self._last_ok_s: float | None = None
         self._reachable = True
         self._probe_error: str | None = None
         self._rack: str | None = None
+        self._listed: dict[str, _Listed] = {}
+        self._reconnected: set[str] = set()
+        self._list_errors: dict[str, str] = {}
         self._parsed: dict[str, tuple[str, Policy | None]] = {}
-        self._built_versions: tuple[int, int] | None = None
+        self._built_versions: tuple[Any, ...] | None = None
         self._view_policies: tuple[Policy, ...] = ()
         self._view_pods: Mapping[str, KubeObject] = {}
         self._stopping = threading.Event()
@@ -171,9 +189,50 @@ class ClusterSource:
             log.info("API server reachable again", extra={"node": self.node})
         return True
 
+    def list_while_watches_down(self) -> None:
+        """LIST each collection whose watch is down, to stand in for its cache.
+
+        A watch counts as down from a failed list or watch request until one succeeds
+        (:attr:`powercap.kube.WatchCache.connected`). The LIST stays in use until the
+        cache has been connected again at two successive probes (its watch has replayed
+        what it missed), so the view never steps back to the cache's older objects.
+        """
+        for cache, path, params in self._collections:
+            if not cache.has_synced:
+                continue  # the cache's own first list is what start-up waits for
+            if cache.connected:
+                with self._lock:
+                    if cache.name in self._listed and cache.name in self._reconnected:
+                        del self._listed[cache.name]
+                        self._reconnected.discard(cache.name)
+                        log.info("watch back: the cache is used again", extra={"cache": cache.name})
+                    elif cache.name in self._listed:
+                        self._reconnected.add(cache.name)
+                continue
+            with self._lock:
+                first = cache.name not in self._listed and cache.name not in self._list_errors
+                self._reconnected.discard(cache.name)
+            if first:
+                log.warning("watch down: listing instead every %g s", self.probe_interval_s,
+                            extra={"cache": cache.name, "error": cache.last_error})
+            try:
+                listed = self._client.list(path, params)
+            except kube.ApiError as error:
+                with self._lock:
+                    said = self._list_errors.get(cache.name)
+                    self._list_errors[cache.name] = str(error)
+                if said != str(error):
+                    log.log(error.log_level, "list failed while the watch is down: the view goes stale",
+                            extra={"cache": cache.name, "error": str(error), "code": error.code})
+                continue
+            with self._lock:
+                self._listed[cache.name] = _Listed(tuple(listed.get("items") or ()), self._clock())
+                self._list_errors.pop(cache.name, None)
+
     def _run_probes(self) -> None:
         while not self._stopping.is_set():
             self.probe()
+            self.list_while_watches_down()
             self._stopping.wait(self.probe_interval_s)
 
     def fresh(self) -> bool:
@@ -183,14 +242,29 @@ class ClusterSource:
         """Why the view is stale (None while it is fresh)."""
         with self._lock:
             last_ok_s, error = self._last_ok_s, self._probe_error
+            listed = dict(self._listed)
+            list_errors = dict(self._list_errors)
+        now_s = self._clock()
         for cache in (self.policies, self.pods):
             if not cache.has_synced:
                 return f"the {cache.name} cache has not listed yet" + (f" ({cache.last_error})" if cache.last_error else "")
         if last_ok_s is None:
             return f"the API server has not answered yet ({error})" if error else "the API server has not answered yet"
-        silent_s = self._clock() - last_ok_s
+        silent_s = now_s - last_ok_s
         if silent_s > self.stale_after_s:
             return f"no answer from the API server for {silent_s:.0f} s" + (f" ({error})" if error else "")
+        for cache in (self.policies, self.pods):
+            if cache.connected:
+                continue
+            stand_in = listed.get(cache.name)
+            if stand_in is not None and now_s - stand_in.at_s <= self.stale_after_s:
+                continue
+            why = cache.last_error or "no answer"
+            if cache.name in list_errors:
+                why += f"; list failed too: {list_errors[cache.name]}"
+            elif stand_in is not None:
+                why += f"; last listed {now_s - stand_in.at_s:.0f} s ago"
+            return f"the {cache.name} watch is down ({why})"
         return None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -208,15 +282,24 @@ class ClusterSource:
             self._thread.join(2.0)
 
     # -- the view ----------------------------------------------------------------------
+    def _objects(self, cache: kube.WatchCache) -> tuple[Any, list[KubeObject]]:
+        """A version stamp and the objects: the LIST standing in for the cache, or the cache."""
+        with self._lock:
+            listed = self._listed.get(cache.name)
+        if listed is not None:
+            return ("listed", listed.at_s), list(listed.items)
+        return ("cache", cache.version), list(cache.items())
+
     def view(self) -> SourceView:
-        versions = (self.policies.version, self.pods.version)
+        (policies_version, policies), (pods_version, pods) = self._objects(self.policies), self._objects(self.pods)
+        versions = (policies_version, pods_version)
         if versions != self._built_versions:
             self._built_versions = versions
-            self._view_policies = tuple(p for p in map(self._parse, self.policies.items()) if p is not None)
+            self._view_policies = tuple(p for p in map(self._parse, policies) if p is not None)
             self._view_pods = {
-                str(pod["metadata"]["uid"]): pod for pod in self.pods.items() if (pod.get("metadata") or {}).get("uid")
+                str(pod["metadata"]["uid"]): pod for pod in pods if (pod.get("metadata") or {}).get("uid")
             }
-            live = {object_key(p) for p in self.policies.items()}
+            live = {object_key(p) for p in policies}
             self._parsed = {k: v for k, v in self._parsed.items() if k in live}
         with self._lock:
             rack = self._rack

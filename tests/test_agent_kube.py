@@ -16,6 +16,7 @@ from nodeagent.simulated import ManualClock, SimulatedBackend
 from nodeagent.sources import ClusterSource
 from powercap import physics
 from powercap.agentplan import PublishSettings
+from powercap import kube
 from powercap.kube import KubeClient
 from powercap.telemetry import TELEMETRY_ANNOTATION, from_json, to_json
 from tests.agenthelpers import NODE, allocation_document, node_object, pod, policy_document, wait_until
@@ -72,6 +73,38 @@ def test_invalid_policy_in_the_cluster_is_skipped(apiserver: FakeApiServer, clus
     assert [p.name for p in source.view().policies] == ["good"]
 
 
+def test_a_dead_policy_watch_makes_the_view_stale_until_a_list_stands_in(
+    apiserver: FakeApiServer, cluster: tuple[ClusterSource, ManualClock],
+) -> None:
+    """Every watch of policies fails while GETs answer: the Node probe alone would call the
+    view fresh, and a lowered cap would never arrive."""
+    source, clock = cluster
+    apiserver.put_object("powercappingpolicies", allocation_document("llama", {"GPU-a": 400}, cap_w=1000))
+    wait_until(lambda: len(source.view().policies) == 1)
+    assert source.probe() and source.view().fresh
+    apiserver.fail_next(1_000_000, 500, path=kube.policy_path(), watch=True)
+    apiserver.close_watches()
+    wait_until(lambda: not source.policies.connected, 5.0)
+    assert source.probe()  # the API server answers GETs
+    view = source.view()
+    assert not view.fresh and view.problem is not None and view.problem.startswith("the policies watch is down (")
+    apiserver.put_object("powercappingpolicies", allocation_document("llama", {"GPU-a": 250}, cap_w=600))
+    source.list_while_watches_down()
+    view = source.view()
+    assert view.fresh and [p.power_cap_w for p in view.policies] == [600]
+    clock.advance(31.0)
+    assert source.probe()
+    problem = source.view().problem  # a LIST as old as the API server's silence allowance: stale again
+    assert problem is not None and problem.startswith("the policies watch is down (") and problem.endswith("; last listed 31 s ago)")
+    apiserver.clear_faults()
+    wait_until(lambda: source.policies.connected and source.policies.version >= 2, 10.0)
+    source.list_while_watches_down()  # connected at one probe: the LIST still stands in
+    assert [p.power_cap_w for p in source.view().policies] == [600]
+    source.list_while_watches_down()  # and at the next: the cache again
+    view = source.view()
+    assert view.fresh and [p.power_cap_w for p in view.policies] == [600]
+
+
 def test_api_server_gone_makes_the_view_stale_and_nothing_raises(
     apiserver: FakeApiServer, cluster: tuple[ClusterSource, ManualClock]
 ) -> None:
@@ -79,7 +112,12 @@ def test_api_server_gone_makes_the_view_stale_and_nothing_raises(
     assert source.probe() and source.view().fresh and source.view().problem is None
     apiserver.stop()
     assert source.probe() is False
-    assert source.view().fresh  # within stale_after_s of the last answer
+    # the watches broke with the server: stale at once, not after 30 s of silence
+    wait_until(lambda: not source.policies.connected and not source.pods.connected, 5.0)
+    source.list_while_watches_down()  # and a LIST cannot stand in for them
+    view = source.view()
+    assert view.fresh is False and view.problem is not None
+    assert view.problem.startswith("the policies watch is down (") and "; list failed too: " in view.problem
     clock.advance(31.0)
     view = source.view()
     assert view.fresh is False
