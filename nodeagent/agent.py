@@ -5,13 +5,21 @@ One tick (default every second):
 1. read every GPU (:meth:`GpuBackend.snapshot`) and its compute PIDs; map PIDs to pod
    UIDs through ``/proc/<pid>/cgroup`` (cached per PID). A GPU whose reads fail is
    *degraded* this tick: counted in ``powercap_nvml_errors_total{gpu,error}``, flagged in
-   ``powercap_gpu_degraded`` and ``/status``, left out of planning (its cap stays as it
-   is) and telemetry; the others carry on;
+   ``powercap_gpu_degraded`` and ``/status``, left out of telemetry, never written, and
+   *counted* by the plan at the limit it holds (read alone where it can be, else its
+   maximum) so the other GPUs of its policy make room; the others carry on. A GPU that
+   failed enumeration is counted the same way (:meth:`GpuBackend.unenumerated`), and the
+   GPUs are enumerated again every ``rescan_interval_s``, every ``rescan_after_error_s``
+   while one fails, so it joins when it answers;
 2. take the policy source's view, the pods' tokens/s and the inlet temperature;
-3. :func:`~powercap.agentplan.plan_tick`; then for each SET/RESTORE call the idempotent
-   setter and verify the enforced limit it returns. A failed write degrades the GPU and
-   is not retried for ``degraded_retry_s``. One JSON log line per change (gpu, pod,
-   policy, old/new W, reason), an Event on the policy, ``powercap_cap_changes_total``;
+3. :func:`~powercap.agentplan.plan_node`; then call the idempotent setter for each
+   SET/RESTORE, lowers first, and a policy's raises only when every lower of that policy
+   succeeded this tick (a raise never spends watts a GPU may still hold); verify the
+   enforced limit each returns. A failed write degrades the GPU: it is not retried for
+   ``degraded_retry_s`` and counts at the limit it holds meanwhile. One JSON log line per
+   change (gpu, pod, policy, old/new W, reason), an Event on the policy,
+   ``powercap_cap_changes_total``; one warning when a policy's allocations pass its
+   budget, its minimums do not fit, or GPUs that cannot move make the others give room;
 4. save the state file when the records changed; offer telemetry to the publisher.
 
 Nothing in a tick raises: an unexpected exception is logged and the next tick runs.
@@ -42,7 +50,19 @@ from nodeagent.publisher import NullPublisher, Publisher
 from nodeagent.sources import PolicySource
 from nodeagent.state import StateFile
 from nodeagent.tokens import TokenRates, metrics_url
-from powercap.agentplan import Action, CapRecord, GpuMemory, GpuPlan, TickInputs, build_telemetry, plan_tick
+from powercap.agentplan import (
+    Action,
+    CapRecord,
+    GpuMemory,
+    GpuPlan,
+    NodePlan,
+    PolicyShare,
+    TickInputs,
+    UnseenGpu,
+    build_telemetry,
+    held_w,
+    plan_node,
+)
 from powercap.control import ControlSettings
 from powercap.objects import KubeObject, object_key
 from powercap.policies import Policy
@@ -62,6 +82,8 @@ class AgentSettings:
     dry_run: bool = False
     control: ControlSettings = field(default_factory=ControlSettings)
     degraded_retry_s: float = 30.0
+    rescan_interval_s: float = 60.0
+    rescan_after_error_s: float = 5.0
 
 
 def _change_fields(plan: GpuPlan) -> dict[str, Any]:
@@ -93,6 +115,27 @@ class TickResult:
     plans: tuple[GpuPlan, ...]
     writes: int
     degraded: frozenset[str]
+    policies: Mapping[str, PolicyShare] = field(default_factory=dict)
+
+
+POLICY_CONDITIONS = {
+    "infeasible": "policy infeasible on this node: every GPU at its minimum",
+    "over-budget": "allocations pass the policy's budget: clamped",
+    "making-room": "GPUs that cannot move hold part of the policy's budget: the others make room",
+}
+"""The warning logged once when a policy enters each condition (:meth:`Agent._say_policy_conditions`)."""
+
+
+def _conditions(share: PolicyShare) -> frozenset[str]:
+    conditions = set()
+    if share.unreadable is None:
+        if share.infeasible:
+            conditions.add("infeasible")
+        if share.over_budget:
+            conditions.add("over-budget")
+        if share.held_w > 0 and share.clamped:
+            conditions.add("making-room")
+    return frozenset(conditions)
 
 
 class Agent:
@@ -127,6 +170,16 @@ class Agent:
         self._wall_clock = wall_clock
         self._proc_root = proc_root
         self.devices = backend.devices()
+        self._unenumerated = backend.unenumerated()
+        self._next_rescan_s = clock() + (settings.rescan_after_error_s if self._unenumerated else settings.rescan_interval_s)
+        self._rescan_failing = False
+        self._last_readings: dict[str, GpuSnapshot] = {}
+        self._unseen: tuple[UnseenGpu, ...] = ()
+        self._counted_w: dict[int, float] = {}
+        self._in_force_w: dict[str, float] = {}
+        self._shares: Mapping[str, PolicyShare] = {}
+        self._unreadable: Mapping[str, str] = {}
+        self._conditions: dict[str, frozenset[str]] = {}
         self.records: dict[str, CapRecord] = self.state.load()
         self._memories: dict[str, GpuMemory] = {}
         self._degraded: dict[str, _Degraded] = {}
@@ -155,7 +208,8 @@ class Agent:
     def tick(self) -> TickResult:
         started = time.perf_counter()
         now_s = self._clock()
-        readings, pod_uids = self._read_gpus(now_s)
+        self._rescan(now_s)
+        readings, pod_uids, unseen = self._read_gpus(now_s)
         view = self.source.view()
         self._fresh, self._source_problem = view.fresh, view.problem
         if self.pod_resources is not None:
@@ -163,7 +217,10 @@ class Agent:
         if self.tokens is not None:
             self.tokens.set_targets(self._scrape_targets(pod_uids, view.pods_by_uid))
         inlet_c = self.inlet.read_c()
-        plans = plan_tick(
+        stuck = frozenset(
+            uuid for uuid, degraded in self._degraded.items() if degraded.operation == "set" and now_s < degraded.retry_set_at_s
+        )
+        node_plan = plan_node(
             TickInputs(
                 node=self.settings.node,
                 now_s=now_s,
@@ -180,28 +237,64 @@ class Agent:
                 records=self.records,
                 enforce=not self.settings.dry_run,
                 settings=self.settings.control,
+                unseen=unseen,
+                stuck=stuck,
+                unreadable_policies=view.unreadable,
+                node_policy=view.node_policy,
             )
         )
+        plans = node_plan.gpus
         enforced_w: dict[str, float] = {}
-        writes = sum(self._execute(plan, now_s, enforced_w) for plan in plans)
+        writes = self._carry_out(node_plan, now_s, enforced_w)
         self._save_state()
+        self._say_policy_conditions(node_plan)
         telemetry = build_telemetry(
             self._wall_clock(), readings, inlet_c, {p.uuid: p.pod for p in plans}, enforced_w,
             {p.uuid: p.tokens_s for p in plans},
         )
         self.publisher.telemetry(telemetry, now_s)
-        self._update_metrics(readings, plans, enforced_w, view.fresh)
+        self._update_metrics(readings, plans, enforced_w, view.fresh, view.unreadable)
+        in_force = {r.uuid: r.requested_limit_w for r in readings}
+        in_force.update({p.uuid: p.cap_w for p in plans if p.writes and p.uuid in enforced_w})
         with self._lock:
             self._last_plans = plans
+            self._unseen = unseen
+            self._counted_w = {g.index: held_w(g, readings) for g in unseen}
+            self._in_force_w = in_force
+            self._shares = node_plan.policies
+            self._unreadable = dict(view.unreadable)
             self.ticks += 1
             self.last_tick_end_s = self._clock()
         self.metrics.tick_duration.observe(time.perf_counter() - started)
-        return TickResult(plans, writes, frozenset(self._degraded))
+        return TickResult(plans, writes, frozenset(self._degraded), node_plan.policies)
 
-    def _read_gpus(self, now_s: float) -> tuple[list[GpuSnapshot], dict[str, frozenset[str]]]:
+    def _rescan(self, now_s: float) -> None:
+        """Enumerate the GPUs again when due (module docstring); log the ones that join."""
+        if now_s < self._next_rescan_s:
+            return
+        known = {d.uuid for d in self.devices}
+        try:
+            self.backend.rescan()
+            devices, unenumerated = self.backend.devices(), self.backend.unenumerated()
+        except GpuError as error:
+            if not self._rescan_failing:
+                log.warning("GPUs not enumerated again: keeping the list", extra={"error": str(error)})
+            self._rescan_failing = True
+            self._next_rescan_s = now_s + self.settings.rescan_after_error_s
+            return
+        self._rescan_failing = False
+        self.devices, self._unenumerated = devices, unenumerated
+        for device in devices:
+            if device.uuid not in known:
+                log.info("GPU joined", extra={"gpu": device.uuid, "gpu_index": device.index})
+        troubled = unenumerated or any(d.operation == "read" for d in self._degraded.values())
+        self._next_rescan_s = now_s + (self.settings.rescan_after_error_s if troubled else self.settings.rescan_interval_s)
+
+    def _read_gpus(self, now_s: float) -> tuple[list[GpuSnapshot], dict[str, frozenset[str]], tuple[UnseenGpu, ...]]:
         readings: list[GpuSnapshot] = []
         pod_uids: dict[str, frozenset[str]] = {}
         live_pids: dict[int, str | None] = {}
+        unseen = [UnseenGpu(index) for index in sorted(self._unenumerated)]
         for device in self.devices:
             try:
                 snapshot = self.backend.snapshot(device.index)
@@ -209,6 +302,8 @@ class Agent:
             except GpuError as error:
                 self._gpu_failed(device.uuid, "read", error, now_s)
                 self.metrics.forget_gpu_readings(device.uuid)
+                unseen.append(self._unseen_gpu(device.index, device.uuid))
+                self._next_rescan_s = min(self._next_rescan_s, now_s + self.settings.rescan_after_error_s)
                 continue
             uids = set()
             for pid in pids:
@@ -220,11 +315,21 @@ class Agent:
                 if uid:
                     uids.add(uid)
             readings.append(snapshot)
+            self._last_readings[device.uuid] = snapshot
             pod_uids[device.uuid] = frozenset(uids)
             if device.uuid in self._degraded and self._degraded[device.uuid].operation == "read":
                 self._gpu_recovered(device.uuid)
         self._pid_pods = live_pids
-        return readings, pod_uids
+        return readings, pod_uids, tuple(unseen)
+
+    def _unseen_gpu(self, index: int, uuid: str) -> UnseenGpu:
+        """A GPU whose reading failed: the limit it holds, read alone where that still works."""
+        try:
+            limit_w: float | None = self.backend.power_limit_w(index)
+        except GpuError:
+            limit_w = None
+        last = self._last_readings.get(uuid)
+        return UnseenGpu(index, uuid, limit_w, last.max_limit_w if last is not None else None)
 
     def _add_allocated_pods(self, pod_uids: dict[str, frozenset[str]], pods_by_uid: Mapping[str, KubeObject],
                             holders: Mapping[str, frozenset[str]]) -> None:
@@ -251,29 +356,55 @@ class Agent:
                     targets[uid] = url
         return targets
 
-    def _execute(self, plan: GpuPlan, now_s: float, enforced_w: dict[str, float]) -> int:
-        """Carry out one plan; returns 1 when a limit was written."""
-        if plan.policy is not None:
-            self._owners[plan.uuid] = plan.policy
-        if plan.memory is not None:
-            self._memories[plan.uuid] = plan.memory
-        else:
-            self._memories.pop(plan.uuid, None)
-        if plan.emergency and plan.policy is not None:
-            self._event(plan.policy, "ThermalEmergency", self._describe(plan, "thermal emergency"), "Warning", now_s)
-        if plan.action is Action.OBSERVE:
-            self._observe(plan)
-        if not plan.writes:
-            self._keep_record(plan)
-            return 0
+    def _carry_out(self, node_plan: NodePlan, now_s: float, enforced_w: dict[str, float]) -> int:
+        """Carry out the plans; returns how many limits were written. Lowers go first; a
+        policy's raises only when all its lowers succeeded; restores last."""
+        writes = []
+        for plan in node_plan.gpus:
+            if plan.policy is not None:
+                self._owners[plan.uuid] = plan.policy
+            if plan.memory is not None:
+                self._memories[plan.uuid] = plan.memory
+            else:
+                self._memories.pop(plan.uuid, None)
+            if plan.emergency and plan.policy is not None:
+                self._event(plan.policy, "ThermalEmergency", self._describe(plan, "thermal emergency"), "Warning", now_s)
+            if plan.action is Action.OBSERVE:
+                self._observe(plan)
+            if plan.writes:
+                writes.append(plan)
+            else:
+                self._keep_record(plan)
+        lowers = [p for p in writes if p.action is Action.SET and p.cap_w < p.previous_w]
+        raises = [p for p in writes if p.action is Action.SET and p.cap_w >= p.previous_w]
+        restores = [p for p in writes if p.action is Action.RESTORE]
+        failed: set[str] = set()
+        written = 0
+        for plan in lowers:
+            if self._write(plan, now_s, enforced_w):
+                written += 1
+            elif plan.policy is not None:
+                failed.add(plan.policy.key)
+        for plan in raises:
+            if plan.policy is not None and plan.policy.key in failed:
+                log.info("raise put off: a lower of the same policy failed this tick",
+                         extra={"gpu": plan.uuid, "policy": plan.policy.key, "new_w": plan.cap_w})
+                continue
+            written += self._write(plan, now_s, enforced_w)
+        for plan in restores:
+            written += self._write(plan, now_s, enforced_w)
+        return written
+
+    def _write(self, plan: GpuPlan, now_s: float, enforced_w: dict[str, float]) -> bool:
+        """Call the setter for one plan; True when the limit was written."""
         degraded = self._degraded.get(plan.uuid)
-        if degraded is not None and now_s < degraded.retry_set_at_s:
-            return 0  # a write failed recently: keep the cap, retry later
+        if degraded is not None and degraded.operation == "set" and now_s < degraded.retry_set_at_s:
+            return False  # a write failed recently: keep the cap, retry later
         try:
             enforced = self.backend.set_power_limit_w(plan.index, plan.cap_w)
         except GpuError as error:
             self._gpu_failed(plan.uuid, "set", error, now_s)
-            return 0
+            return False
         if degraded is not None:
             self._gpu_recovered(plan.uuid)
         enforced_w[plan.uuid] = enforced
@@ -283,7 +414,24 @@ class Agent:
         if plan.policy is not None:
             self._event(plan.policy, "PowerCapChanged", self._describe(plan, plan.reason), "Normal", now_s)
         self._check_held_lower(plan, enforced, now_s)
-        return 1
+        return True
+
+    def _say_policy_conditions(self, node_plan: NodePlan) -> None:
+        """One warning when a policy enters a condition (:data:`POLICY_CONDITIONS`), one
+        info line when it leaves it."""
+        now = {key: _conditions(share) for key, share in node_plan.policies.items()}
+        for key, conditions in now.items():
+            share = node_plan.policies[key]
+            before = self._conditions.get(key, frozenset())
+            for condition in sorted(conditions - before):
+                log.warning(POLICY_CONDITIONS[condition], extra={
+                    "policy": key, "problem": share.problem, "budget_w": share.budget_w,
+                    "allocated_w": share.service_w, "node_allocated_w": share.allocated_w,
+                    "held_w": share.held_w, "minimums_w": share.minimums_w, "power_cap_w": share.power_cap_w,
+                })
+            for condition in sorted(before - conditions):
+                log.info("policy condition cleared", extra={"policy": key, "condition": condition})
+        self._conditions = {key: conditions for key, conditions in now.items() if conditions}
 
     def _keep_record(self, plan: GpuPlan) -> None:
         if plan.record is None:
@@ -346,10 +494,12 @@ class Agent:
 
     # -- reporting ---------------------------------------------------------------------------
     def _update_metrics(
-        self, readings: Iterable[GpuSnapshot], plans: Iterable[GpuPlan], enforced_w: dict[str, float], fresh: bool
+        self, readings: Iterable[GpuSnapshot], plans: Iterable[GpuPlan], enforced_w: dict[str, float], fresh: bool,
+        unreadable: Mapping[str, str],
     ) -> None:
         m = self.metrics
         m.policy_fresh.set(1 if fresh else 0)
+        m.set_unreadable_policies(unreadable)
         for r in readings:
             m.power.labels(r.uuid).set(r.power_w)
             m.limit.labels(r.uuid).set(enforced_w.get(r.uuid, r.limit_w))
@@ -387,21 +537,31 @@ class Agent:
         return end_s is not None and self._clock() - end_s <= max(3 * self.settings.interval_s, 5.0)
 
     def status(self) -> dict[str, Any]:
-        """The ``/status`` document: per GPU, the last plan and any degradation."""
+        """The ``/status`` document: per GPU, the limit in force, the last plan and any
+        degradation (GPUs that could not be read or enumerated included); per policy, what
+        it may hold on this node and any problem."""
         with self._lock:
             plans = self._last_plans
             ticks = self.ticks
+            unseen = {g.index: g for g in self._unseen}
+            in_force = dict(self._in_force_w)
+            shares = dict(self._shares)
+            unreadable = dict(self._unreadable)
+            counted = dict(self._counted_w)
         planned = {p.uuid: p for p in plans}
         gpus = []
         for device in self.devices:
             plan = planned.get(device.uuid)
             degraded = self._degraded.get(device.uuid)
+            missing = unseen.get(device.index)
             gpus.append(
                 {
                     "uuid": device.uuid,
                     "index": device.index,
                     "action": plan.action.value if plan else None,
-                    "capW": plan.cap_w if plan else None,
+                    "capW": in_force.get(device.uuid, missing.held_w if missing else None),
+                    "plannedW": plan.cap_w if plan else None,
+                    "countedW": counted.get(device.index) if missing else in_force.get(device.uuid),
                     "reason": plan.reason if plan else None,
                     "policy": plan.policy.key if plan and plan.policy else None,
                     "pod": plan.pod if plan else None,
@@ -410,12 +570,28 @@ class Agent:
                     "error": f"{degraded.operation}: {degraded.kind}: {degraded.error}" if degraded else None,
                 }
             )
+        for index, why in sorted(self._unenumerated.items()):
+            gpus.append({
+                "uuid": None, "index": index, "action": None, "capW": None, "plannedW": None,
+                "countedW": counted.get(index), "reason": None, "policy": None, "pod": None,
+                "tokensPerJoule": None, "degraded": True, "error": f"enumeration: {why}",
+            })
         return {
             "node": self.settings.node,
             "dryRun": self.settings.dry_run,
             "ticks": ticks,
             "policyFresh": self._fresh,
             "policyProblem": self._source_problem,
+            "unreadablePolicies": unreadable,
+            "policies": {
+                key: {
+                    "budgetW": share.budget_w, "allocatedW": share.allocated_w, "serviceAllocatedW": share.service_w,
+                    "allowanceW": share.allowance_w, "heldW": share.held_w, "ceilingsW": share.ceilings_w,
+                    "gpus": share.gpus, "clamped": share.clamped, "infeasible": share.infeasible,
+                    "problem": share.problem,
+                }
+                for key, share in sorted(shares.items())
+            },
             "gpus": gpus,
         }
 

@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     publisher: Publisher
     try:
         if args.policy is not None:
-            source = FilePolicySource(args.policy, args.node, [d.uuid for d in backend.devices()])
+            source = FilePolicySource(args.policy, args.node)
             publisher = NullPublisher()
         else:
             client = kube.KubeClient.from_environment(connect_timeout_s=2.0, read_timeout_s=10.0)

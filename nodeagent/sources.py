@@ -9,11 +9,18 @@
   LIST of its collection (made by the probe, every ``probe_interval_s``) is younger than
   ``stale_after_s`` and stands in for the cache. Otherwise the agent keeps its caps
   (never raises one).
+
+  A policy is parsed with the full validator; one it refuses is read leniently
+  (:func:`powercap.agentplan.enforceable_policy`: the agent needs the cap, the selector
+  and the allocations, not the algorithm) and logged once; one that cannot be read even
+  so (no ``powerCapLimit``...) keeps its last good version, is listed in
+  :attr:`SourceView.unreadable` (its GPUs' caps are held) and logged once per problem.
 - :class:`FilePolicySource` (``--policy FILE``): one policy from a file, no Kubernetes.
-  Every local GPU belongs to it; its ``powerCapLimit`` is split evenly over the local
-  GPUs (see :func:`powercap.agentplan.split_allocation`) unless the file's ``status``
-  carries an allocation for this node. The file is re-read when it changes; while it is
-  unreadable or invalid the last good policy is kept but the view is not fresh.
+  Every local GPU belongs to it (:attr:`SourceView.node_policy`); its budget is split
+  evenly over the node's GPUs, those the agent cannot see included (see
+  :func:`powercap.agentplan.split_allocation`), unless the file's ``status`` carries an
+  allocation for this node. The file is re-read when it changes; while it is unreadable
+  or invalid the last good policy is kept but the view is not fresh.
 
 Both hand out a :class:`SourceView` snapshot per tick, never blocking on the network.
 """
@@ -26,10 +33,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from powercap import kube
-from powercap.agentplan import split_allocation
+from powercap.agentplan import enforceable_policy, split_allocation
 from powercap.algorithms import AlgorithmRegistry
 from powercap.objects import RACK_LABEL, KubeObject, node_rack, object_key
 from powercap.policies import Policy, parse_policy
@@ -49,6 +57,8 @@ class SourceView:
     node_rack: str | None = None
     apply_all_racks: bool = False
     problem: str | None = None  # why the view is not fresh, where the source knows
+    unreadable: Mapping[str, str] = field(default_factory=dict)  # policy key -> why it cannot be read
+    node_policy: str | None = None  # the policy owning every GPU of the node (--policy FILE)
 
 
 class PolicySource(Protocol):
@@ -76,15 +86,19 @@ def read_policy_file(path: Path, registry: AlgorithmRegistry) -> Policy:
 
 
 class FilePolicySource:
-    """``--policy FILE``: every GPU in ``gpu_uuids`` belongs to the file's policy."""
+    """``--policy FILE``: every GPU of the node belongs to the file's policy.
 
-    def __init__(self, path: Path, node: str, gpu_uuids: Sequence[str], registry: AlgorithmRegistry | None = None) -> None:
+    ``gpu_uuids`` is accepted for callers written when the split was made here; the plan
+    now splits over the GPUs it finds each tick (a GPU that joins later is counted).
+    """
+
+    def __init__(self, path: Path, node: str, gpu_uuids: Sequence[str] = (),
+                 registry: AlgorithmRegistry | None = None) -> None:
         self.path = path
         self.node = node
-        self._uuids = list(gpu_uuids)
         self._registry = registry or AlgorithmRegistry.default()
         self._file = FileWatch([path])
-        self._policy = split_allocation(read_policy_file(path, self._registry), node, self._uuids)
+        self._policy = split_allocation(read_policy_file(path, self._registry), node)
         self._problem: str | None = None
         log.info("policy file loaded", extra={"policy_file": str(path), "policy": self._policy.key})
 
@@ -97,7 +111,7 @@ class FilePolicySource:
     def view(self) -> SourceView:
         if self._file.changed():
             try:
-                policy = split_allocation(read_policy_file(self.path, self._registry), self.node, self._uuids)
+                policy = split_allocation(read_policy_file(self.path, self._registry), self.node)
             except PolicyFileError as error:
                 if str(error) != self._problem:  # every new problem once: the one being fixed now
                     log.error("policy file invalid: keeping caps until it is fixed", extra={"error": str(error)})
@@ -105,7 +119,8 @@ class FilePolicySource:
             else:
                 self._policy, self._problem = policy, None
                 log.info("policy file reloaded", extra={"policy_file": str(self.path), "policy": policy.key})
-        return SourceView(policies=(self._policy,), fresh=self._problem is None, apply_all_racks=True, problem=self._problem)
+        return SourceView(policies=(self._policy,), fresh=self._problem is None, apply_all_racks=True,
+                          problem=self._problem, node_policy=self._policy.key)
 
 
 @dataclass(frozen=True)
@@ -155,9 +170,11 @@ class ClusterSource:
         self._listed: dict[str, _Listed] = {}
         self._reconnected: set[str] = set()
         self._list_errors: dict[str, str] = {}
-        self._parsed: dict[str, tuple[str, Policy | None]] = {}
+        self._parsed: dict[str, tuple[str, Policy | None, str | None]] = {}
+        self._last_good: dict[str, Policy] = {}
         self._built_versions: tuple[Any, ...] | None = None
         self._view_policies: tuple[Policy, ...] = ()
+        self._view_unreadable: Mapping[str, str] = {}
         self._view_pods: Mapping[str, KubeObject] = {}
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -295,28 +312,48 @@ class ClusterSource:
         versions = (policies_version, pods_version)
         if versions != self._built_versions:
             self._built_versions = versions
-            self._view_policies = tuple(p for p in map(self._parse, policies) if p is not None)
+            parsed = [(object_key(p), self._parse(p)) for p in policies]
+            self._view_policies = tuple(policy for _, (policy, _) in parsed if policy is not None)
+            self._view_unreadable = MappingProxyType({key: problem for key, (_, problem) in parsed if problem is not None})
             self._view_pods = {
                 str(pod["metadata"]["uid"]): pod for pod in pods if (pod.get("metadata") or {}).get("uid")
             }
-            live = {object_key(p) for p in policies}
+            live = {key for key, _ in parsed}
             self._parsed = {k: v for k, v in self._parsed.items() if k in live}
+            self._last_good = {k: v for k, v in self._last_good.items() if k in live}
         with self._lock:
             rack = self._rack
         problem = self.problem()
         return SourceView(policies=self._view_policies, pods_by_uid=self._view_pods, fresh=problem is None,
-                          node_rack=rack, problem=problem)
+                          node_rack=rack, problem=problem, unreadable=self._view_unreadable)
 
-    def _parse(self, document: Mapping[str, Any]) -> Policy | None:
-        """A policy from the cache, parsed once per resourceVersion; invalid ones are skipped."""
+    def _parse(self, document: Mapping[str, Any]) -> tuple[Policy | None, str | None]:
+        """A policy from the cache and why it cannot be read (None when it can), parsed once
+        per resourceVersion: the validator's, else :func:`enforceable_policy`'s, else the
+        last good version and the problem (module docstring)."""
         key, version = object_key(document), kube.resource_version(document)
         cached = self._parsed.get(key)
         if cached is not None and cached[0] == version:
-            return cached[1]
+            return cached[1], cached[2]
+        previous_problem = cached[2] if cached is not None else None
+        problem: str | None = None
         try:
             policy: Policy | None = parse_policy(document, self._registry)
-        except ValueError as error:
-            log.error("policy invalid: ignored", extra={"policy": key, "error": str(error)})
-            policy = None
-        self._parsed[key] = (version, policy)
-        return policy
+        except ValueError as refused:
+            try:
+                policy = enforceable_policy(document)
+            except ValueError as error:
+                problem = str(error)
+                policy = self._last_good.get(key)
+                if problem != previous_problem:
+                    log.error("policy unreadable: holding the caps of its GPUs",
+                              extra={"policy": key, "error": problem, "last_good": policy is not None})
+            else:
+                log.warning("policy refused by this agent's validator: enforcing its cap, selector and allocations",
+                            extra={"policy": key, "error": str(refused)})
+        if problem is None and policy is not None:
+            self._last_good[key] = policy
+            if previous_problem is not None:
+                log.info("policy readable again", extra={"policy": key})
+        self._parsed[key] = (version, policy, problem)
+        return policy, problem

@@ -17,24 +17,55 @@ Which policy owns a GPU, in order:
    :func:`powercap.objects.policy_for_pod`);
 2. else the policy whose ``status.allocations`` entry for this node names the GPU's UUID
    (a pod starting up or restarting has no process yet; the budget controller still
-   counts its GPU, and the GPU keeps its cap instead of bouncing to its default).
+   counts its GPU, and the GPU keeps its cap instead of bouncing to its default);
+3. else, with ``--policy FILE``, the file's policy (``node_policy``): it owns every GPU.
 
-Its allocation (the control law's ceiling) is that entry's ``watts``; a node entry
-without a ``gpus`` list splits its ``watts`` evenly over the policy's GPUs on this node:
-``allocation = floor(node watts / n)``. A GPU with no allocation runs at its minimum.
+**Allocation** (the control law's ceiling) is that entry's per-GPU ``watts``; a node entry
+without a ``gpus`` list splits its ``watts`` evenly over the policy's GPUs on this node,
+those the agent cannot see included: ``allocation = floor(node watts / n)``. A GPU with no
+allocation runs at its minimum.
+
+**What a policy may hold on this node** (:func:`share_out`, every tick, per policy): the
+allocations are never taken on trust. With ``B`` the policy's budget
+(:func:`powercap.placement.policy_budget_w`: ``status.budgetW`` for the current spec, else
+``floor(powerCapLimit x (1 - 3 %))``), ``E`` this node's allocated watts, ``S`` the sum of
+every node's (:func:`entry_total_w`) and ``U`` the minimums of this node's GPUs of the
+policy that have no allocation yet::
+
+    allowance = min(B, E x min(1, B / S) + U)
+    room      = allowance - sum(held)        held: the GPUs that cannot move (below)
+    ceiling_i = ask_i                        when sum(ask) <= room, else
+                max(min_i, floor(ask_i x s)) with the largest s in [0, 1] that fits (:func:`fit_w`);
+                every GPU at its minimum when the minimums alone pass ``room`` (*infeasible*)
+
+``ask_i`` is the GPU's allocation (its minimum without one) within its [min, max]. A GPU
+the agent cannot move counts at the limit it holds: a GPU whose setter fails
+(``stuck``) at its management limit; a GPU it cannot read (``unseen``: a failed read, or
+a failed enumeration with no UUID) at the limit read alone, else its NVML maximum
+(:func:`held_w`), attributed to a policy by its last owner, its state-file record, an
+allocation naming it, an allocation or record naming a UUID the node does not show, or the
+file's policy.
 
 Safety rules encoded here (each has a test row in tests/test_agentplan.py):
 
 - the current cap fed to the law is the *requested* (management) limit, not the
   enforced one: an out-of-band limiter holding the GPU lower does not make us rewrite;
-- without a fresh view of the policies nothing is raised: the law holds (only a thermal
-  cut moves) and a GPU that seems to have left every policy is not restored;
+- without a fresh view of a policy (the API server unreachable, a watch down, or the
+  policy unreadable: ``unreadable_policies``, its last good version kept) nothing is
+  raised: the law holds (only a thermal cut moves), a GPU that seems to have left every
+  policy is not restored, and no record is raised or created without a write; a cap is
+  still lowered to its recorded value (a GPU reset put its default back) or to a clamped
+  ceiling (another GPU of the policy cannot move): going down is always safe;
 - only GPUs the agent capped (a :class:`CapRecord`, persisted in the host state file) are
   ever restored; a GPU whose management limit went back to its default while a record
   says we capped it lower lost its cap to a driver reload or GPU reset: re-applied, with
   reason ``driver-reset``;
+- a GPU whose setter fails keeps its record (its lower cap is what to go back to);
 - a restart adopts the recorded caps and control state (ratio offset, thermal limit), so
   the first tick after a restart writes nothing when the caps already match.
+
+A policy the agent's validator refuses is read leniently (:func:`enforceable_policy`): the
+agent needs the cap, the selector, the mode and the allocations, not the algorithm.
 
 Telemetry (:func:`build_telemetry`) and its rate limiting (:func:`should_publish`) are
 here too: publish when any GPU's or the node's power moved by more than 5 %, a
@@ -56,13 +87,29 @@ from types import MappingProxyType
 from typing import Any, Protocol, TypeGuard
 
 from powercap.allocation import AllocationSettings, budget_w
-from powercap.control import CapDecision, CapReason, ControlSettings, ControlState, GpuMeasurement, next_cap
+from powercap.control import CapReason, ControlSettings, ControlState, GpuMeasurement, next_cap
 from powercap.objects import KubeObject, object_key, pod_is_active, policy_for_pod
-from powercap.policies import Policy
+from powercap.placement import policy_budget_w
+from powercap.policies import (
+    LabelSelector,
+    Mode,
+    PerformanceTarget,
+    Policy,
+    RackConstraint,
+    SelectorRequirement,
+    default_selector,
+)
 from powercap.telemetry import GpuTelemetry, NodeTelemetry
 
 DRIVER_RESET = "driver-reset"
 LEFT_POLICIES = "left-policies"
+RECORDED_CAP = "recorded-cap"
+"""Lowered to the cap the state file records while the view is stale."""
+BUDGET_CLAMP = "budget-clamp"
+"""Lowered to a ceiling :func:`share_out` clamped under the allocation."""
+STUCK = "setter-failing"
+"""Held: the GPU's setter fails; it counts at the limit it holds."""
+POLICY_UNREADABLE = "policy-unreadable"
 DEFAULT_LIMIT_TOLERANCE_W = 0.5
 """A management limit within this of the default counts as the default (mW rounding)."""
 
@@ -129,6 +176,18 @@ class GpuMemory:
 
 
 @dataclass(frozen=True)
+class UnseenGpu:
+    """A GPU of this node the agent cannot read this tick: a read failed, or enumeration
+    did (``uuid`` None). ``held_w``: its management limit read alone, None when that failed
+    too; ``max_w``: its NVML maximum from an earlier reading, None when never read."""
+
+    index: int
+    uuid: str | None = None
+    held_w: float | None = None
+    max_w: float | None = None
+
+
+@dataclass(frozen=True)
 class TickInputs:
     """Everything one tick decides on.
 
@@ -149,6 +208,12 @@ class TickInputs:
         records: per GPU UUID, what the state file says we capped.
         enforce: False under ``--dry-run``: no SET or RESTORE, only OBSERVE.
         settings: control law tuning.
+        unseen: GPUs of this node that could not be read (or enumerated) this tick.
+        stuck: UUIDs of readable GPUs whose setter fails: held, counted at their limit.
+        unreadable_policies: policy key -> why it cannot be read; ``policies`` holds its
+            last good version, if the agent had one.
+        node_policy: the key of the policy that owns every GPU of the node
+            (``--policy FILE``), else None.
     """
 
     node: str
@@ -166,6 +231,10 @@ class TickInputs:
     records: Mapping[str, CapRecord] = field(default_factory=dict)
     enforce: bool = True
     settings: ControlSettings = field(default_factory=ControlSettings)
+    unseen: Sequence[UnseenGpu] = ()
+    stuck: frozenset[str] = frozenset()
+    unreadable_policies: Mapping[str, str] = field(default_factory=dict)
+    node_policy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -245,24 +314,127 @@ def _is_number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def split_allocation(
-    policy: Policy, node: str, uuids: Sequence[str], margin: float = AllocationSettings().margin
-) -> Policy:
+def entry_total_w(entry: Mapping[str, Any]) -> float:
+    """The watts one ``status.allocations`` entry gives its node: the sum of its per-GPU
+    ``watts`` (negative ones as 0), or its ``watts`` without a ``gpus`` list; the smaller
+    of the two when both are there and disagree (contradictory input: believe the lower)."""
+    totals = []
+    gpus = entry.get("gpus")
+    if isinstance(gpus, (list, tuple)):
+        totals.append(sum(max(0.0, float(g["watts"])) for g in gpus if isinstance(g, Mapping) and _is_number(g.get("watts"))))
+    watts = entry.get("watts")
+    if _is_number(watts):
+        totals.append(max(0.0, float(watts)))
+    return min(totals) if totals else 0.0
+
+
+def service_allocated_w(policy: Policy) -> float:
+    """The sum of :func:`entry_total_w` over every node of the policy's ``status.allocations``."""
+    allocations = policy.status.get("allocations") or ()
+    return sum(entry_total_w(e) for e in allocations if isinstance(e, Mapping)) if isinstance(allocations, (list, tuple)) else 0.0
+
+
+def split_allocation(policy: Policy, node: str, margin: float = AllocationSettings().margin) -> Policy:
     """``--policy FILE`` mode: every local GPU belongs to ``policy``.
 
-    Keeps an allocation the file's ``status`` already has for ``node``; otherwise
-    writes one: each GPU gets ``floor(budget / len(uuids))`` W with the budget controller's
-    ``budget = floor(powerCapLimit x (1 - margin))``, so the node's caps sum to at most the
-    same budget a cluster would give (the margin absorbs power overshooting a limit); the
-    control law then clamps each to its [min, max].
+    Keeps an allocation the file's ``status`` already has for ``node``; otherwise writes a
+    node entry without a ``gpus`` list, ``watts = floor(powerCapLimit x (1 - margin))``
+    (the budget controller's budget: the margin absorbs power overshooting a limit), which
+    the plan splits evenly over the GPUs of the node, those it cannot see included:
+    ``floor(budget / n)`` each, clamped to each GPU's [min, max] by the law.
     """
-    if node_allocation(policy, node) is not None or not uuids:
+    if node_allocation(policy, node) is not None:
         return policy
-    per_gpu_w = budget_w(policy.power_cap_w, margin) // len(uuids)
-    entry = {"node": node, "gpus": [{"uuid": u, "watts": per_gpu_w} for u in uuids], "watts": per_gpu_w * len(uuids)}
+    entry = {"node": node, "watts": budget_w(policy.power_cap_w, margin)}
     status = dict(policy.status)
     status["allocations"] = [*(status.get("allocations") or ()), entry]
     return replace(policy, status=MappingProxyType(status))
+
+
+def enforceable_policy(document: Any) -> Policy:
+    """What the agent needs of a policy its validator refuses: the cap, the selector, the
+    mode, the rack limits it can read and the status (the allocations).
+
+    A policy may pass the webhook and fail here (an algorithm installed in the webhook's
+    image and not in the agent's, or a rule tightened by an upgrade); the agent does not need
+    the algorithm, so ``customAlgorithm`` is not looked at. A rack constraint or a ratio
+    target that cannot be read is left out (neither can raise a cap above its allocation);
+    a ``mode`` other than ``Observe`` is enforced. Raises ``ValueError`` naming the field
+    when the policy truly cannot be enforced: no name, no ``spec``, no positive
+    ``powerCapLimit``, or a selector that cannot be read (which pods are its own?).
+    """
+    if not isinstance(document, Mapping):
+        raise ValueError("a policy must be an object")
+    metadata = document.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, Mapping) else None
+    if not isinstance(name, str) or not name:
+        raise ValueError("metadata.name: is required")
+    assert isinstance(metadata, Mapping)
+    spec = document.get("spec")
+    if not isinstance(spec, Mapping):
+        raise ValueError("spec: is required")
+    cap = spec.get("powerCapLimit")
+    if not _is_number(cap) or cap <= 0:
+        raise ValueError("spec.powerCapLimit: " + ("is required" if cap is None else "must be watts greater than 0"))
+    namespace = metadata.get("namespace")
+    generation = metadata.get("generation")
+    status = document.get("status")
+    return Policy(
+        namespace=namespace if isinstance(namespace, str) and namespace else "default",
+        name=name,
+        uid=str(metadata.get("uid") or ""),
+        generation=generation if isinstance(generation, int) and not isinstance(generation, bool) else 0,
+        power_cap_w=math.floor(cap),
+        racks=_readable_racks(spec.get("rackConstraints")),
+        performance=_readable_target(spec.get("performancePowerRatio")),
+        selector=_readable_selector(spec.get("selector"), name),
+        mode=Mode.OBSERVE if spec.get("mode") == Mode.OBSERVE.value else Mode.ENFORCE,
+        status=MappingProxyType(dict(status) if isinstance(status, Mapping) else {}),
+    )
+
+
+def _readable_selector(raw: Any, name: str) -> LabelSelector:
+    if raw is None:
+        return LabelSelector.from_dict(default_selector(name))
+    if not isinstance(raw, Mapping):
+        raise ValueError("spec.selector: must be an object")
+    labels = raw.get("matchLabels") or {}
+    if not isinstance(labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise ValueError("spec.selector.matchLabels: must map strings to strings")
+    expressions = raw.get("matchExpressions") or []
+    requirements = []
+    for index, expression in enumerate(expressions if isinstance(expressions, list) else [None]):
+        path = f"spec.selector.matchExpressions[{index}]"
+        if not isinstance(expression, Mapping) or not isinstance(expression.get("key"), str):
+            raise ValueError(f"{path}: must be an object with a key")
+        operator, values = expression.get("operator"), expression.get("values") or []
+        if operator not in ("In", "NotIn", "Exists", "DoesNotExist"):
+            raise ValueError(f"{path}.operator: must be In, NotIn, Exists or DoesNotExist")
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ValueError(f"{path}.values: must be a list of strings")
+        requirements.append(SelectorRequirement(expression["key"], operator, tuple(values)))
+    return LabelSelector(MappingProxyType(dict(labels)), tuple(requirements))
+
+
+def _readable_racks(raw: Any) -> tuple[RackConstraint, ...]:
+    racks = []
+    for rack in raw if isinstance(raw, list) else ():
+        if not isinstance(rack, Mapping) or not isinstance(rack.get("rackId"), str):
+            continue
+        power, temperature = rack.get("maxPower"), rack.get("maxTemperature")
+        racks.append(RackConstraint(
+            rack["rackId"],
+            max_power_w=int(power) if _is_number(power) and power > 0 else None,
+            max_temperature_c=float(temperature) if _is_number(temperature) else None,
+        ))
+    return tuple(racks)
+
+
+def _readable_target(raw: Any) -> PerformanceTarget | None:
+    if not isinstance(raw, Mapping) or not _is_number(raw.get("targetRatio")) or raw["targetRatio"] <= 0:
+        return None
+    tolerance = raw.get("tolerancePercentage")
+    return PerformanceTarget(float(raw["targetRatio"]), float(tolerance) if _is_number(tolerance) and 0 <= tolerance <= 100 else 5.0)
 
 
 def max_inlet_c(policy: Policy, node_rack: str | None, apply_all_racks: bool) -> float | None:
@@ -297,10 +469,61 @@ def _owner(inputs: TickInputs, uuid: str) -> _Owner:
         policy = policy_for_pod(pod, inputs.policies)
         if policy is not None:
             return _Owner(policy, pod)
-    by_allocation = sorted(
-        (p for p in inputs.policies if uuid in allocated_uuids(p, inputs.node)), key=lambda p: p.key
-    )
-    return _Owner(by_allocation[0] if by_allocation else None, pods[0] if pods else None)
+    by_allocation = _allocated_to(inputs, uuid)
+    owner = by_allocation or _policy_by_key(inputs, inputs.node_policy)
+    return _Owner(owner, pods[0] if pods else None)
+
+
+def _allocated_to(inputs: TickInputs, uuid: str) -> Policy | None:
+    """The policy (first by key) whose allocation for this node names ``uuid``."""
+    named = sorted((p for p in inputs.policies if uuid in allocated_uuids(p, inputs.node)), key=lambda p: p.key)
+    return named[0] if named else None
+
+
+def _policy_by_key(inputs: TickInputs, key: str | None) -> Policy | None:
+    return next((p for p in inputs.policies if p.key == key), None) if key is not None else None
+
+
+def held_w(gpu: UnseenGpu, readings: Sequence[GpuReading]) -> float:
+    """The limit an unreadable GPU counts at: the management limit read alone; else its
+    maximum from an earlier reading; else the largest maximum of the node's readable GPUs
+    (a node's GPUs are nearly always one model); 0 when no GPU of the node can be read
+    (then there is nothing to make room on)."""
+    if gpu.held_w is not None:
+        return gpu.held_w
+    if gpu.max_w is not None:
+        return gpu.max_w
+    return max((r.max_limit_w for r in readings), default=0.0)
+
+
+def _unseen_owners(inputs: TickInputs) -> dict[int, str | None]:
+    """The policy key each unseen GPU counts against (module docstring), by NVML index.
+
+    A GPU with a UUID: its owner last tick (memory), its state-file record, an allocation
+    naming it, else the file's policy. One that failed enumeration (no UUID): the owner of
+    a UUID that an allocation for this node or a record names and the node does not show
+    (one such UUID per GPU, in UUID order), else the file's policy.
+    """
+    known = {r.uuid for r in inputs.readings} | {g.uuid for g in inputs.unseen if g.uuid}
+    orphans: dict[str, str] = {}
+    for uuid, recorded in inputs.records.items():
+        if uuid not in known:
+            orphans.setdefault(uuid, recorded.policy)
+    for policy in sorted(inputs.policies, key=lambda p: p.key):
+        for uuid in allocated_uuids(policy, inputs.node) - known:
+            orphans.setdefault(uuid, policy.key)
+    unclaimed = sorted(orphans)
+    owners: dict[int, str | None] = {}
+    for gpu in sorted(inputs.unseen, key=lambda g: g.index):
+        key: str | None = None
+        if gpu.uuid is not None:
+            memory, record = inputs.memories.get(gpu.uuid), inputs.records.get(gpu.uuid)
+            allocated = _allocated_to(inputs, gpu.uuid)
+            key = memory.policy if memory else record.policy if record else allocated.key if allocated else None
+        elif unclaimed:
+            key = orphans[unclaimed.pop(0)]
+        owners[gpu.index] = key or inputs.node_policy
+    return owners
 
 
 # -- tokens per joule ---------------------------------------------------------------------
@@ -344,16 +567,194 @@ def _pod_loads(inputs: TickInputs) -> dict[str, _PodLoad]:
     return loads
 
 
+# -- what a policy may hold on this node ---------------------------------------------------
+
+
+def fit_w(asks_w: Sequence[float], mins_w: Sequence[float], room_w: float) -> list[float]:
+    """Ceilings that sum to at most ``room_w``, proportional to the asks.
+
+    ``asks_w`` as they are when they fit. Otherwise ``c_i = max(min_i, floor(ask_i x s))``
+    with the largest ``s`` in [0, 1] that fits (GPUs whose share falls under their minimum
+    are held there and the others share what is left); every GPU at its minimum when the
+    minimums alone pass ``room_w``. Each ``ask_i`` must already lie in [min_i, max_i].
+    """
+    asks, mins = list(asks_w), list(mins_w)
+    if sum(asks) <= room_w + 1e-9:
+        return asks
+    if sum(mins) >= room_w:
+        return mins
+    pinned: set[int] = set()
+    scale = 1.0
+    for _ in range(len(asks) + 1):
+        free = [i for i in range(len(asks)) if i not in pinned]
+        wanted = sum(asks[i] for i in free)
+        if wanted <= 0:
+            break
+        scale = min(1.0, (room_w - sum(mins[i] for i in pinned)) / wanted)
+        newly = {i for i in free if asks[i] * scale < mins[i]}
+        if not newly:
+            break
+        pinned |= newly
+    return [mins[i] if i in pinned else max(mins[i], math.floor(asks[i] * scale + 1e-9)) for i in range(len(asks))]
+
+
+@dataclass(frozen=True)
+class PolicyShare:
+    """What one policy may hold on this node this tick, and what its GPUs got (:func:`share_out`).
+
+    All in W: ``budget_w`` (B), ``allocated_w`` (E, this node's allocation),
+    ``service_w`` (S, every node's), ``allowance_w``, ``asked_w`` (the asks of the GPUs
+    that can move), ``held_w`` (the GPUs that cannot, at the limit they hold) and
+    ``ceilings_w`` (what the movable ones got). ``clamped``: the asks were cut;
+    ``infeasible``: their minimums alone pass the room. ``unreadable``: why the policy
+    cannot be read (its caps are held), else None.
+    """
+
+    policy: str
+    budget_w: float
+    allocated_w: float
+    service_w: float
+    allowance_w: float
+    asked_w: float
+    held_w: float
+    ceilings_w: float
+    minimums_w: float
+    gpus: int
+    clamped: bool
+    infeasible: bool
+    power_cap_w: float = 0.0
+    unreadable: str | None = None
+
+    @property
+    def over_budget(self) -> bool:
+        """The published allocations alone pass the budget (the controller's input is wrong)."""
+        return self.service_w > self.budget_w + 1e-9 or self.allocated_w > self.budget_w + 1e-9
+
+    @property
+    def problem(self) -> str | None:
+        """One line for ``/status`` and the logs, None when all is well."""
+        if self.unreadable is not None:
+            return f"unreadable, caps held: {self.unreadable}"
+        if self.infeasible:
+            held = f" + {_w(self.held_w)} W held by GPUs that cannot move" if self.held_w > 0 else ""
+            return (f"infeasible: minimums {_w(self.minimums_w)} W{held} > budget {_w(self.allowance_w)} W"
+                    f" (powerCapLimit {_w(self.power_cap_w)} W)")
+        if self.over_budget:
+            return (f"allocations {_w(self.service_w)} W pass the budget {_w(self.budget_w)} W:"
+                    f" clamped to {_w(self.ceilings_w + self.held_w)} W on this node")
+        if self.clamped:
+            return (f"{_w(self.held_w)} W held by GPUs that cannot move: the others clamped from"
+                    f" {_w(self.asked_w)} W to {_w(self.ceilings_w)} W")
+        return None
+
+
+def _w(watts: float) -> str:
+    return f"{watts:.0f}" if abs(watts - round(watts)) < 0.05 else f"{watts:.1f}"
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One movable GPU of a policy on this node: its limits and its allocation."""
+
+    uuid: str
+    min_w: float
+    max_w: float
+    allocation_w: float | None
+
+
+def share_out(
+    policy: Policy, node: str, members: Sequence[_Member], held: Sequence[float], gpus_on_node: int,
+) -> tuple[PolicyShare, dict[str, float]]:
+    """The ceilings of a policy's movable GPUs on ``node`` (module docstring: allowance,
+    room, :func:`fit_w`) and the share's summary."""
+    budget = float(policy_budget_w(policy))
+    entry = node_allocation(policy, node)
+    allocated = entry_total_w(entry) if entry is not None else 0.0
+    service = service_allocated_w(policy)
+    scale = min(1.0, budget / service) if service > 0 else 1.0
+    unallocated = sum(m.min_w for m in members if m.allocation_w is None)
+    allowance = min(budget, allocated * scale + unallocated)
+    asks = [min(max(m.allocation_w if m.allocation_w is not None else m.min_w, m.min_w), max(m.min_w, m.max_w))
+            for m in members]
+    mins = [m.min_w for m in members]
+    room = allowance - sum(held)
+    ceilings = fit_w(asks, mins, room)
+    summary = PolicyShare(
+        policy=policy.key,
+        budget_w=budget,
+        allocated_w=allocated,
+        service_w=service,
+        allowance_w=allowance,
+        asked_w=sum(asks),
+        held_w=sum(held),
+        ceilings_w=sum(ceilings),
+        minimums_w=sum(mins),
+        gpus=gpus_on_node,
+        clamped=sum(ceilings) < sum(asks) - 1e-9,
+        infeasible=sum(mins) > room + 1e-9,
+        power_cap_w=float(policy.power_cap_w),
+    )
+    return summary, {m.uuid: c for m, c in zip(members, ceilings)}
+
+
 # -- the plan -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """One tick's decisions: a :class:`GpuPlan` per reading (in reading order), a
+    :class:`PolicyShare` per policy owning a GPU of the node (or an unreadable one), and the
+    unseen GPUs no policy could be found for (counted nowhere; left alone)."""
+
+    gpus: tuple[GpuPlan, ...]
+    policies: Mapping[str, PolicyShare]
+    unattributed: tuple[UnseenGpu, ...] = ()
 
 
 def plan_tick(inputs: TickInputs) -> tuple[GpuPlan, ...]:
     """One :class:`GpuPlan` per reading, in reading order (module docstring)."""
+    return plan_node(inputs).gpus
+
+
+def plan_node(inputs: TickInputs) -> NodePlan:
+    """The whole tick: ownership, each policy's share of the node, then each GPU's plan."""
     owners = {r.uuid: _owner(inputs, r.uuid) for r in inputs.readings}
-    gpus_per_policy: dict[str, int] = {}
-    for owner in owners.values():
-        if owner.policy is not None:
-            gpus_per_policy[owner.policy.key] = gpus_per_policy.get(owner.policy.key, 0) + 1
+    unseen_owners = _unseen_owners(inputs)
+    owned: dict[str, list[GpuReading]] = {}
+    for reading in inputs.readings:
+        policy = owners[reading.uuid].policy
+        if policy is not None:
+            owned.setdefault(policy.key, []).append(reading)
+    unseen_by_policy: dict[str, list[UnseenGpu]] = {}
+    unattributed = []
+    for gpu in inputs.unseen:
+        key = unseen_owners.get(gpu.index)
+        if key is not None and _policy_by_key(inputs, key) is not None:
+            unseen_by_policy.setdefault(key, []).append(gpu)
+        else:
+            unattributed.append(gpu)
+    shares: dict[str, PolicyShare] = {}
+    ceilings: dict[str, float] = {}
+    allocations: dict[str, float | None] = {}
+    for key in sorted(set(owned) | set(unseen_by_policy)):
+        policy = _policy_by_key(inputs, key)
+        assert policy is not None
+        readings = owned.get(key, [])
+        unseen = unseen_by_policy.get(key, [])
+        n = len(readings) + len(unseen)
+        movable, held = [], [held_w(g, inputs.readings) for g in unseen]
+        for reading in readings:
+            allocations[reading.uuid] = allocation_w(policy, inputs.node, reading.uuid, n)
+            if reading.uuid in inputs.stuck:
+                held.append(reading.requested_limit_w)
+            else:
+                movable.append(_Member(reading.uuid, reading.min_limit_w, reading.max_limit_w, allocations[reading.uuid]))
+        share, policy_ceilings = share_out(policy, inputs.node, movable, held, n)
+        shares[key] = replace(share, unreadable=inputs.unreadable_policies.get(key))
+        ceilings.update(policy_ceilings)
+    for key, why in inputs.unreadable_policies.items():
+        if key not in shares:
+            shares[key] = PolicyShare(key, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, False, False, unreadable=why)
     pod_loads = _pod_loads(inputs)
     plans = []
     for reading in inputs.readings:
@@ -362,8 +763,10 @@ def plan_tick(inputs: TickInputs) -> tuple[GpuPlan, ...]:
         if owner.policy is None:
             plans.append(_plan_unowned(inputs, reading, owner.pod, record))
         else:
-            plans.append(_plan_owned(inputs, reading, owner, record, gpus_per_policy, pod_loads))
-    return tuple(plans)
+            ceiling = ceilings.get(reading.uuid)
+            allocation = allocations.get(reading.uuid)
+            plans.append(_plan_owned(inputs, reading, owner, record, allocation, ceiling, pod_loads))
+    return NodePlan(tuple(plans), MappingProxyType(shares), tuple(unattributed))
 
 
 def _plan_unowned(inputs: TickInputs, reading: GpuReading, pod: KubeObject | None, record: CapRecord | None) -> GpuPlan:
@@ -372,9 +775,17 @@ def _plan_unowned(inputs: TickInputs, reading: GpuReading, pod: KubeObject | Non
     base = GpuPlan(reading.uuid, reading.index, Action.NONE, current_w, current_w, "unowned", pod=object_key(pod) if pod else None)
     if record is None:
         return base
-    if not inputs.policy_fresh:
-        # The GPU may only look unowned because the view is stale: never raise now.
-        return replace(base, action=Action.HOLD, reason=CapReason.STALE_POLICY.value, record=record)
+    unreadable = record.policy in inputs.unreadable_policies
+    if not inputs.policy_fresh or unreadable:
+        # The GPU may only look unowned because the view is stale or its policy unreadable:
+        # never raise now, but going down to the recorded cap is always safe.
+        reason = POLICY_UNREADABLE if unreadable and inputs.policy_fresh else CapReason.STALE_POLICY.value
+        held = replace(base, action=Action.HOLD, reason=reason, record=record)
+        if reading.uuid in inputs.stuck or current_w <= record.cap_w + DEFAULT_LIMIT_TOLERANCE_W:
+            return held
+        reason = DRIVER_RESET if _lost_to_reset(reading, record) else RECORDED_CAP
+        action = Action.SET if inputs.enforce else Action.OBSERVE
+        return replace(held, action=action, cap_w=record.cap_w, reason=reason)
     if abs(current_w - reading.default_limit_w) <= DEFAULT_LIMIT_TOLERANCE_W:
         return replace(base, reason=LEFT_POLICIES)  # already at its default: just forget it
     action = Action.RESTORE if inputs.enforce else Action.OBSERVE
@@ -387,11 +798,13 @@ def _plan_owned(
     reading: GpuReading,
     owner: _Owner,
     record: CapRecord | None,
-    gpus_per_policy: Mapping[str, int],
+    allocation: float | None,
+    ceiling: float | None,
     pod_loads: Mapping[str, _PodLoad],
 ) -> GpuPlan:
     policy = owner.policy
     assert policy is not None
+    fresh = inputs.policy_fresh and policy.key not in inputs.unreadable_policies
     pod_uid = (owner.pod.get("metadata") or {}).get("uid") if owner.pod else None
     ratio: float | None = None
     tokens_s: float | None = None
@@ -408,34 +821,66 @@ def _plan_owned(
         state = record.control_state()
     else:
         state = ControlState()
+    ask_w = min(max(allocation if allocation is not None else reading.min_limit_w, reading.min_limit_w),
+                max(reading.min_limit_w, reading.max_limit_w))
+    clamped = ceiling is not None and ceiling < ask_w - 1e-9
+    law_allocation = ceiling if clamped else allocation
     measurement = GpuMeasurement(
         current_cap_w=reading.requested_limit_w,
         min_w=reading.min_limit_w,
         max_w=reading.max_limit_w,
-        allocation_w=allocation_w(policy, inputs.node, reading.uuid, gpus_per_policy.get(policy.key, 0)),
+        allocation_w=law_allocation,
         temperature_c=reading.temperature_c,
         slowdown_c=reading.slowdown_c,
         inlet_c=inputs.inlet_c,
         max_inlet_c=max_inlet_c(policy, inputs.node_rack, inputs.apply_all_racks),
         tokens_per_joule=ratio,
         target=policy.performance,
-        policy_fresh=inputs.policy_fresh,
+        policy_fresh=fresh,
     )
     decision = next_cap(measurement, state, inputs.now_s, inputs.settings)
     reason = decision.reason.value
+    if clamped and decision.reason is CapReason.ALLOCATION:
+        reason = BUDGET_CLAMP
     if decision.change and _lost_to_reset(reading, record):
         reason = DRIVER_RESET
+    cap_w, change = decision.cap_w, decision.change
+    current_w = reading.requested_limit_w
+    if not fresh:
+        if not change:
+            reason = CapReason.STALE_POLICY.value if not inputs.policy_fresh else POLICY_UNREADABLE
+        # Going down is always safe: to the recorded cap (a reset put the default back), or to
+        # a ceiling clamped to make room for a GPU that cannot move.
+        for target_w, why in ((record.cap_w if record else None, RECORDED_CAP), (ceiling if clamped else None, BUDGET_CLAMP)):
+            if target_w is not None and target_w < min(cap_w, current_w) - DEFAULT_LIMIT_TOLERANCE_W:
+                cap_w, change = target_w, True
+                reason = DRIVER_RESET if why == RECORDED_CAP and _lost_to_reset(reading, record) else why
     enforcing = inputs.enforce and policy.enforced
-    if decision.change:
+    if reading.uuid in inputs.stuck:
+        # Its setter fails: it counts at the limit it holds (the others made room) and its
+        # record keeps the lower cap to go back to once the setter answers.
+        return GpuPlan(
+            uuid=reading.uuid, index=reading.index, action=Action.HOLD, cap_w=current_w, previous_w=current_w,
+            reason=STUCK, policy=policy, pod=object_key(owner.pod) if owner.pod else None, pod_uid=pod_uid,
+            tokens_per_joule=ratio, tokens_s=tokens_s, record=record, memory=GpuMemory(policy.key, state),
+        )
+    if change:
         action = Action.SET if enforcing else Action.OBSERVE
     else:
         action = Action.HOLD
+    if not enforcing:
+        next_record = record
+    elif fresh:
+        next_record = _next_record(reading, policy, cap_w, decision.state, record)
+    else:
+        # Stale: a record is never raised nor created without a write.
+        next_record = _next_record(reading, policy, cap_w, decision.state, record) if change else record
     return GpuPlan(
         uuid=reading.uuid,
         index=reading.index,
         action=action,
-        cap_w=decision.cap_w,
-        previous_w=reading.requested_limit_w,
+        cap_w=cap_w,
+        previous_w=current_w,
         reason=reason,
         policy=policy,
         pod=object_key(owner.pod) if owner.pod else None,
@@ -443,7 +888,7 @@ def _plan_owned(
         tokens_per_joule=ratio,
         tokens_s=tokens_s,
         emergency=decision.emergency,
-        record=_next_record(reading, policy, decision, record) if enforcing else record,
+        record=next_record,
         memory=GpuMemory(policy.key, decision.state),
     )
 
@@ -457,16 +902,18 @@ def _lost_to_reset(reading: GpuReading, record: CapRecord | None) -> bool:
     )
 
 
-def _next_record(reading: GpuReading, policy: Policy, decision: CapDecision, record: CapRecord | None) -> CapRecord:
+def _next_record(
+    reading: GpuReading, policy: Policy, cap_w: float, state: ControlState, record: CapRecord | None
+) -> CapRecord:
     """What the state file holds for a GPU an enforced policy owns (adopted when we find it)."""
     default_w = record.default_w if record is not None else reading.default_limit_w
     return CapRecord(
         uuid=reading.uuid,
-        cap_w=decision.cap_w,
+        cap_w=cap_w,
         default_w=default_w,
         policy=policy.key,
-        ratio_offset_w=decision.state.ratio_offset_w,
-        thermal_limit_w=decision.state.thermal_limit_w,
+        ratio_offset_w=state.ratio_offset_w,
+        thermal_limit_w=state.thermal_limit_w,
     )
 
 

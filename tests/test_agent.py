@@ -15,6 +15,7 @@ from nodeagent.metrics import AgentMetrics
 from nodeagent.nvml import NvmlBackend
 from nodeagent.simulated import ManualClock
 from nodeagent.state import StateFile
+from powercap.agentplan import split_allocation
 from tests.agenthelpers import NODE, RecordingPublisher, StaticSource, pod, policy
 from tests.fakes.nvml import FakeNvml, NvmlReturn
 
@@ -123,39 +124,73 @@ def test_out_of_band_limiter_is_reported_not_fought(harness: Harness, fake: Fake
         pytest.param(NvmlReturn.INVALID_ARGUMENT, "InvalidArgument", id="invalid-argument"),
     ],
 )
-def test_a_failing_set_degrades_that_gpu_only(harness: Harness, fake: FakeNvml, code: int, error: str) -> None:
+def test_a_gpu_whose_set_fails_counts_at_its_limit_and_the_other_makes_room(
+    harness: Harness, fake: FakeNvml, code: int, error: str,
+) -> None:
+    """800 W for two GPUs; GPU 0 cannot be set and keeps 700 W: GPU 1 gets what is left
+    (100 W, so its 200 W minimum), /status and metrics show the limits in force."""
     fake.inject_error("nvmlDeviceSetPowerManagementLimit", code, gpu=0)
     harness.source.set(policy(caps_w={GPU0: 400, GPU1: 400}))
     harness.tick()
-    assert (fake.limit_w(0), fake.limit_w(1)) == (700, 400)
+    assert (fake.limit_w(0), fake.limit_w(1)) == (700, 400)  # both lowers tried; GPU 0's failed
     assert harness.sample("powercap_nvml_errors_total", gpu=GPU0, error=error) == 1
     assert harness.sample("powercap_gpu_degraded", gpu=GPU0) == 1
     assert harness.sample("powercap_gpu_degraded", gpu=GPU1) == 0
     status = harness.agent.status()["gpus"]
     assert status[0]["degraded"] and error in status[0]["error"] and not status[1]["degraded"]
+    assert (status[0]["capW"], status[0]["plannedW"]) == (700, 400)  # the limit in force, then the plan
     assert GPU0 not in harness.state()
-    harness.tick()  # within the retry delay: not hammered
+    harness.tick()  # within the retry delay: not hammered, and counted at the 700 W it holds
+    assert (fake.limit_w(0), fake.limit_w(1)) == (700, 200)
     assert harness.sample("powercap_nvml_errors_total", gpu=GPU0, error=error) == 1
+    assert harness.sample("powercap_gpu_power_limit_watts", gpu=GPU0) == 700
+    assert harness.agent.status()["gpus"][0]["reason"] == "setter-failing"
     fake.clear_errors()
     harness.tick(30.0)
-    assert fake.limit_w(0) == 400
+    assert (fake.limit_w(0), fake.limit_w(1)) == (400, 400)  # GPU 0's lower went first, then GPU 1's raise
     assert harness.sample("powercap_gpu_degraded", gpu=GPU0) == 0
+
+
+def test_a_raise_waits_while_a_lower_of_the_same_policy_fails(harness: Harness, fake: FakeNvml) -> None:
+    """The controller moves 200 W from GPU 0 to GPU 1; GPU 0's setter fails: GPU 1 is not
+    raised in that tick (the sum would pass 800 W), and makes room on the next."""
+    harness.source.set(policy(caps_w={GPU0: 500, GPU1: 300}))
+    harness.tick()
+    fake.inject_error("nvmlDeviceSetPowerManagementLimit", NvmlReturn.NO_PERMISSION, gpu=0)
+    harness.source.set(policy(caps_w={GPU0: 300, GPU1: 500}))
+    harness.tick()
+    assert (fake.limit_w(0), fake.limit_w(1)) == (500, 300)
+    harness.tick()
+    assert (fake.limit_w(0), fake.limit_w(1)) == (500, 300)  # room: 800 - 500 = 300 W
 
 
 @pytest.mark.parametrize(
     "code", [NvmlReturn.NO_PERMISSION, NvmlReturn.NOT_SUPPORTED, NvmlReturn.GPU_IS_LOST, NvmlReturn.INVALID_ARGUMENT]
 )
-def test_a_failing_read_degrades_that_gpu_only(harness: Harness, fake: FakeNvml, code: int) -> None:
+def test_a_failing_read_degrades_that_gpu_and_it_counts_at_its_limit(harness: Harness, fake: FakeNvml, code: int) -> None:
     fake.inject_error("nvmlDeviceGetPowerUsage", code, gpu=0)
     harness.source.set(policy(caps_w={GPU0: 400, GPU1: 400}))
     harness.tick()
-    assert (fake.limit_w(0), fake.limit_w(1)) == (700, 400)
+    # GPU 0's limit is read alone (700 W): GPU 1 makes room, down to its minimum
+    assert (fake.limit_w(0), fake.limit_w(1)) == (700, 200)
     assert [g.uuid for g in harness.publisher.telemetries[-1].gpus] == [GPU1]
     assert harness.sample("powercap_gpu_power_watts", gpu=GPU0) is None
     assert harness.sample("powercap_gpu_degraded", gpu=GPU0) == 1
+    assert harness.agent.status()["gpus"][0]["countedW"] == 700
     fake.clear_errors()
     harness.tick()
-    assert fake.limit_w(0) == 400 and harness.sample("powercap_gpu_degraded", gpu=GPU0) == 0
+    assert (fake.limit_w(0), fake.limit_w(1)) == (400, 400) and harness.sample("powercap_gpu_degraded", gpu=GPU0) == 0
+
+
+def test_an_unreadable_gpu_whose_limit_cannot_be_read_counts_at_its_maximum(harness: Harness, fake: FakeNvml) -> None:
+    harness.source.set(policy(caps_w={GPU0: 300, GPU1: 300}))
+    harness.tick()
+    fake.inject_error("nvmlDeviceGetPowerUsage", NvmlReturn.GPU_IS_LOST, gpu=0)
+    fake.inject_error("nvmlDeviceGetPowerManagementLimit", NvmlReturn.GPU_IS_LOST, gpu=0)
+    harness.tick()
+    assert fake.limit_w(1) == 200  # 600 W less GPU 0's 700 W maximum: nothing left but the minimum
+    assert harness.agent.status()["gpus"][0]["countedW"] == 700
+    assert harness.agent.status()["policies"]["inference/llama"]["infeasible"] is True
 
 
 def test_api_unreachable_keeps_caps_and_never_raises_one(harness: Harness, fake: FakeNvml) -> None:
@@ -288,3 +323,42 @@ def test_pods_found_through_proc_own_their_gpus(fake: FakeNvml, tmp_path: Path) 
     h.agent.close()
     assert (fake.limit_w(0), fake.limit_w(1)) == (700, 380)
     assert [g.pod for g in h.publisher.telemetries[-1].gpus] == [None, "inference/llama-0"]
+
+
+def test_a_gpu_reset_while_the_view_is_stale_returns_to_its_recorded_cap(harness: Harness, fake: FakeNvml) -> None:
+    harness.source.set(policy(caps_w={GPU0: 400}))
+    harness.tick()
+    harness.source.set(policy(caps_w={GPU0: 400}), fresh=False)
+    fake.set_limit_w(0, 700)  # the driver came back with its default while the API server is away
+    harness.tick()
+    assert fake.limit_w(0) == 400 and harness.state() == {GPU0: 400}
+    assert harness.sample("powercap_cap_changes_total", reason="driver-reset") == 1
+    harness.source.set(fresh=False)  # the caches look empty too: still its record, never the default
+    fake.set_limit_w(0, 700)
+    harness.tick()
+    assert fake.limit_w(0) == 400 and harness.state() == {GPU0: 400}
+
+
+def test_a_gpu_failing_enumeration_counts_at_its_maximum_and_joins_when_it_answers(
+    fake: FakeNvml, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """--policy FILE, 1000 W over two GPUs (485 W each); GPU 1 does not enumerate at start."""
+    fake.inject_error("nvmlDeviceGetHandleByIndex_v2", NvmlReturn.GPU_IS_LOST, gpu=1)
+    h = Harness(tmp_path / "state.json")
+    try:
+        assert [d.index for d in h.agent.devices] == [0]
+        whole = split_allocation(policy(cap_w=1000), NODE)
+        h.source.set(whole, node_policy=whole.key, apply_all_racks=True)
+        h.tick()
+        assert (fake.limit_w(0), fake.limit_w(1)) == (270, 700)  # 970 W less GPU 1 counted at 700 W
+        status = h.agent.status()
+        assert status["gpus"][1] == {**status["gpus"][1], "uuid": None, "index": 1, "degraded": True, "countedW": 700}
+        fake.clear_errors()
+        h.tick(1.0)  # not due yet
+        assert len(h.agent.devices) == 1
+        with caplog.at_level(logging.INFO, logger="nodeagent.agent"):
+            h.tick(5.0)
+        assert (fake.limit_w(0), fake.limit_w(1)) == (485, 485)
+        assert [r.getMessage() for r in caplog.records].count("GPU joined") == 1
+    finally:
+        h.agent.close()

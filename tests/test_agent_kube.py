@@ -70,7 +70,50 @@ def test_invalid_policy_in_the_cluster_is_skipped(apiserver: FakeApiServer, clus
     broken["spec"]["powerCapLimit"] = -5
     apiserver.put_object("powercappingpolicies", broken)
     wait_until(lambda: source.policies.version >= 2)
-    assert [p.name for p in source.view().policies] == ["good"]
+    view = source.view()
+    assert [p.name for p in view.policies] == ["good"]
+    assert view.unreadable == {"inference/broken": "spec.powerCapLimit: must be watts greater than 0"}
+
+
+def test_a_policy_this_agents_validator_refuses_is_read_for_what_enforcement_needs(
+    apiserver: FakeApiServer, cluster: tuple[ClusterSource, ManualClock], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An algorithm installed in the webhook's image but not the agent's: the cap, the
+    selector and the allocations still hold (logged once per version)."""
+    source, _ = cluster
+    document = allocation_document("llama", {"GPU-a": 400}, customAlgorithm={"name": "vendor-packing", "parameters": {"x": 1}})
+    with caplog.at_level("WARNING", logger="nodeagent.sources"):
+        apiserver.put_object("powercappingpolicies", document)
+        wait_until(lambda: len(source.view().policies) == 1)
+        for _ in range(3):
+            view = source.view()
+    assert view.unreadable == {} and view.policies[0].power_cap_w == 2000
+    assert view.policies[0].status["allocations"][0]["gpus"] == [{"uuid": "GPU-a", "watts": 400}]
+    refusals = [r for r in caplog.records if r.getMessage().startswith("policy refused by this agent's validator")]
+    assert len(refusals) == 1 and 'unknown algorithm "vendor-packing"' in str(getattr(refusals[0], "error"))
+
+
+def test_a_policy_that_cannot_be_read_keeps_its_last_good_version(
+    apiserver: FakeApiServer, cluster: tuple[ClusterSource, ManualClock], caplog: pytest.LogCaptureFixture,
+) -> None:
+    source, _ = cluster
+    apiserver.put_object("powercappingpolicies", allocation_document("llama", {"GPU-a": 400}, cap_w=1000))
+    wait_until(lambda: len(source.view().policies) == 1)
+    broken = allocation_document("llama", {"GPU-a": 400})
+    del broken["spec"]["powerCapLimit"]
+    with caplog.at_level("ERROR", logger="nodeagent.sources"):
+        apiserver.put_object("powercappingpolicies", broken)
+        wait_until(lambda: bool(source.view().unreadable))
+        broken["metadata"]["labels"] = {"touched": "yes"}  # a new version, the same problem: said once
+        apiserver.put_object("powercappingpolicies", broken)
+        wait_until(lambda: source.policies.version >= 3)
+        view = source.view()
+    assert view.unreadable == {"inference/llama": "spec.powerCapLimit: is required"}
+    assert [p.power_cap_w for p in view.policies] == [1000]  # the last good version, its GPUs' caps held
+    assert [r.getMessage() for r in caplog.records] == ["policy unreadable: holding the caps of its GPUs"]
+    apiserver.put_object("powercappingpolicies", allocation_document("llama", {"GPU-a": 400}, cap_w=900))
+    wait_until(lambda: not source.view().unreadable)
+    assert [p.power_cap_w for p in source.view().policies] == [900]
 
 
 def test_a_dead_policy_watch_makes_the_view_stale_until_a_list_stands_in(

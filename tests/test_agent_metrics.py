@@ -91,4 +91,22 @@ def test_status_names_degraded_gpus(running: Running) -> None:
     assert status == 200 and document["node"] == NODE
     assert [(g["index"], g["degraded"]) for g in document["gpus"]] == [(0, True), (1, False)]
     assert "NoPermission" in document["gpus"][0]["error"]
-    assert document["gpus"][1]["capW"] == 500
+    # GPU 0 still holds its 700 W default (read alone): GPU 1 makes room, 900 - 700 W
+    assert (document["gpus"][0]["capW"], document["gpus"][0]["countedW"]) == (700, 700)
+    assert (document["gpus"][1]["capW"], document["gpus"][1]["plannedW"]) == (200, 200)
+    llama = document["policies"]["inference/llama"]
+    assert (llama["allowanceW"], llama["heldW"], llama["clamped"]) == (900, 700, True)
+    assert llama["problem"] == "700 W held by GPUs that cannot move: the others clamped from 500 W to 200 W"
+
+
+def test_unreadable_policies_are_a_metric_and_on_status(running: Running) -> None:
+    running.source.set(policy(caps_w={}), unreadable={"inference/llama": "spec.powerCapLimit: is required"})
+    running.agent.tick()
+    text = running.get("/metrics")[1].decode()
+    assert 'powercap_agent_policy_unreadable{policy="inference/llama"} 1.0' in text
+    document = json.loads(running.get("/status")[1])
+    assert document["unreadablePolicies"] == {"inference/llama": "spec.powerCapLimit: is required"}
+    assert document["policies"]["inference/llama"]["problem"] == "unreadable, caps held: spec.powerCapLimit: is required"
+    running.source.set(policy(caps_w={}))
+    running.agent.tick()
+    assert "powercap_agent_policy_unreadable{" not in running.get("/metrics")[1].decode()

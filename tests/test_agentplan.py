@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import replace
 from datetime import datetime, timezone
 from types import MappingProxyType
@@ -179,24 +181,25 @@ def test_hot_inlet_cuts_the_cap_and_flags_an_emergency() -> None:
 
 
 @pytest.mark.parametrize(
-    ("uuids", "cap_w", "expected"),
+    ("gpus", "cap_w", "expected"),
     [
         # the budget is powerCapLimit minus the controller's 3 % margin: floor(1000 x 0.97) = 970
-        pytest.param(["a", "b", "c"], 1000, [323, 323, 323], id="floor-never-sums-above-budget"),
-        pytest.param(["a"], 450, [436], id="single-gpu"),
+        pytest.param(3, 1000, 323, id="floor-never-sums-above-budget"),
+        pytest.param(1, 450, 436, id="single-gpu"),
         # the same policy on a cluster gets budgetW 2716 from the controller; not 4 x 700 = 2800
-        pytest.param(["a", "b", "c", "d"], 2800, [679, 679, 679, 679], id="keeps-the-overshoot-margin"),
+        pytest.param(4, 2800, 679, id="keeps-the-overshoot-margin"),
     ],
 )
-def test_split_allocation(uuids: list[str], cap_w: int, expected: list[int]) -> None:
-    split = agentplan.split_allocation(replace(policy(), power_cap_w=cap_w), NODE, uuids)
-    assert [agentplan.allocation_w(split, NODE, u, len(uuids)) for u in uuids] == expected
-    assert agentplan.allocated_uuids(split, NODE) == frozenset(uuids)
+def test_split_allocation(gpus: int, cap_w: int, expected: int) -> None:
+    """--policy FILE: one node entry of the whole budget, split over the GPUs found each tick."""
+    split = agentplan.split_allocation(replace(policy(), power_cap_w=cap_w), NODE)
+    assert agentplan.allocation_w(split, NODE, "GPU-any", gpus) == expected
+    assert agentplan.allocated_uuids(split, NODE) == frozenset()
 
 
 def test_split_allocation_keeps_an_allocation_from_the_file() -> None:
     given = policy(gpus={UUID_A: 250})
-    assert agentplan.split_allocation(given, NODE, [UUID_A, UUID_B]) is given
+    assert agentplan.split_allocation(given, NODE) is given
 
 
 def telemetry(power_w: float = 350.0, temp_c: float = 60.0, limit_w: float = 400.0, pod: str | None = "inference/llama-0", inlet_c: float | None = 24.0, tokens_s: float | None = 420.0) -> NodeTelemetry:
@@ -289,3 +292,193 @@ def test_a_gpu_whose_pod_no_policy_matches_is_left_alone_but_named() -> None:
     built = agentplan.build_telemetry(datetime(2026, 11, 27, tzinfo=timezone.utc), tick.readings, None, {plan.uuid: plan.pod})
     assert built.gpus[0].pod == "inference/embedder-0"
     assert only(inputs(pod_uids_by_gpu={}, policies=[policy()])).pod is None  # no process: nobody to name
+
+
+# -- the fail-safe rule: stale views, GPUs that cannot move, allocations over the budget ----
+
+RECORD_242 = CapRecord(UUID_A, cap_w=242, default_w=700, policy="inference/llama")
+UUID_C, UUID_D = "GPU-cccc", "GPU-dddd"
+FOUR = [UUID_A, UUID_B, UUID_C, UUID_D]
+
+
+def four(caps_w: list[float], cap_w: int = 1000, **changes: Any) -> TickInputs:
+    """Four GPUs of policy llama (cap ``cap_w``), owned through its allocation of 242 W each."""
+    readings = [reading(u, i, requested_limit_w=w, limit_w=w) for i, (u, w) in enumerate(zip(FOUR, caps_w))]
+    base = TickInputs(node=NODE, now_s=100.0, readings=readings, policies=[policy(gpus=dict.fromkeys(FOUR, 242), powerCapLimit=cap_w)])
+    return replace(base, **changes)
+
+
+def caps(tick: TickInputs) -> list[tuple[str, float, str]]:
+    return [(p.action.value, p.cap_w, p.reason) for p in plan_tick(tick)]
+
+
+@pytest.mark.parametrize(
+    ("tick", "action", "cap_w", "reason", "record_w"),
+    [
+        pytest.param(inputs(records={UUID_A: RECORD_242}, policy_fresh=False, readings=[reading(requested_limit_w=700, limit_w=700)]),
+                     Action.SET, 242, "driver-reset", 242, id="reset-while-stale-returns-to-record"),
+        pytest.param(inputs(records={UUID_A: RECORD_242}, policy_fresh=False, readings=[reading(requested_limit_w=500, limit_w=500)]),
+                     Action.SET, 242, "recorded-cap", 242, id="above-record-while-stale-lowered"),
+        pytest.param(inputs(records={UUID_A: RECORD_242}, policy_fresh=False, readings=[reading(requested_limit_w=700, limit_w=700)], pod_uids_by_gpu={}, policies=[]),
+                     Action.SET, 242, "driver-reset", 242, id="reset-of-unowned-while-stale-returns-to-record"),
+        pytest.param(inputs(records={UUID_A: RECORD_242}, policy_fresh=False, readings=[reading(requested_limit_w=700, limit_w=700)], enforce=False),
+                     Action.OBSERVE, 242, "driver-reset", 242, id="dry-run-only-observes-the-reset"),
+        pytest.param(inputs(records={UUID_A: RECORD_242}, policy_fresh=False, readings=[reading(requested_limit_w=200, limit_w=200)]),
+                     Action.HOLD, 200, "stale-policy", 242, id="below-record-while-stale-held-never-raised"),
+        pytest.param(inputs(policy_fresh=False, readings=[reading(requested_limit_w=700, limit_w=700)]),
+                     Action.HOLD, 700, "stale-policy", None, id="stale-never-creates-a-record"),
+        pytest.param(inputs(records={UUID_A: RECORD_242}, readings=[reading(requested_limit_w=700, limit_w=700)], unreadable_policies={"inference/llama": "spec.powerCapLimit: is required"}),
+                     Action.SET, 242, "driver-reset", 242, id="unreadable-policy-reset-returns-to-record"),
+        pytest.param(inputs(records={UUID_A: RECORD_400}, policies=[policy(gpus={UUID_A: 600})], unreadable_policies={"inference/llama": "x"}),
+                     Action.HOLD, 400, "policy-unreadable", 400, id="unreadable-policy-never-raises"),
+        pytest.param(inputs(records={UUID_A: RECORD_400}, pod_uids_by_gpu={}, policies=[], unreadable_policies={"inference/llama": "x"}),
+                     Action.HOLD, 400, "policy-unreadable", 400, id="unreadable-without-last-good-never-restores"),
+        pytest.param(inputs(records={UUID_A: RECORD_400}, readings=[reading(requested_limit_w=700, limit_w=700)], stuck=frozenset({UUID_A})),
+                     Action.HOLD, 700, "setter-failing", 400, id="setter-failing-keeps-its-lower-record"),
+    ],
+)
+def test_fail_safe(tick: TickInputs, action: Action, cap_w: float, reason: str, record_w: float | None) -> None:
+    plan = only(tick)
+    assert (plan.action, plan.cap_w, plan.reason) == (action, cap_w, reason)
+    assert (plan.record.cap_w if plan.record else None) == record_w
+
+
+@pytest.mark.parametrize(
+    ("tick", "expected"),
+    [
+        pytest.param(four([242] * 4), [("hold", 242, "allocation")] * 4, id="all-well"),
+        # allocations of 4 x 700 W under a 1000 W cap: scaled by 970 / 2800, floored
+        pytest.param(four([700] * 4, policies=[policy(gpus=dict.fromkeys(FOUR, 700), powerCapLimit=1000)]),
+                     [("set", 242, "budget-clamp")] * 4, id="allocations-over-budget-clamped"),
+        # 2 x 400 W here and 2 x 400 W on another node: the service passes 970 W
+        pytest.param(four([400, 400, 400, 400], readings=[reading(UUID_A, 0), reading(UUID_B, 1)],
+                          policies=[replace(policy(gpus={UUID_A: 400, UUID_B: 400}, powerCapLimit=1000), status=MappingProxyType({"allocations": [
+                              {"node": NODE, "gpus": [{"uuid": UUID_A, "watts": 400}, {"uuid": UUID_B, "watts": 400}], "watts": 800},
+                              {"node": "gpu-node-2", "gpus": [{"uuid": "GPU-x", "watts": 400}, {"uuid": "GPU-y", "watts": 400}], "watts": 800},
+                          ]}))]),
+                     [("set", 242, "budget-clamp")] * 2, id="service-over-budget-clamped-on-each-node"),
+        # budgetW published by a controller run with --margin 0.1 wins over the default margin
+        pytest.param(four([242] * 4, policies=[replace(policy(gpus=dict.fromkeys(FOUR, 242), powerCapLimit=1000),
+                                                       status=MappingProxyType({"budgetW": 900, "allocations": [{"node": NODE, "gpus": [{"uuid": u, "watts": 242} for u in FOUR]}]}))]),
+                     [("set", 225, "budget-clamp")] * 4, id="published-budget-followed"),
+        # an entry whose watts say less than its GPUs: believe the lower
+        pytest.param(four([242] * 4, policies=[replace(policy(powerCapLimit=1000), status=MappingProxyType(
+            {"allocations": [{"node": NODE, "gpus": [{"uuid": u, "watts": 242} for u in FOUR], "watts": 880}]}))]),
+                     [("set", 220, "budget-clamp")] * 4, id="contradictory-entry-the-lower-believed"),
+        # minimums 4 x 200 W > 679 W: everything at the minimum
+        pytest.param(four([700] * 4, policies=[policy(gpus=dict.fromkeys(FOUR, 170), powerCapLimit=700)]),
+                     [("set", 200, "allocation")] * 4, id="infeasible-all-at-minimum"),
+        # GPU D cannot be set and holds 700 W: the others share 1552 - 700 = 852 W
+        pytest.param(four([388, 388, 388, 700], policies=[policy(gpus=dict.fromkeys(FOUR, 388), powerCapLimit=1600)], stuck=frozenset({UUID_D})),
+                     [("set", 284, "budget-clamp")] * 3 + [("hold", 700, "setter-failing")], id="stuck-gpu-counted-at-its-limit"),
+        # GPU D could not be read, its limit neither: counted at its maximum
+        pytest.param(four([388, 388, 388], readings=[reading(u, i, requested_limit_w=388, limit_w=388) for i, u in enumerate(FOUR[:3])],
+                          policies=[policy(gpus=dict.fromkeys(FOUR, 388), powerCapLimit=1600)], unseen=[agentplan.UnseenGpu(3, UUID_D)]),
+                     [("set", 284, "budget-clamp")] * 3, id="unreadable-gpu-counted-at-maximum"),
+        # GPU D's limit could be read alone: counted at what it holds
+        pytest.param(four([388, 388, 388], readings=[reading(u, i, requested_limit_w=388, limit_w=388) for i, u in enumerate(FOUR[:3])],
+                          policies=[policy(gpus=dict.fromkeys(FOUR, 388), powerCapLimit=1600)], unseen=[agentplan.UnseenGpu(3, UUID_D, held_w=388)]),
+                     [("hold", 388, "allocation")] * 3, id="unreadable-gpu-counted-at-its-limit-read-alone"),
+        # a GPU that failed enumeration (no UUID) takes the allocation's UUID the node does not show
+        pytest.param(four([388, 388, 388], readings=[reading(u, i, requested_limit_w=388, limit_w=388) for i, u in enumerate(FOUR[:3])],
+                          policies=[policy(gpus=dict.fromkeys(FOUR, 388), powerCapLimit=1600)], unseen=[agentplan.UnseenGpu(3)]),
+                     [("set", 284, "budget-clamp")] * 3, id="unenumerated-gpu-attributed-by-allocation"),
+        # --policy FILE: the budget split over four GPUs, the unenumerated one counted at 700 W
+        pytest.param(four([242] * 3, readings=[reading(u, i, requested_limit_w=242, limit_w=242) for i, u in enumerate(FOUR[:3])],
+                          policies=[agentplan.split_allocation(policy(powerCapLimit=1000), NODE)], node_policy="inference/llama",
+                          unseen=[agentplan.UnseenGpu(3)]),
+                     [("set", 200, "budget-clamp")] * 3, id="file-policy-unenumerated-gpu-counted"),
+        # stale, and GPU D stuck at 700 W: the others still go down to make room
+        pytest.param(four([388, 388, 388, 700], policies=[policy(gpus=dict.fromkeys(FOUR, 388), powerCapLimit=1600)],
+                          stuck=frozenset({UUID_D}), policy_fresh=False),
+                     [("set", 284, "budget-clamp")] * 3 + [("hold", 700, "setter-failing")], id="stale-still-makes-room"),
+        # a new GPU of the policy, no allocation yet, on a node whose allocations use the budget
+        pytest.param(four([323, 323, 323, 700], policies=[policy(gpus=dict.fromkeys(FOUR[:3], 323), powerCapLimit=1000)],
+                          pod_uids_by_gpu={UUID_D: frozenset({POD_UID})}, pods_by_uid={POD_UID: pod()}),
+                     [("set", 256, "budget-clamp")] * 3 + [("set", 200, "no-allocation")], id="new-gpu-minimum-fits-in-the-budget"),
+    ],
+)
+def test_share_of_the_node(tick: TickInputs, expected: list[tuple[str, float, str]]) -> None:
+    assert caps(tick) == expected
+    planned = {p.uuid: p.cap_w for p in plan_tick(tick)}
+    unseen = sum(agentplan.held_w(g, tick.readings) for g in tick.unseen)
+    held = sum(p.cap_w for p in plan_tick(tick) if p.uuid in tick.stuck)
+    # within the budget, or (infeasible) every GPU that can move at its 200 W minimum
+    assert sum(planned.values()) + unseen <= max(agentplan.policy_budget_w(tick.policies[0]), 200 * (len(planned) - len(tick.stuck)) + held + unseen)
+
+
+def test_unseen_gpu_without_an_owner_is_counted_nowhere() -> None:
+    node = agentplan.plan_node(inputs(unseen=[agentplan.UnseenGpu(5)]))
+    assert node.unattributed == (agentplan.UnseenGpu(5),)
+    assert [p.cap_w for p in node.gpus] == [400]
+
+
+def test_policy_shares_say_what_is_wrong() -> None:
+    over = agentplan.plan_node(four([700] * 4, policies=[policy(gpus=dict.fromkeys(FOUR, 700), powerCapLimit=1000)])).policies["inference/llama"]
+    assert over.problem == "allocations 2800 W pass the budget 970 W: clamped to 968 W on this node"
+    infeasible = agentplan.plan_node(four([200] * 4, policies=[policy(gpus=dict.fromkeys(FOUR, 170), powerCapLimit=700)])).policies["inference/llama"]
+    assert infeasible.infeasible and infeasible.problem == "infeasible: minimums 800 W > budget 679 W (powerCapLimit 700 W)"
+    fine = agentplan.plan_node(four([242] * 4)).policies["inference/llama"]
+    assert fine.problem is None and (fine.allowance_w, fine.ceilings_w, fine.gpus) == (968, 968, 4)
+
+
+@pytest.mark.parametrize(
+    ("asks", "mins", "room", "expected"),
+    [
+        pytest.param([300, 300], [200, 200], 700, [300, 300], id="fits"),
+        pytest.param([400, 200], [200, 200], 450, [250, 200], id="a-share-under-its-minimum-is-held-there"),
+        pytest.param([700, 700, 700, 700], [200] * 4, 970, [242] * 4, id="proportional-floored"),
+        pytest.param([300, 300], [200, 200], 300, [200, 200], id="minimums-pass-the-room"),
+        pytest.param([300, 300], [200, 200], -100, [200, 200], id="negative-room"),
+        pytest.param([], [], 0, [], id="no-gpu"),
+    ],
+)
+def test_fit(asks: list[float], mins: list[float], room: float, expected: list[float]) -> None:
+    fitted = agentplan.fit_w(asks, mins, room)
+    assert fitted == expected
+    assert sum(fitted) <= max(room, sum(mins)) + 1e-9
+
+
+def document(**spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "powercapping.example.com/v1alpha1", "kind": "PowerCappingPolicy",
+            "metadata": {"name": "llama", "namespace": "inference", "uid": "u1", "generation": 3},
+            "spec": {"powerCapLimit": 1000, **spec}, "status": {"allocations": [{"node": NODE, "watts": 800}]}}
+
+
+@pytest.mark.parametrize(
+    ("raw", "check"),
+    [
+        pytest.param(document(customAlgorithm={"name": "vendor-packing", "parameters": {"density": 3}}),
+                     lambda p: p.power_cap_w == 1000 and p.enforced, id="unknown-algorithm-ignored"),
+        pytest.param(document(mode="Shadow"), lambda p: p.enforced, id="unknown-mode-enforced"),
+        pytest.param(document(mode="Observe"), lambda p: not p.enforced, id="observe-kept"),
+        pytest.param(document(powerCapLimit=999.9), lambda p: p.power_cap_w == 999, id="fractional-cap-floored"),
+        pytest.param(document(rackConstraints=[{"rackId": "r1", "maxTemperature": 30}, {"maxPower": "x"}]),
+                     lambda p: [r.rack_id for r in p.racks] == ["r1"], id="unreadable-rack-left-out"),
+        pytest.param(document(performancePowerRatio={"targetRatio": -1}), lambda p: p.performance is None, id="bad-target-left-out"),
+        pytest.param(document(), lambda p: p.selector.matches({"powercapping.example.com/policy": "llama"}), id="default-selector"),
+        pytest.param(document(selector={"matchExpressions": [{"key": "app", "operator": "In", "values": ["a"]}]}),
+                     lambda p: p.selector.matches({"app": "a"}) and not p.selector.matches({"app": "b"}), id="expressions"),
+        pytest.param(document(), lambda p: agentplan.allocation_w(p, NODE, "GPU-x", 2) == 400 and p.generation == 3, id="status-kept"),
+    ],
+)
+def test_enforceable_policy_reads_what_the_agent_needs(raw: dict[str, Any], check: Any) -> None:
+    assert check(agentplan.enforceable_policy(raw))
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        pytest.param({k: v for k, v in document().items() if k != "spec"}, "spec: is required", id="no-spec"),
+        pytest.param(document(powerCapLimit=None), "spec.powerCapLimit: is required", id="no-cap"),
+        pytest.param(document(powerCapLimit=0), "spec.powerCapLimit: must be watts greater than 0", id="zero-cap"),
+        pytest.param(document(powerCapLimit="1kW"), "spec.powerCapLimit: must be watts greater than 0", id="text-cap"),
+        pytest.param(document(selector={"matchLabels": {"app": 5}}), "spec.selector.matchLabels: must map strings to strings", id="bad-labels"),
+        pytest.param(document(selector={"matchExpressions": [{"key": "app", "operator": "Near"}]}),
+                     "spec.selector.matchExpressions[0].operator: must be In, NotIn, Exists or DoesNotExist", id="bad-operator"),
+        pytest.param({"spec": {"powerCapLimit": 1000}}, "metadata.name: is required", id="no-name"),
+    ],
+)
+def test_enforceable_policy_refuses_what_cannot_be_enforced(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        agentplan.enforceable_policy(raw)
