@@ -248,7 +248,10 @@ def seconds_over_cap(result: SimulationResult) -> list[int]:
 def test_scaling_up_waits_for_budget_instead_of_lifting_the_caps_sum(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each new pod waits until the controller frees its GPU's minimum; the caps set on the
     service's GPUs then pass powerCapLimit only in the second a GPU joins at its own (default)
-    limit, before its agent's next tick sets its minimum. Without the wait they stay above it."""
+    limit, before its agent's next tick sets its minimum. On one node the agent now also makes
+    room for a new GPU's minimum inside its node's share (agentplan.share_out), so even without
+    the extender's wait the sum passes the cap only in the seconds GPUs join; the wait is what
+    holds across nodes (tests/test_scale_up.py)."""
     gated = simulate(scale_up_scenario(), [POWERCAP])
     figures = summarize(gated)["strategies"]["powercap"]
     assert figures["unschedulablePods"] == 0 and len(gated.runs[0].placements) == 7
@@ -258,4 +261,4 @@ def test_scaling_up_waits_for_budget_instead_of_lifting_the_caps_sum(monkeypatch
 
     monkeypatch.setattr(placement, "budget_room_rejection", lambda *args, **kwargs: None)
     ungated = simulate(scale_up_scenario(), [POWERCAP])
-    assert len([s for s in seconds_over_cap(ungated) if s >= 30]) > len([s for s in over if s >= 30])
+    assert len([s for s in seconds_over_cap(ungated) if s >= 30]) <= 3, seconds_over_cap(ungated)
