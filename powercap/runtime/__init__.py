@@ -9,6 +9,10 @@ core and :mod:`powercap.kube`, never a program. Modules:
   worded for people;
 - :mod:`~powercap.runtime.filewatch`: has a file changed (certificates, snapshots, policy files);
 - :mod:`~powercap.runtime.httpserver`: the probes, metrics and status server;
+- :mod:`~powercap.runtime.httpworker`: the gunicorn worker that reads each request whole in
+  an event loop before a thread runs it, so slow or idle clients hold no thread;
+- :mod:`~powercap.runtime.jsonlimits`: nesting, entry and value limits checked on the raw
+  JSON bytes, before anything is decoded;
 - :mod:`~powercap.runtime.logs`: JSON-lines logging;
 - :mod:`~powercap.runtime.sources`: cluster-view sources (watch caches or a state file);
 - :mod:`~powercap.runtime.wsgi`: gunicorn configured in code, with the JSON log set-up.
