@@ -7,9 +7,7 @@ control plane (scripts/controlplane.sh build: minutes, cached outside the reposi
 
 from __future__ import annotations
 
-import ssl
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from tests.e2e.harness import (
     free_port,
     have_toolchain,
     start_controlplane,
+    start_webhook,
     stop_controlplane,
     wait_until,
     webhook_configurations,
@@ -71,17 +70,7 @@ def webhook_url(cluster: ControlPlane) -> str:
                    check=True, capture_output=True, timeout=60)
     port = free_port()
     url = f"https://127.0.0.1:{port}"
-    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
-
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", context=context, timeout=2) as answer:
-                return answer.status == 200
-        except OSError:
-            return False
-
-    cluster.start("webhook", ["webhook", "--cert-dir", str(certs), "--bind", f"127.0.0.1:{port}", "--workers", "1"],
-                  kubeconfig=cluster.service_account_kubeconfig("powercap-webhook"), ready=ready)
+    start_webhook(cluster, certs, port)
     cluster.apply(webhook_configurations(url, (certs / "ca.crt").read_bytes()))
     return url
 

@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import socket
+import ssl
+import urllib.request
 import subprocess
 import sys
 import time
@@ -192,3 +194,19 @@ def have_toolchain() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
     return None
+
+
+def start_webhook(cluster: ControlPlane, certs: Path, port: int) -> subprocess.Popen[bytes]:
+    """``powercap webhook`` on 127.0.0.1:``port`` with the certificates in ``certs``, as
+    ServiceAccount powercap-webhook; returns once ``/readyz`` answers 200."""
+    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}/readyz", context=context, timeout=2) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+    return cluster.start("webhook", ["webhook", "--cert-dir", str(certs), "--bind", f"127.0.0.1:{port}", "--workers", "1"],
+                         kubeconfig=cluster.service_account_kubeconfig("powercap-webhook"), ready=ready)

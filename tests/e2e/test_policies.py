@@ -13,7 +13,7 @@ import yaml
 
 from powercap.algorithms import AlgorithmRegistry
 from powercap.policies import validate_policy
-from tests.e2e.harness import REPO_ROOT, ControlPlane, wait_until
+from tests.e2e.harness import REPO_ROOT, ControlPlane, start_webhook
 
 SAMPLES = sorted((REPO_ROOT / "config" / "samples").glob("*.yaml"))
 GOOD = {
@@ -234,23 +234,9 @@ def test_with_the_webhook_unreachable_no_policy_gets_in(cluster: ControlPlane, w
 
 
 def restart_webhook(cluster: ControlPlane, stopped: Any) -> None:
-    import ssl
-    import urllib.request
-
-    args = [str(a) for a in stopped.args[1:]]
-    url = "https://" + args[args.index("--bind") + 1]
-    certs = Path(args[args.index("--cert-dir") + 1])
-    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
-
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", context=context, timeout=2) as answer:
-                return answer.status == 200
-        except OSError:
-            return False
-
-    cluster.start("webhook", args, kubeconfig=cluster.service_account_kubeconfig("powercap-webhook"), ready=ready)
-    wait_until(ready, 30, "the webhook again")
+    args = [str(a) for a in stopped.args]
+    port = int(args[args.index("--bind") + 1].rpartition(":")[2])
+    start_webhook(cluster, Path(args[args.index("--cert-dir") + 1]), port)
 
 
 @pytest.mark.parametrize(
