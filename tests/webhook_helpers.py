@@ -158,7 +158,30 @@ class WebhookEndpoint:
         )
 
 
-class WebhookProcess:
+class ServerProcess:
+    """A ``powercap`` server run as a subprocess, logging to ``log_file``."""
+
+    log_file: Path
+    process: subprocess.Popen[bytes]
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """Every JSON line of the log so far."""
+        return [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class WebhookProcess(ServerProcess):
     """``powercap webhook`` in a subprocess (gunicorn with its default worker setup)."""
 
     def __init__(self, cert_dir: Path, log_file: Path, *, cross_policy_checks: bool = False,
@@ -202,22 +225,6 @@ class WebhookProcess:
                     pass
                 time.sleep(0.05)
         raise TimeoutError(f"powercap webhook never became ready:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_file.read_text(errors="replace")
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        """Every JSON line of the log so far."""
-        return [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 @contextmanager
@@ -415,7 +422,7 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-class ExtenderProcess:
+class ExtenderProcess(ServerProcess):
     """``powercap extender --cluster-state SNAPSHOT`` in a subprocess on 127.0.0.1 (the
     production server: gunicorn with the buffering worker), ready when constructed."""
 
@@ -451,17 +458,3 @@ class ExtenderProcess:
                 time.sleep(0.05)
         raise TimeoutError(f"powercap extender never became ready:\n{self.log()}")
 
-    def log(self) -> str:
-        return self.log_file.read_text(errors="replace")
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
