@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_METRICS_BIND = "0.0.0.0:9402"
 SIMULATED_GPUS_ENV = "POWERCAP_SIMULATED_GPUS"
+SIMULATED_MODEL_ENV = "POWERCAP_SIMULATED_GPU_MODEL"
 EXIT_OK, EXIT_GPU, EXIT_CONFIG = 0, 1, 2
 
 
@@ -78,7 +79,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--node", default=os.environ.get("NODE_NAME") or socket.gethostname(), type=node_name,
                         help="this node's name (default: $NODE_NAME, else the host name)")
     parser.add_argument("--backend", choices=("nvml", "simulated"), default="nvml",
-                        help=f"GPUs through NVML, or simulated H200-like GPUs (${SIMULATED_GPUS_ENV}, default 4)")
+                        help=f"GPUs through NVML, or simulated GPUs (${SIMULATED_GPUS_ENV}, default 4, of "
+                             f"${SIMULATED_MODEL_ENV}: {' or '.join(physics.PRESETS)}, default {physics.H200_LIKE.name}) "
+                             f"whose UUIDs are {simulated_uuid_prefix('NODE')}-0000 ...")
     parser.add_argument("--policy", type=Path, metavar="FILE",
                         help="run without Kubernetes: every local GPU belongs to this PowerCappingPolicy")
     parser.add_argument("--interval", type=positive_seconds, default=1.0, metavar="SECONDS",
@@ -103,13 +106,28 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(func=run)
 
 
-def open_backend(kind: str) -> GpuBackend:
-    """The GPU backend a ``--backend`` value names; raises GpuError when NVML cannot start."""
+def simulated_uuid_prefix(node: str) -> str:
+    """The simulated GPUs' UUID prefix on ``node``: unique per node, as real GPU UUIDs are,
+    so that a cluster of simulated nodes (scripts/local-cluster.sh) publishes no duplicates."""
+    return f"GPU-sim-{node}"
+
+
+def open_backend(kind: str, node: str) -> GpuBackend:
+    """The GPU backend a ``--backend`` value names; raises GpuError when NVML cannot start
+    and ValueError for a simulated GPU count or model that does not exist."""
     if kind == "simulated":
         from nodeagent.simulated import SimulatedBackend
 
-        count = int(os.environ.get(SIMULATED_GPUS_ENV, "4"))
-        backend = SimulatedBackend([physics.H200_LIKE] * count, clock=time.monotonic)
+        raw_count = os.environ.get(SIMULATED_GPUS_ENV, "4")
+        if not raw_count.isdigit() or not 1 <= int(raw_count) <= 64:
+            raise ValueError(f"${SIMULATED_GPUS_ENV}: {raw_count!r} is not a GPU count from 1 to 64")
+        model_name = os.environ.get(SIMULATED_MODEL_ENV, physics.H200_LIKE.name)
+        if model_name not in physics.PRESETS:
+            raise ValueError(f"${SIMULATED_MODEL_ENV}: unknown GPU model {model_name!r}; "
+                             f"models: {', '.join(physics.PRESETS)}")
+        count = int(raw_count)
+        backend = SimulatedBackend([physics.PRESETS[model_name]] * count, clock=time.monotonic,
+                                   uuid_prefix=simulated_uuid_prefix(node))
         for index in range(count):
             backend.set_workload(index, physics.Workload(load=0.8, prefill_share=0.2))
         return backend
@@ -127,9 +145,11 @@ def _fail(message: str, code: int) -> int:
 def run(args: argparse.Namespace) -> int:
     configure_logging()
     try:
-        backend = open_backend(args.backend)
+        backend = open_backend(args.backend, args.node)
     except GpuError as error:
         return _fail(f"cannot start the {args.backend} backend: {error}", EXIT_GPU)
+    except ValueError as error:
+        return _fail(str(error), EXIT_CONFIG)
     source: PolicySource
     publisher: Publisher
     try:

@@ -93,7 +93,7 @@ def test_simulated_single_server_runs_without_kubernetes(tmp_path: Path) -> None
     wait_until(lambda: (tmp_path / "state.json").exists())
     code, lines = process.stop()
     assert code == 0
-    assert sorted(json.loads((tmp_path / "state.json").read_text())["gpus"][u]["capW"] for u in ("GPU-sim-0000", "GPU-sim-0001")) == [485, 485]
+    assert sorted(json.loads((tmp_path / "state.json").read_text())["gpus"][u]["capW"] for u in ("GPU-sim-n1-0000", "GPU-sim-n1-0001")) == [485, 485]
 
 
 @pytest.mark.parametrize(
@@ -103,10 +103,17 @@ def test_simulated_single_server_runs_without_kubernetes(tmp_path: Path) -> None
         pytest.param(["--backend", "nvml", "--policy", "/dev/null"], 1, "cannot start the nvml backend", id="no-nvml-library"),
         pytest.param(["--backend", "simulated", "--inlet", "thermometer"], 2, "inlet spec", id="bad-inlet"),
         pytest.param(["--backend", "simulated", "--interval", "0"], 2, "--interval", id="bad-interval"),
+        pytest.param(["--backend", "simulated", "POWERCAP_SIMULATED_GPUS=0"], 2,
+                     "$POWERCAP_SIMULATED_GPUS: '0' is not a GPU count from 1 to 64", id="simulated-no-gpus"),
+        pytest.param(["--backend", "simulated", "POWERCAP_SIMULATED_GPU_MODEL=B200"], 2,
+                     "$POWERCAP_SIMULATED_GPU_MODEL: unknown GPU model 'B200'; models: H200-like, L40S-like",
+                     id="simulated-unknown-model"),
     ],
 )
 def test_bad_configuration_stops_at_start_up(tmp_path: Path, args: list[str], code: int, message: str) -> None:
     env = {**os.environ, "LD_LIBRARY_PATH": str(tmp_path), "KUBECONFIG": str(tmp_path / "absent")}
+    env.update(arg.split("=", 1) for arg in args if arg.startswith("POWERCAP_"))
+    args = [arg for arg in args if not arg.startswith("POWERCAP_")]
     result = subprocess.run([*AGENT, *args], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == code
     assert message in result.stderr
