@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 DEFAULT_METRICS_BIND = "0.0.0.0:9402"
 SIMULATED_GPUS_ENV = "POWERCAP_SIMULATED_GPUS"
 SIMULATED_MODEL_ENV = "POWERCAP_SIMULATED_GPU_MODEL"
+SIMULATED_WORKLOAD_ENV = "POWERCAP_SIMULATED_WORKLOAD"
 EXIT_OK, EXIT_GPU, EXIT_CONFIG = 0, 1, 2
 
 
@@ -81,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--backend", choices=("nvml", "simulated"), default="nvml",
                         help=f"GPUs through NVML, or simulated GPUs (${SIMULATED_GPUS_ENV}, default 4, of "
                              f"${SIMULATED_MODEL_ENV}: {' or '.join(physics.PRESETS)}, default {physics.H200_LIKE.name}) "
-                             f"whose UUIDs are {simulated_uuid_prefix('NODE')}-0000 ...")
+                             f"whose UUIDs are {simulated_uuid_prefix('NODE')}-0000 ...; busy at 80 %% load, or "
+                             f"as the JSON file ${SIMULATED_WORKLOAD_ENV} says: docs/nodeagent.md)")
     parser.add_argument("--policy", type=Path, metavar="FILE",
                         help="run without Kubernetes: every local GPU belongs to this PowerCappingPolicy")
     parser.add_argument("--interval", type=positive_seconds, default=1.0, metavar="SECONDS",
@@ -128,8 +130,12 @@ def open_backend(kind: str, node: str) -> GpuBackend:
         count = int(raw_count)
         backend = SimulatedBackend([physics.PRESETS[model_name]] * count, clock=time.monotonic,
                                    uuid_prefix=simulated_uuid_prefix(node))
-        for index in range(count):
-            backend.set_workload(index, physics.Workload(load=0.8, prefill_share=0.2))
+        workload_file = os.environ.get(SIMULATED_WORKLOAD_ENV)
+        if workload_file:
+            backend.follow_workload_file(Path(workload_file))
+        else:
+            for index in range(count):
+                backend.set_workload(index, physics.Workload(load=0.8, prefill_share=0.2))
         return backend
     from nodeagent.nvml import NvmlBackend
 

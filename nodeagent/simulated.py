@@ -18,9 +18,11 @@ every later call for it raises :class:`~nodeagent.gpus.GpuLost`, as on real hard
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from nodeagent.gpus import (
     OPERATIONS,
@@ -100,6 +102,9 @@ class SimulatedBackend(GpuBackend):
         self._errors: dict[tuple[str, int | None], type[GpuError]] = {}
         self.set_calls = 0
         """Power limit writes so far (the idempotent setter skips unchanged ones)."""
+        self._workload_file: Path | None = None
+        self._workload_stamp: tuple[int, int] | None = None
+        self._workload_checked_s = float("-inf")
         self._gpus = [
             _SimulatedGpu(
                 info=GpuInfo(index=i, uuid=f"{uuid_prefix}-{i:04d}", name=model.name),
@@ -115,6 +120,42 @@ class SimulatedBackend(GpuBackend):
     def set_workload(self, index: int, workload: Workload) -> None:
         """From now on the GPU serves ``workload`` (load and prefill share)."""
         self._gpu(index).workload = workload
+
+    def follow_workload_file(self, path: Path) -> None:
+        """From now on the workloads come from the JSON file ``path``, re-read when it
+        changes (looked at once a second of the clock): ``{"<GPU UUID>": {"load": 0.8,
+        "prefillShare": 0.2}, ...}``. A GPU it does not name idles, as a GPU with no pod
+        does; a missing file idles every GPU. A file that cannot be read or decoded is
+        logged and the workloads stay as they were. scripts/local-cluster.sh's stand-in
+        kubelets write it: a GPU runs a workload while a pod holds it."""
+        self._workload_file = path
+        self._workload_checked_s = float("-inf")
+        self._refresh_workloads()
+
+    def _refresh_workloads(self) -> None:
+        now_s = self._clock()
+        if self._workload_file is None or now_s - self._workload_checked_s < 1.0:
+            return
+        self._workload_checked_s = now_s
+        try:
+            stat = self._workload_file.stat()
+        except FileNotFoundError:
+            stamp = None
+        except OSError as error:
+            log.warning("cannot read the simulated workload file", extra={"path": str(self._workload_file), "error": str(error)})
+            return
+        else:
+            stamp = (stat.st_mtime_ns, stat.st_size)
+        if stamp == self._workload_stamp and stamp is not None:
+            return
+        try:
+            wanted = parse_workloads(self._workload_file.read_text()) if stamp is not None else {}
+        except (OSError, ValueError) as error:
+            log.warning("cannot read the simulated workload file", extra={"path": str(self._workload_file), "error": str(error)})
+            return
+        self._workload_stamp = stamp
+        for gpu in self._gpus:
+            gpu.workload = wanted.get(gpu.info.uuid, physics.IDLE)
 
     def set_inlet_c(self, inlet_c: float, index: int | None = None) -> None:
         """Inlet air temperature of one GPU, or of all of them (``index=None``)."""
@@ -156,7 +197,9 @@ class SimulatedBackend(GpuBackend):
         return self._gpus[index]
 
     def _advance(self) -> None:
-        """Bring every GPU up to ``clock()`` in steps of at most ``max_step_s``."""
+        """Bring every GPU up to ``clock()`` in steps of at most ``max_step_s`` (under the
+        workload file's workloads as of now: a change is seen when asked)."""
+        self._refresh_workloads()
         now_s = self._clock()
         remaining_s = now_s - self._last_s
         while remaining_s > 1e-12:
@@ -239,3 +282,20 @@ class SimulatedBackend(GpuBackend):
 
     def total_energy_j(self, index: int) -> float:
         return self._enter("total_energy_j", index).state.energy_j
+
+
+def parse_workloads(text: str) -> dict[str, Workload]:
+    """A workload file's GPU UUID -> Workload; ValueError naming what is wrong."""
+    document = json.loads(text)
+    if not isinstance(document, Mapping):
+        raise ValueError("expected a JSON object of GPU UUID -> {load, prefillShare}")
+    workloads = {}
+    for uuid, entry in document.items():
+        load = entry.get("load") if isinstance(entry, Mapping) else None
+        share = entry.get("prefillShare", 0.0) if isinstance(entry, Mapping) else None
+        if not isinstance(load, (int, float)) or not 0 <= load <= 1:
+            raise ValueError(f"{uuid}.load: expected a number from 0 to 1")
+        if not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise ValueError(f"{uuid}.prefillShare: expected a number from 0 to 1")
+        workloads[uuid] = Workload(load=float(load), prefill_share=float(share))
+    return workloads

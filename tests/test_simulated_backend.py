@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from nodeagent import gpus
@@ -213,3 +216,26 @@ def test_compute_pids_are_what_the_world_set(node: SimulatedBackend) -> None:
     node.set_pids(1, [31337])
     assert node.compute_pids(0) == []
     assert node.compute_pids(1) == [31337]
+
+
+def test_a_workload_file_runs_the_gpus_it_names_and_idles_the_others(tmp_path: Path, clock: ManualClock,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    backend = SimulatedBackend([H200_LIKE] * 3, clock=clock, uuid_prefix="GPU-n1")
+    workload = tmp_path / "workload.json"
+    backend.follow_workload_file(workload)  # absent: every GPU idles
+    clock.advance(30)
+    idle_w = [backend.snapshot(i).power_w for i in range(3)]
+    workload.write_text(json.dumps({"GPU-n1-0001": {"load": 1.0, "prefillShare": 0.5}}))
+    clock.advance(30)
+    power_w = [backend.snapshot(i).power_w for i in range(3)]
+    assert power_w[1] > 3 * max(idle_w), (idle_w, power_w)
+    assert power_w[0] == pytest.approx(idle_w[0]) and power_w[2] == pytest.approx(idle_w[2])
+
+    workload.write_text('{"GPU-n1-0001": {"load": 7}}')  # refused: the GPU keeps its workload
+    clock.advance(30)
+    assert backend.snapshot(1).power_w == pytest.approx(power_w[1], rel=0.05)
+    assert "GPU-n1-0001.load: expected a number from 0 to 1" in caplog.records[-1].error  # type: ignore[attr-defined]
+
+    workload.unlink()  # the pod left: the GPU idles again
+    clock.advance(30)
+    assert backend.snapshot(1).power_w == pytest.approx(idle_w[1], rel=0.05)
