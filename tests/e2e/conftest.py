@@ -7,25 +7,20 @@ control plane (scripts/controlplane.sh build: minutes, cached outside the reposi
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.harness import (
-    NAMESPACE,
-    POWERCAP,
     ControlPlane,
-    bundle_objects,
     controlplane_bin,
-    free_port,
     have_toolchain,
+    install_bundle,
+    serve_webhook,
     start_controlplane,
-    start_webhook,
     stop_controlplane,
     wait_until,
-    webhook_configurations,
 )
 
 E2E_DIR = Path(__file__).resolve().parent
@@ -48,12 +43,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     directory = tmp_path_factory.mktemp("controlplane")
     plane = start_controlplane(directory)
     try:
-        plane.apply(bundle_objects())
-        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                      "crd/powercappingpolicies.powercapping.example.com")
-        # discovery and the OpenAPI document follow the CRD a moment later
-        wait_until(lambda: plane.kubectl("explain", "pcp.spec", check=False).returncode == 0, 60,
-                   "kubectl explain pcp to work")
+        install_bundle(plane)
         yield plane
     finally:
         plane.stop_all()
@@ -64,15 +54,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
 def webhook_url(cluster: ControlPlane) -> str:
     """``powercap webhook`` on 127.0.0.1 as ServiceAccount powercap-webhook, registered with
     config/webhook's configurations (a url instead of the Service, the real caBundle)."""
-    certs = cluster.directory / "webhook-certs"
-    subprocess.run([POWERCAP, "certs", "--service", "powercap-webhook",
-                    "--namespace", NAMESPACE, "--out", str(certs), "--extra-san", "127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
-    port = free_port()
-    url = f"https://127.0.0.1:{port}"
-    start_webhook(cluster, certs, port)
-    cluster.apply(webhook_configurations(url, (certs / "ca.crt").read_bytes()))
-    return url
+    return serve_webhook(cluster)
 
 
 @pytest.fixture

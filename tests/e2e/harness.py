@@ -90,9 +90,10 @@ class ControlPlane:
     def get_json(self, *args: str) -> Any:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
 
-    def service_account_kubeconfig(self, name: str, namespace: str = NAMESPACE) -> str:
-        """A kubeconfig that authenticates as ServiceAccount ``namespace/name`` (a bound token, 1 h)."""
-        token = self.kubectl("create", "token", name, "-n", namespace, "--duration", "1h").stdout.strip()
+    def service_account_kubeconfig(self, name: str, namespace: str = NAMESPACE, duration: str = "1h") -> str:
+        """A kubeconfig that authenticates as ServiceAccount ``namespace/name`` (a bound token
+        that lasts ``duration``)."""
+        token = self.kubectl("create", "token", name, "-n", namespace, "--duration", duration).stdout.strip()
         path = self.directory / f"sa-{namespace}-{name}.kubeconfig"
         ca = base64.b64encode(Path(self.env["CA_FILE"]).read_bytes()).decode()
         path.write_text(yaml.safe_dump({
@@ -105,16 +106,27 @@ class ControlPlane:
         path.chmod(0o600)
         return str(path)
 
-    def start(self, name: str, args: Sequence[str], *, kubeconfig: str | None = None,
-              ready: Callable[[], object] | None = None, timeout_s: float = 60) -> subprocess.Popen[bytes]:
-        """Run ``powercap ARGS`` in the background, logging to DIR/logs/NAME.log; wait for ``ready``."""
+    def spawn(self, name: str, command: Sequence[str], *, kubeconfig: str | None = None,
+              env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Run ``command`` in the background in its own session, logging to DIR/logs/NAME.log,
+        its pid in DIR/run/powercap-NAME.pid (what ``scripts/local-cluster.sh down`` stops)."""
         log = (self.directory / "logs" / f"{name}.log").open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         if kubeconfig:
-            env["KUBECONFIG"] = kubeconfig
-        process = subprocess.Popen([POWERCAP, *args], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
+            environment["KUBECONFIG"] = kubeconfig
+        process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=environment,
+                                   start_new_session=True, cwd=REPO_ROOT)
+        log.close()
+        (self.directory / "run").mkdir(exist_ok=True)
+        (self.directory / "run" / f"powercap-{name}.pid").write_text(f"{process.pid}\n")
         self.processes.append(process)
+        return process
+
+    def start(self, name: str, args: Sequence[str], *, kubeconfig: str | None = None,
+              ready: Callable[[], object] | None = None, timeout_s: float = 60,
+              env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Run ``powercap ARGS`` in the background (see :meth:`spawn`); wait for ``ready``."""
+        process = self.spawn(name, [POWERCAP, *args], kubeconfig=kubeconfig, env=env)
         if ready is not None:
             def up() -> object:
                 if process.poll() is not None:
@@ -137,6 +149,9 @@ class ControlPlane:
                 process.wait(5)
         if process in self.processes:
             self.processes.remove(process)
+        for pid_file in (self.directory / "run").glob("powercap-*.pid"):
+            if pid_file.read_text().strip() == str(process.pid):
+                pid_file.unlink()
 
     def stop_all(self) -> None:
         for process in list(reversed(self.processes)):
@@ -196,17 +211,157 @@ def have_toolchain() -> str | None:
     return None
 
 
-def start_webhook(cluster: ControlPlane, certs: Path, port: int) -> subprocess.Popen[bytes]:
+def start_webhook(cluster: ControlPlane, certs: Path, port: int, sa_duration: str = "1h") -> subprocess.Popen[bytes]:
     """``powercap webhook`` on 127.0.0.1:``port`` with the certificates in ``certs``, as
     ServiceAccount powercap-webhook; returns once ``/readyz`` answers 200."""
     context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    return cluster.start("webhook", ["webhook", "--cert-dir", str(certs), "--bind", f"127.0.0.1:{port}", "--workers", "1"],
+                         kubeconfig=cluster.service_account_kubeconfig("powercap-webhook", duration=sa_duration),
+                         ready=http_ready(f"https://127.0.0.1:{port}/readyz", context))
 
+
+def install_bundle(plane: ControlPlane) -> None:
+    """The CRD, namespace, ServiceAccounts and RBAC of config/default (the objects that need
+    no kubelet), once ``kubectl explain pcp`` works."""
+    plane.apply(bundle_objects())
+    plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                  "crd/powercappingpolicies.powercapping.example.com")
+    # discovery and the OpenAPI document follow the CRD a moment later
+    wait_until(lambda: plane.kubectl("explain", "pcp.spec", check=False).returncode == 0, 60,
+               "kubectl explain pcp to work")
+
+
+def serve_webhook(plane: ControlPlane, sa_duration: str = "1h") -> str:
+    """``powercap webhook`` on 127.0.0.1 as ServiceAccount powercap-webhook, registered with
+    config/webhook's configurations (a url instead of the Service, the real caBundle);
+    returns its URL."""
+    certs = plane.directory / "webhook-certs"
+    subprocess.run([POWERCAP, "certs", "--service", "powercap-webhook",
+                    "--namespace", NAMESPACE, "--out", str(certs), "--extra-san", "127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    port = free_port()
+    url = f"https://127.0.0.1:{port}"
+    start_webhook(plane, certs, port, sa_duration)
+    plane.apply(webhook_configurations(url, (certs / "ca.crt").read_bytes()))
+    return url
+
+
+def http_ready(url: str, context: ssl.SSLContext | None = None) -> Callable[[], bool]:
+    """A readiness check: ``url`` answers 200."""
     def ready() -> bool:
         try:
-            with urllib.request.urlopen(f"https://127.0.0.1:{port}/readyz", context=context, timeout=2) as answer:
+            with urllib.request.urlopen(url, context=context, timeout=2) as answer:
                 return answer.status == 200
         except OSError:
             return False
+    return ready
 
-    return cluster.start("webhook", ["webhook", "--cert-dir", str(certs), "--bind", f"127.0.0.1:{port}", "--workers", "1"],
-                         kubeconfig=cluster.service_account_kubeconfig("powercap-webhook"), ready=ready)
+
+def lease_holder(plane: ControlPlane, name: str) -> str:
+    """The holderIdentity of Lease ``powercap-system/name`` ("" when none)."""
+    done = plane.kubectl("get", "lease", name, "-n", NAMESPACE, "-o", "json", check=False)
+    return str((json.loads(done.stdout).get("spec") or {}).get("holderIdentity") or "") if done.returncode == 0 else ""
+
+
+def start_power_aware_scheduler(plane: ControlPlane, *, stale_after_s: float | None = None,
+                                sa_duration: str = "1h") -> str:
+    """``powercap extender`` and a second kube-scheduler (profile power-aware-scheduler)
+    calling it, both as ServiceAccount power-aware-scheduler, as config/scheduler deploys
+    them; returns the extender's URL once the scheduler holds its Lease. ``stale_after_s``:
+    the extender's ``--stale-after`` (its default when None; tests whose Nodes carry fixed
+    telemetry make it long)."""
+    kubeconfig = plane.service_account_kubeconfig("power-aware-scheduler", duration=sa_duration)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    stale_after = ["--stale-after", f"{stale_after_s:g}"] if stale_after_s is not None else []
+    plane.start("extender", ["extender", "--bind", f"127.0.0.1:{port}", "--metrics-bind", f"127.0.0.1:{free_port()}",
+                             *stale_after], kubeconfig=kubeconfig, ready=http_ready(f"{url}/readyz"))
+    config = yaml.safe_load((REPO_ROOT / "config" / "scheduler" / "scheduler-config.yaml").read_text())
+    config["extenders"][0]["urlPrefix"] = url
+    config["clientConnection"] = {"kubeconfig": kubeconfig}
+    config_file = plane.directory / "power-aware-scheduler.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    plane.spawn("power-aware-scheduler", [str(Path(plane.env["CONTROLPLANE_BIN"]) / "kube-scheduler"),
+                                          f"--config={config_file}", "--secure-port=0", "--v=2"])
+    wait_until(lambda: lease_holder(plane, "power-aware-scheduler"), 60, "the power-aware scheduler to take its Lease")
+    return url
+
+
+def start_controllers(plane: ControlPlane, identities: Sequence[str] = ("a", "b"), *, interval_s: float = 1,
+                      sa_duration: str = "1h") -> dict[str, subprocess.Popen[bytes]]:
+    """``powercap controller`` replicas as ServiceAccount power-aware-scheduler (they run in
+    its pod, config/controller), returned by identity once one of them leads."""
+    kubeconfig = plane.service_account_kubeconfig("power-aware-scheduler", duration=sa_duration)
+    replicas = {
+        identity: plane.start(f"controller-{identity}",
+                              ["controller", "--identity", identity, "--interval", f"{interval_s:g}",
+                               "--health-bind", f"127.0.0.1:{free_port()}"], kubeconfig=kubeconfig)
+        for identity in identities
+    }
+    wait_until(lambda: lease_holder(plane, "powercap-controller") in replicas, 60, "a controller to lead")
+    return replicas
+
+
+@dataclass(frozen=True)
+class SimulatedNode:
+    """A GPU node with no kubelet: its Node object, a stand-in kubelet, a simulated agent."""
+
+    name: str
+    rack: str
+    gpus: int = 8
+    model: str = "H200-like"
+
+    def node_object(self) -> dict[str, Any]:
+        """The Node as a GPU node's kubelet and the NVIDIA GPU feature discovery register it: Ready."""
+        return {
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": self.name, "labels": {
+                "kubernetes.io/hostname": self.name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+                "powercapping.example.com/rack": self.rack, "nvidia.com/gpu.present": "true",
+                "nvidia.com/gpu.count": str(self.gpus), "nvidia.com/gpu.product": self.model,
+            }},
+            "status": {
+                "capacity": {"cpu": "64", "memory": "1Ti", "pods": "110", "nvidia.com/gpu": str(self.gpus)},
+                "allocatable": {"cpu": "64", "memory": "1Ti", "pods": "110", "nvidia.com/gpu": str(self.gpus)},
+                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                "message": "simulated by powercap's local cluster"}],
+            },
+        }
+
+
+def register_nodes(plane: ControlPlane, nodes: Sequence[SimulatedNode]) -> None:
+    """Create the Nodes, Ready with their GPU capacity (unlike most kinds, a Node keeps the
+    status it is created with)."""
+    plane.kubectl("create", "-f", "-", input_text=yaml.safe_dump_all([node.node_object() for node in nodes]))
+
+
+def start_kubelets(plane: ControlPlane, nodes: Sequence[SimulatedNode]) -> Path:
+    """One stand-in kubelet process for ``nodes`` (tests/e2e/kubelets.py), as the admin;
+    returns the folder of their pod-resources sockets."""
+    sockets = plane.directory / "kubelet"
+    plane.spawn("kubelets", [sys.executable, "-m", "tests.e2e.kubelets", "--socket-dir", str(sockets),
+                             *(f"--node={node.name}={node.gpus}" for node in nodes)], kubeconfig=plane.kubeconfig)
+    wait_until(lambda: all((sockets / f"{node.name}.sock").exists() for node in nodes), 30,
+               "the stand-in kubelets' pod-resources sockets")
+    return sockets
+
+
+def start_agents(plane: ControlPlane, nodes: Sequence[SimulatedNode], sockets: Path, *, interval_s: float = 1,
+                 sa_duration: str = "1h") -> dict[str, str]:
+    """``powercap agent --backend simulated`` per node, as ServiceAccount powercap-agent,
+    reading the stand-in kubelet's pod-resources socket and workload file; returns each
+    agent's /status URL."""
+    kubeconfig = plane.service_account_kubeconfig("powercap-agent", duration=sa_duration)
+    urls = {}
+    for node in nodes:
+        port = free_port()
+        urls[node.name] = f"http://127.0.0.1:{port}/status"
+        plane.start(f"agent-{node.name}",
+                    ["agent", "--backend", "simulated", "--node", node.name, "--interval", f"{interval_s:g}",
+                     "--metrics-bind", f"127.0.0.1:{port}", "--state-file", str(plane.directory / "agents" / f"{node.name}.json"),
+                     "--pod-resources-socket", str(sockets / f"{node.name}.sock")],
+                    kubeconfig=kubeconfig, env={"POWERCAP_SIMULATED_GPUS": str(node.gpus),
+                                                "POWERCAP_SIMULATED_GPU_MODEL": node.model,
+                                                "POWERCAP_SIMULATED_WORKLOAD": str(sockets / f"{node.name}.workload.json")},
+                    ready=http_ready(f"http://127.0.0.1:{port}/healthz"))
+    return urls

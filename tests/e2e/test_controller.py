@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.harness import NAMESPACE, ControlPlane, free_port, wait_until
+from tests.e2e.harness import NAMESPACE, ControlPlane, lease_holder, start_controllers, wait_until
 from tests.fakes.objects import gpu_node, gpu_pod, policy, telemetry
 
 LEASE = "powercap-controller"
@@ -29,36 +29,23 @@ def lease(cluster: ControlPlane) -> dict[str, Any] | None:
     return json.loads(done.stdout) if done.returncode == 0 else None
 
 
-def holder(cluster: ControlPlane) -> str:
-    found = lease(cluster)
-    return str(((found or {}).get("spec") or {}).get("holderIdentity") or "")
-
-
 @pytest.fixture(scope="module")
 def controllers(cluster: ControlPlane) -> Iterator[dict[str, Any]]:
     """Two ``powercap controller`` replicas, identities a and b, rounds every second."""
-    kubeconfig = cluster.service_account_kubeconfig("power-aware-scheduler")
-    replicas = {}
-    for identity in ("a", "b"):
-        replicas[identity] = cluster.start(
-            f"controller-{identity}",
-            ["controller", "--identity", identity, "--interval", "1", "--health-bind", f"127.0.0.1:{free_port()}"],
-            kubeconfig=kubeconfig,
-        )
-    wait_until(lambda: holder(cluster) in replicas, 60, "a controller to lead")
+    replicas = start_controllers(cluster, ("a", "b"), interval_s=1)
     yield replicas
     for process in replicas.values():
         cluster.stop(process)
 
 
 def test_one_leader_and_a_hand_over_within_the_lease_duration(cluster: ControlPlane, controllers: dict[str, Any]) -> None:
-    leader = holder(cluster)
+    leader = lease_holder(cluster, LEASE)
     spec = lease(cluster)["spec"]  # type: ignore[index]
     duration_s = spec["leaseDurationSeconds"]
     standby = next(identity for identity in controllers if identity != leader)
     os.killpg(controllers[leader].pid, signal.SIGKILL)  # no release: the standby must wait the Lease out
     killed_at = time.monotonic()
-    wait_until(lambda: holder(cluster) == standby, duration_s + 15, f"{standby} to take the Lease")
+    wait_until(lambda: lease_holder(cluster, LEASE) == standby, duration_s + 15, f"{standby} to take the Lease")
     took_s = time.monotonic() - killed_at
     assert took_s <= duration_s + 5, f"hand-over took {took_s:.1f} s; the Lease lasts {duration_s} s"
     transitions = lease(cluster)["spec"].get("leaseTransitions", 0)  # type: ignore[index]

@@ -90,13 +90,16 @@ def list_response(assignments: Assignments) -> Any:
 
 
 class FakeKubelet:
-    """Serves ``v1.PodResourcesLister/List`` on ``socket_path`` (a short path: unix socket
-    paths are limited to 107 bytes). ``answer`` replaces the encoded response (bytes) or
+    """Serves ``v1.PodResourcesLister/List`` on ``socket_path`` (default: in a new temporary
+    directory; a short path: unix socket paths are limited to 107 bytes). ``answer`` replaces the encoded response (bytes) or
     raises (a grpc status) for the failure tests."""
 
-    def __init__(self) -> None:
-        self._directory = Path(tempfile.mkdtemp(prefix="kubelet-"))
-        self.socket_path = self._directory / "kubelet.sock"
+    def __init__(self, socket_path: Path | None = None) -> None:
+        self._directory: Path | None = None
+        if socket_path is None:
+            self._directory = Path(tempfile.mkdtemp(prefix="kubelet-"))
+            socket_path = self._directory / "kubelet.sock"
+        self.socket_path = socket_path
         self.assignments: Assignments = {}
         self.answer: Callable[[grpc.ServicerContext], bytes] | None = None
         self.calls = 0
@@ -129,4 +132,5 @@ class FakeKubelet:
 
     def remove(self) -> None:
         self.stop()
-        shutil.rmtree(self._directory, ignore_errors=True)
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
