@@ -38,7 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from extender import wire
-from extender.state import PublishedTotalsCache, RecentAdmissions
+from extender.state import PublishedTotalsCache, RecentAdmissions, refuse_past_pending
 from powercap.runtime.httpworker import LISTENER_KEY
 from powercap.runtime.sources import NotReady, ViewSource
 from powercap.algorithms import AlgorithmRegistry
@@ -162,8 +162,10 @@ def create_app(
         if request_.covered:
             request_ = replace(request_, admitted_w=admissions.admitted_w(view, request_, now_s))
         outcome = filter_nodes(view, request_, candidates.names)
+        if request_.covered:
+            outcome = refuse_past_pending(view, request_, outcome, admissions.rack_pending(view, request_, now_s))
         if outcome.passed:
-            admissions.passed(view, request_, now_s)
+            admissions.passed(view, request_, now_s, outcome.passed)
         for reason, count in outcome.rejections.items():
             metrics.rejected.labels(reason.value).inc(count)
         if request_.covered:
