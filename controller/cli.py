@@ -72,8 +72,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--margin", default=AllocationSettings().margin, type=margin_fraction, metavar="FRACTION",
                         help="share of powerCapLimit held back for power overshoot (default 0.03: 3 %%)")
     add_cluster_view_arguments(parser)
-    parser.add_argument("--lease-namespace", default=DEFAULT_LEASE_NAMESPACE, metavar="NAMESPACE")
-    parser.add_argument("--lease-name", default=DEFAULT_LEASE_NAME, metavar="NAME")
+    parser.add_argument("--lease-namespace", default=DEFAULT_LEASE_NAMESPACE, metavar="NAMESPACE",
+                        help=f"namespace of the leader-election Lease (default {DEFAULT_LEASE_NAMESPACE})")
+    parser.add_argument("--lease-name", default=DEFAULT_LEASE_NAME, metavar="NAME",
+                        help=f"name of the Lease the replicas share; one of them holds it and runs the rounds (default {DEFAULT_LEASE_NAME})")
     parser.add_argument("--identity", default=None, metavar="ID",
                         help="this replica's name in the Lease (default: $POD_NAME, else host name and a random suffix)")
     parser.add_argument("--health-bind", default=DEFAULT_HEALTH_BIND, type=bind_address, metavar="HOST:PORT",

@@ -113,18 +113,20 @@ def test_kubectl_list_output_is_expanded(capsys: pytest.CaptureFixture[str], tmp
 @pytest.mark.parametrize(
     ("content", "expected_code", "expected"),
     [
-        pytest.param(b"", 1, "input.yaml: no documents found", id="empty-file"),
-        pytest.param(b"spec: [unclosed\n", 2, "error: invalid YAML at line 2", id="yaml-syntax-error"),
+        # README: "2 a file could not be read or parsed"; an empty file holds no policy to check
+        pytest.param(b"", 2, "input.yaml: error: no documents found (the file is empty or only comments)", id="empty-file"),
+        pytest.param(b"# nothing yet\n---\n", 2, "input.yaml: error: no documents found", id="only-comments"),
+        pytest.param(b"spec: [unclosed\n", 2, "error: document 1: invalid YAML at line 2", id="yaml-syntax-error"),
         pytest.param(b"- a\n- b\n", 1, "document 1: a policy must be an object, not a list", id="a-list"),
         pytest.param(b"apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n", 1,
                      "default/p: kind: must be PowerCappingPolicy, not 'Pod'", id="a-pod"),
         pytest.param(bytes(range(256)), 2, "error: not UTF-8 text", id="binary-junk"),
         pytest.param(b"\x00\x01\x02abc", 2, "error: binary data, not YAML or JSON text", id="nul-bytes"),
-        pytest.param(b"{\"spec\": ", 2, "error: invalid YAML", id="truncated-json"),
+        pytest.param(b"{\"spec\": ", 2, "error: document 1: invalid YAML", id="truncated-json"),
         pytest.param(b"[" * 5000, 2, "error:", id="deep-nesting"),
         pytest.param(b"42\n", 1, "a policy must be an object, not an integer", id="a-scalar"),
         pytest.param(b"kind: PowerCappingPolicy\nspec: {powerCapLimit: 100}\nspec: {powerCapLimit: 200}\n", 2,
-                     'error: invalid YAML at line 3, column 1: duplicate key "spec" (first at line 2)', id="duplicate-key"),
+                     'error: document 1: invalid YAML at line 3, column 1: duplicate key "spec" (first at line 2)', id="duplicate-key"),
     ],
 )
 def test_any_input_gets_a_message_not_a_traceback(
@@ -136,6 +138,65 @@ def test_any_input_gets_a_message_not_a_traceback(
     assert code == expected_code
     assert expected in out
     assert "Traceback" not in out + err
+
+
+def test_a_yaml_error_names_the_document_of_the_stream_it_is_in(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """In a file of several policies, the line alone does not say which policy is broken."""
+    path = tmp_path / "policies.yaml"
+    path.write_text((SAMPLES_DIR / "basic.yaml").read_text() + "---\n" + WARN_POLICY + "---\nspec: [unclosed\n")
+    code, out, _ = run_cli(capsys, str(path))
+    assert code == 2
+    assert f"{path}: error: document 3: invalid YAML at line" in out
+
+
+def test_a_cluster_with_no_policies_is_not_an_unreadable_file(capsys: pytest.CaptureFixture[str]) -> None:
+    """`kubectl get pcp -A -o yaml | powercap validate -` with none: an empty List, nothing invalid."""
+    code, out, _ = run_cli(capsys, "-", stdin="apiVersion: v1\nitems: []\nkind: List\nmetadata:\n  resourceVersion: \"\"\n")
+    assert code == 0
+    assert out == "0 document(s): 0 valid, 0 invalid\n"
+
+
+def test_an_empty_file_beside_valid_ones_still_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "empty.yaml").write_text("")
+    code, out, _ = run_cli(capsys, str(SAMPLES_DIR / "basic.yaml"), str(tmp_path / "empty.yaml"))
+    assert code == 2
+    assert "default/llm-inference-power-capping: valid" in out
+    assert out.splitlines()[-1] == "1 document(s): 1 valid, 0 invalid; 1 file(s) unreadable"
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [("validate", "--output"), ("controller", "--lease-namespace"), ("controller", "--lease-name")],
+)
+def test_options_have_help(capsys: pytest.CaptureFixture[str], command: str, option: str) -> None:
+    """`powercap COMMAND --help` explains the option, not just its name."""
+    import argparse
+
+    from powercap.commands import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    action = next(a for a in subparsers.choices[command]._actions if option in a.option_strings)
+    assert action.help and action.help.strip(), f"powercap {command} {option} has no help text"
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert " ".join(action.help.split()[:3]) in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_readmes_agent_example_leaves_no_file_for_git_to_list(tmp_path: Path) -> None:
+    """The README's agent example writes its state file where git ignores it."""
+    import re
+    import shutil
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    state_files = re.findall(r"powercap agent .*--state-file (\S+)", readme)
+    assert state_files, "the README's agent example has no --state-file"
+    if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout: cannot ask git what it ignores")
+    for state_file in state_files:
+        ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", state_file], cwd=REPO_ROOT, timeout=30)
+        assert ignored.returncode == 0, f"{state_file} (README's agent example) would show in git status"
+    # and the same name anywhere in the checkout (docs/nodeagent.md's example writes ./agent-state.json)
+    assert subprocess.run(["git", "check-ignore", "-q", "--no-index", "agent-state.json"], cwd=REPO_ROOT, timeout=30).returncode == 0
 
 
 def test_missing_file_and_directory_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

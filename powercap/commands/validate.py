@@ -12,11 +12,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+import yaml
 
 from powercap.algorithms import AlgorithmRegistry
 from powercap.problems import Problem, ValidationResult
 from powercap.policies import validate_policy
 from powercap.runtime.documents import LOAD_ERRORS, describe_load_error, parse_documents, read_text
+from powercap.schema import SAFE_LOADER
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNREADABLE = 0, 1, 2
 
@@ -58,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "1: some document invalid; 2: a file cannot be read or parsed.",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="policy file, or - for stdin")
-    parser.add_argument("--output", "-o", choices=("text", "json"), default="text")
+    parser.add_argument("--output", "-o", choices=("text", "json"), default="text",
+                        help="text: a line per problem and a count (default); json: one report for scripts")
     parser.set_defaults(func=run)
 
 
@@ -74,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
 def validate_files(paths: list[str], registry: AlgorithmRegistry, stdin: TextIO | None) -> Report:
     report = Report()
     for path in paths:
+        text = ""
         try:
             if path == "-":
                 if stdin is None:  # started with standard input closed
@@ -83,16 +87,45 @@ def validate_files(paths: list[str], registry: AlgorithmRegistry, stdin: TextIO 
                 text = read_text(path)
             documents = list(parse_documents(text))
         except LOAD_ERRORS as error:
-            report.file_errors.append(FileError(display_name(path), describe_load_error(error)))
+            report.file_errors.append(FileError(display_name(path), describe_file_error(error, text)))
             continue
-        if not documents:
-            result = ValidationResult(errors=(Problem("", "no documents found"),))
-            report.documents.append(DocumentReport(display_name(path), 0, "", result))
+        if not documents and holds_no_document(text):  # nothing to validate is not "valid"
+            report.file_errors.append(FileError(display_name(path), "no documents found (the file is empty or only comments)"))
+            continue
         for index, document in enumerate(documents):
             report.documents.append(DocumentReport(
                 display_name(path), index, document_label(document, index), validate_policy(document, registry)
             ))
     return report
+
+
+def describe_file_error(error: Exception, text: str) -> str:
+    """The load error's words; for YAML, which document of the stream it is in (1-based)."""
+    message = describe_load_error(error)
+    if isinstance(error, yaml.YAMLError) and text:
+        message = f"document {failing_document_number(text)}: {message}"
+    return message
+
+
+def holds_no_document(text: str) -> bool:
+    """Whether a stream that parsed has no document at all (empty, comments, bare ``---``),
+    as opposed to an empty ``kind: List`` (a cluster with no policies: 0 documents, valid)."""
+    try:
+        return all(document is None for document in yaml.load_all(text, Loader=SAFE_LOADER))
+    except (yaml.YAMLError, ValueError, RecursionError):
+        return False
+
+
+def failing_document_number(text: str) -> int:
+    """The number (1-based, counting every ``---`` document of the stream) of the first
+    document that does not load."""
+    loaded = 0
+    try:
+        for _ in yaml.load_all(text, Loader=SAFE_LOADER):
+            loaded += 1
+    except (yaml.YAMLError, ValueError, RecursionError):
+        pass
+    return loaded + 1
 
 
 def display_name(path: str) -> str:
