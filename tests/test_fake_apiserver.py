@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -105,7 +106,21 @@ def test_watch_wire_format_is_chunked_json_lines(apiserver: FakeApiServer) -> No
     assert response.getheader("Transfer-Encoding") == "chunked"
     lines = response.read().decode().splitlines()
     events = [json.loads(line) for line in lines]
-    assert [e["type"] for e in events] == ["ADDED", "BOOKMARK"]  # a bookmark before the timeout
+    # the replay ends with a bookmark; none before a timeout of 2 s or less (kube-apiserver v1.37)
+    assert [e["type"] for e in events] == ["ADDED", "BOOKMARK"]
     assert lines[0].startswith('{"type":"ADDED","object":{"apiVersion":"v1","kind":"Node",')
-    assert events[1]["object"]["metadata"]["resourceVersion"] == str(apiserver.resource_version)
+    assert events[1]["object"] == {"kind": "Node", "apiVersion": "v1", "metadata": {
+        "resourceVersion": str(apiserver.resource_version), "annotations": {"k8s.io/initial-events-end": "true"}}}
     conn.close()
+
+
+def test_a_watch_gets_a_bookmark_2_s_before_its_timeout(apiserver: FakeApiServer, client: KubeClient) -> None:
+    apiserver.put_object("nodes", {"metadata": {"name": "n1"}})
+    rv = str(apiserver.resource_version)
+    started = time.monotonic()
+    with client.watch(kube.node_path(), rv, timeout_s=3) as stream:
+        events = [(kind, obj, time.monotonic() - started) for kind, obj in stream]
+    ended_s = time.monotonic() - started
+    assert [(kind, obj) for kind, obj, _ in events] == [
+        ("BOOKMARK", {"kind": "Node", "apiVersion": "v1", "metadata": {"resourceVersion": rv}})]
+    assert 0.9 <= events[0][2] < 1.5 and 2.9 <= ended_s < 3.5, (events[0][2], ended_s)

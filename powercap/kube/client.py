@@ -87,9 +87,12 @@ class _ClosesOnExit:
 class WatchStream(_ClosesOnExit, Iterator[tuple[str, JsonObject]]):
     """The events of one watch request, as ``(type, object)`` pairs.
 
-    Types are ``ADDED``, ``MODIFIED``, ``DELETED``, ``BOOKMARK`` (object carries only
-    ``metadata.resourceVersion``) and ``ERROR`` (object is a ``Status``; see
-    :func:`error_from_status`). Iteration ends when the server closes the stream
+    Types are ``ADDED``, ``MODIFIED``, ``DELETED``, ``BOOKMARK`` (an empty object of the
+    kind: ``kind``, ``apiVersion``, ``metadata.resourceVersion``, and for built-in kinds an
+    empty ``spec``/``status``; the one ending a replay is annotated
+    ``k8s.io/initial-events-end: "true"``) and ``ERROR`` (object is a ``Status``; see
+    :func:`error_from_status`; an expired resourceVersion comes this way, a 410
+    ``Expired``). Iteration ends when the server closes the stream
     (``timeoutSeconds`` reached) or after :meth:`close`; a broken connection raises
     :class:`Unreachable`. :meth:`close` may be called from any thread and unblocks a
     reader waiting for the next event.
@@ -382,12 +385,16 @@ class KubeClient(_ClosesOnExit):
     ) -> WatchStream:
         """Start a watch on a collection from ``resource_version``.
 
-        ``resource_version`` "" or "0" first replays the current objects as ADDED.
-        The server ends the stream after ``timeout_s``. The response headers must come
+        ``resource_version`` "" or "0" first replays the current objects as ADDED, then
+        (with bookmarks) a BOOKMARK. The server ends the stream after ``timeout_s``;
+        kube-apiserver's watch cache sends a BOOKMARK about once a minute and 2 s before
+        the end (none for ``timeout_s`` <= 2; none at all with ``--watch-cache=false``). The response headers must come
         within the client's read timeout; after them the read timeout is ``timeout_s``
         plus the client's read timeout. Raises at once when the server
-        refuses the watch (e.g. :class:`Gone` as an HTTP 410); later failures surface
-        while iterating. See :class:`WatchStream`.
+        refuses the watch with an HTTP error (e.g. :class:`TooManyRequests` while the API
+        server's watch cache of a new CRD starts, or :class:`Gone` from servers older than
+        v1.37); later failures, and an expired ``resource_version`` on v1.37, come as an
+        ``ERROR`` event while iterating. See :class:`WatchStream`.
         """
         watch_params: dict[str, Any] = dict(params or {})
         watch_params.update(

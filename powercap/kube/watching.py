@@ -32,8 +32,9 @@ class WatchCache:
 
     A background thread lists ``list_path`` (with ``params``: selectors), then watches
     from the list's resourceVersion with bookmarks. ADDED/MODIFIED/DELETED events are
-    applied to a dict keyed by :func:`object_key`. On 410 Gone (an HTTP 410 or an
-    ``ERROR`` event carrying a 410 Status) it lists again and emits the difference as
+    applied to a dict keyed by :func:`object_key`. On 410 Gone (an ``ERROR`` event
+    carrying a 410 ``Expired`` Status, as kube-apiserver v1.37 answers a watch from a
+    compacted or too old resourceVersion, or an HTTP 410 from older servers) it lists again and emits the difference as
     events; on any other failure it waits an exponential backoff with jitter (capped at
     ``backoff_max_s``), or the server's ``Retry-After`` when longer, and watches again
     from the last resourceVersion seen. A watch that ends without delivering anything

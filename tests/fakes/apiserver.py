@@ -13,11 +13,16 @@ semantics:
   lists carry no ``kind``/``apiVersion``; custom resources' items do.
 - WATCH (``watch=true|1``, ``resourceVersion``, ``allowWatchBookmarks``,
   ``timeoutSeconds``): chunked, one JSON event per line. ``resourceVersion`` "" or "0"
-  first replays the current objects as ADDED. A watch from a resourceVersion older than
-  the compaction point gets an ``ERROR`` event carrying a 410 ``Expired`` Status (or an
-  HTTP 410 with ``expired_as="http"``, as the watch cache answers). A change that makes
-  an object leave (enter) a watch's selector is sent as DELETED (ADDED). Bookmarks go out
-  on :meth:`FakeApiServer.send_bookmark` and just before a watch times out.
+  first replays the current objects as ADDED, then (bookmarks allowed) sends a BOOKMARK
+  annotated ``k8s.io/initial-events-end: "true"``. A watch from a resourceVersion older
+  than the compaction point gets HTTP 200 and an ``ERROR`` event carrying a 410
+  ``Expired`` Status, as kube-apiserver v1.37 answers from its watch cache and from etcd
+  alike (``expired_as="http"``: an HTTP 410 instead, as older API servers answered). A
+  change that makes an object leave (enter) a watch's selector is sent as DELETED
+  (ADDED). Bookmarks (``kind``, ``apiVersion`` and ``metadata.resourceVersion`` only) go
+  out on :meth:`FakeApiServer.send_bookmark` (the real server's one a minute) and 2 s
+  before a watch's ``timeoutSeconds`` runs out (none for 2 s or less), as the real watch
+  cache sends them.
 - POST (409 ``AlreadyExists``, ``generateName``), PUT with the resourceVersion
   precondition (409 ``Conflict``), PATCH (merge, JSON patch; strategic merge is treated
   as a merge patch for built-ins and answered 415 for custom resources, as the real
@@ -34,7 +39,10 @@ semantics:
 
 Simplifications: deletion is immediate (no graceful deletion, finalizers or garbage
 collection); strategic merge patch merges lists like a merge patch; a continued list
-reads the current state, not a snapshot; no authentication, admission or defaulting.
+reads the current state, not a snapshot; no authentication, admission or defaulting;
+:meth:`FakeApiServer.compact` also ends the open watches (a real server's open watches
+survive a compaction: only a watch that starts, or falls, behind it gets the 410); a
+built-in kind's bookmark carries no empty ``spec``/``status``.
 
 Test-facing API: the ``apiserver`` fixture of tests/conftest.py (a started
 :class:`FakeApiServer`; benchmarks use ``with FakeApiServer() as server:``), its ``url``, direct state helpers that also emit watch events (:meth:`put_object`,
@@ -382,6 +390,7 @@ class _WatchState:
     bookmark_generation: int
     cursor: int
     deadline: float = field(default=0.0)
+    bookmark_at: float | None = None  # when the bookmark before the timeout is due
 
 
 # --------------------------------------------------------------------------- server
@@ -545,9 +554,11 @@ class FakeApiServer:
 
     def compact(self) -> int:
         """Compact history: every resourceVersion issued so far becomes too old to watch
-        from. Open watches behind it end (an ERROR 410 event, or just end with
-        ``expired_as="http"``); later watches from an older version get a 410. Lists
-        return a newer version. Returns the compaction point."""
+        from. Open watches end too (an ERROR 410 event, or just end with
+        ``expired_as="http"``), as if they had fallen behind the compaction (a real
+        server's watches at the head survive one: to show that, end them with
+        :meth:`close_watches` first); later watches from an older version get a 410.
+        Lists return a newer version. Returns the compaction point."""
         with self._cond:
             self._rv += 1
             self._compacted_rv = self._rv
@@ -1114,6 +1125,8 @@ class FakeApiServer:
                 initial = [copy.deepcopy(o) for _, o in sorted(self._store[rt.plural].items()) if matches(o)]
             state = _WatchState(self._watch_epoch, self._bookmark_generation, requested_rv or self._rv)
             state.deadline = time.monotonic() + timeout_s
+            # kube-apiserver's watch cache: a bookmark 2 s before the timeout, none when that is past
+            state.bookmark_at = state.deadline - 2.0 if bookmarks and timeout_s > 2.0 else None
             self._active_watches += 1
             self._cond.notify_all()
         try:
@@ -1126,6 +1139,8 @@ class FakeApiServer:
             else:
                 for obj in initial:
                     self._write_event(h, "ADDED", obj)
+                if requested_rv is None and bookmarks:
+                    self._write_bookmark(h, rt, state.cursor, {"k8s.io/initial-events-end": "true"})
                 self._stream_changes(h, route, matches, bookmarks, state)
                 return
             h.wfile.write(b"0\r\n\r\n")
@@ -1140,9 +1155,10 @@ class FakeApiServer:
 
     def _await_news(self, h: _Handler, state: _WatchState) -> str:
         """Wait, lock held, until the watch has something to do, and say what: ``news``
-        (changes or a bookmark request), ``timeout``, ``expired`` (compacted past the
-        cursor), ``close`` / ``cut`` (close_watches, server stop) or ``gone`` (the client
-        left, as a cancelled request context)."""
+        (changes or a bookmark request), ``bookmark`` (the one before the timeout is due),
+        ``timeout``, ``expired`` (compacted past the cursor), ``close`` / ``cut``
+        (close_watches, server stop) or ``gone`` (the client left, as a cancelled request
+        context)."""
         while True:
             if self._closed or self._watch_epoch != state.epoch:
                 return "cut" if self._closed or self._close_abrupt else "close"
@@ -1150,9 +1166,13 @@ class FakeApiServer:
                 return "expired"
             if self._rv > state.cursor or self._bookmark_generation != state.bookmark_generation:
                 return "news"
-            remaining_s = state.deadline - time.monotonic()
+            now_s = time.monotonic()
+            remaining_s = state.deadline - now_s
             if remaining_s <= 0:
                 return "timeout"
+            if state.bookmark_at is not None and now_s >= state.bookmark_at:
+                state.bookmark_at = None
+                return "bookmark"
             if _peer_closed(h.connection):
                 return "gone"
             self._cond.wait(min(remaining_s, 0.05))
@@ -1169,7 +1189,7 @@ class FakeApiServer:
                     state.cursor = self._rv
                 expired = self._expired_status(state.cursor) if news == "expired" else None
                 bookmark_due = bookmarks and (
-                    news == "timeout" or (news == "news" and self._bookmark_generation != state.bookmark_generation)
+                    news == "bookmark" or (news == "news" and self._bookmark_generation != state.bookmark_generation)
                 )
                 state.bookmark_generation = self._bookmark_generation
             if news == "gone":
@@ -1188,11 +1208,10 @@ class FakeApiServer:
                     if event_type:
                         self._write_event(h, event_type, change.obj)
             if bookmark_due:
-                bookmark = {"resourceVersion": str(state.cursor), "creationTimestamp": None}
-                self._write_event(h, "BOOKMARK", {"kind": rt.kind, "apiVersion": rt.api_version, "metadata": bookmark})
+                self._write_bookmark(h, rt, state.cursor)
             if expired is not None and self.expired_as == "event":
                 self._write_event(h, "ERROR", expired)
-            if news != "news":
+            if news not in ("news", "bookmark"):
                 h.wfile.write(b"0\r\n\r\n")
                 return
 
@@ -1208,6 +1227,13 @@ class FakeApiServer:
         if before:
             return "DELETED"
         return None
+
+    def _write_bookmark(self, h: _Handler, rt: ResourceType, resource_version: int,
+                        annotations: Mapping[str, str] | None = None) -> None:
+        metadata: JsonObject = {"resourceVersion": str(resource_version)}
+        if annotations:
+            metadata["annotations"] = dict(annotations)
+        self._write_event(h, "BOOKMARK", {"kind": rt.kind, "apiVersion": rt.api_version, "metadata": metadata})
 
     @staticmethod
     def _write_event(h: _Handler, event_type: str, obj: JsonObject) -> None:
