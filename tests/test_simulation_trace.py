@@ -11,9 +11,11 @@ import pytest
 import yaml
 
 from powercap.commands import main
-from powercap.simulation.scenario import ScenarioError, default_scenario_text, scenario_from_document
+from powercap.simulation.scenario import ScenarioError, default_scenario_text, load_scenario, run_notices, scenario_from_document
 from powercap.simulation.tracefile import RecordedTokens, TraceError, parse_azure_llm, parse_rate, parse_trace
-from powercap.simulation.workload import build_trace
+from powercap.simulation.workload import build_trace, overload_notices
+
+from .conftest import REPO_ROOT
 
 # The head of AzureLLMInferenceTrace_conv.csv's layout: 7 fractional digits, no zone.
 AZURE_HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
@@ -152,7 +154,7 @@ def test_a_scenario_names_every_trace_problem() -> None:
     assert "services[1].trace.file: missing.csv: no such file (relative to the scenario file)" in shown
     assert (
         "services[0].trace: the trace covers 101 s, and a 60-s run from startS 0 at speedup 10 needs 600 s of it; "
-        "shorten the run to at most 10.1 s, lower speedup or lower startS" in shown
+        "durationS 10 fits, or lower speedup or startS" in shown
     )
 
 
@@ -190,16 +192,77 @@ def test_simulate_replays_a_trace_file_next_to_the_scenario(tmp_path: Path, caps
     assert offered == pytest.approx((35 * 2400 + 5 * 4800) / 40, rel=0.02)
 
 
-def test_a_duration_longer_than_the_trace_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_duration_longer_than_the_trace_exits_2_saying_which_duration_fits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "conv.csv").write_text(azure_rows([(k, 100) for k in range(100)]))
     scenario = tmp_path / "scenario.yaml"
     scenario.write_text(yaml.safe_dump(traced_document({"file": "conv.csv"}, duration_s=50)))
     assert main(["simulate", "--scenario", str(scenario), "--duration", "200", "--out", str(tmp_path / "o")]) == 2
     assert (
-        f"{scenario}: --duration 200: services[0].trace: the trace covers 100 s, and a 200-s run from startS 0 at speedup 1 "
-        "needs 200 s of it" in capsys.readouterr().err
+        f"{scenario}: services[0].trace: the trace covers 100 s, and a 200-s run from startS 0 at speedup 1 "
+        "needs 200 s of it; --duration 100 fits, or lower speedup or startS" in capsys.readouterr().err
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_duration_on_the_command_line_fixes_a_file_whose_duration_the_trace_cannot_fill(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The refusal tells the user to shorten the run; --duration does, before the check."""
+    (tmp_path / "conv.csv").write_text(azure_rows([(k, 100) for k in range(100)]))
+    scenario = write_scenario(tmp_path, {"file": "conv.csv", "speedup": 4}, duration_s=60)
+    assert main(["simulate", "--scenario", str(scenario), "--out", str(tmp_path / "o")]) == 2
+    assert "durationS 25 fits" in capsys.readouterr().err
+    assert main(["simulate", "--scenario", str(scenario), "--duration", "25", "--out", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["scenario"]["durationS"] == 25
+
+
+def test_without_durationS_the_run_is_as_long_as_the_trace_plays(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "conv.csv").write_text(azure_rows([(k, 100) for k in range(100)]))
+    document = traced_document({"file": "conv.csv", "startS": 10, "speedup": 4})
+    del document["durationS"]
+    document["events"] = [{"atS": 30, "policy": "inference/chat", "powerCapLimit": 5000}]  # past the 22-s run
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text(yaml.safe_dump(document))
+    assert main(["simulate", "--scenario", str(scenario), "--out", str(tmp_path / "o")]) == 0
+    captured = capsys.readouterr()
+    assert "22 s simulated" in captured.out  # (100 - 10) / 4 = 22.5 trace-filled seconds
+    assert "note: the cap change at 30 s (inference/chat -> 5000 W) is past the end of a 22-s run: not simulated" in captured.err
+
+
+def test_peak_utilisation_scales_the_trace_to_the_services_capacity(tmp_path: Path) -> None:
+    """peakUtilisation 0.5: the run's busiest minute offers half of what chat's 10 pods x 2
+    H200-like GPUs serve with no cap (3000 tokens/s x 0.75 decode each: 45,000 tokens/s)."""
+    rows = [(k + 0.5, 100 if k < 100 else 400) for k in range(400)]  # quiet, then 4x busier
+    text = azure_rows(rows)
+    document = traced_document({"file": "conv.csv", "speedup": 2, "peakUtilisation": 0.5}, duration_s=150)
+    document["workload"]["bursts"] = []
+    scenario = scenario_from_document(document, read_trace=lambda name: text.splitlines(keepends=True))
+    chat = scenario.service("chat")
+    assert chat.trace is not None and chat.trace.peak_utilisation == 0.5
+    series = build_trace(scenario).per_second["chat"]
+    assert max(series) == pytest.approx(0.5 * 45_000, rel=1e-6)  # the busy part: 800 tokens/s of trace
+    assert chat.trace.scale == pytest.approx(22_500 / 800)
+
+
+def test_scale_and_peak_utilisation_exclude_each_other() -> None:
+    document = traced_document({"file": "conv.csv", "scale": 2, "peakUtilisation": 0.8})
+    with pytest.raises(ScenarioError) as raised:
+        scenario_from_document(document, read_trace=lambda name: azure_rows([(0, 1), (5, 1)]).splitlines(keepends=True))
+    assert "services[0].trace.scale: cannot be used with peakUtilisation (which chooses the scale); set one of them" in [
+        str(p) for p in raised.value.problems
+    ]
+
+
+def test_traffic_beyond_what_a_service_serves_uncapped_is_named_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "conv.csv").write_text(azure_rows([(k + 0.5, 1000) for k in range(100)]))
+    scenario = write_scenario(tmp_path, {"file": "conv.csv", "scale": 90})  # 90,000 tokens/s for 45,000
+    assert main(["simulate", "--scenario", str(scenario), "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    note = err.index("powercap simulate: note: chat: its run offers 90,000 tokens/s, 2.0x what its 10 pods serve with no cap "
+                     "(45,000 tokens/s): every strategy will drop tokens; set trace.peakUtilisation")
+    assert note < err.index("simulated no-capping")
 
 
 def write_scenario(tmp_path: Path, trace: dict[str, Any], duration_s: float = 20, bursts: bool = False) -> Path:
@@ -238,9 +301,9 @@ def test_simulate_names_the_line_of_an_unusable_file_and_exits_2(
     [
         # a higher speedup plays more of the trace, so the advice is to lower it
         ({"speedup": 10}, "the trace covers 100 s, and a 20-s run from startS 0 at speedup 10 needs 200 s of it; "
-                          "shorten the run to at most 10 s, lower speedup or lower startS"),
+                          "durationS 10 fits, or lower speedup or startS"),
         ({"speedup": 3600}, "the trace covers 100 s, and a 20-s run from startS 0 at speedup 3600 needs 72000 s of it; "
-                            "lower speedup or lower startS"),
+                            "lower speedup or startS"),
         ({"startS": 100}, "startS 100 is at or after the end of the trace, which covers 100 s"),
         ({"startS": 5000, "speedup": 0.5}, "startS 5000 is at or after the end of the trace, which covers 100 s"),
     ],
@@ -303,3 +366,47 @@ def test_a_trace_file_that_cannot_be_opened_is_named(error: OSError, message: st
     with pytest.raises(ScenarioError) as raised:
         scenario_from_document(traced_document({"file": "conv.csv"}), read_trace=read)
     assert [str(p) for p in raised.value.problems] == [message]
+
+
+AZURE_TRACE = REPO_ROOT.parent / "shared" / "data" / "azure-llm-2023" / "AzureLLMInferenceTrace_conv.csv"
+
+
+def docs_recipe_document() -> dict[str, Any]:
+    """docs/simulator.md's recipe: the built-in scenario without durationS, chat replaying the
+    Azure conversation trace at speedup 6 scaled to peakUtilisation 0.8."""
+    document = yaml.safe_load(default_scenario_text())
+    del document["durationS"]
+    chat = document["services"][0]
+    del chat["peakTokensS"], chat["dailyShape"]
+    chat["trace"] = {"file": "traces/AzureLLMInferenceTrace_conv.csv", "speedup": 6, "peakUtilisation": 0.8}
+    return document
+
+
+@pytest.fixture
+def azure_trace() -> Path:
+    if not AZURE_TRACE.is_file():
+        pytest.skip(f"the Azure LLM inference trace is not at {AZURE_TRACE} (../shared/data/azure-llm-2023/ beside the "
+                    "repository): the docs' recipe for recorded traffic is NOT tested")
+    return AZURE_TRACE
+
+
+def test_the_docs_recipe_replays_the_real_azure_trace_on_the_first_try(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], azure_trace: Path
+) -> None:
+    (tmp_path / "traces").mkdir()
+    (tmp_path / "traces" / azure_trace.name).symlink_to(azure_trace)
+    scenario = tmp_path / "my.yaml"
+    scenario.write_text(yaml.safe_dump(docs_recipe_document()))
+    # the whole run: as long as an hour of trace plays at 6x (3503 s of requests: 583 s)
+    loaded = load_scenario(scenario.read_text(), read_trace=lambda name: (tmp_path / name).open(encoding="utf-8"))
+    assert loaded.duration_s == 583
+    assert run_notices(loaded) == [] and overload_notices(loaded, build_trace(loaded)) == []
+    # a short window of it, end to end
+    assert main(["simulate", "--scenario", str(scenario), "--duration", "30", "--out", str(tmp_path / "o")]) == 0
+    captured = capsys.readouterr()
+    assert "chat: replays traces/AzureLLMInferenceTrace_conv.csv (azure-llm, 3503 s, 4,088,665 tokens) from 0 s at 6x" in captured.out
+    assert "(peakUtilisation 0.8)" in captured.out
+    assert "note: chat" not in captured.err
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    chat = summary["strategies"]["no-capping"]["services"]["chat"]
+    assert 0 < chat["offeredTokensPerSecond"] <= 45_000  # 80 % of what 10 pods serve, and the random bursts

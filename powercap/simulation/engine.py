@@ -54,7 +54,7 @@ from powercap.objects import policy_for_pod
 from powercap.policies import Policy, parse_policy
 from powercap.rebalance import plan_rebalance
 from powercap.simulation import decisions
-from powercap.simulation.metrics import Recorder
+from powercap.simulation.metrics import LATENCY_PERCENTILE, Recorder, weighted_percentile
 from powercap.simulation.scenario import CapChange, Scale, Scenario, Service
 from powercap.simulation.workload import WorkloadTrace, bounded_shares, build_trace, pod_weight
 from powercap.simulation.world import SimGpu, SimNode, SimPod, World, moment
@@ -599,6 +599,7 @@ class _Run:
     def _sample_latency(self, second: int, t_s: float) -> None:
         """Once a second, per serving pod: ``baseLatencyS / speed + backlog / rate`` weighted by its traffic."""
         startup_s = self.timing.pod_startup_s
+        this_second: dict[int, list[tuple[float, float]]] = {}
         for pod in self.world.pods.values():
             if pod.node is None or not pod.serving(t_s, startup_s) or not pod.gpus:
                 continue
@@ -616,6 +617,10 @@ class _Run:
                 queue_s = service.max_queue_s
             latency = service.base_latency_s / max(speed, 1e-9) + queue_s
             self.recorder.service_latency[pod.service_index].append((latency, pod.offered_tokens_s))
+            this_second.setdefault(pod.service_index, []).append((latency, pod.offered_tokens_s))
+        if second < self.recorder.seconds:
+            for index, samples in this_second.items():
+                self.recorder.service_latency_p99_s[index][second] = weighted_percentile(samples, LATENCY_PERCENTILE)
 
     def _uncapped_speed(self, gpu: SimGpu, service: Service) -> float:
         key = (gpu.model.name, service.prefill_share)

@@ -30,6 +30,8 @@ from collections.abc import Sequence, Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
+LATENCY_PERCENTILE = 0.99
+"""The latency proxy's percentile, over the run (summary.json) and over each second (the plots)."""
 RECOVERY_HOLD_S = 10.0
 """Power must stay under the new cap this long to count as recovered."""
 
@@ -50,6 +52,7 @@ class Recorder:
     service_caps_sum_w: list[list[float]] = field(default_factory=list)  # most the GPUs' caps summed to in the second
     service_step_power_w: list[list[float]] = field(default_factory=list)
     service_latency: list[list[tuple[float, float]]] = field(default_factory=list)
+    service_latency_p99_s: list[list[float | None]] = field(default_factory=list)  # per second, over the serving pods
     rack_energy_j: list[list[float]] = field(default_factory=list)
     rack_inlet_c_s: list[list[float]] = field(default_factory=list)  # integral of inlet over the second
     cluster_energy_j: list[float] = field(default_factory=list)
@@ -65,6 +68,7 @@ class Recorder:
         self.service_caps_sum_w = [[0.0] * n for _ in range(s)]
         self.service_step_power_w = [[] for _ in range(s)]
         self.service_latency = [[] for _ in range(s)]
+        self.service_latency_p99_s = [[None] * n for _ in range(s)]
         self.rack_energy_j = [[0.0] * n for _ in range(r)]
         self.rack_inlet_c_s = [[0.0] * n for _ in range(r)]
         self.cluster_energy_j = [0.0] * n

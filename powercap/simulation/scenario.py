@@ -33,6 +33,7 @@ from powercap.objects import GPU_RESOURCE, POWER_ANNOTATION
 from powercap.physics import GpuModel
 from powercap.policies import POLICY_LABEL, Policy, parse_policy, validate_policy
 from powercap.problems import Problem, join_path
+from powercap.simulation.metrics import RECOVERY_HOLD_S, excluded_seconds
 from powercap.simulation.tracefile import RecordedTokens, TraceError, parse_trace
 
 SCHEMA_RESOURCE = "scenario-schema.yaml"
@@ -115,6 +116,12 @@ class Trace:
     speedup: float
     scale: float
     recorded: RecordedTokens
+    peak_utilisation: float | None = None
+    """When set, ``scale`` was chosen from it (see :func:`scale_for_utilisation`)."""
+
+    def playable_s(self) -> float:
+        """Simulated seconds this trace can play from ``start_s`` at ``speedup``."""
+        return max(0.0, self.recorded.duration_s - self.start_s) / self.speedup
 
     def needed_s(self, duration_s: float) -> float:
         """Trace seconds a run of ``duration_s`` plays, from the trace's start."""
@@ -125,21 +132,42 @@ class Trace:
         start = self.start_s + second * self.speedup
         return self.scale * self.recorded.tokens_between(start, start + self.speedup)
 
-    def coverage_problem(self, duration_s: float) -> str | None:
-        """Why a run of ``duration_s`` cannot be played from this trace (None: it can)."""
+    def coverage_problem(self, duration_s: float, duration_name: str = "durationS") -> str | None:
+        """Why a run of ``duration_s`` cannot be played from this trace (None: it can), in one
+        line that says which ``duration_name`` (durationS or --duration) fits."""
         covered_s = self.recorded.duration_s
         if self.start_s >= covered_s:
             return f"startS {self.start_s:g} is at or after the end of the trace, which covers {covered_s:g} s"
         if self.needed_s(duration_s) <= covered_s:
             return None
         # a higher speedup plays more trace per simulated second, so the fix is a lower one
-        longest_s = math.floor((covered_s - self.start_s) / self.speedup * 1000) / 1000
-        shorten = f"shorten the run to at most {longest_s:g} s, " if longest_s >= 1 else ""
+        longest_s = self.playable_s()  # a run is at least 1 s long (durationS, --duration)
+        fix = f"{duration_name} {math.floor(longest_s):g} fits, or lower speedup or startS" if longest_s >= 1 else "lower speedup or startS"
         return (
             f"the trace covers {covered_s:g} s, and a {duration_s:g}-s run from startS "
-            f"{self.start_s:g} at speedup {self.speedup:g} needs {self.needed_s(duration_s):g} s of it; "
-            f"{shorten}lower speedup or lower startS"
+            f"{self.start_s:g} at speedup {self.speedup:g} needs {self.needed_s(duration_s):g} s of it; {fix}"
         )
+
+    def busiest_minute_tokens_s(self, duration_s: float) -> float:
+        """Offered tokens/s (before bursts) of the busiest ``PEAK_WINDOW_S`` simulated seconds of
+        a run of ``duration_s`` (the whole run when shorter)."""
+        return busiest_window_mean([self.offered_tokens(k) for k in range(max(1, math.ceil(duration_s)))])
+
+
+PEAK_WINDOW_S = 60
+"""Simulated seconds over which "the busiest minute" of offered traffic is averaged: shorter
+spikes wait in the queues (maxQueueS) rather than being dropped."""
+
+
+def busiest_window_mean(per_second: Sequence[float], window_s: int = PEAK_WINDOW_S) -> float:
+    """The highest mean of ``window_s`` consecutive values (of all of them when fewer)."""
+    window = max(1, min(window_s, len(per_second)))
+    running = math.fsum(per_second[:window])
+    best = running
+    for k in range(window, len(per_second)):
+        running += per_second[k] - per_second[k - window]
+        best = max(best, running)
+    return best / window if per_second else 0.0
 
 
 @dataclass(frozen=True)
@@ -206,6 +234,19 @@ class Service:
             },
             "status": {"phase": "Pending"},
         }
+
+
+def uncapped_capacity_tokens_s(service: Service, nodes: Sequence[NodeGroup]) -> float:
+    """Tokens/s the service's ``replicas`` pods generate flat out with no cap (as
+    ``world.SimPod.bind`` computes a pod's): ``replicas x gpusPerPod x peak_tokens_s x
+    (1 - prefillShare) x 70 / modelSizeB``, ``peak_tokens_s`` averaged over the GPUs its pods
+    may run on (weighted by their count)."""
+    groups = [g for g in nodes if service.gpu_models is None or g.gpu.name in service.gpu_models]
+    gpus = sum(g.count * g.gpus for g in groups)
+    if gpus == 0:
+        return 0.0
+    per_gpu = math.fsum(g.count * g.gpus * g.gpu.peak_tokens_s for g in groups) / gpus
+    return service.replicas * service.gpus_per_pod * per_gpu * (1.0 - service.prefill_share) * service.tokens_scale
 
 
 @dataclass(frozen=True)
@@ -304,7 +345,7 @@ class Scenario:
             problems = [
                 Problem(f"services[{index}].trace", problem)
                 for index, service in enumerate(self.services)
-                if service.trace is not None and (problem := service.trace.coverage_problem(duration_s)) is not None
+                if service.trace is not None and (problem := service.trace.coverage_problem(duration_s, "--duration")) is not None
             ]
             if problems:
                 raise ScenarioError(problems)
@@ -313,7 +354,8 @@ class Scenario:
                 changes["workload"] = dataclasses.replace(self.workload, day_length_s=duration_s)
         if seed is not None:
             changes["seed"] = seed
-        return dataclasses.replace(self, **changes)
+        changed = dataclasses.replace(self, **changes)
+        return _scaled_to_utilisation(changed) if duration_s is not None else changed
 
     def rack(self, rack_id: str) -> Rack:
         return next(r for r in self.racks if r.rack_id == rack_id)
@@ -336,11 +378,20 @@ def default_scenario_text() -> str:
     return schema.package_data_text(DEFAULT_SCENARIO_RESOURCE)
 
 
-def load_scenario(text: str, registry: AlgorithmRegistry | None = None, read_trace: TraceReader | None = None) -> Scenario:
+def load_scenario(
+    text: str,
+    registry: AlgorithmRegistry | None = None,
+    read_trace: TraceReader | None = None,
+    *,
+    duration_s: float | None = None,
+    seed: int | None = None,
+) -> Scenario:
     """Parse and validate a scenario; raises :class:`ScenarioError` listing every problem.
 
     ``read_trace`` reads the files named by ``services[].trace.file``; without it a scenario
     naming one is refused (the built-in scenario has no file to be relative to).
+    ``duration_s`` and ``seed`` override ``durationS`` and ``seed`` (the command line's
+    --duration and --seed) before any check they affect.
     """
     try:
         document = yaml.load(text, Loader=schema.SAFE_LOADER)
@@ -350,11 +401,25 @@ def load_scenario(text: str, registry: AlgorithmRegistry | None = None, read_tra
         raise ScenarioError([Problem("", f"invalid YAML{where}: {error.problem}")]) from None
     except yaml.YAMLError as error:
         raise ScenarioError([Problem("", f"invalid YAML: {error}")]) from None
-    return scenario_from_document(document, registry, read_trace)
+    return scenario_from_document(document, registry, read_trace, duration_s=duration_s, seed=seed)
 
 
-def scenario_from_document(document: Any, registry: AlgorithmRegistry | None = None, read_trace: TraceReader | None = None) -> Scenario:
-    """A :class:`Scenario` from a parsed document; raises :class:`ScenarioError` listing every problem."""
+def scenario_from_document(
+    document: Any,
+    registry: AlgorithmRegistry | None = None,
+    read_trace: TraceReader | None = None,
+    *,
+    duration_s: float | None = None,
+    seed: int | None = None,
+) -> Scenario:
+    """A :class:`Scenario` from a parsed document; raises :class:`ScenarioError` listing every problem.
+
+    The run lasts ``duration_s`` if given, else ``durationS``; a scenario that leaves
+    ``durationS`` out and replays traces lasts as long as its shortest trace plays (from
+    ``startS`` at ``speedup``), else 600 s. Events and bursts at or after the end of a
+    ``durationS`` the file states are errors; past the end of a run shortened on the
+    command line (or by a trace) they are left out, and :func:`run_notices` names them.
+    """
     registry = registry or AlgorithmRegistry.default()
     if not isinstance(document, dict):
         raise ScenarioError([Problem("", f"a scenario must be an object, not {schema.json_type_of(document)}")])
@@ -362,12 +427,58 @@ def scenario_from_document(document: Any, registry: AlgorithmRegistry | None = N
     if problems:
         raise ScenarioError(problems)
     problems = _traffic_problems(document["services"])
+    traced = any("trace" in service for service in document["services"])
+    derived = duration_s is None and "durationS" not in document and traced
     defaulted = schema.apply_defaults(document, scenario_schema())
-    problems += semantic_problems(defaulted, registry)
+    file_end_s = None if duration_s is not None or derived else float(defaulted["durationS"])
+    problems += semantic_problems(defaulted, registry, file_end_s)
     traces = _read_traces(defaulted, read_trace, problems)
+    if derived and problems:
+        raise ScenarioError(problems)
+    if duration_s is None:
+        duration_s = _played_duration_s(traces) if derived else float(defaulted["durationS"])
+    duration_name = "--duration" if file_end_s is None and not derived else "durationS"
+    problems += [
+        Problem(join_path(join_path("services", index), "trace"), problem)
+        for index, trace in sorted(traces.items())
+        if (problem := trace.coverage_problem(duration_s, duration_name)) is not None
+    ]
     if problems:
         raise ScenarioError(problems)
-    return _build(defaulted, traces)
+    if seed is not None:
+        defaulted["seed"] = seed
+    scenario = _build(defaulted, traces, duration_s)
+    return _scaled_to_utilisation(scenario)
+
+
+def _played_duration_s(traces: Mapping[int, Trace]) -> float:
+    """The longest run every trace can play, in whole seconds (at least 1, at most the schema's 1e6)."""
+    longest_s = min(trace.playable_s() for trace in traces.values())
+    return float(min(1_000_000, max(1, math.floor(longest_s))))
+
+
+def _scaled_to_utilisation(scenario: Scenario) -> Scenario:
+    """Traces with ``peakUtilisation``: ``scale`` such that the busiest minute of the run
+    offers that fraction of what the service's pods serve uncapped."""
+    services = list(scenario.services)
+    problems = []
+    for index, service in enumerate(services):
+        trace = service.trace
+        if trace is None or trace.peak_utilisation is None:
+            continue
+        busiest = trace.busiest_minute_tokens_s(scenario.duration_s) / trace.scale
+        capacity = uncapped_capacity_tokens_s(service, scenario.nodes)
+        if busiest <= 0:
+            problems.append(Problem(
+                f"services[{index}].trace.peakUtilisation",
+                f"the {scenario.duration_s:g} s of trace played from startS {trace.start_s:g} hold no tokens to scale",
+            ))
+            continue
+        scale = trace.peak_utilisation * capacity / busiest
+        services[index] = dataclasses.replace(service, trace=dataclasses.replace(trace, scale=scale))
+    if problems:
+        raise ScenarioError(problems)
+    return dataclasses.replace(scenario, services=tuple(services))
 
 
 def _traffic_problems(services: Sequence[Mapping[str, Any]]) -> list[Problem]:
@@ -381,6 +492,11 @@ def _traffic_problems(services: Sequence[Mapping[str, Any]]) -> list[Problem]:
                 for field in ("peakTokensS", "dailyShape")
                 if field in service
             ]
+            if {"scale", "peakUtilisation"} <= set(service["trace"]):
+                problems.append(Problem(
+                    join_path(join_path(path, "trace"), "scale"),
+                    "cannot be used with peakUtilisation (which chooses the scale); set one of them",
+                ))
         elif "peakTokensS" not in service:
             problems.append(Problem(join_path(path, "peakTokensS"), "is required (or trace, to replay recorded traffic)"))
     return problems
@@ -389,7 +505,6 @@ def _traffic_problems(services: Sequence[Mapping[str, Any]]) -> list[Problem]:
 def _read_traces(document: Mapping[str, Any], read_trace: TraceReader | None, problems: list[Problem]) -> dict[int, Trace]:
     """The trace of every service that names one, by service index; problems appended."""
     traces: dict[int, Trace] = {}
-    duration_s = float(document["durationS"])
     for index, service in enumerate(document["services"]):
         spec = service.get("trace")
         if spec is None:
@@ -416,24 +531,26 @@ def _read_traces(document: Mapping[str, Any], read_trace: TraceReader | None, pr
             format=spec["format"],
             start_s=float(spec["startS"]),
             speedup=float(spec["speedup"]),
-            scale=float(spec["scale"]),
+            scale=float(spec.get("scale", 1.0)),
             recorded=recorded,
+            peak_utilisation=_optional_float(spec.get("peakUtilisation")),
         )
         busiest = max(recorded.per_second)
         if not math.isfinite(trace.scale * busiest * max(1.0, trace.speedup)):
             problems.append(Problem(join_path(path, "scale"), f"{trace.scale:g} times the trace's busiest second ({busiest:g} tokens) is too large to compute with"))
             continue
-        coverage = trace.coverage_problem(duration_s)
-        if coverage is not None:
-            problems.append(Problem(path, coverage))
+        if trace.start_s >= recorded.duration_s:
+            problems.append(Problem(path, trace.coverage_problem(0.0) or ""))
+            continue
         traces[index] = trace
     return traces
 
 
-def semantic_problems(document: Mapping[str, Any], registry: AlgorithmRegistry) -> list[Problem]:
-    """What the schema cannot say: names, references, policies, GPU models, times."""
+def semantic_problems(document: Mapping[str, Any], registry: AlgorithmRegistry, end_s: float | None = None) -> list[Problem]:
+    """What the schema cannot say: names, references, policies, GPU models, times (events and
+    bursts at or after ``end_s``, the file's durationS; None: the run's length comes from
+    elsewhere, and those are left out with a notice)."""
     problems: list[Problem] = []
-    duration_s = float(document["durationS"])
     step_s = float(document["stepS"])
     steps_per_second = 1.0 / step_s
     if abs(steps_per_second - round(steps_per_second)) > 1e-9:
@@ -481,8 +598,8 @@ def semantic_problems(document: Mapping[str, Any], registry: AlgorithmRegistry) 
     for index, burst in enumerate(bursts):
         if "service" in burst and burst["service"] not in service_names:
             problems.append(Problem(f"workload.bursts[{index}].service", _unknown_service(burst["service"], service_names)))
-        if burst["atS"] >= duration_s:
-            problems.append(Problem(f"workload.bursts[{index}].atS", f"must be before durationS ({duration_s:g} s)"))
+        if end_s is not None and burst["atS"] >= end_s:
+            problems.append(Problem(f"workload.bursts[{index}].atS", f"must be before durationS ({end_s:g} s)"))
     random_bursts = document["workload"]["randomBursts"]
     if random_bursts["minFactor"] > random_bursts["maxFactor"]:
         problems.append(Problem("workload.randomBursts.minFactor", "must not exceed maxFactor"))
@@ -490,7 +607,7 @@ def semantic_problems(document: Mapping[str, Any], registry: AlgorithmRegistry) 
         problems.append(Problem("workload.randomBursts.minDurationS", "must not exceed maxDurationS"))
 
     for index, event in enumerate(document["events"]):
-        problems += _event_problems(event, join_path("events", index), duration_s, policies, service_names)
+        problems += _event_problems(event, join_path("events", index), end_s, policies, service_names)
     return problems
 
 
@@ -590,11 +707,11 @@ def _daily_shape_problem(shape: Any) -> str | None:
 
 
 def _event_problems(
-    event: Mapping[str, Any], path: str, duration_s: float, policies: Mapping[str, Policy], services: Sequence[str]
+    event: Mapping[str, Any], path: str, end_s: float | None, policies: Mapping[str, Policy], services: Sequence[str]
 ) -> list[Problem]:
     problems: list[Problem] = []
-    if event["atS"] >= duration_s:
-        problems.append(Problem(join_path(path, "atS"), f"must be before durationS ({duration_s:g} s)"))
+    if end_s is not None and event["atS"] >= end_s:
+        problems.append(Problem(join_path(path, "atS"), f"must be before durationS ({end_s:g} s)"))
     is_cap = "policy" in event or "powerCapLimit" in event
     is_scale = "service" in event or "replicas" in event
     if is_cap == is_scale:
@@ -616,8 +733,7 @@ def _event_problems(
     return problems
 
 
-def _build(document: Mapping[str, Any], traces: Mapping[int, Trace]) -> Scenario:
-    duration_s = float(document["durationS"])
+def _build(document: Mapping[str, Any], traces: Mapping[int, Trace], duration_s: float) -> Scenario:
     timing = document["timing"]
     workload = document["workload"]
     random_bursts = workload["randomBursts"]
@@ -710,3 +826,41 @@ def _optional_float(value: Any) -> float | None:
 
 def _daily_shape(shape: Any) -> tuple[float, ...]:
     return DAILY_SHAPES[shape] if isinstance(shape, str) else tuple(float(v) for v in shape)
+
+
+def run_notices(scenario: Scenario) -> list[str]:
+    """What a run of this length cannot contain, said before it starts: events and bursts at
+    or after its end (left out), cap changes too close to the end to measure a recovery, and
+    an "after convergence" window with no second in it."""
+    end_s = scenario.duration_s
+    notices = []
+    for event in scenario.events:
+        if event.at_s < end_s:
+            continue
+        if isinstance(event, CapChange):
+            what = f"the cap change at {event.at_s:g} s ({event.policy_key} -> {event.power_cap_w} W)"
+        else:
+            what = f"the scaling at {event.at_s:g} s ({event.service} -> {event.replicas} replicas)"
+        notices.append(f"{what} is past the end of a {end_s:g}-s run: not simulated")
+    for burst in scenario.workload.bursts:
+        if burst.at_s >= end_s:
+            notices.append(
+                f"the burst at {burst.at_s:g} s ({burst.service or 'every service'} x{burst.factor:g}) "
+                f"is past the end of a {end_s:g}-s run: not simulated"
+            )
+    changes = [event for event in scenario.events if isinstance(event, CapChange) and event.at_s < end_s]
+    for event in changes:
+        left_s = end_s - event.at_s
+        if left_s < RECOVERY_HOLD_S:
+            notices.append(
+                f"the cap change at {event.at_s:g} s leaves {left_s:g} s of the run, less than the "
+                f"{RECOVERY_HOLD_S:g} s a recovery is measured over"
+            )
+    seconds = math.ceil(end_s)
+    skipped = excluded_seconds(seconds, scenario.timing.warmup_s, [e.at_s for e in changes], scenario.timing.settle_s)
+    if len(skipped) >= seconds:
+        notices.append(
+            f"a {end_s:g}-s run has no second after warmupS ({scenario.timing.warmup_s:g} s) and the "
+            "settling after its cap changes: the figures after convergence are not available"
+        )
+    return notices

@@ -41,7 +41,15 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from powercap.simulation.scenario import HOURS_PER_DAY, Burst, Scenario, Service
+from powercap.simulation.scenario import (
+    HOURS_PER_DAY,
+    PEAK_WINDOW_S,
+    Burst,
+    Scenario,
+    Service,
+    busiest_window_mean,
+    uncapped_capacity_tokens_s,
+)
 
 NOISE_AUTOCORRELATION = 0.9
 """``rho`` of the per-second AR(1) traffic noise."""
@@ -123,6 +131,29 @@ def build_trace(scenario: Scenario) -> WorkloadTrace:
         per_second[service.name] = tuple(values)
     replayed = frozenset(service.name for service in scenario.services if service.trace is not None)
     return WorkloadTrace(per_second=per_second, bursts=bursts, replayed=replayed)
+
+
+def overload_notices(scenario: Scenario, trace: WorkloadTrace) -> list[str]:
+    """A line per service whose busiest minute (``PEAK_WINDOW_S``, bursts included) offers more
+    than its pods at time 0 serve with no cap at all: every strategy drops tokens there, so
+    what a cap costs is hidden in what the service could never serve."""
+    seconds = max(1, math.ceil(scenario.duration_s))
+    notices = []
+    for service in scenario.services:
+        busiest = busiest_window_mean(trace.per_second[service.name][:seconds])
+        capacity = uncapped_capacity_tokens_s(service, scenario.nodes)
+        if capacity <= 0 or busiest <= capacity:
+            continue
+        if service.trace is not None:
+            advice = "set trace.peakUtilisation (0.8: the busiest minute at 80 % of that) instead of scale"
+        else:
+            advice = "lower peakTokensS or add replicas"
+        window = f"busiest {PEAK_WINDOW_S}-s window" if seconds >= PEAK_WINDOW_S else "run"
+        notices.append(
+            f"{service.name}: its {window} offers {busiest:,.0f} tokens/s, {busiest / capacity:.1f}x what its "
+            f"{service.replicas} pods serve with no cap ({capacity:,.0f} tokens/s): every strategy will drop tokens; {advice}"
+        )
+    return notices
 
 
 def pod_weight(seed: int, service: Service, pod_index: int) -> float:
