@@ -176,11 +176,6 @@ def test_the_story_a_pod_kept_to_rack_1_and_2_stays_pending(tmp_path: Path) -> N
     answer = decide(tmp_path, yaml.safe_load(script("gpu_pod llm-pinned rack-1 rack-2")), bound)
     assert "rack-1: 4920 W in use + 250 W for this pod > maxPower 5000 W" in answer["FailedNodes"]["powercap-e2e-worker"]
     assert answer["FailedNodes"]["powercap-e2e-worker2"].startswith("rack-2: inlet 29 °C >= maxTemperature 28 °C")
-    # docs/troubleshooting.md shows this pod's FailedScheduling event: the same reasons
-    event = next(line for line in (REPO_ROOT / "docs" / "troubleshooting.md").read_text().splitlines()
-                 if "FailedScheduling" in line and "power-aware-scheduler" in line)
-    for reason in answer["FailedNodes"].values():
-        assert f"1 {reason}" in event
 
 
 STUB = r"""#!/usr/bin/env bash
