@@ -6,20 +6,18 @@ event naming the rack and the watts; pods that fit go to the node the extender p
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from powercap.kube import KubeClient, pod_path
-from tests.e2e.harness import NAMESPACE, REPO_ROOT, ControlPlane, free_port, wait_until
+from tests.e2e.harness import ControlPlane, start_power_aware_scheduler, wait_until
 from tests.fakes.objects import gpu_node, gpu_pod, policy, telemetry
 
 RACK_1 = {"rackId": "rack-1", "maxPower": 5000}
@@ -38,41 +36,12 @@ def node_with_power(name: str, rack: str, power_w: float) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def power_aware_scheduler(cluster: ControlPlane, webhook_url: str) -> Iterator[str]:
     """``powercap extender`` and a second kube-scheduler (profile power-aware-scheduler)
-    calling it, as config/scheduler deploys them; yields the extender's URL."""
-    kubeconfig = cluster.service_account_kubeconfig("power-aware-scheduler")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as answer:
-                return answer.status == 200
-        except OSError:
-            return False
-
-    extender = cluster.start("extender", ["extender", "--bind", f"127.0.0.1:{port}", "--stale-after", "600"],
-                             kubeconfig=kubeconfig, ready=ready)
-    config = yaml.safe_load((REPO_ROOT / "config" / "scheduler" / "scheduler-config.yaml").read_text())
-    config["extenders"][0]["urlPrefix"] = url
-    config["clientConnection"] = {"kubeconfig": kubeconfig}
-    config_file = cluster.directory / "power-aware-scheduler.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    log = (cluster.directory / "logs" / "power-aware-scheduler.log").open("ab")
-    scheduler = subprocess.Popen(
-        [str(Path(cluster.env["CONTROLPLANE_BIN"]) / "kube-scheduler"), f"--config={config_file}",
-         "--secure-port=0", "--v=2"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    cluster.processes.append(scheduler)
-
-    def leading() -> bool:
-        lease = cluster.kubectl("get", "lease", "power-aware-scheduler", "-n", NAMESPACE, "-o", "json", check=False)
-        return lease.returncode == 0 and bool(json.loads(lease.stdout)["spec"].get("holderIdentity"))
-
-    wait_until(leading, 60, "the power-aware scheduler to take its Lease")
-    yield url
-    cluster.stop(scheduler)
-    cluster.stop(extender)
+    calling it, as config/scheduler deploys them; yields the extender's URL. The Nodes here
+    carry fixed telemetry, so it stays fresh for 10 minutes."""
+    before = list(cluster.processes)
+    yield start_power_aware_scheduler(cluster, stale_after_s=600)
+    for process in [p for p in cluster.processes if p not in before]:
+        cluster.stop(process)
 
 
 @pytest.fixture
