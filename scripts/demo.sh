@@ -13,4 +13,5 @@ OUT="out/simulation"
 "$VENV/bin/powercap" validate config/samples/*.yaml >/dev/null
 "$VENV/bin/powercap" simulate --out "$OUT" "$@"
 echo
-echo "open the plots: $OUT/service-power.png $OUT/racks.png $OUT/throughput.png"
+echo "open $OUT/report.html (the table and every plot on one page), or the plots:"
+echo "  $OUT/services.png $OUT/service-power.png $OUT/racks.png $OUT/throughput.png"

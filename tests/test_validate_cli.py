@@ -164,12 +164,19 @@ def test_an_empty_file_beside_valid_ones_still_exits_2(capsys: pytest.CaptureFix
     assert out.splitlines()[-1] == "1 document(s): 1 valid, 0 invalid; 1 file(s) unreadable"
 
 
-@pytest.mark.parametrize(
-    ("command", "option"),
-    [("validate", "--output"), ("controller", "--lease-namespace"), ("controller", "--lease-name")],
-)
+def every_option() -> list[tuple[str, str]]:
+    import argparse
+
+    from powercap.commands import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return [(command, action.option_strings[-1]) for command, parser in subparsers.choices.items()
+            for action in parser._actions if action.option_strings and action.dest != "help"]
+
+
+@pytest.mark.parametrize(("command", "option"), every_option())
 def test_options_have_help(capsys: pytest.CaptureFixture[str], command: str, option: str) -> None:
-    """`powercap COMMAND --help` explains the option, not just its name."""
+    """`powercap COMMAND --help` explains every option, not just its name."""
     import argparse
 
     from powercap.commands import build_parser

@@ -80,7 +80,8 @@ def label_key(text: str) -> str:
 
 
 def add_log_level_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS,
+                        help="least severe log line written, as JSON on stderr (default: info)")
 
 
 def add_cluster_view_arguments(parser: argparse.ArgumentParser) -> None:
