@@ -266,7 +266,7 @@ def create_app(
 
     @app.get("/metrics")
     def metrics_() -> Response:
-        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
