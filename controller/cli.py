@@ -34,6 +34,7 @@ from controller.loop import (
     ListSnapshots,
     Snapshot,
 )
+from powercap.numeric import counted
 from powercap.runtime.cliargs import add_cluster_view_arguments, add_log_level_argument, bind_address, positive_seconds
 from powercap.runtime.httpserver import HttpServer, Route, check_reply, metrics_route
 from powercap.runtime.logs import configure_logging
@@ -192,7 +193,7 @@ def write_table(plan: RoundPlan, snapshot: Snapshot, decisions: Mapping[str, Dec
         ratio = f"ratio {status['ratio']:g} tokens/J  " if "ratio" in status else ""
         out.write(
             f"\n{key}  {policy.mode.value}  cap {policy.power_cap_w} W  budget {status['budgetW']} W  "
-            f"power {power}  {status['gpus']} GPUs  {ratio}"
+            f"power {power}  {counted(status['gpus'], 'GPU')}  {ratio}"
             f"({'status would change' if policy_plan.changed else 'status unchanged'})\n"
         )
         measured = {g.gpu.uuid: g.gpu for g in view.policies[key].gpus}

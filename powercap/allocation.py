@@ -66,7 +66,7 @@ from operator import attrgetter, gt
 from types import MappingProxyType
 from typing import NamedTuple
 
-from powercap.numeric import clamp
+from powercap.numeric import clamp, counted
 
 INF = math.inf
 # Float slack when rounding a level back to whole watts: a cap computed as 399.9999999
@@ -653,7 +653,8 @@ class _GpuColumns:
             reason = None
             if floor_w > self.rack_capacity_w[r]:
                 reason = (
-                    f"rack {limit.rack_id}: {len(members)} GPUs need at least {floor_w:.0f} W (their minimum power limits), "
+                    f"rack {limit.rack_id}: {counted(len(members), 'GPU')} {_need(len(members))} at least {floor_w:.0f} W "
+                    f"({_their(len(members))} minimum power {_limits(len(members))}), "
                     f"plus {limit.unmanaged_power_w:.0f} W of other load, over maxPower {limit.max_power_w:.0f} W; "
                     f"raise maxPower or move pods to other racks"
                 )
@@ -729,15 +730,29 @@ def _refuse_shared_gpus(services: Sequence[Service]) -> None:
             seen[gpu.uuid] = service.key
 
 
+def _need(count: int) -> str:
+    return "needs" if count == 1 else "need"
+
+
+def _their(count: int) -> str:
+    return "its" if count == 1 else "their"
+
+
+def _limits(count: int) -> str:
+    return "limit" if count == 1 else "limits"
+
+
 def _service_infeasible_reason(service: Service, gpu_count: int, floor_w: float, budget: int, margin: float) -> str:
+    one = gpu_count == 1 and not service.reserved_w
     if not service.reserved_w:
-        who = f"{gpu_count} GPUs"
+        who = counted(gpu_count, "GPU")
     elif gpu_count:
-        who = f"{gpu_count} GPUs and those not reporting yet ({service.reserved_w:.0f} W at their minimum)"
+        who = f"{counted(gpu_count, 'GPU')} and those not reporting yet ({service.reserved_w:.0f} W at their minimum)"
     else:
         who = f"the GPUs not reporting yet ({service.reserved_w:.0f} W at their minimum)"
     return (
-        f"{who} need at least {floor_w:.0f} W (their minimum power limits), but the budget is "
+        f"{who} {_need(1 if one else 2)} at least {floor_w:.0f} W ({_their(1 if one else 2)} minimum power "
+        f"{_limits(1 if one else 2)}), but the budget is "
         f"{budget} W (powerCapLimit {service.power_cap_w:.0f} W minus the {margin * 100:g} % margin); raise "
         f"powerCapLimit to at least {minimum_cap_for_w(floor_w, margin)} W or run fewer GPUs"
     )

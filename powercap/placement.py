@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypeGuard
 
+from powercap.numeric import counted
 from powercap.algorithms import (
     DEFAULT_ALGORITHM,
     MAX_SCORE,
@@ -179,7 +180,7 @@ def infeasible_reason(request: PlacementRequest, gpu_min_w: float) -> str | None
     if needed_w <= budget:
         return None
     return (
-        f"policy {policy.key} cannot power another GPU: ({bound} GPUs in use + {request.gpus} for this pod) "
+        f"policy {policy.key} cannot power another GPU: ({counted(bound, 'GPU')} in use + {request.gpus} for this pod) "
         f"x {format_watts(gpu_min_w)} W minimum limit = {format_watts(needed_w)} W > its budget {budget} W "
         f"(powerCapLimit {policy.power_cap_w} W less the controller's margin)"
     )

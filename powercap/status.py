@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from powercap.numeric import counted
 from powercap.allocation import ServiceAllocation
 from powercap.policies import Mode, Policy
 
@@ -228,7 +229,7 @@ def build_conditions(inputs: StatusInputs, power_w: float | None) -> tuple[Condi
         drawn = f"the service draws {_w(power_w)}" if power_w is not None else "no GPU reports its power yet"
         suffix = " (Observe mode: caps are reported, not set)" if policy.mode is Mode.OBSERVE else ""
         ready = Condition(READY, "True", "WithinCap", f"{drawn} of powerCapLimit {_w(policy.power_cap_w)} across "
-                                                      f"{_count(inputs.gpus, 'GPU')}{suffix}")
+                                                      f"{counted(inputs.gpus, 'GPU')}{suffix}")
     return ready, feasible, enforced
 
 
@@ -245,7 +246,7 @@ def _feasible(inputs: StatusInputs) -> Condition:
     return Condition(
         FEASIBLE, "True", "BudgetCoversMinimums",
         f"budget {_w(allocation.budget_w)} (powerCapLimit {_w(inputs.policy.power_cap_w)} minus the "
-        f"{inputs.margin * 100:g} % margin) covers the minimum power limits of {_count(inputs.gpus, 'GPU')} "
+        f"{inputs.margin * 100:g} % margin) covers the minimum power limits of {counted(inputs.gpus, 'GPU')} "
         f"({_w(minimum_w)})",
     )
 
@@ -259,7 +260,7 @@ def _enforced(inputs: StatusInputs) -> Condition:
         nodes = sorted({g.node for g in inputs.lagging})
         return Condition(
             ENFORCED, "False", "AgentsLagging",
-            f"{_count(len(inputs.lagging), 'GPU')} run above their allocation: {_listing(named)}; "
+            f"{counted(len(inputs.lagging), 'GPU')} run above their allocation: {_listing(named)}; "
             f"check the node agent on {_listing(nodes)}",
         )
     if inputs.silent_nodes:
@@ -270,12 +271,12 @@ def _enforced(inputs: StatusInputs) -> Condition:
     if inputs.gpus == 0:
         return Condition(ENFORCED, "True", "NoGPUs", "no pod of the service runs on a GPU yet")
     reported = inputs.gpus - inputs.unreported_gpus
-    message = f"node agents hold {_count(reported, 'GPU')} at or under their allocation"
+    message = f"node agents hold {counted(reported, 'GPU')} at or under their allocation"
     if inputs.unreported_gpus:
-        message += (f"; {_count(inputs.unreported_gpus, 'GPU')} of starting pods not reported yet "
+        message += (f"; {counted(inputs.unreported_gpus, 'GPU')} of starting pods not reported yet "
                     "(they run at their minimum)")
     if inputs.pending_reserved_gpus:
-        message += (f"; the minimums of {_count(inputs.pending_reserved_gpus, 'GPU')} of pods waiting for budget "
+        message += (f"; the minimums of {counted(inputs.pending_reserved_gpus, 'GPU')} of pods waiting for budget "
                     "are kept free, so they can be scheduled")
     return Condition(ENFORCED, "True", "AllocationApplied", message)
 
@@ -365,10 +366,6 @@ def _w(watts: float | None) -> str:
     if watts is None:
         return "? W"
     return f"{watts:.0f} W" if abs(watts - round(watts)) < 0.05 else f"{watts:.1f} W"
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _listing(items: Sequence[str]) -> str:

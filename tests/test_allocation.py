@@ -161,6 +161,19 @@ def test_infeasible_rack_reason_names_the_rack_and_its_load() -> None:
     assert allocation.services["ns/svc"].feasible  # the service's own budget is fine
 
 
+def test_one_gpu_reads_in_the_singular() -> None:
+    """'1 GPUs need ... their minimum power limits' read wrong in a condition and an Event."""
+    allocation = allocate([Service("ns/svc", 150, (gpu("a", 300, 700),))],
+                          [RackLimit("rack-1", max_power_w=300, unmanaged_power_w=200)])
+    service_reason = allocation.services["ns/svc"].infeasible_reason
+    assert service_reason is not None
+    assert service_reason.startswith("1 GPU needs at least 200 W (its minimum power limit), but the budget is 145 W")
+    assert allocation.racks["rack-1"].infeasible_reason == (
+        "rack rack-1: 1 GPU needs at least 200 W (its minimum power limit), plus 200 W of other load, "
+        "over maxPower 300 W; raise maxPower or move pods to other racks"
+    )
+
+
 def test_gpus_without_telemetry_reserve_their_minimum() -> None:
     """Two GPUs of the service are not reported yet: their agents run them at 200 W each."""
     allocation = allocate([Service("ns/svc", 2000, (gpu("a", 690, 700), gpu("b", 690, 700)), reserved_w=400)])
