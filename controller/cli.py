@@ -34,7 +34,6 @@ from controller.loop import (
     ListSnapshots,
     Snapshot,
 )
-from powercap.numeric import counted
 from powercap.runtime.cliargs import add_cluster_view_arguments, add_log_level_argument, bind_address, positive_seconds
 from powercap.runtime.httpserver import HttpServer, Route, check_reply, metrics_route
 from powercap.runtime.logs import configure_logging
@@ -44,6 +43,7 @@ from powercap.algorithms import AlgorithmRegistry
 from powercap.allocation import AllocationSettings
 from powercap.budget import RoundPlan, plan_round
 from powercap.cluster import ClusterSettings, build_cluster_view
+from powercap.numeric import counted
 from powercap.rebalance import Decision, plan_rebalance
 from powercap.runtime.documents import LOAD_ERRORS, describe_load_error
 

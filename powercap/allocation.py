@@ -653,8 +653,7 @@ class _GpuColumns:
             reason = None
             if floor_w > self.rack_capacity_w[r]:
                 reason = (
-                    f"rack {limit.rack_id}: {counted(len(members), 'GPU')} {_need(len(members))} at least {floor_w:.0f} W "
-                    f"({_their(len(members))} minimum power {_limits(len(members))}), "
+                    f"rack {limit.rack_id}: {counted(len(members), 'GPU')} {_need_minimums(len(members) == 1, floor_w)}, "
                     f"plus {limit.unmanaged_power_w:.0f} W of other load, over maxPower {limit.max_power_w:.0f} W; "
                     f"raise maxPower or move pods to other racks"
                 )
@@ -730,20 +729,14 @@ def _refuse_shared_gpus(services: Sequence[Service]) -> None:
             seen[gpu.uuid] = service.key
 
 
-def _need(count: int) -> str:
-    return "needs" if count == 1 else "need"
-
-
-def _their(count: int) -> str:
-    return "its" if count == 1 else "their"
-
-
-def _limits(count: int) -> str:
-    return "limit" if count == 1 else "limits"
+def _need_minimums(one_gpu: bool, floor_w: float) -> str:
+    """'needs at least 200 W (its minimum power limit)' or the plural, after the GPUs named."""
+    if one_gpu:
+        return f"needs at least {floor_w:.0f} W (its minimum power limit)"
+    return f"need at least {floor_w:.0f} W (their minimum power limits)"
 
 
 def _service_infeasible_reason(service: Service, gpu_count: int, floor_w: float, budget: int, margin: float) -> str:
-    one = gpu_count == 1 and not service.reserved_w
     if not service.reserved_w:
         who = counted(gpu_count, "GPU")
     elif gpu_count:
@@ -751,8 +744,7 @@ def _service_infeasible_reason(service: Service, gpu_count: int, floor_w: float,
     else:
         who = f"the GPUs not reporting yet ({service.reserved_w:.0f} W at their minimum)"
     return (
-        f"{who} {_need(1 if one else 2)} at least {floor_w:.0f} W ({_their(1 if one else 2)} minimum power "
-        f"{_limits(1 if one else 2)}), but the budget is "
+        f"{who} {_need_minimums(gpu_count == 1 and not service.reserved_w, floor_w)}, but the budget is "
         f"{budget} W (powerCapLimit {service.power_cap_w:.0f} W minus the {margin * 100:g} % margin); raise "
         f"powerCapLimit to at least {minimum_cap_for_w(floor_w, margin)} W or run fewer GPUs"
     )

@@ -51,7 +51,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypeGuard
 
-from powercap.numeric import counted
 from powercap.algorithms import (
     DEFAULT_ALGORITHM,
     MAX_SCORE,
@@ -63,6 +62,7 @@ from powercap.algorithms import (
 )
 from powercap.allocation import AllocationSettings, budget_w
 from powercap.cluster import BUDGET_REFUSAL, ClusterView, RackView, estimate_pod_power_w, pod_facts
+from powercap.numeric import counted
 from powercap.objects import KubeObject
 from powercap.policies import Policy
 from powercap.status import published_allocations

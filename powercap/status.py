@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from powercap.numeric import counted
 from powercap.allocation import ServiceAllocation
+from powercap.numeric import counted
 from powercap.policies import Mode, Policy
 
 READY, FEASIBLE, ENFORCED = "Ready", "Feasible", "Enforced"
