@@ -42,6 +42,11 @@ from powercap.physics import GpuModel, GpuState, Workload
 log = logging.getLogger(__name__)
 
 
+def gpu_uuid(prefix: str, index: int) -> str:
+    """A simulated GPU's UUID: ``GPU-sim-0003`` for prefix ``GPU-sim`` and index 3."""
+    return f"{prefix}-{index:04d}"
+
+
 class ManualClock:
     """A clock that moves only when told to: ``clock()`` returns seconds."""
 
@@ -82,7 +87,7 @@ class SimulatedBackend(GpuBackend):
         clock: monotonic seconds; :class:`ManualClock` in tests.
         inlet_c: initial inlet air temperature of every GPU.
         max_step_s: longest physics step when catching up with the clock.
-        uuid_prefix: UUIDs are ``f"{uuid_prefix}-{index:04d}"``.
+        uuid_prefix: UUIDs are :func:`gpu_uuid` of it and the index.
     """
 
     def __init__(
@@ -107,7 +112,7 @@ class SimulatedBackend(GpuBackend):
         self._workload_checked_s = float("-inf")
         self._gpus = [
             _SimulatedGpu(
-                info=GpuInfo(index=i, uuid=f"{uuid_prefix}-{i:04d}", name=model.name),
+                info=GpuInfo(index=i, uuid=gpu_uuid(uuid_prefix, i), name=model.name),
                 model=model,
                 state=physics.initial_state(model, inlet_c),
                 inlet_c=inlet_c,
@@ -138,17 +143,13 @@ class SimulatedBackend(GpuBackend):
             return
         self._workload_checked_s = now_s
         try:
-            stat = self._workload_file.stat()
-        except FileNotFoundError:
-            stamp = None
-        except OSError as error:
-            log.warning("cannot read the simulated workload file", extra={"path": str(self._workload_file), "error": str(error)})
-            return
-        else:
-            stamp = (stat.st_mtime_ns, stat.st_size)
-        if stamp == self._workload_stamp and stamp is not None:
-            return
-        try:
+            try:
+                stat = self._workload_file.stat()
+                stamp: tuple[int, int] | None = (stat.st_mtime_ns, stat.st_size)
+            except FileNotFoundError:
+                stamp = None
+            if stamp is not None and stamp == self._workload_stamp:
+                return
             wanted = parse_workloads(self._workload_file.read_text()) if stamp is not None else {}
         except (OSError, ValueError) as error:
             log.warning("cannot read the simulated workload file", extra={"path": str(self._workload_file), "error": str(error)})

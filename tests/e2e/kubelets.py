@@ -38,6 +38,7 @@ from types import FrameType
 from typing import Any
 
 from nodeagent.cli import simulated_uuid_prefix
+from nodeagent.simulated import gpu_uuid
 from powercap import kube
 from powercap.objects import GPU_RESOURCE
 from powercap.runtime.logs import configure_logging
@@ -49,7 +50,7 @@ RECONCILE_INTERVAL_S = 0.5
 
 def simulated_gpu_uuids(node: str, count: int) -> list[str]:
     """The UUIDs ``powercap agent --backend simulated --node NODE`` gives its GPUs."""
-    return [f"{simulated_uuid_prefix(node)}-{index:04d}" for index in range(count)]
+    return [gpu_uuid(simulated_uuid_prefix(node), index) for index in range(count)]
 
 
 def container_gpus(container: Mapping[str, Any]) -> int:
@@ -59,7 +60,7 @@ def container_gpus(container: Mapping[str, Any]) -> int:
 
 
 @dataclass
-class SimulatedNode:
+class StandInNode:
     """One node's GPUs, the devices given to each pod ("namespace/name" -> container ->
     UUIDs), and its pod-resources endpoint."""
 
@@ -136,7 +137,7 @@ def running_status(pod: Mapping[str, Any], now: str) -> dict[str, Any]:
 class Kubelets:
     """Reconciles the pods bound to ``nodes`` every half second from one pod watch."""
 
-    def __init__(self, client: kube.KubeClient, nodes: Sequence[SimulatedNode]) -> None:
+    def __init__(self, client: kube.KubeClient, nodes: Sequence[StandInNode]) -> None:
         self._client = client
         self._nodes = {node.name: node for node in nodes}
         self._pods = kube.WatchCache(client, "/api/v1/pods", name="pods")
@@ -167,7 +168,7 @@ class Kubelets:
             for key in set(node.given) - present[node.name]:
                 node.forget(key)
 
-    def _reconcile_pod(self, node: SimulatedNode, key: str, pod: Mapping[str, Any]) -> None:
+    def _reconcile_pod(self, node: StandInNode, key: str, pod: Mapping[str, Any]) -> None:
         metadata = pod["metadata"]
         path = f"/api/v1/namespaces/{metadata['namespace']}/pods/{metadata['name']}"
         if metadata.get("deletionTimestamp"):
@@ -205,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     nodes = []
     for name, count in args.node:
         kubelet = FakeKubelet(socket_path=args.socket_dir / f"{name}.sock").start()
-        node = SimulatedNode(name, simulated_gpu_uuids(name, count), kubelet, args.socket_dir / f"{name}.workload.json")
+        node = StandInNode(name, simulated_gpu_uuids(name, count), kubelet, args.socket_dir / f"{name}.workload.json")
         node.publish()  # an empty workload file: every GPU idles until a pod arrives
         nodes.append(node)
     stop = threading.Event()
