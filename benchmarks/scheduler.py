@@ -74,6 +74,7 @@ from common import machine, write_section  # noqa: E402
 from powercap.kube import KubeClient  # noqa: E402
 from tests.e2e.harness import (  # noqa: E402
     ControlPlane,
+    for_create,
     free_port,
     http_ready,
     install_bundle,
@@ -105,19 +106,13 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # -- objects ---------------------------------------------------------------------------------
 
 
-def strip_server_fields(document: dict[str, Any]) -> dict[str, Any]:
-    for key in ("uid", "resourceVersion", "creationTimestamp", "ownerReferences", "generation"):
-        document["metadata"].pop(key, None)
-    return document
-
-
 def node_object(index: int, at: datetime, rng: random.Random) -> dict[str, Any]:
     """Node ``gpu-NNNNN`` in rack ``rack-NNN`` (8 a rack), Ready, 8 GPUs, telemetry from ``at``
     (each node its own microsecond: GPU UUIDs derive from the moment and must be unique)."""
     annotation = telemetry(rng.uniform(1500, 4500), inlet_c=rng.uniform(19, 27),
                            at=at - timedelta(microseconds=index))
     node = gpu_node(f"gpu-{index:05d}", f"rack-{index // RACK_SIZE:03d}", annotation)
-    return {"apiVersion": "v1", "kind": "Node", **strip_server_fields(node)}
+    return {"apiVersion": "v1", "kind": "Node", **for_create(node)}
 
 
 def policies() -> list[dict[str, Any]]:
@@ -128,7 +123,7 @@ def policies() -> list[dict[str, Any]]:
         constraints = [{"rackId": rack, "maxPower": RACK_MAX_POWER_W, "maxTemperature": 35} for rack in racks[k::SERVICES]]
         document = policy(f"svc-{k}", NAMESPACE, cap_w=POLICY_CAP_W, racks=constraints, algorithm=algorithm,
                           selector={"matchLabels": {"app.kubernetes.io/name": f"svc-{k}"}})
-        documents.append(strip_server_fields(document))
+        documents.append(for_create(document))
     return documents
 
 
@@ -136,7 +131,7 @@ def pod_object(index: int, scheduler: str) -> dict[str, Any]:
     pod = gpu_pod(f"p-{index:05d}", NAMESPACE, gpus=1, labels={"app.kubernetes.io/name": f"svc-{index % SERVICES}"})
     del pod["status"]
     pod["spec"]["schedulerName"] = scheduler
-    return {"apiVersion": "v1", "kind": "Pod", **strip_server_fields(pod)}
+    return {"apiVersion": "v1", "kind": "Pod", **for_create(pod)}
 
 
 # -- processes and measurements ----------------------------------------------------------------

@@ -31,13 +31,13 @@ from typing import Any
 
 import yaml
 
-from powercap import kube
-from tests.e2e.harness import REPO_ROOT, ControlPlane, wait_until
+from powercap import KIND, kube
+from powercap.policies import API_GROUP_VERSION
+from tests.e2e.harness import REPO_ROOT, ControlPlane, ensure_namespace, running_controlplane, wait_until
 
 DOCUMENTS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 MARKER = re.compile(r"^<!-- captured: (?P<name>[a-z0-9-]+) \(scripts/capture-docs\.sh\) -->\n(?P<fence>```\w*\n)(?P<body>.*?)^```$",
                     re.MULTILINE | re.DOTALL)
-GROUP = "powercapping.example.com/v1alpha1"
 
 
 @dataclass(frozen=True)
@@ -49,26 +49,24 @@ class Capture:
 
 
 def policy(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": GROUP, "kind": "PowerCappingPolicy", "metadata": {"name": name, "namespace": namespace},
+    return {"apiVersion": API_GROUP_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": namespace},
             "spec": spec}
-
-
-def ensure_namespace(plane: ControlPlane, name: str) -> None:
-    plane.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}])
-    wait_until(lambda: plane.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
-               30, f"the ServiceAccount default in {name}")
 
 
 def kubectl_output(done: Any) -> str:
     return (done.stdout + done.stderr).rstrip("\n") + "\n"
 
 
-def refused_by_webhook(plane: ControlPlane) -> str:
-    document = policy("llama-70b-chat", "inference", {
+def bad_parameters() -> dict[str, Any]:
+    """A policy the webhook refuses for two algorithm parameters (the schema cannot say)."""
+    return policy("llama-70b-chat", "inference", {
         "powerCapLimit": 4200,
         "customAlgorithm": {"name": "energy-aware-scheduling",
                             "parameters": {"energyThreshold": 0, "migrationInterval": 10}}})
-    return kubectl_output(plane.apply([document], check=False))
+
+
+def refused_by_webhook(plane: ControlPlane) -> str:
+    return kubectl_output(plane.apply([bad_parameters()], check=False))
 
 
 def refused_overlap(plane: ControlPlane) -> str:
@@ -84,12 +82,8 @@ def refused_overlap(plane: ControlPlane) -> str:
 def refused_client_go(plane: ControlPlane) -> str:
     """The Status message a client-go based tool prints (Helm, Argo CD): through KubeClient."""
     client = kube.KubeClient.from_environment(kubeconfig=plane.kubeconfig)
-    document = policy("llama-70b-chat", "inference", {
-        "powerCapLimit": 4200,
-        "customAlgorithm": {"name": "energy-aware-scheduling",
-                            "parameters": {"energyThreshold": 0, "migrationInterval": 10}}})
     try:
-        client.create(f"/apis/{GROUP}/namespaces/inference/powercappingpolicies", document)
+        client.create(kube.policy_path("inference"), bad_parameters())
     except kube.ApiError as error:
         return f"{error.message}\n"
     finally:
@@ -270,8 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         if localcluster.up(directory, localcluster.DEFAULT_SCENARIO) != 0:
             return 1
         try:
-            env = dict(line.split("=", 1) for line in (directory / "controlplane.env").read_text().splitlines() if "=" in line)
-            outputs = capture_all(ControlPlane(directory, env))
+            outputs = capture_all(running_controlplane(directory))
         finally:
             localcluster.down(directory)
     for path in rewrite(outputs):

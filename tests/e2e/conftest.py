@@ -15,12 +15,12 @@ import pytest
 from tests.e2e.harness import (
     ControlPlane,
     controlplane_bin,
+    ensure_namespace,
     have_toolchain,
     install_bundle,
     serve_webhook,
     start_controlplane,
     stop_controlplane,
-    wait_until,
 )
 
 E2E_DIR = Path(__file__).resolve().parent
@@ -61,10 +61,7 @@ def webhook_url(cluster: ControlPlane) -> str:
 def namespace(cluster: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace for one test, with the ServiceAccount ``default`` that pods need."""
     name = f"e2e-{abs(hash(request.node.nodeid)) % 10**8}"
-    cluster.kubectl("create", "namespace", name)
-    # kube-controller-manager makes the ServiceAccount "default"; pods need it
-    wait_until(lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
-               30, f"the ServiceAccount default in {name}")
+    ensure_namespace(cluster, name)
     yield name
     # pods bound to nodes without a kubelet go only when forced
     cluster.kubectl("delete", "pcp", "--all", "-n", name, check=False)

@@ -175,8 +175,29 @@ def start_controlplane(directory: Path, scheduler_config: Path | None = None) ->
     if done.returncode != 0:
         subprocess.run(["bash", str(CONTROLPLANE), "down", str(directory)], capture_output=True, timeout=120)
         raise RuntimeError(f"scripts/controlplane.sh up failed:\n{done.stderr}")
+    return running_controlplane(directory)
+
+
+def running_controlplane(directory: Path) -> ControlPlane:
+    """The control plane that ``scripts/controlplane.sh up DIR`` started, from DIR/controlplane.env."""
     values = dict(line.split("=", 1) for line in (directory / "controlplane.env").read_text().splitlines() if "=" in line)
     return ControlPlane(directory, values)
+
+
+def for_create(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` without the metadata the API server sets (uid, resourceVersion, ...):
+    tests/fakes/objects.py builds objects as a server returns them."""
+    for key in ("uid", "resourceVersion", "creationTimestamp", "ownerReferences", "generation"):
+        document["metadata"].pop(key, None)
+    return document
+
+
+def ensure_namespace(plane: ControlPlane, name: str) -> None:
+    """Namespace ``name``, once kube-controller-manager made its ServiceAccount ``default``
+    (pods are refused in a namespace until then)."""
+    plane.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}])
+    wait_until(lambda: plane.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
+               30, f"the ServiceAccount default in {name}")
 
 
 def stop_controlplane(directory: Path) -> None:

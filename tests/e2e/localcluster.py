@@ -172,24 +172,22 @@ def down(directory: Path) -> int:
         pid_file.unlink(missing_ok=True)
     deadline = time.monotonic() + STOP_TIMEOUT_S
     for pid in pids:
-        while alive(pid) and time.monotonic() < deadline:
+        while running(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if alive(pid):
+        if running(pid):
             os.killpg(pid, signal.SIGKILL)
     stop_controlplane(directory)
     return 0
 
 
-def alive(pid: int) -> bool:
+def running(pid: int) -> bool:
+    """Whether process ``pid`` has not ended. A process that ended but was not reaped yet (a
+    zombie: what `up`'s programs become under an init that does not reap) has ended."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    # a stopped child of ours stays a zombie until reaped
-    try:
-        return os.waitpid(pid, os.WNOHANG) == (0, 0)
-    except ChildProcessError:
-        return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

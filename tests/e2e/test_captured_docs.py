@@ -12,7 +12,7 @@ import pytest
 
 from tests.e2e import localcluster
 from tests.e2e.captures import BY_NAME, CAPTURES, capture_all, doc_blocks, normalized
-from tests.e2e.harness import REPO_ROOT, ControlPlane
+from tests.e2e.harness import REPO_ROOT, running_controlplane
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,7 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
     directory = tmp_path_factory.mktemp("capture") / "cluster"
     assert localcluster.up(directory, localcluster.DEFAULT_SCENARIO) == 0
     try:
-        env = dict(line.split("=", 1) for line in (directory / "controlplane.env").read_text().splitlines() if "=" in line)
-        yield capture_all(ControlPlane(directory, env))
+        yield capture_all(running_controlplane(directory))
     finally:
         localcluster.down(directory)
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.harness import NAMESPACE, ControlPlane, lease_holder, start_controllers, wait_until
+from tests.e2e.harness import NAMESPACE, ControlPlane, for_create, lease_holder, start_controllers, wait_until
 from tests.fakes.objects import gpu_node, gpu_pod, policy, telemetry
 
 LEASE = "powercap-controller"
@@ -62,20 +62,17 @@ def test_status_allocations_stay_within_the_budget(cluster: ControlPlane, contro
         at = now - timedelta(milliseconds=index)
         node = gpu_node(name, "rack-1", telemetry(2600, at=at, gpus=4, pods=pods[2 * index:2 * index + 2] + [None, None]),
                         gpus=4)
-        for key in ("uid", "resourceVersion", "creationTimestamp"):
-            node["metadata"].pop(key)
+        for_create(node)
         nodes.append({"apiVersion": "v1", "kind": "Node", **node})
     cluster.kubectl("create", "-f", "-", input_text=yaml.safe_dump_all(nodes))
     try:
         for i in range(4):
             pod = gpu_pod(f"llama-{i}", namespace, gpus=1, labels=LLAMA, node=f"ctl-{i // 2 + 1}")
-            for key in ("uid", "resourceVersion", "creationTimestamp", "ownerReferences"):
-                pod["metadata"].pop(key)
+            for_create(pod)
             del pod["status"]
             cluster.kubectl("create", "-f", "-", input_text=yaml.safe_dump({"apiVersion": "v1", "kind": "Pod", **pod}))
         document = policy("llama", namespace, cap_w=1000)
-        for key in ("uid", "generation", "resourceVersion"):
-            document["metadata"].pop(key)
+        for_create(document)
         cluster.apply([document])
 
         def allocated() -> dict[str, Any] | None:

@@ -6,7 +6,6 @@ every program as its own ServiceAccount."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.harness import REPO_ROOT, ControlPlane, wait_until
+from tests.e2e.harness import REPO_ROOT, ControlPlane, ensure_namespace, running_controlplane, wait_until
+from tests.e2e.localcluster import running
 
 SCRIPT = REPO_ROOT / "scripts" / "local-cluster.sh"
 TELEMETRY = "powercapping.example.com/telemetry"
@@ -34,22 +34,13 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Co
     done = run_script("up", "--dir", str(directory))
     try:
         assert done.returncode == 0, done.stderr + done.stdout
-        env = dict(line.split("=", 1) for line in (directory / "controlplane.env").read_text().splitlines() if "=" in line)
-        yield ControlPlane(directory, env), done.stdout
+        yield running_controlplane(directory), done.stdout
     finally:
         run_script("down", "--dir", str(directory))
 
 
 def pid_of(directory: Path, program: str) -> int:
     return int((directory / "run" / f"powercap-{program}.pid").read_text())
-
-
-def running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
 def telemetry_of(plane: ControlPlane) -> dict[str, dict[str, Any]]:
@@ -124,7 +115,7 @@ def test_the_agents_telemetry_reaches_the_extenders_decisions(local_cluster: tup
         return len(shown) == 8
 
     wait_until(every_pod_measured, 60, "the agents' telemetry to show the scenario's 8 pods")
-    plane.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "tight"}}])
+    ensure_namespace(plane, "tight")
     plane.apply([{
         "apiVersion": "powercapping.example.com/v1alpha1", "kind": "PowerCappingPolicy",
         "metadata": {"name": "tight", "namespace": "tight"},

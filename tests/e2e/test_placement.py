@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from powercap.kube import KubeClient, pod_path
-from tests.e2e.harness import ControlPlane, start_power_aware_scheduler, wait_until
+from tests.e2e.harness import ControlPlane, for_create, start_power_aware_scheduler, wait_until
 from tests.fakes.objects import gpu_node, gpu_pod, policy, telemetry
 
 RACK_1 = {"rackId": "rack-1", "maxPower": 5000}
@@ -28,8 +28,7 @@ LLAMA = {"app.kubernetes.io/name": "llama"}
 def node_with_power(name: str, rack: str, power_w: float) -> dict[str, Any]:
     """A Ready 8-GPU node whose agent reported ``power_w`` just now."""
     node = gpu_node(name, rack, telemetry(power_w, at=datetime.now(timezone.utc)))
-    for key in ("uid", "resourceVersion", "creationTimestamp"):
-        node["metadata"].pop(key)
+    for_create(node)
     return {"apiVersion": "v1", "kind": "Node", **node}
 
 
@@ -68,8 +67,7 @@ def failed_scheduling(cluster: ControlPlane, namespace: str, name: str) -> str |
 
 def create_pod(cluster: ControlPlane, namespace: str, name: str, gpus: int) -> None:
     pod = gpu_pod(name, namespace, gpus=gpus, labels=LLAMA)
-    for key in ("uid", "resourceVersion", "creationTimestamp", "ownerReferences"):
-        pod["metadata"].pop(key)
+    for_create(pod)
     del pod["status"]
     cluster.kubectl("create", "-f", "-", input_text=yaml.safe_dump({"apiVersion": "v1", "kind": "Pod", **pod}))
 
@@ -78,8 +76,7 @@ def test_a_pod_that_would_pass_a_racks_max_power_waits_and_the_event_names_rack_
     cluster: ControlPlane, power_aware_scheduler: str, racks: None, namespace: str
 ) -> None:
     document = policy("llama", namespace, cap_w=20000, racks=[RACK_1, {"rackId": "rack-2", "maxPower": 3000}])
-    for key in ("uid", "generation", "resourceVersion"):
-        document["metadata"].pop(key)
+    for_create(document)
     cluster.apply([document])
     create_pod(cluster, namespace, "big", gpus=4)
 
@@ -97,8 +94,7 @@ def test_pods_that_fit_go_to_the_node_the_extender_scores_highest(
     # rack-1: 4000 W of 9000 W in use; rack-2: 2000 W of 12,000 W: both fit a 1400 W pod,
     # rack-2 keeps more headroom after it
     document = policy("llama", namespace, cap_w=20000, racks=[{"rackId": "rack-1", "maxPower": 9000}, RACK_2])
-    for key in ("uid", "generation", "resourceVersion"):
-        document["metadata"].pop(key)
+    for_create(document)
     cluster.apply([document])
     wait_until(lambda: extender_sees_policy(power_aware_scheduler, namespace), 30, "the extender to see the policy")
     scores = extender_scores(power_aware_scheduler, gpu_pod("small", namespace, gpus=2, labels=LLAMA),
@@ -158,8 +154,7 @@ def burst_racks(cluster: ControlPlane) -> Iterator[dict[str, str]]:
             name = f"{rack}-{i + 1}"
             # each node its own moment: telemetry() derives GPU UUIDs from it, and UUIDs are unique
             node = gpu_node(name, rack, telemetry(power_w, at=now - timedelta(milliseconds=2 * r + i)))
-            for key in ("uid", "resourceVersion", "creationTimestamp"):
-                node["metadata"].pop(key)
+            for_create(node)
             nodes.append({"apiVersion": "v1", "kind": "Node", **node})
             racks_of[name] = rack
     cluster.kubectl("create", "-f", "-", input_text=yaml.safe_dump_all(nodes))
@@ -170,8 +165,7 @@ def burst_racks(cluster: ControlPlane) -> Iterator[dict[str, str]]:
 def burst_pod(name: str, namespace: str) -> dict[str, Any]:
     """A one-GPU pod of the burst policy that may go only to the burst racks' nodes."""
     pod = gpu_pod(name, namespace, gpus=1, labels=BURST_LABELS)
-    for key in ("uid", "resourceVersion", "creationTimestamp", "ownerReferences"):
-        pod["metadata"].pop(key)
+    for_create(pod)
     del pod["status"]
     pod["spec"]["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
         {"matchExpressions": [{"key": "powercapping.example.com/rack", "operator": "In", "values": sorted(BURST_RACKS)}]},
@@ -195,8 +189,7 @@ def test_a_burst_of_50_pods_never_puts_a_rack_past_max_power_and_fills_the_room_
 ) -> None:
     document = policy("burst", namespace, cap_w=BURST_CAP_W, selector={"matchLabels": BURST_LABELS},
                       racks=[{"rackId": rack, "maxPower": max_w} for rack, (_, max_w) in sorted(BURST_RACKS.items())])
-    for key in ("uid", "generation", "resourceVersion"):
-        document["metadata"].pop(key)
+    for_create(document)
     cluster.apply([document])
     wait_until(lambda: extender_knows_burst_racks(power_aware_scheduler, namespace, sorted(burst_racks)), 30,
                "the extender to see the burst policy and nodes")
