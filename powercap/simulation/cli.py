@@ -100,9 +100,7 @@ def _run(args: argparse.Namespace, out: OutputFolder, progress: ProgressBar) -> 
     notices = run_notices(scenario) + overload_notices(scenario, build_trace(scenario))
     for notice in notices:
         print(f"powercap simulate: note: {notice}", file=sys.stderr)
-    missing_plots = None if not matplotlib_missing() else (
-        "no plots: matplotlib is not installed (pip install 'powercap[simulate]'); the table, summary.json and report.html are written"
-    )
+    missing_plots = no_plots("matplotlib") if matplotlib_missing() else None
     if missing_plots:
         print(f"powercap simulate: {missing_plots}", file=sys.stderr)
     started = time.perf_counter()
@@ -249,11 +247,15 @@ def plot_writer(err: TextIO) -> PlotWriter | None:
     try:
         from powercap.simulation.plots import write_plots  # matplotlib is slow to import; only here
     except ImportError as error:
-        missing = (error.name or 'matplotlib').split('.')[0]
-        print(f"powercap simulate: no plots: {missing} is not installed "
-              "(pip install 'powercap[simulate]'); the table, summary.json and report.html are written", file=err)
+        print(f"powercap simulate: {no_plots((error.name or 'matplotlib').split('.')[0])}", file=err)
         return None
     return write_plots
+
+
+def no_plots(missing_module: str) -> str:
+    """Why a run writes no plots, and what it writes instead."""
+    return (f"no plots: {missing_module} is not installed (pip install 'powercap[simulate]'); "
+            "the table, summary.json and report.html are written")
 
 
 def matplotlib_missing() -> bool:
