@@ -184,7 +184,7 @@ def statuses_as_list(plan: RoundPlan) -> dict[str, Any]:
 def write_table(plan: RoundPlan, snapshot: Snapshot, decisions: Mapping[str, Decision], out: TextIO) -> None:
     view = snapshot.view
     out.write(f"budget controller round at {plan.now.isoformat(timespec='seconds')} "
-              f"({_count(len(plan.policies), 'policy', 'policies')}, {_count(len(view.nodes), 'node', 'nodes')})\n")
+              f"({counted(len(plan.policies), 'policy', 'policies')}, {counted(len(view.nodes), 'node')})\n")
     for warning in view.warnings:  # invalid policies among them: they are not allocated
         out.write(f"warning: {warning}\n")
     for key, policy_plan in sorted(plan.policies.items()):
@@ -211,10 +211,6 @@ def write_table(plan: RoundPlan, snapshot: Snapshot, decisions: Mapping[str, Dec
         decision = decisions.get(key)
         if decision is not None:
             out.write(f"  rebalance: {decision.move.message if decision.move else 'none (' + decision.reason + ')'}\n")
-
-
-def _count(number: int, one: str, many: str) -> str:
-    return f"{number} {one if number == 1 else many}"
 
 
 def _write_rows(rows: Sequence[tuple[str, ...]], out: TextIO) -> None:

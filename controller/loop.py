@@ -7,10 +7,13 @@ Every ``interval_s`` (default 5 s), while this replica holds the Lease, one roun
 3. for each policy whose planned status differs from the stored one, write it through
    the ``/status`` subresource with :func:`powercap.kube.update_status` (GET, compute
    against what is stored now, skip when equal, PUT with the resourceVersion, retry on
-   409), then record an Event for every condition that changed status or reason;
+   409), then record one Event for every condition that changed
+   (:func:`powercap.status.transitions`: against the status read back, so a new leader
+   records nothing for a condition that already held);
 4. for ``energy-aware-scheduling`` policies, ask :func:`powercap.rebalance.plan_rebalance`
    which pod (if any) to move, and evict it through the Eviction API (a 429 from a
-   PodDisruptionBudget means: try again after ``eviction_retry_s``).
+   PodDisruptionBudget means: try again after ``eviction_retry_s``), recording an Event on
+   the evicted pod and on the policy.
 
 A steady cluster produces no write at all: statuses settle (see :mod:`powercap.status`),
 and a policy whose planned status equals the cached one is not even read. Leadership is
@@ -39,7 +42,7 @@ from powercap.algorithms import AlgorithmRegistry
 from powercap.allocation import AllocationSettings
 from powercap.budget import PolicyPlan, RoundPlan, plan_round
 from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
-from powercap.objects import KubeObject
+from powercap.objects import KubeObject, object_key
 from powercap.policies import Policy
 from powercap.rebalance import Move, plan_rebalance
 from powercap.status import Transition, render_status, transitions
@@ -47,6 +50,8 @@ from powercap.status import Transition, render_status, transitions
 log = logging.getLogger("controller")
 
 REPORTING_CONTROLLER = f"{API_GROUP}/budget-controller"
+REBALANCE_REASON = "EnergyRebalance"
+DESCHEDULED = "Descheduled"
 DEFAULT_INTERVAL_S = 5.0
 DEFAULT_EVICTION_RETRY_S = 30.0
 # Pods the controller watches: everything not finished, pending ones included (a pending
@@ -150,7 +155,7 @@ class RoundReport:
     plan: RoundPlan | None = None
     written: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
-    events: list[tuple[str, str]] = field(default_factory=list)  # (policy key, reason)
+    events: list[tuple[str, str]] = field(default_factory=list)  # (policy or pod key, reason)
     evictions: list[tuple[str, kube.EvictionResult]] = field(default_factory=list)  # (pod, result)
 
 
@@ -257,12 +262,14 @@ class BudgetController:
             "budget_w": allocation.budget_w, "feasible": allocation.feasible,
         })
         for change in transitions(before, stored.get("status") or {}):
-            self._event(policy, change.condition.reason, change.note, "Allocate", warning=change.event_type == "Warning")
-            report.events.append((policy.key, change.condition.reason))
+            self._event(_reference(policy), change.event_reason, change.note, "Allocate",
+                        warning=change.event_type == "Warning")
+            report.events.append((policy.key, change.event_reason))
             _log_transition(policy, change)
 
     def _rebalance(self, snapshot: Snapshot, report: RoundReport) -> None:
         view = snapshot.view
+        pods: dict[str, KubeObject] | None = None
         for key, policy_view in sorted(view.policies.items()):
             if policy_view.policy.algorithm.name != "energy-aware-scheduling":
                 continue
@@ -274,10 +281,14 @@ class BudgetController:
             if decision.move is None:
                 log.debug("no rebalancing for %s: %s", key, decision.reason, extra={"policy": key, "why": decision.reason})
                 continue
-            self._evict(policy_view.policy, decision.move, view.now, report)
+            if pods is None:
+                pods = {object_key(pod): pod for pod in snapshot.pods}
+            self._evict(policy_view.policy, decision.move, pods.get(decision.move.pod), view.now, report)
 
-    def _evict(self, policy: Policy, move: Move, now: datetime, report: RoundReport) -> None:
+    def _evict(self, policy: Policy, move: Move, pod: KubeObject | None, now: datetime, report: RoundReport) -> None:
         namespace, _, name = move.pod.partition("/")
+        pod_reference = {"apiVersion": "v1", "kind": "Pod", "namespace": namespace, "name": name,
+                         "uid": ((pod or {}).get("metadata") or {}).get("uid")}
         try:
             result = kube.evict_pod(self._client, namespace, name)
         except kube.ApiError as error:
@@ -290,8 +301,12 @@ class BudgetController:
         if result is kube.EvictionResult.EVICTED:
             self._last_move[policy.key] = now
             self._blocked_until.pop(policy.key, None)
-            self._event(policy, "EnergyRebalance", move.message, "Evict")
-            report.events.append((policy.key, "EnergyRebalance"))
+            # The descheduler's convention: the strategy as reason, "Descheduled" as action, on
+            # the pod (what its owner reads in `kubectl describe pod`) and here on the policy.
+            self._event(pod_reference, REBALANCE_REASON, move.pod_note, DESCHEDULED, related=_reference(policy))
+            self._event(_reference(policy), REBALANCE_REASON, move.message, DESCHEDULED, related=pod_reference)
+            report.events.append((move.pod, REBALANCE_REASON))
+            report.events.append((policy.key, REBALANCE_REASON))
             log.info("evicted %s to rebalance %s", move.pod, move.node, extra={
                 "policy": policy.key, "pod": move.pod, "node": move.node, "node_power_w": move.node_power_w,
                 "threshold_w": move.threshold_w, "target": move.target})
@@ -301,15 +316,14 @@ class BudgetController:
             if first:
                 note = (f"cannot evict {move.pod} now: a PodDisruptionBudget allows no disruption; "
                         f"retrying every {self.settings.eviction_retry_s:g} s ({move.message})")
-                self._event(policy, "EvictionBlocked", note, "Evict", warning=True)
+                self._event(_reference(policy), "EvictionBlocked", note, "Evict", warning=True, related=pod_reference)
                 report.events.append((policy.key, "EvictionBlocked"))
 
-    def _event(self, policy: Policy, reason: str, note: str, action: str, *, warning: bool = False) -> None:
-        regarding = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "namespace": policy.namespace,
-                     "name": policy.name, "uid": policy.uid or None}
+    def _event(self, regarding: dict[str, Any], reason: str, note: str, action: str, *, warning: bool = False,
+               related: dict[str, Any] | None = None) -> None:
         kube.post_event(self._client, regarding, reason, note, "Warning" if warning else "Normal",
                         action=action, reporting_controller=REPORTING_CONTROLLER,
-                        reporting_instance=self.settings.identity, clock=self._clock)
+                        reporting_instance=self.settings.identity, related=related, clock=self._clock)
 
     def run(self, stop: threading.Event) -> None:
         """Rounds every ``interval_s`` while leading, until ``stop`` is set. Never raises."""
@@ -325,6 +339,11 @@ class BudgetController:
             else:
                 self.last_round_s = self._clock()  # alive, just not leading
             stop.wait(max(0.0, self.settings.interval_s - (time.monotonic() - started_s)))
+
+
+def _reference(policy: Policy) -> dict[str, Any]:
+    return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "namespace": policy.namespace,
+            "name": policy.name, "uid": policy.uid or None}
 
 
 def _log_transition(policy: Policy, change: Transition) -> None:

@@ -57,12 +57,14 @@ from powercap.cluster import ClusterView, PolicyView
 from powercap.policies import Mode, Policy
 from powercap.telemetry import GpuTelemetry
 from powercap.status import (
+    ENFORCED,
     LaggingGpu,
     RackReading,
     StatusInputs,
     find_lagging,
     published_allocations,
     render_status,
+    stored_reason,
 )
 
 
@@ -99,7 +101,8 @@ def plan_round(
 
     ``lagging_before``: per policy key, the GPUs found lagging in the previous round. When
     given, a GPU is reported lagging only when it lagged in both rounds (its agent has had a
-    whole round to apply the allocation); when None (a one-off run), every lagging GPU is.
+    whole round to apply the allocation); when None (a one-off run), every lagging GPU is. A
+    policy missing from it (no round yet in this process) keeps a stored ``AgentsLagging``.
     """
     settings = settings or AllocationSettings()
     waiting = {key: reservable_waiting_gpus(policy_view, view, settings.margin) for key, policy_view in view.policies.items()}
@@ -114,9 +117,17 @@ def plan_round(
     racks = {**second.racks, **first.racks}  # the enforced figures win for racks in both
     plans = {}
     for key, policy_view in sorted(view.policies.items()):
-        before = None if lagging_before is None else lagging_before.get(key, ())
+        before = None if lagging_before is None else lagging_before.get(key, _unknown_lagging(policy_view.policy))
         plans[key] = _plan(policy_view, allocations[key], racks, view, settings, before, waiting[key])
     return RoundPlan(now=view.now, policies=MappingProxyType(plans), racks=MappingProxyType(racks))
+
+
+def _unknown_lagging(policy: Policy) -> Collection[str] | None:
+    """``lagging_before`` for a policy with no previous round in this process (a new leader, a
+    restart): None (report lagging GPUs at once) when the stored status already says
+    ``AgentsLagging``, so that a takeover does not flip Enforced to AllocationApplied and back
+    (two Events for nothing); else none lagged."""
+    return None if stored_reason(policy.status, ENFORCED) == "AgentsLagging" else ()
 
 
 def reservable_waiting_gpus(policy_view: PolicyView, view: ClusterView, margin: float) -> int:

@@ -8,6 +8,13 @@ def clamp(value: float, low: float, high: float) -> float:
     return low if value < low else high if value > high else value
 
 
-def counted(number: int, noun: str) -> str:
-    """``1 GPU``, ``4 GPUs``, ``0 pods``: a count with its noun in the right number."""
-    return f"{number} {noun}{'' if number == 1 else 's'}"
+def counted(number: int, noun: str, plural: str | None = None) -> str:
+    """``1 GPU``, ``4 GPUs``, ``0 pods``, ``2 policies`` (``plural`` for a noun not made with -s):
+    a count with its noun in the right number."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
+
+
+def agreeing(number: int, one: str, many: str) -> str:
+    """``one`` when ``number`` is 1, else ``many``: the words after a count that agree with it
+    (``f"{counted(n, 'GPU')} {agreeing(n, 'runs above its', 'run above their')} allocation"``)."""
+    return one if number == 1 else many

@@ -53,14 +53,28 @@ class Move:
     threshold_w: float
     target: str
     target_power_w: float
+    rack: str | None = None  # the node's rack
 
     @property
     def message(self) -> str:
+        """Why, for the policy's Event and the logs."""
         return (
             f"node {self.node} draws {format_watts(self.node_power_w)} W, above energyThreshold "
             f"{format_watts(self.threshold_w)} W; evicting {self.pod} ({format_watts(self.pod_power_w)} W) so that "
             f"the scheduler can place it on a node under the threshold, such as {self.target} "
             f"({format_watts(self.target_power_w)} W + {format_watts(self.pod_power_w)} W)"
+        )
+
+    @property
+    def pod_note(self) -> str:
+        """Why, for the evicted pod's Event: what its owner reads in ``kubectl describe pod``."""
+        rack = f" in rack {self.rack}" if self.rack is not None else ""
+        return (
+            f"evicted for policy {self.policy} ({ALGORITHM}): node {self.node}{rack} draws "
+            f"{format_watts(self.node_power_w)} W, above energyThreshold {format_watts(self.threshold_w)} W; this pod "
+            f"({format_watts(self.pod_power_w)} W) fits under it on another node, such as {self.target} "
+            f"({format_watts(self.target_power_w)} W + {format_watts(self.pod_power_w)} W), where the scheduler can "
+            "place its replacement"
         )
 
 
@@ -140,7 +154,8 @@ def plan_rebalance(
             min(covering, key=lambda c: (c[1], c[0])) if covering else max(candidates, key=lambda c: (c[1], _desc(c[0])))
         )
         return Decision(
-            Move(policy.key, key, node.name, node.power_w, power_w, threshold_w, target.name, target.power_w),
+            Move(policy.key, key, node.name, node.power_w, power_w, threshold_w, target.name, target.power_w,
+                 node.rack_id),
             "hot node with a pod that fits elsewhere",
         )
     return Decision(None, "no pod on a node above energyThreshold fits on another node under it")

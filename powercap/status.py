@@ -35,6 +35,12 @@ Ready      WithinCap             feasible, enforced, measured power within power
 Ready      OverCap               measured power above powerCapLimit
 Ready      (Feasible's or Enforced's reason when that one is False)
 ========== ===================== =========================================================
+
+**Events** (:func:`transitions`): one per condition that changed, Warning unless the new
+condition is healthy. Its reason is the condition's, except for Ready: ``Ready`` or
+``NotReady`` (with the condition's reason in the note), so that an infeasible policy shows
+one ``Infeasible`` Warning (Feasible) and one ``NotReady`` Warning (Ready), not two
+``Infeasible`` ones.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from powercap.allocation import ServiceAllocation
-from powercap.numeric import counted
+from powercap.numeric import agreeing, counted
 from powercap.policies import Mode, Policy
 
 READY, FEASIBLE, ENFORCED = "Ready", "Feasible", "Enforced"
@@ -124,7 +130,7 @@ class Condition:
 
 @dataclass(frozen=True)
 class Transition:
-    """A condition that changed status or reason: the controller records an Event for it."""
+    """A condition that changed (see :func:`transitions`): the controller records one Event for it."""
 
     condition: Condition
     previous_status: str | None
@@ -135,8 +141,19 @@ class Transition:
         return "Normal" if self.condition.healthy else "Warning"
 
     @property
+    def event_reason(self) -> str:
+        """The condition's reason; for Ready, ``Ready`` or ``NotReady``: Ready borrows the reason
+        of Feasible or Enforced when one of them is False, and that one records its own Event."""
+        if self.condition.type == READY:
+            return "Ready" if self.condition.status == "True" else "NotReady"
+        return self.condition.reason
+
+    @property
     def note(self) -> str:
-        return f"{self.condition.type} is {self.condition.status}: {self.condition.message}"
+        """``Feasible is False: <message>``; the condition's reason in brackets where the Event's differs."""
+        condition = self.condition
+        reason = f" ({condition.reason})" if condition.reason != self.event_reason else ""
+        return f"{condition.type} is {condition.status}{reason}: {condition.message}"
 
 
 def format_time(moment: datetime) -> str:
@@ -260,7 +277,8 @@ def _enforced(inputs: StatusInputs) -> Condition:
         nodes = sorted({g.node for g in inputs.lagging})
         return Condition(
             ENFORCED, "False", "AgentsLagging",
-            f"{counted(len(inputs.lagging), 'GPU')} run above their allocation: {_listing(named)}; "
+            f"{counted(len(inputs.lagging), 'GPU')} {agreeing(len(inputs.lagging), 'runs above its', 'run above their')} "
+            f"allocation: {_listing(named)}; "
             f"check the node agent on {_listing(nodes)}",
         )
     if inputs.silent_nodes:
@@ -282,10 +300,15 @@ def _enforced(inputs: StatusInputs) -> Condition:
 
 
 def transitions(stored: Mapping[str, Any] | None, written: Mapping[str, Any]) -> list[Transition]:
-    """Conditions of ``written`` whose status or reason differs from ``stored``.
+    """Conditions of ``written`` that changed from ``stored``, one :class:`Transition` each.
 
-    A condition seen for the first time is a transition only when it is not healthy (a new
-    policy that is fine needs no Event; one that is infeasible does).
+    A condition changed when its status differs, or its reason differs and the old or the new
+    one is not healthy (``AgentsLagging`` -> ``TelemetryStale`` is a new problem;
+    ``NoGPUs`` -> ``BudgetCoversMinimums`` is nothing to act on). A condition seen for the
+    first time changed only when it is not healthy (a new policy that is fine needs no Event;
+    one that is infeasible does). A message that changes alone (new figures) is no change.
+    ``stored`` is the status read back from the API server, so a restarted or new leader
+    records nothing for a condition that already held.
     """
     result = []
     for raw in written.get("conditions") or ():
@@ -294,9 +317,18 @@ def transitions(stored: Mapping[str, Any] | None, written: Mapping[str, Any]) ->
         if before is None:
             if not condition.healthy:
                 result.append(Transition(condition, None, None))
-        elif before.get("status") != condition.status or before.get("reason") != condition.reason:
-            result.append(Transition(condition, before.get("status"), before.get("reason")))
+            continue
+        status, reason = before.get("status"), before.get("reason")
+        was_healthy = status == "True" or reason == "ObserveMode"
+        if status != condition.status or (reason != condition.reason and not (was_healthy and condition.healthy)):
+            result.append(Transition(condition, status, reason))
     return result
+
+
+def stored_reason(status: Mapping[str, Any] | None, kind: str) -> str | None:
+    """The reason of condition ``kind`` in a stored status, None when it has none."""
+    condition = _stored_condition(status or {}, kind)
+    return condition.get("reason") if condition is not None else None
 
 
 def _condition_field(condition: Condition, before: Mapping[str, Any] | None, generation: int, now: datetime) -> dict[str, Any]:

@@ -115,6 +115,29 @@ def test_lagging_is_reported_only_when_seen_in_two_rounds() -> None:
     assert reasons(plan_round(cluster))["Enforced"] == "AgentsLagging"  # a one-off run reports at once
 
 
+def test_a_new_leader_keeps_a_stored_agents_lagging() -> None:
+    """A restarted controller (or a new leader) has no previous round: where the stored
+    status already says AgentsLagging it goes on saying so, instead of AllocationApplied for
+    one round and AgentsLagging again the next (two Events for nothing)."""
+    first = plan_round(view(
+        [node("gpu-1", "rack-1", [Gpu("A0", 690, 700, "inference/llama-0")])],
+        [gpu_pod("llama-0", gpus=1, node="gpu-1", labels=LLAMA)],
+        [with_status(policy("llama", cap_w=412),
+                     {"allocations": [{"node": "gpu-1", "gpus": [{"uuid": "A0", "watts": 400}], "watts": 400}]})],
+    ))
+    assert reasons(first)["Enforced"] == "AgentsLagging"
+    stored = dict(first.policies["inference/llama"].status)
+    taken_over = plan_round(view(
+        [node("gpu-1", "rack-1", [Gpu("A0", 690, 700, "inference/llama-0")])],
+        [gpu_pod("llama-0", gpus=1, node="gpu-1", labels=LLAMA)],
+        [with_status(policy("llama", cap_w=412), stored)],
+    ), lagging_before={})
+    assert reasons(taken_over)["Enforced"] == "AgentsLagging"
+    held = [(c["type"], c["status"], c["reason"], c["lastTransitionTime"]) for c in stored["conditions"]]
+    assert [(c["type"], c["status"], c["reason"], c["lastTransitionTime"])
+            for c in taken_over.policies["inference/llama"].status["conditions"]] == held
+
+
 def test_a_steady_cluster_plans_no_change() -> None:
     nodes = [node("gpu-1", "rack-1", [Gpu("A0", 690, 700, "inference/llama-0"), Gpu("A1", 300, 700, "inference/llama-0")])]
     pods = [gpu_pod("llama-0", gpus=2, node="gpu-1", labels=LLAMA)]

@@ -263,17 +263,20 @@ def test_the_ratio_column_shows_tokens_per_joule_and_settles(client, apiserver) 
     assert stored_status(apiserver)["ratio"] == 1.62
 
 
-def test_transitions_are_recorded_as_events_once(client, apiserver) -> None:
+def test_each_condition_transition_is_one_event_with_its_own_reason(client, apiserver) -> None:
     serve_cluster(apiserver, cap_w=700)  # 4 GPUs x 200 W minimum > 679 W
     clock = Clock()
     controller = controller_for(client, clock)
     controller.run_round()
-    assert sorted(events(apiserver)) == [("Warning", "Infeasible", "llama"), ("Warning", "Infeasible", "llama")]
-    note = apiserver.objects("events", "inference")[0]["note"]
-    assert "raise powerCapLimit to at least 825 W" in note
-    clock.advance(5)
-    agents_catch_up(apiserver, clock.datetime())
-    controller.run_round()
+    assert sorted(events(apiserver)) == [("Warning", "Infeasible", "llama"), ("Warning", "NotReady", "llama")]
+    notes = {e["reason"]: e["note"] for e in apiserver.objects("events", "inference")}
+    assert notes["Infeasible"].startswith("Feasible is False: 4 GPUs need at least 800 W (their minimum power limits)")
+    assert notes["NotReady"].startswith("Ready is False (Infeasible): 4 GPUs need at least 800 W")
+    assert "raise powerCapLimit to at least 825 W" in notes["Infeasible"]
+    for _ in range(3):  # still infeasible: nothing new
+        clock.advance(5)
+        agents_catch_up(apiserver, clock.datetime())
+        controller.run_round()
     assert len(events(apiserver)) == 2
     fixed = apiserver.get_object("powercappingpolicies", "llama", "inference")
     fixed["spec"]["powerCapLimit"] = 2000
@@ -282,11 +285,35 @@ def test_transitions_are_recorded_as_events_once(client, apiserver) -> None:
     clock.advance(5)
     agents_catch_up(apiserver, clock.datetime())
     controller.run_round()
-    assert sorted(events(apiserver))[:2] == [("Normal", "BudgetCoversMinimums", "llama"), ("Normal", "WithinCap", "llama")]
+    assert sorted(events(apiserver))[:2] == [("Normal", "BudgetCoversMinimums", "llama"), ("Normal", "Ready", "llama")]
+    assert len(events(apiserver)) == 4
     assert stored_status(apiserver)["observedGeneration"] == 2
     event = apiserver.objects("events", "inference")[-1]
     assert event["reportingController"] == "powercapping.example.com/budget-controller"
     assert event["reportingInstance"] == "controller-a"
+    assert event["regarding"]["kind"] == "PowerCappingPolicy"
+
+
+def test_a_new_leader_records_no_event_for_a_condition_that_already_held(client, apiserver) -> None:
+    """The agents of gpu-2 never lower their GPUs to 270 W: AgentsLagging from the third
+    round. A restarted controller (nothing in memory) and then another replica taking over
+    see the condition in the stored status and record nothing, round after round."""
+    serve_cluster(apiserver)
+    clock = Clock()
+    first = controller_for(client, clock, identity="controller-a")
+    for _ in range(3):
+        first.run_round()
+        clock.advance(5)
+    assert sorted(events(apiserver)) == [("Warning", "AgentsLagging", "llama"), ("Warning", "NotReady", "llama")]
+    note = next(e["note"] for e in apiserver.objects("events", "inference") if e["reason"] == "AgentsLagging")
+    assert note.startswith("Enforced is False: 2 GPUs run above their allocation: gpu-2/B0 at 700 W (allocated 270 W)")
+    for identity in ("controller-a", "controller-b"):  # a restart, then a takeover
+        replica = controller_for(client, clock, identity=identity)
+        replica.started_leading(clock.datetime())
+        for _ in range(3):
+            assert replica.run_round().events == []
+            clock.advance(5)
+    assert len(events(apiserver)) == 2
 
 
 def test_lease_acquire_renew_and_lose(client, apiserver) -> None:
@@ -326,6 +353,7 @@ def test_lease_acquire_renew_and_lose(client, apiserver) -> None:
 def test_eviction_answered_429_is_retried_later(client, apiserver) -> None:
     serve_cluster(apiserver, cap_w=8000, algorithm=ENERGY_AWARE, hot=True)
     apiserver.block_evictions()
+    uid = apiserver.get_object("pods", "llama-1", "inference")["metadata"]["uid"]
     clock = Clock()
     controller = controller_for(client, clock)
 
@@ -341,8 +369,21 @@ def test_eviction_answered_429_is_retried_later(client, apiserver) -> None:
     report = controller.run_round()
     assert report.evictions == [("inference/llama-1", kube.EvictionResult.EVICTED)]
     assert apiserver.get_object("pods", "llama-1", "inference") is None
-    moved = next(e for e in apiserver.objects("events", "inference") if e["reason"] == "EnergyRebalance")
-    assert moved["note"].startswith("node gpu-1 draws 4080 W, above energyThreshold 3500 W; evicting inference/llama-1")
+    on_pod, on_policy = (next(e for e in apiserver.objects("events", "inference")
+                              if e["reason"] == "EnergyRebalance" and e["regarding"]["kind"] == kind)
+                         for kind in ("Pod", "PowerCappingPolicy"))
+    assert on_pod["regarding"] == {"apiVersion": "v1", "kind": "Pod", "namespace": "inference", "name": "llama-1",
+                                   "uid": uid}
+    assert on_pod["related"]["kind"] == "PowerCappingPolicy" and on_pod["related"]["name"] == "llama"
+    assert (on_pod["type"], on_pod["action"], on_pod["reportingController"]) == (
+        "Normal", "Descheduled", "powercapping.example.com/budget-controller")
+    assert on_pod["note"] == (
+        "evicted for policy inference/llama (energy-aware-scheduling): node gpu-1 in rack rack-1 draws 4080 W, "
+        "above energyThreshold 3500 W; this pod (1000 W) fits under it on another node, such as gpu-2 "
+        "(180 W + 1000 W), where the scheduler can place its replacement"
+    )
+    assert on_policy["note"].startswith("node gpu-1 draws 4080 W, above energyThreshold 3500 W; evicting inference/llama-1")
+    assert on_policy["related"]["name"] == "llama-1"
 
     clock.advance(5)
     assert controller.run_round().evictions == []  # at most one pod per migrationInterval

@@ -630,6 +630,16 @@ def test_post_event_records_an_events_k8s_io_event(client: KubeClient, apiserver
     assert len(event["note"]) == 1024  # cut to the API's limit instead of being refused
 
 
+def test_post_event_names_a_related_object(client: KubeClient, apiserver: FakeApiServer) -> None:
+    pod = {"apiVersion": "v1", "kind": "Pod", "namespace": NS, "name": "llama-1", "uid": "u-1"}
+    regarding = apiserver.put_object("powercappingpolicies", policy())
+    assert kube.post_event(client, pod, "EnergyRebalance", "evicted", related=regarding, action="Descheduled",
+                           reporting_controller="pc", reporting_instance="i")
+    (event,) = apiserver.objects("events", NS)
+    assert event["regarding"] == pod
+    assert (event["related"]["kind"], event["related"]["name"]) == ("PowerCappingPolicy", "llama")
+
+
 def test_post_event_on_a_node_goes_to_default_and_never_raises(client: KubeClient, apiserver: FakeApiServer) -> None:
     node = apiserver.put_object("nodes", {"metadata": {"name": "n1"}})
     common: dict[str, Any] = {"action": "Throttle", "reporting_controller": "pc", "reporting_instance": "i"}

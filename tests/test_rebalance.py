@@ -54,6 +54,11 @@ def test_moves_the_smallest_pod_that_brings_the_hot_node_under_the_threshold() -
         "node gpu-1 draws 4100 W, above energyThreshold 3500 W; evicting inference/llama-1 (1000 W) so that the "
         "scheduler can place it on a node under the threshold, such as gpu-2 (1000 W + 1000 W)"
     )
+    assert decision.move.pod_note == (
+        "evicted for policy inference/llama (energy-aware-scheduling): node gpu-1 in rack rack-1 draws 4100 W, "
+        "above energyThreshold 3500 W; this pod (1000 W) fits under it on another node, such as gpu-2 "
+        "(1000 W + 1000 W), where the scheduler can place its replacement"
+    )
 
 
 def test_moves_the_largest_pod_when_none_is_enough() -> None:

@@ -177,15 +177,21 @@ def test_observe_mode_is_reported_not_enforced() -> None:
     assert message(over, "Ready") == "the service draws 4500 W above powerCapLimit 4200 W; mode is Observe, so no GPU is capped"
 
 
-def test_lagging_agents_are_named() -> None:
-    lagging = (LaggingGpu("node-1", "GPU-2", 700, 450), LaggingGpu("node-1", "GPU-3", 700, 450))
+@pytest.mark.parametrize(
+    "count, expected",
+    [
+        pytest.param(1, "1 GPU runs above its allocation: node-1/GPU-2 at 700 W (allocated 450 W); "
+                        "check the node agent on node-1", id="one"),
+        pytest.param(2, "2 GPUs run above their allocation: node-1/GPU-2 at 700 W (allocated 450 W), "
+                        "node-1/GPU-3 at 700 W (allocated 450 W); check the node agent on node-1", id="two"),
+    ],
+)
+def test_lagging_agents_are_named(count: int, expected: str) -> None:
+    lagging = (LaggingGpu("node-1", "GPU-2", 700, 450), LaggingGpu("node-1", "GPU-3", 700, 450))[:count]
     status = render_status(inputs(lagging=lagging), None, NOW)
     assert conditions(status)["Enforced"] == ("False", "AgentsLagging")
     assert conditions(status)["Ready"] == ("False", "AgentsLagging")
-    assert message(status, "Enforced") == (
-        "2 GPUs run above their allocation: node-1/GPU-2 at 700 W (allocated 450 W), "
-        "node-1/GPU-3 at 700 W (allocated 450 W); check the node agent on node-1"
-    )
+    assert message(status, "Enforced") == expected
 
 
 def test_silent_nodes_are_named() -> None:
@@ -241,18 +247,60 @@ def test_transitions_are_status_or_reason_changes() -> None:
     assert [(t.condition.type, t.previous_status, t.condition.status, t.event_type) for t in changed] == [
         ("Ready", "True", "False", "Warning"),
     ]
-    assert changed[0].note == "Ready is False: the service draws 4300 W above powerCapLimit 4200 W; " \
+    assert changed[0].note == "Ready is False (OverCap): the service draws 4300 W above powerCapLimit 4200 W; " \
                               "the node agents are lowering the caps (brief overshoot above a limit is normal)"
     back = render_status(inputs(), over, LATER)
-    assert [(t.condition.reason, t.event_type) for t in transitions(over, back)] == [("WithinCap", "Normal")]
+    assert [(t.event_reason, t.event_type) for t in transitions(over, back)] == [("Ready", "Normal")]
     assert transitions(back, render_status(inputs(power_w=2000), back, LATER)) == []
 
 
-def test_a_new_infeasible_policy_gets_warnings() -> None:
+def event_reasons(before: dict[str, Any] | None, after: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(condition, Event type, Event reason) of every Event the change from ``before`` records."""
+    return [(t.condition.type, t.event_type, t.event_reason) for t in transitions(before, after)]
+
+
+LAGGING = (LaggingGpu("node-1", "GPU-2", 700, 450),)
+STALE = ("no telemetry from node node-1 for 312 s (stale after 90 s)",)
+
+
+@pytest.mark.parametrize(
+    "before, after, expected",
+    [
+        pytest.param(None, {"cap_w": 700}, [("Ready", "Warning", "NotReady"), ("Feasible", "Warning", "Infeasible")],
+                     id="new and infeasible: one Warning per condition, each its own reason"),
+        pytest.param({}, {"cap_w": 700}, [("Ready", "Warning", "NotReady"), ("Feasible", "Warning", "Infeasible")],
+                     id="infeasible: Ready and Feasible do not both say Infeasible"),
+        pytest.param({"cap_w": 700}, {}, [("Ready", "Normal", "Ready"), ("Feasible", "Normal", "BudgetCoversMinimums")],
+                     id="feasible again"),
+        pytest.param({}, {"lagging": LAGGING}, [("Ready", "Warning", "NotReady"),
+                                                ("Enforced", "Warning", "AgentsLagging")], id="lagging"),
+        pytest.param({"lagging": LAGGING}, {"silent_nodes": STALE}, [("Ready", "Warning", "NotReady"),
+                                                                     ("Enforced", "Warning", "TelemetryStale")],
+                     id="another problem: Ready stays False with a new reason"),
+        pytest.param({"cap_w": 700}, {"cap_w": 700, "power_w": 900}, [], id="same problem, new figures: nothing"),
+        pytest.param({"gpus": 0, "power_w": 0}, {}, [], id="healthy to healthy (NoGPUs to running): nothing"),
+        pytest.param({}, {"mode": "Observe"}, [("Enforced", "Normal", "ObserveMode")], id="switched to Observe"),
+        pytest.param({"lagging": LAGGING}, {"mode": "Observe"}, [("Ready", "Normal", "Ready"),
+                                                                 ("Enforced", "Normal", "ObserveMode")],
+                     id="a problem ends in Observe mode"),
+    ],
+)
+def test_each_condition_change_is_one_event_with_its_own_reason(
+    before: dict[str, Any] | None, after: dict[str, Any], expected: list[tuple[str, str, str]],
+) -> None:
+    stored = None if before is None else render_status(inputs(**before), None, NOW)
+    assert event_reasons(stored, render_status(inputs(**after), stored, LATER)) == expected
+    reasons = [reason for _, _, reason in expected]
+    assert len(reasons) == len(set(reasons))
+
+
+def test_a_not_ready_event_says_which_condition_is_why() -> None:
     status = render_status(inputs(cap_w=700), None, NOW)
-    assert {(t.condition.type, t.event_type) for t in transitions({}, status)} == {
-        ("Ready", "Warning"), ("Feasible", "Warning"),
-    }
+    ready, feasible = transitions(None, status)
+    why = ("4 GPUs need at least 800 W (their minimum power limits), but the budget is 679 W (powerCapLimit 700 W "
+           "minus the 3 % margin); raise powerCapLimit to at least 825 W or run fewer GPUs")
+    assert feasible.note == f"Feasible is False: {why}"
+    assert ready.note == f"Ready is False (Infeasible): {why}"
 
 
 def test_observe_mode_is_not_a_warning() -> None:

@@ -54,10 +54,11 @@ def post_event(
     action: str,
     reporting_controller: str,
     reporting_instance: str,
+    related: Mapping[str, Any] | None = None,
     clock: Clock = time.time,
 ) -> bool:
     """Record an events.k8s.io/v1 Event about ``regarding`` (an object or an
-    ObjectReference). The name is ``<regarding name>.<hex nanoseconds>`` like client-go's;
+    ObjectReference), ``related`` naming a second object it concerns. The name is ``<regarding name>.<hex nanoseconds>`` like client-go's;
     a cluster-scoped object's Event goes to namespace ``default``; ``note`` is cut to
     1024 bytes; ``eventTime`` comes from ``clock``. Never raises on an API failure: logs it and returns False.
     """
@@ -81,6 +82,8 @@ def post_event(
         "reportingController": reporting_controller,
         "reportingInstance": reporting_instance,
     }
+    if related is not None:
+        body["related"] = _object_reference(related)
     try:
         client.create(event_path(namespace), body)
         return True
