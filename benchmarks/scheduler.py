@@ -96,7 +96,8 @@ ALGORITHMS: tuple[dict[str, Any], ...] = (
 )
 PLAIN = "bench-plain-scheduler"
 POWER_AWARE = "power-aware-scheduler"
-EXTENDER_SERVICE_ACCOUNT = "power-aware-scheduler"
+SCHEDULER_SERVICE_ACCOUNT = "power-aware-scheduler"
+EXTENDER_SERVICE_ACCOUNT = "powercap-extender"
 STALE_AFTER_S = 86_400
 BOUND = re.compile(r'^I\d{4} (\d\d:\d\d:\d\d\.\d+) .*"Successfully bound pod to node".*?evaluatedNodes=(\d+) feasibleNodes=(\d+)')
 HISTOGRAM = re.compile(r'^powercap_extender_request_duration_seconds_bucket\{le="([^"]+)",verb="([a-z]+)"\} (\S+)$')
@@ -258,7 +259,8 @@ class Bench:
     def __init__(self, plane: ControlPlane) -> None:
         self.plane = plane
         self.client = KubeClient.from_environment(kubeconfig=plane.kubeconfig)
-        self.sa_kubeconfig = plane.service_account_kubeconfig(EXTENDER_SERVICE_ACCOUNT, duration="4h")
+        self.scheduler_kubeconfig = plane.service_account_kubeconfig(SCHEDULER_SERVICE_ACCOUNT, duration="4h")
+        self.extender_kubeconfig = plane.service_account_kubeconfig(EXTENDER_SERVICE_ACCOUNT, duration="4h")
         self.bin = Path(plane.env["CONTROLPLANE_BIN"])
         self.pids = {name: int((plane.directory / "run" / f"{name}.pid").read_text())
                      for name in ("kube-apiserver", "etcd", "kube-controller-manager", "kube-scheduler")}
@@ -296,7 +298,7 @@ class Bench:
     def scheduler_config(self, scheduler: str, extender_url: str | None, qps: int | None, burst: int | None) -> Path:
         config = yaml.safe_load((ROOT / "config" / "scheduler" / "scheduler-config.yaml").read_text())
         config["leaderElection"] = {"leaderElect": False}
-        connection: dict[str, Any] = {"kubeconfig": self.sa_kubeconfig}
+        connection: dict[str, Any] = {"kubeconfig": self.scheduler_kubeconfig}
         if qps is not None:
             connection.update(qps=qps, burst=burst)
         config["clientConnection"] = connection
@@ -315,7 +317,7 @@ class Bench:
         process = self.plane.start(
             "extender", ["extender", "--bind", f"127.0.0.1:{port}", "--metrics-bind", f"127.0.0.1:{metrics_port}",
                          "--stale-after", str(STALE_AFTER_S)],
-            kubeconfig=self.sa_kubeconfig, ready=http_ready(f"{url}/readyz"), timeout_s=300)
+            kubeconfig=self.extender_kubeconfig, ready=http_ready(f"{url}/readyz"), timeout_s=300)
         # the view holds the policies and every node: a pod too big for any rack fails everywhere
         probe = gpu_pod("probe", NAMESPACE, gpus=8, labels={"app.kubernetes.io/name": "svc-0"}, power_watts="999999")
         names = [f"gpu-{i:05d}" for i in range(0, self.node_count, RACK_SIZE * SERVICES)]
@@ -465,7 +467,7 @@ def section(rounds: list[Round], where: str, command: str, settings: str, setup:
         "## kube-scheduler with the extender",
         "",
         f"`benchmarks/scheduler.py` (`{command}`; its docstring says what each step does): the real",
-        "kube-scheduler (v1.37.2, built by scripts/controlplane.sh; config/scheduler deploys v1.31.2)",
+        "kube-scheduler (v1.37.2, built by scripts/controlplane.sh: the release config/scheduler deploys by default)",
         "binding one-GPU pods to Ready 8-GPU Nodes without a kubelet, once with a profile that has no",
         "extender and once with config/scheduler's `power-aware-scheduler` profile and `extenders`",
         "stanza (NodeNames mode, only urlPrefix changed), calling `powercap extender` that watches the",

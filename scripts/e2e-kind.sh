@@ -32,7 +32,7 @@ readonly POLICY_LABEL=powercapping.example.com/policy
 readonly GPU_RESOURCE=nvidia.com/gpu
 readonly POLICY_SAMPLE=config/samples/rack-constraints.yaml
 readonly POLICY_NAME=llm-inference-power-capping
-readonly WORKLOADS=(deployment/powercap-webhook deployment/power-aware-scheduler daemonset/powercap-agent)
+readonly WORKLOADS=(deployment/powercap-webhook deployment/power-aware-scheduler deployment/powercap-controller daemonset/powercap-agent)
 
 # The three workers, in kind's naming order: rack, power of each GPU (W), inlet temperature (°C).
 readonly RACKS=(rack-1 rack-2 rack-3)
@@ -59,7 +59,8 @@ nodes:
 EOF
 }
 
-# The overlay this script applies: config/default with the image built here. A tag other
+# The overlay this script applies: config/default with the image built here and
+# kube-scheduler at the node image's version. A tag other
 # than `latest` keeps the default imagePullPolicy at IfNotPresent, so the image loaded
 # into the nodes is used instead of being pulled.
 overlay_kustomization() {
@@ -72,6 +73,9 @@ images:
   - name: powercap
     newName: ${IMAGE%%:*}
     newTag: ${IMAGE##*:}
+  # the scheduler at the cluster's version (docs/operations.md#the-scheduler-image)
+  - name: registry.k8s.io/kube-scheduler
+    newTag: ${KIND_NODE_IMAGE##*:}
 EOF
 }
 

@@ -22,6 +22,11 @@ from tests.conftest import REPO_ROOT
 Manifest = dict[str, Any]
 POWERCAP_IMAGE = "powercap"  # the image name every powercap container uses (kustomize `images:` key)
 NAMESPACE = "powercap-system"
+# The Kubernetes minors README.md says powercap supports: the manifests pass each one's
+# schemas (tests/test_deploy_bundle.py) and the end-to-end suite runs on the newest
+# (scripts/controlplane.sh). 1.30: ValidatingAdmissionPolicy and the CRD rules' reason and
+# fieldPath are GA from there.
+SUPPORTED_KUBERNETES_MINORS = tuple(f"1.{minor}" for minor in range(30, 38))
 
 
 def kubectl() -> str:

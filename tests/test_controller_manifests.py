@@ -1,4 +1,4 @@
-"""config/controller: the controller container and its least-privilege RBAC."""
+"""config/controller: the controller's Deployment, its own ServiceAccount and least-privilege RBAC."""
 
 from __future__ import annotations
 
@@ -40,12 +40,13 @@ def test_the_controller_may_only_read_write_status_evict_and_record_events() -> 
         (["create"], None), (["get", "update"], ["powercap-controller"]),
     ]
     for binding in (rbac[("ClusterRoleBinding", "powercap-controller")], rbac[("RoleBinding", "powercap-controller-leader-election")]):
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "power-aware-scheduler", "namespace": "powercap-system"}]
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "powercap-controller", "namespace": "powercap-system"}]
+    assert ("ServiceAccount", "powercap-controller") in rbac
 
 
 def test_the_container_arguments_are_ones_the_command_accepts() -> None:
-    patch = documents(COMPONENT / "deployment-patch.yaml")[("Deployment", "power-aware-scheduler")]
-    (container,) = patch["spec"]["template"]["spec"]["containers"]
+    deployment = documents(COMPONENT / "deployment.yaml")[("Deployment", "powercap-controller")]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["name"] == "controller"
     args = build_parser().parse_args(container["args"])
     assert (args.command, args.interval, args.margin, args.lease_namespace, args.lease_name) == (
@@ -69,11 +70,14 @@ def test_kustomize_composes_the_component_with_the_scheduler_offline(tmp_path: P
         pytest.skip("kubectl is not installed")
     assert built.returncode == 0, built.stderr
     objects = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(built.stdout)}
-    pod = objects[("Deployment", "power-aware-scheduler")]["spec"]["template"]["spec"]
-    containers = {c["name"]: c for c in pod["containers"]}
-    assert set(containers) == {"kube-scheduler", "extender", "controller"}
-    assert containers["controller"]["image"] == containers["extender"]["image"]
-    assert containers["controller"]["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    assert pod["serviceAccountName"] == "power-aware-scheduler"
+    scheduler = objects[("Deployment", "power-aware-scheduler")]["spec"]["template"]["spec"]
+    assert {c["name"] for c in scheduler["containers"]} == {"kube-scheduler", "extender"}
+    pod = objects[("Deployment", "powercap-controller")]["spec"]["template"]["spec"]
+    (controller,) = pod["containers"]
+    (extender,) = [c for c in scheduler["containers"] if c["name"] == "extender"]
+    assert controller["image"] == extender["image"]
+    assert controller["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert pod["serviceAccountName"] == "powercap-controller"
+    assert objects[("PodDisruptionBudget", "powercap-controller")]["spec"]["minAvailable"] == 1
     assert ("ClusterRole", "powercap-controller") in objects
     assert ("Role", "powercap-controller-leader-election") in objects

@@ -8,6 +8,7 @@ Kubernetes 1.32 schemas (the kubectl here and in CI is 1.32) before a cluster se
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import kubernetes_validate
@@ -15,8 +16,10 @@ import pytest
 from kubernetes_validate.utils import all_versions
 
 from powercap.commands import build_parser
+from tests.conftest import REPO_ROOT
 from tests.manifests import (
     NAMESPACE,
+    SUPPORTED_KUBERNETES_MINORS,
     Manifest,
     find,
     image_name,
@@ -50,6 +53,9 @@ def test_every_part_is_installed_once(bundle: list[Manifest]) -> None:
     expected = {
         ("CustomResourceDefinition", "powercappingpolicies.powercapping.example.com"),
         ("Deployment", "power-aware-scheduler"),
+        ("PodDisruptionBudget", "power-aware-scheduler"),
+        ("Deployment", "powercap-controller"),
+        ("PodDisruptionBudget", "powercap-controller"),
         ("Deployment", "powercap-webhook"),
         ("Service", "powercap-webhook"),
         ("PodDisruptionBudget", "powercap-webhook"),
@@ -60,7 +66,9 @@ def test_every_part_is_installed_once(bundle: list[Manifest]) -> None:
     assert expected <= set(names)
     scheduler = find(bundle, "Deployment", "power-aware-scheduler")
     containers = [c["name"] for c in scheduler["spec"]["template"]["spec"]["containers"]]
-    assert sorted(containers) == ["controller", "extender", "kube-scheduler"]
+    assert sorted(containers) == ["extender", "kube-scheduler"]
+    controller = find(bundle, "Deployment", "powercap-controller")
+    assert [c["name"] for c in controller["spec"]["template"]["spec"]["containers"]] == ["controller"]
 
 
 def test_namespaced_objects_live_in_powercap_system(bundle: list[Manifest]) -> None:
@@ -78,15 +86,30 @@ def test_every_object_is_labelled_part_of_powercap_but_no_selector_is(bundle: li
         assert "app.kubernetes.io/part-of" not in workload["spec"]["selector"]["matchLabels"]
 
 
-def test_every_manifest_passes_the_kubernetes_schemas(bundle: list[Manifest]) -> None:
-    assert KUBERNETES_VERSION in all_versions()
+@pytest.mark.parametrize("minor", SUPPORTED_KUBERNETES_MINORS)
+def test_every_manifest_passes_the_schemas_of_every_supported_kubernetes(bundle: list[Manifest], minor: str) -> None:
+    version = f"{minor}.0"
+    assert version in all_versions()
     problems = {}
     for m in bundle:
         try:
-            kubernetes_validate.validate(m, KUBERNETES_VERSION, strict=True)
+            kubernetes_validate.validate(m, version, strict=True)
         except kubernetes_validate.ValidationError as e:
             problems[m["kind"], m["metadata"]["name"]] = f"{'.'.join(map(str, e.path))}: {e.message}"
     assert problems == {}
+
+
+def test_the_readme_states_the_range_the_tests_cover() -> None:
+    go_mod = (REPO_ROOT / "tests" / "e2e" / "controlplane" / "go.mod").read_text()
+    [e2e_version] = re.findall(r"^\s*k8s\.io/kubernetes v(\d+\.\d+)\.\d+$", go_mod, re.MULTILINE)
+    assert e2e_version == SUPPORTED_KUBERNETES_MINORS[-1], "the end-to-end suite runs on the newest supported minor"
+    [scheduler] = [c for _, pod in pod_templates(kustomize_build("config/scheduler")) for c in pod["containers"]
+                   if c["name"] == "kube-scheduler"]
+    e2e_release = re.search(r"^\s*k8s\.io/kubernetes (v\S+)$", go_mod, re.MULTILINE)
+    assert e2e_release and scheduler["image"] == f"registry.k8s.io/kube-scheduler:{e2e_release[1]}", \
+        "the default scheduler image is the release the end-to-end suite runs"
+    oldest, newest = SUPPORTED_KUBERNETES_MINORS[0], SUPPORTED_KUBERNETES_MINORS[-1]
+    assert f"Kubernetes {oldest} to {newest}" in (REPO_ROOT / "README.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -136,7 +159,7 @@ def test_every_powercap_container_runs_a_command_with_flags_it_accepts(bundle: l
         args = parser.parse_args(argv[1:])
         assert args.func, argv
         seen.add(argv[1])
-    assert seen == {"webhook", "extender", "controller", "agent"}
+    assert seen == {"webhook", "extender", "controller", "agent", "check-scheduler-version"}
 
 
 def test_cert_manager_variant_issues_the_webhook_certificate(bundle: list[Manifest]) -> None:

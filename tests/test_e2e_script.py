@@ -95,8 +95,11 @@ def test_installs_config_default_with_its_own_image_tag(tmp_path: Path, bundle: 
     work = variable("WORK")
     assert (REPO_ROOT / work / overlay["resources"][0]).resolve() == REPO_ROOT / "config" / "default"
     # not `latest`: imagePullPolicy stays IfNotPresent and kind's loaded image is used
-    assert overlay["images"] == [{"name": "powercap", "newName": "powercap", "newTag": "e2e"}]
+    # kube-scheduler at the kind node's version: a skew the init container accepts
+    assert overlay["images"] == [{"name": "powercap", "newName": "powercap", "newTag": "e2e"},
+                                 {"name": "registry.k8s.io/kube-scheduler", "newTag": "v1.32.2"}]
     assert variable("IMAGE") == "powercap:e2e"
+    assert variable("KIND_NODE_IMAGE") == "kindest/node:v1.32.2"
 
 
 def test_kind_cluster_has_a_control_plane_and_a_worker_per_rack() -> None:

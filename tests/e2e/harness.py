@@ -286,20 +286,21 @@ def lease_holder(plane: ControlPlane, name: str) -> str:
 
 def start_power_aware_scheduler(plane: ControlPlane, *, stale_after_s: float | None = None,
                                 sa_duration: str = "1h") -> str:
-    """``powercap extender`` and a second kube-scheduler (profile power-aware-scheduler)
-    calling it, both as ServiceAccount power-aware-scheduler, as config/scheduler deploys
-    them; returns the extender's URL once the scheduler holds its Lease. ``stale_after_s``:
-    the extender's ``--stale-after`` (its default when None; tests whose Nodes carry fixed
-    telemetry make it long)."""
-    kubeconfig = plane.service_account_kubeconfig("power-aware-scheduler", duration=sa_duration)
+    """``powercap extender`` as ServiceAccount powercap-extender and a second kube-scheduler
+    (profile power-aware-scheduler) calling it as ServiceAccount power-aware-scheduler, as
+    config/scheduler deploys them; returns the extender's URL once the scheduler holds its
+    Lease. ``stale_after_s``: the extender's ``--stale-after`` (its default when None; tests
+    whose Nodes carry fixed telemetry make it long)."""
+    extender_kubeconfig = plane.service_account_kubeconfig("powercap-extender", duration=sa_duration)
+    scheduler_kubeconfig = plane.service_account_kubeconfig("power-aware-scheduler", duration=sa_duration)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     stale_after = ["--stale-after", f"{stale_after_s:g}"] if stale_after_s is not None else []
     plane.start("extender", ["extender", "--bind", f"127.0.0.1:{port}", "--metrics-bind", f"127.0.0.1:{free_port()}",
-                             *stale_after], kubeconfig=kubeconfig, ready=http_ready(f"{url}/readyz"))
+                             *stale_after], kubeconfig=extender_kubeconfig, ready=http_ready(f"{url}/readyz"))
     config = yaml.safe_load((REPO_ROOT / "config" / "scheduler" / "scheduler-config.yaml").read_text())
     config["extenders"][0]["urlPrefix"] = url
-    config["clientConnection"] = {"kubeconfig": kubeconfig}
+    config["clientConnection"] = {"kubeconfig": scheduler_kubeconfig}
     config_file = plane.directory / "power-aware-scheduler.yaml"
     config_file.write_text(yaml.safe_dump(config))
     plane.spawn("power-aware-scheduler", [str(Path(plane.env["CONTROLPLANE_BIN"]) / "kube-scheduler"),
@@ -310,9 +311,9 @@ def start_power_aware_scheduler(plane: ControlPlane, *, stale_after_s: float | N
 
 def start_controllers(plane: ControlPlane, identities: Sequence[str] = ("a", "b"), *, interval_s: float = 1,
                       sa_duration: str = "1h") -> dict[str, subprocess.Popen[bytes]]:
-    """``powercap controller`` replicas as ServiceAccount power-aware-scheduler (they run in
-    its pod, config/controller), returned by identity once one of them leads."""
-    kubeconfig = plane.service_account_kubeconfig("power-aware-scheduler", duration=sa_duration)
+    """``powercap controller`` replicas as ServiceAccount powercap-controller (config/controller),
+    returned by identity once one of them leads."""
+    kubeconfig = plane.service_account_kubeconfig("powercap-controller", duration=sa_duration)
     replicas = {
         identity: plane.start(f"controller-{identity}",
                               ["controller", "--identity", identity, "--interval", f"{interval_s:g}",

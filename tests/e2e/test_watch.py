@@ -47,7 +47,7 @@ from tests.e2e.harness import (
 from tests.fakes.apiserver import FakeApiServer
 
 GROUP_PLURAL = "powercappingpolicies.powercapping.example.com"
-CONTROLLER_SA = "power-aware-scheduler"  # the extender's and the controller's ServiceAccount
+CONTROLLER_SA = "powercap-controller"  # the controller's ServiceAccount (it also watches what the extender watches)
 
 
 def pcp(namespace: str, name: str, cap_w: int = 1000) -> dict[str, Any]:

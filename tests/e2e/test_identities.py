@@ -1,0 +1,109 @@
+"""Each program's ServiceAccount on the real API server: what RBAC lets it do (and not do),
+the extender's token Secret as Kubernetes' token controller fills it, and the init container
+that refuses a kube-scheduler the version skew policy does not support."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from typing import Any
+
+import pytest
+
+from tests.e2e.harness import NAMESPACE, POWERCAP, ControlPlane, bundle_objects, wait_until
+
+ACCOUNT = "system:serviceaccount:powercap-system:{}"
+# (account, verb, resource, allowed): each program may do its own work and not the others'
+PERMISSIONS = [
+    ("power-aware-scheduler", "create", "pods/binding", True),
+    ("power-aware-scheduler", "update", "powercappingpolicies.powercapping.example.com/status", False),
+    ("power-aware-scheduler", "create", "pods/eviction", False),
+    ("powercap-extender", "list", "nodes", True),
+    ("powercap-extender", "watch", "powercappingpolicies.powercapping.example.com", True),
+    ("powercap-extender", "create", "pods/binding", False),
+    ("powercap-extender", "get", "pods", False),
+    ("powercap-extender", "create", "events.events.k8s.io", False),
+    ("powercap-controller", "update", "powercappingpolicies.powercapping.example.com/status", True),
+    ("powercap-controller", "create", "pods/eviction", True),
+    ("powercap-controller", "create", "pods/binding", False),
+    ("powercap-controller", "delete", "pods", False),
+    ("powercap-webhook", "list", "powercappingpolicies.powercapping.example.com", True),
+    ("powercap-webhook", "list", "pods", False),
+    ("powercap-agent", "patch", "nodes", True),
+    ("powercap-agent", "create", "pods/binding", False),
+]
+
+
+@pytest.mark.parametrize(("account", "verb", "resource", "allowed"), PERMISSIONS,
+                         ids=[f"{a}-{v}-{r.split('.')[0]}" for a, v, r, _ in PERMISSIONS])
+def test_each_program_may_do_its_own_work_and_nothing_of_the_others(
+    cluster: ControlPlane, account: str, verb: str, resource: str, allowed: bool,
+) -> None:
+    kind, _, subresource = resource.partition("/")
+    done = cluster.kubectl("auth", "can-i", verb, kind, *([f"--subresource={subresource}"] if subresource else []),
+                           "--all-namespaces", f"--as={ACCOUNT.format(account)}", check=False)
+    assert done.stdout.strip() == ("yes" if allowed else "no"), done.stdout + done.stderr
+
+
+def test_the_extenders_token_secret_is_filled_and_reads_but_cannot_bind(cluster: ControlPlane) -> None:
+    [secret] = bundle_objects(("Secret",))
+    assert secret["metadata"]["name"] == "powercap-extender-token"
+    cluster.apply([secret])
+
+    def token() -> str:
+        data = cluster.get_json("secret", "powercap-extender-token", "-n", NAMESPACE).get("data") or {}
+        return base64.b64decode(data.get("token", "")).decode()
+
+    wait_until(token, 60, "the token controller to fill powercap-extender-token")
+    as_extender = ["--token", token(), "--kubeconfig", "/dev/null", "--server", cluster.server,
+                   "--certificate-authority", cluster.env["CA_FILE"]]
+    who = subprocess.run(["kubectl", *as_extender, "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"],
+                         capture_output=True, text=True, timeout=30)
+    assert who.stdout == ACCOUNT.format("powercap-extender"), who.stderr
+    listed = subprocess.run(["kubectl", *as_extender, "get", "nodes", "-o", "name"], capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0, listed.stderr
+    refused = subprocess.run(["kubectl", *as_extender, "get", "secrets", "-n", NAMESPACE], capture_output=True, text=True, timeout=30)
+    assert refused.returncode != 0 and "forbidden" in refused.stderr
+
+
+def server_minor(cluster: ControlPlane) -> tuple[int, int]:
+    version: dict[str, Any] = json.loads(cluster.kubectl("get", "--raw", "/version").stdout)
+    return int(version["major"]), int(version["minor"].rstrip("+"))
+
+
+def check_version(cluster: ControlPlane, *args: str) -> subprocess.CompletedProcess[str]:
+    kubeconfig = cluster.service_account_kubeconfig("power-aware-scheduler")
+    return subprocess.run([POWERCAP, "check-scheduler-version", *args], capture_output=True, text=True, timeout=60,
+                          env={"KUBECONFIG": kubeconfig, "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.parametrize(("minor_behind", "refused"), [(-1, True), (0, False), (1, False), (2, True)])
+def test_the_init_container_refuses_a_skew_the_policy_does_not_support(
+    cluster: ControlPlane, minor_behind: int, refused: bool,
+) -> None:
+    major, minor = server_minor(cluster)
+    image = f"registry.k8s.io/kube-scheduler:v{major}.{minor - minor_behind}.0"
+    done = check_version(cluster, "--image", image)
+    assert done.returncode == (1 if refused else 0), done.stderr
+    if refused:
+        assert f"(image {image})" in done.stderr and f"the API server {major}.{minor}" in done.stderr
+
+
+def test_the_init_container_reads_the_image_of_its_own_pods_scheduler(cluster: ControlPlane) -> None:
+    """As config/scheduler runs it: $POD_NAME and $POD_NAMESPACE from the downward API, the
+    pod's kube-scheduler container read with kube-scheduler's own account."""
+    major, minor = server_minor(cluster)
+    image = f"registry.k8s.io/kube-scheduler:v{major}.{minor - 2}.3"
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "skewed-scheduler", "namespace": NAMESPACE},
+           "spec": {"schedulerName": "nobody", "containers": [{"name": "kube-scheduler", "image": image},
+                                                              {"name": "extender", "image": "powercap:latest"}]}}
+    cluster.apply([pod])
+    try:
+        done = check_version(cluster, "--pod", "skewed-scheduler", "--namespace", NAMESPACE)
+        assert done.returncode == 1, done.stderr
+        assert f"(image {image}) is 2 minor versions older than the API server {major}.{minor}" in done.stderr
+        missing = check_version(cluster, "--pod", "skewed-scheduler", "--namespace", NAMESPACE, "--container", "scheduler")
+        assert missing.returncode == 2 and "has no container 'scheduler'" in missing.stderr
+    finally:
+        cluster.kubectl("delete", "pod", "skewed-scheduler", "-n", NAMESPACE, "--force", "--grace-period=0", check=False)
