@@ -42,6 +42,7 @@ from extender.state import PublishedTotalsCache, RecentAdmissions, refuse_past_p
 from powercap.runtime.httpworker import LISTENER_KEY
 from powercap.runtime.sources import NotReady, ViewSource
 from powercap.algorithms import AlgorithmRegistry
+from powercap.numeric import counted
 from powercap.objects import POWER_ANNOTATION, object_key, pod_gpus_requested, pod_power_annotation_problem
 from powercap.placement import PlacementRequest, RejectReason, filter_nodes, placement_request, prioritize_nodes
 
@@ -213,7 +214,7 @@ def create_app(
             metrics.rejected.labels(reason.value).inc(count)
         if request_.covered:
             log.info(
-                "filter %s: %d of %d nodes pass", request_.pod_key, len(outcome.passed), len(candidates.names),
+                "filter %s: %d of %s passed", request_.pod_key, len(outcome.passed), counted(len(candidates.names), "node"),
                 extra={"verb": "filter", "pod": request_.pod_key, "candidates": len(candidates.names),
                        "passed": len(outcome.passed), "failed": len(outcome.failed),
                        "unresolvable": len(outcome.unresolvable),

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from powercap.cluster import ClusterView
+from powercap.numeric import counted
 from powercap.placement import FilterOutcome, PlacementRequest, RejectReason, format_watts, published_totals
 from powercap.policies import Policy
 
@@ -123,7 +124,7 @@ def refuse_past_pending(
             estimate_w = request.estimate_w(node.gpu_max_w)
             refusals[key] = None if rack.power_w + held_w + estimate_w <= rack.limits.max_power_w else (
                 f"{rack.rack_id}: {format_watts(rack.power_w)} W in use + {format_watts(held_w)} W for "
-                f"{pods} pod{'s' if pods != 1 else ''} placed a moment ago + {format_watts(estimate_w)} W for this pod "
+                f"{counted(pods, 'pod')} placed a moment ago + {format_watts(estimate_w)} W for this pod "
                 f"> maxPower {rack.limits.max_power_w} W (set by policy {rack.limits.max_power_policy})"
             )
         refusal = refusals[key]

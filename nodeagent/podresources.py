@@ -37,6 +37,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 
+from powercap.numeric import counted
 from powercap.objects import GPU_RESOURCE
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def _fields(data: memoryview) -> Iterator[tuple[int, Any]]:
         elif wire_type == _LENGTH_DELIMITED:
             length, position = _varint(data, position)
             if position + length > len(data):
-                raise PodResourcesError(f"field {number}: {length} bytes announced, {len(data) - position} left")
+                raise PodResourcesError(f"field {number}: {counted(length, 'byte')} announced, {len(data) - position} left")
             value = data[position:position + length]
             position += length
         elif wire_type in (_FIXED64, _FIXED32):
@@ -236,7 +237,7 @@ def grpc_unary_call(socket_path: Path, method: str, request: bytes, timeout_s: f
         raise GrpcCallError("the answer is not one uncompressed gRPC message")
     length = int.from_bytes(body[1:5], "big")
     if len(body) != 5 + length:
-        raise GrpcCallError(f"the answer holds {len(body) - 5} bytes, its prefix says {length}")
+        raise GrpcCallError(f"the answer holds {counted(len(body) - 5, 'byte')}, its prefix says {length}")
     return bytes(body[5:])
 
 

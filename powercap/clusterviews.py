@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from enum import Enum
 
 from powercap.algorithms import AlgorithmRegistry, NodeFacts
+from powercap.numeric import counted
 from powercap.objects import (
     RACK_LABEL,
     KubeObject,
@@ -516,13 +517,13 @@ def rack_view(rack_id: str, members: list[NodeView], limits: RackLimits) -> Rack
 
 
 def _rack_telemetry_problem(unreliable: list[NodeView]) -> str | None:
-    """The first unreliable node's problem, then ``; and N more node(s) without fresh
+    """The first unreliable node's problem, then ``; and N more nodes without fresh
     telemetry`` when N > 0 others; None when every node is reliable."""
     if not unreliable:
         return None
     problem = unreliable[0].telemetry_problem
     if len(unreliable) > 1:
-        problem = f"{problem}; and {len(unreliable) - 1} more node(s) without fresh telemetry"
+        problem = f"{problem}; and {counted(len(unreliable) - 1, 'more node')} without fresh telemetry"
     return problem
 
 

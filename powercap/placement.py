@@ -258,9 +258,8 @@ def rack_rejection(rack: RackView, estimate_w: float) -> tuple[str, tuple[Reject
     if limits.max_power_w is not None and rack.power_w + estimate_w > limits.max_power_w:
         in_use = f"{format_watts(rack.power_w)} W in use"
         if rack.assumed_power_w > 0:
-            count = len(rack.assumed_pods)
             in_use += (
-                f" (incl. {format_watts(rack.assumed_power_w)} W assumed for {count} pod{'s' if count != 1 else ''} "
+                f" (incl. {format_watts(rack.assumed_power_w)} W assumed for {counted(len(rack.assumed_pods), 'pod')} "
                 "bound since the last telemetry)"
             )
         problems.append(
@@ -389,7 +388,7 @@ def _score_with_fallback(
         try:
             scores = list(algorithm.score(candidates, algorithm.effective_parameters(parameters)))
             if len(scores) != len(candidates):
-                raise ValueError(f"returned {len(scores)} scores for {len(candidates)} nodes")
+                raise ValueError(f"returned {counted(len(scores), 'score')} for {counted(len(candidates), 'node')}")
             if not math.isfinite(math.fsum(scores)):  # fsum raises TypeError on a non-number
                 raise ValueError("returned a score that is not a finite number")
             return scores

@@ -23,6 +23,22 @@ def view_of(nodes: list[dict[str, Any]], pods: list[dict[str, Any]] = (), polici
     return build_cluster_view(nodes, pods, policies, NOW, ClusterSettings(**settings))
 
 
+@pytest.mark.parametrize(
+    "stale, expected",
+    [
+        pytest.param(2, "no telemetry from node gpu-1 for 312 s (stale after 90 s); and 1 more node without fresh "
+                        "telemetry", id="one more"),
+        pytest.param(3, "no telemetry from node gpu-1 for 312 s (stale after 90 s); and 2 more nodes without fresh "
+                        "telemetry", id="two more"),
+    ],
+)
+def test_a_rack_names_its_first_silent_node_and_counts_the_others(stale: int, expected: str) -> None:
+    at = NOW - timedelta(seconds=312)
+    view = view_of([gpu_node(f"gpu-{i}", "rack-1", telemetry(1000, at=at)) for i in range(1, stale + 1)],
+                   policies=[policy("llama", racks=RACK_1)])
+    assert view.racks["rack-1"].telemetry_problem == expected
+
+
 def test_rack_power_is_fresh_node_power_and_temperature_the_hottest_inlet() -> None:
     view = view_of(
         [

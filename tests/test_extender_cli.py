@@ -94,7 +94,7 @@ def test_the_server_answers_kube_scheduler_on_a_snapshot(tmp_path: Path) -> None
         output, _ = server.communicate(timeout=15)
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert any(line["message"].startswith("cluster view loaded from") for line in lines), output
-    assert any(line.get("message") == "filter inference/llama-0: 1 of 2 nodes pass" and line.get("passed") == 1 for line in lines), output
+    assert any(line.get("message") == "filter inference/llama-0: 1 of 2 nodes passed" and line.get("passed") == 1 for line in lines), output
     assert server.returncode == 0
 
 

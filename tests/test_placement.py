@@ -222,7 +222,7 @@ class ValidationOnly(PlacementAlgorithm):
     ("plugin", "problem"),
     [
         pytest.param(Raising(), "ZeroDivisionError: division by zero", id="raises"),
-        pytest.param(ShortList(), "ValueError: returned 1 scores for 2 nodes", id="wrong-length"),
+        pytest.param(ShortList(), "ValueError: returned 1 score for 2 nodes", id="wrong-length"),
         pytest.param(ValidationOnly(), "NotImplementedError", id="does-not-score"),
     ],
 )

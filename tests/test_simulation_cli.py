@@ -162,7 +162,12 @@ def test_a_bad_scenario_exits_2_listing_every_problem(tmp_path: Path, capsys: py
     stderr = capsys.readouterr().err
     assert f"{scenario}: racks[0].maxPower: must be greater than 0" in stderr
     assert f"{scenario}: services[1].replicas: must be an integer, not a string" in stderr
+    assert f"{scenario}: 2 problems; see docs/simulator.md for the format" in stderr
     assert not (tmp_path / "o").exists()
+    document["services"][1]["replicas"] = 2
+    scenario.write_text(yaml.safe_dump(document))
+    assert main(["simulate", "--scenario", str(scenario), "--out", str(tmp_path / "o")]) == 2
+    assert f"{scenario}: 1 problem; see docs/simulator.md for the format" in capsys.readouterr().err
 
 
 def test_a_missing_scenario_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

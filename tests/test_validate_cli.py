@@ -53,7 +53,7 @@ def test_samples_are_valid(capsys: pytest.CaptureFixture[str]) -> None:
     files = sorted(str(p) for p in SAMPLES_DIR.glob("*.yaml"))
     code, out, _ = run_cli(capsys, *files)
     assert code == 0
-    assert out.splitlines()[-1] == f"{len(files)} document(s): {len(files)} valid, 0 invalid"
+    assert out.splitlines()[-1] == f"{len(files)} documents: {len(files)} valid, 0 invalid"
 
 
 def test_bad_file_names_every_bad_field(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -65,7 +65,7 @@ def test_bad_file_names_every_bad_field(capsys: pytest.CaptureFixture[str], tmp_
         f"{path}: inference/broken: spec.powerCapLimit: must be greater than 0",
         f"{path}: inference/broken: spec.rackConstraints[1].maxPower: must be greater than 0",
         f"{path}: inference/broken: spec.rackConstraints[1].maxTemperature: must be at most 60",
-        "1 document(s): 0 valid, 1 invalid",
+        "1 document: 0 valid, 1 invalid",
     ]
 
 
@@ -153,7 +153,7 @@ def test_a_cluster_with_no_policies_is_not_an_unreadable_file(capsys: pytest.Cap
     """`kubectl get pcp -A -o yaml | powercap validate -` with none: an empty List, nothing invalid."""
     code, out, _ = run_cli(capsys, "-", stdin="apiVersion: v1\nitems: []\nkind: List\nmetadata:\n  resourceVersion: \"\"\n")
     assert code == 0
-    assert out == "0 document(s): 0 valid, 0 invalid\n"
+    assert out == "0 documents: 0 valid, 0 invalid\n"
 
 
 def test_an_empty_file_beside_valid_ones_still_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -161,7 +161,7 @@ def test_an_empty_file_beside_valid_ones_still_exits_2(capsys: pytest.CaptureFix
     code, out, _ = run_cli(capsys, str(SAMPLES_DIR / "basic.yaml"), str(tmp_path / "empty.yaml"))
     assert code == 2
     assert "default/llm-inference-power-capping: valid" in out
-    assert out.splitlines()[-1] == "1 document(s): 1 valid, 0 invalid; 1 file(s) unreadable"
+    assert out.splitlines()[-1] == "1 document: 1 valid, 0 invalid; 1 file unreadable"
 
 
 def every_option() -> list[tuple[str, str]]:

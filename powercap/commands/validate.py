@@ -15,6 +15,7 @@ from typing import Any, TextIO
 import yaml
 
 from powercap.algorithms import AlgorithmRegistry
+from powercap.numeric import counted
 from powercap.problems import Problem, ValidationResult
 from powercap.policies import validate_policy
 from powercap.runtime.documents import LOAD_ERRORS, describe_load_error, parse_documents, read_text
@@ -152,9 +153,9 @@ def write_text_report(report: Report, out: TextIO) -> None:
         if document.result.ok:
             out.write(f"{prefix}: valid\n")
     invalid = sum(1 for d in report.documents if not d.result.ok)
-    summary = f"{len(report.documents)} document(s): {len(report.documents) - invalid} valid, {invalid} invalid"
+    summary = f"{counted(len(report.documents), 'document')}: {len(report.documents) - invalid} valid, {invalid} invalid"
     if report.file_errors:
-        summary += f"; {len(report.file_errors)} file(s) unreadable"
+        summary += f"; {counted(len(report.file_errors), 'file')} unreadable"
     out.write(summary + "\n")
 
 

@@ -15,6 +15,7 @@ from powercap.kube.client import DEFAULT_WATCH_TIMEOUT_S, KubeClient, WatchStrea
 from powercap.kube.errors import MAX_RETRY_AFTER_S, ApiError, Gone, error_from_status
 from powercap.kube.paths import resource_version
 from powercap.kube.wire import JsonObject, Params, WatchListener
+from powercap.numeric import counted
 from powercap.objects import object_key
 
 logger = logging.getLogger(__name__)
@@ -235,10 +236,10 @@ class WatchCache:
             self._resource_version = resource_version(listed)
             listeners = self._listeners
         logger.info(
-            "watch cache %s listed %d objects (%d changes)",
+            "watch cache %s listed %s (%s)",
             self.name,
-            len(fresh),
-            len(changes),
+            counted(len(fresh), "object"),
+            counted(len(changes), "change"),
             extra=self._log_extra(objects=len(fresh), changes=len(changes)),
         )
         for event_type, obj in changes:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from powercap import KIND, kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
+from powercap.numeric import counted
 from powercap.objects import KubeObject, shape_problems
 from powercap.telemetry import TelemetryError, node_telemetry
 from powercap.runtime.documents import LOAD_ERRORS, describe_load_error, parse_documents
@@ -168,8 +169,8 @@ class StateFileSource:
         if self._settle_gc:
             settle_garbage_collector()
         log.info(
-            "cluster view loaded from %s: %d nodes, %d racks, %d policies",
-            self.path, len(view.nodes), len(view.racks), len(view.policies),
+            "cluster view loaded from %s: %s, %s, %s", self.path, counted(len(view.nodes), "node"),
+            counted(len(view.racks), "rack"), counted(len(view.policies), "policy", "policies"),
             extra={"file": self.path, "nodes": len(view.nodes), "racks": len(view.racks),
                    "policies": len(view.policies), "at": view.now.isoformat()},
         )

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from powercap.numeric import counted
 from powercap.runtime.cliargs import non_negative_int, positive_seconds
 from powercap.simulation.engine import SimulationResult, simulate
 from powercap.simulation.scenario import Scenario, ScenarioError, default_scenario_text, load_scenario, run_notices
@@ -298,7 +299,7 @@ def read_scenario(
     except ScenarioError as error:
         for problem in error.problems:
             err.write(f"{name}: {problem}\n")
-        err.write(f"{name}: {len(error.problems)} problem(s); see docs/simulator.md for the format\n")
+        err.write(f"{name}: {counted(len(error.problems), 'problem')}; see docs/simulator.md for the format\n")
     return None
 
 
@@ -362,8 +363,9 @@ def report_intro(result: SimulationResult, summary: dict[str, Any]) -> list[str]
     scenario = result.scenario
     info = summary["scenario"]
     lines = [
-        f"scenario {info['name']}: {info['gpus']} GPUs, {info['nodes']} nodes, {len(info['racks'])} racks, "
-        f"{len(info['services'])} services; {scenario.duration_s:g} s simulated, seed {scenario.seed}"
+        f"scenario {info['name']}: {counted(info['gpus'], 'GPU')}, {counted(info['nodes'], 'node')}, "
+        f"{counted(len(info['racks']), 'rack')}, {counted(len(info['services']), 'service')}; "
+        f"{scenario.duration_s:g} s simulated, seed {scenario.seed}"
     ]
     for service in scenario.services:
         if service.trace is not None:
@@ -385,7 +387,8 @@ def write_report(result: SimulationResult, summary: dict[str, Any], out: TextIO)
     if summary.get("wallSeconds"):
         info = summary["scenario"]
         lines.append(
-            f"speed: {result.scenario.duration_s:g} s of {info['gpus']} GPUs x {len(summary['strategies'])} strategies simulated "
+            f"speed: {result.scenario.duration_s:g} s of {counted(info['gpus'], 'GPU')} x "
+            f"{counted(len(summary['strategies']), 'strategy', 'strategies')} simulated "
             f"in {summary['wallSeconds']:.1f} s ({summary['speedVsRealTime']:g}x real time)"
         )
     out.write("\n".join(lines) + "\n")

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MultipleLocator, StrMethodFormatter
 
+from powercap.numeric import counted
 from powercap.simulation.engine import SimulationResult, StrategyRun
 from powercap.simulation.scenario import HOURS_PER_DAY, Scenario
 
@@ -153,7 +154,8 @@ def plot_service_power(result: SimulationResult) -> Figure:
             _step_line(axes, caps, "powerCapLimit")
         _mark_events(axes, result)
         policy = f"policy {service.namespace}/{service.policy_name}" if service.policy_name else "no policy"
-        axes.set_title(f"{service.name}: {service.replicas} pods x {service.gpus_per_pod} GPU, {service.model_size_b:g}B, {policy}", fontsize=10)
+        axes.set_title(f"{service.name}: {counted(service.replicas, 'pod')} x {counted(service.gpus_per_pod, 'GPU')}, "
+                       f"{service.model_size_b:g}B, {policy}", fontsize=10)
         axes.set_ylabel("power (W)")
         axes.set_ylim(bottom=0)
         axes.yaxis.set_major_formatter(THOUSANDS)

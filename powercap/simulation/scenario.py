@@ -29,6 +29,7 @@ import yaml
 
 from powercap import physics, schema
 from powercap.algorithms import AlgorithmRegistry
+from powercap.numeric import counted
 from powercap.objects import GPU_RESOURCE, POWER_ANNOTATION
 from powercap.physics import GpuModel
 from powercap.policies import POLICY_LABEL, Policy, parse_policy, validate_policy
@@ -840,7 +841,7 @@ def run_notices(scenario: Scenario) -> list[str]:
         if isinstance(event, CapChange):
             what = f"the cap change at {event.at_s:g} s ({event.policy_key} -> {event.power_cap_w} W)"
         else:
-            what = f"the scaling at {event.at_s:g} s ({event.service} -> {event.replicas} replicas)"
+            what = f"the scaling at {event.at_s:g} s ({event.service} -> {counted(event.replicas, 'replica')})"
         notices.append(f"{what} is past the end of a {end_s:g}-s run: not simulated")
     for burst in scenario.workload.bursts:
         if burst.at_s >= end_s:

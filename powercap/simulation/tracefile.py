@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import accumulate
 
+from powercap.numeric import counted
 from powercap.telemetry import parse_rfc3339
 
 FORMATS = ("azure-llm", "rate")
@@ -184,7 +185,7 @@ def _rows(lines: Lines, columns: Sequence[str]) -> Iterator[tuple[int, list[str]
             if len(fields) <= last:
                 if not any(field.strip() for field in fields):
                     continue
-                raise TraceError(f"line {reader.line_num}: {len(fields)} fields, the header has {len(names)}")
+                raise TraceError(f"line {reader.line_num}: {counted(len(fields), 'field')}, the header has {len(names)}")
             yield reader.line_num, [fields[p].strip() for p in positions]
     except csv.Error as error:
         raise TraceError(f"line {reader.line_num}: not CSV: {error}") from None

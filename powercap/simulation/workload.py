@@ -41,6 +41,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from powercap.numeric import agreeing, counted
 from powercap.simulation.scenario import (
     HOURS_PER_DAY,
     PEAK_WINDOW_S,
@@ -151,7 +152,8 @@ def overload_notices(scenario: Scenario, trace: WorkloadTrace) -> list[str]:
         window = f"busiest {PEAK_WINDOW_S}-s window" if seconds >= PEAK_WINDOW_S else "run"
         notices.append(
             f"{service.name}: its {window} offers {busiest:,.0f} tokens/s, {busiest / capacity:.1f}x what its "
-            f"{service.replicas} pods serve with no cap ({capacity:,.0f} tokens/s): every strategy will drop tokens; {advice}"
+            f"{counted(service.replicas, 'pod')} {agreeing(service.replicas, 'serves', 'serve')} with no cap "
+            f"({capacity:,.0f} tokens/s): every strategy will drop tokens; {advice}"
         )
     return notices
 

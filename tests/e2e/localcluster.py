@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from powercap.numeric import counted
 from powercap.simulation.scenario import Scenario, ScenarioError, load_scenario
 from tests.e2e.harness import (
     REPO_ROOT,
@@ -134,7 +135,7 @@ def summary(plane: ControlPlane, nodes: Sequence[SimulatedNode], took_s: float) 
     racks = sorted({node.rack for node in nodes})
     return f"""
 powercap is running on a local Kubernetes {plane.env.get('CONTROLPLANE_RELEASE', '')} control plane ({took_s:.0f} s):
-{len(nodes)} simulated GPU nodes in {len(racks)} racks ({', '.join(racks)}), {sum(n.gpus for n in nodes)} GPUs.
+{counted(len(nodes), 'simulated GPU node')} in {counted(len(racks), 'rack')} ({', '.join(racks)}), {counted(sum(n.gpus for n in nodes), 'GPU')}.
 
   export KUBECONFIG={kubeconfig}
 

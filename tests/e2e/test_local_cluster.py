@@ -153,7 +153,7 @@ def test_down_stops_every_program_and_the_control_plane(tmp_path: Path) -> None:
     done = run_script("up", "--dir", str(directory), "--scenario", str(scenario))
     try:
         assert done.returncode == 0, done.stderr
-        assert "1 simulated GPU nodes in 1 racks (rack-1), 2 GPUs." in done.stdout
+        assert "1 simulated GPU node in 1 rack (rack-1), 2 GPUs." in done.stdout
         pids = [int(p.read_text()) for p in (directory / "run").glob("*.pid")]
         assert len(pids) == 11  # etcd, apiserver, scheduler, controller manager; 7 of powercap's
         again = run_script("up", "--dir", str(directory))
