@@ -319,7 +319,7 @@ def transitions(stored: Mapping[str, Any] | None, written: Mapping[str, Any]) ->
                 result.append(Transition(condition, None, None))
             continue
         status, reason = before.get("status"), before.get("reason")
-        was_healthy = status == "True" or reason == "ObserveMode"
+        was_healthy = Condition(condition.type, str(status), str(reason), "").healthy
         if status != condition.status or (reason != condition.reason and not (was_healthy and condition.healthy)):
             result.append(Transition(condition, status, reason))
     return result
