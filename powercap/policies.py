@@ -302,8 +302,8 @@ def _check_algorithm(choice: Any, registry: AlgorithmRegistry) -> list[Problem]:
 
 def label_key_problem(key: str) -> str | None:
     """Why ``key`` is not a valid label key (``[prefix/]name``), or None."""
-    prefix, _, name = key.rpartition("/")
-    if prefix and not is_dns1123_subdomain(prefix):
+    prefix, slash, name = key.rpartition("/")
+    if slash and not is_dns1123_subdomain(prefix):
         return f'label key prefix "{prefix}" must be a lowercase DNS subdomain'
     if not name or len(name) > 63 or not _LABEL_NAME_RE.match(name):
         return (f'label key "{key}" must be at most 63 characters of letters, digits, '
@@ -342,6 +342,9 @@ def _check_selector(selector: Any, path: str) -> list[Problem]:
                 problems.append(Problem(join_path(expression_path, "key"), label_key_problem(key) or ""))
             operator, values = expression.get("operator"), expression.get("values")
             values_path = join_path(expression_path, "values")
+            for value_index, value in enumerate(values if isinstance(values, list) else []):
+                if isinstance(value, str) and label_value_problem(value):
+                    problems.append(Problem(join_path(values_path, value_index), label_value_problem(value) or ""))
             if operator in ("In", "NotIn") and not values:
                 problems.append(Problem(values_path, f"must have at least one value when operator is {operator}"))
             elif operator in ("Exists", "DoesNotExist") and values:

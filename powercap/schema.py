@@ -243,6 +243,8 @@ def _check_object(value: dict[Any, Any], schema: Schema, path: str) -> Iterator[
             yield Problem(child_path, _unknown_field_message(key, properties))
     if "minProperties" in schema and len(value) < schema["minProperties"]:
         yield Problem(path, f"must have at least {schema['minProperties']} fields")
+    if "maxProperties" in schema and len(value) > schema["maxProperties"]:
+        yield Problem(path, f"must have at most {schema['maxProperties']} fields")
 
 
 def _unknown_field_message(key: str, properties: Mapping[str, Schema]) -> str:

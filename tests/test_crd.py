@@ -1,4 +1,5 @@
-"""The CRD: names, printer columns, descriptions, and the structural-schema rules the apiserver enforces."""
+"""The CRD: names, printer columns, descriptions, the structural-schema rules the apiserver enforces,
+and its CEL rules evaluated with cel-python (tests/crdrules.py; the real API server: tests/e2e/test_crd_rules.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,15 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from powercap import schema
+from powercap.algorithms import AlgorithmRegistry
+from powercap.policies import label_key_problem, label_value_problem, validate_policy
+from powercap.problems import Problem
 
+from . import crdrules
 from .conftest import REPO_ROOT
 
 CRD_PATH = REPO_ROOT / "config" / "crd" / "powercapping.example.com_powercappingpolicies.yaml"
@@ -108,14 +115,105 @@ def test_every_field_has_a_description(version: dict[str, Any]) -> None:
 
 def test_rack_ids_are_unique_through_the_list_map_not_a_quadratic_cel_rule(version: dict[str, Any]) -> None:
     """The list-map keyed by rackId makes the API server refuse a repeated rackId
-    (``spec.rackConstraints[1]: Duplicate value: {"rackId":"rack-1"}``, tests/e2e). A CEL rule
-    repeating it cost O(n^2) and, present anywhere, added "some validation rules were not
-    checked" to every schema refusal (seen against the real server)."""
+    (``spec.rackConstraints[1]: Duplicate value: {"rackId":"rack-1"}``, tests/e2e); a CEL rule
+    comparing the items with each other would repeat it in O(n^2)."""
     root = version["schema"]["openAPIV3Schema"]
-    assert [path for path, node in nodes(root) if "x-kubernetes-validations" in node] == []
+    assert [rule for (path, _), rule in crdrules.rules(root).items() if path in ("spec", "spec.rackConstraints")] == []
     racks = root["properties"]["spec"]["properties"]["rackConstraints"]
     assert (racks["x-kubernetes-list-type"], racks["x-kubernetes-list-map-keys"]) == ("map", ["rackId"])
     assert racks["maxItems"] <= 256 and racks["items"]["properties"]["rackId"]["maxLength"] <= 63
+
+
+def test_every_cel_rule_has_a_case_that_breaks_it(version: dict[str, Any]) -> None:
+    """tests/e2e/test_crd_rules.py sends each case to the real API server."""
+    covered = {case.rule for case in crdrules.RULE_CASES.values()}
+    assert set(crdrules.rules(version["schema"]["openAPIV3Schema"])) == covered
+
+
+def test_every_value_a_rule_reads_is_bounded(version: dict[str, Any]) -> None:
+    """The API server refuses a CRD whose rules' estimated cost is over its budget, and it
+    estimates an unbounded list, map or string at the size of a whole request
+    (tests/e2e/test_crd_rules.py shows each bound is needed): every list and map on the way to
+    a rule has maxItems/maxProperties, every string a rule matches has maxLength."""
+    by_path = dict(nodes(version["schema"]["openAPIV3Schema"]))
+    unbounded = []
+    for path, _ in crdrules.rules(version["schema"]["openAPIV3Schema"]):
+        node = by_path[path]
+        if node.get("type") == "string" and "maxLength" not in node:
+            unbounded.append(f"{path}: maxLength")
+        if "additionalProperties" in node and "maxProperties" not in node:
+            unbounded.append(f"{path}: maxProperties")
+        parts = path.split("[*]")
+        for end in range(1, len(parts)):
+            container = by_path["[*]".join(parts[:end])]
+            if container.get("type") == "array" and "maxItems" not in container:
+                unbounded.append(f"{'[*]'.join(parts[:end])}: maxItems")
+            if container.get("type") == "object" and "maxProperties" not in container:
+                unbounded.append(f"{'[*]'.join(parts[:end])}: maxProperties")
+    assert unbounded == []
+
+
+@pytest.mark.parametrize("case", crdrules.RULE_CASES.values(), ids=crdrules.RULE_CASES.keys())
+def test_each_cel_rule_refuses_what_the_webhook_refuses(case: crdrules.RuleCase) -> None:
+    """cel-python evaluates the CRD's expressions as the API server does (tests/e2e checks the
+    API server prints the same): the breaking policy fails that one rule, naming the field, and
+    powercap validate (the webhook's checks) refuses it at the same field; both accept the
+    nearest valid policy."""
+    assert crdrules.cel_problems(case.refused) == [(case.field, case.message, case.rule)]
+    assert crdrules.cel_problems(case.accepted) == []
+    errors = validate_policy(case.refused, AlgorithmRegistry.default()).errors
+    assert [p for p in errors if p.path.startswith(case.field)], errors
+    if case.webhook_words:
+        assert Problem(case.field, case.message) in errors
+    assert validate_policy(case.accepted, AlgorithmRegistry.default()).ok
+
+
+LABEL_TEXT = st.text(alphabet="aZ09-_./ !", max_size=70) | st.sampled_from(
+    ["", "a", "-a", "a-", "a.b_c-D", "A" * 63, "A" * 64, "/a", "a/", "a/b/c", "Example.com/a", "example.com/a",
+     "a" * 253 + "/b", "a" * 254 + "/b", "b." * 127 + "c/d", "x/" + "y" * 63, "x/" + "y" * 64]
+)
+
+
+def _rule_text(path: str) -> str:
+    return crdrules.rules()[(path, 0)]["rule"]
+
+
+@given(LABEL_TEXT)
+@settings(max_examples=300, deadline=None)
+def test_the_label_value_rule_is_the_webhooks(text: str) -> None:
+    """Longer than 63 characters never reaches the rule: maxLength refuses it first."""
+    assume(len(text) <= 63)
+    for path in ("spec.rackConstraints[*].rackId", "spec.selector.matchLabels[*]",
+                 "spec.selector.matchExpressions[*].values[*]"):
+        assert bool(crdrules.evaluate(_rule_text(path), text)) is (label_value_problem(text) is None)
+
+
+@given(LABEL_TEXT)
+@settings(max_examples=300, deadline=None)
+def test_the_label_key_rules_are_the_webhooks(text: str) -> None:
+    valid = label_key_problem(text) is None
+    assert bool(crdrules.evaluate(_rule_text("spec.selector.matchLabels"), {text: "x"})) is valid
+    if len(text) <= 317:
+        assert bool(crdrules.evaluate(_rule_text("spec.selector.matchExpressions[*].key"), text)) is valid
+
+
+@pytest.mark.parametrize(
+    ("condition_type", "problems"),
+    [
+        pytest.param("Ready", [], id="ready"),
+        pytest.param("example.com/GPUsThrottled", [], id="prefixed"),
+        pytest.param("Not Ready", ["status.conditions[0].type: 'Not Ready' does not match"], id="space"),
+        pytest.param("Example.com/Ready", ["status.conditions[0].type: 'Example.com/Ready' does not match"],
+                     id="uppercase-prefix"),
+    ],
+)
+def test_condition_types_follow_metav1_condition(condition_type: str, problems: list[str]) -> None:
+    """The controller writes status through the status subresource, which no webhook sees:
+    the schema alone keeps metav1.Condition's rules there."""
+    status = {"conditions": [{"type": condition_type, "status": "True", "reason": "WithinCap", "message": "",
+                              "lastTransitionTime": "2026-12-05T12:00:00Z"}]}
+    found = [str(p) for p in schema.validate(status, schema.policy_schema()["properties"]["status"], "status")]
+    assert len(found) == len(problems) and all(m.startswith(p) for m, p in zip(found, problems)), found
 
 
 @pytest.mark.parametrize(

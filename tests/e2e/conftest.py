@@ -11,11 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.e2e.harness import (
     ControlPlane,
     controlplane_bin,
     ensure_namespace,
+    for_create,
     have_toolchain,
     install_bundle,
     serve_webhook,
@@ -55,6 +57,29 @@ def webhook_url(cluster: ControlPlane) -> str:
     """``powercap webhook`` on 127.0.0.1 as ServiceAccount powercap-webhook, registered with
     config/webhook's configurations (a url instead of the Service, the real caBundle)."""
     return serve_webhook(cluster)
+
+
+WEBHOOK_CONFIGURATIONS = (
+    ("validatingwebhookconfiguration", "powercap-validating-webhook"),
+    ("mutatingwebhookconfiguration", "powercap-mutating-webhook"),
+)
+
+
+@pytest.fixture(scope="module")
+def without_webhooks(cluster: ControlPlane) -> Iterator[None]:
+    """The cluster with powercap's webhook configurations unregistered (as before the webhook
+    is installed, or with a failurePolicy Ignore webhook down), so that only the CRD judges a
+    policy; registered again afterwards when they were."""
+    saved = [cluster.get_json(kind, name) for kind, name in WEBHOOK_CONFIGURATIONS
+             if cluster.kubectl("get", kind, name, check=False).returncode == 0]
+    for document in saved:
+        cluster.kubectl("delete", document["kind"].lower(), document["metadata"]["name"])
+    try:
+        yield
+    finally:
+        for document in saved:
+            document["metadata"].pop("managedFields", None)
+            cluster.kubectl("create", "-f", "-", input_text=yaml.safe_dump(for_create(document)))
 
 
 @pytest.fixture
