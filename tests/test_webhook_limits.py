@@ -102,9 +102,13 @@ def test_a_body_too_deep_to_read_even_its_envelope_gets_400_naming_the_limit(ser
 
 
 def test_the_limits_leave_room_for_the_largest_valid_policy(server: WebhookProcess) -> None:
-    """256 rackConstraints (the CRD's maxItems) with managedFields, as an UPDATE: allowed."""
+    """256 rackConstraints and a selector of 64 labels and 32 expressions of 128 values (the CRD's
+    maxItems and maxProperties) with managedFields, as an UPDATE: allowed."""
     racks = [{"rackId": f"rack-{i}", "maxPower": 5000 + i, "maxTemperature": 30} for i in range(256)]
-    new = policy(rackConstraints=racks)
+    selector = {"matchLabels": {f"label-{i}": "x" for i in range(64)},
+                "matchExpressions": [{"key": f"key-{i}", "operator": "In", "values": [f"v{j}" for j in range(128)]}
+                                     for i in range(32)]}
+    new = policy(rackConstraints=racks, selector=selector)
     fields = {f'k:{{"rackId":"rack-{i}"}}': {".": {}, "f:maxPower": {}, "f:maxTemperature": {}, "f:rackId": {}} for i in range(256)}
     new["metadata"]["managedFields"][0]["fieldsV1"] = {"f:spec": {"f:rackConstraints": fields, "f:powerCapLimit": {}}}
     review = admission_review("UPDATE", new, new)

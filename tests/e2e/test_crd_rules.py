@@ -49,8 +49,8 @@ def test_each_rule_refuses_naming_the_field_and_accepts_the_valid_twin(
 @pytest.mark.parametrize(
     ("spec", "line"),
     [
-        pytest.param({"selector": {"matchExpressions": [{"key": f"k{i}", "operator": "Exists"} for i in range(65)]}},
-                     "spec.selector.matchExpressions: Too many: 65: must have at most 64 items", id="expressions"),
+        pytest.param({"selector": {"matchExpressions": [{"key": f"k{i}", "operator": "Exists"} for i in range(33)]}},
+                     "spec.selector.matchExpressions: Too many: 33: must have at most 32 items", id="expressions"),
         pytest.param({"selector": {"matchLabels": {f"k{i}": "v" for i in range(65)}}},
                      "spec.selector.matchLabels: Too many: 65: must have at most 64 items", id="match-labels"),
         pytest.param({"selector": {"matchLabels": {"app": "l" * 64}}},
