@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from powercap.runtime.programmetrics import register_program_metrics
 from powercap.runtime.sources import Cache, CacheSource, NotReady, cluster_caches, utc_now
 from powercap import API_GROUP, API_VERSION, KIND, kube
 from powercap.algorithms import AlgorithmRegistry
@@ -135,6 +136,7 @@ class ControllerMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        register_program_metrics(self.registry)
         self.rounds = Counter("powercap_controller_rounds_total", "Controller rounds run as leader.",
                               registry=self.registry)
         self.round_seconds = Histogram("powercap_controller_round_seconds", "Duration of one round.",

@@ -40,6 +40,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from extender import wire
 from extender.state import PublishedTotalsCache, RecentAdmissions, refuse_past_pending
 from powercap.runtime.httpworker import LISTENER_KEY
+from powercap.runtime.programmetrics import register_program_metrics
 from powercap.runtime.sources import NotReady, ViewSource
 from powercap.algorithms import AlgorithmRegistry
 from powercap.numeric import counted
@@ -65,6 +66,7 @@ class ExtenderMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        register_program_metrics(self.registry)
         self.requests = Counter(
             "powercap_extender_requests", "Extender calls by verb and outcome (ok, bad_request, not_ready, error).",
             ["verb", "outcome"], registry=self.registry,

@@ -33,6 +33,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from powercap.runtime.httpserver import Route, check_reply, metrics_route
+from powercap.runtime.programmetrics import register_program_metrics
 
 
 GPU_GAUGES = ("power", "limit", "planned", "temperature", "ratio", "degraded", "out_of_band")
@@ -43,6 +44,7 @@ class AgentMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        register_program_metrics(self.registry)
         r = self.registry
         self.power = Gauge("powercap_gpu_power_watts", "Power drawn by the GPU, in watts.", ["gpu"], registry=r)
         self.limit = Gauge("powercap_gpu_power_limit_watts", "Enforced power limit of the GPU, in watts.", ["gpu"], registry=r)

@@ -310,13 +310,3 @@ def test_two_pods_placed_back_to_back_do_not_share_one_free_minimum(tmp_path: Pa
     # the same pod asked again passes: it does not count against itself
     assert post(client, "filter", extender_args(first, [LOOSE], node_cache_capable=True)).get_json()["NodeNames"] == ["gpu-loose"]
 
-
-def test_metrics_content_type_is_one_prometheus_3_accepts(client: FlaskClient) -> None:
-    """Prometheus 3 refuses a Content-Type with a parameter twice (Flask's ``mimetype=``
-    appended a second charset), and then reports the extender down forever."""
-    content_type = client.get("/metrics").headers["Content-Type"]
-    media_type, *parameters = [part.strip() for part in content_type.split(";")]
-    names = [parameter.split("=", 1)[0] for parameter in parameters]
-    assert media_type == "text/plain"
-    assert sorted(names) == ["charset", "version"], content_type
-    assert dict(p.split("=", 1) for p in parameters) == {"version": "1.0.0", "charset": "utf-8"}

@@ -19,6 +19,8 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from powercap.runtime.programmetrics import register_process_metrics, register_program_metrics
+
 # Admission latency is sub-millisecond when healthy; the apiserver gives up after the
 # webhook's timeoutSeconds (<= 5 s here).
 DURATION_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -28,6 +30,7 @@ class WebhookMetrics:
     def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry()
         self.multiprocess_dir = multiprocess_dir
+        register_program_metrics(self.registry)
         self.requests = Counter(
             "powercap_webhook_requests", "Admission requests by endpoint and outcome.",
             ["endpoint", "outcome"], registry=self.registry,
@@ -46,5 +49,6 @@ class WebhookMetrics:
         if self.multiprocess_dir:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=self.multiprocess_dir)
+            register_process_metrics(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
