@@ -329,6 +329,26 @@ def test_the_scheduler_configuration_is_config_schedulers(chart: list[Manifest])
     assert re.fullmatch(r"[0-9a-f]{64}", annotations[CHECKSUM_ANNOTATION])
 
 
+
+def _value_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths of the values an operator sets (a resources or labels map is one)."""
+    paths = []
+    for name, value in values.items():
+        path = f"{prefix}{name}"
+        if isinstance(value, dict) and name not in ("resources", "labels"):
+            paths += _value_paths(value, f"{path}.")
+        else:
+            paths.append(path)
+    return paths
+
+
+def test_every_value_is_documented_in_operations_md() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    operations = (REPO_ROOT / "docs" / "operations.md").read_text()
+    paths = _value_paths(values)
+    assert "scheduler.image.tag" in paths and "agent.resources" in paths
+    assert [p for p in paths if f"`{p}`" not in operations] == [], "docs/operations.md#the-helm-chart lists every value"
+
 # --- the webhook's certificate ------------------------------------------------------------
 
 def _pem(secret: Manifest, field: str) -> bytes:
