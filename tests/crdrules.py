@@ -163,3 +163,18 @@ RULE_CASES = {
         policy(selector=selector_expression(values=["llama", "llama_3"])),
     ),
 }
+
+
+# metav1.Condition's type: an optional DNS-subdomain prefix and '/', then a name (True: refused)
+CONDITION_TYPES = {
+    "ready": ("Ready", False),
+    "prefixed": ("example.com/GPUsThrottled", False),
+    "space": ("Not Ready", True),
+    "uppercase-prefix": ("Example.com/Ready", True),
+}
+
+
+def condition(condition_type: str) -> dict[str, Any]:
+    """A condition as the controller writes it, of ``condition_type``."""
+    return {"type": condition_type, "status": "True", "reason": "WithinCap", "message": "",
+            "lastTransitionTime": "2026-12-05T12:00:00Z"}

@@ -68,24 +68,16 @@ def test_the_bounds_the_rules_need_are_refused_before_them(
     assert "some validation rules were not checked" in lines[1]
 
 
-@pytest.mark.parametrize(
-    ("condition_type", "refused"),
-    [
-        pytest.param("Not Ready", True, id="space"),
-        pytest.param("Example.com/Ready", True, id="uppercase-prefix"),
-        pytest.param("example.com/GPUsThrottled", False, id="prefixed"),
-        pytest.param("Ready", False, id="ready"),
-    ],
-)
+@pytest.mark.parametrize(("condition_type", "refused"), crdrules.CONDITION_TYPES.values(),
+                         ids=crdrules.CONDITION_TYPES.keys())
 def test_status_conditions_keep_metav1_conditions_rules(
     cluster: ControlPlane, without_webhooks: None, namespace: str, condition_type: str, refused: bool
 ) -> None:
     """The status subresource reaches no webhook: the CRD alone guards what the controller writes."""
     cluster.kubectl("create", "-n", namespace, "-f", "-", input_text=yaml.safe_dump(crdrules.policy()))
-    condition = {"type": condition_type, "status": "True", "reason": "WithinCap", "message": "",
-                 "lastTransitionTime": "2026-12-05T12:00:00Z"}
+    status = {"status": {"conditions": [crdrules.condition(condition_type)]}}
     done = cluster.kubectl("patch", "pcp", "llama", "-n", namespace, "--subresource=status", "--type=merge",
-                           "-p", yaml.safe_dump({"status": {"conditions": [condition]}}), check=False)
+                           "-p", yaml.safe_dump(status), check=False)
     assert (done.returncode == 1) is refused, done.stderr
     if refused:
         assert refusal_lines(done.stderr)[0].startswith(f'status.conditions[0].type: Invalid value: "{condition_type}"')
