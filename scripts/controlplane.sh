@@ -51,6 +51,8 @@ export GOWORK=off
 
 log() { echo "controlplane: $*" >&2; }
 die() { echo "controlplane: error: $*" >&2; exit 1; }
+# shellcheck source=scripts/gocache.sh
+source "$REPO_ROOT/scripts/gocache.sh"
 
 usage() {
   sed -n '/^# Usage:/,/^# The binaries/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
@@ -84,8 +86,7 @@ $bad"
 }
 
 cache_root() {
-  local base="${POWERCAP_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:?HOME is not set; set POWERCAP_CACHE_DIR}/.cache}/powercap}"
-  echo "$base/controlplane/$(release)"
+  cache_dir "controlplane/$(release)"
 }
 
 need_go() {
@@ -131,22 +132,8 @@ build() {
   rel="$(release)"
   check_replaces "$rel"
   root="$(cache_root)"
-  case "$root/" in
-    "$REPO_ROOT"/*) die "the cache ($root) must be outside the repository: set POWERCAP_CACHE_DIR" ;;
-  esac
   key="$(build_key)"
-  if is_built "$root" "$key"; then
-    echo "$root/bin"
-    return 0
-  fi
-  mkdir -p "$root"
-  # One build at a time per release (two CI jobs, or a test and a developer).
-  exec 9>"$root/.lock"
-  if command -v flock >/dev/null 2>&1 && ! flock -n 9; then
-    log "waiting for another build of $rel in $root"
-    flock 9
-  fi
-  if is_built "$root" "$key"; then
+  if built_or_locked "$root" "$rel" is_built "$root" "$key"; then
     echo "$root/bin"
     return 0
   fi

@@ -28,6 +28,8 @@ export GOWORK=off GOFLAGS=-mod=mod
 
 log() { echo "helm.sh: $*" >&2; }
 die() { echo "helm.sh: error: $*" >&2; exit 1; }
+# shellcheck source=scripts/gocache.sh
+source "$REPO_ROOT/scripts/gocache.sh"
 
 usage() {
   sed -n '/^# Usage:/,/^# The binary/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
@@ -35,8 +37,7 @@ usage() {
 }
 
 cache_root() {
-  local base="${POWERCAP_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:?HOME is not set; set POWERCAP_CACHE_DIR}/.cache}/powercap}"
-  echo "$base/helm/$HELM_VERSION"
+  cache_dir "helm/$HELM_VERSION"
 }
 
 need_go() {
@@ -69,22 +70,8 @@ build() {
   need_go
   local root key module started
   root="$(cache_root)"
-  case "$root/" in
-    "$REPO_ROOT"/*) die "the cache ($root) must be outside the repository: set POWERCAP_CACHE_DIR" ;;
-  esac
   key="$(build_key)"
-  if is_built "$root" "$key"; then
-    echo "$root/bin/helm"
-    return 0
-  fi
-  mkdir -p "$root"
-  # One build at a time per version (two CI jobs, or a test and a developer).
-  exec 9>"$root/.lock"
-  if command -v flock >/dev/null 2>&1 && ! flock -n 9; then
-    log "waiting for another build of helm $HELM_VERSION in $root"
-    flock 9
-  fi
-  if is_built "$root" "$key"; then
+  if built_or_locked "$root" "helm $HELM_VERSION" is_built "$root" "$key"; then
     echo "$root/bin/helm"
     return 0
   fi
