@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -57,6 +58,18 @@ def kustomize_overlay(tmp_path: Path, resources: Sequence[str], components: Sequ
         kustomization["components"] = [relative(c) for c in components]
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     return kustomize_build(tmp_path)
+
+
+def schema_problems(manifests: Iterable[Manifest], version: str) -> dict[tuple[str, str], str]:
+    """What the Kubernetes ``version`` schemas (strict: no unknown fields) refuse in each
+    object, by kind and name: ``{("Deployment", "x"): "spec.template.spec: ..."}``."""
+    problems = {}
+    for m in manifests:
+        try:
+            kubernetes_validate.validate(m, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            problems[m["kind"], m["metadata"]["name"]] = f"{'.'.join(map(str, e.path))}: {e.message}"
+    return problems
 
 
 def find(manifests: list[Manifest], kind: str, name: str) -> Manifest:

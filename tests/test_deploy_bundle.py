@@ -27,6 +27,7 @@ from tests.manifests import (
     kustomize_overlay,
     pod_templates,
     powercap_containers,
+    schema_problems,
 )
 
 # The Kubernetes version whose schemas the bundle is checked against: the kubectl used to
@@ -90,13 +91,7 @@ def test_every_object_is_labelled_part_of_powercap_but_no_selector_is(bundle: li
 def test_every_manifest_passes_the_schemas_of_every_supported_kubernetes(bundle: list[Manifest], minor: str) -> None:
     version = f"{minor}.0"
     assert version in all_versions()
-    problems = {}
-    for m in bundle:
-        try:
-            kubernetes_validate.validate(m, version, strict=True)
-        except kubernetes_validate.ValidationError as e:
-            problems[m["kind"], m["metadata"]["name"]] = f"{'.'.join(map(str, e.path))}: {e.message}"
-    assert problems == {}
+    assert schema_problems(bundle, version) == {}
 
 
 def test_the_readme_states_the_range_the_tests_cover() -> None:
