@@ -321,6 +321,16 @@ def test_the_scheduler_configuration_is_config_schedulers(chart: list[Manifest])
 
 
 
+
+@pytest.mark.parametrize(("values", "message"), [
+    pytest.param({"webhook": {"replica": 3}}, "at '/webhook': additional properties 'replica' not allowed", id="misspelt"),
+    pytest.param({"rackLabel": "racks/of/gpus"}, "at '/rackLabel': 'racks/of/gpus' does not match pattern", id="not-a-label-key"),
+    pytest.param({"image": {"pullPolicy": "Sometimes"}}, "at '/image/pullPolicy'", id="pull-policy"),
+    pytest.param({"controller": {"replicas": 0}}, "at '/controller/replicas': minimum: got 0, want 1", id="no-replica"),
+])
+def test_values_schema_refuses_mistakes(chart_dir: Path, values: dict[str, Any], message: str) -> None:
+    assert message in helm_template_error(chart_dir, values, kube_version="1.37.0")
+
 def _value_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted paths of the values an operator sets (a resources or labels map is one)."""
     paths = []
