@@ -31,7 +31,8 @@ from nodeagent.sources import ClusterSource, FilePolicySource, PolicyFileError, 
 from nodeagent.state import DEFAULT_STATE_FILE, StateFile
 from nodeagent.tokens import DEFAULT_TOKENS_METRIC, TokenRates
 from powercap import kube, physics
-from powercap.runtime.cliargs import node_name
+from powercap.objects import RACK_LABEL
+from powercap.runtime.cliargs import label_key, node_name
 from powercap.runtime.httpserver import HttpServer
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                              f"as the JSON file ${SIMULATED_WORKLOAD_ENV} says: docs/nodeagent.md)")
     parser.add_argument("--policy", type=Path, metavar="FILE",
                         help="run without Kubernetes: every local GPU belongs to this PowerCappingPolicy")
+    parser.add_argument("--rack-label", default=RACK_LABEL, type=label_key, metavar="KEY",
+                        help=f"node label whose value is this node's rack, for its rack's maxInletTemperature "
+                             f"(default {RACK_LABEL}; the extender's and controller's --rack-label)")
     parser.add_argument("--interval", type=positive_seconds, default=1.0, metavar="SECONDS",
                         help="control tick period (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="compute and report caps, never set one")
@@ -164,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
             publisher = NullPublisher()
         else:
             client = kube.KubeClient.from_environment(connect_timeout_s=2.0, read_timeout_s=10.0)
-            source = ClusterSource(client, args.node)
+            source = ClusterSource(client, args.node, rack_label=args.rack_label)
             publisher = KubePublisher(client, args.node)
     except (PolicyFileError, kube.KubeConfigError) as error:
         backend.close()

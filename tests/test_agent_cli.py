@@ -103,6 +103,8 @@ def test_simulated_single_server_runs_without_kubernetes(tmp_path: Path) -> None
         pytest.param(["--backend", "nvml", "--policy", "/dev/null"], 1, "cannot start the nvml backend", id="no-nvml-library"),
         pytest.param(["--backend", "simulated", "--inlet", "thermometer"], 2, "inlet spec", id="bad-inlet"),
         pytest.param(["--backend", "simulated", "--interval", "0"], 2, "--interval", id="bad-interval"),
+        pytest.param(["--backend", "simulated", "--rack-label", "racks/of/gpus"], 2,
+                     "argument --rack-label: label key prefix", id="bad-rack-label"),
         pytest.param(["--backend", "simulated", "POWERCAP_SIMULATED_GPUS=0"], 2,
                      "$POWERCAP_SIMULATED_GPUS: '0' is not a GPU count from 1 to 64", id="simulated-no-gpus"),
         pytest.param(["--backend", "simulated", "POWERCAP_SIMULATED_GPU_MODEL=B200"], 2,

@@ -250,7 +250,7 @@ def test_the_rack_label_reaches_every_program_that_takes_it(chart_dir: Path, cha
         if "rack_label" in flags:
             assert flags["rack_label"] == "topology.example.com/rack", container["name"]
             takers.add(container["name"])
-    assert takers == {"extender", "controller"}
+    assert takers == {"extender", "controller", "agent"}
 
 
 @pytest.mark.parametrize(("program", "kind", "name"), [
