@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 
+import numpy as np
 import pytest
 
 from powercap import physics
@@ -12,7 +14,7 @@ from powercap.simulation.decisions import OracleGpu, oracle_split_w
 from powercap.simulation.metrics import excluded_seconds, recovery_time_s, weighted_percentile
 from powercap.simulation.scenario import Burst, Cooling, Rack, default_scenario_text, load_scenario
 from powercap.simulation.workload import bounded_shares, build_trace, daily_factor, pod_weight
-from powercap.simulation.world import SimRack, steady_inlet_c
+from powercap.simulation.world import GpuArrays, SimRack, steady_inlet_c
 
 
 @pytest.mark.parametrize(
@@ -164,3 +166,37 @@ def test_the_oracle_spreads_watts_nobody_needs_and_keeps_minimums_under_a_tiny_c
     idle = [OracleGpu(H200, physics.IDLE)] * 3
     assert oracle_split_w(idle, 1500) == pytest.approx([500, 500, 500])
     assert oracle_split_w(idle, 300) == [200, 200, 200]
+
+
+def test_the_gpu_arrays_advance_every_gpu_as_the_scalar_physics_does() -> None:
+    """GpuArrays.advance is physics.advance on arrays: hot, throttled, idle, saturated and rising-edge GPUs alike."""
+    rng = random.Random(7)
+    models = [rng.choice([physics.H200_LIKE, physics.L40S_LIKE]) for _ in range(2000)]
+    arrays = GpuArrays(models, [rng.uniform(15.0, 40.0) for _ in models])
+    states = []
+    for slot, model in enumerate(models):
+        state = physics.GpuState(
+            power_w=rng.uniform(model.idle_w, model.max_limit_w * 1.05),
+            temperature_c=rng.uniform(30.0, model.shutdown_c + 3.0),  # some in thermal slowdown
+            energy_j=rng.uniform(0.0, 1e6),
+            tokens=rng.uniform(0.0, 1e7),
+        )
+        states.append(state)
+        arrays.power_w[slot], arrays.temperature_c[slot] = state.power_w, state.temperature_c
+        arrays.energy_j[slot], arrays.tokens[slot] = state.energy_j, state.tokens
+        arrays.cap_w[slot] = rng.uniform(model.min_limit_w - 50.0, model.max_limit_w + 50.0)
+        arrays.load[slot] = rng.choice([0.0, 1.0, rng.uniform(0.0, 1.2)])
+        arrays.prefill_share[slot] = rng.uniform(0.0, 1.0)
+    inlet_c = [rng.uniform(18.0, 35.0) for _ in models]
+    expected = [
+        physics.advance(model, state, float(arrays.cap_w[slot]),
+                        physics.Workload(float(arrays.load[slot]), float(arrays.prefill_share[slot])), inlet_c[slot], 0.1)
+        for slot, (model, state) in enumerate(zip(models, states))
+    ]
+    energy_step_j, token_step = arrays.advance(np.array(inlet_c), 0.1)
+    for slot, (state, new) in enumerate(zip(states, expected)):
+        assert float(arrays.power_w[slot]) == pytest.approx(new.power_w, rel=1e-12)
+        assert float(arrays.temperature_c[slot]) == pytest.approx(new.temperature_c, rel=1e-12)
+        assert float(arrays.tokens_s[slot]) == pytest.approx(new.tokens_s, rel=1e-12, abs=1e-9)
+        assert float(energy_step_j[slot]) == pytest.approx(new.energy_j - state.energy_j, rel=1e-9)
+        assert float(token_step[slot]) == pytest.approx(new.tokens - state.tokens, rel=1e-9, abs=1e-9)

@@ -36,12 +36,15 @@ every GPU's load (:func:`~powercap.simulation.decisions.oracle_split_w`).
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+import numpy as np
 
 from powercap import physics
 from powercap.agentplan import CapRecord, GpuMemory, PublishSettings, TickInputs, build_telemetry, plan_tick, should_publish
@@ -54,10 +57,10 @@ from powercap.objects import policy_for_pod
 from powercap.policies import Policy, parse_policy
 from powercap.rebalance import plan_rebalance
 from powercap.simulation import decisions
-from powercap.simulation.metrics import LATENCY_PERCENTILE, Recorder, weighted_percentile
+from powercap.simulation.metrics import LATENCY_PERCENTILE, Recorder, weighted_percentile_of
 from powercap.simulation.scenario import CapChange, Scale, Scenario, Service
 from powercap.simulation.workload import WorkloadTrace, bounded_shares, build_trace, pod_weight
-from powercap.simulation.world import SimGpu, SimNode, SimPod, World, moment
+from powercap.simulation.world import ModelColumns, SimGpu, SimNode, SimPod, World, moment, operating_points, thermal_caps_w
 
 SCHEDULING_LATENCY_S = 0.005
 """Time kube-scheduler spends per pod (filter, score, bind)."""
@@ -187,9 +190,14 @@ class _Run:
         # Agents start at different moments: node i ticks at phase i / n of the interval.
         count = len(self.world.nodes)
         interval = self.timing.agent_interval_s
-        self.agent_due = {
-            node.name: self._on_step(interval * i / count) for i, node in enumerate(self.world.nodes)
-        }
+        self.agent_due = [(self._on_step(interval * i / count), i) for i in range(count)]  # a heap
+        heapq.heapify(self.agent_due)
+        self.node_gpu_slots = [np.array([gpu.slot for gpu in node.gpus], dtype=np.int64) for node in self.world.nodes]
+        self.policies_version = 0  # counts policy writes: what depends on the policies is recomputed after one
+        self.fixed_caps: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
+        self.policy_gpus: tuple[int, dict[str, int]] | None = None
+        self.layout: _Layout | None = None
+        self.second_sums = _SecondSums(len(scenario.services), len(scenario.racks))
         self.controller_due = 0.0
         self.policies_changed = False
         self.scheduler = scenario.scheduler
@@ -238,10 +246,12 @@ class _Run:
                 self._end_of_second(second)
             if self.progress is not None and (step % report_every == 0 or step == steps - 1):
                 self.progress(self.strategy.name, (step + 1) / steps)
+        if steps % steps_per_second:
+            self.second_sums.add_to(self.recorder, (steps - 1) // steps_per_second)
         unschedulable = {pod.key: self.unschedulable.get(pod.key, "pending") for pod in self.world.pending}
         return StrategyRun(
             self.strategy, self.recorder, unschedulable, self.placements, self.cap_changes, self.evictions,
-            counter_energy_j=math.fsum(gpu.state.energy_j for gpu in self.world.gpus),
+            counter_energy_j=math.fsum(self.world.gpu_arrays.energy_j.tolist()),
             statuses={key: document["status"] for key, document in self.world.policies.items() if "status" in document},
         )
 
@@ -263,6 +273,7 @@ class _Run:
         updated = {**document, "metadata": metadata, "spec": spec}
         self.world.policies[event.policy_key] = updated
         self.world.parsed_policies[event.policy_key] = parse_policy(updated, self.registry)
+        self.policies_version += 1
         self.policies_changed = True
         self.cap_changes.append((t_s, event.policy_key, event.power_cap_w))
 
@@ -289,6 +300,7 @@ class _Run:
             weight=pod_weight(self.scenario.seed, service, index),
             created_s=t_s,
             service_index=self.service_index[service.name],
+            arrays=self.world.pod_arrays,
         )
         policy = policy_for_pod(pod.api_object(t_s, self.timing.pod_startup_s), self.world.parsed_policies.values())
         self.pod_policy[pod.key] = policy.key if policy is not None else None
@@ -301,12 +313,22 @@ class _Run:
 
     # -- 2. node agents --------------------------------------------------------------------
     def _agent_ticks(self, t_s: float) -> None:
-        for node in self.world.nodes:
-            if t_s >= self.agent_due[node.name] - _EPSILON_S:
-                self._agent_tick(node, t_s)
-                self.agent_due[node.name] += self.timing.agent_interval_s
+        due: list[int] = []
+        while self.agent_due and t_s >= self.agent_due[0][0] - _EPSILON_S:
+            due_s, index = heapq.heappop(self.agent_due)
+            due.append(index)
+            heapq.heappush(self.agent_due, (due_s + self.timing.agent_interval_s, index))
+        if not due:
+            return
+        due.sort()
+        if self.strategy.capping == "powercap" or self.strategy.placement == "extender":
+            for index in due:
+                self._agent_tick(index, t_s)
+        else:
+            slots = self.node_gpu_slots[due[0]] if len(due) == 1 else np.concatenate([self.node_gpu_slots[i] for i in due])
+            self._fixed_caps_tick(slots)
 
-    def _agent_tick(self, node: SimNode, t_s: float) -> None:
+    def _agent_tick(self, node_index: int, t_s: float) -> None:
         """One tick of the node's agent (powercap) or of the operator's fixed caps (baselines).
 
         powercap: what ``nodeagent.agent.Agent.tick`` does: read the GPUs and their pods,
@@ -314,23 +336,42 @@ class _Run:
         the records and memories, then :func:`~powercap.agentplan.build_telemetry` and
         publish it when :func:`~powercap.agentplan.should_publish` says so.
         """
-        capping = self.strategy.capping
-        if capping == "powercap":
+        node = self.world.nodes[node_index]
+        if self.strategy.capping == "powercap":
             self._plan_tick(node, t_s)
         else:
-            for gpu in node.gpus:
+            self._fixed_caps_tick(self.node_gpu_slots[node_index])
+        self._publish(node, t_s)
+        for pod in {gpu.pod.key: gpu.pod for gpu in node.gpus if gpu.pod is not None}.values():
+            pod.tick_served_tokens, pod.tick_s = pod.served_tokens, t_s
+
+    def _fixed_caps_tick(self, gpu_slots: np.ndarray) -> None:
+        """The baselines' ticks on these GPUs: the caps of :meth:`_fixed_caps`, where they set one."""
+        caps_w, sets = self._fixed_caps()
+        chosen = gpu_slots[sets[gpu_slots]]
+        self.world.gpu_arrays.cap_w[chosen] = caps_w[chosen]
+
+    def _fixed_caps(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each GPU's cap under the baseline (``static``: an enforced policy's GPUs at
+        :func:`~powercap.simulation.decisions.static_split_w`; ``oracle``: those left to
+        :meth:`_oracle_caps`, every whole second; every other GPU at its default limit), and
+        whether a tick sets it; recomputed when pods or policies change."""
+        key = (self.world.pod_arrays.layout_changes, self.policies_version)
+        if self.fixed_caps is None or self.fixed_caps[0] != key:
+            capping = self.strategy.capping
+            caps_w = np.empty(len(self.world.gpus))
+            sets = np.ones(len(self.world.gpus), dtype=bool)
+            for gpu in self.world.gpus:
                 policy = self.policy_of(gpu.pod) if gpu.pod is not None else None
                 if capping == "static" and policy is not None and policy.enforced:
                     service_gpus = self._policy_gpus(policy.key)
-                    gpu.cap_w = decisions.static_split_w(policy, service_gpus, gpu.model.min_limit_w, gpu.model.max_limit_w)
+                    caps_w[gpu.slot] = decisions.static_split_w(policy, service_gpus, gpu.model.min_limit_w, gpu.model.max_limit_w)
                 elif capping == "oracle" and policy is not None and policy.enforced:
-                    pass  # set by _oracle_caps every whole second
+                    sets[gpu.slot] = False
                 else:
-                    gpu.cap_w = gpu.model.default_limit_w
-        if self.strategy.placement == "extender" or capping == "powercap":
-            self._publish(node, t_s)
-        for pod in {gpu.pod.key: gpu.pod for gpu in node.gpus if gpu.pod is not None}.values():
-            pod.tick_served_tokens, pod.tick_s = pod.served_tokens, t_s
+                    caps_w[gpu.slot] = gpu.model.default_limit_w
+            self.fixed_caps = (key, caps_w, sets)
+        return self.fixed_caps[1], self.fixed_caps[2]
 
     def _plan_tick(self, node: SimNode, t_s: float) -> None:
         startup_s = self.timing.pod_startup_s
@@ -402,9 +443,16 @@ class _Run:
                 gpu.cap_w = cap_w
 
     def _policy_gpus(self, policy_key: str) -> int:
-        return sum(
-            len(pod.gpus) for pod in self.world.pods.values() if pod.node is not None and self.pod_policy.get(pod.key) == policy_key
-        )
+        """GPUs of the bound pods under the policy."""
+        layout_changes = self.world.pod_arrays.layout_changes
+        if self.policy_gpus is None or self.policy_gpus[0] != layout_changes:
+            counts: dict[str, int] = {}
+            for pod in self.world.pods.values():
+                key = self.pod_policy.get(pod.key)
+                if pod.node is not None and key is not None:
+                    counts[key] = counts.get(key, 0) + len(pod.gpus)
+            self.policy_gpus = (layout_changes, counts)
+        return self.policy_gpus[1].get(policy_key, 0)
 
     # -- 3. budget controller ----------------------------------------------------------------
     def _controller_round(self, t_s: float) -> None:
@@ -434,6 +482,7 @@ class _Run:
         document = {**self.world.policies[key], "status": status}
         self.world.policies[key] = document
         self.world.parsed_policies[key] = parse_policy(document, self.registry)
+        self.policies_version += 1
 
     def _evict(self, pod_key: str, t_s: float) -> None:
         """An eviction: the pod goes away and its ReplicaSet creates a replacement at once."""
@@ -496,97 +545,115 @@ class _Run:
     def _candidates(self, service: Service) -> list[decisions.Candidate]:
         models = service.gpu_models
         return [
-            decisions.Candidate(node.name, len(node.free_gpus), len(node.gpus))
+            decisions.Candidate(node.name, node.free_gpu_count, len(node.gpus))
             for node in self.world.nodes
-            if len(node.free_gpus) >= service.gpus_per_pod and (models is None or node.gpu_model.name in models)
+            if node.free_gpu_count >= service.gpus_per_pod and (models is None or node.gpu_model.name in models)
         ]
 
     # -- 5 and 6. traffic and physics --------------------------------------------------------
     def _physics(self, t_s: float, second: int) -> None:
+        """Traffic, then every GPU advanced by :meth:`~powercap.simulation.world.GpuArrays.advance`
+        (:func:`powercap.physics.advance` for all at once), the pods' queues, the racks' inlets."""
         dt_s = self.step_s
-        recorder = self.recorder
-        serving = self._traffic(t_s, second)
-        service_energy = [0.0] * len(self.scenario.services)
-        caps_sum_w = [0.0] * len(self.scenario.services)
-        for rack in self.world.racks.values():
-            rack.step_energy_j = 0.0
-        advance = physics.advance
-        idle = physics.IDLE
-        for gpu in self.world.gpus:
-            old = gpu.state
-            rack = gpu.node.rack
-            new = advance(gpu.model, old, gpu.cap_w, gpu.workload, rack.inlet_c, dt_s)
-            gpu.state = new
-            energy_j = new.energy_j - old.energy_j
-            rack.step_energy_j += energy_j
-            pod = gpu.pod
-            if pod is not None:
-                service_energy[pod.service_index] += energy_j
-                caps_sum_w[pod.service_index] += gpu.cap_w
-                pod.step_tokens += new.tokens - old.tokens
-            elif gpu.workload is not idle:
-                gpu.workload = idle
+        layout = self._layout(t_s)
+        sums = self.second_sums
+        gpus, pods, racks = self.world.gpu_arrays, self.world.pod_arrays, self.world.rack_arrays
+        offered_s = self._traffic(t_s, layout)
+        energy_j, tokens = gpus.advance(racks.inlet_c[self.world.gpu_rack], dt_s)
 
-        for pod in serving:
-            index = pod.service_index
-            served = pod.step_tokens * pod.service.tokens_scale
-            pod.served_tokens += served
-            pod.rate_tokens_s = served / dt_s
-            backlog = max(0.0, pod.backlog_tokens + pod.offered_tokens_s * dt_s - served)
-            limit = pod.service.max_queue_s * pod.rate_tokens_s
-            if backlog > limit:
-                recorder.service_dropped_tokens[index][second] += backlog - limit
-                backlog = limit
-            pod.backlog_tokens = backlog
-            recorder.service_tokens[index][second] += served
-        for pod in self.world.pods.values():
-            pod.step_tokens = 0.0
-        for index, energy_j in enumerate(service_energy):
-            recorder.service_energy_j[index][second] += energy_j
-            recorder.service_step_power_w[index].append(energy_j / dt_s)
-            if caps_sum_w[index] > recorder.service_caps_sum_w[index][second]:
-                recorder.service_caps_sum_w[index][second] = caps_sum_w[index]
-        cluster_energy = 0.0
-        for r, rack in enumerate(self.world.racks.values()):
-            energy_j = rack.step_energy_j
-            cluster_energy += energy_j
-            rack.power_w = energy_j / dt_s
-            rack.step_inlet(dt_s)
-            recorder.rack_energy_j[r][second] += energy_j
-            recorder.rack_inlet_c_s[r][second] += rack.inlet_c * dt_s
-        recorder.cluster_energy_j[second] += cluster_energy
+        with_pod = layout.gpus_with_pod
+        services = len(self.scenario.services)
+        service_energy_j = np.bincount(layout.gpu_service, weights=energy_j[with_pod], minlength=services)
+        sums.service_energy_j += service_energy_j
+        np.maximum(sums.service_caps_sum_w, np.bincount(layout.gpu_service, weights=gpus.cap_w[with_pod], minlength=services), out=sums.service_caps_sum_w)
+        for index, step_energy_j in enumerate(service_energy_j.tolist()):
+            self.recorder.service_step_power_w[index].append(step_energy_j / dt_s)
 
-    def _traffic(self, t_s: float, second: int) -> list[SimPod]:
-        """Split each service's offered tokens/s over its serving pods and set their GPUs' load.
+        serving = layout.serving_slots
+        if len(serving):
+            pod_tokens = np.bincount(layout.gpu_pod_slot, weights=tokens[with_pod], minlength=pods.count)
+            served = pod_tokens[serving] * layout.serving_tokens_scale
+            pods.served_tokens[serving] += served
+            rate = served / dt_s
+            pods.rate_tokens_s[serving] = rate
+            backlog = np.maximum(0.0, pods.backlog_tokens[serving] + offered_s * dt_s - served)
+            limit = layout.serving_max_queue_s * rate
+            over = backlog > limit
+            sums.service_dropped_tokens += np.bincount(layout.serving_service[over], weights=(backlog - limit)[over], minlength=services)
+            pods.backlog_tokens[serving] = np.where(over, limit, backlog)
+            sums.service_tokens += np.bincount(layout.serving_service, weights=served, minlength=services)
+
+        rack_energy_j = np.bincount(self.world.gpu_rack, weights=energy_j, minlength=len(racks.racks))
+        sums.rack_energy_j += rack_energy_j
+        sums.cluster_energy_j += sum(rack_energy_j.tolist())
+        racks.step_inlet(rack_energy_j / dt_s, dt_s)
+        sums.rack_inlet_c_s += racks.inlet_c * dt_s
+
+    def _traffic(self, t_s: float, layout: _Layout) -> np.ndarray:
+        """Split each service's offered tokens/s over its serving pods and set their GPUs' load;
+        returns the serving pods' offered tokens/s (in ``layout.serving_slots`` order).
 
         Pod shares by :func:`~powercap.simulation.workload.bounded_shares` (recomputed when
         the set of serving pods changes); load ``u = min(1, (offered + backlog / dt) / uncapped)``.
-        Returns the serving pods.
         """
         dt_s = self.step_s
+        sums = self.second_sums
+        offered_by_service = np.array([self.trace.offered_tokens_s(service.name, t_s) for service in self.scenario.services])
+        sums.service_offered_tokens += offered_by_service * dt_s
+        sums.service_dropped_tokens += np.where(layout.service_serves, 0.0, offered_by_service * dt_s)
+        pods, gpus = self.world.pod_arrays, self.world.gpu_arrays
+        serving = layout.serving_slots
+        offered_s = offered_by_service[layout.serving_service] * layout.serving_shares
+        pods.offered_tokens_s[serving] = offered_s
+        load = np.minimum(1.0, (offered_s + pods.backlog_tokens[serving] / dt_s) / pods.uncapped_tokens_s[serving])
+        gpus.load[layout.serving_gpus] = load[layout.serving_gpu_pod]
+        gpus.prefill_share[layout.serving_gpus] = layout.serving_prefill_share[layout.serving_gpu_pod]
+        return offered_s
+
+    def _layout(self, t_s: float) -> _Layout:
+        """Which GPUs serve which pods at ``t_s``; rebuilt when a pod binds, unbinds or starts serving."""
+        layout = self.layout
+        layout_changes = self.world.pod_arrays.layout_changes
+        if layout is not None and layout.layout_changes == layout_changes and t_s < layout.next_serving_s - _EPSILON_S:
+            return layout
         startup_s = self.timing.pod_startup_s
-        recorder = self.recorder
         by_service: list[list[SimPod]] = [[] for _ in self.scenario.services]
+        next_serving_s = math.inf
         for pod in self.world.pods.values():
-            if pod.node is not None and pod.serving(t_s, startup_s):
-                by_service[pod.service_index].append(pod)
-        serving: list[SimPod] = []
-        for index, service in enumerate(self.scenario.services):
-            offered = self.trace.offered_tokens_s(service.name, t_s)
-            recorder.service_offered_tokens[index][second] += offered * dt_s
-            pods = by_service[index]
-            if not pods:
-                recorder.service_dropped_tokens[index][second] += offered * dt_s
+            if pod.node is None or pod.bound_s is None:
                 continue
-            shares = self._shares(service, pods)
-            for pod, share in zip(pods, shares):
-                pod.offered_tokens_s = offered * share
-                load = min(1.0, (pod.offered_tokens_s + pod.backlog_tokens / dt_s) / pod.uncapped_tokens_s)
-                workload = physics.Workload(load, service.prefill_share)
-                for gpu in pod.gpus:
-                    gpu.workload = workload
-            serving += pods
-        return serving
+            if pod.serving(t_s, startup_s):
+                by_service[pod.service_index].append(pod)
+            else:
+                next_serving_s = min(next_serving_s, pod.bound_s + startup_s)
+        serving_pods = [pod for pods in by_service for pod in pods]
+        shares = [share for service, pods in zip(self.scenario.services, by_service) if pods for share in self._shares(service, pods)]
+        gpus = self.world.gpu_arrays
+        gpus_with_pod = np.flatnonzero(gpus.pod_slot >= 0)
+        serving_gpus = [gpu.slot for pod in serving_pods for gpu in pod.gpus]
+        first_gpus = np.array([pod.gpus[0].slot for pod in serving_pods], dtype=np.int64)
+        self.layout = layout = _Layout(
+            layout_changes=layout_changes,
+            next_serving_s=next_serving_s,
+            service_serves=np.array([bool(pods) for pods in by_service]),
+            serving_pods=serving_pods,
+            serving_slots=np.array([pod.slot for pod in serving_pods], dtype=np.int64),
+            serving_service=np.array([pod.service_index for pod in serving_pods], dtype=np.int64),
+            serving_shares=np.array(shares, dtype=float),
+            serving_prefill_share=np.array([pod.service.prefill_share for pod in serving_pods], dtype=float),
+            serving_tokens_scale=np.array([pod.service.tokens_scale for pod in serving_pods], dtype=float),
+            serving_max_queue_s=np.array([pod.service.max_queue_s for pod in serving_pods], dtype=float),
+            serving_base_latency_s=np.array([pod.service.base_latency_s for pod in serving_pods], dtype=float),
+            serving_uncapped_speed=np.array([self._uncapped_speed(pod.gpus[0], pod.service) for pod in serving_pods], dtype=float),
+            serving_gpus=np.array(serving_gpus, dtype=np.int64),
+            serving_gpu_pod=np.array([i for i, pod in enumerate(serving_pods) for _ in pod.gpus], dtype=np.int64),
+            first_gpus=first_gpus,
+            first_gpu_models=gpus.columns.take(first_gpus),
+            gpus_with_pod=gpus_with_pod,
+            gpu_pod_slot=gpus.pod_slot[gpus_with_pod],
+            gpu_service=self.world.pod_arrays.service_index[gpus.pod_slot[gpus_with_pod]],
+        )
+        return layout
 
     def _shares(self, service: Service, pods: list[SimPod]) -> list[float]:
         key = tuple(pod.key for pod in pods)
@@ -597,30 +664,29 @@ class _Run:
         return cached[1]
 
     def _sample_latency(self, second: int, t_s: float) -> None:
-        """Once a second, per serving pod: ``baseLatencyS / speed + backlog / rate`` weighted by its traffic."""
-        startup_s = self.timing.pod_startup_s
-        this_second: dict[int, list[tuple[float, float]]] = {}
-        for pod in self.world.pods.values():
-            if pod.node is None or not pod.serving(t_s, startup_s) or not pod.gpus:
-                continue
-            service = pod.service
-            gpu = pod.gpus[0]
-            full = physics.Workload(1.0, service.prefill_share)
-            effective_cap_w = physics.thermal_cap_w(gpu.model, gpu.cap_w, gpu.state.temperature_c)
-            speed = physics.operating_point(gpu.model, effective_cap_w, full).relative_throughput
-            speed /= self._uncapped_speed(gpu, service)
-            if pod.backlog_tokens <= 0:
-                queue_s = 0.0
-            elif pod.rate_tokens_s > 0:
-                queue_s = min(pod.backlog_tokens / pod.rate_tokens_s, service.max_queue_s)
-            else:
-                queue_s = service.max_queue_s
-            latency = service.base_latency_s / max(speed, 1e-9) + queue_s
-            self.recorder.service_latency[pod.service_index].append((latency, pod.offered_tokens_s))
-            this_second.setdefault(pod.service_index, []).append((latency, pod.offered_tokens_s))
-        if second < self.recorder.seconds:
-            for index, samples in this_second.items():
-                self.recorder.service_latency_p99_s[index][second] = weighted_percentile(samples, LATENCY_PERCENTILE)
+        """Once a second, per serving pod: ``baseLatencyS / speed + backlog / rate`` weighted by its
+        traffic (``speed``: its first GPU's relative throughput at full load under its cap)."""
+        layout = self._layout(t_s)
+        if not len(layout.serving_slots):
+            return
+        gpus, pods = self.world.gpu_arrays, self.world.pod_arrays
+        first = layout.first_gpus
+        effective_cap_w = thermal_caps_w(layout.first_gpu_models, gpus.cap_w[first], gpus.temperature_c[first])
+        _, _, speed = operating_points(layout.first_gpu_models, effective_cap_w, 1.0, layout.serving_prefill_share)
+        speed = speed / layout.serving_uncapped_speed
+        backlog = pods.backlog_tokens[layout.serving_slots]
+        rate = pods.rate_tokens_s[layout.serving_slots]
+        max_queue_s = layout.serving_max_queue_s
+        with np.errstate(divide="ignore", invalid="ignore"):
+            queue_s = np.where(backlog <= 0, 0.0, np.where(rate > 0, np.minimum(backlog / rate, max_queue_s), max_queue_s))
+        latency_s = layout.serving_base_latency_s / np.maximum(speed, 1e-9) + queue_s
+        offered_s = pods.offered_tokens_s[layout.serving_slots]
+        for index in np.unique(layout.serving_service).tolist():
+            mine = layout.serving_service == index
+            samples = (latency_s[mine], offered_s[mine])
+            self.recorder.service_latency[index].append(samples)
+            if second < self.recorder.seconds:
+                self.recorder.service_latency_p99_s[index][second] = weighted_percentile_of(*samples, LATENCY_PERCENTILE)
 
     def _uncapped_speed(self, gpu: SimGpu, service: Service) -> float:
         key = (gpu.model.name, service.prefill_share)
@@ -630,6 +696,7 @@ class _Run:
         return self.uncapped_speed[key]
 
     def _end_of_second(self, second: int) -> None:
+        self.second_sums.add_to(self.recorder, second)
         for index, service in enumerate(self.scenario.services):
             policy_key = f"{service.namespace}/{service.policy_name}" if service.policy_name else None
             policy = self.world.parsed_policies.get(policy_key) if policy_key else None
@@ -641,3 +708,67 @@ def _reported(pod: SimPod) -> bool:
     """Whether the pod's node telemetry lists it on one of its GPUs."""
     telemetry = pod.node.telemetry if pod.node is not None else None
     return telemetry is not None and any(gpu.pod == pod.key for gpu in telemetry.gpus)
+
+
+@dataclass(eq=False)
+class _Layout:
+    """Which GPU serves which pod: the index arrays of the physics step, rebuilt when a pod
+    binds, unbinds or starts serving (``serving_*``: per serving pod, by service then
+    creation; ``gpu_*``: per GPU holding a pod, in GPU order)."""
+
+    layout_changes: int  # PodArrays.layout_changes it was built at
+    next_serving_s: float  # when a bound pod starts serving
+    service_serves: np.ndarray  # per service: whether any pod serves
+    serving_pods: list[SimPod]
+    serving_slots: np.ndarray
+    serving_service: np.ndarray
+    serving_shares: np.ndarray  # of its service's traffic
+    serving_prefill_share: np.ndarray
+    serving_tokens_scale: np.ndarray
+    serving_max_queue_s: np.ndarray
+    serving_base_latency_s: np.ndarray
+    serving_uncapped_speed: np.ndarray  # relative throughput of its first GPU with no cap at full load
+    serving_gpus: np.ndarray  # GPU slots of the serving pods
+    serving_gpu_pod: np.ndarray  # for each of those GPUs, its pod's place in serving_*
+    first_gpus: np.ndarray  # each serving pod's first GPU
+    first_gpu_models: ModelColumns
+    gpus_with_pod: np.ndarray
+    gpu_pod_slot: np.ndarray
+    gpu_service: np.ndarray
+
+
+class _SecondSums:
+    """The physics steps' sums over the current simulated second, added to the recorder at its end."""
+
+    def __init__(self, services: int, racks: int) -> None:
+        self.services, self.racks = services, racks
+        self.clear()
+
+    def clear(self) -> None:
+        self.service_energy_j = np.zeros(self.services)
+        self.service_tokens = np.zeros(self.services)
+        self.service_offered_tokens = np.zeros(self.services)
+        self.service_dropped_tokens = np.zeros(self.services)
+        self.service_caps_sum_w = np.zeros(self.services)
+        self.rack_energy_j = np.zeros(self.racks)
+        self.rack_inlet_c_s = np.zeros(self.racks)
+        self.cluster_energy_j = 0.0
+
+    def add_to(self, recorder: Recorder, second: int) -> None:
+        if second >= recorder.seconds:
+            self.clear()
+            return
+        for series, values in (
+            (recorder.service_energy_j, self.service_energy_j),
+            (recorder.service_tokens, self.service_tokens),
+            (recorder.service_offered_tokens, self.service_offered_tokens),
+            (recorder.service_dropped_tokens, self.service_dropped_tokens),
+            (recorder.rack_energy_j, self.rack_energy_j),
+            (recorder.rack_inlet_c_s, self.rack_inlet_c_s),
+        ):
+            for index, value in enumerate(values.tolist()):
+                series[index][second] += value
+        for index, value in enumerate(self.service_caps_sum_w.tolist()):
+            recorder.service_caps_sum_w[index][second] = max(recorder.service_caps_sum_w[index][second], value)
+        recorder.cluster_energy_j[second] += self.cluster_energy_j
+        self.clear()

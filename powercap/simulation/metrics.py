@@ -30,6 +30,8 @@ from collections.abc import Sequence, Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 LATENCY_PERCENTILE = 0.99
 """The latency proxy's percentile, over the run (summary.json) and over each second (the plots)."""
 RECOVERY_HOLD_S = 10.0
@@ -51,7 +53,7 @@ class Recorder:
     service_cap_w: list[list[float | None]] = field(default_factory=list)
     service_caps_sum_w: list[list[float]] = field(default_factory=list)  # most the GPUs' caps summed to in the second
     service_step_power_w: list[list[float]] = field(default_factory=list)
-    service_latency: list[list[tuple[float, float]]] = field(default_factory=list)
+    service_latency: list[list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=list)  # (latencies, weights) per second
     service_latency_p99_s: list[list[float | None]] = field(default_factory=list)  # per second, over the serving pods
     rack_energy_j: list[list[float]] = field(default_factory=list)
     rack_inlet_c_s: list[list[float]] = field(default_factory=list)  # integral of inlet over the second
@@ -81,19 +83,36 @@ class Recorder:
     def total_energy_j(self) -> float:
         return math.fsum(self.cluster_energy_j)
 
+    def latency_percentile_s(self, service: int, fraction: float) -> float | None:
+        """The weighted percentile of the service's latency samples over the whole run."""
+        chunks = self.service_latency[service]
+        if not chunks:
+            return None
+        return weighted_percentile_of(
+            np.concatenate([values for values, _ in chunks]), np.concatenate([weights for _, weights in chunks]), fraction
+        )
+
 
 def weighted_percentile(samples: Sequence[tuple[float, float]], fraction: float) -> float | None:
     """The smallest value v with ``weight(values <= v) >= fraction x total weight``; None when empty."""
-    positive = sorted((value, weight) for value, weight in samples if weight > 0)
-    total = math.fsum(weight for _, weight in positive)
+    values = np.array([value for value, _ in samples], dtype=float)
+    weights = np.array([weight for _, weight in samples], dtype=float)
+    return weighted_percentile_of(values, weights, fraction)
+
+
+def weighted_percentile_of(values: np.ndarray, weights: np.ndarray, fraction: float) -> float | None:
+    """:func:`weighted_percentile` of (value, weight) samples given as two arrays: the samples
+    of positive weight sorted by (value, weight), the first whose running weight reaches
+    ``fraction x total`` (less a relative 1e-12 for rounding)."""
+    positive = weights > 0
+    values, weights = values[positive], weights[positive]
+    total = math.fsum(weights.tolist())
     if total <= 0:
         return None
-    threshold, running = fraction * total, 0.0
-    for value, weight in positive:
-        running += weight
-        if running >= threshold - 1e-12 * total:
-            return value
-    return positive[-1][0]
+    order = np.lexsort((weights, values))
+    values = values[order]
+    reached = np.flatnonzero(np.cumsum(weights[order]) >= fraction * total - 1e-12 * total)
+    return float(values[reached[0]] if len(reached) else values[-1])
 
 
 def excluded_seconds(seconds: int, warmup_s: float, changes_s: Sequence[float], settle_s: float) -> set[int]:

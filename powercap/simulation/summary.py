@@ -21,7 +21,6 @@ from powercap.simulation.metrics import (
     ratio,
     recovery_time_s,
     rounded,
-    weighted_percentile,
 )
 from powercap.simulation.scenario import Scenario
 
@@ -107,7 +106,7 @@ def summarize_run(scenario: Scenario, run: StrategyRun) -> dict[str, Any]:
             "capsSumAboveCapSeconds": sum(
                 1 for cap, caps_sum in zip(caps, recorder.service_caps_sum_w[index]) if cap is not None and caps_sum > cap + 1e-6
             ),
-            "p99LatencyProxyS": weighted_percentile(recorder.service_latency[index], LATENCY_PERCENTILE),
+            "p99LatencyProxyS": recorder.latency_percentile_s(index, LATENCY_PERCENTILE),
         }
     racks: dict[str, Any] = {}
     power_violations = temperature_violations = 0

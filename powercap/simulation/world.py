@@ -19,9 +19,12 @@ warms the inlet in proportion to the heat the rack rejects.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
+
+import numpy as np
 
 from powercap import physics
 from powercap.objects import GPU_RESOURCE, RACK_LABEL
@@ -64,9 +67,140 @@ class SimRack:
         self.inlet_c = target_c + (self.inlet_c - target_c) * math.exp(-dt_s / self.spec.cooling.time_constant_s)
 
 
+class ModelColumns:
+    """The :class:`~powercap.physics.GpuModel` parameters of many GPUs, one array per field:
+    the vector functions below take it where the scalar ones take a model (a model itself
+    also works, its floats broadcasting)."""
+
+    FIELDS = (
+        "min_limit_w", "max_limit_w", "idle_w", "peak_compute_w", "decode_saturation_w", "prefill_exponent",
+        "decode_exponent", "peak_tokens_s", "slowdown_c", "shutdown_c", "thermal_resistance_c_per_w", "overshoot_fraction",
+    )
+    min_limit_w: np.ndarray
+    max_limit_w: np.ndarray
+    idle_w: np.ndarray
+    peak_compute_w: np.ndarray
+    decode_saturation_w: np.ndarray
+    prefill_exponent: np.ndarray
+    decode_exponent: np.ndarray
+    peak_tokens_s: np.ndarray
+    slowdown_c: np.ndarray
+    shutdown_c: np.ndarray
+    thermal_resistance_c_per_w: np.ndarray
+    overshoot_fraction: np.ndarray
+
+    def __init__(self, models: Sequence[GpuModel]) -> None:
+        for name in self.FIELDS:
+            setattr(self, name, np.array([getattr(model, name) for model in models], dtype=float))
+
+    def take(self, indices: np.ndarray) -> ModelColumns:
+        """The columns of the GPUs at ``indices``."""
+        taken = ModelColumns([])
+        for name in self.FIELDS:
+            setattr(taken, name, getattr(self, name)[indices])
+        return taken
+
+
+def _phase_speeds(cap_w: np.ndarray, idle_w: Any, saturation_w: Any, exponent: Any) -> np.ndarray:
+    """:func:`powercap.physics.phase_speed` of arrays (``cap_w`` above ``idle_w``, as every clamped cap is)."""
+    return np.where(cap_w >= saturation_w, 1.0, np.power((cap_w - idle_w) / (saturation_w - idle_w), exponent))
+
+
+def operating_points(
+    model: ModelColumns | GpuModel, cap_w: np.ndarray, load: Any, prefill_share: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`powercap.physics.operating_point` of arrays: (power W, tokens/s, relative throughput),
+    the same operations in the same order (``np.power`` may differ from ``math.pow`` in the last bit)."""
+    cap = np.minimum(np.maximum(cap_w, model.min_limit_w), model.max_limit_w)
+    load = np.minimum(np.maximum(load, 0.0), 1.0)
+    share = np.minimum(np.maximum(prefill_share, 0.0), 1.0)
+    speed_pre = _phase_speeds(cap, model.idle_w, model.peak_compute_w, model.prefill_exponent)
+    speed_dec = _phase_speeds(cap, model.idle_w, model.decode_saturation_w, model.decode_exponent)
+    time_pre = share / speed_pre
+    time_dec = (1.0 - share) / speed_dec
+    work_time = time_pre + time_dec
+    busy = np.minimum(1.0, load * work_time)
+    busy_power_w = (
+        time_pre * np.minimum(cap, model.peak_compute_w) + time_dec * np.minimum(cap, model.decode_saturation_w)
+    ) / work_time
+    throughput = busy / work_time
+    power_w = model.idle_w * (1.0 - busy) + busy * busy_power_w
+    return power_w, model.peak_tokens_s * (1.0 - share) * throughput, throughput
+
+
+def thermal_caps_w(model: ModelColumns | GpuModel, cap_w: np.ndarray, temperature_c: np.ndarray) -> np.ndarray:
+    """:func:`powercap.physics.thermal_cap_w` of arrays."""
+    cap = np.minimum(np.maximum(cap_w, model.min_limit_w), model.max_limit_w)
+    depth = np.minimum(np.maximum((temperature_c - model.slowdown_c) / (model.shutdown_c - model.slowdown_c), 0.0), 1.0)
+    return np.where(temperature_c <= model.slowdown_c, cap, cap - (cap - model.min_limit_w) * depth)
+
+
+class GpuArrays:
+    """Every GPU of a world: its model's parameters, its physics state, the limit NVML
+    enforces and its load, one array each (index = :attr:`SimGpu.slot`).
+
+    :meth:`advance` is :func:`powercap.physics.advance` for all of them at once, element by
+    element the same operations in the same order, so a run gives the figures the scalar
+    physics gives (up to ``np.power``'s last bit).
+    """
+
+    def __init__(self, models: Sequence[GpuModel], inlet_c: Sequence[float]) -> None:
+        self.models = list(models)
+        self.columns = ModelColumns(self.models)
+        states = [physics.initial_state(model, inlet) for model, inlet in zip(self.models, inlet_c)]
+        self.power_w = np.array([state.power_w for state in states], dtype=float)
+        self.temperature_c = np.array([state.temperature_c for state in states], dtype=float)
+        self.energy_j = np.zeros(len(states))
+        self.tokens = np.zeros(len(states))
+        self.tokens_s = np.zeros(len(states))
+        self.cap_w = np.array([model.default_limit_w for model in self.models], dtype=float)
+        self.load = np.zeros(len(states))
+        self.prefill_share = np.zeros(len(states))
+        self.pod_slot = np.full(len(states), -1, dtype=np.int64)  # the PodArrays slot of its pod, -1: none
+        self._decays: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _step_decays(self, dt_s: float) -> tuple[np.ndarray, np.ndarray]:
+        """``exp(-dt / tau_P)`` and ``exp(-dt / tau_T)`` per GPU, by ``math.exp`` as the scalar physics."""
+        if dt_s not in self._decays:
+            step = max(dt_s, 0.0)
+            self._decays[dt_s] = (
+                np.array([math.exp(-step / m.power_time_constant_s) for m in self.models]),
+                np.array([math.exp(-step / m.thermal_time_constant_s) for m in self.models]),
+            )
+        return self._decays[dt_s]
+
+    def advance(self, inlet_c: np.ndarray, dt_s: float) -> tuple[np.ndarray, np.ndarray]:
+        """One step of every GPU (:func:`powercap.physics.advance`); returns each GPU's energy (J)
+        and tokens of the step, as the differences of its counters."""
+        model = self.columns
+        power_decay, temperature_decay = self._step_decays(dt_s)
+        cap = thermal_caps_w(model, self.cap_w, self.temperature_c)
+        target_w, tokens_s, _ = operating_points(model, cap, self.load, self.prefill_share)
+        load = np.minimum(np.maximum(self.load, 0.0), 1.0)
+        share = np.minimum(np.maximum(self.prefill_share, 0.0), 1.0)
+        demand_w = model.idle_w + load * (
+            share * (model.peak_compute_w - model.idle_w) + (1.0 - share) * (model.decode_saturation_w - model.idle_w)
+        )
+        old_power_w = self.power_w
+        rising = (demand_w > cap) & (old_power_w < target_w - physics.RISING_EDGE_FRACTION * cap)
+        power_w = np.where(
+            rising,
+            np.minimum(demand_w + (old_power_w - demand_w) * power_decay, cap * (1.0 + model.overshoot_fraction)),
+            target_w + (old_power_w - target_w) * power_decay,
+        )
+        steady_c = inlet_c + model.thermal_resistance_c_per_w * power_w
+        self.temperature_c = steady_c + (self.temperature_c - steady_c) * temperature_decay
+        energy_j = self.energy_j + 0.5 * (old_power_w + power_w) * dt_s
+        tokens = self.tokens + tokens_s * dt_s
+        energy_step_j, token_step = energy_j - self.energy_j, tokens - self.tokens
+        self.power_w, self.energy_j, self.tokens, self.tokens_s = power_w, energy_j, tokens, tokens_s
+        return energy_step_j, token_step
+
+
 @dataclass(eq=False)
 class SimGpu:
-    """One GPU: physics state, the limit NVML enforces, its pod, and its load.
+    """One GPU: its model, node, pod, and its slot in the world's :class:`GpuArrays`, which hold
+    its physics state, the limit NVML enforces and its load.
 
     Reads like an NVML snapshot (:class:`powercap.agentplan.GpuReading`): the agent's plan
     and telemetry take the GPU itself, unchanged while they run.
@@ -75,19 +209,41 @@ class SimGpu:
     uuid: str
     index: int
     model: GpuModel
-    state: GpuState
-    cap_w: float
     node: SimNode
+    arrays: GpuArrays
+    slot: int
     pod: SimPod | None = None
-    workload: physics.Workload = physics.IDLE
+
+    @property
+    def state(self) -> GpuState:
+        arrays, slot = self.arrays, self.slot
+        return GpuState(
+            power_w=float(arrays.power_w[slot]),
+            temperature_c=float(arrays.temperature_c[slot]),
+            energy_j=float(arrays.energy_j[slot]),
+            tokens=float(arrays.tokens[slot]),
+            tokens_s=float(arrays.tokens_s[slot]),
+        )
+
+    @property
+    def cap_w(self) -> float:
+        return float(self.arrays.cap_w[self.slot])
+
+    @cap_w.setter
+    def cap_w(self, value: float) -> None:
+        self.arrays.cap_w[self.slot] = value
+
+    @property
+    def workload(self) -> physics.Workload:
+        return physics.Workload(float(self.arrays.load[self.slot]), float(self.arrays.prefill_share[self.slot]))
 
     @property
     def power_w(self) -> float:
-        return self.state.power_w
+        return float(self.arrays.power_w[self.slot])
 
     @property
     def temperature_c(self) -> float:
-        return self.state.temperature_c
+        return float(self.arrays.temperature_c[self.slot])
 
     @property
     def limit_w(self) -> float:
@@ -121,6 +277,7 @@ class SimNode:
     rack: SimRack
     gpus: list[SimGpu] = field(default_factory=list)
     telemetry: NodeTelemetry | None = None
+    free_gpu_count: int = 0  # kept by SimPod.bind and unbind
     _object: dict[str, Any] | None = None
 
     @property
@@ -156,9 +313,51 @@ class SimNode:
         return self._object
 
 
+class PodArrays:
+    """Every pod ever created in a world (index = :attr:`SimPod.slot`), the figures the physics
+    step updates for all serving pods at once: queue, tokens served, rates, service.
+
+    ``layout_changes`` counts binds and unbinds, so that what depends on which GPU serves
+    which pod is recomputed only when that changes.
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.count = 0
+        self.layout_changes = 0
+        self.backlog_tokens = np.zeros(capacity)
+        self.served_tokens = np.zeros(capacity)
+        self.rate_tokens_s = np.zeros(capacity)  # served over the last physics step
+        self.offered_tokens_s = np.zeros(capacity)  # its share of the service's traffic now
+        self.uncapped_tokens_s = np.zeros(capacity)  # set at binding (see SimPod.bind)
+        self.service_index = np.zeros(capacity, dtype=np.int64)
+
+    _COLUMNS = ("backlog_tokens", "served_tokens", "rate_tokens_s", "offered_tokens_s", "uncapped_tokens_s", "service_index")
+
+    def add(self, service_index: int) -> int:
+        """A slot for a new pod of the service."""
+        if self.count == len(self.backlog_tokens):
+            for name in self._COLUMNS:
+                column = getattr(self, name)
+                setattr(self, name, np.concatenate([column, np.zeros_like(column)]))
+        slot = self.count
+        self.count += 1
+        self.service_index[slot] = service_index
+        return slot
+
+
+def _pod_column(name: str) -> property:
+    def get(pod: SimPod) -> float:
+        return float(getattr(pod.arrays, name)[pod.slot])
+
+    def set_(pod: SimPod, value: float) -> None:
+        getattr(pod.arrays, name)[pod.slot] = value
+
+    return property(get, set_)
+
+
 @dataclass(eq=False)
 class SimPod:
-    """A pod of a service: where it runs, when it serves, its queue."""
+    """A pod of a service: where it runs, when it serves, its queue (in the world's :class:`PodArrays`)."""
 
     name: str
     index: int
@@ -166,27 +365,30 @@ class SimPod:
     weight: float
     created_s: float
     service_index: int
+    arrays: PodArrays
     gpus: list[SimGpu] = field(default_factory=list)
     node: SimNode | None = None
     bound_s: float | None = None
     next_attempt_s: float = 0.0  # when the scheduler tries it (again)
-    backlog_tokens: float = 0.0
-    served_tokens: float = 0.0
-    rate_tokens_s: float = 0.0  # served over the last physics step
-    offered_tokens_s: float = 0.0  # its share of the service's traffic now
-    step_tokens: float = 0.0  # physics tokens of its GPUs in the current step
     tick_served_tokens: float = 0.0  # at the agent's last tick, for its tokens/s
     tick_s: float | None = None
-    uncapped_tokens_s: float = 0.0  # set at binding (see :meth:`bind`)
     key: str = ""  # namespace/name
     uid: str = ""
     unschedulable: str | None = None  # kube-scheduler's message of its last failed attempt
+    slot: int = -1
     _object: dict[str, Any] | None = None
+
+    backlog_tokens = _pod_column("backlog_tokens")
+    served_tokens = _pod_column("served_tokens")
+    rate_tokens_s = _pod_column("rate_tokens_s")
+    offered_tokens_s = _pod_column("offered_tokens_s")
+    uncapped_tokens_s = _pod_column("uncapped_tokens_s")
 
     def __post_init__(self) -> None:
         self.key = f"{self.service.namespace}/{self.name}"
         self.uid = f"uid-{self.service.namespace}-{self.name}"
         self.next_attempt_s = self.created_s
+        self.slot = self.arrays.add(self.service_index)
 
     def serving(self, t_s: float, startup_s: float) -> bool:
         return self.bound_s is not None and t_s >= self.bound_s + startup_s
@@ -197,9 +399,12 @@ class SimPod:
         gpus = node.free_gpus[: self.service.gpus_per_pod]
         for gpu in gpus:
             gpu.pod = self
+            gpu.arrays.pod_slot[gpu.slot] = self.slot
         self.gpus, self.node, self.bound_s = gpus, node, t_s
+        node.free_gpu_count -= len(gpus)
         share = self.service.prefill_share
         self.uncapped_tokens_s = sum(g.model.peak_tokens_s for g in gpus) * (1.0 - share) * self.service.tokens_scale
+        self.arrays.layout_changes += 1
         self._object = None
 
     def refuse(self, message: str) -> None:
@@ -210,8 +415,12 @@ class SimPod:
     def unbind(self) -> None:
         for gpu in self.gpus:
             gpu.pod = None
-            gpu.workload = physics.IDLE
+            gpu.arrays.pod_slot[gpu.slot] = -1
+            gpu.arrays.load[gpu.slot] = gpu.arrays.prefill_share[gpu.slot] = 0.0  # idle
+        if self.node is not None:
+            self.node.free_gpu_count += len(self.gpus)
         self.gpus, self.node = [], None
+        self.arrays.layout_changes += 1
         self._object = None
 
     def api_object(self, t_s: float, startup_s: float) -> dict[str, Any]:
@@ -235,6 +444,28 @@ class SimPod:
         return self._object
 
 
+class RackArrays:
+    """Every rack's inlet, one array each (index = the rack's place in the scenario):
+    :meth:`SimRack.step_inlet` for all racks at once."""
+
+    def __init__(self, racks: Sequence[SimRack]) -> None:
+        self.racks = list(racks)
+        self.supply_c = np.array([rack.spec.cooling.supply_c for rack in racks], dtype=float)
+        self.rise_c_per_kw = np.array([rack.spec.cooling.rise_c_per_kw for rack in racks], dtype=float)
+        self.inlet_c = np.array([rack.inlet_c for rack in racks], dtype=float)
+        self._decays: dict[float, np.ndarray] = {}
+
+    def step_inlet(self, power_w: np.ndarray, dt_s: float) -> None:
+        """The module docstring's first-order inlet, each rack at its own power; the racks'
+        ``power_w`` and ``inlet_c`` are updated too (the agents read them)."""
+        if dt_s not in self._decays:
+            self._decays[dt_s] = np.array([math.exp(-dt_s / rack.spec.cooling.time_constant_s) for rack in self.racks])
+        target_c = self.supply_c + self.rise_c_per_kw * power_w / 1000.0
+        self.inlet_c = target_c + (self.inlet_c - target_c) * self._decays[dt_s]
+        for rack, rack_power_w, inlet_c in zip(self.racks, power_w.tolist(), self.inlet_c.tolist()):
+            rack.power_w, rack.inlet_c = rack_power_w, inlet_c
+
+
 @dataclass(eq=False)
 class World:
     """Everything of one strategy run that changes over simulated time."""
@@ -243,6 +474,10 @@ class World:
     nodes: list[SimNode]
     gpus: list[SimGpu]
     policies: dict[str, dict[str, Any]]  # namespace/name -> PowerCappingPolicy document
+    gpu_arrays: GpuArrays
+    rack_arrays: RackArrays
+    gpu_rack: np.ndarray  # each GPU's rack, as an index of rack_arrays
+    pod_arrays: PodArrays = field(default_factory=PodArrays)
     parsed_policies: dict[str, Policy] = field(default_factory=dict)
     pods: dict[str, SimPod] = field(default_factory=dict)  # key -> pod, active only
     pending: list[SimPod] = field(default_factory=list)
@@ -251,32 +486,36 @@ class World:
     @classmethod
     def build(cls, scenario: Scenario, policies: dict[str, Policy]) -> World:
         racks = {spec.rack_id: SimRack(spec=spec, inlet_c=spec.cooling.supply_c) for spec in scenario.racks}
+        rack_index = {rack_id: index for index, rack_id in enumerate(racks)}
+        members: list[tuple[SimNode, int, GpuModel]] = []
         nodes: list[SimNode] = []
-        gpus: list[SimGpu] = []
         for group in scenario.nodes:
             rack = racks[group.rack_id]
             for name in group.node_names:
                 node = SimNode(name=name, rack=rack)
-                for index in range(group.gpus):
-                    gpu = SimGpu(
-                        uuid=f"GPU-{name}-{index:02d}",
-                        index=index,
-                        model=group.gpu,
-                        state=physics.initial_state(group.gpu, rack.inlet_c),
-                        cap_w=group.gpu.default_limit_w,
-                        node=node,
-                    )
-                    node.gpus.append(gpu)
-                    gpus.append(gpu)
+                members += [(node, index, group.gpu) for index in range(group.gpus)]
                 rack.nodes.append(node)
                 nodes.append(node)
-        for rack in racks.values():
-            rack.power_w = sum(g.state.power_w for n in rack.nodes for g in n.gpus)
+        idle_w_by_rack: dict[str, float] = {}  # every GPU starts idle (physics.initial_state)
+        for node, _, model in members:
+            idle_w_by_rack[node.rack.spec.rack_id] = idle_w_by_rack.get(node.rack.spec.rack_id, 0) + model.idle_w
+        for rack_id, rack in racks.items():
+            rack.power_w = idle_w_by_rack.get(rack_id, 0)
             rack.inlet_c = steady_inlet_c(rack.spec, rack.power_w)
-        for gpu in gpus:
-            gpu.state = physics.initial_state(gpu.model, gpu.node.rack.inlet_c)
+        arrays = GpuArrays([model for _, _, model in members], [node.rack.inlet_c for node, _, _ in members])
+        gpus: list[SimGpu] = []
+        for slot, (node, index, model) in enumerate(members):
+            gpu = SimGpu(uuid=f"GPU-{node.name}-{index:02d}", index=index, model=model, node=node, arrays=arrays, slot=slot)
+            node.gpus.append(gpu)
+            node.free_gpu_count += 1
+            gpus.append(gpu)
         documents = {_policy_key(doc): dict(doc) for doc in scenario.policies}
-        return cls(racks=racks, nodes=nodes, gpus=gpus, policies=documents, parsed_policies=dict(policies))
+        return cls(
+            racks=racks, nodes=nodes, gpus=gpus, policies=documents, gpu_arrays=arrays,
+            rack_arrays=RackArrays(list(racks.values())),
+            gpu_rack=np.array([rack_index[node.rack.spec.rack_id] for node, _, _ in members], dtype=np.int64),
+            parsed_policies=dict(policies),
+        )
 
     def policy_of(self, pod: SimPod) -> Policy | None:
         name = pod.service.policy_name
