@@ -36,18 +36,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from nodeagent.energy import EnergyMeter
 from nodeagent.gpus import GpuBackend, GpuError, GpuSnapshot
 from nodeagent.inlet import InletSource, NoInlet
-from nodeagent.metrics import AgentMetrics
+from nodeagent.metrics import AgentMetrics, GpuLabels
 from nodeagent.podmap import pod_uid_for_pid
 from nodeagent.podresources import PodResourcesSource
 from nodeagent.publisher import NullPublisher, Publisher
-from nodeagent.sources import PolicySource
+from nodeagent.sources import PolicySource, SourceView
 from nodeagent.state import StateFile
 from nodeagent.tokens import TokenRates, metrics_url
 from powercap.agentplan import (
@@ -64,7 +65,7 @@ from powercap.agentplan import (
     plan_node,
 )
 from powercap.control import ControlSettings
-from powercap.objects import KubeObject, object_key
+from powercap.objects import KubeObject, object_key, pod_gpu_container
 from powercap.policies import Policy
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ class Agent:
         self.tokens = tokens
         self.inlet = inlet or NoInlet()
         self.metrics = metrics or AgentMetrics()
+        self.energy = EnergyMeter(backend)
         self.pod_resources = pod_resources
         self._clock = clock
         self._wall_clock = wall_clock
@@ -253,7 +255,7 @@ class Agent:
             {p.uuid: p.tokens_s for p in plans},
         )
         self.publisher.telemetry(telemetry, now_s)
-        self._update_metrics(readings, plans, enforced_w, view.fresh, view.unreadable)
+        self._update_metrics(readings, plans, enforced_w, view, now_s)
         in_force = {r.uuid: r.requested_limit_w for r in readings}
         in_force.update({p.uuid: p.cap_w for p in plans if p.writes and p.uuid in enforced_w})
         with self._lock:
@@ -472,8 +474,9 @@ class Agent:
     # -- degraded GPUs -----------------------------------------------------------------------
     def _gpu_failed(self, uuid: str, operation: str, error: GpuError, now_s: float) -> None:
         kind = type(error).__name__
-        self.metrics.nvml_errors.labels(uuid, kind).inc()
-        self.metrics.degraded.labels(uuid).set(1)
+        identity = self._device_labels(uuid).identity()
+        self.metrics.nvml_errors.labels(**identity, error=kind).inc()
+        self.metrics.degraded.labels(**identity).set(1)
         previous = self._degraded.get(uuid)
         retry_at_s = now_s + self.settings.degraded_retry_s if operation == "set" else 0.0
         self._degraded[uuid] = _Degraded(operation, str(error), kind, previous.since_s if previous else now_s, retry_at_s)
@@ -489,34 +492,58 @@ class Agent:
 
     def _gpu_recovered(self, uuid: str) -> None:
         self._degraded.pop(uuid, None)
-        self.metrics.degraded.labels(uuid).set(0)
+        self.metrics.degraded.labels(**self._device_labels(uuid).identity()).set(0)
         log.info("GPU recovered", extra={"gpu": uuid})
 
     # -- reporting ---------------------------------------------------------------------------
     def _update_metrics(
-        self, readings: Iterable[GpuSnapshot], plans: Iterable[GpuPlan], enforced_w: dict[str, float], fresh: bool,
-        unreadable: Mapping[str, str],
+        self, readings: Iterable[GpuSnapshot], plans: Iterable[GpuPlan], enforced_w: dict[str, float], view: SourceView,
+        now_s: float,
     ) -> None:
         m = self.metrics
-        m.policy_fresh.set(1 if fresh else 0)
-        m.set_unreadable_policies(unreadable)
+        m.policy_fresh.set(1 if view.fresh else 0)
+        m.set_unreadable_policies(view.unreadable)
+        planned = {plan.uuid: plan for plan in plans}
         for r in readings:
-            m.power.labels(r.uuid).set(r.power_w)
-            m.limit.labels(r.uuid).set(enforced_w.get(r.uuid, r.limit_w))
-            m.temperature.labels(r.uuid).set(r.temperature_c)
+            plan = planned.get(r.uuid)
+            labels = self._gpu_labels(r.uuid, plan, view.pods_by_uid)
+            m.show_gpu(labels)
+            series = labels.reading()
+            m.power.labels(**series).set(r.power_w)
+            m.limit.labels(**series).set(enforced_w.get(r.uuid, r.limit_w))
+            m.temperature.labels(**series).set(r.temperature_c)
+            m.energy.labels(**labels.identity()).inc(self.energy.used_since_last_j(r, now_s))
             if r.uuid not in self._degraded:
-                m.degraded.labels(r.uuid).set(0)
+                m.degraded.labels(**labels.identity()).set(0)
             held = r.uuid in self._held_lower or (r.uuid in self.records and r.held_by_other_limiter)
-            m.out_of_band.labels(r.uuid).set(1 if held else 0)
-        for plan in plans:
-            m.planned.labels(plan.uuid).set(plan.cap_w)
+            m.out_of_band.labels(**series).set(1 if held else 0)
+            if plan is None:
+                continue
+            m.planned.labels(**series).set(plan.cap_w)
             if plan.tokens_per_joule is not None:
-                m.ratio.labels(plan.uuid).set(plan.tokens_per_joule)
+                m.ratio.labels(**series).set(plan.tokens_per_joule)
             else:
                 try:
-                    m.ratio.remove(plan.uuid)
+                    m.ratio.remove(*series.values())
                 except KeyError:
                     pass
+
+    def _device_labels(self, uuid: str) -> GpuLabels:
+        """The GPU's identity labels (index, model, node), no pod."""
+        device = next(d for d in self.devices if d.uuid == uuid)
+        return GpuLabels(device.index, device.uuid, device.name, self.settings.node)
+
+    def _gpu_labels(self, uuid: str, plan: GpuPlan | None, pods_by_uid: Mapping[str, KubeObject]) -> GpuLabels:
+        """The GPU's labels with the pod using it and the policy governing it, as far as known."""
+        labels = self._device_labels(uuid)
+        if plan is None:
+            return labels
+        namespace, _, pod = (plan.pod or "").partition("/")
+        pod_object = pods_by_uid.get(plan.pod_uid) if plan.pod_uid else None
+        container = pod_gpu_container(pod_object) if pod_object is not None else None
+        policy = plan.policy
+        return replace(labels, pod=pod, namespace=namespace or (policy.namespace if policy else ""),
+                       container=container or "", policy=policy.name if policy else "")
 
     def _save_state(self) -> None:
         try:

@@ -2,22 +2,32 @@
 
 Every metric lives in the agent's own :class:`~prometheus_client.CollectorRegistry`
 (never the process-global one), so tests and benchmarks can run several agents in one
-process. Metrics (``gpu`` is the GPU's UUID):
+process.
 
-============================================  =======================================================
-``powercap_gpu_power_watts{gpu}``             power drawn (NVML, 100 ms average)
-``powercap_gpu_power_limit_watts{gpu}``       enforced power limit
-``powercap_gpu_planned_limit_watts{gpu}``     the cap the control law wants (Observe / dry-run too)
-``powercap_gpu_temperature_celsius{gpu}``     die temperature
-``powercap_gpu_tokens_per_joule{gpu}``        tokens/s of the GPU's pod over its GPUs' power
-``powercap_gpu_degraded{gpu}``                1 while the last NVML operation on the GPU failed
-``powercap_gpu_limited_out_of_band{gpu}``     1 while another limiter holds the GPU under our cap
-``powercap_cap_changes_total{reason}``        limits written, by reason
-``powercap_nvml_errors_total{gpu,error}``     NVML errors, by GPU and error class
-``powercap_agent_policy_fresh``               1 while the policy view is current
-``powercap_agent_policy_unreadable{policy}``  1 while a policy cannot be read (its caps are held)
-``powercap_agent_tick_duration_seconds``      histogram of one control tick (wall time)
-============================================  =======================================================
+A GPU's series carry dcgm-exporter's label names with dcgm-exporter's meanings, so the two
+join without ``label_replace``: ``gpu`` (the NVML index, a string), ``UUID``
+(``GPU-...``), ``modelName`` (NVML's product name) and ``Hostname`` (the node's name). The
+gauges of a GPU's readings add ``pod``, ``namespace`` and ``container`` of the pod using
+it, empty where no pod is known; ``powercap_gpu_info`` adds the ``policy`` that governs it.
+Counters carry the GPU's identity only, so a new pod never resets them. When a GPU's pod
+changes, its series with the old pod's labels are removed, not left to go stale.
+
+=============================================================  ==================================================
+``powercap_gpu_info{gpu,UUID,modelName,Hostname,pod,...,policy}``  1; who uses the GPU and which policy governs it
+``powercap_gpu_power_watts{gpu,UUID,...,pod,namespace,container}``  power drawn (NVML, 100 ms average)
+``powercap_gpu_power_limit_watts{...}``                        enforced power limit
+``powercap_gpu_planned_limit_watts{...}``                      the cap the control law wants (Observe / dry-run too)
+``powercap_gpu_temperature_celsius{...}``                      die temperature
+``powercap_gpu_tokens_per_joule{...}``                         tokens/s of the GPU's pod over its GPUs' power
+``powercap_gpu_limited_out_of_band{...}``                      1 while another limiter holds the GPU under our cap
+``powercap_gpu_degraded{gpu,UUID,modelName,Hostname}``         1 while the last NVML operation on the GPU failed
+``powercap_gpu_energy_joules_total{gpu,UUID,modelName,Hostname}``  energy since the agent started (:mod:`nodeagent.energy`)
+``powercap_nvml_errors_total{gpu,UUID,modelName,Hostname,error}``  NVML errors, by GPU and error class
+``powercap_cap_changes_total{reason}``                         limits written, by reason
+``powercap_agent_policy_fresh``                                1 while the policy view is current
+``powercap_agent_policy_unreadable{policy}``                   1 while a policy cannot be read (its caps are held)
+``powercap_agent_tick_duration_seconds``                       histogram of one control tick (wall time)
+=============================================================  ==================================================
 
 ``/healthz`` answers 200 while ticks complete (the last one ended less than
 ``3 x interval`` ago), else 503: the DaemonSet's liveness and readiness probes.
@@ -28,6 +38,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -35,8 +46,40 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from powercap.runtime.httpserver import Route, check_reply, metrics_route
 from powercap.runtime.programmetrics import register_program_metrics
 
+# dcgm-exporter's label names (its Kubernetes mapping adds pod, namespace and container)
+GPU_IDENTITY_LABELS = ("gpu", "UUID", "modelName", "Hostname")
+GPU_WORKLOAD_LABELS = ("pod", "namespace", "container")
+GPU_READING_LABELS = GPU_IDENTITY_LABELS + GPU_WORKLOAD_LABELS
+GPU_INFO_LABELS = GPU_READING_LABELS + ("policy",)
 
-GPU_GAUGES = ("power", "limit", "planned", "temperature", "ratio", "degraded", "out_of_band")
+
+@dataclass(frozen=True, slots=True)
+class GpuLabels:
+    """Who a GPU is and who uses it, as its series label it.
+
+    ``pod``, ``namespace`` and ``container`` are the pod's (empty when no pod is known;
+    ``container`` also when several of the pod's containers ask for GPUs); ``policy`` is
+    the name of the policy governing the GPU, in ``namespace`` (for a node run with
+    ``--policy FILE`` and no pod, ``namespace`` is that policy's).
+    """
+
+    index: int
+    uuid: str
+    model: str
+    node: str
+    pod: str = ""
+    namespace: str = ""
+    container: str = ""
+    policy: str = ""
+
+    def identity(self) -> dict[str, str]:
+        return {"gpu": str(self.index), "UUID": self.uuid, "modelName": self.model, "Hostname": self.node}
+
+    def reading(self) -> dict[str, str]:
+        return {**self.identity(), "pod": self.pod, "namespace": self.namespace, "container": self.container}
+
+    def info(self) -> dict[str, str]:
+        return {**self.reading(), "policy": self.policy}
 
 
 class AgentMetrics:
@@ -46,32 +89,53 @@ class AgentMetrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         register_program_metrics(self.registry)
         r = self.registry
-        self.power = Gauge("powercap_gpu_power_watts", "Power drawn by the GPU, in watts.", ["gpu"], registry=r)
-        self.limit = Gauge("powercap_gpu_power_limit_watts", "Enforced power limit of the GPU, in watts.", ["gpu"], registry=r)
+        self.info = Gauge(
+            "powercap_gpu_info",
+            "Always 1: the GPU (dcgm-exporter's gpu, UUID, modelName, Hostname), the pod using it and the policy "
+            "governing it (empty when none).",
+            GPU_INFO_LABELS,
+            registry=r,
+        )
+        self.power = Gauge("powercap_gpu_power_watts", "Power drawn by the GPU, in watts.", GPU_READING_LABELS, registry=r)
+        self.limit = Gauge(
+            "powercap_gpu_power_limit_watts", "Enforced power limit of the GPU, in watts.", GPU_READING_LABELS, registry=r
+        )
         self.planned = Gauge(
             "powercap_gpu_planned_limit_watts",
             "Power limit the control law wants for the GPU, in watts (set only in Enforce mode without --dry-run).",
-            ["gpu"],
+            GPU_READING_LABELS,
             registry=r,
         )
-        self.temperature = Gauge("powercap_gpu_temperature_celsius", "GPU die temperature, in degrees Celsius.", ["gpu"], registry=r)
-        self.ratio = Gauge(
-            "powercap_gpu_tokens_per_joule", "Generated tokens per joule of the pod on the GPU.", ["gpu"], registry=r
+        self.temperature = Gauge(
+            "powercap_gpu_temperature_celsius", "GPU die temperature, in degrees Celsius.", GPU_READING_LABELS, registry=r
         )
-        self.degraded = Gauge(
-            "powercap_gpu_degraded", "1 while the last NVML operation on the GPU failed, else 0.", ["gpu"], registry=r
+        self.ratio = Gauge(
+            "powercap_gpu_tokens_per_joule", "Generated tokens per joule of the pod on the GPU.", GPU_READING_LABELS,
+            registry=r,
         )
         self.out_of_band = Gauge(
             "powercap_gpu_limited_out_of_band",
             "1 while another limiter holds the GPU below the limit the agent set, else 0.",
-            ["gpu"],
+            GPU_READING_LABELS,
+            registry=r,
+        )
+        self.degraded = Gauge(
+            "powercap_gpu_degraded", "1 while the last NVML operation on the GPU failed, else 0.", GPU_IDENTITY_LABELS,
+            registry=r,
+        )
+        self.energy = Counter(
+            "powercap_gpu_energy_joules",
+            "Energy the GPU consumed since the agent started, in joules: from NVML's total energy counter "
+            "(millijoules, read every few seconds) where the GPU has one, else its power integrated over the "
+            "agent's ticks (the agent logs which).",
+            GPU_IDENTITY_LABELS,
             registry=r,
         )
         self.cap_changes = Counter(
             "powercap_cap_changes", "Power limits written to GPUs, by reason.", ["reason"], registry=r
         )
         self.nvml_errors = Counter(
-            "powercap_nvml_errors", "NVML errors, by GPU and error class.", ["gpu", "error"], registry=r
+            "powercap_nvml_errors", "NVML errors, by GPU and error class.", GPU_IDENTITY_LABELS + ("error",), registry=r
         )
         self.policy_fresh = Gauge(
             "powercap_agent_policy_fresh", "1 while the agent's view of policies and pods is current, else 0.", registry=r
@@ -90,6 +154,24 @@ class AgentMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=r,
         )
+        self._shown: dict[str, GpuLabels] = {}
+
+    def show_gpu(self, labels: GpuLabels) -> None:
+        """``powercap_gpu_info`` of the GPU; when its pod or policy changed, the series
+        labelled with the old ones are removed first."""
+        shown = self._shown.get(labels.uuid)
+        if shown == labels:
+            return
+        if shown is not None:
+            self.info.remove(*shown.info().values())
+            if shown.reading() != labels.reading():
+                self._remove_readings(shown)
+        self.info.labels(**labels.info()).set(1)
+        self._shown[labels.uuid] = labels
+
+    def labels_of(self, uuid: str) -> GpuLabels | None:
+        """The labels the GPU's series carry now (None before :meth:`show_gpu`)."""
+        return self._shown.get(uuid)
 
     def set_unreadable_policies(self, policies: Iterable[str]) -> None:
         """``powercap_agent_policy_unreadable`` = 1 for these policies; the series of the
@@ -101,11 +183,16 @@ class AgentMetrics:
             self.policy_unreadable.labels(policy).set(1)
         self._unreadable = now
 
-    def forget_gpu_readings(self, gpu: str) -> None:
+    def forget_gpu_readings(self, uuid: str) -> None:
         """Drop a GPU's reading series (it could not be read: no stale values)."""
+        shown = self._shown.get(uuid)
+        if shown is not None:
+            self._remove_readings(shown)
+
+    def _remove_readings(self, labels: GpuLabels) -> None:
         for gauge in (self.power, self.limit, self.planned, self.temperature, self.ratio, self.out_of_band):
             try:
-                gauge.remove(gpu)
+                gauge.remove(*labels.reading().values())
             except KeyError:
                 pass
 

@@ -125,18 +125,26 @@ def pod_gpus_requested(pod: KubeObject) -> int:
     equal them), so limits are read first.
     """
     spec = pod.get("spec") or {}
-
-    def gpus(container: Mapping[str, Any]) -> int:
-        resources = container.get("resources") or {}
-        for section in ("limits", "requests"):
-            value = (resources.get(section) or {}).get(GPU_RESOURCE)
-            if value is not None:
-                return parse_count(value)
-        return 0
-
-    containers = sum(gpus(c) for c in spec.get("containers") or () if isinstance(c, Mapping))
-    init = max((gpus(c) for c in spec.get("initContainers") or () if isinstance(c, Mapping)), default=0)
+    containers = sum(_container_gpus(c) for c in spec.get("containers") or () if isinstance(c, Mapping))
+    init = max((_container_gpus(c) for c in spec.get("initContainers") or () if isinstance(c, Mapping)), default=0)
     return max(containers, init)
+
+
+def pod_gpu_container(pod: KubeObject) -> str | None:
+    """The name of the one container of the pod that asks for GPUs; None when none or
+    several do (which of them holds a given GPU is then not known from the spec)."""
+    containers = (pod.get("spec") or {}).get("containers") or ()
+    named = [c.get("name") for c in containers if isinstance(c, Mapping) and _container_gpus(c) > 0]
+    return named[0] if len(named) == 1 and isinstance(named[0], str) else None
+
+
+def _container_gpus(container: Mapping[str, Any]) -> int:
+    resources = container.get("resources") or {}
+    for section in ("limits", "requests"):
+        value = (resources.get(section) or {}).get(GPU_RESOURCE)
+        if value is not None:
+            return parse_count(value)
+    return 0
 
 
 def pod_power_annotation_w(pod: KubeObject) -> float | None:

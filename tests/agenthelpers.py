@@ -1,11 +1,13 @@
 """Builders shared by the node agent tests: policies with allocations, pods, a static
-policy source, a publisher that records what it was asked to send, and ``powercap agent``
-run as a process (:class:`AgentProcess`) with a kubeconfig for the fake API server."""
+policy source, a publisher that records what it was asked to send, ``powercap agent``
+run as a process (:class:`AgentProcess`) with a kubeconfig for the fake API server, and
+the value of a series picked by some of its labels (:func:`series_value`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,12 +20,44 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
 from nodeagent.sources import SourceView
 from powercap.policies import Policy, parse_policy
 from powercap.telemetry import NodeTelemetry
 
 NODE = "gpu-node-1"
 AGENT = [sys.executable, "-m", "powercap", "agent"]
+
+
+# dcgm-exporter's label names (UUID, modelName, Hostname), which the agent keeps so that
+# the two join directly, break promtool's snake_case rule; every other finding counts
+DCGM_LABELS_LINT = "label names should be written in 'snake_case' not 'camelCase'"
+
+
+def promtool() -> str:
+    """promtool on PATH or beside the venv's python (scripts/test.sh puts it there)."""
+    found = shutil.which("promtool") or shutil.which("promtool", path=str(Path(sys.executable).parent))
+    assert found, "promtool not found: scripts/test.sh installs it from Debian's prometheus package"
+    return found
+
+
+def metrics_lint_problems(exposition: str) -> list[str]:
+    """What ``promtool check metrics`` finds wrong with an exposition text, but for the
+    dcgm-exporter label names."""
+    lint = subprocess.run([promtool(), "check", "metrics"], input=exposition, capture_output=True, text=True, timeout=30)
+    found = (lint.stdout + lint.stderr).splitlines()
+    return [line for line in found if line.strip() and not line.endswith(DCGM_LABELS_LINT)]
+
+
+def series_value(source: CollectorRegistry | str, name: str, **labels: str) -> float | None:
+    """The value of the one series ``name`` whose labels include ``labels``, from a registry
+    or a scraped exposition text; None when there is none."""
+    families = text_string_to_metric_families(source) if isinstance(source, str) else source.collect()
+    values = [s.value for f in families for s in f.samples if s.name == name and labels.items() <= s.labels.items()]
+    assert len(values) <= 1, f"{name}{labels} picks {len(values)} series"
+    return values[0] if values else None
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:

@@ -16,7 +16,7 @@ from nodeagent.nvml import NvmlBackend
 from nodeagent.simulated import ManualClock
 from nodeagent.state import StateFile
 from powercap.agentplan import split_allocation
-from tests.agenthelpers import NODE, RecordingPublisher, StaticSource, pod, policy
+from tests.agenthelpers import NODE, RecordingPublisher, StaticSource, pod, policy, series_value
 from tests.fakes.nvml import FakeNvml, NvmlReturn
 
 GPU0, GPU1 = "GPU-fa4e0000-0000-4000-8000-000000000000", "GPU-fa4e0000-0000-4000-8000-000000000001"
@@ -57,7 +57,8 @@ class Harness:
         self.agent.tick()
 
     def sample(self, name: str, **labels: str) -> float | None:
-        return self.metrics.registry.get_sample_value(name, labels)
+        """The value of the one series of ``name`` with these labels (among others); None without one."""
+        return series_value(self.metrics.registry, name, **labels)
 
     def state(self) -> dict[str, float]:
         document = json.loads(self.state_path.read_text())
@@ -109,8 +110,8 @@ def test_out_of_band_limiter_is_reported_not_fought(harness: Harness, fake: Fake
     harness.tick()
     harness.tick()
     assert (fake.limit_w(0), fake.enforced_limit_w(0), fake.set_calls()) == (400, 300, 1)
-    assert harness.sample("powercap_gpu_limited_out_of_band", gpu=GPU0) == 1
-    assert harness.sample("powercap_gpu_power_limit_watts", gpu=GPU0) == 300
+    assert harness.sample("powercap_gpu_limited_out_of_band", UUID=GPU0) == 1
+    assert harness.sample("powercap_gpu_power_limit_watts", UUID=GPU0) == 300
     assert "PowerLimitHeldLower" in harness.publisher.reasons()
     assert harness.publisher.telemetries[-1].gpus[0].limit_w == 300
 
@@ -133,22 +134,22 @@ def test_a_gpu_whose_set_fails_counts_at_its_limit_and_the_other_makes_room(
     harness.source.set(policy(caps_w={GPU0: 400, GPU1: 400}))
     harness.tick()
     assert (fake.limit_w(0), fake.limit_w(1)) == (700, 400)  # both lowers tried; GPU 0's failed
-    assert harness.sample("powercap_nvml_errors_total", gpu=GPU0, error=error) == 1
-    assert harness.sample("powercap_gpu_degraded", gpu=GPU0) == 1
-    assert harness.sample("powercap_gpu_degraded", gpu=GPU1) == 0
+    assert harness.sample("powercap_nvml_errors_total", UUID=GPU0, error=error) == 1
+    assert harness.sample("powercap_gpu_degraded", UUID=GPU0) == 1
+    assert harness.sample("powercap_gpu_degraded", UUID=GPU1) == 0
     status = harness.agent.status()["gpus"]
     assert status[0]["degraded"] and error in status[0]["error"] and not status[1]["degraded"]
     assert (status[0]["capW"], status[0]["plannedW"]) == (700, 400)  # the limit in force, then the plan
     assert GPU0 not in harness.state()
     harness.tick()  # within the retry delay: not hammered, and counted at the 700 W it holds
     assert (fake.limit_w(0), fake.limit_w(1)) == (700, 200)
-    assert harness.sample("powercap_nvml_errors_total", gpu=GPU0, error=error) == 1
-    assert harness.sample("powercap_gpu_power_limit_watts", gpu=GPU0) == 700
+    assert harness.sample("powercap_nvml_errors_total", UUID=GPU0, error=error) == 1
+    assert harness.sample("powercap_gpu_power_limit_watts", UUID=GPU0) == 700
     assert harness.agent.status()["gpus"][0]["reason"] == "setter-failing"
     fake.clear_errors()
     harness.tick(30.0)
     assert (fake.limit_w(0), fake.limit_w(1)) == (400, 400)  # GPU 0's lower went first, then GPU 1's raise
-    assert harness.sample("powercap_gpu_degraded", gpu=GPU0) == 0
+    assert harness.sample("powercap_gpu_degraded", UUID=GPU0) == 0
 
 
 def test_a_raise_waits_while_a_lower_of_the_same_policy_fails(harness: Harness, fake: FakeNvml) -> None:
@@ -174,12 +175,12 @@ def test_a_failing_read_degrades_that_gpu_and_it_counts_at_its_limit(harness: Ha
     # GPU 0's limit is read alone (700 W): GPU 1 makes room, down to its minimum
     assert (fake.limit_w(0), fake.limit_w(1)) == (700, 200)
     assert [g.uuid for g in harness.publisher.telemetries[-1].gpus] == [GPU1]
-    assert harness.sample("powercap_gpu_power_watts", gpu=GPU0) is None
-    assert harness.sample("powercap_gpu_degraded", gpu=GPU0) == 1
+    assert harness.sample("powercap_gpu_power_watts", UUID=GPU0) is None
+    assert harness.sample("powercap_gpu_degraded", UUID=GPU0) == 1
     assert harness.agent.status()["gpus"][0]["countedW"] == 700
     fake.clear_errors()
     harness.tick()
-    assert (fake.limit_w(0), fake.limit_w(1)) == (400, 400) and harness.sample("powercap_gpu_degraded", gpu=GPU0) == 0
+    assert (fake.limit_w(0), fake.limit_w(1)) == (400, 400) and harness.sample("powercap_gpu_degraded", UUID=GPU0) == 0
 
 
 def test_an_unreadable_gpu_whose_limit_cannot_be_read_counts_at_its_maximum(harness: Harness, fake: FakeNvml) -> None:
@@ -269,8 +270,8 @@ def test_dry_run_never_calls_a_setter(fake: FakeNvml, tmp_path: Path) -> None:
     for _ in range(3):
         h.tick()
     assert fake.set_calls() == 0
-    assert h.sample("powercap_gpu_planned_limit_watts", gpu=GPU0) == 400
-    assert h.sample("powercap_gpu_planned_limit_watts", gpu=GPU1) == 700
+    assert h.sample("powercap_gpu_planned_limit_watts", UUID=GPU0) == 400
+    assert h.sample("powercap_gpu_planned_limit_watts", UUID=GPU1) == 700
     h.agent.close(restore=True)
     assert fake.set_calls() == 0
 
@@ -281,7 +282,7 @@ def test_observe_mode_never_calls_a_setter(harness: Harness, fake: FakeNvml) -> 
         harness.tick()
     assert fake.set_calls() == 0
     assert harness.agent.status()["gpus"][0]["action"] == "observe"
-    assert harness.sample("powercap_gpu_planned_limit_watts", gpu=GPU1) == 300
+    assert harness.sample("powercap_gpu_planned_limit_watts", UUID=GPU1) == 300
 
 
 def test_exit_keeps_caps_unless_restore_on_exit(fake: FakeNvml, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """The PrometheusRule of config/monitoring: promtool accepts it, its unit tests pass, every
-alert fires in them, uses only metrics that exist, and is documented in docs/alerts.md."""
+alert fires in them, uses only metrics that exist, is documented in docs/alerts.md and links
+its runbook section there."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ RULE_FILE = REPO_ROOT / "config" / "monitoring" / "alerts.yaml"
 PROMTOOL_TESTS = REPO_ROOT / "tests" / "data" / "alerts-promtool-test.yaml"
 DOC = REPO_ROOT / "docs" / "alerts.md"
 SEVERITIES = {"critical", "warning", "info"}
+# the project's docs as a browser opens them from an alert (Alertmanager, Grafana)
+RUNBOOK_BASE = "https://github.com/powercap/powercap/blob/main/docs/alerts.md#"
 PROMQL_WORDS = {"and", "or", "unless", "max", "min", "sum", "rate", "increase", "absent", "histogram_quantile"}
 
 
@@ -82,11 +85,47 @@ def test_every_alert_is_labelled_annotated_and_documented(rule: dict[str, Any]) 
         name = alert["alert"]
         assert alert["labels"]["severity"] in SEVERITIES, name
         assert {"summary", "description"} <= set(alert["annotations"]), name
-        assert f"docs/alerts.md#{name.lower()}" in alert["annotations"]["description"], name
         assert name in headings, f"docs/alerts.md has no section {name}"
         row = re.search(rf"^\| \[{name}\]\(#{name.lower()}\) \| (\w+) \|", doc, re.MULTILINE)
         assert row and row.group(1) == alert["labels"]["severity"], f"{name}: the table's severity"
     assert headings - {"Alerts"} == set(names)
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings: lower case, punctuation but
+    ``-`` and ``_`` dropped, spaces as ``-``; a repeated heading gets ``-1``, ``-2``, ..."""
+    anchors: set[str] = set()
+    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", markdown, re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchor, repeat = slug, 0
+        while anchor in anchors:
+            repeat += 1
+            anchor = f"{slug}-{repeat}"
+        anchors.add(anchor)
+    return anchors
+
+
+@pytest.mark.parametrize(
+    ("markdown", "anchors"),
+    [
+        pytest.param("## PowercapAgentDown\n", {"powercapagentdown"}, id="alert-name"),
+        pytest.param("## What to do: first, look\n", {"what-to-do-first-look"}, id="punctuation"),
+        pytest.param("## Steps\n### Steps\n", {"steps", "steps-1"}, id="repeated"),
+    ],
+)
+def test_anchors_are_made_as_github_makes_them(markdown: str, anchors: set[str]) -> None:
+    assert github_anchors(markdown) == anchors
+
+
+def test_every_alert_links_its_runbook_section(rule: dict[str, Any]) -> None:
+    """Alertmanager and Grafana show ``runbook_url`` as a link: it must open the alert's own
+    section of docs/alerts.md."""
+    anchors = github_anchors(DOC.read_text())
+    for alert in alerts(rule):
+        url = alert["annotations"].get("runbook_url", "")
+        assert url.startswith(RUNBOOK_BASE), f"{alert['alert']}: runbook_url {url!r}"
+        anchor = url.removeprefix(RUNBOOK_BASE)
+        assert anchor == alert["alert"].lower() and anchor in anchors, f"{alert['alert']}: no section #{anchor}"
 
 
 def test_the_rules_use_only_metrics_that_exist(rule: dict[str, Any]) -> None:

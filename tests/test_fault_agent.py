@@ -33,6 +33,7 @@ from tests.agenthelpers import (
     allocation_document,
     node_object,
     policy_document,
+    series_value,
     wait_until,
     write_kubeconfig,
 )
@@ -179,11 +180,8 @@ def recorded_caps_w(tmp_path: Path) -> dict[str, float]:
     return {uuid: gpu["capW"] for uuid, gpu in document["gpus"].items()}
 
 
-def metric(agent: AgentProcess, series: str) -> float | None:
-    for line in agent.get("/metrics").decode().splitlines():
-        if line.startswith(series + " "):
-            return float(line.split()[-1])
-    return None
+def metric(agent: AgentProcess, name: str, **labels: str) -> float | None:
+    return series_value(agent.get("/metrics").decode(), name, **labels)
 
 
 # -- 1. a policy the agent's validator refuses ---------------------------------------------
@@ -212,7 +210,7 @@ def test_invalid_policy_keeps_its_caps_and_an_unreadable_one_holds_them(
     sampler.assert_held()
     assert limits_w(fake) == [242] * GPUS
     assert "powerCapLimit" in agent.status()["unreadablePolicies"]["inference/llama"]
-    assert metric(agent, 'powercap_agent_policy_unreadable{policy="inference/llama"}') == 1.0
+    assert metric(agent, "powercap_agent_policy_unreadable", policy="inference/llama") == 1.0
     assert len(agent.logged("policy unreadable: holding the caps of its GPUs")) == 1
     assert len(agent.logged("policy refused by this agent's validator: enforcing its cap, selector and allocations")) == 1
     assert len(agent.logged("power cap changed")) == GPUS  # the first caps, then not one write
@@ -343,7 +341,7 @@ def test_gpu_whose_set_fails_counts_at_its_limit_and_the_others_make_room(
     assert limits_w(fake) == [700, 284, 284, 284]
     gpu0 = agent.status()["gpus"][0]
     assert (gpu0["capW"], gpu0["degraded"]) == (700, True) and "NoPermission" in gpu0["error"]
-    assert metric(agent, f'powercap_gpu_power_limit_watts{{gpu="{UUIDS[0]}"}}') == 700.0
+    assert metric(agent, "powercap_gpu_power_limit_watts", UUID=UUIDS[0]) == 700.0
 
 
 # -- 7. a file policy whose minimums pass its cap ----------------------------------------------

@@ -10,6 +10,7 @@ from powercap.objects import (
     node_gpu_capacity,
     node_rack,
     object_key,
+    pod_gpu_container,
     pod_gpus_requested,
     pod_is_active,
     pod_power_annotation_w,
@@ -36,6 +37,25 @@ def container(gpus: Any = None, section: str = "limits") -> dict[str, Any]:
 )
 def test_pod_gpus_requested(spec: dict[str, Any], expected: int) -> None:
     assert pod_gpus_requested({"spec": spec}) == expected
+
+
+def named(name: str, gpus: Any = None, section: str = "limits") -> dict[str, Any]:
+    return {**container(gpus, section), "name": name}
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        pytest.param({"containers": [named("server", 1), named("proxy")]}, "server", id="one-asks"),
+        pytest.param({"containers": [named("server", "2", "requests")]}, "server", id="requests-only"),
+        pytest.param({"containers": [named("a", 1), named("b", 1)]}, None, id="several-ask"),
+        pytest.param({"containers": [named("proxy")], "initContainers": [named("warm", 1)]}, None, id="init-only"),
+        pytest.param({}, None, id="no-containers"),
+    ],
+)
+def test_pod_gpu_container(spec: dict[str, Any], expected: str | None) -> None:
+    """The container named on a GPU's series: the one that asks for GPUs, when it is one."""
+    assert pod_gpu_container({"spec": spec}) == expected
 
 
 @pytest.mark.parametrize(
