@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make the webhook's certificate with `powercap certs`, store it in the Secret the webhook
-# Deployment mounts (powercap-webhook-tls), and put the CA into the caBundle of both
-# webhook configurations. Running it again renews the serving certificate from the same CA
+# Deployment mounts (powercap-webhook-tls: tls.crt, tls.key and the CA's ca.crt, which
+# Prometheus verifies the webhook's /metrics with, as with cert-manager's Secret), and put
+# the CA into the caBundle of both webhook configurations. Running it again renews the serving certificate from the same CA
 # (kept in OUT), so the caBundle does not change and the webhook reloads the new files.
 #
 # The Secret is written with server-side apply, never `kubectl apply` client-side, which
@@ -35,8 +36,9 @@ if [ -z "${POWERCAP:-}" ]; then
 fi
 
 CA_BUNDLE="$("$POWERCAP" certs --service "$SERVICE" --namespace "$NAMESPACE" --out "$OUT" --days "$DAYS")"
-"$KUBECTL" -n "$NAMESPACE" create secret tls powercap-webhook-tls \
-  --cert="$OUT/tls.crt" --key="$OUT/tls.key" --dry-run=client -o yaml |
+"$KUBECTL" -n "$NAMESPACE" create secret generic powercap-webhook-tls --type=kubernetes.io/tls \
+  --from-file=tls.crt="$OUT/tls.crt" --from-file=tls.key="$OUT/tls.key" --from-file=ca.crt="$OUT/ca.crt" \
+  --dry-run=client -o yaml |
   "$KUBECTL" apply --server-side --force-conflicts --field-manager=powercap-webhook-certs -f -
 "$KUBECTL" -n "$NAMESPACE" annotate secret powercap-webhook-tls kubectl.kubernetes.io/last-applied-configuration- >/dev/null
 for kind in validating mutating; do

@@ -147,7 +147,11 @@ def test_cert_manager_component_issues_the_secret_and_injects_the_ca(tmp_path: P
 def test_cert_script_makes_the_secret_and_patches_both_ca_bundles(tmp_path: Path) -> None:
     calls = tmp_path / "calls"
     fake_kubectl = tmp_path / "kubectl"
-    fake_kubectl.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n[ "$1" = apply ] && cat >> {calls}\nexit 0\n')
+    # the Secret's manifest is the real kubectl's (client-side dry run: no cluster needed)
+    real_kubectl = shutil.which("kubectl")
+    assert real_kubectl, "kubectl is missing"
+    fake_kubectl.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n[ "$3" = create ] && exec {real_kubectl} "$@"\n'
+                            f'[ "$1" = apply ] && cat > {calls}.applied\nexit 0\n')
     fake_kubectl.chmod(0o755)
     out = tmp_path / "certs"
     env = {**os.environ, "KUBECTL": str(fake_kubectl), "POWERCAP": str(Path(sys.executable).parent / "powercap")}
@@ -156,7 +160,12 @@ def test_cert_script_makes_the_secret_and_patches_both_ca_bundles(tmp_path: Path
     assert result.returncode == 0, result.stderr
     log = calls.read_text()
     ca_bundle = base64.b64encode((out / "ca.crt").read_bytes()).decode()
-    assert f"-n powercap-system create secret tls powercap-webhook-tls --cert={out}/tls.crt --key={out}/tls.key --dry-run=client -o yaml" in log
+    secret = yaml.safe_load((tmp_path / "calls.applied").read_text())
+    assert (secret["kind"], secret["type"], secret["metadata"]["name"]) == ("Secret", "kubernetes.io/tls", "powercap-webhook-tls")
+    # ca.crt beside the pair: the webhook's PodMonitor verifies the serving certificate with it
+    assert {key: base64.b64decode(value) for key, value in secret["data"].items()} == {
+        name: (out / name).read_bytes() for name in ("tls.crt", "tls.key", "ca.crt")
+    }
     # never a client-side apply: it would copy tls.key into the last-applied-configuration annotation
     applies = [line for line in log.splitlines() if line.startswith("apply")]
     assert applies == ["apply --server-side --force-conflicts --field-manager=powercap-webhook-certs -f -"]
