@@ -7,7 +7,7 @@
 - The policy metrics kube-state-metrics derives from PowerCappingPolicies with
   ``config/monitoring/kube-state-metrics.yaml`` (a CustomResourceStateMetrics config).
 
-docs/metrics.md and docs/grafana-dashboard.json are checked against this catalogue;
+docs/metrics.md and config/monitoring/grafana-dashboard.json are checked against this catalogue;
 :func:`documented_promql` reads the PromQL examples of docs/metrics.md.
 """
 

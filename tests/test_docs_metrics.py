@@ -1,8 +1,9 @@
 """docs/metrics.md lists exactly the metrics powercap exposes, and the Grafana dashboard
 queries only those, in PromQL that Prometheus accepts.
 
-An operator builds alerts from docs/metrics.md and imports docs/grafana-dashboard.json; a
-renamed metric or label must fail here, not show up as an empty panel.
+An operator builds alerts from docs/metrics.md and loads config/monitoring/grafana-dashboard.json
+(the monitoring Component ships it as a ConfigMap for Grafana's dashboard sidecar); a renamed
+metric or label must fail here, not show up as an empty panel.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
+from tests.manifests import kustomize_overlay
 from tests.metrics_catalog import KSM_COMMON_LABELS, Metric, all_metrics, documented_promql
 
 DOC = REPO_ROOT / "docs" / "metrics.md"
-DASHBOARD = REPO_ROOT / "docs" / "grafana-dashboard.json"
+DASHBOARD = REPO_ROOT / "config" / "monitoring" / "grafana-dashboard.json"
 # Labels Prometheus adds to every scraped series (node: the PodMonitors' relabeling).
 TARGET_LABELS = {"node", "instance", "job", "pod", "namespace", "container", "le"}
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
@@ -112,6 +114,22 @@ def test_dashboard_is_a_grafana_dashboard(dashboard: dict[str, Any]) -> None:
         assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24 and grid["h"] > 0
         if panel["type"] != "row":
             assert panel["targets"] and panel["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+# kubectl apply (client-side) copies the whole object into an annotation, which may hold 256 KiB
+APPLY_ANNOTATION_LIMIT_BYTES = 262144
+
+
+def test_the_monitoring_component_ships_the_dashboard_for_grafanas_sidecar(tmp_path: Path) -> None:
+    """Grafana's dashboard sidecar loads every ConfigMap labelled grafana_dashboard: "1"; the
+    dashboard in it must be the file's, provisionable as is (no import-time ${DS_...} inputs)."""
+    built = kustomize_overlay(tmp_path, ["config/default"], ["config/monitoring"])
+    [shipped] = [m for m in built if m["kind"] == "ConfigMap" and m["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    assert shipped["metadata"]["namespace"] == "powercap-system"
+    [(name, text)] = shipped["data"].items()
+    assert name.endswith(".json") and json.loads(text) == json.loads(DASHBOARD.read_text())
+    assert "__inputs" not in json.loads(text) and "${DS_" not in text
+    assert len(json.dumps(shipped)) < APPLY_ANNOTATION_LIMIT_BYTES
 
 
 def test_dashboard_queries_only_metrics_and_labels_that_exist(dashboard: dict[str, Any], catalog: dict[str, Metric]) -> None:
