@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from powercap import physics
-from powercap.simulation.decisions import OracleGpu, oracle_split_w
+from powercap.simulation.decisions import OracleGpu, oracle_greedy_w, oracle_split_w
 from powercap.simulation.metrics import excluded_seconds, recovery_time_s, weighted_percentile
 from powercap.simulation.scenario import Burst, Cooling, Rack, default_scenario_text, load_scenario
 from powercap.simulation.workload import bounded_shares, build_trace, daily_factor, pod_weight
@@ -200,3 +200,21 @@ def test_the_gpu_arrays_advance_every_gpu_as_the_scalar_physics_does() -> None:
         assert float(arrays.tokens_s[slot]) == pytest.approx(new.tokens_s, rel=1e-12, abs=1e-9)
         assert float(energy_step_j[slot]) == pytest.approx(new.energy_j - state.energy_j, rel=1e-9)
         assert float(token_step[slot]) == pytest.approx(new.tokens - state.tokens, rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_oracle_fills_by_classes_exactly_as_step_by_step(seed: int) -> None:
+    """oracle_split_w (the fill by classes of equal gain) takes the very steps oracle_greedy_w pops one by one:
+    mixed models, prefill shares, tokens scales and loads (idle, saturated, in between), caps from nothing to plenty."""
+    rng = random.Random(seed)
+    for _ in range(60):
+        gpus = [
+            OracleGpu(
+                rng.choice([H200, L40S]),
+                physics.Workload(rng.choice([0.0, 1.0, rng.uniform(0.0, 1.0), rng.uniform(0.9, 1.0)]), rng.choice([0.0, 0.1, 0.25, 0.5, 1.0])),
+                rng.choice([1.0, 2.0588, 8.75]),
+            )
+            for _ in range(rng.randint(1, 40))
+        ]
+        cap_w = rng.uniform(0.0, 1.1 * sum(g.model.max_limit_w for g in gpus))
+        assert oracle_split_w(gpus, cap_w) == pytest.approx(oracle_greedy_w(gpus, cap_w), abs=1e-9)

@@ -196,6 +196,7 @@ class _Run:
         self.policies_version = 0  # counts policy writes: what depends on the policies is recomputed after one
         self.fixed_caps: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
         self.policy_gpus: tuple[int, dict[str, int]] | None = None
+        self.oracle_gpus: tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]] | None = None
         self.layout: _Layout | None = None
         self.second_sums = _SecondSums(len(scenario.services), len(scenario.racks))
         self.controller_due = 0.0
@@ -426,21 +427,33 @@ class _Run:
 
     def _oracle_caps(self) -> None:
         """The oracle bound: each enforced policy's cap split for the most tokens/s at the loads now."""
-        by_policy: dict[str, list[SimGpu]] = {}
-        for pod in self.world.pods.values():
-            key = self.pod_policy.get(pod.key)
-            if pod.node is not None and key is not None:
-                by_policy.setdefault(key, []).extend(pod.gpus)
-        for key, gpus in by_policy.items():
+        gpus = self.world.gpu_arrays
+        for key, (slots, tokens_scale) in self._gpus_by_policy().items():
             policy = self.world.parsed_policies.get(key)
             if policy is None or not policy.enforced:
                 continue
-            known = [
-                decisions.OracleGpu(gpu.model, gpu.workload, gpu.pod.service.tokens_scale if gpu.pod is not None else 1.0)
-                for gpu in gpus
-            ]
-            for gpu, cap_w in zip(gpus, decisions.oracle_split_w(known, policy.power_cap_w)):
-                gpu.cap_w = cap_w
+            gpus.cap_w[slots] = decisions.oracle_split_arrays_w(
+                gpus.distinct_models, gpus.model_index[slots], gpus.load[slots], gpus.prefill_share[slots], tokens_scale,
+                policy.power_cap_w,
+            )
+
+    def _gpus_by_policy(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per policy, the GPUs of its bound pods and their services' tokens scale."""
+        layout_changes = self.world.pod_arrays.layout_changes
+        if self.oracle_gpus is None or self.oracle_gpus[0] != layout_changes:
+            by_policy: dict[str, list[SimGpu]] = {}
+            for pod in self.world.pods.values():
+                key = self.pod_policy.get(pod.key)
+                if pod.node is not None and key is not None:
+                    by_policy.setdefault(key, []).extend(pod.gpus)
+            self.oracle_gpus = (layout_changes, {
+                key: (
+                    np.array([gpu.slot for gpu in gpus], dtype=np.int64),
+                    np.array([gpu.pod.service.tokens_scale if gpu.pod is not None else 1.0 for gpu in gpus]),
+                )
+                for key, gpus in by_policy.items()
+            })
+        return self.oracle_gpus[1]
 
     def _policy_gpus(self, policy_key: str) -> int:
         """GPUs of the bound pods under the policy."""

@@ -106,19 +106,27 @@ def _phase_speeds(cap_w: np.ndarray, idle_w: Any, saturation_w: Any, exponent: A
     return np.where(cap_w >= saturation_w, 1.0, np.power((cap_w - idle_w) / (saturation_w - idle_w), exponent))
 
 
-def operating_points(
-    model: ModelColumns | GpuModel, cap_w: np.ndarray, load: Any, prefill_share: Any
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`powercap.physics.operating_point` of arrays: (power W, tokens/s, relative throughput),
-    the same operations in the same order (``np.power`` may differ from ``math.pow`` in the last bit)."""
+def work_times(model: ModelColumns | GpuModel, cap_w: np.ndarray, prefill_share: Any) -> tuple[np.ndarray, ...]:
+    """Of :func:`powercap.physics.operating_point`: the clamped cap ``C``, the prefill and decode
+    times ``p / s_pre`` and ``(1 - p) / s_dec`` and their sum ``T``, the time one uncapped
+    busy-second of work takes under ``C``."""
     cap = np.minimum(np.maximum(cap_w, model.min_limit_w), model.max_limit_w)
-    load = np.minimum(np.maximum(load, 0.0), 1.0)
     share = np.minimum(np.maximum(prefill_share, 0.0), 1.0)
     speed_pre = _phase_speeds(cap, model.idle_w, model.peak_compute_w, model.prefill_exponent)
     speed_dec = _phase_speeds(cap, model.idle_w, model.decode_saturation_w, model.decode_exponent)
     time_pre = share / speed_pre
     time_dec = (1.0 - share) / speed_dec
-    work_time = time_pre + time_dec
+    return cap, time_pre, time_dec, time_pre + time_dec
+
+
+def operating_points(
+    model: ModelColumns | GpuModel, cap_w: np.ndarray, load: Any, prefill_share: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`powercap.physics.operating_point` of arrays: (power W, tokens/s, relative throughput),
+    the same operations in the same order (``np.power`` may differ from ``math.pow`` in the last bit)."""
+    cap, time_pre, time_dec, work_time = work_times(model, cap_w, prefill_share)
+    load = np.minimum(np.maximum(load, 0.0), 1.0)
+    share = np.minimum(np.maximum(prefill_share, 0.0), 1.0)
     busy = np.minimum(1.0, load * work_time)
     busy_power_w = (
         time_pre * np.minimum(cap, model.peak_compute_w) + time_dec * np.minimum(cap, model.decode_saturation_w)
@@ -147,6 +155,9 @@ class GpuArrays:
     def __init__(self, models: Sequence[GpuModel], inlet_c: Sequence[float]) -> None:
         self.models = list(models)
         self.columns = ModelColumns(self.models)
+        self.distinct_models = list({id(model): model for model in self.models}.values())
+        number = {id(model): index for index, model in enumerate(self.distinct_models)}
+        self.model_index = np.array([number[id(model)] for model in self.models], dtype=np.int64)  # in distinct_models
         states = [physics.initial_state(model, inlet) for model, inlet in zip(self.models, inlet_c)]
         self.power_w = np.array([state.power_w for state in states], dtype=float)
         self.temperature_c = np.array([state.temperature_c for state in states], dtype=float)
