@@ -139,43 +139,41 @@ def kubelet() -> Iterator[FakeKubelet]:
     served.remove()
 
 
-def test_gpu_series_carry_dcgm_exporters_labels_and_the_pod_and_policy_of_the_gpu(kubelet: FakeKubelet) -> None:
+@pytest.fixture
+def serving(kubelet: FakeKubelet) -> Iterator[Running]:
+    """An agent after one tick: both GPUs allocated to inference/llama, GPU 1 given by the
+    kubelet to llama-0's container "server", GPU 0 to no pod yet."""
     running = Running(PodResourcesSource(kubelet.socket_path))
-    try:
-        kubelet.assignments = {"inference/llama-0": {"server": {"nvidia.com/gpu": [running.uuids[1]]}}}
-        running.source.set(policy(caps_w={running.uuids[0]: 400, running.uuids[1]: 500}), pods={POD_UID: serving_pod()})
-        running.tick()
-        text = running.scrape()
-        gpu_1 = {"gpu": "1", "UUID": running.uuids[1], "modelName": "H200-like", "Hostname": NODE}
-        assert series_value(text, "powercap_gpu_info", **gpu_1, pod="llama-0", namespace="inference",
-                            container="server", policy="llama") == 1
-        assert series_value(text, "powercap_gpu_power_limit_watts", **gpu_1, pod="llama-0", namespace="inference",
-                            container="server") == 500
-        # GPU 0 is in the policy's allocation with no pod on it yet
-        assert series_value(text, "powercap_gpu_info", gpu="0", UUID=running.uuids[0], pod="", container="",
-                            namespace="inference", policy="llama") == 1
-        assert series_value(text, "powercap_gpu_degraded", **gpu_1) == 0
-    finally:
-        running.server.stop()
+    kubelet.assignments = {"inference/llama-0": {"server": {"nvidia.com/gpu": [running.uuids[1]]}}}
+    running.source.set(policy(caps_w={running.uuids[0]: 400, running.uuids[1]: 500}), pods={POD_UID: serving_pod()})
+    running.tick()
+    yield running
+    running.server.stop()
 
 
-def test_a_gpu_whose_pod_left_keeps_no_series_of_that_pod(kubelet: FakeKubelet) -> None:
-    running = Running(PodResourcesSource(kubelet.socket_path))
-    try:
-        kubelet.assignments = {"inference/llama-0": {"server": {"nvidia.com/gpu": [running.uuids[1]]}}}
-        running.source.set(policy(caps_w={running.uuids[1]: 500}), pods={POD_UID: serving_pod()})
-        running.tick()
-        assert series_value(running.scrape(), "powercap_gpu_info", gpu="1", pod="llama-0") == 1
-        kubelet.assignments = {}
-        running.source.set(policy(caps_w={}))
-        running.tick()
-        text = running.scrape()
-        assert series_value(text, "powercap_gpu_info", gpu="1", pod="llama-0") is None
-        assert series_value(text, "powercap_gpu_power_watts", gpu="1", pod="llama-0") is None
-        assert series_value(text, "powercap_gpu_info", gpu="1") == 1  # one series: no pod, no policy
-        assert series_value(text, "powercap_gpu_info", gpu="1", pod="", policy="") == 1
-    finally:
-        running.server.stop()
+def test_gpu_series_carry_dcgm_exporters_labels_and_the_pod_and_policy_of_the_gpu(serving: Running) -> None:
+    text = serving.scrape()
+    gpu_1 = {"gpu": "1", "UUID": serving.uuids[1], "modelName": "H200-like", "Hostname": NODE}
+    assert series_value(text, "powercap_gpu_info", **gpu_1, pod="llama-0", namespace="inference",
+                        container="server", policy="llama") == 1
+    assert series_value(text, "powercap_gpu_power_limit_watts", **gpu_1, pod="llama-0", namespace="inference",
+                        container="server") == 500
+    # GPU 0 is in the policy's allocation with no pod on it yet
+    assert series_value(text, "powercap_gpu_info", gpu="0", UUID=serving.uuids[0], pod="", container="",
+                        namespace="inference", policy="llama") == 1
+    assert series_value(text, "powercap_gpu_degraded", **gpu_1) == 0
+
+
+def test_a_gpu_whose_pod_left_keeps_no_series_of_that_pod(serving: Running, kubelet: FakeKubelet) -> None:
+    assert series_value(serving.scrape(), "powercap_gpu_info", gpu="1", pod="llama-0") == 1
+    kubelet.assignments = {}
+    serving.source.set(policy(caps_w={}))
+    serving.tick()
+    text = serving.scrape()
+    assert series_value(text, "powercap_gpu_info", gpu="1", pod="llama-0") is None
+    assert series_value(text, "powercap_gpu_power_watts", gpu="1", pod="llama-0") is None
+    assert series_value(text, "powercap_gpu_info", gpu="1") == 1  # one series: no pod, no policy
+    assert series_value(text, "powercap_gpu_info", gpu="1", pod="", policy="") == 1
 
 
 def test_energy_comes_from_nvmls_counter_every_few_seconds(running: Running) -> None:
@@ -190,26 +188,22 @@ def test_energy_comes_from_nvmls_counter_every_few_seconds(running: Running) -> 
 
 def test_energy_without_an_nvml_counter_is_power_integrated_over_the_ticks(running: Running) -> None:
     running.backend.inject_error("total_energy_j", NotSupported, index=1)
-    powers_w = []
+    powers_w: list[float] = []
     for _ in range(4):
         running.tick()
-        powers_w.append(series_value(running.scrape(), "powercap_gpu_power_watts", gpu="1"))
+        power_w = series_value(running.scrape(), "powercap_gpu_power_watts", gpu="1")
+        assert power_w is not None
+        powers_w.append(power_w)
     trapezoids_j = sum((a + b) / 2 * 1.0 for a, b in zip(powers_w, powers_w[1:]))
+    assert trapezoids_j > 0
     assert series_value(running.scrape(), "powercap_gpu_energy_joules_total", gpu="1") == pytest.approx(trapezoids_j)
 
 
-def test_the_documented_dcgm_join_names_each_gpus_policy(kubelet: FakeKubelet, tmp_path: Path) -> None:
+def test_the_documented_dcgm_join_names_each_gpus_policy(serving: Running, tmp_path: Path) -> None:
     """docs/metrics.md's first join, run by promtool on dcgm-exporter's power series and the
     agent's powercap_gpu_info as scraped (honorLabels: the agent's own labels kept): each
     GPU's watts go to its policy; a GPU powercap does not know stays out."""
-    running = Running(PodResourcesSource(kubelet.socket_path))
-    try:
-        kubelet.assignments = {"inference/llama-0": {"server": {"nvidia.com/gpu": [running.uuids[1]]}}}
-        running.source.set(policy(caps_w={running.uuids[0]: 400, running.uuids[1]: 500}), pods={POD_UID: serving_pod()})
-        running.tick()
-        scraped = running.scrape()
-    finally:
-        running.server.stop()
+    scraped, uuids = serving.scrape(), serving.uuids
     target = 'job="powercap-system/powercap-agent", instance="10.0.0.3:9402", node="gpu-node-1"'
     info = [f"{{{target}, {labels}}}" for labels in (
         ", ".join(f'{name}="{value}"' for name, value in sample.labels.items())
@@ -218,9 +212,9 @@ def test_the_documented_dcgm_join_names_each_gpus_policy(kubelet: FakeKubelet, t
     )]
     dcgm_target = 'job="gpu-operator/nvidia-dcgm-exporter", instance="10.0.0.4:9400"'
     dcgm = [
-        (f'{{{dcgm_target}, gpu="0", UUID="{running.uuids[0]}", device="nvidia0", modelName="H200-like", '
+        (f'{{{dcgm_target}, gpu="0", UUID="{uuids[0]}", device="nvidia0", modelName="H200-like", '
          f'Hostname="{NODE}", pod="", namespace="", container=""}}', 300),
-        (f'{{{dcgm_target}, gpu="1", UUID="{running.uuids[1]}", device="nvidia1", modelName="H200-like", '
+        (f'{{{dcgm_target}, gpu="1", UUID="{uuids[1]}", device="nvidia1", modelName="H200-like", '
          f'Hostname="{NODE}", pod="llama-0", namespace="inference", container="server"}}', 500),
         (f'{{{dcgm_target}, gpu="0", UUID="GPU-elsewhere", device="nvidia0", modelName="H200-like", '
          f'Hostname="gpu-node-9", pod="", namespace="", container=""}}', 650),
