@@ -290,6 +290,11 @@ def test_monitoring_off_renders_no_monitoring_objects_and_on_renders_them_all(ch
         assert labels.items() <= m["metadata"]["labels"].items(), key(m)
     assert yaml.safe_load((REPO_ROOT / "config" / "monitoring" / "alerts.yaml").read_text())["spec"] == \
         find(on, "PrometheusRule", "powercap")["spec"], "the alerts are config/monitoring's, Prometheus templates untouched"
+    dashboard = find(on, "ConfigMap", "powercap-grafana-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["data"]["grafana-dashboard.json"] == \
+        (REPO_ROOT / "config" / "monitoring" / "grafana-dashboard.json").read_text()
+    assert not [m for m in chart if m["metadata"]["name"] == "powercap-grafana-dashboard"]
 
 
 def test_another_namespace_reaches_every_reference(chart_dir: Path) -> None:
