@@ -13,6 +13,8 @@ probes, security contexts, ports, volumes. What legitimately differs is normalis
 - without cert-manager the chart makes the webhook's CA and certificate (Secrets
   powercap-webhook-ca and powercap-webhook-tls) and fills the caBundle, which with kustomize
   scripts/webhook-certs.sh does after the apply (checked on their own below);
+- the order of a pod's containers: kustomize's strategic-merge patches (config/monitoring's)
+  move the containers they patch to the front;
 - the CRD: Helm installs crds/ as it is, without the part-of label kustomize adds (it is
   the same file: a symbolic link to config/crd's).
 """
