@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,26 +28,6 @@ from powercap.telemetry import NodeTelemetry
 
 NODE = "gpu-node-1"
 AGENT = [sys.executable, "-m", "powercap", "agent"]
-
-
-# dcgm-exporter's label names (UUID, modelName, Hostname), which the agent keeps so that
-# the two join directly, break promtool's snake_case rule; every other finding counts
-DCGM_LABELS_LINT = "label names should be written in 'snake_case' not 'camelCase'"
-
-
-def promtool() -> str:
-    """promtool on PATH or beside the venv's python (scripts/test.sh puts it there)."""
-    found = shutil.which("promtool") or shutil.which("promtool", path=str(Path(sys.executable).parent))
-    assert found, "promtool not found: scripts/test.sh installs it from Debian's prometheus package"
-    return found
-
-
-def metrics_lint_problems(exposition: str) -> list[str]:
-    """What ``promtool check metrics`` finds wrong with an exposition text, but for the
-    dcgm-exporter label names."""
-    lint = subprocess.run([promtool(), "check", "metrics"], input=exposition, capture_output=True, text=True, timeout=30)
-    found = (lint.stdout + lint.stderr).splitlines()
-    return [line for line in found if line.strip() and not line.endswith(DCGM_LABELS_LINT)]
 
 
 def series_value(source: CollectorRegistry | str, name: str, **labels: str) -> float | None:

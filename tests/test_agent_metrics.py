@@ -23,8 +23,9 @@ from nodeagent.podresources import PodResourcesSource
 from powercap.runtime.httpserver import HttpServer
 from nodeagent.simulated import ManualClock, SimulatedBackend
 from powercap import physics
-from tests.agenthelpers import NODE, StaticSource, metrics_lint_problems, pod, policy, promtool, series_value
+from tests.agenthelpers import NODE, StaticSource, pod, policy, series_value
 from tests.metrics_catalog import documented_promql
+from tests.promtool import metrics_lint_problems, promtool
 from tests.fakes.kubelet import FakeKubelet
 
 

@@ -16,6 +16,7 @@ import yaml
 from tests.conftest import REPO_ROOT
 from tests.manifests import kustomize_overlay
 from tests.metrics_catalog import all_metrics
+from tests.promtool import promtool
 
 RULE_FILE = REPO_ROOT / "config" / "monitoring" / "alerts.yaml"
 PROMTOOL_TESTS = REPO_ROOT / "tests" / "data" / "alerts-promtool-test.yaml"
@@ -34,12 +35,6 @@ def rule() -> dict[str, Any]:
 
 def alerts(rule: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for group in rule["spec"]["groups"] for r in group["rules"]]
-
-
-def promtool() -> str:
-    found = shutil.which("promtool") or shutil.which("promtool", path=str(REPO_ROOT / ".venv" / "bin"))
-    assert found, "promtool is missing: scripts/test.sh installs it from Debian's prometheus package"
-    return found
 
 
 def run_promtool(tmp_path: Path, rule: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:

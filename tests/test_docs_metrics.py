@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.conftest import REPO_ROOT
 from tests.manifests import kustomize_overlay
+from tests.promtool import rule_problems
 from tests.metrics_catalog import KSM_COMMON_LABELS, Metric, all_metrics, documented_promql
 
 DOC = REPO_ROOT / "docs" / "metrics.md"
@@ -150,25 +148,13 @@ def test_dashboard_queries_only_metrics_and_labels_that_exist(dashboard: dict[st
     assert set(catalog) - used == set(), "metrics without a panel"
 
 
-def promtool_rule_problems(tmp_path: Path, expressions: list[str]) -> str:
-    """What ``promtool check rules`` says of the expressions as recording rules ("" when it
-    accepts them)."""
-    promtool = shutil.which("promtool") or shutil.which("promtool", path=str(REPO_ROOT / ".venv" / "bin"))
-    assert promtool, "promtool is missing: scripts/test.sh installs it from Debian's prometheus package"
-    rules = [{"record": f"checked:query{i}", "expr": expr} for i, expr in enumerate(expressions)]
-    path = tmp_path / "rules.yaml"
-    path.write_text(yaml.safe_dump({"groups": [{"name": "checked", "rules": rules}]}))
-    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
-    return "" if result.returncode == 0 else result.stdout + result.stderr
-
-
 def test_dashboard_promql_is_valid(tmp_path: Path, dashboard: dict[str, Any]) -> None:
     expressions = []
     for _, expr in targets(dashboard):
         for variable, value in GRAFANA_VARIABLES.items():
             expr = expr.replace(variable, value)
         expressions.append(expr)
-    assert promtool_rule_problems(tmp_path, expressions) == ""
+    assert rule_problems(tmp_path, expressions) == ""
 
 
 def test_the_documented_promql_is_valid(tmp_path: Path) -> None:
@@ -177,7 +163,7 @@ def test_the_documented_promql_is_valid(tmp_path: Path) -> None:
     expressions = documented_promql()
     assert len(expressions) >= 3
     assert not any("label_replace" in expr for expr in expressions)
-    assert promtool_rule_problems(tmp_path, expressions) == ""
+    assert rule_problems(tmp_path, expressions) == ""
 
 
 @pytest.mark.parametrize(

@@ -33,9 +33,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 import powercap
-from tests.agenthelpers import AGENT, AgentProcess, metrics_lint_problems, policy_document
+from tests.agenthelpers import AGENT, AgentProcess, policy_document
 from tests.conftest import REPO_ROOT
 from tests.manifests import Manifest, kustomize_overlay
+from tests.promtool import metrics_lint_problems
 from tests.fakes.apiserver import FakeApiServer
 from tests.webhook_helpers import (
     STARTUP_TIMEOUT_S,
