@@ -204,8 +204,9 @@ class _Run:
         self.scheduler = scenario.scheduler
         self.view: ClusterView | None = None
         self.lagging: dict[str, frozenset[str]] = {}
-        self.memories: dict[str, GpuMemory] = {}  # the agents' memory of each GPU
-        self.records: dict[str, CapRecord] = {}  # the agents' state files
+        # Per node, as each agent holds them: its memory of each GPU, its state file's records.
+        self.memories: dict[str, dict[str, GpuMemory]] = {node.name: {} for node in self.world.nodes}
+        self.records: dict[str, dict[str, CapRecord]] = {node.name: {} for node in self.world.nodes}
         self.pod_names_by_gpu: dict[str, dict[str, str | None]] = {}
         self.tokens_s_by_gpu: dict[str, dict[str, float | None]] = {}
         self.published_at: dict[str, float] = {}
@@ -392,20 +393,21 @@ class _Run:
             node_rack=node.rack.spec.rack_id,
             inlet_c=node.rack.inlet_c,
             tokens_s_by_pod=tokens_s,
-            memories=self.memories,
-            records=self.records,
+            memories=self.memories[node.name],
+            records=self.records[node.name],
             settings=self.settings.control,
         ))
         by_uuid = {gpu.uuid: gpu for gpu in node.gpus}
+        memories, records = self.memories[node.name], self.records[node.name]
         for plan in plans:
             if plan.memory is not None:
-                self.memories[plan.uuid] = plan.memory
+                memories[plan.uuid] = plan.memory
             else:
-                self.memories.pop(plan.uuid, None)
+                memories.pop(plan.uuid, None)
             if plan.record is not None:
-                self.records[plan.uuid] = plan.record
+                records[plan.uuid] = plan.record
             else:
-                self.records.pop(plan.uuid, None)
+                records.pop(plan.uuid, None)
             if plan.writes:
                 gpu = by_uuid[plan.uuid]
                 gpu.cap_w = round(physics.clamp_limit_w(gpu.model, plan.cap_w) * 1000) / 1000
