@@ -83,6 +83,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, Protocol, TypeGuard
 
@@ -273,12 +274,46 @@ class GpuPlan:
 
 
 def node_allocation(policy: Policy, node: str) -> Mapping[str, Any] | None:
-    """The policy's ``status.allocations`` entry for ``node``, or None."""
-    allocations = policy.status.get("allocations") or ()
-    for entry in allocations if isinstance(allocations, (list, tuple)) else ():
-        if isinstance(entry, Mapping) and entry.get("node") == node:
-            return entry
-    return None
+    """The policy's ``status.allocations`` entry for ``node`` (the first one naming it), or None."""
+    return _allocations_of(_SamePolicy(policy)).by_node.get(node)
+
+
+@dataclass(frozen=True)
+class _Allocations:
+    """A policy's ``status.allocations`` read once: each node's entry, and :func:`service_allocated_w`."""
+
+    by_node: Mapping[str, Mapping[str, Any]]
+    service_w: float
+
+
+class _SamePolicy:
+    """A policy as a cache key: the very object. A Policy has no hash (its status is a
+    mapping) and never changes (its status is a read-only copy); a new status is a new Policy."""
+
+    __slots__ = ("policy",)
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def __hash__(self) -> int:
+        return id(self.policy)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _SamePolicy) and other.policy is self.policy
+
+
+@lru_cache(maxsize=256)
+def _allocations_of(key: _SamePolicy) -> _Allocations:
+    """Read once per policy object, not once per GPU and tick: a node agent's tick stays
+    proportional to its node, not to every node the policy's status lists (1,250 at 10,000 GPUs)."""
+    allocations = key.policy.status.get("allocations") or ()
+    entries = [e for e in allocations if isinstance(e, Mapping)] if isinstance(allocations, (list, tuple)) else []
+    by_node: dict[str, Mapping[str, Any]] = {}
+    for entry in entries:
+        node = entry.get("node")
+        if isinstance(node, str):
+            by_node.setdefault(node, entry)
+    return _Allocations(by_node=by_node, service_w=sum(entry_total_w(e) for e in entries))
 
 
 def allocated_uuids(policy: Policy, node: str) -> frozenset[str]:
@@ -330,8 +365,7 @@ def entry_total_w(entry: Mapping[str, Any]) -> float:
 
 def service_allocated_w(policy: Policy) -> float:
     """The sum of :func:`entry_total_w` over every node of the policy's ``status.allocations``."""
-    allocations = policy.status.get("allocations") or ()
-    return sum(entry_total_w(e) for e in allocations if isinstance(e, Mapping)) if isinstance(allocations, (list, tuple)) else 0.0
+    return _allocations_of(_SamePolicy(policy)).service_w
 
 
 def split_allocation(policy: Policy, node: str, margin: float = AllocationSettings().margin) -> Policy:

@@ -482,3 +482,17 @@ def test_enforceable_policy_reads_what_the_agent_needs(raw: dict[str, Any], chec
 def test_enforceable_policy_refuses_what_cannot_be_enforced(raw: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         agentplan.enforceable_policy(raw)
+
+
+def test_a_new_status_is_read_anew_and_the_first_entry_of_a_node_counts() -> None:
+    """The allocations are read once per policy object: the next status (a new Policy) is not
+    answered from the last one; a node listed twice gets its first entry, the total counts both."""
+    before = policy(gpus={UUID_A: 400})
+    after = replace(before, status=MappingProxyType({"allocations": [
+        {"node": NODE, "gpus": [{"uuid": UUID_A, "watts": 300}]}, {"node": NODE, "watts": 250}, {"node": "other", "watts": 100},
+    ]}))
+    assert agentplan.allocation_w(before, NODE, UUID_A, 1) == 400
+    assert agentplan.allocation_w(after, NODE, UUID_A, 1) == 300
+    assert agentplan.service_allocated_w(before) == 400
+    assert agentplan.service_allocated_w(after) == 650
+    assert agentplan.allocated_uuids(after, "other") == frozenset()
