@@ -11,7 +11,10 @@ One tick (default every second):
    failed enumeration is counted the same way (:meth:`GpuBackend.unenumerated`), and the
    GPUs are enumerated again every ``rescan_interval_s``, every ``rescan_after_error_s``
    while one fails, so it joins when it answers;
-2. take the policy source's view, the pods' tokens/s and the inlet temperature;
+2. take the policy source's view, the pods' tokens/s, the inlet temperature and the
+   whole-node power (:class:`~nodeagent.nodepower.NodePowerSampler`: the latest reading of
+   the first fresh source, else the GPUs' power plus the configured overhead; the GPUs that
+   could not be read count at the limit they hold);
 3. :func:`~powercap.agentplan.plan_node`; then call the idempotent setter for each
    SET/RESTORE, lowers first, and a policy's raises only when every lower of that policy
    succeeded this tick (a raise never spends watts a GPU may still hold); verify the
@@ -44,7 +47,8 @@ from typing import Any
 from nodeagent.energy import EnergyMeter
 from nodeagent.gpus import GpuBackend, GpuError, GpuSnapshot
 from nodeagent.inlet import InletSource, NoInlet
-from nodeagent.metrics import AgentMetrics, GpuLabels
+from nodeagent.metrics import AgentMetrics, GpuLabels, NodePowerMetrics
+from nodeagent.nodepower import NodePowerSampler
 from nodeagent.podmap import pod_uid_for_pid
 from nodeagent.podresources import PodResourcesSource
 from nodeagent.publisher import NullPublisher, Publisher
@@ -154,6 +158,7 @@ class Agent:
         inlet: InletSource | None = None,
         metrics: AgentMetrics | None = None,
         pod_resources: PodResourcesSource | None = None,
+        node_power: NodePowerSampler | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
         proc_root: Path = Path("/proc"),
@@ -168,6 +173,9 @@ class Agent:
         self.metrics = metrics or AgentMetrics()
         self.energy = EnergyMeter(backend)
         self.pod_resources = pod_resources
+        self.node_power = node_power or NodePowerSampler()
+        if self.node_power.metrics is None:
+            self.node_power.metrics = NodePowerMetrics(self.metrics.registry)
         self._clock = clock
         self._wall_clock = wall_clock
         self._proc_root = proc_root
@@ -219,6 +227,9 @@ class Agent:
         if self.tokens is not None:
             self.tokens.set_targets(self._scrape_targets(pod_uids, view.pods_by_uid))
         inlet_c = self.inlet.read_c()
+        node_power = self.node_power.choose(
+            now_s, sum(r.power_w for r in readings) + sum(held_w(g, readings) for g in unseen)
+        )
         stuck = frozenset(
             uuid for uuid, degraded in self._degraded.items() if degraded.operation == "set" and now_s < degraded.retry_set_at_s
         )
@@ -252,7 +263,7 @@ class Agent:
         self._say_policy_conditions(node_plan)
         telemetry = build_telemetry(
             self._wall_clock(), readings, inlet_c, {p.uuid: p.pod for p in plans}, enforced_w,
-            {p.uuid: p.tokens_s for p in plans},
+            {p.uuid: p.tokens_s for p in plans}, node_power,
         )
         self.publisher.telemetry(telemetry, now_s)
         self._update_metrics(readings, plans, enforced_w, view, now_s)
@@ -610,6 +621,7 @@ class Agent:
             "policyFresh": self._fresh,
             "policyProblem": self._source_problem,
             "unreadablePolicies": unreadable,
+            "nodePower": self.node_power.status(),
             "policies": {
                 key: {
                     "budgetW": share.budget_w, "allocatedW": share.allocated_w, "serviceAllocatedW": share.service_w,
@@ -656,7 +668,8 @@ class Agent:
             self._save_state()
         elif self.records:
             log.info("exiting with caps in place", extra={"gpus_capped": sorted(self.records)})
-        for stopper in (self.source.stop, self.publisher.stop, self.tokens.stop if self.tokens else None):
+        for stopper in (self.source.stop, self.publisher.stop, self.tokens.stop if self.tokens else None,
+                        self.node_power.stop):
             if stopper is not None:
                 try:
                     stopper()

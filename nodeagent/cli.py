@@ -24,7 +24,16 @@ from powercap.runtime.logs import configure_logging
 from nodeagent.agent import Agent, AgentSettings
 from nodeagent.gpus import GpuBackend, GpuError
 from nodeagent.inlet import InletSource, NoInlet, inlet_spec_argument
-from nodeagent.metrics import AgentMetrics, agent_routes
+from nodeagent.metrics import AgentMetrics, NodePowerMetrics, agent_routes
+from nodeagent.nodepower import DEFAULT_KEPLER_URL
+from nodeagent.nodepowerconfig import (
+    DEFAULT_CREDENTIALS_DIR,
+    NodePowerConfigError,
+    NodePowerSettings,
+    build_sampler,
+    load_settings,
+    sources_argument,
+)
 from nodeagent.podresources import DEFAULT_GPU_RESOURCES, DEFAULT_SOCKET, PodResourcesSource
 from nodeagent.publisher import KubePublisher, NullPublisher, Publisher
 from nodeagent.sources import ClusterSource, FilePolicySource, PolicyFileError, PolicySource
@@ -60,6 +69,21 @@ def positive_seconds(text: str) -> float:
     if not 0 < value <= 3600:
         raise argparse.ArgumentTypeError(f"{text!r}: expected seconds in (0, 3600]")
     return value
+
+
+def watts_argument(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected watts in [0, 100000]")
+    return value
+
+
+def path_or_none(text: str) -> Path | None:
+    """argparse type of a path that 'none' switches off."""
+    return None if text.strip().lower() == "none" else Path(text)
 
 
 def socket_or_none(text: str) -> Path | None:
@@ -109,7 +133,48 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                              f"(repeatable; default: {', '.join(DEFAULT_GPU_RESOURCES)})")
     parser.add_argument("--tokens-metric", default=DEFAULT_TOKENS_METRIC, metavar="NAME",
                         help=f"generated-tokens counter on each pod's metrics endpoint (default {DEFAULT_TOKENS_METRIC})")
+    power = parser.add_argument_group("whole-node power (docs/nodeagent.md, Node power)")
+    power.add_argument("--node-power", type=sources_argument, default=(), metavar="SOURCES",
+                       help="measured sources in priority order, comma-separated: redfish, ipmi-dcmi, kepler; the "
+                            "estimate (GPUs + --node-power-overhead-w) always comes last (default: the estimate only)")
+    power.add_argument("--node-power-overhead-w", type=watts_argument, default=0.0, metavar="WATTS",
+                       help="the node's power beside its GPUs, for the estimate (default 0)")
+    power.add_argument("--node-power-config", type=Path, metavar="FILE",
+                       help="per-node settings (a mounted ConfigMap): 'default' and 'nodes.<node>' sections override "
+                            "these flags; a missing file overrides nothing")
+    power.add_argument("--node-power-interval", type=positive_seconds, default=5.0, metavar="SECONDS",
+                       help="seconds between two reads of each source (default 5)")
+    power.add_argument("--node-power-timeout", type=positive_seconds, default=2.0, metavar="SECONDS",
+                       help="limit of one read (default 2)")
+    power.add_argument("--node-power-max-age", type=positive_seconds, default=15.0, metavar="SECONDS",
+                       help="an older reading is not used: the next source is (default 15)")
+    power.add_argument("--redfish-url", metavar="URL", help="the BMC's Redfish service, https://HOST[:PORT]")
+    power.add_argument("--redfish-chassis", metavar="ID", help="the chassis to read (default: the first with a reading)")
+    power.add_argument("--redfish-ca-file", type=Path, metavar="PATH", help="CA bundle that signed the BMC's certificate")
+    power.add_argument("--redfish-insecure", action="store_true",
+                       help="do not verify the BMC's certificate (logged as a warning)")
+    power.add_argument("--redfish-auth", choices=("basic", "session"), default="basic",
+                       help="HTTP basic auth on every request, or a Redfish session (default basic)")
+    power.add_argument("--redfish-credentials", type=path_or_none, default=DEFAULT_CREDENTIALS_DIR, metavar="DIR",
+                       help="directory holding the files 'username' and 'password' (a kubernetes.io/basic-auth "
+                            "Secret; 'none': no authentication; default %(default)s)")
+    power.add_argument("--kepler-url", default=DEFAULT_KEPLER_URL, metavar="URL",
+                       help="Kepler's metrics endpoint (default %(default)s)")
+    power.add_argument("--ipmitool", default="ipmitool", metavar="PATH", help="the ipmitool command (default ipmitool)")
     parser.set_defaults(func=run)
+
+
+def node_power_settings(args: argparse.Namespace) -> NodePowerSettings:
+    """The node power settings of the flags and ``--node-power-config`` for ``args.node``;
+    :class:`NodePowerConfigError` when they cannot work."""
+    flags = NodePowerSettings(
+        sources=args.node_power, overhead_w=args.node_power_overhead_w, interval_s=args.node_power_interval,
+        timeout_s=args.node_power_timeout, max_age_s=args.node_power_max_age, redfish_url=args.redfish_url,
+        redfish_chassis=args.redfish_chassis, redfish_ca_file=args.redfish_ca_file,
+        redfish_insecure=args.redfish_insecure, redfish_session=args.redfish_auth == "session",
+        redfish_credentials_dir=args.redfish_credentials, kepler_url=args.kepler_url, ipmitool=args.ipmitool,
+    )
+    return load_settings(args.node_power_config, args.node, flags)
 
 
 def simulated_uuid_prefix(node: str) -> str:
@@ -175,6 +240,11 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(error), EXIT_CONFIG)
     inlet: InletSource = args.inlet
     metrics = AgentMetrics()
+    try:
+        node_power = build_sampler(node_power_settings(args), NodePowerMetrics(metrics.registry))
+    except NodePowerConfigError as error:
+        backend.close()
+        return _fail(str(error), EXIT_CONFIG)
     tokens = TokenRates(metric=args.tokens_metric)
     settings = AgentSettings(node=args.node, interval_s=args.interval, dry_run=args.dry_run)
     pod_resources = (
@@ -191,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
         inlet=inlet,
         metrics=metrics,
         pod_resources=pod_resources,
+        node_power=node_power,
     )
     host, port = args.metrics_bind
     try:
@@ -210,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
     source.start()
     publisher.start()
     tokens.start()
+    node_power.start()
     log.info("agent running", extra={"metrics_port": server.port, "interval_s": args.interval, "node": args.node})
     agent.run(stop)
     agent.close(restore=args.restore_on_exit)

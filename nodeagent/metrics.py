@@ -37,12 +37,13 @@ changes, its series with the old pod's labels are removed, not left to go stale.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from powercap.nodepower import NodePower
 from powercap.runtime.httpserver import Route, check_reply, metrics_route
 from powercap.runtime.programmetrics import register_program_metrics
 
@@ -204,3 +205,46 @@ def agent_routes(metrics: AgentMetrics, healthy: Callable[[], bool], status: Cal
         "/healthz": lambda: check_reply(None if healthy() else "ticks stalled"),
         "/status": lambda: (200, "application/json", json.dumps(status(), indent=1).encode()),
     }
+
+
+class NodePowerMetrics:
+    """The whole-node power series (:mod:`nodeagent.nodepower`), in the agent's registry.
+
+    ``powercap_node_power_source{source}`` is 1 for the source the last tick used and 0 for
+    the other configured ones (``estimate`` always among them), so an alert can fire on
+    ``powercap_node_power_source{source="estimate"} == 1``.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.watts = Gauge(
+            "powercap_node_power_watts",
+            "Whole-node power the agent reports, in watts, from the source powercap_node_power_source names.",
+            registry=registry,
+        )
+        self.age = Gauge(
+            "powercap_node_power_age_seconds",
+            "Age of the whole-node power reading the last tick used, in seconds (0 for the estimate).",
+            registry=registry,
+        )
+        self.source = Gauge(
+            "powercap_node_power_source",
+            "1 for the whole-node power source in use (redfish, ipmi-dcmi, kepler or estimate), 0 for the other "
+            "configured ones.",
+            ["source"],
+            registry=registry,
+        )
+        self.read_errors = Counter(
+            "powercap_node_power_read_errors",
+            "Failed reads of a whole-node power source (timeouts, refused connections, bad documents).",
+            ["source"],
+            registry=registry,
+        )
+
+    def read_failed(self, source: str) -> None:
+        self.read_errors.labels(source).inc()
+
+    def in_use(self, power: NodePower, configured: Sequence[str]) -> None:
+        self.watts.set(power.watts)
+        self.age.set(power.age_s)
+        for name in configured:
+            self.source.labels(name).set(1 if name == power.source else 0)

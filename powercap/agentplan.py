@@ -100,6 +100,7 @@ from powercap.policies import (
     SelectorRequirement,
     default_selector,
 )
+from powercap.nodepower import NodePower
 from powercap.telemetry import GpuTelemetry, NodeTelemetry
 
 DRIVER_RESET = "driver-reset"
@@ -961,8 +962,10 @@ def build_telemetry(
     pods_by_gpu: Mapping[str, str | None] | None = None,
     enforced_w_by_gpu: Mapping[str, float] | None = None,
     tokens_s_by_gpu: Mapping[str, float | None] | None = None,
+    node_power: NodePower | None = None,
 ) -> NodeTelemetry:
-    """The node annotation's content: ``powerW = sum of GPU power``; a GPU's ``limitW``
+    """The node annotation's content: ``powerW = sum of GPU power``, ``nodePower`` the
+    whole node's (:func:`powercap.nodepower.choose_node_power`); a GPU's ``limitW``
     is its enforced limit (after this tick's writes when ``enforced_w_by_gpu`` has it);
     its ``tokensPerSecond`` is ``tokens_s_by_gpu``'s (:attr:`GpuPlan.tokens_s`), reported
     only beside a pod (null otherwise)."""
@@ -983,7 +986,8 @@ def build_telemetry(
         )
         for r in readings
     )
-    return NodeTelemetry(timestamp=timestamp, power_w=sum(g.power_w for g in gpus), inlet_temperature_c=inlet_c, gpus=gpus)
+    return NodeTelemetry(timestamp=timestamp, power_w=sum(g.power_w for g in gpus), inlet_temperature_c=inlet_c, gpus=gpus,
+                         node_power=node_power)
 
 
 @dataclass(frozen=True)
@@ -1007,9 +1011,10 @@ def should_publish(
 
     True when nothing was published yet, or ``since_last_s >= min_interval_s`` and one of:
     heartbeat due (``since_last_s >= heartbeat_s``); the set of GPUs, a limit or a pod
-    changed; ``|P' - P| > fraction x P`` for the node or a GPU; ``|T' - T| >= 2 degC`` for
-    a GPU or the inlet; the inlet became known or unknown. Tokens/s is not compared: it
-    rides along (module docstring).
+    changed; ``|P' - P| > fraction x P`` for the node (its GPUs' sum or its whole-node
+    power) or a GPU; the whole-node power's source changed; ``|T' - T| >= 2 degC`` for a
+    GPU or the inlet; the inlet became known or unknown. Tokens/s and the reading's age are
+    not compared: they ride along (module docstring).
     """
     if last is None:
         return True
@@ -1020,6 +1025,8 @@ def should_publish(
     if _power_moved(last.power_w, candidate.power_w, settings) or _temperature_moved(
         last.inlet_temperature_c, candidate.inlet_temperature_c, settings
     ):
+        return True
+    if _node_power_moved(last.node_power, candidate.node_power, settings):
         return True
     before = {g.uuid: g for g in last.gpus}
     if set(before) != {g.uuid for g in candidate.gpus}:
@@ -1037,6 +1044,12 @@ def should_publish(
 
 def _power_moved(old_w: float, new_w: float, settings: PublishSettings) -> bool:
     return abs(new_w - old_w) > settings.power_change_fraction * abs(old_w)
+
+
+def _node_power_moved(old: NodePower | None, new: NodePower | None, settings: PublishSettings) -> bool:
+    if old is None or new is None:
+        return (old is None) != (new is None)
+    return old.source != new.source or _power_moved(old.watts, new.watts, settings)
 
 
 def _temperature_moved(old_c: float | None, new_c: float | None, settings: PublishSettings) -> bool:

@@ -8,7 +8,15 @@ Annotation ``powercapping.example.com/telemetry`` on the Node, one JSON object::
      "gpus": [{"uuid": "GPU-...", "index": 0,
                "powerW": 351.2, "limitW": 400, "minW": 200, "maxW": 700,
                "temperatureC": 61, "pod": "inference/llama-0",   pod is null when idle
-               "tokensPerSecond": 912.4}]}                        generated tokens/s, or null
+               "tokensPerSecond": 912.4}],                        generated tokens/s, or null
+     "nodePower": {"watts": 4210, "source": "redfish", "ageS": 2.4}}   whole node; absent from older agents
+
+``powerW`` stays the sum of the GPUs' power. ``nodePower`` is the whole node's power (GPUs,
+CPUs, fans, everything behind its power supplies) from ``source``: ``redfish`` (the BMC),
+``ipmi-dcmi`` (DCMI power reading), ``kepler`` (Kepler's exporter) or ``estimate`` (the
+GPUs' power plus a configured per-node overhead: not a measurement); ``ageS`` is how old
+the reading was at ``timestamp``, so it was taken at ``timestamp - ageS``
+(:mod:`powercap.nodepower`). A reader that knows a newer source name keeps it as written.
 
 ``tokensPerSecond`` is the share of the named pod's generated tokens/s that this GPU
 produces: a pod on several GPUs (tensor parallel) has its tokens/s split across them in
@@ -34,6 +42,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from powercap import API_GROUP
+from powercap.nodepower import NodePower
 
 TELEMETRY_ANNOTATION = f"{API_GROUP}/telemetry"
 # A node's telemetry is stale when older than this (the agent publishes at least every 30 s).
@@ -63,6 +72,7 @@ class NodeTelemetry:
     power_w: float
     inlet_temperature_c: float | None
     gpus: tuple[GpuTelemetry, ...] = ()
+    node_power: NodePower | None = None  # None: an agent without a node power source (older)
 
     def age_s(self, now: datetime) -> float:
         return (now - self.timestamp).total_seconds()
@@ -105,7 +115,7 @@ def parse_timestamp(text: str) -> datetime:
 
 def to_json(telemetry: NodeTelemetry) -> str:
     """The compact annotation value."""
-    document = {
+    document: dict[str, Any] = {
         "timestamp": format_timestamp(telemetry.timestamp),
         "powerW": _round(telemetry.power_w),
         "inletTemperatureC": None if telemetry.inlet_temperature_c is None else _round(telemetry.inlet_temperature_c),
@@ -124,6 +134,12 @@ def to_json(telemetry: NodeTelemetry) -> str:
             for gpu in telemetry.gpus
         ],
     }
+    if telemetry.node_power is not None:
+        document["nodePower"] = {
+            "watts": _round(telemetry.node_power.watts),
+            "source": telemetry.node_power.source,
+            "ageS": _round(telemetry.node_power.age_s),
+        }
     return json.dumps(document, separators=(",", ":"))
 
 
@@ -149,7 +165,24 @@ def from_json(text: str) -> NodeTelemetry:
         power_w=_number(document, "powerW", "powerW"),
         inlet_temperature_c=_optional_number(document, "inletTemperatureC", "inletTemperatureC"),
         gpus=gpus,
+        node_power=_parse_node_power(document.get("nodePower")),
     )
+
+
+def _parse_node_power(raw: Any) -> NodePower | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise TelemetryError("nodePower must be an object")
+    source = raw.get("source")
+    if not isinstance(source, str) or not source:
+        raise TelemetryError("nodePower.source must be a non-empty string")
+    watts = _number(raw, "watts", "nodePower.watts")
+    age_s = _number(raw, "ageS", "nodePower.ageS")
+    for value, where in ((watts, "nodePower.watts"), (age_s, "nodePower.ageS")):
+        if value < 0:
+            raise TelemetryError(f"{where} must not be negative")
+    return NodePower(watts=watts, source=source, age_s=age_s)
 
 
 def _parse_gpu(raw: Any, position: int) -> GpuTelemetry:

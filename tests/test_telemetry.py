@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from powercap.nodepower import NodePower
 from powercap.telemetry import (
     TELEMETRY_ANNOTATION,
     GpuTelemetry,
@@ -62,7 +64,27 @@ def test_an_older_agents_annotation_without_tokens_per_second_still_parses() -> 
     assert [(g.uuid, g.power_w, g.tokens_s) for g in parsed.gpus] == [("GPU-0a1b", 351.2, None), ("GPU-2c3d", 350.0, None)]
 
 
+def test_node_power_round_trips_with_its_source_and_age() -> None:
+    measured = replace(SAMPLE, node_power=NodePower(4210.04, "redfish", 2.44))
+    document = json.loads(to_json(measured))
+    assert document["nodePower"] == {"watts": 4210, "source": "redfish", "ageS": 2.4}
+    assert document["powerW"] == 701.2  # powerW keeps meaning the GPUs' sum
+    assert from_json(to_json(measured)).node_power == NodePower(4210.0, "redfish", 2.4)
+    # a reader knowing a newer source keeps its name; an estimate says it is one
+    document["nodePower"]["source"] = "pdu-outlet"
+    assert from_json(json.dumps(document)).node_power == NodePower(4210, "pdu-outlet", 2.4)
+    estimate = from_json(to_json(replace(SAMPLE, node_power=NodePower(2201.25, "estimate", 0))))
+    assert estimate.node_power is not None and estimate.node_power.estimated
+
+
+def test_an_older_agents_annotation_without_node_power_still_parses() -> None:
+    assert "nodePower" not in json.loads(to_json(SAMPLE))  # nothing written without a figure
+    assert from_json(to_json(SAMPLE)).node_power is None
+
+
 GPU_WITH = '{"timestamp": "2026-11-27T23:19:01Z", "powerW": 1, "gpus": [{"uuid": "G", "powerW": 1, "limitW": 1, "minW": 1, "maxW": 1, %s}]}'
+
+NODE_POWER = '{"timestamp": "2026-11-27T23:19:01Z", "powerW": 1, "nodePower": %s}'
 
 
 @pytest.mark.parametrize(
@@ -82,6 +104,13 @@ GPU_WITH = '{"timestamp": "2026-11-27T23:19:01Z", "powerW": 1, "gpus": [{"uuid":
         pytest.param(GPU_WITH % '"tokensPerSecond": true', "gpus[0].tokensPerSecond must be a finite number", id="tokens-bool"),
         pytest.param(GPU_WITH % '"tokensPerSecond": -3', "gpus[0].tokensPerSecond must not be negative", id="tokens-negative"),
         pytest.param(GPU_WITH % '"tokensPerSecond": Infinity', "gpus[0].tokensPerSecond must be a finite number", id="tokens-infinite"),
+        pytest.param(NODE_POWER % '"watts"', "nodePower must be an object", id="node-power-string"),
+        pytest.param(NODE_POWER % '{"watts": 4000, "ageS": 1}', "nodePower.source must be a non-empty string", id="node-power-no-source"),
+        pytest.param(NODE_POWER % '{"watts": null, "source": "redfish", "ageS": 1}', "nodePower.watts is required", id="node-power-null-watts"),
+        pytest.param(NODE_POWER % '{"watts": "4 kW", "source": "redfish", "ageS": 1}', "nodePower.watts must be a finite number", id="node-power-string-watts"),
+        pytest.param(NODE_POWER % '{"watts": -1, "source": "redfish", "ageS": 1}', "nodePower.watts must not be negative", id="node-power-negative"),
+        pytest.param(NODE_POWER % '{"watts": 4000, "source": "redfish"}', "nodePower.ageS is required", id="node-power-no-age"),
+        pytest.param(NODE_POWER % '{"watts": 4000, "source": "redfish", "ageS": -3}', "nodePower.ageS must not be negative", id="node-power-negative-age"),
     ],
 )
 def test_malformed_annotations_name_the_problem(text: str, message: str) -> None:
