@@ -60,7 +60,9 @@ def test_daemonset_runs_on_gpu_nodes_with_the_fewest_privileges(built: Built) ->
     assert security["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN"]}
     assert security["privileged"] is False and security["readOnlyRootFilesystem"] is True
     env = {e["name"]: e.get("value") or e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
-    assert env == {"NODE_NAME": "spec.nodeName", "NVIDIA_VISIBLE_DEVICES": "all", "NVIDIA_DRIVER_CAPABILITIES": "utility"}
+    assert env == {"NODE_NAME": "spec.nodeName", "HOST_IP": "status.hostIP", "NVIDIA_VISIBLE_DEVICES": "all",
+                   "NVIDIA_DRIVER_CAPABILITIES": "utility"}
+    assert not any("/dev/" in str(v) for v in pod["volumes"])  # no host device: IPMI needs a device plugin
     assert "nvidia.com/gpu" not in str(container["resources"])  # never takes a GPU from the workloads
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
 
@@ -81,3 +83,21 @@ def test_state_dir_probes_and_flags_match_the_agent(built: Built) -> None:
     # the kubelet's pod-resources socket the agent asks by default lies in a read-only mount
     assert volumes["pod-resources"]["hostPath"]["path"] == str(args.pod_resources_socket.parent)
     assert {"name": "pod-resources", "mountPath": str(args.pod_resources_socket.parent), "readOnly": True} in container["volumeMounts"]
+
+
+def test_node_power_config_and_bmc_credentials_are_optional_and_read_only(built: Built) -> None:
+    pod = built["DaemonSet", "powercap-agent"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["node-power-config"]["configMap"] == {"name": "powercap-agent-node-power", "optional": True}
+    assert volumes["bmc-credentials"]["secret"] == {"secretName": "powercap-bmc-credentials", "optional": True,
+                                                    "defaultMode": 0o400}
+    from powercap.commands import build_parser
+
+    args = build_parser().parse_args([*container["command"][1:], *container["args"]])
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["node-power-config"] == {"name": "node-power-config", "mountPath": str(args.node_power_config.parent),
+                                           "readOnly": True}
+    assert mounts["bmc-credentials"] == {"name": "bmc-credentials", "mountPath": str(args.redfish_credentials),
+                                         "readOnly": True}
+    assert args.kepler_url == "http://$(HOST_IP):9102/metrics"  # the kubelet expands it from the env
