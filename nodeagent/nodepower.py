@@ -11,7 +11,10 @@ hangs only ages its reading until the next source takes over.
 - :class:`RedfishSource`: HTTPS to the BMC (a CA bundle, or ``insecure`` with a warning
   at start-up), HTTP basic auth or a Redfish session (``X-Auth-Token``, logged in again
   on a 401), credentials re-read from the files of a mounted ``kubernetes.io/basic-auth``
-  Secret (``username``, ``password``) at each login, so a rotated Secret is picked up.
+  Secret (``username``, ``password``) at each login, so a rotated Secret is picked up;
+  the session is deleted when the agent stops (BMCs hold few). Redirects are not
+  followed (they could carry the credentials elsewhere), and only paths on ``base_url``
+  are requested.
   The chassis is ``chassis_id`` or the first member of ``/redfish/v1/Chassis`` with a
   power reading; the resource found is kept until a read fails, then found again.
 - :class:`IpmiDcmiSource`: ``ipmitool -I open dcmi power reading`` (the in-band
@@ -85,6 +88,15 @@ class PowerSource(Protocol):
         """The node's power now, W; raises one of :data:`READ_ERRORS` or :class:`ReadingPending`."""
         ...
 
+    def close(self) -> None:
+        """Let go of what the source holds (a BMC session)."""
+        ...
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # urllib then raises the 3xx as an HTTPError
+
 
 # -- Redfish -----------------------------------------------------------------------------------
 class BasicAuthFiles:
@@ -137,9 +149,11 @@ class RedfishSource:
         self.session_auth = session_auth
         self.timeout_s = timeout_s
         # no proxy: a BMC is reached directly, whatever HTTPS_PROXY the node sets
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=tls))
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects(),
+                                                   urllib.request.HTTPSHandler(context=tls))
         self._power_uri: str | None = None
         self._session_token: str | None = None
+        self._session_uri: str | None = None
 
     def read_watts(self) -> float:
         if self._power_uri is None:
@@ -200,13 +214,28 @@ class RedfishSource:
                                          headers={"Content-Type": "application/json", "Accept": "application/json"})
         with self._opener.open(request, timeout=self.timeout_s) as response:
             token = response.headers.get("X-Auth-Token")
+            location = response.headers.get("Location")
         if not token:
             raise PowerDocumentError("the BMC's session service answered without an X-Auth-Token")
+        self._session_uri = urllib.parse.urlsplit(location).path if location else None
         return str(token)
 
+    def close(self) -> None:
+        """Log out of the session, if one is open (best effort: the BMC times it out anyway)."""
+        token, uri, self._session_token = self._session_token, self._session_uri, None
+        if token is None or uri is None:
+            return
+        request = urllib.request.Request(self.base_url + uri, method="DELETE", headers={"X-Auth-Token": token})
+        try:
+            with self._opener.open(request, timeout=self.timeout_s):
+                pass
+        except READ_ERRORS as error:
+            log.info("Redfish: session not deleted; the BMC will time it out", extra={"error": str(error)})
+
     def _request(self, path: str, headers: Mapping[str, str]) -> Mapping[str, Any]:
-        url = path if path.startswith("https://") else self.base_url + path
-        request = urllib.request.Request(url, headers={"Accept": "application/json", **headers})
+        if not path.startswith("/"):
+            raise PowerDocumentError(f"{path!r}: not a path on the BMC")
+        request = urllib.request.Request(self.base_url + path, headers={"Accept": "application/json", **headers})
         with self._opener.open(request, timeout=self.timeout_s) as response:
             body: bytes = response.read(MAX_DOCUMENT_BYTES + 1)
         if len(body) > MAX_DOCUMENT_BYTES:
@@ -238,6 +267,9 @@ class IpmiDcmiSource:
                 f"ipmitool exited with {completed.returncode}" + (f": {said[-1][:200]}" if said else "")
             )
         return dcmi_power_watts(completed.stdout)
+
+    def close(self) -> None:
+        """Nothing held between reads."""
 
 
 # -- Kepler ------------------------------------------------------------------------------------
@@ -280,6 +312,9 @@ class KeplerSource:
         if watts is None:
             raise ReadingPending("Kepler's energy counter went down (Kepler restarted): watts after the next scrape")
         return watts
+
+    def close(self) -> None:
+        """Nothing held between reads."""
 
 
 # -- the sampler -------------------------------------------------------------------------------
@@ -428,3 +463,5 @@ class NodePowerSampler:
         deadline_s = time.monotonic() + timeout_s
         for thread in self._threads:
             thread.join(max(0.0, deadline_s - time.monotonic()))
+        for source in self.sources:
+            source.close()

@@ -269,6 +269,15 @@ def test_redfish_sessions_log_in_once_and_again_when_the_session_ends(bmc: FakeB
     assert source.read_watts() == 374.0
     assert [path for method, path in bmc.requests if method == "POST"] == [
         "/redfish/v1/SessionService/Sessions", "/redfish/v1/SessionService/Sessions"]
+    [open_session] = [path for path, token in bmc.sessions.items() if token in bmc.tokens]
+    source.close()  # the agent stops: the session is given back, not left to time out
+    assert ("DELETE", open_session) in bmc.requests and not bmc.tokens
+
+
+def test_a_link_off_the_bmc_is_not_followed_with_the_credentials(bmc: FakeBmc, credentials: BasicAuthFiles) -> None:
+    bmc.documents["/redfish/v1/Chassis"] = {"Members": [{"@odata.id": "https://elsewhere.example/redfish/v1/Chassis/1"}]}
+    with pytest.raises(PowerDocumentError, match="not a path on the BMC"):
+        redfish(bmc, credentials).read_watts()
 
 
 def test_wrong_credentials_an_unknown_ca_and_a_missing_secret_fail_the_read(
@@ -380,6 +389,9 @@ class ScriptedSource:
         if isinstance(answer, Exception):
             raise answer
         return answer
+
+    def close(self) -> None:
+        """Nothing held."""
 
 
 def source_value(registry: CollectorRegistry, source: str, name: str = "powercap_node_power_source") -> float | None:

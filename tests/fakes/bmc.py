@@ -2,7 +2,8 @@
 
 It answers GETs of the paths it is given with their documents (a mapping is sent as JSON,
 bytes as they are), checks HTTP basic auth or a session token, and serves the session
-service (``POST /redfish/v1/SessionService/Sessions`` -> ``X-Auth-Token``). ``delay_s``
+service (``POST /redfish/v1/SessionService/Sessions`` -> ``X-Auth-Token`` and the
+session's ``Location``; ``DELETE`` of that path logs out). ``delay_s``
 makes every answer late, to play a BMC that hangs. What the BMC cannot be made to show
 (a dropped session) is set by hand: ``tokens.clear()``.
 """
@@ -35,6 +36,7 @@ class FakeBmc:
     delay_s: float = 0.0
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
     tokens: set[str] = field(default_factory=set)
+    sessions: dict[str, str] = field(default_factory=dict)  # session path -> its token
     url: str = ""
     ca_file: Path | None = None
     release: threading.Event = field(default_factory=threading.Event)  # ends every pending delay
@@ -84,7 +86,18 @@ def _handler(bmc: FakeBmc) -> type[BaseHTTPRequestHandler]:
             else:
                 token = secrets.token_hex(16)
                 bmc.tokens.add(token)
-                self._send(201, b"{}", {"X-Auth-Token": token, "Location": f"{SESSIONS}/1"})
+                session = f"{SESSIONS}/{secrets.token_hex(4)}"
+                bmc.sessions[session] = token
+                self._send(201, b"{}", {"X-Auth-Token": token, "Location": session})
+
+        def do_DELETE(self) -> None:  # noqa: N802
+            bmc.requests.append(("DELETE", self.path))
+            token = bmc.sessions.pop(self.path, None)
+            if token is None or self.headers.get("X-Auth-Token") != token:
+                self._send(404, b"{}")
+                return
+            bmc.tokens.discard(token)
+            self._send(204, b"")
 
     return Handler
 
