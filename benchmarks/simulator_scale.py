@@ -147,7 +147,7 @@ def peak_rss_mib() -> float:
 
 
 def measure(scenario: Scenario, strategies: list[Strategy]) -> None:
-    print(f"| strategy | wall s | simulated s per wall s | peak RSS MiB | tokens/s | tokens/J | within cap % | worst p99 s |")
+    print("| strategy | wall s | simulated s per wall s | peak RSS MiB | tokens/s | tokens/J | within cap % | worst p99 s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     total_wall_s = 0.0
     for strategy in strategies:
@@ -161,9 +161,10 @@ def measure(scenario: Scenario, strategies: list[Strategy]) -> None:
             f"{figures['worstP99LatencyProxyS']} |",
             flush=True,
         )
+    hour_wall_s = total_wall_s * 3600.0 / scenario.duration_s
     print(f"\ntotal {total_wall_s:.1f} s wall for {len(strategies)} x {scenario.duration_s:.0f} simulated s "
-          f"({len(strategies) * scenario.duration_s / total_wall_s:.1f}x real time per strategy); target {TARGET_WALL_S:.0f} s: "
-          f"{'met' if total_wall_s <= TARGET_WALL_S * len(strategies) / 3 else 'not met'}")
+          f"({len(strategies) * scenario.duration_s / total_wall_s:.1f}x real time per strategy); for one simulated hour "
+          f"each: {hour_wall_s:.0f} s (the issue's target: the three strategies within {TARGET_WALL_S:.0f} s)")
 
 
 def profile(scenario: Scenario, strategies: list[Strategy], top: int) -> None:
