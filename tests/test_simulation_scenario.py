@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -140,3 +141,15 @@ def test_scale_events_and_defaults_are_typed() -> None:
     scenario = scenario_from_document(copy.deepcopy(document))
     assert scenario.events == (Scale(30.0, "code", 4),)
     assert scenario.timing.agent_interval_s == 1 and scenario.timing.controller_interval_s == 5
+
+
+def test_the_scale_scenario_is_10000_gpus_in_over_100_racks_and_valid() -> None:
+    """benchmarks/scenarios/scale-10k.yaml (issue 14, scale) loads as any scenario does and is the size it says."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "scenarios" / "scale-10k.yaml"
+    scenario = load_scenario(path.read_text(encoding="utf-8"))
+    assert scenario.gpu_count == 10_000
+    assert sum(group.count for group in scenario.nodes) == 1_250
+    assert len(scenario.racks) >= 100
+    assert len(scenario.services) >= 3
+    assert scenario.duration_s == 3600
+    assert sum(service.replicas * service.gpus_per_pod for service in scenario.services) <= scenario.gpu_count

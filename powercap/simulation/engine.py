@@ -21,9 +21,11 @@ Per physics step of ``stepS`` seconds, in this order:
    ``u = min(1, (offered + backlog / dt) / uncapped tokens/s)`` (a pod with a queue runs
    flat out);
 6. **physics**: every GPU advances with :func:`powercap.physics.advance` under its cap and
-   its rack's inlet; pods are credited with the tokens generated; queues grow by
-   ``offered x dt - served`` and requests waiting longer than ``maxQueueS`` are dropped;
-   racks sum their power and their inlet follows it (:mod:`powercap.simulation.world`).
+   its rack's inlet (all GPUs at once, on arrays:
+   :meth:`~powercap.simulation.world.GpuArrays.advance`); pods are credited with the tokens
+   generated; queues grow by ``offered x dt - served`` and requests waiting longer than
+   ``maxQueueS`` are dropped; racks sum their power and their inlet follows it
+   (:mod:`powercap.simulation.world`).
 
 Strategies: ``no-capping`` (kube-scheduler spreading, GPUs at their default limit),
 ``static-split`` (same placement, each GPU of a policy's service capped at
