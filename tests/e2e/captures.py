@@ -205,17 +205,21 @@ _VOLATILE = [
     (re.compile(r"\d+(\.\d+)?"), "<n>"),
     (re.compile(r"[ \t]+"), " "),
 ]
+# Lines whose presence is itself a reading: whether the agents' simulated GPUs overshot a cap
+# for a moment while the capture ran (an OverCap Event) depends on when the rounds fell.
+_TRANSIENT = re.compile(r"\bReady is False \(OverCap\)")
 
 
 def normalized(capture: Capture, text: str) -> str | set[str]:
     """``text`` as the drift check compares it: as it is, or, for a volatile capture, the set
     of its lines with values, names and column padding masked (how many GPUs a node got,
-    how often an Event repeated, and in which order are readings too)."""
+    how often an Event repeated, in which order, and whether a brief overshoot was recorded are
+    readings too)."""
     if not capture.volatile:
         return text
     for pattern, replacement in _VOLATILE:
         text = pattern.sub(replacement, text)
-    return set(text.splitlines())
+    return {line for line in text.splitlines() if not _TRANSIENT.search(line)}
 
 
 def block_text(capture: Capture, output: str) -> str:
