@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from powercap.numeric import counted
 from powercap.problems import Problem, join_path
 
 CRD_RESOURCE = "crd.yaml"
@@ -212,9 +213,9 @@ def _check_string(value: str, schema: Schema, path: str) -> Iterator[Problem]:
 
 def _check_array(value: list[Any], schema: Schema, path: str) -> Iterator[Problem]:
     if "minItems" in schema and len(value) < schema["minItems"]:
-        yield Problem(path, f"must have at least {schema['minItems']} items")
+        yield Problem(path, f"must have at least {counted(schema['minItems'], 'item')}")
     if "maxItems" in schema and len(value) > schema["maxItems"]:
-        yield Problem(path, f"must have at most {schema['maxItems']} items")
+        yield Problem(path, f"must have at most {counted(schema['maxItems'], 'item')}")
     items = schema.get("items")
     if isinstance(items, Mapping):
         for index, item in enumerate(value):

@@ -247,6 +247,14 @@ def test_openapi_v3_semantics(value: Any, node: dict[str, Any], expected: list[s
         assert fragment in message
 
 
+@pytest.mark.parametrize(("value", "node", "expected"), [
+    ([], {"type": "array", "minItems": 1}, "x: must have at least 1 item"),
+    ([1, 2, 3], {"type": "array", "maxItems": 2}, "x: must have at most 2 items"),
+])
+def test_array_bounds_count_in_the_right_number(value: list[int], node: dict[str, Any], expected: str) -> None:
+    assert [str(p) for p in schema.validate(value, node, "x")] == [expected]
+
+
 def test_installed_wheel_carries_the_crd(tmp_path: Path) -> None:
     """A pip-installed powercap (not only an editable checkout) finds the schema."""
     completed = subprocess.run(
