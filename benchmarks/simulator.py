@@ -392,41 +392,49 @@ def with_cap_factor(document: Document, policy: str, factor: float) -> Document:
     return result
 
 
-def service_tokens_per_second(document: Document, seed: int, strategy: Any, service: str) -> float:
-    summary, _ = run(scenario_from_document(document).with_overrides(seed=seed), [strategy])
+Loader = Callable[[Document], Scenario]
+"""How a scenario document becomes a scenario (one that replays a trace needs its reader)."""
+
+
+def service_tokens_per_second(document: Document, seed: int, strategy: Any, service: str,
+                              load: Loader = scenario_from_document) -> float:
+    summary, _ = run(load(document).with_overrides(seed=seed), [strategy])
     return float(summary["strategies"][strategy.name]["services"][service]["tokensPerSecond"])
 
 
-def cap_factor_for(document: Document, seed: int, strategy: Any, service: str, tokens_per_second: float) -> float | None:
+def cap_factor_for(document: Document, seed: int, strategy: Any, service: str, tokens_per_second: float,
+                   load: Loader = scenario_from_document) -> float | None:
     """The smallest factor of the service's cap at which ``strategy`` serves ``tokens_per_second``
     (to 1/128 of the search range), None when not even the top of the range does."""
     low, high = CAPACITY_FACTORS
     policy = _service(document, service)["policy"]
-    if service_tokens_per_second(with_cap_factor(document, policy, high), seed, strategy, service) < tokens_per_second:
+    if service_tokens_per_second(with_cap_factor(document, policy, high), seed, strategy, service, load) < tokens_per_second:
         return None
     for _ in range(CAPACITY_STEPS):
         middle = (low + high) / 2
-        if service_tokens_per_second(with_cap_factor(document, policy, middle), seed, strategy, service) >= tokens_per_second:
+        if service_tokens_per_second(with_cap_factor(document, policy, middle), seed, strategy, service, load) >= tokens_per_second:
             high = middle
         else:
             low = middle
     return high
 
 
-def capacity_runs(seeds: Sequence[int]) -> None:
-    document = default_document()
+def capacity_runs(seeds: Sequence[int], document: Document | None = None, load: Loader = scenario_from_document,
+                  label: str = "default scenario") -> dict[str, list[float]]:
+    """The equal-tokens table; returns the savings, % less power, per "service strategy"."""
+    document = document or default_document()
     caps_w = {s["name"]: _policy(document, s["policy"])["spec"]["powerCapLimit"] for s in document["services"]}
-    print("\nEqual tokens, default scenario: the static split's tokens/s at each service's cap, and the cap at which "
+    print(f"\nEqual tokens, {label}: the static split's tokens/s at each service's cap, and the cap at which "
           "powercap and the oracle serve as many (one service's cap scaled, the others unchanged):\n")
     print("| service | seed | static split: cap W, tokens/s | powercap: cap W, less power | oracle: cap W, less power |")
     print("| --- | ---: | --- | --- | --- |")
     savings: dict[str, list[float]] = {}
     for service, cap_w in caps_w.items():
         for seed in seeds:
-            static = service_tokens_per_second(document, seed, STATIC_SPLIT, service)
+            static = service_tokens_per_second(document, seed, STATIC_SPLIT, service, load)
             cells = []
             for strategy in (POWERCAP, ORACLE):
-                factor = cap_factor_for(document, seed, strategy, service, static)
+                factor = cap_factor_for(document, seed, strategy, service, static, load)
                 if factor is None:
                     cells.append(f"more than {CAPACITY_FACTORS[1] * cap_w:.0f} W")
                     continue
@@ -436,6 +444,7 @@ def capacity_runs(seeds: Sequence[int]) -> None:
             print(f"| {service} | {seed} | {cap_w} W, {static:.0f} | " + " | ".join(cells) + " |", flush=True)
     print("\nless power for the static split's tokens, mean (min to max) %: "
           + "; ".join(f"{key} {spread(values, 1, signed=False)}" for key, values in savings.items()))
+    return savings
 
 
 def variant_runs(seeds: Sequence[int]) -> None:

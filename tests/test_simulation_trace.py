@@ -410,3 +410,18 @@ def test_the_docs_recipe_replays_the_real_azure_trace_on_the_first_try(
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     chat = summary["strategies"]["no-capping"]["services"]["chat"]
     assert 0 < chat["offeredTokensPerSecond"] <= 45_000  # 80 % of what 10 pods serve, and the random bursts
+
+
+def test_the_recorded_traffic_benchmark_replays_the_docs_recipe(azure_trace: Path) -> None:
+    """benchmarks/scenarios/azure-conv.yaml (issue 14, recorded traffic) is docs/simulator.md's recipe with
+    the trace read from ../shared/data, and plays the whole hour without a notice."""
+    path = REPO_ROOT / "benchmarks" / "scenarios" / "azure-conv.yaml"
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    recipe = docs_recipe_document()
+    assert (path.parent / document["services"][0]["trace"].pop("file")).resolve() == azure_trace.resolve()
+    del recipe["services"][0]["trace"]["file"]
+    assert {k: v for k, v in document.items() if k not in ("name", "description")} == \
+        {k: v for k, v in recipe.items() if k not in ("name", "description")}
+    loaded = load_scenario(path.read_text(encoding="utf-8"), read_trace=lambda name: (path.parent / name).open(encoding="utf-8"))
+    assert loaded.duration_s == 583
+    assert run_notices(loaded) == [] and overload_notices(loaded, build_trace(loaded)) == []

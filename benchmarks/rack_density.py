@@ -1,0 +1,150 @@
+"""More GPUs under the same rack power (issue 14, item 5): how many GPUs one rack holds.
+
+    .venv/bin/python benchmarks/rack_density.py [--seeds 1 2 3] [--gpus 32] [--step 4] [--up-to 64]
+
+One rack whose ``maxPower`` is what its nameplate ``N`` H200-like GPUs draw at their default
+power limit (``N x 700 W``; POLCA's "provisioned for the nameplate"). One service, one pod per
+GPU, on the compressed office day of the built-in scenario, offered traffic peaking at 80 % of
+what the nameplate GPUs serve uncapped. GPUs are added ``--step`` at a time with the traffic in
+proportion (the rack is asked to serve ``(N + k) / N`` times the load), under one policy whose
+``powerCapLimit`` and rack ``maxPower`` are the nameplate power, and each configuration runs
+with every strategy:
+
+- ``no-capping``: every GPU free to draw its maximum: what breaks is the breaker (seconds
+  over maxPower);
+- ``static-split``: each GPU at ``maxPower / (N + k)``;
+- ``powercap``: the controller and the agents, splitting the same watts;
+- ``oracle``: the same watts re-split every second knowing every GPU's load (the bound).
+
+A configuration *holds* when its p99 latency proxy is within 10 % of the nameplate rack's (N
+GPUs, no capping) on the same seed and no second is over maxPower. The figure per strategy is
+the largest share of GPUs added before the first configuration that does not hold, on every
+seed; POLCA reports +30 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from simulator import machine, run  # noqa: E402
+
+from powercap.physics import H200_LIKE  # noqa: E402
+from powercap.simulation.engine import NO_CAPPING, ORACLE, POWERCAP, STATIC_SPLIT  # noqa: E402
+from powercap.simulation.scenario import scenario_from_document  # noqa: E402
+
+STRATEGIES = (NO_CAPPING, STATIC_SPLIT, POWERCAP, ORACLE)
+LATENCY_SLACK = 1.10
+PEAK_UTILISATION = 0.8
+MODEL_SIZE_B = 34
+PREFILL_SHARE = 0.5
+GPUS_PER_NODE = 4
+
+
+def tokens_per_gpu() -> float:
+    """What one H200-like GPU serves uncapped for this service (docs/simulator.md, peakUtilisation)."""
+    return H200_LIKE.peak_tokens_s * (1 - PREFILL_SHARE) * 70 / MODEL_SIZE_B
+
+
+def rack_document(nameplate_gpus: int, gpus: int) -> dict[str, Any]:
+    """The rack with ``gpus`` GPUs (``nameplate_gpus`` of them provisioned) and traffic in proportion."""
+    max_power_w = nameplate_gpus * int(H200_LIKE.default_limit_w)
+    return {
+        "name": f"rack-density-{gpus}",
+        "durationS": 600,
+        "racks": [{"id": "rack-1", "maxPower": max_power_w}],
+        "nodes": [{"name": "gpu", "count": gpus // GPUS_PER_NODE, "rack": "rack-1", "gpus": GPUS_PER_NODE,
+                   "gpuModel": H200_LIKE.name}],
+        "policies": [{
+            "apiVersion": "powercapping.example.com/v1alpha1",
+            "kind": "PowerCappingPolicy",
+            "metadata": {"name": "code", "namespace": "inference"},
+            "spec": {"powerCapLimit": max_power_w, "rackConstraints": [{"rackId": "rack-1", "maxPower": max_power_w}]},
+        }],
+        "services": [{
+            "name": "code", "namespace": "inference", "policy": "code", "replicas": gpus, "modelSizeB": MODEL_SIZE_B,
+            "prefillShare": PREFILL_SHARE, "peakTokensS": PEAK_UTILISATION * gpus * tokens_per_gpu(),
+            "dailyShape": "office", "podSkew": 0.4, "loadBound": 1.25, "maxQueueS": 20,
+        }],
+        "workload": {"dayStartHour": 6},
+    }
+
+
+def measure(nameplate_gpus: int, gpus: int, seed: int) -> dict[str, dict[str, float]]:
+    """Per strategy: p99 latency proxy (s), seconds over maxPower, tokens/s, dropped %."""
+    scenario = scenario_from_document(rack_document(nameplate_gpus, gpus)).with_overrides(seed=seed)
+    summary, _ = run(scenario, STRATEGIES)
+    return {
+        name: {
+            "p99": figures["services"]["code"]["p99LatencyProxyS"] or 0.0,
+            "over": float(figures["rackPowerViolationSeconds"]),
+            "tokens": figures["tokensPerSecond"],
+            "dropped": figures["droppedPercent"],
+        }
+        for name, figures in summary["strategies"].items()
+    }
+
+
+def holds(figures: dict[str, float], nameplate_p99_s: float) -> bool:
+    return figures["over"] == 0 and figures["p99"] <= LATENCY_SLACK * nameplate_p99_s
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--gpus", type=int, default=32, help="nameplate GPUs (a multiple of 4)")
+    parser.add_argument("--step", type=int, default=4, help="GPUs added per configuration (a multiple of 4)")
+    parser.add_argument("--up-to", type=int, default=64, help="most GPUs tried")
+    args = parser.parse_args(argv)
+    if args.gpus % GPUS_PER_NODE or args.step % GPUS_PER_NODE or args.step <= 0:
+        parser.error(f"--gpus and --step must be positive multiples of {GPUS_PER_NODE} (GPUs per node)")
+    nameplate_w = args.gpus * int(H200_LIKE.default_limit_w)
+    print(f"Machine: {machine()}")
+    print(f"Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seeds {', '.join(map(str, args.seeds))}\n")
+    print(f"One rack, maxPower {nameplate_w} W = {args.gpus} H200-like GPUs x {H200_LIKE.default_limit_w:.0f} W; "
+          f"traffic in proportion to the GPUs; holds = p99 latency proxy <= {LATENCY_SLACK:.2f} x the nameplate rack's "
+          "(no capping) and 0 s over maxPower.\n")
+    print("| GPUs | added | seed | " + " | ".join(f"{s.name}: p99 s, s over maxPower, dropped %" for s in STRATEGIES) + " |")
+    print("| ---: | ---: | ---: | " + " | ".join("---" for _ in STRATEGIES) + " |")
+    nameplate: dict[int, float] = {}
+    failed: dict[str, int | None] = {s.name: None for s in STRATEGIES}
+    for gpus in range(args.gpus, args.up_to + 1, args.step):
+        for seed in args.seeds:
+            figures = measure(args.gpus, gpus, seed)
+            if gpus == args.gpus:
+                nameplate[seed] = figures[NO_CAPPING.name]["p99"]
+            cells = []
+            for strategy in STRATEGIES:
+                one = figures[strategy.name]
+                ok = holds(one, nameplate[seed])
+                if not ok and failed[strategy.name] is None:
+                    failed[strategy.name] = gpus
+                cells.append(f"{one['p99']:.1f}, {one['over']:.0f}, {one['dropped']:.1f}{'' if ok else ' ✗'}")
+            print(f"| {gpus} | {100 * (gpus - args.gpus) / args.gpus:+.0f} % | {seed} | " + " | ".join(cells) + " |", flush=True)
+        if all(v is not None for v in failed.values()):
+            break
+    print("\nGPUs the rack holds, as a share added to the nameplate (the last configuration before the first that "
+          "does not hold on some seed):\n")
+    print("| strategy | GPUs held | added |")
+    print("| --- | ---: | ---: |")
+    for strategy in STRATEGIES:
+        first_failure = failed[strategy.name]
+        held = (first_failure - args.step) if first_failure is not None else None
+        if held is None:
+            print(f"| {strategy.name} | >= {args.up_to} | >= {100 * (args.up_to - args.gpus) / args.gpus:+.0f} % |")
+        elif held < args.gpus:
+            print(f"| {strategy.name} | none | the nameplate rack itself does not hold |")
+        else:
+            print(f"| {strategy.name} | {held} | {100 * (held - args.gpus) / args.gpus:+.0f} % |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
