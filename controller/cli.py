@@ -34,7 +34,7 @@ from controller.loop import (
     ListSnapshots,
     Snapshot,
 )
-from powercap.runtime.cliargs import add_cluster_view_arguments, add_log_level_argument, bind_address, positive_seconds
+from powercap.runtime.cliargs import add_cluster_view_arguments, add_log_level_argument, bind_address, cluster_view_settings, positive_seconds
 from powercap.runtime.httpserver import HttpServer, Route, check_reply, metrics_route
 from powercap.runtime.logs import configure_logging
 from powercap.runtime.sources import load_state, snapshot_time, utc_now
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         print("powercap controller: error: --cluster-state needs --once (the loop runs against a cluster)",
               file=sys.stderr)
         return EXIT_USAGE
-    cluster_settings = ClusterSettings(rack_label=args.rack_label, stale_after_s=args.stale_after)
+    cluster_settings = cluster_view_settings(args)
     settings = ControllerSettings(
         interval_s=args.interval,
         allocation=AllocationSettings(margin=args.margin),

@@ -28,7 +28,7 @@ from extender.app import DEFAULT_MAX_BODY_BYTES, create_app
 from powercap import kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.cluster import ClusterSettings
-from powercap.runtime.cliargs import add_cluster_view_arguments, add_log_level_argument, bind_address, positive_int
+from powercap.runtime.cliargs import add_cluster_view_arguments, add_log_level_argument, bind_address, cluster_view_settings, positive_int
 from powercap.runtime.httpworker import ConnectionLimits
 from powercap.runtime.logs import configure_logging
 from powercap.runtime.sources import StateFileError, StateFileSource, ViewSource, cluster_source
@@ -77,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
-    settings = ClusterSettings(rack_label=args.rack_label, stale_after_s=args.stale_after)
+    settings = cluster_view_settings(args)
     registry = AlgorithmRegistry.default()
     try:
         make_source = source_factory(args.cluster_state, settings, registry)
@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     }
     log.info("powercap extender listening on %s", args.bind,
              extra={"bind": args.bind, "metrics_bind": args.metrics_bind, "mode": "state-file" if args.cluster_state else "cluster",
-                    "rack_label": settings.rack_label, "stale_after_s": settings.stale_after_s})
+                    "rack_label": settings.rack_label, "stale_after_s": settings.stale_after_s,
+                    "node_overhead_w": settings.node_overhead_w})
     GunicornServer(server_settings, load_app, args.log_level, limits=connection_limits()).run()
     return 0
 

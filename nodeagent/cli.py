@@ -41,7 +41,7 @@ from nodeagent.state import DEFAULT_STATE_FILE, StateFile
 from nodeagent.tokens import DEFAULT_TOKENS_METRIC, TokenRates
 from powercap import kube, physics
 from powercap.objects import RACK_LABEL
-from powercap.runtime.cliargs import label_key, node_name
+from powercap.runtime.cliargs import label_key, node_name, watts
 from powercap.runtime.httpserver import HttpServer
 
 log = logging.getLogger(__name__)
@@ -68,16 +68,6 @@ def positive_seconds(text: str) -> float:
         value = -1.0
     if not 0 < value <= 3600:
         raise argparse.ArgumentTypeError(f"{text!r}: expected seconds in (0, 3600]")
-    return value
-
-
-def watts_argument(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 100_000:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected watts in [0, 100000]")
     return value
 
 
@@ -137,7 +127,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     power.add_argument("--node-power", type=sources_argument, default=(), metavar="SOURCES",
                        help="measured sources in priority order, comma-separated: redfish, ipmi-dcmi, kepler; the "
                             "estimate (GPUs + --node-power-overhead-w) always comes last (default: the estimate only)")
-    power.add_argument("--node-power-overhead-w", type=watts_argument, default=0.0, metavar="WATTS",
+    power.add_argument("--node-power-overhead-w", type=watts, default=0.0, metavar="WATTS",
                        help="the node's power beside its GPUs, for the estimate (default 0)")
     power.add_argument("--node-power-config", type=Path, metavar="FILE",
                        help="per-node settings (a mounted ConfigMap): 'default' and 'nodes.<node>' sections override "

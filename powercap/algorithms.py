@@ -48,13 +48,17 @@ class NodeFacts:
     """What a placement algorithm knows about one candidate node, from the cluster view.
 
     Powers in W, temperatures in °C of rack inlet air. ``None`` means unknown: no fresh
-    telemetry, no rack, or no such limit. ``node_power_w`` and ``rack_power_w`` include
-    the assumed power of pods bound but not yet visible in telemetry.
+    telemetry, no rack, or no such limit. ``node_power_w`` and ``rack_power_w`` are
+    whole-node and whole-rack power: GPUs, the power beside them (CPUs, fans, supplies:
+    measured, or estimated where no reading can be trusted) and the assumed power of pods
+    bound but not yet visible in telemetry. ``node_non_gpu_power_w`` is the node's part
+    beside its GPUs.
     """
 
     name: str
     rack_id: str | None = None
     node_power_w: float | None = None
+    node_non_gpu_power_w: float = 0.0
     node_capacity_w: float | None = None  # sum of the node's GPU maximum limits
     rack_power_w: float | None = None
     rack_max_power_w: float | None = None
@@ -126,8 +130,9 @@ class Headroom(PlacementAlgorithm):
         temperature = (maxTemperature - inlet) / (maxTemperature - 18 °C)
         score       = 10 x min(the terms the rack has), clamped to 0..10
 
-    18 °C is ASHRAE's recommended lowest inlet. A node in a rack with neither limit scores
-    by its own GPU power headroom, ``10 x (capacity - nodePower - pod) / capacity`` with
+    18 °C is ASHRAE's recommended lowest inlet; rackPower is the whole rack's (GPUs and the
+    power beside them). A node in a rack with neither limit scores by its own GPU power
+    headroom, ``10 x (capacity - (nodePower - nonGpuPower) - pod) / capacity`` with
     capacity = the sum of its GPUs' maximum limits. Unknown figures (no fresh telemetry)
     fail soft: that term is left out, and a node with no term left scores 0.
     Takes no parameters.
@@ -151,14 +156,16 @@ def headroom_fraction(candidate: Candidate) -> float:
     if terms:
         return min(terms)
     if node.rack_max_power_w is None and node.rack_max_temperature_c is None and node.node_capacity_w and node.node_power_w is not None:
-        return (node.node_capacity_w - node.node_power_w - candidate.pod_power_w) / node.node_capacity_w
+        gpu_power_w = node.node_power_w - node.node_non_gpu_power_w
+        return (node.node_capacity_w - gpu_power_w - candidate.pod_power_w) / node.node_capacity_w
     return 0.0
 
 
 class EnergyAwareScheduling(PlacementAlgorithm):
     """Pack pods onto few nodes while they stay under ``energyThreshold`` watts.
 
-    A node whose power plus the pod's estimate stays at or under ``energyThreshold`` scores
+    A node whose whole power (GPUs and the power beside them) plus the pod's estimate
+    stays at or under ``energyThreshold`` scores
     higher the fuller it is (bin packing, so idle nodes can stay in low-power states); a
     node that would pass the threshold scores low::
 

@@ -20,8 +20,11 @@ Inputs of the allocation (:mod:`powercap.allocation`), per policy:
   that a new GPU starting at its minimum never lifts the caps' sum above the budget (the
   scale-up hand-off with the extender: docs/architecture.md);
 - racks: every rack with a ``maxPower`` (the strictest over Enforce policies), with
-  ``unmanaged_power_w = rack power (measured + assumed) - measured power of the GPUs
-  allocated in it``.
+  ``unmanaged_power_w = rack power - measured power of the GPUs allocated in it``, where
+  rack power is the whole rack's (:mod:`powercap.cluster`: GPUs measured + the power
+  beside them + assumed power). The power beside the GPUs (CPUs, fans, supplies) is thus
+  unmanaged power: the fill gives the GPUs ``maxPower - unmanaged``, and when it rises
+  the caps come down.
 
 The status's ``ratio`` (:func:`service_ratio`) is the service's generated tokens per
 joule: ``sum of tokensPerSecond / sum of powerW`` over its GPUs with fresh telemetry that
@@ -53,7 +56,7 @@ from powercap.allocation import (
     ServiceAllocation,
     allocate,
 )
-from powercap.cluster import ClusterView, PolicyView
+from powercap.cluster import ClusterView, PolicyView, RackView
 from powercap.policies import Mode, Policy
 from powercap.telemetry import GpuTelemetry
 from powercap.status import (
@@ -205,7 +208,7 @@ def _plan(
     service_racks = sorted({c.rack for c in allocation.caps if c.rack is not None})
     named = {r.rack_id for r in policy.racks}
     readings = tuple(
-        RackReading(rack_id, view.racks[rack_id].power_w, view.racks[rack_id].inlet_temperature_c)
+        rack_reading(view.racks[rack_id], view.settings.node_overhead_w)
         for rack_id in service_racks
         if rack_id in view.racks and (view.racks[rack_id].constrained or rack_id in named)
     )
@@ -238,6 +241,16 @@ def _plan(
         inputs=inputs,
         status=render_status(inputs, policy.status, view.now),
         lagging=frozenset(g.uuid for g in lagging),
+    )
+
+
+def rack_reading(rack: RackView, node_overhead_w: float) -> RackReading:
+    """What the status says of a rack: its whole power, the part beside the GPUs, and
+    whether (and for which nodes) that part is estimated."""
+    return RackReading(
+        rack.rack_id, rack.power_w, rack.inlet_temperature_c,
+        non_gpu_power_w=rack.non_gpu_power_w, power_source=rack.power_source,
+        estimated_nodes=rack.estimated_nodes, estimate_problem=rack.estimate_problem, node_overhead_w=node_overhead_w,
     )
 
 

@@ -29,7 +29,19 @@ Definitions (W = watts, °C = rack inlet air):
   listed in that telemetry's ``gpus[].pod``; for a node with no readable telemetry, of
   all its active GPU pods. Without it a burst of pods lands in one rack before telemetry
   catches up.
-- **rack power** = sum of fresh node power + sum of node assumed power, over its nodes.
+- **non-GPU power** of a GPU node (CPUs, memory, fans, NICs, supply losses): its
+  telemetry's ``nodePower.watts - powerW`` when that whole-node reading is a measurement
+  (Redfish, IPMI DCMI, Kepler), fresh (``telemetry age + ageS <= stale_after_s``) and
+  plausible (at least 80 % of the GPUs' power, under 100 kW); otherwise an *estimate*:
+  ``max(settings.node_overhead_w, nodePower.watts - powerW)`` (the agent's own estimate,
+  or a stale reading, counts for as much as it says), ``node_overhead_w`` without a
+  usable figure (no ``nodePower``, no fresh telemetry, an implausible reading).
+  Formulas: :func:`powercap.clusterviews.non_gpu_power`.
+- **node power** = measured GPU power (fresh telemetry's ``powerW``) + non-GPU power +
+  assumed power: the whole node.
+- **rack power** = sum of its nodes' power (GPUs measured + non-GPU + assumed); its
+  **power source** is ``Measured`` when no node's non-GPU power is estimated,
+  ``Estimated`` when every one is, ``PartlyEstimated`` between.
 - **rack temperature** = max inlet temperature over its nodes with fresh telemetry
   (None when none reports one).
 - **rack limits**: over every ``Enforce`` policy naming the rack, the smallest
@@ -45,8 +57,9 @@ API (stable; the budget controller uses it too):
 - ``ClusterView.now``, ``.settings``: when and how it was built;
 - ``ClusterView.nodes[name] -> NodeView``: rack, GPU capacity, telemetry status and the last
   readable telemetry (or ``telemetry_problem``: why it is missing/stale/malformed),
-  measured/assumed power and assumed pods, GPU max, inlet temperature and its trend;
-- ``ClusterView.racks[rack_id] -> RackView``: nodes, measured/assumed power, temperature
+  measured/non-GPU/assumed power and assumed pods, GPU max, inlet temperature and its trend;
+- ``ClusterView.racks[rack_id] -> RackView``: nodes, measured/non-GPU/assumed power, the
+  nodes whose non-GPU power is estimated and why, temperature
   and trend, ``limits`` (strictest maxPower/maxTemperature and the policy that set each),
   nodes without fresh telemetry and the problem to report;
 - ``ClusterView.policies[ns/name] -> PolicyView``: the policy, its pods, its bound GPU
@@ -82,6 +95,7 @@ from powercap.clusterviews import (
     NodeView,
     ParsedNode,
     PodEntry,
+    NonGpuPower,
     PodFacts,
     PolicyGpu,
     PolicySet,
@@ -101,6 +115,7 @@ from powercap.clusterviews import (
     rack_view,
     read_policies,
     scoring_facts,
+    reading_fresh_until,
 )
 from powercap.objects import KubeObject, labels_of
 from powercap.policies import Policy
@@ -116,6 +131,7 @@ __all__ = [
     "NodeView",
     "PodFacts",
     "PolicyGpu",
+    "NonGpuPower",
     "PolicyView",
     "RackLimits",
     "RackView",
@@ -477,8 +493,9 @@ def _recompute_nodes(state: _State, dirty: Iterable[str], now: datetime) -> set[
         node_views[name] = view
         if parsed.rack_id is not None:
             racks_touched.add(parsed.rack_id)
-        if view.fresh and view.telemetry is not None:
-            fresh_until[name] = view.telemetry.timestamp + stale_after
+        until = reading_fresh_until(view, stale_after)
+        if until is not None:
+            fresh_until[name] = until
         if assumed_keys:
             assumed_policies[name] = assumed_keys
     return racks_touched

@@ -8,10 +8,10 @@ power estimate) are in :mod:`powercap.cluster`'s docstring; each function here s
 formula it computes. W = watts, °C = rack inlet air.
 
 - nodes: :func:`parse_node` (a Node object and its telemetry, read once per object),
-  :func:`telemetry_status`, :func:`assumed_power`, :func:`inlet_rise`, :func:`node_view`,
-  :func:`gpu_min_limits`;
+  :func:`telemetry_status`, :func:`non_gpu_power`, :func:`assumed_power`,
+  :func:`inlet_rise`, :func:`node_view`, :func:`gpu_min_limits`;
 - pods: :func:`pod_facts`, :func:`power_node`, :func:`estimate_pod_power_w`;
-- racks: :func:`rack_view`, :func:`scoring_facts`;
+- racks: :func:`rack_view`, :func:`rack_power_source`, :func:`scoring_facts`;
 - policies: :func:`read_policies` (parse, group by namespace, strictest rack limits),
   :func:`match_policy`, :func:`policy_views`, :func:`cluster_warnings`.
 """
@@ -36,6 +36,7 @@ from powercap.objects import (
     pod_is_active,
     pod_power_annotation_w,
 )
+from powercap.nodepower import ESTIMATE, GPU_FLOOR_FRACTION, MAX_PLAUSIBLE_W
 from powercap.policies import Policy, parse_policy
 from powercap.telemetry import (
     DEFAULT_STALE_AFTER_S,
@@ -60,12 +61,15 @@ class ClusterSettings:
     """How the view reads the cluster.
 
     ``rack_label``: node label whose value is the rack id. ``stale_after_s``: telemetry
-    older than this is stale. ``default_gpu_max_w`` / ``default_gpu_min_w``: a GPU's
+    (and a whole-node power reading) older than this is stale. ``node_overhead_w``: the
+    power beside its GPUs assumed for a GPU node without a trustworthy whole-node reading
+    (:func:`non_gpu_power`), W. ``default_gpu_max_w`` / ``default_gpu_min_w``: a GPU's
     power limits when no telemetry reports them.
     """
 
     rack_label: str = RACK_LABEL
     stale_after_s: float = DEFAULT_STALE_AFTER_S
+    node_overhead_w: float = 0.0
     default_gpu_max_w: float = DEFAULT_GPU_MAX_W
     default_gpu_min_w: float = DEFAULT_GPU_MIN_W
 
@@ -78,8 +82,31 @@ class TelemetryStatus(str, Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class NonGpuPower:
+    """A node's power beside its GPUs (CPUs, memory, fans, NICs, supply losses), W.
+
+    ``source``: the whole-node reading it comes from (``redfish``, ``ipmi-dcmi``,
+    ``kepler``) when measured, ``estimate`` otherwise; ``problem``: why it is an estimate,
+    in words a person can act on (None when measured). See :func:`non_gpu_power`.
+    """
+
+    watts: float = 0.0
+    source: str = ESTIMATE
+    problem: str | None = None
+
+    @property
+    def measured(self) -> bool:
+        return self.problem is None
+
+
+NOT_PUBLISHING = NonGpuPower()
+"""The non-GPU power of a node that neither has GPUs nor publishes telemetry: not counted."""
+
+
+@dataclass(frozen=True, slots=True)
 class NodeView:
-    """One node. Power and temperature figures count only fresh telemetry."""
+    """One node. Power and temperature figures count only fresh telemetry, except
+    ``non_gpu``, which is estimated for a GPU node without fresh telemetry (it still draws)."""
 
     name: str
     rack_id: str | None
@@ -87,8 +114,9 @@ class NodeView:
     telemetry_status: TelemetryStatus
     telemetry: NodeTelemetry | None = None  # the last readable telemetry, fresh or stale
     telemetry_problem: str | None = None  # why it is not fresh, in words a person can act on
-    measured_power_w: float = 0.0  # the telemetry's powerW when fresh, else 0
+    measured_power_w: float = 0.0  # the telemetry's powerW (its GPUs) when fresh, else 0
     assumed_power_w: float = 0.0
+    non_gpu: NonGpuPower = NOT_PUBLISHING  # power beside its GPUs (non_gpu_power)
     assumed_pods: tuple[str, ...] = ()
     gpu_max_w: float = DEFAULT_GPU_MAX_W  # largest GPU maximum limit (telemetry, else default)
     # largest GPU minimum limit (telemetry, else default): what a GPU given to a new pod starts at
@@ -108,8 +136,18 @@ class NodeView:
 
     @property
     def power_w(self) -> float:
-        """measured + assumed, W."""
+        """Whole-node power: measured (GPUs) + non-GPU + assumed, W."""
+        return self.measured_power_w + self.non_gpu.watts + self.assumed_power_w
+
+    @property
+    def gpu_power_w(self) -> float:
+        """measured (GPUs) + assumed, W."""
         return self.measured_power_w + self.assumed_power_w
+
+    @property
+    def non_gpu_estimated(self) -> bool:
+        """Whether its non-GPU power counts and is an estimate, not a measurement."""
+        return self.needs_telemetry and not self.non_gpu.measured
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,11 +178,20 @@ class RackView:
     unreliable_nodes: tuple[str, ...] = ()  # nodes that need telemetry and have no fresh one
     telemetry_problem: str | None = None  # the first unreliable node's problem (+ "and N more")
     assumed_pods: tuple[str, ...] = ()  # pods whose power is assumed, not yet measured
+    non_gpu_power_w: float = 0.0  # sum of its nodes' power beside their GPUs
+    gpu_nodes: int = 0  # nodes whose non-GPU power counts (they need telemetry)
+    estimated_nodes: tuple[str, ...] = ()  # those whose non-GPU power is estimated
+    estimate_problem: str | None = None  # the first such node's problem (+ "and N more")
 
     @property
     def power_w(self) -> float:
-        """measured + assumed, W."""
-        return self.measured_power_w + self.assumed_power_w
+        """Whole-rack power: measured (GPUs) + non-GPU + assumed, W."""
+        return self.measured_power_w + self.non_gpu_power_w + self.assumed_power_w
+
+    @property
+    def power_source(self) -> str:
+        """``Measured``, ``Estimated`` or ``PartlyEstimated`` (:func:`rack_power_source`)."""
+        return rack_power_source(len(self.estimated_nodes), self.gpu_nodes)
 
     @property
     def constrained(self) -> bool:
@@ -386,6 +433,64 @@ def telemetry_status(node: ParsedNode, now: datetime, stale_after_s: float) -> t
     return TelemetryStatus.STALE, f"no telemetry from node {name} for {age_s:.0f} s (stale after {stale_after_s:g} s)"
 
 
+def non_gpu_power(name: str, telemetry: NodeTelemetry | None, now: datetime, settings: ClusterSettings) -> NonGpuPower:
+    """A GPU node's power beside its GPUs, W: measured when its whole-node reading can be
+    trusted, else an estimate that is never below what any reading at hand says.
+
+    ``telemetry`` is the node's *fresh* telemetry (None without). Its ``nodePower`` is
+    *usable* when
+
+    - its ``source`` is a measurement (not ``estimate``),
+    - the reading is fresh: ``telemetry age + ageS <= stale_after_s`` (the rule telemetry
+      itself is held to, counted from when the reading was taken),
+    - it is plausible: ``GPU_FLOOR_FRACTION x powerW <= watts <= MAX_PLAUSIBLE_W`` (a
+      node draws at least what its GPUs draw, and no server draws 100 kW);
+
+    then ``non-GPU = max(0, watts - powerW)``, measured. Otherwise it is estimated::
+
+        non-GPU = max(node_overhead_w, watts - powerW)   with a reading under 100 kW
+                                                         (stale, or the agent's estimate)
+                = node_overhead_w                        otherwise (no nodePower, no
+                                                         fresh telemetry, implausible)
+
+    so a stale or estimated reading still counts for as much as it says: never less.
+    """
+    overhead_w = settings.node_overhead_w
+    if telemetry is None:
+        return NonGpuPower(overhead_w, ESTIMATE, f"node {name} has no fresh telemetry")
+    reading, gpus_w = telemetry.node_power, telemetry.power_w
+    if reading is None:
+        return NonGpuPower(overhead_w, ESTIMATE, f"node {name} reports no whole-node power (a node agent older than nodePower)")
+    beside_w = reading.watts - gpus_w
+    age_s = max(0.0, telemetry.age_s(now)) + reading.age_s
+    if reading.watts > MAX_PLAUSIBLE_W:
+        return NonGpuPower(overhead_w, ESTIMATE, f"node {name}'s {reading.source} reading {reading.watts:g} W is implausible (over {MAX_PLAUSIBLE_W:g} W)")
+    if reading.watts < GPU_FLOOR_FRACTION * gpus_w:
+        return NonGpuPower(overhead_w, ESTIMATE, f"node {name}'s {reading.source} reading {reading.watts:g} W is below its GPUs' {gpus_w:g} W")
+    estimate_w = max(overhead_w, beside_w)
+    if reading.estimated:
+        return NonGpuPower(estimate_w, ESTIMATE, f"node {name} has no node power source (its agent estimates GPUs + a configured overhead)")
+    if age_s > settings.stale_after_s:
+        return NonGpuPower(estimate_w, ESTIMATE, (
+            f"node {name}'s {reading.source} reading is stale (taken {reading.age_s:g} s before its telemetry; "
+            f"stale after {settings.stale_after_s:g} s)"
+        ))
+    return NonGpuPower(max(0.0, beside_w), reading.source)
+
+
+def reading_fresh_until(view: NodeView, stale_after: timedelta) -> datetime | None:
+    """When the node's view goes stale by the clock alone: its telemetry at ``timestamp +
+    stale_after_s``, and a measured whole-node reading ``ageS`` earlier (None when the
+    telemetry is not fresh now)."""
+    telemetry = view.telemetry
+    if not view.fresh or telemetry is None:
+        return None
+    until = telemetry.timestamp + stale_after
+    if view.non_gpu.measured and telemetry.node_power is not None:
+        until -= timedelta(seconds=telemetry.node_power.age_s)
+    return until
+
+
 def assumed_power(
     node: ParsedNode,
     bound: Iterable[BoundPod],
@@ -452,13 +557,16 @@ def node_view(
 ) -> tuple[NodeView, frozenset[str]]:
     """The node's view, and the policies of its assumed pods (their budget moves its power).
 
-    ``measured_power_w`` = telemetry ``powerW`` when fresh, else 0; ``inlet_temperature_c``
-    and the trend count fresh telemetry only; ``new_gpu_min_w`` = largest GPU ``minW``
-    (default without). Updates ``trend_anchors`` (see :func:`inlet_rise`).
+    ``measured_power_w`` = telemetry ``powerW`` (its GPUs) when fresh, else 0; ``non_gpu``
+    = :func:`non_gpu_power` for a node that needs telemetry (has GPUs or publishes), else
+    nothing; ``inlet_temperature_c`` and the trend count fresh telemetry only;
+    ``new_gpu_min_w`` = largest GPU ``minW`` (default without). Updates ``trend_anchors``
+    (see :func:`inlet_rise`).
     """
     status, problem = telemetry_status(node, now, settings.stale_after_s)
     fresh_telemetry = node.telemetry if status is TelemetryStatus.FRESH else None
     assumed_w, assumed_pods, assumed_policies = assumed_power(node, bound, bound_gpus, now)
+    counts = node.gpu_capacity > 0 or status is not TelemetryStatus.MISSING
     view = NodeView(
         name=node.name,
         rack_id=node.rack_id,
@@ -468,6 +576,7 @@ def node_view(
         telemetry_problem=problem,
         measured_power_w=fresh_telemetry.power_w if fresh_telemetry is not None else 0.0,
         assumed_power_w=assumed_w,
+        non_gpu=non_gpu_power(node.name, fresh_telemetry, now, settings) if counts else NOT_PUBLISHING,
         assumed_pods=assumed_pods,
         gpu_max_w=node.gpu_max_w,
         new_gpu_min_w=node.gpu_largest_min_w if node.gpu_largest_min_w is not None else settings.default_gpu_min_w,
@@ -492,16 +601,19 @@ def gpu_min_limits(nodes: Collection[ParsedNode], default_w: float) -> tuple[flo
 def rack_view(rack_id: str, members: list[NodeView], limits: RackLimits) -> RackView:
     """One rack from its member nodes (sorted by name in place).
 
-    ``measured_power_w`` = sum of the members' measured power; ``assumed_power_w`` = sum of
-    their assumed power; ``inlet_temperature_c`` / ``inlet_rise_c_per_min`` = max over
-    fresh members reporting one (None when none does); ``unreliable_nodes``: members that
-    need telemetry and have no fresh one.
+    ``measured_power_w`` = sum of the members' measured (GPU) power; ``non_gpu_power_w`` =
+    sum of their non-GPU power; ``assumed_power_w`` = sum of their assumed power (so
+    ``power_w``, the whole rack, is the sum of whole-node power); ``inlet_temperature_c``
+    / ``inlet_rise_c_per_min`` = max over fresh members reporting one (None when none
+    does); ``unreliable_nodes``: members that need telemetry and have no fresh one;
+    ``estimated_nodes``: members whose non-GPU power is estimated.
     """
     members.sort(key=lambda n: n.name)
     fresh = [n for n in members if n.fresh]
     inlets = [n.inlet_temperature_c for n in fresh if n.inlet_temperature_c is not None]
     rises = [n.inlet_rise_c_per_min for n in fresh if n.inlet_rise_c_per_min is not None]
     unreliable = [n for n in members if n.needs_telemetry and not n.fresh]
+    estimated = [n for n in members if n.non_gpu_estimated]
     return RackView(
         rack_id=rack_id,
         nodes=tuple(n.name for n in members),
@@ -513,28 +625,48 @@ def rack_view(rack_id: str, members: list[NodeView], limits: RackLimits) -> Rack
         unreliable_nodes=tuple(n.name for n in unreliable),
         telemetry_problem=_rack_telemetry_problem(unreliable),
         assumed_pods=tuple(sorted(pod for n in members for pod in n.assumed_pods)),
+        non_gpu_power_w=sum(n.non_gpu.watts for n in members),
+        gpu_nodes=sum(1 for n in members if n.needs_telemetry),
+        estimated_nodes=tuple(n.name for n in estimated),
+        estimate_problem=_first_and_more([n.non_gpu.problem for n in estimated], "whose power beside the GPUs is estimated"),
     )
+
+
+def rack_power_source(estimated_nodes: int, gpu_nodes: int) -> str:
+    """``Measured`` when no node's non-GPU power is estimated, ``Estimated`` when every
+    node's is, ``PartlyEstimated`` between."""
+    if estimated_nodes == 0:
+        return "Measured"
+    return "Estimated" if estimated_nodes >= gpu_nodes else "PartlyEstimated"
 
 
 def _rack_telemetry_problem(unreliable: list[NodeView]) -> str | None:
     """The first unreliable node's problem, then ``; and N more nodes without fresh
     telemetry`` when N > 0 others; None when every node is reliable."""
-    if not unreliable:
+    return _first_and_more([n.telemetry_problem for n in unreliable], "without fresh telemetry")
+
+
+def _first_and_more(problems: list[str | None], what: str) -> str | None:
+    """The first problem, then ``; and N more nodes <what>`` when N > 0 others; None when
+    there is none."""
+    if not problems:
         return None
-    problem = unreliable[0].telemetry_problem
-    if len(unreliable) > 1:
-        problem = f"{problem}; and {counted(len(unreliable) - 1, 'more node')} without fresh telemetry"
+    problem = problems[0]
+    if len(problems) > 1:
+        problem = f"{problem}; and {counted(len(problems) - 1, 'more node')} {what}"
     return problem
 
 
 def scoring_facts(node: NodeView, rack: RackView | None) -> NodeFacts:
-    """What a placement algorithm scores a node by: node power = measured + assumed when
-    fresh (else None); rack power, limits, inlet and trend from its rack (inlet and trend
-    from the node itself when it has no rack)."""
+    """What a placement algorithm scores a node by: node power = whole-node power
+    (measured + non-GPU + assumed) when fresh (else None), and its non-GPU part; rack
+    power (whole rack), limits, inlet and trend from its rack (inlet and trend from the
+    node itself when it has no rack)."""
     return NodeFacts(
         name=node.name,
         rack_id=node.rack_id,
         node_power_w=node.power_w if node.fresh else None,
+        node_non_gpu_power_w=node.non_gpu.watts,
         node_capacity_w=node.power_capacity_w,
         rack_power_w=rack.power_w if rack is not None else None,
         rack_max_power_w=rack.limits.max_power_w if rack is not None else None,

@@ -12,8 +12,10 @@ a candidate node in a constrained rack fails when
   default is to fail closed: the rack's power is unknown, and a rack power limit protects a
   breaker) -- this check comes first, since the other two read that telemetry;
 - ``rackInlet >= maxTemperature`` (``temperature``);
-- ``rackPower + E > maxPower``, rackPower = measured + assumed (``power``); exactly at
-  the limit passes.
+- ``rackPower + E > maxPower``, rackPower = the whole rack's power: its nodes' GPUs
+  measured + the power beside them (measured from the node's whole-node reading, or
+  estimated: :mod:`powercap.cluster`) + assumed (``power``); exactly at the limit passes.
+  ``E`` is the pod's GPU power only: the node's CPUs and fans are already counted.
 
 Nodes in no rack, or in a rack no Enforce policy limits, pass. A node the view does not know
 (added a moment ago) fails while any rack is constrained, since its rack is unknown.
@@ -237,6 +239,23 @@ def _finite_watts(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
+def rack_in_use(rack: RackView) -> str:
+    """``4301 W in use (incl. 1200 W beside the GPUs, estimated on 2 nodes, and 700 W assumed
+    for 1 pod bound since the last telemetry)``: the rack's whole power and the parts a
+    person would question; just ``4301 W in use`` when it is all GPU power measured."""
+    parts = []
+    if rack.non_gpu_power_w > 0:
+        beside = f"{format_watts(rack.non_gpu_power_w)} W beside the GPUs"
+        if rack.estimated_nodes:
+            beside += f", estimated on {counted(len(rack.estimated_nodes), 'node')}"
+        parts.append(beside)
+    if rack.assumed_power_w > 0:
+        parts.append(f"{format_watts(rack.assumed_power_w)} W assumed for {counted(len(rack.assumed_pods), 'pod')} "
+                     "bound since the last telemetry")
+    details = f" (incl. {', and '.join(parts)})" if parts else ""
+    return f"{format_watts(rack.power_w)} W in use{details}"
+
+
 def rack_rejection(rack: RackView, estimate_w: float) -> tuple[str, tuple[RejectReason, ...]] | None:
     """Why a pod with estimate ``estimate_w`` may not go into ``rack``, or None when it may.
 
@@ -256,14 +275,8 @@ def rack_rejection(rack: RackView, estimate_w: float) -> tuple[str, tuple[Reject
         )
         reasons.append(RejectReason.TEMPERATURE)
     if limits.max_power_w is not None and rack.power_w + estimate_w > limits.max_power_w:
-        in_use = f"{format_watts(rack.power_w)} W in use"
-        if rack.assumed_power_w > 0:
-            in_use += (
-                f" (incl. {format_watts(rack.assumed_power_w)} W assumed for {counted(len(rack.assumed_pods), 'pod')} "
-                "bound since the last telemetry)"
-            )
         problems.append(
-            f"{rack.rack_id}: {in_use} + {format_watts(estimate_w)} W for this pod > maxPower {limits.max_power_w} W "
+            f"{rack.rack_id}: {rack_in_use(rack)} + {format_watts(estimate_w)} W for this pod > maxPower {limits.max_power_w} W "
             f"(set by policy {limits.max_power_policy})"
         )
         reasons.append(RejectReason.POWER)

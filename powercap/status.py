@@ -71,11 +71,33 @@ _LISTED = 3  # items named in a message before "and N more"
 
 @dataclass(frozen=True)
 class RackReading:
-    """A constrained rack the service runs in, as measured (``powerW`` includes assumed power)."""
+    """A constrained rack the service runs in, as measured: ``power_w`` is the whole rack
+    (GPUs, the power beside them and assumed power), ``non_gpu_power_w`` the part beside
+    the GPUs; ``power_source`` is ``Measured``, ``Estimated`` or ``PartlyEstimated``,
+    ``estimated_nodes`` the nodes whose non-GPU power is estimated and ``estimate_problem``
+    why (the first node's reason), ``node_overhead_w`` what a node without a usable reading
+    counts beside its GPUs (see :func:`powercap.clusterviews.non_gpu_power`)."""
 
     rack_id: str
     power_w: float
     temperature_c: float | None
+    non_gpu_power_w: float = 0.0
+    power_source: str = "Measured"
+    estimated_nodes: tuple[str, ...] = ()
+    estimate_problem: str | None = None
+    node_overhead_w: float = 0.0
+
+    @property
+    def warning(self) -> str | None:
+        """Why the rack's powerW is (partly) an estimate and what to do; None when measured."""
+        if not self.estimated_nodes:
+            return None
+        how = "an estimate" if self.power_source == "Estimated" else "partly an estimate"
+        return (
+            f"powerW is {how}: {self.estimate_problem}; such a node counts the larger of its reading and "
+            f"{_w(self.node_overhead_w)} (--node-overhead-w) beside its GPUs. Give the node agents a node power "
+            "source (Redfish, IPMI or Kepler: docs/nodeagent.md, Node power)"
+        )
 
 
 @dataclass(frozen=True)
@@ -360,12 +382,20 @@ def _settled_racks(readings: Sequence[RackReading], stored: Any) -> list[dict[st
         power_w = round(reading.power_w)
         old_power = old.get("powerW")
         tolerance_w = max(POWER_TOLERANCE_FLOOR_W, POWER_TOLERANCE * power_w)
-        racks.append({
+        non_gpu_w = round(reading.non_gpu_power_w)
+        entry: dict[str, Any] = {
             "rackId": reading.rack_id,
             "powerW": _settle(power_w, old_power, tolerance_w),
+            "nonGpuPowerW": _settle(non_gpu_w, old.get("nonGpuPowerW"), max(POWER_TOLERANCE_FLOOR_W, POWER_TOLERANCE * non_gpu_w)),
+            "powerSource": reading.power_source,
             "temperatureC": _settle(_round_or_none(reading.temperature_c, 1), old.get("temperatureC"),
                                     TEMPERATURE_TOLERANCE_C - 1e-9),
-        })
+        }
+        warning = reading.warning
+        if warning is not None:
+            entry["estimatedNodes"] = list(reading.estimated_nodes)
+            entry["warning"] = warning
+        racks.append(entry)
     return racks
 
 

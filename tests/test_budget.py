@@ -65,7 +65,10 @@ def test_the_strictest_rack_limit_binds_every_policy_in_the_rack() -> None:
     assert caps(plan, "inference/llama") == {"L0": 500, "L1": 500}
     assert caps(plan, "inference/mistral") == {"M0": 500, "M1": 500}
     assert plan.racks["rack-1"].allocated_w == 2000
-    assert plan.policies["inference/llama"].status["racks"] == [{"rackId": "rack-1", "powerW": 3760, "temperatureC": 24.0}]
+    racks = plan.policies["inference/llama"].status["racks"]
+    assert [(r["rackId"], r["powerW"], r["nonGpuPowerW"], r["powerSource"], r["temperatureC"]) for r in racks] == [
+        ("rack-1", 3760, 0, "Estimated", 24.0)  # the nodes send no whole-node power: 0 W (--node-overhead-w) beside the GPUs
+    ]
 
 
 def test_an_observe_policy_never_takes_rack_power_from_an_enforced_one() -> None:

@@ -77,8 +77,10 @@ def test_status_matches_the_crd_schema() -> None:
     status = render_status(inputs(racks=(RackReading("rack-1", 3900.4, 24.25), RackReading("rack-2", 100, None)),
                                   ratio=2.4681), None, NOW)
     assert schema.validate(status, status_schema) == []
-    assert status["racks"] == [{"rackId": "rack-1", "powerW": 3900, "temperatureC": 24.2},
-                               {"rackId": "rack-2", "powerW": 100, "temperatureC": None}]
+    assert status["racks"] == [
+        {"rackId": "rack-1", "powerW": 3900, "nonGpuPowerW": 0, "powerSource": "Measured", "temperatureC": 24.2},
+        {"rackId": "rack-2", "powerW": 100, "nonGpuPowerW": 0, "powerSource": "Measured", "temperatureC": None},
+    ]
 
 
 def test_same_inputs_render_the_same_status() -> None:
@@ -137,7 +139,7 @@ def test_rack_readings_settle() -> None:
     noisy = render_status(inputs(racks=(RackReading("rack-1", 4060, 24.4),)), stored, LATER)
     assert noisy == stored
     moved = render_status(inputs(racks=(RackReading("rack-1", 4200, 25.0),)), stored, LATER)
-    assert moved["racks"] == [{"rackId": "rack-1", "powerW": 4200, "temperatureC": 25.0}]
+    assert moved["racks"] == [{"rackId": "rack-1", "powerW": 4200, "nonGpuPowerW": 0, "powerSource": "Measured", "temperatureC": 25.0}]
 
 
 def test_last_transition_time_moves_only_when_the_status_changes() -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from powercap.clusterviews import ClusterSettings
+from powercap.nodepower import MAX_PLAUSIBLE_W
 from powercap.objects import RACK_LABEL
 from powercap.policies import is_dns1123_label, is_dns1123_subdomain, label_key_problem
 from powercap.telemetry import DEFAULT_STALE_AFTER_S
@@ -84,9 +86,30 @@ def add_log_level_argument(parser: argparse.ArgumentParser) -> None:
                         help="least severe log line written, as JSON on stderr (default: info)")
 
 
+def watts(text: str) -> float:
+    """argparse ``type=``: watts in [0, 100000] (no one server draws more)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= MAX_PLAUSIBLE_W:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected watts in [0, {MAX_PLAUSIBLE_W:.0f}]")
+    return value
+
+
 def add_cluster_view_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of every program that builds a cluster view: ``--rack-label``, ``--stale-after``."""
+    """The flags of every program that builds a cluster view: ``--rack-label``,
+    ``--stale-after``, ``--node-overhead-w`` (read back by :func:`cluster_view_settings`)."""
     parser.add_argument("--rack-label", default=RACK_LABEL, type=label_key, metavar="KEY",
                         help=f"node label whose value is the rack id (default {RACK_LABEL})")
     parser.add_argument("--stale-after", default=DEFAULT_STALE_AFTER_S, type=positive_seconds, metavar="SECONDS",
-                        help=f"node telemetry older than this is stale (default {DEFAULT_STALE_AFTER_S:g})")
+                        help=f"node telemetry (and a node's whole-node power reading) older than this is stale "
+                             f"(default {DEFAULT_STALE_AFTER_S:g})")
+    parser.add_argument("--node-overhead-w", default=0.0, type=watts, metavar="WATTS",
+                        help="power beside its GPUs counted for a GPU node without a fresh, plausible whole-node "
+                             "reading (at least what its agent's estimate says), W (default 0: GPUs only)")
+
+
+def cluster_view_settings(args: argparse.Namespace) -> ClusterSettings:
+    """The cluster view's settings from :func:`add_cluster_view_arguments`' flags."""
+    return ClusterSettings(rack_label=args.rack_label, stale_after_s=args.stale_after, node_overhead_w=args.node_overhead_w)

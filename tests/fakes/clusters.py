@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
+from powercap.nodepower import NodePower
 from powercap.telemetry import TELEMETRY_ANNOTATION, GpuTelemetry, NodeTelemetry, from_json, to_json
 from tests.fakes.objects import NOW, gpu_node
 
@@ -30,11 +31,13 @@ class Gpu:
 
 
 def node(name: str, rack: str | None, gpus: Sequence[Gpu], *, at: datetime = NOW, inlet_c: float | None = 24.0,
-         capacity: int = 8, extra_power_w: float = 0.0) -> dict[str, Any]:
-    """A GPU Node in ``rack`` whose telemetry (taken ``at``) lists ``gpus``; node power is their
-    sum plus ``extra_power_w`` (GPUs of no policy)."""
+         capacity: int = 8, extra_power_w: float = 0.0, node_power: NodePower | None = None) -> dict[str, Any]:
+    """A GPU Node in ``rack`` whose telemetry (taken ``at``) lists ``gpus``; its GPUs' power is
+    their sum plus ``extra_power_w`` (GPUs of no policy); ``node_power``: the whole node's
+    reading (None: none sent)."""
     annotation = to_json(NodeTelemetry(
         timestamp=at,
+        node_power=node_power,
         power_w=sum(g.power_w for g in gpus) + extra_power_w,
         inlet_temperature_c=inlet_c,
         gpus=tuple(
@@ -47,8 +50,8 @@ def node(name: str, rack: str | None, gpus: Sequence[Gpu], *, at: datetime = NOW
 
 
 def view(nodes: Sequence[dict[str, Any]], pods: Sequence[dict[str, Any]] = (),
-         policies: Sequence[dict[str, Any]] = (), *, now: datetime = NOW) -> ClusterView:
-    return build_cluster_view(list(nodes), list(pods), list(policies), now, ClusterSettings())
+         policies: Sequence[dict[str, Any]] = (), *, now: datetime = NOW, settings: ClusterSettings | None = None) -> ClusterView:
+    return build_cluster_view(list(nodes), list(pods), list(policies), now, settings or ClusterSettings())
 
 
 def with_status(policy: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:

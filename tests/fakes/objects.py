@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from powercap.nodepower import NodePower
 from powercap.telemetry import GpuTelemetry, NodeTelemetry, format_timestamp, to_json
 
 NOW = datetime(2026, 11, 27, 23, 20, 0, tzinfo=timezone.utc)
@@ -35,13 +36,16 @@ def telemetry(
     pods: Sequence[str | None] = (),
     min_w: float = 200,
     max_w: float = 700,
+    node_power: NodePower | None = None,
 ) -> str:
-    """A telemetry annotation value: ``power_w`` spread over ``gpus`` GPUs, ``pods[i]`` on GPU i."""
+    """A telemetry annotation value: ``power_w`` spread over ``gpus`` GPUs, ``pods[i]`` on GPU i;
+    ``node_power``: the whole node's reading (None: an agent that sends none)."""
     per_gpu = power_w / gpus if gpus else 0.0
     return to_json(NodeTelemetry(
         timestamp=at,
         power_w=power_w,
         inlet_temperature_c=inlet_c,
+        node_power=node_power,
         gpus=tuple(
             GpuTelemetry(
                 uuid=f"GPU-{hashlib.md5(f'{at}{i}'.encode()).hexdigest()[:8]}-0000-0000-0000-{i:012d}",

@@ -1,0 +1,209 @@
+"""Rack decisions on whole-node power (#16): each node's power beside its GPUs, measured
+from its whole-node reading when that can be trusted, else estimated on the safe side; the
+rack's power, the extender's filter and score, the controller's rack fill and the status
+all count it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from powercap.algorithms import AlgorithmRegistry
+from powercap.budget import plan_round
+from powercap.cluster import ClusterSettings, NonGpuPower, build_cluster_view
+from powercap.clusterviews import non_gpu_power, rack_power_source
+from powercap.nodepower import NodePower
+from powercap.placement import filter_nodes, prioritize_nodes
+from powercap.telemetry import NodeTelemetry
+from tests.fakes.clusters import Gpu, node, view
+from tests.fakes.objects import NOW, gpu_node, gpu_pod, policy, telemetry
+
+LLAMA = {"app.kubernetes.io/name": "llama"}
+GPUS_W = 4000.0
+
+
+def reading(watts: float, source: str = "redfish", age_s: float = 2.0) -> NodePower:
+    return NodePower(watts=watts, source=source, age_s=age_s)
+
+
+def gpu_telemetry(node_power: NodePower | None, *, age_s: float = 5.0) -> NodeTelemetry:
+    return NodeTelemetry(timestamp=NOW - timedelta(seconds=age_s), power_w=GPUS_W, inlet_temperature_c=24.0,
+                         node_power=node_power)
+
+
+@pytest.mark.parametrize(
+    ("telemetry_", "overhead_w", "expected"),
+    [
+        pytest.param(gpu_telemetry(reading(5500)), 800, NonGpuPower(1500, "redfish"),
+                     id="fresh-plausible-reading-measures-it"),
+        pytest.param(gpu_telemetry(reading(5500, "kepler")), 2000, NonGpuPower(1500, "kepler"),
+                     id="a-measurement-wins-over-a-larger-configured-overhead"),
+        pytest.param(gpu_telemetry(reading(3500)), 0, NonGpuPower(0, "redfish"),
+                     id="between-80-and-100-percent-of-the-gpus-is-0-beside-them"),
+        pytest.param(gpu_telemetry(None), 800,
+                     NonGpuPower(800, "estimate", "node n1 reports no whole-node power (a node agent older than nodePower)"),
+                     id="nodePower-missing-counts-the-overhead"),
+        pytest.param(gpu_telemetry(reading(5500, "estimate", 0)), 800,
+                     NonGpuPower(1500, "estimate", "node n1 has no node power source (its agent estimates GPUs + a configured overhead)"),
+                     id="agents-estimate-above-the-overhead-counts-for-what-it-says"),
+        pytest.param(gpu_telemetry(reading(4300, "estimate", 0)), 800,
+                     NonGpuPower(800, "estimate", "node n1 has no node power source (its agent estimates GPUs + a configured overhead)"),
+                     id="agents-estimate-below-the-overhead-counts-the-overhead"),
+        pytest.param(gpu_telemetry(reading(6000, age_s=88), age_s=5), 800,
+                     NonGpuPower(2000, "estimate",
+                                 "node n1's redfish reading is stale (taken 88 s before its telemetry; stale after 90 s)"),
+                     id="stale-reading-is-an-estimate-never-below-it"),
+        pytest.param(gpu_telemetry(reading(4400, age_s=88), age_s=5), 800,
+                     NonGpuPower(800, "estimate",
+                                 "node n1's redfish reading is stale (taken 88 s before its telemetry; stale after 90 s)"),
+                     id="stale-reading-below-the-overhead-counts-the-overhead"),
+        pytest.param(gpu_telemetry(reading(3000)), 800,
+                     NonGpuPower(800, "estimate", "node n1's redfish reading 3000 W is below its GPUs' 4000 W"),
+                     id="implausibly-low-reading-is-not-used"),
+        pytest.param(gpu_telemetry(reading(250_000)), 800,
+                     NonGpuPower(800, "estimate", "node n1's redfish reading 250000 W is implausible (over 100000 W)"),
+                     id="implausibly-high-reading-is-not-used"),
+        pytest.param(None, 800, NonGpuPower(800, "estimate", "node n1 has no fresh telemetry"),
+                     id="no-fresh-telemetry-counts-the-overhead"),
+    ],
+)
+def test_non_gpu_power_of_a_node(telemetry_: NodeTelemetry | None, overhead_w: float, expected: NonGpuPower) -> None:
+    assert non_gpu_power("n1", telemetry_, NOW, ClusterSettings(node_overhead_w=overhead_w)) == expected
+
+
+@pytest.mark.parametrize(
+    ("estimated", "nodes", "source"),
+    [
+        pytest.param(0, 3, "Measured", id="none-estimated"),
+        pytest.param(1, 3, "PartlyEstimated", id="some-estimated"),
+        pytest.param(3, 3, "Estimated", id="all-estimated"),
+    ],
+)
+def test_rack_power_source(estimated: int, nodes: int, source: str) -> None:
+    assert rack_power_source(estimated, nodes) == source
+
+
+def test_rack_power_is_the_sum_of_whole_node_power_and_names_the_estimated_nodes() -> None:
+    """gpu-1 measures 1500 W beside 4000 W of GPUs; gpu-2 sends no nodePower (an older agent):
+    the configured 1000 W; a CPU node without an agent is not counted."""
+    nodes = [
+        gpu_node("gpu-1", "rack-1", telemetry(4000, node_power=reading(5500))),
+        gpu_node("gpu-2", "rack-1", telemetry(3000)),
+        gpu_node("cpu-1", "rack-1", None, gpus=0),
+    ]
+    rack = build_cluster_view(nodes, [], [], NOW, ClusterSettings(node_overhead_w=1000)).racks["rack-1"]
+    assert (rack.measured_power_w, rack.non_gpu_power_w, rack.power_w) == (7000, 2500, 9500)
+    assert rack.power_source == "PartlyEstimated" and rack.estimated_nodes == ("gpu-2",)
+    assert rack.estimate_problem == "node gpu-2 reports no whole-node power (a node agent older than nodePower)"
+
+
+def test_a_node_without_fresh_telemetry_still_counts_its_overhead() -> None:
+    stale = NOW - timedelta(seconds=300)
+    nodes = [gpu_node("gpu-1", "rack-1", telemetry(4000, node_power=reading(5500))),
+             gpu_node("gpu-2", "rack-1", telemetry(3000, at=stale, node_power=reading(4500)))]
+    rack = build_cluster_view(nodes, [], [], NOW, ClusterSettings(node_overhead_w=1000)).racks["rack-1"]
+    assert (rack.non_gpu_power_w, rack.estimated_nodes) == (2500, ("gpu-2",))
+    assert rack.estimate_problem == "node gpu-2 has no fresh telemetry"
+
+
+def test_a_measured_reading_going_stale_is_seen_by_an_incremental_build() -> None:
+    """The reading was taken 60 s before telemetry stamped at NOW: at NOW + 31 s it is 91 s
+    old and the node falls back to the estimate, although its telemetry is still fresh and
+    nothing changed in the API."""
+    nodes = [gpu_node("gpu-1", "rack-1", telemetry(4000, node_power=reading(5500, age_s=60)))]
+    settings = ClusterSettings(node_overhead_w=1000)
+    first = build_cluster_view(nodes, [], [], NOW, settings)
+    assert first.racks["rack-1"].power_source == "Measured"
+    later = build_cluster_view(nodes, [], [], NOW + timedelta(seconds=31), settings, previous=first)
+    assert later.nodes["gpu-1"].fresh
+    assert later.racks["rack-1"].power_source == "Estimated"
+    assert later.racks["rack-1"].non_gpu_power_w == 1500  # the stale reading still counts: never less
+    again = build_cluster_view(nodes, [], [], NOW + timedelta(seconds=31), settings)
+    assert later.racks["rack-1"] == again.racks["rack-1"]
+
+
+RACK_LIMIT = [{"rackId": "rack-1", "maxPower": 10000}]
+
+
+def placement_view(gpu_1_node_w: float) -> Any:
+    """rack-1 (maxPower 10 kW): gpu-1 draws 4000 W on its GPUs and ``gpu_1_node_w`` in all;
+    gpu-2 4000 W on its GPUs and 4300 W in all; rack-2 has no limit."""
+    nodes = [
+        gpu_node("gpu-1", "rack-1", telemetry(4000, node_power=reading(gpu_1_node_w))),
+        gpu_node("gpu-2", "rack-1", telemetry(4000, node_power=reading(4300))),
+        gpu_node("gpu-3", "rack-2", telemetry(4000, node_power=reading(6000))),
+    ]
+    return build_cluster_view(nodes, [], [policy("llama", cap_w=40000, racks=RACK_LIMIT)], NOW)
+
+
+def test_the_filter_refuses_a_rack_with_gpu_headroom_but_not_whole_node_headroom() -> None:
+    """A 2-GPU pod (1400 W): the GPUs' 8000 W + 1400 W fit under 10 kW; with the 2300 W the
+    nodes draw beside their GPUs they do not."""
+    pod = gpu_pod("llama-9", gpus=2, labels=LLAMA)
+    roomy = filter_nodes(placement_view(4000), pod, ["gpu-1", "gpu-2", "gpu-3"])
+    assert roomy.passed == ["gpu-1", "gpu-2", "gpu-3"]
+    full = filter_nodes(placement_view(6000), pod, ["gpu-1", "gpu-2", "gpu-3"])
+    assert full.passed == ["gpu-3"]
+    assert full.failed["gpu-1"] == (
+        "rack-1: 10300 W in use (incl. 2300 W beside the GPUs) + 1400 W for this pod > maxPower 10000 W "
+        "(set by policy inference/llama)"
+    )
+
+
+def test_an_estimated_rack_says_so_in_the_refusal() -> None:
+    nodes = [gpu_node(f"gpu-{i}", "rack-1", telemetry(4000)) for i in (1, 2)]
+    view_ = build_cluster_view(nodes, [], [policy("llama", cap_w=40000, racks=RACK_LIMIT)], NOW,
+                               ClusterSettings(node_overhead_w=1000))
+    outcome = filter_nodes(view_, gpu_pod("llama-9", gpus=1, labels=LLAMA), ["gpu-1"])
+    assert outcome.failed["gpu-1"].startswith("rack-1: 10000 W in use (incl. 2000 W beside the GPUs, estimated on 2 nodes)")
+
+
+def test_headroom_scores_a_rack_lower_when_its_nodes_draw_more_beside_their_gpus() -> None:
+    registry = AlgorithmRegistry.default(discover=lambda: [])
+    pod = gpu_pod("llama-9", gpus=1, labels=LLAMA)
+    light = dict(prioritize_nodes(placement_view(4100), pod, ["gpu-1"], registry))
+    heavy = dict(prioritize_nodes(placement_view(5000), pod, ["gpu-1"], registry))
+    # headroom = 10 x (10000 - rack power - 700) / 10000 with rack power = 8000 W of GPUs and
+    # 400 W beside them (0.9 -> 1), or 1300 W beside them (-0.0 -> 0)
+    assert (light["gpu-1"], heavy["gpu-1"]) == (1, 0)
+
+
+def rack_fill(beside_w: float, *, source: str = "redfish") -> Any:
+    """One round: llama's four GPUs want 700 W each in rack-1 (maxPower 4500 W); its two nodes
+    draw ``beside_w`` each beside their GPUs."""
+    gpus_1 = [Gpu("A0", 690, 700, "inference/llama-0"), Gpu("A1", 690, 700, "inference/llama-0")]
+    gpus_2 = [Gpu("B0", 690, 700, "inference/llama-1"), Gpu("B1", 690, 700, "inference/llama-1")]
+    return plan_round(view(
+        [node("gpu-1", "rack-1", gpus_1, node_power=reading(1380 + beside_w, source, 0)),
+         node("gpu-2", "rack-1", gpus_2, node_power=reading(1380 + beside_w, source, 0))],
+        [gpu_pod("llama-0", gpus=2, node="gpu-1", labels=LLAMA), gpu_pod("llama-1", gpus=2, node="gpu-2", labels=LLAMA)],
+        [policy("llama", cap_w=4000, racks=[{"rackId": "rack-1", "maxPower": 4500}])],
+        settings=ClusterSettings(node_overhead_w=300),
+    ))
+
+
+def test_the_rack_fill_lowers_the_caps_when_the_power_beside_the_gpus_rises() -> None:
+    """maxPower 4500 W less what the nodes draw beside their GPUs is what the four GPUs share:
+    3700 W (each GPU its 700 W maximum) with 400 W per node, 2500 W (625 W each) with 1000 W."""
+    quiet, busy = rack_fill(400), rack_fill(1000)
+    assert {c.cap_w for c in quiet.policies["inference/llama"].allocation.caps} == {700}
+    assert {c.cap_w for c in busy.policies["inference/llama"].allocation.caps} == {625}
+    assert busy.racks["rack-1"].allocated_w == 2500
+
+
+def test_the_status_names_the_racks_power_source_and_warns_when_estimated() -> None:
+    measured = rack_fill(1000).policies["inference/llama"].status["racks"]
+    assert measured == [{"rackId": "rack-1", "powerW": 4760, "nonGpuPowerW": 2000, "powerSource": "Measured",
+                         "temperatureC": 24.0}]
+    estimated = rack_fill(100, source="estimate").policies["inference/llama"].status["racks"]
+    assert estimated[0]["powerSource"] == "Estimated"
+    assert estimated[0]["nonGpuPowerW"] == 600  # each node: max(its agent's 100 W, the configured 300 W)
+    assert estimated[0]["estimatedNodes"] == ["gpu-1", "gpu-2"]
+    assert estimated[0]["warning"] == (
+        "powerW is an estimate: node gpu-1 has no node power source (its agent estimates GPUs + a configured "
+        "overhead); and 1 more node whose power beside the GPUs is estimated; such a node counts the larger of its "
+        "reading and 300 W (--node-overhead-w) beside its GPUs. Give the node agents a node power source (Redfish, "
+        "IPMI or Kepler: docs/nodeagent.md, Node power)"
+    )
