@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--once", action="store_true", help="print one round's allocations and statuses; write nothing")
     parser.add_argument("--cluster-state", metavar="FILE",
-                        help="with --once: a snapshot (kubectl get nodes,pods,pcp -A -o yaml) instead of the cluster")
+                        help="with --once: a snapshot (kubectl get nodes,pcn,pods,pcp -A -o yaml) instead of the cluster")
     parser.add_argument("--output", "-o", choices=("table", "json", "yaml"), default="table",
                         help="with --once: a readable table (default), or the statuses as a Kubernetes List")
     parser.add_argument("--interval", default=DEFAULT_INTERVAL_S, type=positive_seconds, metavar="SECONDS",

@@ -43,6 +43,7 @@ from powercap.algorithms import AlgorithmRegistry
 from powercap.allocation import AllocationSettings
 from powercap.budget import PolicyPlan, RoundPlan, plan_round
 from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
+from powercap.nodeobjects import merge_node_objects
 from powercap.objects import KubeObject, object_key
 from powercap.policies import Policy
 from powercap.rebalance import Move, plan_rebalance
@@ -90,7 +91,7 @@ class Snapshots(Protocol):
 
 
 class CacheSnapshots:
-    """Snapshots from three watch caches (Nodes; unfinished Pods; policies)."""
+    """Snapshots from the watch caches (Nodes with their PowerCapNodes; unfinished Pods; policies)."""
 
     def __init__(self, nodes: Cache, pods: Cache, policies: Cache, settings: ClusterSettings,
                  registry: AlgorithmRegistry, *, clock: Callable[[], datetime] = utc_now) -> None:
@@ -124,7 +125,8 @@ class ListSnapshots:
         self._client, self._settings, self._registry, self._clock = client, settings, registry, clock
 
     def snapshot(self) -> Snapshot:
-        nodes = self._client.list(kube.node_path())["items"]
+        nodes = merge_node_objects(self._client.list(kube.node_path())["items"],
+                                   self._client.list(kube.powercapnode_path())["items"])
         pods = self._client.list(kube.pod_path(), {"fieldSelector": POD_FIELD_SELECTOR})["items"]
         policies = self._client.list(kube.policy_path())["items"]
         view = build_cluster_view(nodes, pods, policies, self._clock(), self._settings, registry=self._registry)

@@ -2,7 +2,7 @@
 
 In a cluster (the default) the view comes from watch caches of Nodes, Pods and
 PowerCappingPolicies (credentials: in-cluster service account, else kubeconfig). With
-``--cluster-state FILE`` it comes from a snapshot (``kubectl get nodes,pods,pcp -A -o yaml``)
+``--cluster-state FILE`` it comes from a snapshot (``kubectl get nodes,pcn,pods,pcp -A -o yaml``)
 reloaded when the file changes. Exit status 2: bad usage, a bad state file at start-up, or
 no way to reach a cluster.
 
@@ -60,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="kube-scheduler extender: place GPU pods by rack power and temperature headroom",
         description="Serve kube-scheduler's extender calls (POST /filter, POST /prioritize; GET /healthz, "
         "/readyz, /metrics). In a cluster the view comes from watch caches; with --cluster-state it "
-        "replays a snapshot (kubectl get nodes,pods,pcp -A -o yaml), reloaded when the file changes.",
+        "replays a snapshot (kubectl get nodes,pcn,pods,pcp -A -o yaml), reloaded when the file changes.",
     )
     parser.add_argument("--bind", default=DEFAULT_BIND, type=bind_address, metavar="HOST:PORT",
                         help=f"address to listen on (default {DEFAULT_BIND}: beside kube-scheduler)")

@@ -1,13 +1,16 @@
-"""What the agent tells the cluster: the node telemetry annotation and Events on policies.
+"""What the agent tells the cluster: its node's PowerCapNode and Events on policies.
 
-- Telemetry: ``powercapping.example.com/telemetry`` on this Node, exactly
-  :func:`powercap.telemetry.to_json`, through one merge patch
-  (:func:`powercap.kube.patch_node_annotations`), rate-limited by
-  :func:`powercap.agentplan.should_publish` against the last annotation that was
-  *accepted*. A failed patch is retried on a later tick, after a backoff that doubles
-  from ``min_interval_s`` up to :data:`MAX_RETRY_S` (or the server's ``Retry-After``),
-  so that an API server that is down, a deleted Node or a missing RBAC permission costs
-  one request a minute, not one a tick. The first failure, and each new kind of
+- Telemetry: the ``status`` of the PowerCapNode named after this node
+  (:mod:`powercap.nodeobjects`), exactly :func:`powercap.telemetry.to_document`, through
+  one merge patch of ``/status`` (:func:`powercap.kube.publish_node_status`; the first
+  time it also creates the object, owned by the Node), rate-limited by
+  :func:`powercap.agentplan.should_publish` against the last telemetry that was
+  *accepted*. The agent never writes its Node. A failed patch is retried on a later
+  tick, after a backoff that doubles from ``min_interval_s`` up to :data:`MAX_RETRY_S`
+  (or the server's ``Retry-After``), so that an API server that is down, a missing CRD,
+  a refusal by the admission policy or a missing RBAC permission costs one request a
+  minute, not one a tick; meanwhile readers see the last published telemetry age and go
+  stale, as when the agent stops. The first failure, and each new kind of
   failure, is logged as a warning (an error for 401/403) naming the problem; the repeats
   are debug lines; success after failures is logged once.
 - Events (events.k8s.io/v1, through :func:`powercap.kube.post_event`, which never
@@ -32,7 +35,8 @@ from typing import Literal, Protocol
 from powercap import KIND, kube
 from powercap.agentplan import PublishSettings, should_publish
 from powercap.policies import API_GROUP_VERSION, Policy
-from powercap.telemetry import TELEMETRY_ANNOTATION, NodeTelemetry, to_json
+from powercap.nodeobjects import node_object, status_patch
+from powercap.telemetry import NodeTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,7 @@ class NullPublisher:
         """Nothing to stop."""
 
     def telemetry(self, telemetry: NodeTelemetry, now_s: float) -> None:
-        """Dropped: there is no Node to annotate."""
+        """Dropped: there is no cluster to publish to."""
 
     def event(self, policy: Policy, reason: str, note: str, event_type: EventType, now_s: float) -> None:
         """Dropped: the agent's log line for the change says the same."""
@@ -73,7 +77,7 @@ def policy_reference(policy: Policy) -> dict[str, str]:
 
 
 class KubePublisher:
-    """Patches this node's telemetry annotation and posts Events (module docstring)."""
+    """Publishes this node's PowerCapNode and posts Events (module docstring)."""
 
     def __init__(
         self,
@@ -163,7 +167,7 @@ class KubePublisher:
             return
         telemetry, now_s = pending
         try:
-            kube.patch_node_annotations(self._client, self.node, {TELEMETRY_ANNOTATION: to_json(telemetry)})
+            kube.publish_node_status(self._client, node_object(self.node), status_patch(telemetry), self._node_uid)
         except kube.ApiError as error:
             self._failed(error, now_s)
             return
@@ -172,6 +176,11 @@ class KubePublisher:
             failures, self._failures, self._retry_at_s, self._last_problem = self._failures, 0, 0.0, ""
         if failures:
             log.info("telemetry published again", extra={"node": self.node, "failed_attempts": failures})
+
+    def _node_uid(self) -> str | None:
+        """The Node's uid, the owner of a PowerCapNode being created."""
+        uid = (self._client.get(kube.node_path(self.node)).get("metadata") or {}).get("uid")
+        return uid if isinstance(uid, str) else None
 
     def _failed(self, error: kube.ApiError, now_s: float) -> None:
         with self._lock:
@@ -183,7 +192,8 @@ class KubePublisher:
             new_problem, self._last_problem = problem != self._last_problem, problem
             failures = self._failures
         if isinstance(error, kube.NotFound):
-            message = f"telemetry not published: Node {self.node} not found (deleted?)"
+            message = (f"telemetry not published: Node {self.node} or the PowerCapNode resource not found "
+                       f"(Node deleted? CRD powercapnodes.powercapping.example.com not installed?)")
         else:
             message = f"telemetry not published: {error}"
         level = logging.DEBUG

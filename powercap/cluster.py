@@ -18,8 +18,10 @@ Definitions (W = watts, °C = rack inlet air):
 
 - **rack** of a node: the value of its label ``settings.rack_label`` (default
   ``powercapping.example.com/rack``); None when unlabelled.
-- **telemetry** of a node: the annotation ``powercapping.example.com/telemetry``
-  (format: :mod:`powercap.telemetry`). It is *fresh* when ``now - timestamp <=
+- **telemetry** of a node: the ``status`` of its PowerCapNode, or without one the
+  annotation ``powercapping.example.com/telemetry`` an older agent wrote (format:
+  :mod:`powercap.telemetry`; callers merge the two with :mod:`powercap.nodeobjects`
+  before the Nodes reach :func:`build_cluster_view`). It is *fresh* when ``now - timestamp <=
   stale_after_s``; otherwise *stale*; a node without the annotation has *missing*
   telemetry, one whose annotation cannot be read has *malformed* telemetry. Only fresh
   telemetry counts towards power and temperature.
@@ -93,9 +95,9 @@ from powercap.clusterviews import (
     BoundPod,
     ClusterSettings,
     NodeView,
+    NonGpuPower,
     ParsedNode,
     PodEntry,
-    NonGpuPower,
     PodFacts,
     PolicyGpu,
     PolicySet,
@@ -113,9 +115,9 @@ from powercap.clusterviews import (
     policy_views,
     power_node,
     rack_view,
+    reading_fresh_until,
     read_policies,
     scoring_facts,
-    reading_fresh_until,
 )
 from powercap.objects import KubeObject, labels_of
 from powercap.policies import Policy
@@ -129,9 +131,9 @@ __all__ = [
     "ClusterSettings",
     "ClusterView",
     "NodeView",
+    "NonGpuPower",
     "PodFacts",
     "PolicyGpu",
-    "NonGpuPower",
     "PolicyView",
     "RackLimits",
     "RackView",

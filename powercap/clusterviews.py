@@ -419,7 +419,7 @@ def telemetry_status(node: ParsedNode, now: datetime, stale_after_s: float) -> t
         return TelemetryStatus.MALFORMED, f"telemetry of node {name} is unreadable ({node.telemetry_error})"
     if telemetry is None:
         return TelemetryStatus.MISSING, (
-            f"no telemetry from node {name} (annotation {TELEMETRY_ANNOTATION} missing; is the node agent running there?)"
+            f"no telemetry from node {name} (no PowerCapNode {name} with a status; is the node agent running there?)"
         )
     if clock_ahead(telemetry, now):
         ahead_s = -telemetry.age_s(now)

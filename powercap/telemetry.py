@@ -114,7 +114,13 @@ def parse_timestamp(text: str) -> datetime:
 
 
 def to_json(telemetry: NodeTelemetry) -> str:
-    """The compact annotation value."""
+    """The compact annotation value: :func:`to_document` as JSON."""
+    return json.dumps(to_document(telemetry), separators=(",", ":"))
+
+
+def to_document(telemetry: NodeTelemetry) -> dict[str, Any]:
+    """The telemetry document as a JSON-able mapping: the annotation's object, and the
+    ``status`` of the node's PowerCapNode (:mod:`powercap.nodeobjects`)."""
     document: dict[str, Any] = {
         "timestamp": format_timestamp(telemetry.timestamp),
         "powerW": _round(telemetry.power_w),
@@ -140,7 +146,7 @@ def to_json(telemetry: NodeTelemetry) -> str:
             "source": telemetry.node_power.source,
             "ageS": _round(telemetry.node_power.age_s),
         }
-    return json.dumps(document, separators=(",", ":"))
+    return document
 
 
 def _round(value: float) -> float | int:
@@ -154,6 +160,12 @@ def from_json(text: str) -> NodeTelemetry:
         document = json.loads(text)
     except (TypeError, ValueError) as error:
         raise TelemetryError(f"not JSON: {error}") from None
+    return from_document(document)
+
+
+def from_document(document: Any) -> NodeTelemetry:
+    """Parse a telemetry document (the annotation's JSON object, or a PowerCapNode's
+    ``status``); raises :class:`TelemetryError` naming the bad field."""
     if not isinstance(document, Mapping):
         raise TelemetryError("must be a JSON object")
     gpus_raw = document.get("gpus", [])

@@ -1,5 +1,5 @@
-"""The agent in a cluster: policies and its own node's pods from watch caches, telemetry on
-its Node, Events on policies, and an API server that goes away. Real sockets: the fake
+"""The agent in a cluster: policies and its own node's pods from watch caches, telemetry in
+its node's PowerCapNode (never on the Node), Events on policies, and an API server that goes away. Real sockets: the fake
 API server of tests/fakes/apiserver.py."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from powercap import physics
 from powercap.agentplan import PublishSettings
 from powercap import kube
 from powercap.kube import KubeClient
-from powercap.telemetry import TELEMETRY_ANNOTATION, from_json, to_json
+from powercap.telemetry import TELEMETRY_ANNOTATION, from_document, to_document
 from tests.agenthelpers import NODE, allocation_document, node_object, pod, policy_document, wait_until
 from tests.fakes.apiserver import FakeApiServer
 from tests.fakes.kubelet import FakeKubelet
@@ -191,16 +191,21 @@ def test_agent_enforces_publishes_telemetry_and_events(
         clock.advance(1.0)
         agent.tick()
         assert [backend.snapshot(i).requested_limit_w for i in (0, 1)] == [400, 450]
-        node = apiserver.get_object("nodes", NODE)
-        assert node is not None
-        annotation = node["metadata"]["annotations"][TELEMETRY_ANNOTATION]
-        assert publisher.last_sent is not None and annotation == to_json(publisher.last_sent)
-        telemetry = from_json(annotation)
+        published = apiserver.get_object("powercapnodes", NODE)
+        assert published is not None
+        assert publisher.last_sent is not None and (
+            to_document(from_document(published["status"])) == to_document(publisher.last_sent))
+        assert published["metadata"]["ownerReferences"] == [
+            {"apiVersion": "v1", "kind": "Node", "name": NODE, "uid": apiserver.get_object("nodes", NODE)["metadata"]["uid"]}]
+        telemetry = from_document(published["status"])
         assert [(g.uuid, g.limit_w) for g in telemetry.gpus] == [(uuids[0], 400), (uuids[1], 450)]
-        patches = len(apiserver.requests_to("PATCH", f"/api/v1/nodes/{NODE}"))
+        assert not apiserver.requests_to("PATCH", f"/api/v1/nodes/{NODE}"), "the agent never writes its Node"
+        assert TELEMETRY_ANNOTATION not in (apiserver.get_object("nodes", NODE)["metadata"].get("annotations") or {})
+        status_path = f"/apis/powercapping.example.com/v1alpha1/powercapnodes/{NODE}/status"
+        patches = len(apiserver.requests_to("PATCH", status_path))
         clock.advance(1.0)
         agent.tick()  # within the minimum interval, nothing moved: no patch
-        assert len(apiserver.requests_to("PATCH", f"/api/v1/nodes/{NODE}")) == patches
+        assert len(apiserver.requests_to("PATCH", status_path)) == patches
         events = apiserver.objects("events", "inference")
         assert [e["reason"] for e in events] == ["PowerCapChanged"]  # two changes, one Event a minute
         assert events[0]["regarding"]["name"] == "llama" and events[0]["regarding"]["kind"] == "PowerCappingPolicy"
@@ -252,10 +257,12 @@ def test_background_publisher_never_blocks_or_raises_when_unreachable() -> None:
     ("fault", "level", "says"),
     [
         pytest.param("down", "WARNING", "telemetry not published: 503 ServiceUnavailable", id="apiserver-down"),
-        pytest.param("deleted", "WARNING", f"telemetry not published: Node {NODE} not found (deleted?)", id="node-deleted"),
+        pytest.param("deleted", "WARNING", f"telemetry not published: Node {NODE} or the PowerCapNode resource not found",
+                     id="node-deleted"),
         pytest.param(
             "forbidden", "ERROR",
-            'missing RBAC permission: patch nodes in API group "" at the cluster scope', id="403",
+            'missing RBAC permission: patch powercapnodes/status in API group "powercapping.example.com" at the cluster scope',
+            id="403",
         ),
     ],
 )
@@ -272,7 +279,7 @@ def test_failing_telemetry_patches_back_off_and_say_why_once(
         apiserver.put_object("nodes", node_object())
         apiserver.fail_next(10_000, 503 if fault == "down" else 403, method="PATCH")
     publisher = KubePublisher(client, NODE, background=False, settings=PublishSettings(min_interval_s=5.0))
-    patch_path = f"/api/v1/nodes/{NODE}"
+    patch_path = f"/apis/powercapping.example.com/v1alpha1/powercapnodes/{NODE}/status"
     with caplog.at_level("DEBUG", logger="nodeagent.publisher"):
         for second in range(120):
             publisher.telemetry(NodeTelemetry(datetime.now(timezone.utc), 100.0 + second, None), float(second))
@@ -309,8 +316,8 @@ def test_a_pod_loading_its_model_owns_its_gpu_in_the_nodes_telemetry(
     apiserver: FakeApiServer, client: KubeClient, simulated: tuple[SimulatedBackend, ManualClock],
 ) -> None:
     """The chain a new pod goes through: the pod from the API server's watch, its GPU from
-    the kubelet's pod-resources API (no process on the GPU yet), the pair in the Node's
-    telemetry annotation that the budget controller reads."""
+    the kubelet's pod-resources API (no process on the GPU yet), the pair in the node's
+    PowerCapNode that the budget controller reads."""
     backend, clock = simulated
     uuids = [d.uuid for d in backend.devices()]
     apiserver.put_object("nodes", node_object())
@@ -329,9 +336,9 @@ def test_a_pod_loading_its_model_owns_its_gpu_in_the_nodes_telemetry(
         assert source.policies.wait_synced(5) and source.pods.wait_synced(5) and source.probe()
         clock.advance(1.0)
         agent.tick()
-        node = apiserver.get_object("nodes", NODE)
-        assert node is not None
-        telemetry = from_json(node["metadata"]["annotations"][TELEMETRY_ANNOTATION])
+        published = apiserver.get_object("powercapnodes", NODE)
+        assert published is not None
+        telemetry = from_document(published["status"])
         assert [(g.uuid, g.pod) for g in telemetry.gpus] == [(uuids[0], None), (uuids[1], "inference/llama-0")]
         # the pod's policy holds its GPU at the minimum until the controller allocates it
         assert [backend.snapshot(i).requested_limit_w for i in (0, 1)] == [700, 200]

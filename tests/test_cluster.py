@@ -74,7 +74,7 @@ def test_rack_power_is_fresh_node_power_and_temperature_the_hottest_inlet() -> N
                      "telemetry of node n is stamped 7200 s in the future (its clock is ahead; more than 5 s counts as stale)",
                      id="clock-hours-ahead-is-stale-not-fresh-for-hours"),
         pytest.param(None, 8, TelemetryStatus.MISSING,
-                     "no telemetry from node n (annotation powercapping.example.com/telemetry missing; "
+                     "no telemetry from node n (no PowerCapNode n with a status; "
                      "is the node agent running there?)", id="missing"),
         pytest.param('{"timestamp": "2026-11-27T23:20:00Z", "powerW": "lots"}', 8, TelemetryStatus.MALFORMED,
                      "telemetry of node n is unreadable (powerW must be a finite number)", id="malformed"),

@@ -36,6 +36,7 @@ KUBERNETES_VERSION = "1.32.0"
 CLUSTER_SCOPED = {
     "Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
     "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration",
+    "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
 }
 # kube-scheduler reads extension-apiserver-authentication in kube-system: the one object
 # outside powercap-system.
@@ -53,6 +54,9 @@ def test_every_part_is_installed_once(bundle: list[Manifest]) -> None:
     assert [m["metadata"]["name"] for m in bundle if m["kind"] == "Namespace"] == [NAMESPACE]
     expected = {
         ("CustomResourceDefinition", "powercappingpolicies.powercapping.example.com"),
+        ("CustomResourceDefinition", "powercapnodes.powercapping.example.com"),
+        ("ValidatingAdmissionPolicy", "powercap-agent-own-node"),
+        ("ValidatingAdmissionPolicyBinding", "powercap-agent-own-node"),
         ("Deployment", "power-aware-scheduler"),
         ("PodDisruptionBudget", "power-aware-scheduler"),
         ("Deployment", "powercap-controller"),

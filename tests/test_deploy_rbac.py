@@ -24,6 +24,7 @@ VERBS_OF_CALL = {
     "WatchCache(": {"list", "watch"},
     ".get(": {"get"},
     "patch_node_annotations(": {"patch"},
+    "publish_node_status(": {"create", "patch"},
     ".patch(": {"patch"},
     "post_event(": {"create"},
     "evict_pod(": {"create"},

@@ -108,7 +108,7 @@ def test_a_bad_file_on_reload_keeps_the_last_good_view_and_says_why(tmp_path: Pa
     [
         pytest.param(None, "no such file", id="missing"),
         pytest.param("kind: List\nitems: [\n", "invalid YAML at line 3, column 1: ", id="not-yaml"),
-        pytest.param("", "no objects found (expected the output of kubectl get nodes,pods,pcp -A -o yaml)", id="empty"),
+        pytest.param("", "no objects found (expected the output of kubectl get nodes,pcn,pods,pcp -A -o yaml)", id="empty"),
         pytest.param("kind: List\nitems: [42]\n", "item 1 is not a Kubernetes object (no kind)", id="not-objects"),
         pytest.param("kind: List\nitems: [{kind: Node, metadata: {}}]\n", "item 1 (Node) has no metadata.name", id="nameless"),
         pytest.param("kind: List\nitems: 5\n", "a List whose items is an integer, not a list", id="items-not-a-list"),

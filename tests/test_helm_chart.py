@@ -15,8 +15,8 @@ probes, security contexts, ports, volumes. What legitimately differs is normalis
   scripts/webhook-certs.sh does after the apply (checked on their own below);
 - the order of a pod's containers: kustomize's strategic-merge patches (config/monitoring's)
   move the containers they patch to the front;
-- the CRD: Helm installs crds/ as it is, without the part-of label kustomize adds (it is
-  the same file: a symbolic link to config/crd's).
+- the CRDs: Helm installs crds/ as it is, without the part-of label kustomize adds (they
+  are the same files: symbolic links to config/crd's).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from tests.manifests import (
     schema_problems,
 )
 
-CRD_FILE = "powercapping.example.com_powercappingpolicies.yaml"
+CRD_FILES = ("powercapping.example.com_powercappingpolicies.yaml", "powercapping.example.com_powercapnodes.yaml")
 # The values that make the chart render config/default as kustomize builds it: its
 # placeholder image tag, and the Namespace object.
 AS_KUSTOMIZE: dict[str, Any] = {"image": {"tag": "latest"}, "namespace": {"create": True}}
@@ -156,16 +156,20 @@ def test_the_normalisation_lets_no_real_difference_through(chart_dir: Path, bund
     assert differences(expected, chart[1:]).startswith("only in kustomize: ")
 
 
-def test_the_crd_is_config_crds_file(chart_dir: Path, bundle: list[Manifest]) -> None:
-    """Helm installs crds/ verbatim (never templated, never upgraded); the file there is a
-    symbolic link to config/crd's, which helm follows (and says so on stderr)."""
-    chart_crd = CHART / "crds" / CRD_FILE
-    assert chart_crd.read_bytes() == (REPO_ROOT / "config" / "crd" / CRD_FILE).read_bytes()
-    [rendered] = [m for m in helm_template(chart_dir, include_crds=True) if m["kind"] == "CustomResourceDefinition"]
-    [built] = [m for m in bundle if m["kind"] == "CustomResourceDefinition"]
-    del built["metadata"]["labels"]["app.kubernetes.io/part-of"]
-    if not built["metadata"]["labels"]:
-        del built["metadata"]["labels"]
+def test_the_crds_are_config_crds_files(chart_dir: Path, bundle: list[Manifest]) -> None:
+    """Helm installs crds/ verbatim (never templated, never upgraded); the files there are
+    symbolic links to config/crd's, which helm follows (and says so on stderr)."""
+    for crd_file in CRD_FILES:
+        chart_crd = CHART / "crds" / crd_file
+        assert chart_crd.read_bytes() == (REPO_ROOT / "config" / "crd" / crd_file).read_bytes()
+    rendered = sorted((m for m in helm_template(chart_dir, include_crds=True) if m["kind"] == "CustomResourceDefinition"),
+                      key=lambda m: m["metadata"]["name"])
+    built = sorted((m for m in bundle if m["kind"] == "CustomResourceDefinition"), key=lambda m: m["metadata"]["name"])
+    assert len(built) == len(CRD_FILES)
+    for crd in built:
+        del crd["metadata"]["labels"]["app.kubernetes.io/part-of"]
+        if not crd["metadata"]["labels"]:
+            del crd["metadata"]["labels"]
     assert rendered == built
 
 

@@ -45,7 +45,7 @@ ONE = [gpu_node("gpu-1", "rack-1", telemetry(4300))]
         pytest.param([gpu_node("gpu-1", "rack-1", telemetry(100, at=NOW - timedelta(seconds=312)))], [], pod_700w(),
                      {"gpu-1": "rack-1: no telemetry from node gpu-1 for 312 s (stale after 90 s)"}, id="stale-telemetry"),
         pytest.param([gpu_node("gpu-1", "rack-1", telemetry(100)), gpu_node("gpu-3", "rack-1", None)], [], pod_700w(),
-                     {n: "rack-1: no telemetry from node gpu-3 (annotation powercapping.example.com/telemetry missing; "
+                     {n: "rack-1: no telemetry from node gpu-3 (no PowerCapNode gpu-3 with a status; "
                          "is the node agent running there?)" for n in ("gpu-1", "gpu-3")},
                      id="one-node-without-telemetry-closes-its-rack"),
         pytest.param([gpu_node("gpu-1", "rack-1", telemetry(100, inlet_c=29.9))], [], pod_700w(), {}, id="inlet-just-below"),

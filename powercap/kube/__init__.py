@@ -10,7 +10,8 @@ package of the project imports ``kubernetes``. Plumbing only, no decisions:
 - :mod:`~powercap.kube.paths`: REST paths of the resources powercap uses, object keys;
 - :mod:`~powercap.kube.watching`: :class:`WatchCache`, list + watch with relists on 410;
 - :mod:`~powercap.kube.leases`: :class:`LeaderElector` on a coordination.k8s.io Lease;
-- :mod:`~powercap.kube.writes`: node annotations, Events, status updates, evictions;
+- :mod:`~powercap.kube.writes`: node telemetry objects (and annotations), Events, status
+  updates, evictions;
 - :mod:`~powercap.kube.wire`: JSON types and the API's time formats.
 
 Callers use the names re-exported here (``kube.KubeClient``, ``kube.pod_path()``).
@@ -51,6 +52,7 @@ from powercap.kube.paths import (
     node_path,
     pod_path,
     policy_path,
+    powercapnode_path,
     resource_version,
     status_path,
 )
@@ -70,6 +72,7 @@ from powercap.kube.writes import (
     evict_pod,
     patch_node_annotations,
     post_event,
+    publish_node_status,
     update_status,
 )
 
@@ -115,6 +118,8 @@ __all__ = [
     "pod_path",
     "policy_path",
     "post_event",
+    "powercapnode_path",
+    "publish_node_status",
     "resource_version",
     "status_path",
     "update_status",

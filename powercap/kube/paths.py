@@ -7,6 +7,7 @@ from typing import Any
 from urllib.parse import quote
 
 from powercap import API_GROUP, API_VERSION, PLURAL
+from powercap.nodeobjects import NODE_PLURAL
 
 def _collection_path(prefix: str, plural: str, namespace: str | None) -> str:
     if namespace is None:
@@ -59,6 +60,11 @@ def lease_path(namespace: str | None = None, name: str | None = None) -> str:
 def policy_path(namespace: str | None = None, name: str | None = None) -> str:
     """PowerCappingPolicies in all namespaces, in one namespace, or one policy."""
     return _namespaced_object_path(POLICY_PREFIX, PLURAL, namespace, name)
+
+
+def powercapnode_path(name: str | None = None) -> str:
+    """PowerCapNodes (cluster-scoped, one per GPU node: :mod:`powercap.nodeobjects`), or one."""
+    return _resource_path(POLICY_PREFIX, NODE_PLURAL, None, name)
 
 
 def status_path(object_path: str) -> str:

@@ -1,4 +1,4 @@
-"""Writes powercap makes: node annotations, Events, status updates, evictions."""
+"""Writes powercap makes: node telemetry objects (and annotations), Events, status updates, evictions."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from powercap.kube.client import KubeClient
 from powercap.kube.errors import ApiError, Conflict, NotFound, TooManyRequests
-from powercap.kube.paths import event_path, eviction_path, node_path, status_path
+from powercap.kube.paths import event_path, eviction_path, node_path, powercapnode_path, status_path
 from powercap.kube.wire import Clock, JsonObject, format_micro_time
 
 logger = logging.getLogger(__name__)
@@ -22,6 +22,30 @@ def patch_node_annotations(client: KubeClient, node_name: str, annotations: Mapp
     annotations are untouched. Returns the patched node."""
     body = {"metadata": {"annotations": dict(annotations)}}
     return client.patch(node_path(node_name), body, patch_type="merge")
+
+
+def publish_node_status(client: KubeClient, node_object: Mapping[str, Any], patch: Mapping[str, Any],
+                        node_uid: Callable[[], str | None] | None = None) -> JsonObject:
+    """Merge-patch ``patch`` (``{"status": ...}``) into the ``/status`` of the PowerCapNode
+    ``node_object`` names; when it does not exist yet, create ``node_object`` (its owner
+    the Node whose uid ``node_uid()`` returns, when given and known) and patch again: two
+    requests once, one on every later call. Returns the patched object; raises
+    :class:`ApiError` (a 404 from the second patch: deleted in between)."""
+    path = powercapnode_path(node_object["metadata"]["name"])
+    try:
+        return client.patch(status_path(path), patch, patch_type="merge")
+    except NotFound:
+        pass
+    body = copy.deepcopy(dict(node_object))
+    uid = node_uid() if node_uid is not None else None
+    if uid:
+        name = body["metadata"]["name"]
+        body["metadata"]["ownerReferences"] = [{"apiVersion": "v1", "kind": "Node", "name": name, "uid": uid}]
+    try:
+        client.create(powercapnode_path(), body)
+    except Conflict:
+        pass  # created meanwhile (a restarted agent's first write racing the last one's)
+    return client.patch(status_path(path), patch, patch_type="merge")
 
 
 EVENT_NOTE_MAX_BYTES = 1024  # events.k8s.io/v1 validation limit

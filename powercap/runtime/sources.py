@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from powercap import KIND, kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
+from powercap.nodeobjects import NODE_KIND, NodeObjectMerge, merge_node_objects
 from powercap.numeric import counted
 from powercap.objects import KubeObject, shape_problems
 from powercap.telemetry import TelemetryError, node_telemetry
@@ -78,11 +79,15 @@ class StateFileError(Exception):
 def load_state(text: str) -> tuple[list[KubeObject], list[KubeObject], list[KubeObject]]:
     """Nodes, Pods and PowerCappingPolicies of a state file.
 
-    The file is what ``kubectl get nodes,pods,pcp -A -o yaml`` (or ``-o json``) prints: a
-    ``kind: List`` of mixed items; several YAML documents and bare objects are read too.
-    Objects of other kinds are ignored. Raises ``ValueError`` when the text is not YAML or
-    JSON, or holds something other than Kubernetes objects.
+    The file is what ``kubectl get nodes,pcn,pods,pcp -A -o yaml`` (or ``-o
+    json``) prints: a ``kind: List`` of mixed items; several YAML documents and bare
+    objects are read too. PowerCapNodes are merged into their Nodes (the telemetry the
+    cluster view reads: :mod:`powercap.nodeobjects`); a file of Nodes with telemetry
+    annotations (older agents) reads as before. Objects of other kinds are ignored.
+    Raises ``ValueError`` when the text is not YAML or JSON, or holds something other
+    than Kubernetes objects.
     """
+    node_objects: list[KubeObject] = []
     nodes: list[KubeObject] = []
     pods: list[KubeObject] = []
     policies: list[KubeObject] = []
@@ -105,9 +110,11 @@ def load_state(text: str) -> tuple[list[KubeObject], list[KubeObject], list[Kube
             pods.append(item)
         elif kind == KIND:
             policies.append(item)
+        elif kind == NODE_KIND:
+            node_objects.append(item)
     if count == 0:
-        raise ValueError("no objects found (expected the output of kubectl get nodes,pods,pcp -A -o yaml)")
-    return nodes, pods, policies
+        raise ValueError("no objects found (expected the output of kubectl get nodes,pcn,pods,pcp -A -o yaml)")
+    return merge_node_objects(nodes, node_objects), pods, policies
 
 
 def snapshot_time(nodes: Iterable[KubeObject]) -> datetime | None:
@@ -260,7 +267,12 @@ class CacheSource:
         self._warnings: tuple[str, ...] = ()
 
     def readiness(self) -> str | None:
-        waiting = [cache.name for cache in self._caches if not cache.has_synced]
+        waiting: list[str] = []
+        for cache in self._caches:
+            if isinstance(cache, TelemetryNodes):
+                waiting += cache.waiting_for()
+            elif not cache.has_synced:
+                waiting.append(cache.name)
         return f"waiting for the first list of {', '.join(waiting)}" if waiting else None
 
     def current(self) -> ClusterView:
@@ -308,6 +320,51 @@ class CacheSource:
             cache.stop()
 
 
+class TelemetryNodes:
+    """The Node cache as the view reads it: each Node with its PowerCapNode's telemetry
+    (:class:`powercap.nodeobjects.NodeObjectMerge`), from two watch caches.
+
+    Synced when both are; ``version`` moves when either applies a change, and the merged
+    list is rebuilt only then. A PowerCapNode cache that cannot list (CRD not installed
+    yet, a missing permission) keeps the view waiting, as a missing policy cache does:
+    a view without it would read stale annotations as current.
+    """
+
+    def __init__(self, nodes: Cache, node_objects: Cache, name: str = "nodes") -> None:
+        self.name = name
+        self._nodes, self._objects = nodes, node_objects
+        self._merge = NodeObjectMerge()
+        self._lock = threading.Lock()
+        self._built: tuple[int, list[Any]] | None = None
+
+    @property
+    def has_synced(self) -> bool:
+        return self._nodes.has_synced and self._objects.has_synced
+
+    def waiting_for(self) -> list[str]:
+        """The names of the caches not synced yet."""
+        return [cache.name for cache in (self._nodes, self._objects) if not cache.has_synced]
+
+    @property
+    def version(self) -> int:
+        return self._nodes.version + self._objects.version
+
+    def items(self) -> list[Any]:
+        with self._lock:
+            version = self.version
+            if self._built is None or self._built[0] != version:
+                self._built = (version, self._merge.merge(self._nodes.items(), self._objects.items()))
+            return self._built[1]
+
+    def start(self) -> None:
+        self._nodes.start()
+        self._objects.start()
+
+    def stop(self) -> None:
+        self._nodes.stop()
+        self._objects.stop()
+
+
 # Bound, unfinished pods only: the extender needs where GPU pods run (assumed power, a
 # policy's bound GPUs); pending and finished pods would only cost memory and events.
 POD_FIELD_SELECTOR = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
@@ -315,11 +372,13 @@ POD_FIELD_SELECTOR = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Fail
 
 def cluster_caches(
     client: kube.KubeClient, pod_field_selector: str = POD_FIELD_SELECTOR
-) -> tuple[kube.WatchCache, kube.WatchCache, kube.WatchCache]:
-    """Watch caches of ``client`` for all Nodes, the Pods ``pod_field_selector`` selects,
-    and all policies (not started)."""
+) -> tuple[TelemetryNodes, kube.WatchCache, kube.WatchCache]:
+    """Watch caches of ``client`` for all Nodes with their PowerCapNodes
+    (:class:`TelemetryNodes`), the Pods ``pod_field_selector`` selects, and all policies
+    (not started)."""
     return (
-        kube.WatchCache(client, kube.node_path(), name="nodes"),
+        TelemetryNodes(kube.WatchCache(client, kube.node_path(), name="nodes"),
+                       kube.WatchCache(client, kube.powercapnode_path(), name="powercapnodes")),
         kube.WatchCache(client, kube.pod_path(), {"fieldSelector": pod_field_selector}, name="pods"),
         kube.WatchCache(client, kube.policy_path(), name="powercappingpolicies"),
     )
@@ -327,7 +386,8 @@ def cluster_caches(
 
 def cluster_source(client: kube.KubeClient, settings: ClusterSettings, registry: AlgorithmRegistry, **options: Any) -> CacheSource:
     """A :class:`CacheSource` on :func:`cluster_caches` of ``client`` (a
-    :class:`powercap.kube.KubeClient`): all Nodes, bound unfinished Pods, all policies.
+    :class:`powercap.kube.KubeClient`): all Nodes and PowerCapNodes, bound unfinished
+    Pods, all policies.
     The process's garbage collector is settled after rebuilds (the extender owns its process)."""
     options.setdefault("settle_gc", True)
     return CacheSource(*cluster_caches(client), settings, registry, **options)

@@ -2,8 +2,9 @@
 
 It is a real socket server (``ThreadingHTTPServer`` on 127.0.0.1, port 0), so code under
 test goes through its real HTTP client. It serves nodes, pods (with the policy/v1
-``eviction`` subresource), events (events.k8s.io/v1), leases (coordination.k8s.io/v1)
-and powercappingpolicies (namespaced, ``/status`` subresource) with the API server's
+``eviction`` subresource), events (events.k8s.io/v1), leases (coordination.k8s.io/v1),
+powercappingpolicies (namespaced, ``/status`` subresource) and powercapnodes
+(cluster-scoped, ``/status`` subresource) with the API server's
 semantics:
 
 - GET / LIST (``kind: <Kind>List``, ``metadata.resourceVersion``, ``limit`` +
@@ -145,6 +146,10 @@ RESOURCES: dict[str, ResourceType] = {
             "powercappingpolicies", "PowerCappingPolicy", "powercapping.example.com", "v1alpha1",
             namespaced=True, status_subresource=True, tracks_generation=True, builtin=False,
             returns_deleted_object=True,
+        ),
+        ResourceType(
+            "powercapnodes", "PowerCapNode", "powercapping.example.com", "v1alpha1",
+            namespaced=False, status_subresource=True, builtin=False, returns_deleted_object=True,
         ),
     )
 }

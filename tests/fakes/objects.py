@@ -282,7 +282,7 @@ def fmt(moment: datetime) -> str:
 
 def kubectl_list(nodes: Sequence[dict[str, Any]] = (), pods: Sequence[dict[str, Any]] = (),
                  policies: Sequence[dict[str, Any]] = (), others: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
-    """What ``kubectl get nodes,pods,pcp -A -o yaml`` prints: a ``kind: List`` whose items carry
+    """What ``kubectl get nodes,pcn,pods,pcp -A -o yaml`` prints: a ``kind: List`` whose items carry
     their kind and apiVersion."""
     items = [{"apiVersion": "v1", "kind": "Node", **n} for n in nodes]
     items += [{"apiVersion": "v1", "kind": "Pod", **p} for p in pods]

@@ -1,0 +1,115 @@
+"""PowerCapNode: the per-node telemetry object that replaces the Node annotation.
+
+One cluster-scoped ``PowerCapNode`` (``powercapping.example.com/v1alpha1``) per GPU node,
+named after the node and owned by its Node (deleted with it), written by that node's
+agent only (a ValidatingAdmissionPolicy compares the writer's node with the name:
+config/crd/powercapnodes-admission-policy.yaml). Its ``status`` is exactly the telemetry document
+of :mod:`powercap.telemetry` (``timestamp``, ``powerW``, ``inletTemperatureC``, ``gpus``,
+``nodePower``), as structured fields the CRD describes; why an object of our own and not
+Node annotations or Leases: docs/decisions.md.
+
+Readers see a node's telemetry through :class:`NodeObjectMerge`: for every Node it hands
+out the Node with the telemetry of its PowerCapNode in the annotation
+``powercapping.example.com/telemetry``, so the cluster view reads one place. Upgrades: for
+one release a Node whose PowerCapNode has no telemetry yet keeps the annotation an older
+agent wrote; a PowerCapNode with telemetry wins over the annotation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from powercap import API_GROUP, API_VERSION
+from powercap.objects import KubeObject
+from powercap.telemetry import TELEMETRY_ANNOTATION, NodeTelemetry, to_document
+
+NODE_KIND = "PowerCapNode"
+NODE_PLURAL = "powercapnodes"
+NODE_API_VERSION = f"{API_GROUP}/{API_VERSION}"
+
+
+def node_object(node_name: str, node_uid: str | None = None) -> KubeObject:
+    """The PowerCapNode an agent creates for its node: named after it and, when the Node's
+    ``uid`` is known, owned by it so that deleting the Node deletes it (no
+    ``blockOwnerDeletion``, which would need the right to update the Node's finalizers).
+    The API server drops ``status`` on create; :func:`status_patch` writes it."""
+    metadata: dict[str, Any] = {"name": node_name}
+    if node_uid:
+        metadata["ownerReferences"] = [{"apiVersion": "v1", "kind": "Node", "name": node_name, "uid": node_uid}]
+    return {"apiVersion": NODE_API_VERSION, "kind": NODE_KIND, "metadata": metadata}
+
+
+def status_patch(telemetry: NodeTelemetry) -> KubeObject:
+    """The merge patch of the ``/status`` subresource that publishes ``telemetry``.
+
+    ``gpus`` is an atomic list and every other field is written each time (nulls included:
+    a merge patch's null removes the field, which the reader takes as null), so the patch
+    replaces the whole document."""
+    return {"status": to_document(telemetry)}
+
+
+def object_document(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The telemetry document of a PowerCapNode: its ``status`` when it has a
+    ``timestamp`` (an object created but never published has none), else None."""
+    status = obj.get("status")
+    if isinstance(status, Mapping) and status.get("timestamp") is not None:
+        return status
+    return None
+
+
+def _node_name(obj: Mapping[str, Any]) -> str:
+    name = (obj.get("metadata") or {}).get("name")
+    return name if isinstance(name, str) else ""
+
+
+def with_telemetry(node: KubeObject, document: Mapping[str, Any]) -> KubeObject:
+    """A copy of ``node`` whose telemetry annotation holds ``document`` (the node itself is
+    shared by a watch cache and never changed)."""
+    metadata = node.get("metadata") or {}
+    annotations = {**(metadata.get("annotations") or {}), TELEMETRY_ANNOTATION: json.dumps(document, separators=(",", ":"))}
+    return {**node, "metadata": {**metadata, "annotations": annotations}}
+
+
+class NodeObjectMerge:
+    """Nodes with their PowerCapNode's telemetry in place of the annotation (module docstring).
+
+    ``merge(nodes, objects)`` returns one object per Node: the Node itself when it has no
+    PowerCapNode with telemetry (then the annotation, if any, is what is read), else a copy
+    carrying the object's document. The copy is made once per (Node, PowerCapNode) pair and
+    handed out again while neither changes (watch caches give the same dict until an
+    object changes), so :func:`powercap.cluster.build_cluster_view` still re-reads only
+    what changed. A PowerCapNode without a Node is ignored: a node the cluster does not
+    know has no rack and no GPUs to count. Not thread-safe: one per view source.
+    """
+
+    def __init__(self) -> None:
+        self._merged: dict[str, tuple[KubeObject, KubeObject, KubeObject]] = {}
+
+    def merge(self, nodes: Iterable[KubeObject], objects: Iterable[KubeObject]) -> list[KubeObject]:
+        by_name = {_node_name(obj): obj for obj in objects}
+        merged: dict[str, tuple[KubeObject, KubeObject, KubeObject]] = {}
+        result: list[KubeObject] = []
+        for node in nodes:
+            name = _node_name(node)
+            obj = by_name.get(name)
+            document = object_document(obj) if obj is not None else None
+            if obj is None or document is None:
+                result.append(node)
+                continue
+            previous = self._merged.get(name)
+            if previous is not None and previous[0] is node and previous[1] is obj:
+                combined = previous[2]
+            else:
+                combined = with_telemetry(node, document)
+            merged[name] = (node, obj, combined)
+            result.append(combined)
+        self._merged = merged
+        return result
+
+
+def merge_node_objects(nodes: Iterable[KubeObject], objects: Iterable[KubeObject]) -> list[KubeObject]:
+    """:meth:`NodeObjectMerge.merge` once, for a snapshot read a single time (a state
+    file, ``controller --once``)."""
+    return NodeObjectMerge().merge(nodes, objects)

@@ -1,0 +1,161 @@
+"""PowerCapNode, the per-node telemetry object: what the agent writes, and how readers merge
+it with the Nodes (the object wins; an old annotation is still read for one release)."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from powercap.cluster import ClusterSettings, TelemetryStatus, build_cluster_view
+from powercap.nodeobjects import NODE_KIND, NodeObjectMerge, merge_node_objects, node_object, status_patch
+from powercap.runtime.sources import TelemetryNodes, load_state
+from powercap.telemetry import TELEMETRY_ANNOTATION, from_document, from_json, to_document
+from tests.fakes.objects import NOW, gpu_node, telemetry
+
+
+def powercapnode(name: str, annotation: str | None) -> dict[str, Any]:
+    """A PowerCapNode as the API server returns it, its status the document ``annotation`` holds."""
+    obj: dict[str, Any] = {"apiVersion": "powercapping.example.com/v1alpha1", "kind": NODE_KIND,
+                           "metadata": {"name": name, "uid": f"uid-{name}", "resourceVersion": "7"}}
+    if annotation is not None:
+        obj["status"] = json.loads(annotation)
+    return obj
+
+
+def read(node: dict[str, Any]) -> float:
+    """The powerW a reader sees on a merged node."""
+    return from_json(node["metadata"]["annotations"][TELEMETRY_ANNOTATION]).power_w
+
+
+def test_the_status_patch_carries_the_whole_document_and_reads_back_the_same() -> None:
+    sample = from_json(telemetry(2400.0, pods=["inference/llama-0"]))
+    patch = status_patch(sample)
+    assert set(patch) == {"status"}
+    assert to_document(from_document(patch["status"])) == to_document(sample)
+
+
+def test_the_object_is_named_after_its_node_and_owned_by_it() -> None:
+    assert node_object("gpu-1", "uid-1") == {
+        "apiVersion": "powercapping.example.com/v1alpha1", "kind": "PowerCapNode",
+        "metadata": {"name": "gpu-1", "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": "gpu-1", "uid": "uid-1"}]},
+    }
+    assert "ownerReferences" not in node_object("gpu-1")["metadata"]
+
+
+@pytest.mark.parametrize(
+    ("annotation_w", "object_w", "seen_w"),
+    [
+        pytest.param(1000.0, 2000.0, 2000.0, id="object-wins-over-annotation"),
+        pytest.param(1000.0, None, 1000.0, id="annotation-only-still-read"),
+        pytest.param(None, 2000.0, 2000.0, id="object-only"),
+    ],
+)
+def test_a_nodes_telemetry_comes_from_its_object_else_from_the_old_annotation(
+    annotation_w: float | None, object_w: float | None, seen_w: float,
+) -> None:
+    node = gpu_node("gpu-1", "rack-1", telemetry(annotation_w) if annotation_w is not None else None)
+    objects = [powercapnode("gpu-1", telemetry(object_w))] if object_w is not None else []
+    [merged] = merge_node_objects([node], objects)
+    assert read(merged) == seen_w
+    view = build_cluster_view([merged], [], [], NOW, ClusterSettings())
+    assert view.nodes["gpu-1"].telemetry_status is TelemetryStatus.FRESH
+    assert view.nodes["gpu-1"].measured_power_w == seen_w
+
+
+def test_an_object_created_but_never_published_leaves_the_annotation_and_says_missing_without_one() -> None:
+    """The agent creates the object, then patches its status: in between it has none."""
+    with_annotation = gpu_node("gpu-1", "rack-1", telemetry(1000.0))
+    without = gpu_node("gpu-2", "rack-1")
+    merged = merge_node_objects([with_annotation, without], [powercapnode("gpu-1", None), powercapnode("gpu-2", None)])
+    assert merged[0] is with_annotation and merged[1] is without
+    view = build_cluster_view(merged, [], [], NOW, ClusterSettings())
+    assert view.nodes["gpu-2"].telemetry_status is TelemetryStatus.MISSING
+    assert view.nodes["gpu-2"].telemetry_problem == (
+        "no telemetry from node gpu-2 (no PowerCapNode gpu-2 with a status; is the node agent running there?)")
+
+
+def test_a_stale_object_stays_stale_even_when_the_annotation_is_fresher() -> None:
+    """The object wins whatever its age: an upgraded agent that stopped publishing must not
+    be covered by what an older one left on the Node (hold or lower, never restore)."""
+    node = gpu_node("gpu-1", "rack-1", telemetry(1000.0, at=NOW))
+    [merged] = merge_node_objects([node], [powercapnode("gpu-1", telemetry(2000.0, at=NOW - timedelta(minutes=10)))])
+    view = build_cluster_view([merged], [], [], NOW, ClusterSettings())
+    assert view.nodes["gpu-1"].telemetry_status is TelemetryStatus.STALE
+    assert view.nodes["gpu-1"].measured_power_w == 0.0
+
+
+def test_a_malformed_object_is_reported_for_its_node_not_raised() -> None:
+    broken = powercapnode("gpu-1", telemetry(1000.0))
+    broken["status"]["powerW"] = "lots"
+    [merged] = merge_node_objects([gpu_node("gpu-1", "rack-1")], [broken])
+    view = build_cluster_view([merged], [], [], NOW, ClusterSettings())
+    assert view.nodes["gpu-1"].telemetry_status is TelemetryStatus.MALFORMED
+    assert "powerW must be a finite number" in (view.nodes["gpu-1"].telemetry_problem or "")
+
+
+def test_an_object_without_a_node_is_ignored_and_the_watched_node_is_never_changed() -> None:
+    node = gpu_node("gpu-1", "rack-1", telemetry(1000.0))
+    before = json.dumps(node, sort_keys=True)
+    merged = merge_node_objects([node], [powercapnode("gpu-1", telemetry(2000.0)), powercapnode("gone", telemetry(9.0))])
+    assert [m["metadata"]["name"] for m in merged] == ["gpu-1"]
+    assert json.dumps(node, sort_keys=True) == before
+
+
+def test_unchanged_pairs_are_handed_out_again_so_the_view_rereads_only_what_changed() -> None:
+    nodes = [gpu_node(f"gpu-{i}", "rack-1") for i in range(3)]
+    objects = [powercapnode(f"gpu-{i}", telemetry(1000.0 + i)) for i in range(3)]
+    merge = NodeObjectMerge()
+    first = merge.merge(nodes, objects)
+    objects[1] = powercapnode("gpu-1", telemetry(5000.0))  # a watch event replaces the dict
+    second = merge.merge(nodes, objects)
+    assert second[0] is first[0] and second[2] is first[2]
+    assert second[1] is not first[1] and read(second[1]) == 5000.0
+
+
+def test_a_state_file_with_powercapnodes_reads_their_telemetry() -> None:
+    listing = {"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Node", **gpu_node("gpu-1", "rack-1", telemetry(1000.0))},
+        powercapnode("gpu-1", telemetry(3000.0)),
+        {"apiVersion": "v1", "kind": "Node", **gpu_node("gpu-2", "rack-1", telemetry(1500.0))},
+    ]}
+    nodes, _, _ = load_state(json.dumps(listing))
+    assert [read(node) for node in nodes] == [3000.0, 1500.0]
+
+
+class ListCache:
+    """A watch cache's surface, with items and version set by the test."""
+
+    def __init__(self, name: str, items: list[dict[str, Any]], synced: bool = True) -> None:
+        self.name, self.list, self.synced, self.changes = name, items, synced, 0
+
+    @property
+    def has_synced(self) -> bool:
+        return self.synced
+
+    @property
+    def version(self) -> int:
+        return self.changes
+
+    def items(self) -> list[Any]:
+        return list(self.list)
+
+    def start(self) -> None:
+        """Nothing to start."""
+
+    def stop(self) -> None:
+        """Nothing to stop."""
+
+
+def test_the_node_cache_waits_for_both_lists_and_moves_with_either() -> None:
+    nodes = ListCache("nodes", [gpu_node("gpu-1", "rack-1", telemetry(1000.0))])
+    objects = ListCache("powercapnodes", [], synced=False)
+    cache = TelemetryNodes(nodes, objects)
+    assert not cache.has_synced and cache.waiting_for() == ["powercapnodes"]
+    objects.synced = True
+    first = cache.items()
+    assert read(first[0]) == 1000.0 and cache.items() is first  # nothing moved: the same list
+    objects.list, objects.changes = [powercapnode("gpu-1", telemetry(2000.0))], 1
+    assert read(cache.items()[0]) == 2000.0
