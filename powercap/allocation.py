@@ -30,6 +30,11 @@ cluster view and writes the result to ``status.allocations``. The formula:
 4. **Surplus.** When every demand of a service is met and budget is left, the same fill
    runs again from the first result up to each GPU's maximum: caps cost nothing while a
    GPU draws below them, and a GPU whose load rises then has room before the next round.
+   **Marginal value** (off by default, ``AllocationSettings.marginal``): with token metrics
+   (``GpuState.tokens_s``), the rounded caps of each (service, rack) group whose service
+   budget or rack was spent are then re-split toward equal marginal tokens/s per watt
+   (:func:`powercap.marginal.rebalance_w`): a trade within a group changes no sum. GPUs
+   without a rate keep the fill's caps.
 5. **Deadband.** A cap within ``deadband_fraction`` (5 %) of the GPU's [min, max] range
    (25 W on a 200-700 W GPU) of its previous cap keeps the previous
    cap (so measurement noise does not rewrite status every round), unless that would break
@@ -66,6 +71,7 @@ from operator import attrgetter, gt
 from types import MappingProxyType
 from typing import NamedTuple
 
+from powercap.marginal import Member, MarginalSettings, marginal_tokens_per_w, rebalance_w
 from powercap.numeric import clamp, counted
 
 INF = math.inf
@@ -88,6 +94,7 @@ class AllocationSettings:
     headroom_fraction: float = 0.10
     deadband_fraction: float = 0.05
     max_rounds: int = 30
+    marginal: MarginalSettings = field(default_factory=MarginalSettings)
 
     def __post_init__(self) -> None:
         problems = []
@@ -107,7 +114,9 @@ class GpuState:
     """One GPU of a service as the node agent last reported it.
 
     ``previous_w`` is the cap the controller last published for it (None for a GPU that
-    has none yet); ``fresh`` is False when its node's telemetry is stale.
+    has none yet); ``fresh`` is False when its node's telemetry is stale. ``tokens_s`` is
+    the tokens/s its agent measured at ``limit_w`` (None: no measurement), for the
+    marginal-value rebalancing (:mod:`powercap.marginal`).
     """
 
     uuid: str
@@ -119,6 +128,7 @@ class GpuState:
     limit_w: float
     previous_w: float | None = None
     fresh: bool = True
+    tokens_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -264,11 +274,11 @@ def _demands_w(power_ws: Sequence[float], limit_ws: Sequence[float], previous_ws
 
 
 _Columns = tuple[list[str], list[str], list[str | None], list[float], list[float], list[float], list[float],
-                 list[float | None], list[bool]]
+                 list[float | None], list[bool], list[float | None]]
 
 
 def _columns(gpus: Sequence[GpuState]) -> _Columns:
-    """uuid, node, rack, min_w, max_w, power_w, limit_w, previous_w and fresh of every GPU.
+    """uuid, node, rack, min_w, max_w, power_w, limit_w, previous_w, fresh and tokens_s of every GPU.
 
     One pass over the objects, not one per field: when services interleave, the GPUs of one
     service lie far apart in memory, and each pass would miss the cache on every GPU again.
@@ -282,9 +292,10 @@ def _columns(gpus: Sequence[GpuState]) -> _Columns:
     limit_ws: list[float] = []
     previous_ws: list[float | None] = []
     fresh: list[bool] = []
+    tokens: list[float | None] = []
     add_uuid, add_node, add_rack = uuids.append, nodes.append, racks.append
     add_min, add_max, add_power, add_limit = min_ws.append, max_ws.append, power_ws.append, limit_ws.append
-    add_previous, add_fresh = previous_ws.append, fresh.append
+    add_previous, add_fresh, add_tokens = previous_ws.append, fresh.append, tokens.append
     for g in gpus:
         add_uuid(g.uuid)
         add_node(g.node)
@@ -295,7 +306,8 @@ def _columns(gpus: Sequence[GpuState]) -> _Columns:
         add_limit(g.limit_w)
         add_previous(g.previous_w)
         add_fresh(g.fresh)
-    return uuids, nodes, racks, min_ws, max_ws, power_ws, limit_ws, previous_ws, fresh
+        add_tokens(g.tokens_s)
+    return uuids, nodes, racks, min_ws, max_ws, power_ws, limit_ws, previous_ws, fresh, tokens
 
 
 def water_level(los: Sequence[float], his: Sequence[float], capacity_w: float) -> float:
@@ -372,6 +384,7 @@ def allocate(
     second = columns.fill(first.caps, columns.surplus_ceilings(first))
     floor = math.floor
     caps = [floor(cap + _ROUNDING_SLACK_W) for cap in second.caps]
+    caps = columns.rebalance(caps, first)
     caps = columns.apply_deadband(caps)
     caps, postponed = columns.limit_raises(caps)
     return columns.result(caps, first, second, postponed)
@@ -427,6 +440,9 @@ class _GpuColumns:
     held: set[int]
     previous: list[int]                 # previous cap, or the minimum for a new GPU
     sticky: list[bool]                  # fresh with a previous cap: the deadband applies
+    power_ws: list[float]
+    limit_ws: list[float]
+    marginals: list[float | None]       # marginal tokens/s per W (powercap.marginal); None: no estimate
 
     @property
     def size(self) -> int:
@@ -443,7 +459,7 @@ class _GpuColumns:
             gpus.extend(sorted(sorted(service.gpus, key=_UUID), key=_NODE))
             spans.append((start, len(gpus)))
             service_of += [index] * (len(gpus) - start)
-        uuids, nodes, racks, min_ws, max_ws, power_ws, limit_ws, previous_ws, fresh = _columns(gpus)
+        uuids, nodes, racks, min_ws, max_ws, power_ws, limit_ws, previous_ws, fresh, tokens_ws = _columns(gpus)
         if len(set(uuids)) != len(uuids):
             _refuse_shared_gpus(services)
         rack_ids = sorted(rack for rack in set(racks) if rack is not None and rack in limits)
@@ -468,6 +484,11 @@ class _GpuColumns:
         ]
         sticky = [last is not None for last in previous_ws]  # and fresh: the held ones are unset below
         held = {i for i, ok in enumerate(fresh) if not ok}
+        marginals: list[float | None] = [None] * len(uuids)
+        if settings.marginal.enabled and any(t is not None for t in tokens_ws):
+            pinned, elasticity = settings.pinned_fraction, settings.marginal.elasticity
+            marginals = [None if not ok else marginal_tokens_per_w(t, p, lim, pinned, elasticity)
+                         for t, p, lim, ok in zip(tokens_ws, power_ws, limit_ws, fresh)]
         for i in held:
             # Its agent may still enforce whichever of the reported limit and our last cap is higher.
             last_w = previous_ws[i] or 0.0
@@ -501,6 +522,9 @@ class _GpuColumns:
             held=held,
             previous=previous,
             sticky=sticky,
+            power_ws=power_ws,
+            limit_ws=limit_ws,
+            marginals=marginals,
         )
 
     def fill(self, los: list[float], his: list[float]) -> _Fill:
@@ -593,6 +617,32 @@ class _GpuColumns:
         for i in self.held:
             ceilings[i] = caps[i]
         return ceilings
+
+    def rebalance(self, caps: list[int], first: _Fill) -> list[int]:
+        """Move watts toward the higher marginal tokens/W (:func:`powercap.marginal.rebalance_w`)
+        within each (service, rack) group whose service budget or rack was spent in the first
+        fill: trades inside a group change neither sum. Groups without an estimate keep the
+        fill's caps (no token metrics: the demand-following fill alone)."""
+        if not any(m is not None for m in self.marginals):
+            return caps
+        settings, marginal = self.settings, self.settings.marginal
+        rebalanced = list(caps)
+        for s, (start, end) in enumerate(self.spans):
+            groups: dict[int, list[int]] = {}
+            for i in range(start, end):
+                if self.marginals[i] is not None:
+                    groups.setdefault(self.rack_of[i], []).append(i)
+            for r, members in groups.items():
+                if first.service_levels[s] == INF and (r < 0 or first.rack_levels[r] == INF):
+                    continue  # every demand was met: nothing to trade for
+                group = [Member(cap_w=caps[i], min_w=self.minima[i], max_w=self.maxima[i], power_w=self.power_ws[i],
+                                limit_w=self.limit_ws[i], marginal=self.marginals[i],
+                                step_w=settings.step_fraction * (self.maxima[i] - self.minima[i]),
+                                donor_headroom_w=marginal.donor_headroom_fraction * (self.maxima[i] - self.minima[i]))
+                         for i in members]
+                for i, cap in zip(members, rebalance_w(group, marginal.elasticity, marginal.outlier_ratio)):
+                    rebalanced[i] = cap
+        return rebalanced
 
     def apply_deadband(self, caps: list[int]) -> list[int]:
         """Keep a GPU's previous cap when the new one is within ``deadband_fraction x (max - min)``

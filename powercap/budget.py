@@ -155,7 +155,7 @@ def _service(policy_view: PolicyView, view: ClusterView, waiting_gpus: int) -> S
         gpus.append(GpuState(
             uuid=gpu.uuid, node=entry.node, rack=node.rack_id if node is not None else None,
             min_w=gpu.min_w, max_w=gpu.max_w, power_w=gpu.power_w, limit_w=gpu.limit_w,
-            previous_w=published.get(gpu.uuid), fresh=node is not None and node.fresh,
+            previous_w=published.get(gpu.uuid), fresh=node is not None and node.fresh, tokens_s=gpu.tokens_s,
         ))
     unreported = max(0, policy_view.bound_gpus - len(gpus))
     reserved_w = (unreported + waiting_gpus) * _new_gpu_minimum_w(policy_view, view)

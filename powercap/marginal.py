@@ -1,0 +1,174 @@
+"""Marginal tokens per watt: move a service's watts from where they buy few tokens to where they buy many.
+
+Pure functions; :func:`powercap.allocation.allocate` calls :func:`rebalance_w` after its
+demand-following fill (docs/controller.md, "Marginal-value rebalancing"). The oracle bound of
+the simulator splits a cap so that every GPU not at a bound has the same marginal tokens/s
+per watt (the KKT condition of maximising ``sum_i tokens_i(cap_i)`` under ``sum_i cap_i <=
+budget``, with each ``tokens_i`` concave). A real controller does not know the curves; it
+knows, per GPU, the tokens/s its node agent measured (vLLM's counter, split over the pod's
+GPUs by power) and the cap in force when it measured them.
+
+**Estimate.** Near the cap in force ``C`` a power-limited GPU's tokens/s follow
+``t(c) = t x (c / C) ** e`` (a local power law; ``e``, the elasticity of tokens/s in the
+cap, is about 0.3-0.6 on the throughput curves of docs/simulator.md and the published cap
+sweeps it cites). Its marginal value is then::
+
+    m = dt/dc at C = e x t / C          (tokens/s per watt)
+
+A GPU drawing below ``C x (1 - pinned_fraction)`` is limited by its traffic, not its cap:
+``m = 0`` (another watt buys it nothing). No estimate (``None``) without a measured rate, at
+a cap of 0 W, or for a pinned GPU that reports 0 tokens/s (a counter just reset, a pod not
+serving yet): such a GPU keeps the demand-following cap.
+
+**Rebalance** (:func:`rebalance_w`), within a group of GPUs whose caps may be traded without
+changing any sum (the GPUs of one service in one rack, so that neither the service's budget
+nor the rack's ``maxPower`` moves): with ``W`` the group's watts after the fill,
+
+- *donors*, GPUs with ``m = 0``, go down to ``max(min, power + donor_headroom)``
+  (never up);
+- *receivers*, GPUs with ``m > 0``, share the rest as the KKT point of the power-law
+  model: ``c_i = clamp(C_i x (m_i / lambda) ** (1 / (1 - e)), lo_i, hi_i)``, with
+  ``lambda`` (the common marginal value) found by bisection so that the caps sum to
+  what the donors left, ``lo_i = max(min_i, cap_i - step_i)`` and
+  ``hi_i = min(max_i, cap_i + step_i)``: a noisy estimate moves a cap at most one step a
+  round, and the next round measures again at the new cap;
+- what the receivers cannot take (all at ``hi``) goes back to the donors as a common
+  level, up to their caps from the fill.
+
+Every cap stays in ``[min, max]``; the group's sum never rises (whole watts, ``floor``-ed),
+so every service and rack sum the fill met still holds. A group with no receiver, or with
+no donor and receivers of equal value, is left as the fill made it.
+
+**Noise and outliers.** A receiver whose ``m`` is under ``1 / outlier_ratio`` of the
+group's median (a rate read across a counter reset, a stale scrape) counts as having no
+estimate; one over ``outlier_ratio x`` the median is clipped to it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+DEFAULT_ELASTICITY = 0.4
+OUTLIER_RATIO = 4.0
+_BISECTION_ROUNDS = 60
+
+
+@dataclass(frozen=True)
+class MarginalSettings:
+    """Knobs of the marginal-value rebalancing; bad values fail at construction.
+
+    ``enabled``: False (the default) keeps the demand-following fill alone; docs/benchmarks.md
+    ("What was tried") says why it is not on by default yet.
+    ``elasticity``: ``e`` of the local power law, in (0, 1).
+    ``donor_headroom_fraction``: what a traffic-limited GPU keeps above its power when a
+    receiver of the same group wants watts, as a fraction of its [min, max] range.
+    """
+
+    enabled: bool = False
+    elasticity: float = DEFAULT_ELASTICITY
+    donor_headroom_fraction: float = 0.05
+    outlier_ratio: float = OUTLIER_RATIO
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 < self.elasticity < 1:
+            problems.append(f"elasticity must be in (0, 1), not {self.elasticity}")
+        if not 0 <= self.donor_headroom_fraction <= 1:
+            problems.append(f"donor_headroom_fraction must be in [0, 1], not {self.donor_headroom_fraction}")
+        if not self.outlier_ratio >= 1:
+            problems.append(f"outlier_ratio must be >= 1, not {self.outlier_ratio}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def marginal_tokens_per_w(tokens_s: float | None, power_w: float, limit_w: float, pinned_fraction: float,
+                          elasticity: float = DEFAULT_ELASTICITY) -> float | None:
+    """``e x tokens_s / limit_w`` for a GPU drawing within ``pinned_fraction`` of its cap, 0.0
+    for one drawing below (traffic-limited), None without an estimate (module docstring)."""
+    if tokens_s is None or not math.isfinite(tokens_s) or tokens_s < 0 or not limit_w > 0:
+        return None
+    if power_w < limit_w * (1 - pinned_fraction):
+        return 0.0
+    if tokens_s <= 0:
+        return None
+    return elasticity * tokens_s / limit_w
+
+
+@dataclass(frozen=True)
+class Member:
+    """One GPU of a group as :func:`rebalance_w` sees it: its cap after the fill (whole watts),
+    its bounds, its power, the cap in force when its tokens were measured and its marginal
+    value (None: no estimate, the GPU keeps its cap)."""
+
+    cap_w: int
+    min_w: int
+    max_w: int
+    power_w: float
+    limit_w: float
+    marginal: float | None
+    step_w: float
+    donor_headroom_w: float
+
+
+def rebalance_w(members: Sequence[Member], elasticity: float = DEFAULT_ELASTICITY,
+                outlier_ratio: float = OUTLIER_RATIO) -> list[int]:
+    """New whole-watt caps for ``members``, summing to at most the sum of their caps (module docstring)."""
+    caps = [m.cap_w for m in members]
+    values = _screened([m.marginal for m in members], outlier_ratio)
+    receivers = [i for i, v in enumerate(values) if v is not None and v > 0]
+    donors = [i for i, v in enumerate(values) if v == 0]
+    if not receivers or (not donors and len({values[i] for i in receivers}) == 1):
+        return caps
+    donor_floor = {i: min(caps[i], max(members[i].min_w, math.ceil(members[i].power_w + members[i].donor_headroom_w)))
+                   for i in donors}
+    total_w = sum(caps[i] for i in (*receivers, *donors))
+    lo = [max(members[i].min_w, min(caps[i], caps[i] - members[i].step_w)) for i in receivers]
+    hi = [min(members[i].max_w, max(caps[i], caps[i] + members[i].step_w)) for i in receivers]
+    room_w = total_w - sum(donor_floor.values())
+    top = max(values[i] for i in receivers)  # type: ignore[type-var]
+    weights = [members[i].limit_w * (values[i] / top) ** (1 / (1 - elasticity)) for i in receivers]  # type: ignore[operator]
+    given = _weighted_fill(weights, lo, hi, room_w)
+    new = list(caps)
+    for i, cap in zip(receivers, given):
+        new[i] = math.floor(cap + 1e-6)
+    left_w = total_w - sum(new[i] for i in receivers)
+    if donors:
+        floors = [float(donor_floor[i]) for i in donors]
+        ceilings = [float(caps[i]) for i in donors]
+        for i, cap in zip(donors, _weighted_fill([1.0] * len(donors), floors, ceilings, left_w)):
+            new[i] = math.floor(cap + 1e-6)
+    return new
+
+
+def _screened(values: Sequence[float | None], outlier_ratio: float) -> list[float | None]:
+    """Positive values under ``median / outlier_ratio`` become None, over ``median x outlier_ratio`` are clipped."""
+    positive = [v for v in values if v is not None and v > 0]
+    if not positive:
+        return list(values)
+    median = statistics.median(positive)
+    low, high = median / outlier_ratio, median * outlier_ratio
+    return [v if v is None or v == 0 else None if v < low else min(v, high) for v in values]
+
+
+def _weighted_fill(weights: Sequence[float], lo: Sequence[float], hi: Sequence[float], total_w: float) -> list[float]:
+    """``clamp(w_i x L, lo_i, hi_i)`` with the level ``L`` whose caps sum to ``total_w`` (bisection;
+    ``lo`` when ``sum(lo) >= total_w``, ``hi`` when ``sum(hi) <= total_w``)."""
+    def fill(level: float) -> list[float]:
+        return [min(max(w * level, low), high) for w, low, high in zip(weights, lo, hi)]
+
+    if sum(lo) >= total_w:
+        return list(lo)
+    if sum(hi) <= total_w:
+        return list(hi)
+    low_level, high_level = 0.0, max(h / w for w, h in zip(weights, hi) if w > 0)
+    for _ in range(_BISECTION_ROUNDS):
+        middle = (low_level + high_level) / 2
+        if sum(fill(middle)) > total_w:
+            high_level = middle
+        else:
+            low_level = middle
+    return fill(low_level)
+

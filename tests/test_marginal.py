@@ -1,0 +1,221 @@
+"""Marginal tokens per watt: the estimate, its failure modes, and the allocation's invariants with it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from powercap.allocation import AllocationSettings, GpuState, RackLimit, Service, allocate, budget_w
+from powercap.marginal import MarginalSettings, Member, marginal_tokens_per_w, rebalance_w
+from tests.test_allocation import RACKS, caps_of, check_invariants
+
+PINNED = 0.05
+
+
+@pytest.mark.parametrize(
+    "tokens_s, power_w, limit_w, expected",
+    [
+        pytest.param(1000.0, 398.0, 400.0, 0.4 * 1000 / 400, id="power-limited: e x tokens/s / cap in force"),
+        pytest.param(1000.0, 250.0, 400.0, 0.0, id="traffic-limited (draws well below its cap): another watt buys nothing"),
+        pytest.param(None, 398.0, 400.0, None, id="no rate measured (a new pod): no estimate"),
+        pytest.param(0.0, 398.0, 400.0, None, id="pinned yet 0 tokens/s (a counter just reset): no estimate"),
+        pytest.param(-5.0, 398.0, 400.0, None, id="a negative rate is no rate"),
+        pytest.param(math.nan, 398.0, 400.0, None, id="NaN rate: no estimate"),
+        pytest.param(1000.0, 0.0, 0.0, None, id="a 0 W cap in force: no estimate"),
+        pytest.param(0.0, 100.0, 400.0, 0.0, id="idle and traffic-limited: 0, not unknown"),
+    ],
+)
+def test_marginal_estimate(tokens_s: float | None, power_w: float, limit_w: float, expected: float | None) -> None:
+    assert marginal_tokens_per_w(tokens_s, power_w, limit_w, PINNED) == expected
+
+
+def member(cap_w: int, marginal: float | None, *, power_w: float | None = None, min_w: int = 200,
+           max_w: int = 700, limit_w: float | None = None) -> Member:
+    return Member(cap_w=cap_w, min_w=min_w, max_w=max_w, power_w=cap_w if power_w is None else power_w,
+                  limit_w=cap_w if limit_w is None else limit_w, marginal=marginal, step_w=0.1 * (max_w - min_w),
+                  donor_headroom_w=0.05 * (max_w - min_w))
+
+
+def test_watts_move_from_the_low_to_the_high_marginal_value_at_most_a_step() -> None:
+    # a: 2 tokens/s per W at the margin, b: 1. Equal marginals need a far above b; the step (50 W) bounds the move.
+    caps = rebalance_w([member(400, 2.0), member(400, 1.0)])
+    assert caps == [450, 350]
+
+
+def test_equal_marginal_values_leave_the_caps_as_they_are() -> None:
+    assert rebalance_w([member(400, 1.0), member(380, 1.0)]) == [400, 380]
+
+
+def test_a_traffic_limited_gpu_gives_its_headroom_to_a_power_limited_one() -> None:
+    # b draws 250 W under a 320 W cap: it keeps 250 + 25 W (5 % of its range); a takes the 45 W.
+    caps = rebalance_w([member(400, 1.0), member(320, 0.0, power_w=250)])
+    assert caps == [445, 275]
+
+
+def test_a_gpu_without_an_estimate_keeps_its_cap() -> None:
+    caps = rebalance_w([member(400, 2.0), member(400, 1.0), member(330, None)])
+    assert caps[2] == 330 and sum(caps) <= 1130
+
+
+def test_no_receiver_no_change() -> None:
+    """Only traffic-limited GPUs (or none with tokens): the demand-following caps stand."""
+    assert rebalance_w([member(300, 0.0, power_w=150), member(320, 0.0, power_w=160)]) == [300, 320]
+    assert rebalance_w([member(300, None), member(320, None)]) == [300, 320]
+
+
+def test_a_reset_counter_does_not_take_a_gpus_watts() -> None:
+    """A rate read across a counter reset is far under its peers': it counts as no estimate."""
+    caps = rebalance_w([member(400, 1.0), member(400, 1.05), member(400, 0.01)])
+    assert caps[2] == 400
+
+
+def test_one_noisy_reading_moves_a_cap_at_most_one_step() -> None:
+    caps = rebalance_w([member(400, 1.0), member(400, 1.0), member(400, 50.0)])
+    assert caps[2] - 400 <= 50 and all(400 - c <= 50 for c in caps[:2])
+
+
+def test_caps_stay_within_the_gpu_range() -> None:
+    caps = rebalance_w([member(690, 3.0, max_w=700), member(210, 1.0)])
+    assert caps == [700, 200]
+
+
+def test_the_estimate_follows_the_tokens_per_watt_of_mixed_gpus() -> None:
+    """An H200 and an L40S, both pinned: the one making more tokens per watt gets the watts."""
+    h200 = marginal_tokens_per_w(1300.0, 299.0, 300.0, PINNED)
+    l40s = marginal_tokens_per_w(500.0, 299.0, 300.0, PINNED)
+    caps = rebalance_w([member(300, h200), member(300, l40s, min_w=100, max_w=350)])
+    assert caps[0] > 300 > caps[1] and sum(caps) <= 600
+
+
+# --- through the allocation -------------------------------------------------------------
+
+
+def gpu(uuid: str, power_w: float, limit_w: float, tokens_s: float | None, **extra: object) -> GpuState:
+    return GpuState(uuid=uuid, node="node-1", rack="rack-1", min_w=200, max_w=700, power_w=power_w,
+                    limit_w=limit_w, previous_w=limit_w, tokens_s=tokens_s, **extra)  # type: ignore[arg-type]
+
+
+BUSY_SERVICE = [  # 1200 W: three pinned GPUs want more than the 1164 W budget
+    ("fast", 398, 400, 1400.0),
+    ("slow", 398, 400, 700.0),
+    ("light", 330, 400, 300.0),  # traffic-limited
+]
+
+
+ON = AllocationSettings(marginal=MarginalSettings(enabled=True))
+
+
+def test_allocation_moves_watts_toward_the_higher_marginal_value() -> None:
+    service = Service("ns/svc", 1200, tuple(gpu(*row) for row in BUSY_SERVICE))
+    with_tokens = caps_of(allocate([service], settings=ON), "ns/svc")
+    assert with_tokens["fast"] > with_tokens["slow"]
+    assert with_tokens["light"] < 400 and sum(with_tokens.values()) <= budget_w(1200, 0.03)
+
+
+def test_without_token_metrics_the_demand_following_fill_stands() -> None:
+    """No tokens/s anywhere, or the rebalancing off (the default): today's caps, watt for watt."""
+    with_tokens = Service("ns/svc", 1200, tuple(gpu(*row) for row in BUSY_SERVICE))
+    without = dataclasses.replace(with_tokens, gpus=tuple(dataclasses.replace(g, tokens_s=None) for g in with_tokens.gpus))
+    assert allocate([with_tokens]) == allocate([without]) == allocate([without], settings=ON)
+    assert caps_of(allocate([with_tokens], settings=ON)) != caps_of(allocate([without]))
+
+
+def test_a_service_with_budget_to_spare_is_not_rebalanced() -> None:
+    service = Service("ns/svc", 6000, tuple(gpu(*row) for row in BUSY_SERVICE))
+    assert allocate([service], settings=ON) == allocate([service])
+
+
+def test_a_stale_gpu_is_held_whatever_its_tokens() -> None:
+    rows = [*BUSY_SERVICE[:2], ("stale", 398, 400, 5000.0)]
+    service = Service("ns/svc", 1200, tuple(gpu(*row[:4], fresh=row[0] != "stale") for row in rows))
+    assert caps_of(allocate([service], settings=ON))["stale"] == 400
+
+
+def test_watts_never_move_across_racks() -> None:
+    """A rack at its maxPower keeps its sum: watts are traded within a (service, rack) group only."""
+    gpus = (gpu("a", 398, 400, 2000.0), dataclasses.replace(gpu("b", 398, 400, 500.0), rack="rack-2"))
+    service = Service("ns/svc", 900, gpus)
+    racks = [RackLimit("rack-1", 400), RackLimit("rack-2", 1000)]
+    caps = caps_of(allocate([service], racks, ON))
+    assert caps["a"] <= 400
+
+
+def test_bad_settings_fail_at_construction() -> None:
+    with pytest.raises(ValueError, match="elasticity must be in \\(0, 1\\), not 1.0; outlier_ratio must be >= 1"):
+        MarginalSettings(elasticity=1.0, outlier_ratio=0.5)
+
+
+# --- invariants under the new fill (hypothesis) -------------------------------------------
+
+
+@st.composite
+def gpus_with_tokens(draw: st.DrawFn, uuid: str) -> GpuState:
+    min_w = draw(st.sampled_from([100, 150, 200, 200.5]))
+    max_w = math.ceil(min_w) + draw(st.integers(0, 600))
+    limit_w = draw(st.floats(min_w, max_w))
+    return GpuState(
+        uuid=uuid,
+        node=f"node-{draw(st.integers(0, 5))}",
+        rack=draw(st.sampled_from((*RACKS, None))),
+        min_w=min_w,
+        max_w=max_w,
+        power_w=draw(st.floats(0, max_w * 1.1) | st.just(limit_w)),
+        limit_w=limit_w,
+        previous_w=draw(st.none() | st.integers(math.ceil(min_w), int(max_w))),
+        fresh=draw(st.booleans()),
+        tokens_s=draw(st.none() | st.just(0.0) | st.floats(0, 5000)),
+    )
+
+
+@st.composite
+def problems_with_tokens(draw: st.DrawFn) -> tuple[list[Service], list[RackLimit]]:
+    services = []
+    for s in range(draw(st.integers(1, 3))):
+        gpus = tuple(draw(gpus_with_tokens(f"GPU-{s}-{i}")) for i in range(draw(st.integers(1, 8))))
+        services.append(Service(f"ns/svc-{s}", draw(st.integers(1, 6000)), gpus, reserved_w=draw(st.sampled_from([0, 200]))))
+    racks = [
+        RackLimit(rack, max_power_w=draw(st.integers(100, 6000)), unmanaged_power_w=draw(st.floats(0, 1000)))
+        for rack in draw(st.sets(st.sampled_from(RACKS)))
+    ]
+    return services, racks
+
+
+@settings(max_examples=400, deadline=None)
+@given(problems_with_tokens())
+def test_sum_of_caps_invariant_holds_with_marginal_rebalancing(problem) -> None:
+    """DESIGN.md section 5: every cap in [min, max], each service within its budget, each rack within maxPower."""
+    check_invariants(*problem, ON)
+
+
+@settings(max_examples=400, deadline=None)
+@given(problems_with_tokens())
+def test_transitions_never_pass_the_budget_with_marginal_rebalancing(problem) -> None:
+    """Whichever agents have applied the new caps (old and new mixed), the caps in force fit the budget."""
+    services, racks = problem
+    allocation = allocate(services, racks, ON)
+    for service in services:
+        result = allocation.services[service.key]
+        before = {g.uuid: g for g in service.gpus}
+        previous_w = worst_w = 0
+        for cap in result.caps:
+            state = before[cap.uuid]
+            old_w = cap.min_w if state.previous_w is None else min(max(state.previous_w, cap.min_w), cap.max_w)
+            if not state.fresh:
+                old_w = cap.cap_w
+            previous_w += old_w
+            worst_w += max(old_w, cap.cap_w)
+        if result.feasible and previous_w + service.reserved_w <= budget_w(service.power_cap_w, 0.03):
+            assert worst_w + service.reserved_w <= budget_w(service.power_cap_w, 0.03)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(200, 700), st.none() | st.just(0.0) | st.floats(0.01, 50)), min_size=1, max_size=10))
+def test_rebalance_never_raises_the_group_sum(rows: list[tuple[int, float | None]]) -> None:
+    members = [member(cap, value, power_w=cap * (0.5 if value == 0 else 1.0)) for cap, value in rows]
+    caps = rebalance_w(members)
+    assert sum(caps) <= sum(cap for cap, _ in rows)
+    assert all(200 <= c <= 700 for c in caps)
