@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("powercap extender listening on %s", args.bind,
              extra={"bind": args.bind, "metrics_bind": args.metrics_bind, "mode": "state-file" if args.cluster_state else "cluster",
                     "rack_label": settings.rack_label, "stale_after_s": settings.stale_after_s,
-                    "node_overhead_w": settings.node_overhead_w})
+                    "node_overhead_w": settings.node_overhead_w, "non_gpu_rise": settings.non_gpu_rise})
     GunicornServer(server_settings, load_app, args.log_level, limits=connection_limits()).run()
     return 0
 

@@ -8,9 +8,9 @@ import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
-from powercap.cluster import ClusterView
+from powercap.cluster import ClusterView, rack_rise
 from powercap.numeric import counted
-from powercap.placement import FilterOutcome, PlacementRequest, RejectReason, format_watts, published_totals
+from powercap.placement import FilterOutcome, PlacementRequest, RejectReason, format_watts, pod_in_rack, published_totals
 from powercap.policies import Policy
 
 
@@ -99,9 +99,10 @@ def refuse_past_pending(
     moment ago are counted moved to ``failed`` (reason ``power``).
 
     A passed node in a rack with ``maxPower`` fails when
-    ``rackPower + pendingW + E > maxPower``, rackPower = measured + assumed power in the view,
+    ``rackPower + pendingW + E > maxPower``, rackPower = the whole rack's power in the view,
     ``pendingW`` what :meth:`RecentAdmissions.rack_pending` says other passed, not yet
-    bound pods hold of the rack, ``E`` this pod's estimate on the node; exactly at the limit
+    bound pods hold of the rack, ``E`` this pod's estimate on the node (with the power its
+    GPUs add beside them, :func:`powercap.placement.pod_in_rack`); exactly at the limit
     passes, as in :func:`powercap.placement.rack_rejection`.
     """
     if not pending or not outcome.passed:
@@ -121,10 +122,10 @@ def refuse_past_pending(
         key = (rack.rack_id, node.gpu_max_w)
         if key not in refusals:
             held_w, pods = held
-            estimate_w = request.estimate_w(node.gpu_max_w)
-            refusals[key] = None if rack.power_w + held_w + estimate_w <= rack.limits.max_power_w else (
+            pod_w, pod_words = pod_in_rack(request.estimate_w(node.gpu_max_w), rack_rise(rack, view.settings))
+            refusals[key] = None if rack.power_w + held_w + pod_w <= rack.limits.max_power_w else (
                 f"{rack.rack_id}: {format_watts(rack.power_w)} W in use + {format_watts(held_w)} W for "
-                f"{counted(pods, 'pod')} placed a moment ago + {format_watts(estimate_w)} W for this pod "
+                f"{counted(pods, 'pod')} placed a moment ago + {pod_words} "
                 f"> maxPower {rack.limits.max_power_w} W (set by policy {rack.limits.max_power_policy})"
             )
         refusal = refusals[key]

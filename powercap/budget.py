@@ -56,7 +56,7 @@ from powercap.allocation import (
     ServiceAllocation,
     allocate,
 )
-from powercap.cluster import ClusterView, PolicyView, RackView
+from powercap.cluster import ClusterView, PolicyView, RackView, rack_rise
 from powercap.policies import Mode, Policy
 from powercap.telemetry import GpuTelemetry
 from powercap.status import (
@@ -171,8 +171,17 @@ def _new_gpu_minimum_w(policy_view: PolicyView, view: ClusterView) -> float:
 def _rack_limits(view: ClusterView, services: Iterable[Service], counted_at_caps: Allocation | None) -> list[RackLimit]:
     """Racks with a maxPower; their unmanaged power is what ``services`` do not account for.
 
-    ``unmanaged = rack power - measured power of the fresh GPUs of services in it``, plus,
-    when ``counted_at_caps`` is given, the caps that allocation gave the GPUs in the rack.
+    ``U = rack power - measured power of the fresh GPUs of services in it``, plus, when
+    ``counted_at_caps`` is given, the caps that allocation gave the GPUs in the rack. Where
+    the power beside the GPUs follows their load (``rise = rack_rise(rack) > 0``), the GPUs
+    reaching their caps raise it by ``rise x (caps - managed)``; the caps must keep
+    ``caps + U + rise x (caps - managed) <= maxPower``, which the fill's
+    ``caps <= maxPower - unmanaged`` keeps with::
+
+        unmanaged = max(U, (U + rise x (maxPower - managed)) / (1 + rise))
+
+    (never below ``U``: caps under today's draw are not counted on to lower the power beside
+    the GPUs).
     """
     managed_w: dict[str, float] = {}
     for service in services:
@@ -184,14 +193,17 @@ def _rack_limits(view: ClusterView, services: Iterable[Service], counted_at_caps
         for cap in allocation.caps:
             if cap.rack is not None:
                 capped_w[cap.rack] = capped_w.get(cap.rack, 0.0) + cap.cap_w
-    return [
-        RackLimit(
-            rack_id, rack.limits.max_power_w,
-            unmanaged_power_w=max(0.0, rack.power_w - managed_w.get(rack_id, 0.0)) + capped_w.get(rack_id, 0.0),
-        )
-        for rack_id, rack in sorted(view.racks.items())
-        if rack.limits.max_power_w is not None
-    ]
+    limits = []
+    for rack_id, rack in sorted(view.racks.items()):
+        max_power_w = rack.limits.max_power_w
+        if max_power_w is None:
+            continue
+        managed = managed_w.get(rack_id, 0.0)
+        unmanaged_w = max(0.0, rack.power_w - managed) + capped_w.get(rack_id, 0.0)
+        rise = rack_rise(rack, view.settings)
+        unmanaged_w = max(unmanaged_w, (unmanaged_w + rise * (max_power_w - managed)) / (1 + rise))
+        limits.append(RackLimit(rack_id, max_power_w, unmanaged_power_w=unmanaged_w))
+    return limits
 
 
 def _plan(

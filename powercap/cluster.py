@@ -43,7 +43,9 @@ Definitions (W = watts, °C = rack inlet air):
   assumed power: the whole node.
 - **rack power** = sum of its nodes' power (GPUs measured + non-GPU + assumed); its
   **power source** is ``Measured`` when no node's non-GPU power is estimated,
-  ``Estimated`` when every one is, ``PartlyEstimated`` between.
+  ``Estimated`` when every one is, ``PartlyEstimated`` between. Its **rise** is what its
+  power beside the GPUs adds per watt its GPUs add: ``settings.non_gpu_rise`` with a
+  measured node in it, else 0 (:func:`powercap.clusterviews.rack_rise`).
 - **rack temperature** = max inlet temperature over its nodes with fresh telemetry
   (None when none reports one).
 - **rack limits**: over every ``Enforce`` policy naming the rack, the smallest
@@ -114,6 +116,7 @@ from powercap.clusterviews import (
     pod_facts,
     policy_views,
     power_node,
+    rack_rise,
     rack_view,
     reading_fresh_until,
     read_policies,
@@ -141,6 +144,7 @@ __all__ = [
     "build_cluster_view",
     "estimate_pod_power_w",
     "pod_facts",
+    "rack_rise",
 ]
 
 @dataclass

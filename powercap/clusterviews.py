@@ -11,7 +11,7 @@ formula it computes. W = watts, °C = rack inlet air.
   :func:`telemetry_status`, :func:`non_gpu_power`, :func:`assumed_power`,
   :func:`inlet_rise`, :func:`node_view`, :func:`gpu_min_limits`;
 - pods: :func:`pod_facts`, :func:`power_node`, :func:`estimate_pod_power_w`;
-- racks: :func:`rack_view`, :func:`rack_power_source`, :func:`scoring_facts`;
+- racks: :func:`rack_view`, :func:`rack_power_source`, :func:`rack_rise`, :func:`scoring_facts`;
 - policies: :func:`read_policies` (parse, group by namespace, strictest rack limits),
   :func:`match_policy`, :func:`policy_views`, :func:`cluster_warnings`.
 """
@@ -63,13 +63,17 @@ class ClusterSettings:
     ``rack_label``: node label whose value is the rack id. ``stale_after_s``: telemetry
     (and a whole-node power reading) older than this is stale. ``node_overhead_w``: the
     power beside its GPUs assumed for a GPU node without a trustworthy whole-node reading
-    (:func:`non_gpu_power`), W. ``default_gpu_max_w`` / ``default_gpu_min_w``: a GPU's
-    power limits when no telemetry reports them.
+    (:func:`non_gpu_power`), W. ``non_gpu_rise``: watts a node's *measured* power beside
+    its GPUs is taken to rise per watt its GPUs rise (fans, host CPUs, supply losses follow
+    the GPUs' load), so that a rack filled up to its limit at today's load stays under it
+    when the GPUs reach their caps (:func:`rack_rise`). ``default_gpu_max_w`` /
+    ``default_gpu_min_w``: a GPU's power limits when no telemetry reports them.
     """
 
     rack_label: str = RACK_LABEL
     stale_after_s: float = DEFAULT_STALE_AFTER_S
     node_overhead_w: float = 0.0
+    non_gpu_rise: float = 0.3
     default_gpu_max_w: float = DEFAULT_GPU_MAX_W
     default_gpu_min_w: float = DEFAULT_GPU_MIN_W
 
@@ -192,6 +196,11 @@ class RackView:
     def power_source(self) -> str:
         """``Measured``, ``Estimated`` or ``PartlyEstimated`` (:func:`rack_power_source`)."""
         return rack_power_source(len(self.estimated_nodes), self.gpu_nodes)
+
+    @property
+    def measured_nodes(self) -> int:
+        """Nodes whose power beside the GPUs is measured (it follows their GPUs' load)."""
+        return self.gpu_nodes - len(self.estimated_nodes)
 
     @property
     def constrained(self) -> bool:
@@ -630,6 +639,14 @@ def rack_view(rack_id: str, members: list[NodeView], limits: RackLimits) -> Rack
         estimated_nodes=tuple(n.name for n in estimated),
         estimate_problem=_first_and_more([n.non_gpu.problem for n in estimated], "whose power beside the GPUs is estimated"),
     )
+
+
+def rack_rise(rack: RackView, settings: ClusterSettings) -> float:
+    """Watts the rack's power beside its GPUs rises per watt its GPUs rise:
+    ``settings.non_gpu_rise`` when the rack has a node whose power beside the GPUs is
+    measured (a measurement follows the load), else 0 (an estimate is a fixed figure, meant
+    for full load: ``--node-overhead-w``)."""
+    return settings.non_gpu_rise if rack.measured_nodes > 0 else 0.0
 
 
 def rack_power_source(estimated_nodes: int, gpu_nodes: int) -> str:

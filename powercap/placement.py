@@ -15,7 +15,9 @@ a candidate node in a constrained rack fails when
 - ``rackPower + E > maxPower``, rackPower = the whole rack's power: its nodes' GPUs
   measured + the power beside them (measured from the node's whole-node reading, or
   estimated: :mod:`powercap.cluster`) + assumed (``power``); exactly at the limit passes.
-  ``E`` is the pod's GPU power only: the node's CPUs and fans are already counted.
+  In a rack with a node whose power beside the GPUs is measured, the pod counts
+  ``E x (1 + rise)`` (``--non-gpu-rise``, 0.3: its GPUs' load raises the power beside
+  them too); elsewhere ``E`` (an estimated figure is meant for full load).
 
 Nodes in no rack, or in a rack no Enforce policy limits, pass. A node the view does not know
 (added a moment ago) fails while any rack is constrained, since its rack is unknown.
@@ -63,7 +65,7 @@ from powercap.algorithms import (
     PlacementAlgorithm,
 )
 from powercap.allocation import AllocationSettings, budget_w
-from powercap.cluster import BUDGET_REFUSAL, ClusterView, RackView, estimate_pod_power_w, pod_facts
+from powercap.cluster import BUDGET_REFUSAL, ClusterView, RackView, estimate_pod_power_w, pod_facts, rack_rise
 from powercap.numeric import counted
 from powercap.objects import KubeObject
 from powercap.policies import Policy
@@ -256,8 +258,22 @@ def rack_in_use(rack: RackView) -> str:
     return f"{format_watts(rack.power_w)} W in use{details}"
 
 
-def rack_rejection(rack: RackView, estimate_w: float) -> tuple[str, tuple[RejectReason, ...]] | None:
-    """Why a pod with estimate ``estimate_w`` may not go into ``rack``, or None when it may.
+def pod_in_rack(estimate_w: float, rise: float) -> tuple[float, str]:
+    """What a pod adds to a rack: its GPUs' ``estimate_w`` plus ``rise x estimate_w`` beside
+    them (:func:`powercap.cluster.rack_rise`), and the words for it."""
+    if rise <= 0:
+        return estimate_w, f"{format_watts(estimate_w)} W for this pod"
+    beside_w = rise * estimate_w
+    return estimate_w + beside_w, (
+        f"{format_watts(estimate_w + beside_w)} W for this pod ({format_watts(estimate_w)} W on its GPUs + "
+        f"{format_watts(beside_w)} W beside them)"
+    )
+
+
+def rack_rejection(rack: RackView, estimate_w: float, rise: float = 0.0) -> tuple[str, tuple[RejectReason, ...]] | None:
+    """Why a pod with estimate ``estimate_w`` may not go into ``rack``, or None when it may;
+    ``rise``: the rack's :func:`powercap.cluster.rack_rise` (the pod's GPUs raise the power
+    beside them too).
 
     Stale or missing telemetry in the rack alone is reported (the figures it would be
     checked against are unknown); otherwise every limit passed is reported, joined by "; ".
@@ -274,9 +290,10 @@ def rack_rejection(rack: RackView, estimate_w: float) -> tuple[str, tuple[Reject
             f"(set by policy {limits.max_temperature_policy})"
         )
         reasons.append(RejectReason.TEMPERATURE)
-    if limits.max_power_w is not None and rack.power_w + estimate_w > limits.max_power_w:
+    pod_w, pod_words = pod_in_rack(estimate_w, rise)
+    if limits.max_power_w is not None and rack.power_w + pod_w > limits.max_power_w:
         problems.append(
-            f"{rack.rack_id}: {rack_in_use(rack)} + {format_watts(estimate_w)} W for this pod > maxPower {limits.max_power_w} W "
+            f"{rack.rack_id}: {rack_in_use(rack)} + {pod_words} > maxPower {limits.max_power_w} W "
             f"(set by policy {limits.max_power_policy})"
         )
         reasons.append(RejectReason.POWER)
@@ -334,7 +351,10 @@ def filter_nodes(view: ClusterView, pod: KubeObject | PlacementRequest, node_nam
         except KeyError:
             rack = find_rack(node.rack_id) if node.rack_id is not None else None
             constrained = rack is not None and rack.limits.constrained
-            rejection = checked[key] = rack_rejection(rack, request.estimate_w(node.gpu_max_w)) if constrained else None  # type: ignore[arg-type]
+            rejection = checked[key] = (
+                rack_rejection(rack, request.estimate_w(node.gpu_max_w), rack_rise(rack, view.settings))  # type: ignore[arg-type]
+                if constrained else None
+            )
         if rejection is None:
             passed.append(name)
         else:

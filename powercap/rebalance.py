@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from powercap.algorithms import EnergyAwareScheduling
-from powercap.cluster import ClusterView, NodeView, PolicyView, estimate_pod_power_w
+from powercap.cluster import ClusterView, NodeView, PolicyView, estimate_pod_power_w, rack_rise
 from powercap.objects import KubeObject, object_key, pod_gpus_requested, pod_is_active, pod_power_annotation_w
 from powercap.placement import format_watts, rack_rejection
 from powercap.policies import Mode
@@ -178,7 +178,7 @@ def _best_target(
         if node.gpu_capacity - requested.get(node.name, 0) < gpus or node.power_w + power_w > threshold_w:
             continue
         rack = view.racks.get(node.rack_id) if node.rack_id is not None else None
-        if rack is not None and rack.constrained and rack_rejection(rack, power_w) is not None:
+        if rack is not None and rack.constrained and rack_rejection(rack, power_w, rack_rise(rack, view.settings)) is not None:
             continue
         if best is None or (node.power_w, _desc(node.name)) > (best.power_w, _desc(best.name)):
             best = node

@@ -5,6 +5,7 @@ all count it."""
 
 from __future__ import annotations
 
+import argparse
 from datetime import timedelta
 from typing import Any
 
@@ -16,6 +17,7 @@ from powercap.cluster import ClusterSettings, NonGpuPower, build_cluster_view
 from powercap.clusterviews import non_gpu_power, rack_power_source
 from powercap.nodepower import NodePower
 from powercap.placement import filter_nodes, prioritize_nodes
+from powercap.runtime.cliargs import add_cluster_view_arguments, cluster_view_settings
 from powercap.telemetry import NodeTelemetry
 from tests.fakes.clusters import Gpu, node, view
 from tests.fakes.objects import NOW, gpu_node, gpu_pod, policy, telemetry
@@ -139,17 +141,26 @@ def placement_view(gpu_1_node_w: float) -> Any:
 
 
 def test_the_filter_refuses_a_rack_with_gpu_headroom_but_not_whole_node_headroom() -> None:
-    """A 2-GPU pod (1400 W): the GPUs' 8000 W + 1400 W fit under 10 kW; with the 2300 W the
-    nodes draw beside their GPUs they do not."""
-    pod = gpu_pod("llama-9", gpus=2, labels=LLAMA)
+    """A 1-GPU pod (700 W, and 30 % of it beside the GPUs: the rack's nodes are measured): the
+    GPUs' 8000 W + 700 W fit under 10 kW; with the 2300 W the nodes draw beside their GPUs
+    they do not. With 300 W beside them, they do."""
+    pod = gpu_pod("llama-9", gpus=1, labels=LLAMA)
     roomy = filter_nodes(placement_view(4000), pod, ["gpu-1", "gpu-2", "gpu-3"])
     assert roomy.passed == ["gpu-1", "gpu-2", "gpu-3"]
     full = filter_nodes(placement_view(6000), pod, ["gpu-1", "gpu-2", "gpu-3"])
     assert full.passed == ["gpu-3"]
     assert full.failed["gpu-1"] == (
-        "rack-1: 10300 W in use (incl. 2300 W beside the GPUs) + 1400 W for this pod > maxPower 10000 W "
-        "(set by policy inference/llama)"
+        "rack-1: 10300 W in use (incl. 2300 W beside the GPUs) + 910 W for this pod (700 W on its GPUs + 210 W "
+        "beside them) > maxPower 10000 W (set by policy inference/llama)"
     )
+
+
+def test_an_estimated_rack_counts_the_pod_without_a_rise() -> None:
+    """The estimate (--node-overhead-w) is meant for full load: a pod adds its GPUs' power only."""
+    nodes = [gpu_node("gpu-1", "rack-1", telemetry(4000)), gpu_node("gpu-2", "rack-1", telemetry(3300))]
+    view_ = build_cluster_view(nodes, [], [policy("llama", cap_w=40000, racks=RACK_LIMIT)], NOW,
+                               ClusterSettings(node_overhead_w=1000))
+    assert filter_nodes(view_, gpu_pod("llama-9", gpus=1, labels=LLAMA), ["gpu-1"]).passed == ["gpu-1"]  # 9300 + 700
 
 
 def test_an_estimated_rack_says_so_in_the_refusal() -> None:
@@ -193,6 +204,23 @@ def test_the_rack_fill_lowers_the_caps_when_the_power_beside_the_gpus_rises() ->
     assert busy.racks["rack-1"].allocated_w == 2500
 
 
+def test_the_rack_fill_leaves_room_for_the_power_beside_the_gpus_to_rise_with_them() -> None:
+    """Four GPUs draw 200 W each, their two nodes 400 W each beside them, maxPower 3000 W:
+    2200 W left for the GPUs at today's load, but as they rise to their caps the measured
+    power beside them rises by 0.3 W per W (--non-gpu-rise): caps + 800 + 0.3 x (caps - 800)
+    <= 3000 W gives 1877 W (469 W each)."""
+    gpus_1 = [Gpu("A0", 200, 700, "inference/llama-0"), Gpu("A1", 200, 700, "inference/llama-0")]
+    gpus_2 = [Gpu("B0", 200, 700, "inference/llama-1"), Gpu("B1", 200, 700, "inference/llama-1")]
+    nodes = [node("gpu-1", "rack-1", gpus_1, node_power=reading(800, age_s=0)),
+             node("gpu-2", "rack-1", gpus_2, node_power=reading(800, age_s=0))]
+    pods = [gpu_pod("llama-0", gpus=2, node="gpu-1", labels=LLAMA), gpu_pod("llama-1", gpus=2, node="gpu-2", labels=LLAMA)]
+    policies = [policy("llama", cap_w=4000, racks=[{"rackId": "rack-1", "maxPower": 3000}])]
+    rising = plan_round(view(nodes, pods, policies))
+    assert sum(c.cap_w for c in rising.policies["inference/llama"].allocation.caps) == 1876
+    flat = plan_round(view(nodes, pods, policies, settings=ClusterSettings(non_gpu_rise=0.0)))
+    assert sum(c.cap_w for c in flat.policies["inference/llama"].allocation.caps) == 2200
+
+
 def test_the_status_names_the_racks_power_source_and_warns_when_estimated() -> None:
     measured = rack_fill(1000).policies["inference/llama"].status["racks"]
     assert measured == [{"rackId": "rack-1", "powerW": 4760, "nonGpuPowerW": 2000, "powerSource": "Measured",
@@ -207,3 +235,25 @@ def test_the_status_names_the_racks_power_source_and_warns_when_estimated() -> N
         "reading and 300 W (--node-overhead-w) beside its GPUs. Give the node agents a node power source (Redfish, "
         "IPMI or Kepler: docs/nodeagent.md, Node power)"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        pytest.param([], ClusterSettings(), id="defaults"),
+        pytest.param(["--node-overhead-w", "1800", "--non-gpu-rise", "0.25"],
+                     ClusterSettings(node_overhead_w=1800, non_gpu_rise=0.25), id="set"),
+    ],
+)
+def test_the_programs_read_the_node_power_settings_from_their_flags(argv: list[str], expected: ClusterSettings) -> None:
+    parser = argparse.ArgumentParser()
+    add_cluster_view_arguments(parser)
+    assert cluster_view_settings(parser.parse_args(argv)) == expected
+
+
+@pytest.mark.parametrize("argv", [["--node-overhead-w", "-5"], ["--non-gpu-rise", "3"], ["--non-gpu-rise", "a lot"]])
+def test_a_bad_node_power_setting_stops_the_program(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_cluster_view_arguments(parser)
+    with pytest.raises(argparse.ArgumentError):
+        parser.parse_args(argv)

@@ -97,9 +97,21 @@ def watts(text: str) -> float:
     return value
 
 
+def rise_fraction(text: str) -> float:
+    """argparse ``type=``: watts per watt in [0, 2]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected watts per watt in [0, 2]")
+    return value
+
+
 def add_cluster_view_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of every program that builds a cluster view: ``--rack-label``,
-    ``--stale-after``, ``--node-overhead-w`` (read back by :func:`cluster_view_settings`)."""
+    ``--stale-after``, ``--node-overhead-w``, ``--non-gpu-rise`` (read back by
+    :func:`cluster_view_settings`)."""
     parser.add_argument("--rack-label", default=RACK_LABEL, type=label_key, metavar="KEY",
                         help=f"node label whose value is the rack id (default {RACK_LABEL})")
     parser.add_argument("--stale-after", default=DEFAULT_STALE_AFTER_S, type=positive_seconds, metavar="SECONDS",
@@ -108,8 +120,12 @@ def add_cluster_view_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-overhead-w", default=0.0, type=watts, metavar="WATTS",
                         help="power beside its GPUs counted for a GPU node without a fresh, plausible whole-node "
                              "reading (at least what its agent's estimate says), W (default 0: GPUs only)")
+    parser.add_argument("--non-gpu-rise", default=ClusterSettings.non_gpu_rise, type=rise_fraction, metavar="W_PER_W",
+                        help="watts a node's measured power beside its GPUs rises per watt its GPUs rise, provisioned "
+                             f"by the filter and the rack fill (default {ClusterSettings.non_gpu_rise:g})")
 
 
 def cluster_view_settings(args: argparse.Namespace) -> ClusterSettings:
     """The cluster view's settings from :func:`add_cluster_view_arguments`' flags."""
-    return ClusterSettings(rack_label=args.rack_label, stale_after_s=args.stale_after, node_overhead_w=args.node_overhead_w)
+    return ClusterSettings(rack_label=args.rack_label, stale_after_s=args.stale_after,
+                           node_overhead_w=args.node_overhead_w, non_gpu_rise=args.non_gpu_rise)
