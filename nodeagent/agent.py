@@ -485,9 +485,9 @@ class Agent:
     # -- degraded GPUs -----------------------------------------------------------------------
     def _gpu_failed(self, uuid: str, operation: str, error: GpuError, now_s: float) -> None:
         kind = type(error).__name__
-        identity = self._device_labels(uuid).identity()
-        self.metrics.nvml_errors.labels(**identity, error=kind).inc()
-        self.metrics.degraded.labels(**identity).set(1)
+        unattributed = self._device_labels(uuid).unattributed()
+        self.metrics.nvml_errors.labels(**unattributed, error=kind).inc()
+        self.metrics.degraded.labels(**unattributed).set(1)
         previous = self._degraded.get(uuid)
         retry_at_s = now_s + self.settings.degraded_retry_s if operation == "set" else 0.0
         self._degraded[uuid] = _Degraded(operation, str(error), kind, previous.since_s if previous else now_s, retry_at_s)
@@ -503,7 +503,7 @@ class Agent:
 
     def _gpu_recovered(self, uuid: str) -> None:
         self._degraded.pop(uuid, None)
-        self.metrics.degraded.labels(**self._device_labels(uuid).identity()).set(0)
+        self.metrics.degraded.labels(**self._device_labels(uuid).unattributed()).set(0)
         log.info("GPU recovered", extra={"gpu": uuid})
 
     # -- reporting ---------------------------------------------------------------------------
@@ -523,9 +523,9 @@ class Agent:
             m.power.labels(**series).set(r.power_w)
             m.limit.labels(**series).set(enforced_w.get(r.uuid, r.limit_w))
             m.temperature.labels(**series).set(r.temperature_c)
-            m.energy.labels(**labels.identity()).inc(self.energy.used_since_last_j(r, now_s))
+            m.energy.labels(**labels.unattributed()).inc(self.energy.used_since_last_j(r, now_s))
             if r.uuid not in self._degraded:
-                m.degraded.labels(**labels.identity()).set(0)
+                m.degraded.labels(**labels.unattributed()).set(0)
             held = r.uuid in self._held_lower or (r.uuid in self.records and r.held_by_other_limiter)
             m.out_of_band.labels(**series).set(1 if held else 0)
             if plan is None:

@@ -9,7 +9,8 @@ join without ``label_replace``: ``gpu`` (the NVML index, a string), ``UUID``
 (``GPU-...``), ``modelName`` (NVML's product name) and ``Hostname`` (the node's name). The
 gauges of a GPU's readings add ``pod``, ``namespace`` and ``container`` of the pod using
 it, empty where no pod is known; ``powercap_gpu_info`` adds the ``policy`` that governs it.
-Counters carry the GPU's identity only, so a new pod never resets them. When a GPU's pod
+Counters and ``powercap_gpu_degraded`` carry the GPU's identity with the pod labels empty, so a
+new pod never resets them and Prometheus does not label them with the agent's own pod. When a GPU's pod
 changes, its series with the old pod's labels are removed, not left to go stale.
 
 =============================================================  ==================================================
@@ -20,9 +21,9 @@ changes, its series with the old pod's labels are removed, not left to go stale.
 ``powercap_gpu_temperature_celsius{...}``                      die temperature
 ``powercap_gpu_tokens_per_joule{...}``                         tokens/s of the GPU's pod over its GPUs' power
 ``powercap_gpu_limited_out_of_band{...}``                      1 while another limiter holds the GPU under our cap
-``powercap_gpu_degraded{gpu,UUID,modelName,Hostname}``         1 while the last NVML operation on the GPU failed
-``powercap_gpu_energy_joules_total{gpu,UUID,modelName,Hostname}``  energy since the agent started (:mod:`nodeagent.energy`)
-``powercap_nvml_errors_total{gpu,UUID,modelName,Hostname,error}``  NVML errors, by GPU and error class
+``powercap_gpu_degraded{gpu,UUID,...,pod="",...}``             1 while the last NVML operation on the GPU failed
+``powercap_gpu_energy_joules_total{gpu,UUID,...,pod="",...}``  energy since the agent started (:mod:`nodeagent.energy`)
+``powercap_nvml_errors_total{gpu,UUID,...,pod="",...,error}``  NVML errors, by GPU and error class
 ``powercap_cap_changes_total{reason}``                         limits written, by reason
 ``powercap_agent_policy_fresh``                                1 while the policy view is current
 ``powercap_agent_policy_unreadable{policy}``                   1 while a policy cannot be read (its caps are held)
@@ -76,6 +77,12 @@ class GpuLabels:
     def identity(self) -> dict[str, str]:
         return {"gpu": str(self.index), "UUID": self.uuid, "modelName": self.model, "Hostname": self.node}
 
+    def unattributed(self) -> dict[str, str]:
+        """The GPU's own labels with the pod labels present but empty: a counter's series (a new
+        pod never resets it), which Prometheus, honoring labels, then does not give the agent
+        pod's own pod, namespace and container."""
+        return {**self.identity(), "pod": "", "namespace": "", "container": ""}
+
     def reading(self) -> dict[str, str]:
         return {**self.identity(), "pod": self.pod, "namespace": self.namespace, "container": self.container}
 
@@ -121,7 +128,7 @@ class AgentMetrics:
             registry=r,
         )
         self.degraded = Gauge(
-            "powercap_gpu_degraded", "1 while the last NVML operation on the GPU failed, else 0.", GPU_IDENTITY_LABELS,
+            "powercap_gpu_degraded", "1 while the last NVML operation on the GPU failed, else 0.", GPU_READING_LABELS,
             registry=r,
         )
         self.energy = Counter(
@@ -129,14 +136,14 @@ class AgentMetrics:
             "Energy the GPU consumed since the agent started, in joules: from NVML's total energy counter "
             "(millijoules, read every few seconds) where the GPU has one, else its power integrated over the "
             "agent's ticks (the agent logs which).",
-            GPU_IDENTITY_LABELS,
+            GPU_READING_LABELS,
             registry=r,
         )
         self.cap_changes = Counter(
             "powercap_cap_changes", "Power limits written to GPUs, by reason.", ["reason"], registry=r
         )
         self.nvml_errors = Counter(
-            "powercap_nvml_errors", "NVML errors, by GPU and error class.", GPU_IDENTITY_LABELS + ("error",), registry=r
+            "powercap_nvml_errors", "NVML errors, by GPU and error class.", GPU_READING_LABELS + ("error",), registry=r
         )
         self.policy_fresh = Gauge(
             "powercap_agent_policy_fresh", "1 while the agent's view of policies and pods is current, else 0.", registry=r

@@ -187,6 +187,19 @@ def test_energy_comes_from_nvmls_counter_every_few_seconds(running: Running) -> 
     assert series_value(running.scrape(), "powercap_gpu_energy_joules_total", gpu="0") == pytest.approx(used_j)
 
 
+def test_counters_of_a_gpu_in_use_carry_empty_pod_labels_so_prometheus_keeps_them_off_the_agent(serving: Running) -> None:
+    """GPU 1 serves llama-0; its counters and degraded gauge still name no pod, but they name the
+    pod labels (empty): a Prometheus honoring labels adds the target's pod, namespace and
+    container only to a series that lacks them, which would file the GPU's energy under the
+    agent's own pod in powercap-system."""
+    serving.tick()
+    text = serving.scrape()
+    assert series_value(text, "powercap_gpu_power_watts", gpu="1", pod="llama-0") is not None
+    for name in ("powercap_gpu_energy_joules_total", "powercap_gpu_degraded"):
+        (line,) = [line for line in text.splitlines() if line.startswith(name + "{") and 'gpu="1"' in line]
+        assert 'pod=""' in line and 'namespace=""' in line and 'container=""' in line, line
+
+
 def test_energy_without_an_nvml_counter_is_power_integrated_over_the_ticks(running: Running) -> None:
     running.backend.inject_error("total_energy_j", NotSupported, index=1)
     powers_w: list[float] = []
