@@ -47,6 +47,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from powercap.allocation import AllocationSettings  # noqa: E402
+from powercap.marginal import MarginalSettings  # noqa: E402
 from powercap.simulation.engine import NO_CAPPING, ORACLE, POWERCAP, STATIC_SPLIT, EngineSettings, SimulationResult, simulate  # noqa: E402
 from powercap.simulation.scenario import Scenario, default_scenario_text, scenario_from_document  # noqa: E402
 from powercap.simulation.summary import summarize  # noqa: E402
@@ -209,6 +210,8 @@ TUNING: list[tuple[str, EngineSettings, dict[str, float]]] = [
     ("controller every 1 s", EngineSettings(), {"controller_interval_s": 1.0}),
     ("all four", EngineSettings(allocation=AllocationSettings(margin=0.0, headroom_fraction=0.02, step_fraction=0.3)),
      {"controller_interval_s": 1.0}),
+    ("marginal-value rebalancing on (issue 14; powercap.marginal, off as shipped)",
+     EngineSettings(allocation=AllocationSettings(marginal=MarginalSettings(enabled=True))), {}),
 ]
 
 

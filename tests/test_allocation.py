@@ -359,8 +359,13 @@ def test_invariants_hold_with_previous_caps_and_stale_gpus(problem) -> None:
 @given(problems(with_history=True))
 def test_transitions_never_pass_the_budget(problem) -> None:
     """Whichever agents have applied the new caps, the caps in force fit the budget."""
-    services, racks = problem
-    allocation = allocate(services, racks)
+    check_transitions(*problem)
+
+
+def check_transitions(services: list[Service], racks: list[RackLimit],
+                      allocation_settings: AllocationSettings | None = None) -> None:
+    """Old and new caps mixed (agents apply an allocation at different moments) fit each service's budget."""
+    allocation = allocate(services, racks, allocation_settings)
     for service in services:
         result = allocation.services[service.key]
         before = {g.uuid: g for g in service.gpus}

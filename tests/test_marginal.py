@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from powercap.allocation import AllocationSettings, GpuState, RackLimit, Service, allocate, budget_w
 from powercap.marginal import MarginalSettings, Member, marginal_tokens_per_w, rebalance_w
-from tests.test_allocation import RACKS, caps_of, check_invariants
+from tests.test_allocation import caps_of, check_invariants, check_transitions, problems
 
 PINNED = 0.05
 
@@ -153,63 +153,40 @@ def test_bad_settings_fail_at_construction() -> None:
 
 
 @st.composite
-def gpus_with_tokens(draw: st.DrawFn, uuid: str) -> GpuState:
-    min_w = draw(st.sampled_from([100, 150, 200, 200.5]))
-    max_w = math.ceil(min_w) + draw(st.integers(0, 600))
-    limit_w = draw(st.floats(min_w, max_w))
-    return GpuState(
-        uuid=uuid,
-        node=f"node-{draw(st.integers(0, 5))}",
-        rack=draw(st.sampled_from((*RACKS, None))),
-        min_w=min_w,
-        max_w=max_w,
-        power_w=draw(st.floats(0, max_w * 1.1) | st.just(limit_w)),
-        limit_w=limit_w,
-        previous_w=draw(st.none() | st.integers(math.ceil(min_w), int(max_w))),
-        fresh=draw(st.booleans()),
-        tokens_s=draw(st.none() | st.just(0.0) | st.floats(0, 5000)),
-    )
-
-
-@st.composite
 def problems_with_tokens(draw: st.DrawFn) -> tuple[list[Service], list[RackLimit]]:
-    services = []
-    for s in range(draw(st.integers(1, 3))):
-        gpus = tuple(draw(gpus_with_tokens(f"GPU-{s}-{i}")) for i in range(draw(st.integers(1, 8))))
-        services.append(Service(f"ns/svc-{s}", draw(st.integers(1, 6000)), gpus, reserved_w=draw(st.sampled_from([0, 200]))))
-    racks = [
-        RackLimit(rack, max_power_w=draw(st.integers(100, 6000)), unmanaged_power_w=draw(st.floats(0, 1000)))
-        for rack in draw(st.sets(st.sampled_from(RACKS)))
-    ]
-    return services, racks
+    """test_allocation's problems, each GPU with a rate (or none, or 0), most pinned at their limit,
+    each service's cap between its GPUs' minimums and maximums: budgets to trade."""
+    services, racks = draw(problems(with_history=True))
+
+    def with_tokens(state: GpuState) -> GpuState:
+        max_w = math.ceil(state.min_w) + draw(st.integers(100, 600))  # a range to move caps in
+        limit_w = draw(st.floats(state.min_w, max_w))
+        pinned = draw(st.sampled_from([True, True, False]))
+        return dataclasses.replace(state, max_w=max_w, limit_w=limit_w, power_w=limit_w if pinned else state.power_w,
+                                   previous_w=draw(st.none() | st.integers(math.ceil(state.min_w), max_w)),
+                                   fresh=state.fresh or draw(st.booleans()),
+                                   tokens_s=draw(st.sampled_from([300.0, 800.0, 1500.0, 2500.0]) | st.none() | st.just(0.0)))
+
+    def short(service: Service) -> Service:
+        low, high = sum(g.min_w for g in service.gpus), sum(g.max_w for g in service.gpus)
+        return dataclasses.replace(service, gpus=tuple(map(with_tokens, service.gpus)), reserved_w=0.0,
+                                   power_cap_w=draw(st.integers(math.ceil(low), math.ceil(high) + 1)) / 0.97)
+
+    return [short(s) for s in services], racks
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(problems_with_tokens())
 def test_sum_of_caps_invariant_holds_with_marginal_rebalancing(problem) -> None:
     """DESIGN.md section 5: every cap in [min, max], each service within its budget, each rack within maxPower."""
     check_invariants(*problem, ON)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(problems_with_tokens())
 def test_transitions_never_pass_the_budget_with_marginal_rebalancing(problem) -> None:
     """Whichever agents have applied the new caps (old and new mixed), the caps in force fit the budget."""
-    services, racks = problem
-    allocation = allocate(services, racks, ON)
-    for service in services:
-        result = allocation.services[service.key]
-        before = {g.uuid: g for g in service.gpus}
-        previous_w = worst_w = 0
-        for cap in result.caps:
-            state = before[cap.uuid]
-            old_w = cap.min_w if state.previous_w is None else min(max(state.previous_w, cap.min_w), cap.max_w)
-            if not state.fresh:
-                old_w = cap.cap_w
-            previous_w += old_w
-            worst_w += max(old_w, cap.cap_w)
-        if result.feasible and previous_w + service.reserved_w <= budget_w(service.power_cap_w, 0.03):
-            assert worst_w + service.reserved_w <= budget_w(service.power_cap_w, 0.03)
+    check_transitions(*problem, ON)
 
 
 @settings(max_examples=200, deadline=None)
