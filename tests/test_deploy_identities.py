@@ -1,8 +1,9 @@
 """Who runs as whom in config/default, and what Pod Security lets them do.
 
 Each program holds only its own rights (docs/rbac.md): kube-scheduler, the extender, the
-controller, the webhook and the agent each have a ServiceAccount, and in the one pod that
-runs two programs each container mounts only its own token. The namespace enforces Pod
+scheduler's init container, the controller, the webhook and the agent each have a
+ServiceAccount, and in the one pod that runs three programs each container mounts only its
+own token. The namespace enforces Pod
 Security `privileged` for the agent; every other pod must meet `restricted`, so that the
 privileges are where docs/nodeagent.md says and nowhere else.
 """
@@ -17,7 +18,7 @@ from tests.manifests import NAMESPACE, Manifest, find, kustomize_build, pod_temp
 
 TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 ACCOUNT_OF_CONTAINER = {
-    ("power-aware-scheduler", "check-scheduler-version"): "power-aware-scheduler",
+    ("power-aware-scheduler", "check-scheduler-version"): "powercap-version-check",
     ("power-aware-scheduler", "kube-scheduler"): "power-aware-scheduler",
     ("power-aware-scheduler", "extender"): "powercap-extender",
     ("powercap-controller", "controller"): "powercap-controller",
@@ -76,6 +77,18 @@ def test_kube_scheduler_gets_a_rotated_token_the_extender_a_read_only_one(bundle
     assert [b["roleRef"]["name"] for b in bindings] == ["powercap-extender"]
     verbs = {verb for rule in find(bundle, "ClusterRole", "powercap-extender")["rules"] for verb in rule["verbs"]}
     assert verbs == {"list", "watch"}
+
+
+def test_the_version_check_may_only_get_the_pods_of_its_namespace(bundle: list[Manifest]) -> None:
+    """check-scheduler-version reads its own pod's kube-scheduler image (and /version, open to
+    every account): it holds neither kube-scheduler's token (binding pods, deleting them)
+    nor the extender's (reading every pod and node), only get on this namespace's pods."""
+    bindings = [m for m in bundle if m["kind"] in ("RoleBinding", "ClusterRoleBinding")
+                and any(s["name"] == "powercap-version-check" for s in m["subjects"])]
+    assert [(b["kind"], b["metadata"].get("namespace"), b["roleRef"]["name"]) for b in bindings] == \
+        [("RoleBinding", NAMESPACE, "powercap-version-check")]
+    assert find(bundle, "Role", "powercap-version-check")["rules"] == \
+        [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]
 
 
 def restricted_violations(pod: dict[str, Any]) -> list[str]:
