@@ -44,9 +44,10 @@ def node_object(node_name: str, node_uid: str | None = None) -> KubeObject:
 def status_patch(telemetry: NodeTelemetry) -> KubeObject:
     """The merge patch of the ``/status`` subresource that publishes ``telemetry``.
 
-    ``gpus`` is an atomic list and every other field is written each time (nulls included:
-    a merge patch's null removes the field, which the reader takes as null), so the patch
-    replaces the whole document."""
+    ``gpus`` is an atomic list and every other field is written each time, so the patch
+    replaces the whole document. A null removes its field (merge patch), and the API server
+    drops the null members of ``gpus`` entries too: the reader takes an absent field as
+    null (:func:`powercap.telemetry.from_document`)."""
     return {"status": to_document(telemetry)}
 
 

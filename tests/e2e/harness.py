@@ -32,7 +32,7 @@ NAMESPACE = "powercap-system"
 POWERCAP = str(Path(sys.executable).parent / "powercap")
 # what the kustomize bundle installs that needs no kubelet or controller-manager
 CLUSTER_KINDS = ("Namespace", "CustomResourceDefinition", "ServiceAccount", "Role", "ClusterRole",
-                 "RoleBinding", "ClusterRoleBinding")
+                 "RoleBinding", "ClusterRoleBinding", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
 
 
 class CommandFailed(AssertionError):
@@ -90,11 +90,14 @@ class ControlPlane:
     def get_json(self, *args: str) -> Any:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
 
-    def service_account_kubeconfig(self, name: str, namespace: str = NAMESPACE, duration: str = "1h") -> str:
+    def service_account_kubeconfig(self, name: str, namespace: str = NAMESPACE, duration: str = "1h",
+                                   pod: str | None = None) -> str:
         """A kubeconfig that authenticates as ServiceAccount ``namespace/name`` (a bound token
-        that lasts ``duration``)."""
-        token = self.kubectl("create", "token", name, "-n", namespace, "--duration", duration).stdout.strip()
-        path = self.directory / f"sa-{namespace}-{name}.kubeconfig"
+        that lasts ``duration``; bound to Pod ``namespace/pod`` when given, as the kubelet
+        mounts it: such a token names the pod's node)."""
+        bound = ["--bound-object-kind", "Pod", "--bound-object-name", pod] if pod else []
+        token = self.kubectl("create", "token", name, "-n", namespace, "--duration", duration, *bound).stdout.strip()
+        path = self.directory / f"sa-{namespace}-{name}{'-' + pod if pod else ''}.kubeconfig"
         ca = base64.b64encode(Path(self.env["CA_FILE"]).read_bytes()).decode()
         path.write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config",
@@ -246,7 +249,7 @@ def install_bundle(plane: ControlPlane) -> None:
     no kubelet), once ``kubectl explain pcp`` works."""
     plane.apply(bundle_objects())
     plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                  "crd/powercappingpolicies.powercapping.example.com")
+                  "crd/powercappingpolicies.powercapping.example.com", "crd/powercapnodes.powercapping.example.com")
     # discovery and the OpenAPI document follow the CRD a moment later
     wait_until(lambda: plane.kubectl("explain", "pcp.spec", check=False).returncode == 0, 60,
                "kubectl explain pcp to work")
@@ -368,14 +371,34 @@ def start_kubelets(plane: ControlPlane, nodes: Sequence[SimulatedNode]) -> Path:
     return sockets
 
 
+def agent_pod(node: str) -> dict[str, Any]:
+    """The DaemonSet's pod on ``node`` as the API server holds it (bound, as ServiceAccount
+    powercap-agent); the agent itself runs as a process beside it."""
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"powercap-agent-{node}", "namespace": NAMESPACE,
+                         "labels": {"app.kubernetes.io/name": "powercap-agent"}},
+            "spec": {"nodeName": node, "serviceAccountName": "powercap-agent", "automountServiceAccountToken": False,
+                     "containers": [{"name": "agent", "image": "powercap:latest"}]}}
+
+
+def agent_kubeconfig(plane: ControlPlane, node: str, sa_duration: str = "1h") -> str:
+    """A kubeconfig with the token the kubelet would mount in the agent's pod on ``node``:
+    ServiceAccount powercap-agent, bound to that pod (made now when missing), so it names
+    the node (what the admission policy powercap-agent-own-node checks)."""
+    pod = agent_pod(node)
+    if plane.kubectl("get", "pod", pod["metadata"]["name"], "-n", NAMESPACE, check=False).returncode != 0:
+        plane.apply([pod])
+    return plane.service_account_kubeconfig("powercap-agent", duration=sa_duration, pod=pod["metadata"]["name"])
+
+
 def start_agents(plane: ControlPlane, nodes: Sequence[SimulatedNode], sockets: Path, *, interval_s: float = 1,
                  sa_duration: str = "1h") -> dict[str, str]:
-    """``powercap agent --backend simulated`` per node, as ServiceAccount powercap-agent,
-    reading the stand-in kubelet's pod-resources socket and workload file; returns each
-    agent's /status URL."""
-    kubeconfig = plane.service_account_kubeconfig("powercap-agent", duration=sa_duration)
+    """``powercap agent --backend simulated`` per node, as ServiceAccount powercap-agent with
+    the token bound to its pod on that node (:func:`agent_kubeconfig`), reading the stand-in
+    kubelet's pod-resources socket and workload file; returns each agent's /status URL."""
     urls = {}
     for node in nodes:
+        kubeconfig = agent_kubeconfig(plane, node.name, sa_duration)
         port = free_port()
         urls[node.name] = f"http://127.0.0.1:{port}/status"
         plane.start(f"agent-{node.name}",

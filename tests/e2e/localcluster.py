@@ -152,7 +152,8 @@ spec: {{powerCapLimit: 2000, customAlgorithm: {{name: energy-aware}}}}
 EOF
   kubectl scale deployment -n inference chat --replicas=14  # Pending pods say why: kubectl describe pod
   kubectl get lease -n powercap-system                 # the controller's leader
-  kubectl get node {nodes[0].name} -o jsonpath='{{.metadata.annotations.powercapping\\.example\\.com/telemetry}}'
+  kubectl get pcn                                      # each node's power and inlet, as its agent published them
+  kubectl get pcn {nodes[0].name} -o yaml                 # its GPUs: power, limits, pods, tokens/s
 
 Logs: {plane.directory / 'logs'}/*.log
 Stop: scripts/local-cluster.sh down

@@ -30,7 +30,14 @@ PERMISSIONS = [
     ("powercap-controller", "delete", "pods", False),
     ("powercap-webhook", "list", "powercappingpolicies.powercapping.example.com", True),
     ("powercap-webhook", "list", "pods", False),
-    ("powercap-agent", "patch", "nodes", True),
+    ("powercap-agent", "patch", "nodes", False),
+    ("powercap-agent", "get", "nodes", True),
+    ("powercap-agent", "create", "powercapnodes.powercapping.example.com", True),
+    ("powercap-agent", "patch", "powercapnodes.powercapping.example.com/status", True),
+    ("powercap-agent", "delete", "powercapnodes.powercapping.example.com", False),
+    ("powercap-extender", "watch", "powercapnodes.powercapping.example.com", True),
+    ("powercap-controller", "list", "powercapnodes.powercapping.example.com", True),
+    ("powercap-controller", "patch", "powercapnodes.powercapping.example.com/status", False),
     ("powercap-agent", "create", "pods/binding", False),
 ]
 

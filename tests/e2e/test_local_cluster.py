@@ -18,7 +18,7 @@ from tests.e2e.harness import REPO_ROOT, ControlPlane, ensure_namespace, running
 from tests.e2e.localcluster import running
 
 SCRIPT = REPO_ROOT / "scripts" / "local-cluster.sh"
-TELEMETRY = "powercapping.example.com/telemetry"
+TELEMETRY = "powercapping.example.com/telemetry"  # the annotation agents wrote before PowerCapNode
 PROGRAMS = ("webhook", "extender", "power-aware-scheduler", "controller-controller-0", "controller-controller-1",
             "kubelets", "agent-gpu-a-0", "agent-gpu-a-1", "agent-gpu-b-0", "agent-gpu-b-1")
 
@@ -44,10 +44,11 @@ def pid_of(directory: Path, program: str) -> int:
 
 
 def telemetry_of(plane: ControlPlane) -> dict[str, dict[str, Any]]:
-    """Each node's published telemetry (its agent's annotation), by node name."""
+    """Each node's published telemetry (its agent's PowerCapNode's status; null members of
+    a GPU entry are absent), by node name; no agent writes the old annotation any more."""
     nodes = plane.get_json("nodes")["items"]
-    return {n["metadata"]["name"]: json.loads(n["metadata"]["annotations"][TELEMETRY])
-            for n in nodes if TELEMETRY in (n["metadata"].get("annotations") or {})}
+    assert not [n for n in nodes if TELEMETRY in (n["metadata"].get("annotations") or {})]
+    return {o["metadata"]["name"]: o["status"] for o in plane.get_json("powercapnodes")["items"] if o.get("status")}
 
 
 def test_up_prints_the_kubeconfig_and_commands_that_work(local_cluster: tuple[ControlPlane, str]) -> None:
@@ -90,7 +91,7 @@ def test_allocations_stay_within_budgets_and_the_agents_enforce_them(local_clust
         return policies if ready else None
 
     policies = wait_until(enforced, 120, "both policies to be Enforced")
-    limits = {g["uuid"]: (g["limitW"], g["pod"]) for t in telemetry_of(plane).values() for g in t["gpus"]}
+    limits = {g["uuid"]: (g["limitW"], g.get("pod")) for t in telemetry_of(plane).values() for g in t["gpus"]}
     for found in policies:
         status, name = found["status"], found["metadata"]["name"]
         gpus = [g for entry in status["allocations"] for g in entry["gpus"]]
@@ -111,7 +112,7 @@ def test_the_agents_telemetry_reaches_the_extenders_decisions(local_cluster: tup
 
     def every_pod_measured() -> bool:
         """Every agent published its pods: the extender assumes no power for them any more."""
-        shown = {g["pod"] for t in telemetry_of(plane).values() for g in t["gpus"] if g["pod"]}
+        shown = {g["pod"] for t in telemetry_of(plane).values() for g in t["gpus"] if g.get("pod")}
         return len(shown) == 8
 
     wait_until(every_pod_measured, 60, "the agents' telemetry to show the scenario's 8 pods")
