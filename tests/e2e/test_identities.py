@@ -1,6 +1,7 @@
 """Each program's ServiceAccount on the real API server: what RBAC lets it do (and not do),
-the extender's token Secret as Kubernetes' token controller fills it, and the init container
-that refuses a kube-scheduler the version skew policy does not support."""
+the extender's and the version check's token Secrets as Kubernetes' token controller fills
+them, and the init container that refuses a kube-scheduler the version skew policy does not
+support, run as its own account (get pods in the install namespace, nothing more)."""
 
 from __future__ import annotations
 
@@ -53,25 +54,69 @@ def test_each_program_may_do_its_own_work_and_nothing_of_the_others(
     assert done.stdout.strip() == ("yes" if allowed else "no"), done.stdout + done.stderr
 
 
-def test_the_extenders_token_secret_is_filled_and_reads_but_cannot_bind(cluster: ControlPlane) -> None:
-    [secret] = bundle_objects(("Secret",))
-    assert secret["metadata"]["name"] == "powercap-extender-token"
+# (account, verb, resource, namespace, allowed): the version check's one Role, in the install
+# namespace only (`kubectl auth can-i --all-namespaces` would ask cluster-wide)
+VERSION_CHECK_PERMISSIONS = [
+    ("get", "pods", NAMESPACE, True),
+    ("get", "pods", "default", False),
+    ("list", "pods", NAMESPACE, False),
+    ("list", "nodes", "", False),
+    ("create", "pods/binding", NAMESPACE, False),
+    ("delete", "pods", NAMESPACE, False),
+]
+
+
+@pytest.mark.parametrize(("verb", "resource", "namespace", "allowed"), VERSION_CHECK_PERMISSIONS,
+                         ids=[f"{v}-{r.replace('/', '-')}-{n or 'cluster'}" for v, r, n, _ in VERSION_CHECK_PERMISSIONS])
+def test_the_version_check_may_only_get_pods_of_its_namespace(
+    cluster: ControlPlane, verb: str, resource: str, namespace: str, allowed: bool,
+) -> None:
+    kind, _, subresource = resource.partition("/")
+    done = cluster.kubectl("auth", "can-i", verb, kind, *([f"--subresource={subresource}"] if subresource else []),
+                           *(["-n", namespace] if namespace else []),
+                           f"--as={ACCOUNT.format('powercap-version-check')}", check=False)
+    assert done.stdout.strip() == ("yes" if allowed else "no"), done.stdout + done.stderr
+
+
+def secret_token(cluster: ControlPlane, name: str) -> list[str]:
+    """kubectl's arguments that authenticate with the token Kubernetes' token controller put
+    into the bundle's Secret ``name`` (applied now)."""
+    [secret] = [s for s in bundle_objects(("Secret",)) if s["metadata"]["name"] == name]
     cluster.apply([secret])
 
     def token() -> str:
-        data = cluster.get_json("secret", "powercap-extender-token", "-n", NAMESPACE).get("data") or {}
+        data = cluster.get_json("secret", name, "-n", NAMESPACE).get("data") or {}
         return base64.b64decode(data.get("token", "")).decode()
 
-    wait_until(token, 60, "the token controller to fill powercap-extender-token")
-    as_extender = ["--token", token(), "--kubeconfig", "/dev/null", "--server", cluster.server,
-                   "--certificate-authority", cluster.env["CA_FILE"]]
-    who = subprocess.run(["kubectl", *as_extender, "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"],
-                         capture_output=True, text=True, timeout=30)
+    wait_until(token, 60, f"the token controller to fill {name}")
+    return ["--token", token(), "--kubeconfig", "/dev/null", "--server", cluster.server,
+            "--certificate-authority", cluster.env["CA_FILE"]]
+
+
+def as_token(credentials: list[str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["kubectl", *credentials, *args], capture_output=True, text=True, timeout=30)
+
+
+def test_the_extenders_token_secret_is_filled_and_reads_but_cannot_bind(cluster: ControlPlane) -> None:
+    as_extender = secret_token(cluster, "powercap-extender-token")
+    who = as_token(as_extender, "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}")
     assert who.stdout == ACCOUNT.format("powercap-extender"), who.stderr
-    listed = subprocess.run(["kubectl", *as_extender, "get", "nodes", "-o", "name"], capture_output=True, text=True, timeout=30)
+    listed = as_token(as_extender, "get", "nodes", "-o", "name")
     assert listed.returncode == 0, listed.stderr
-    refused = subprocess.run(["kubectl", *as_extender, "get", "secrets", "-n", NAMESPACE], capture_output=True, text=True, timeout=30)
+    refused = as_token(as_extender, "get", "secrets", "-n", NAMESPACE)
     assert refused.returncode != 0 and "forbidden" in refused.stderr
+
+
+def test_the_version_checks_token_secret_is_filled_and_reads_nothing_but_pods_here(cluster: ControlPlane) -> None:
+    """The token the init container mounts: not kube-scheduler's, not the extender's."""
+    as_check = secret_token(cluster, "powercap-version-check-token")
+    who = as_token(as_check, "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}")
+    assert who.stdout == ACCOUNT.format("powercap-version-check"), who.stderr
+    version = as_token(as_check, "get", "--raw", "/version")
+    assert version.returncode == 0 and "gitVersion" in version.stdout, version.stderr
+    for refused in (("get", "nodes"), ("get", "pods", "-n", NAMESPACE), ("get", "secrets", "-n", NAMESPACE)):
+        done = as_token(as_check, *refused)
+        assert done.returncode != 0 and "forbidden" in done.stderr, (refused, done.stdout, done.stderr)
 
 
 def server_minor(cluster: ControlPlane) -> tuple[int, int]:
@@ -80,7 +125,7 @@ def server_minor(cluster: ControlPlane) -> tuple[int, int]:
 
 
 def check_version(cluster: ControlPlane, *args: str) -> subprocess.CompletedProcess[str]:
-    kubeconfig = cluster.service_account_kubeconfig("power-aware-scheduler")
+    kubeconfig = cluster.service_account_kubeconfig("powercap-version-check")
     return subprocess.run([POWERCAP, "check-scheduler-version", *args], capture_output=True, text=True, timeout=60,
                           env={"KUBECONFIG": kubeconfig, "PATH": "/usr/bin:/bin"})
 
@@ -99,7 +144,8 @@ def test_the_init_container_refuses_a_skew_the_policy_does_not_support(
 
 def test_the_init_container_reads_the_image_of_its_own_pods_scheduler(cluster: ControlPlane) -> None:
     """As config/scheduler runs it: $POD_NAME and $POD_NAMESPACE from the downward API, the
-    pod's kube-scheduler container read with kube-scheduler's own account."""
+    pod's kube-scheduler container read as powercap-version-check, whose one Role suffices;
+    a pod in another namespace it may not read."""
     major, minor = server_minor(cluster)
     image = f"registry.k8s.io/kube-scheduler:v{major}.{minor - 2}.3"
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "skewed-scheduler", "namespace": NAMESPACE},
@@ -112,5 +158,7 @@ def test_the_init_container_reads_the_image_of_its_own_pods_scheduler(cluster: C
         assert f"(image {image}) is 2 minor versions older than the API server {major}.{minor}" in done.stderr
         missing = check_version(cluster, "--pod", "skewed-scheduler", "--namespace", NAMESPACE, "--container", "scheduler")
         assert missing.returncode == 2 and "has no container 'scheduler'" in missing.stderr
+        elsewhere = check_version(cluster, "--pod", "skewed-scheduler", "--namespace", "default")
+        assert elsewhere.returncode == 2 and "forbidden" in elsewhere.stderr.lower(), elsewhere.stderr
     finally:
         cluster.kubectl("delete", "pod", "skewed-scheduler", "-n", NAMESPACE, "--force", "--grace-period=0", check=False)
