@@ -10,8 +10,10 @@ GPUs by power) and the cap in force when it measured them.
 
 **Estimate.** Near the cap in force ``C`` a power-limited GPU's tokens/s follow
 ``t(c) = t x (c / C) ** e`` (a local power law; ``e``, the elasticity of tokens/s in the
-cap, is about 0.3-0.6 on the throughput curves of docs/simulator.md and the published cap
-sweeps it cites). Its marginal value is then::
+cap, is ``a x C / (C - P_idle)``, 0.4-0.65, on docs/simulator.md's curves at the default
+scenario's caps; the published sweeps it cites are flatter near the top). Within a group
+only the ratio of two GPUs' ``m`` counts, so ``e`` sets how far a round moves the caps
+(the exponent ``1 / (1 - e)`` below), not which way. Its marginal value is then::
 
     m = dt/dc at C = e x t / C          (tokens/s per watt)
 
