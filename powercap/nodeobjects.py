@@ -8,7 +8,7 @@ of :mod:`powercap.telemetry` (``timestamp``, ``powerW``, ``inletTemperatureC``, 
 ``nodePower``), as structured fields the CRD describes; why an object of our own and not
 Node annotations or Leases: docs/decisions.md.
 
-Readers see a node's telemetry through :class:`NodeObjectMerge`: for every Node it hands
+Readers see a node's telemetry through :class:`NodeObjectIndex`: for every Node it hands
 out the Node with the telemetry of its PowerCapNode in the annotation
 ``powercapping.example.com/telemetry``, so the cluster view reads one place. Upgrades: for
 one release a Node whose PowerCapNode has no telemetry yet keeps the annotation an older
@@ -73,44 +73,60 @@ def with_telemetry(node: KubeObject, document: Mapping[str, Any]) -> KubeObject:
     return {**node, "metadata": {**metadata, "annotations": annotations}}
 
 
-class NodeObjectMerge:
-    """Nodes with their PowerCapNode's telemetry in place of the annotation (module docstring).
+class NodeObjectIndex:
+    """Nodes with their PowerCapNode's telemetry in place of the annotation (module
+    docstring), kept current from watch events, as client-go's indexers are.
 
-    ``merge(nodes, objects)`` returns one object per Node: the Node itself when it has no
-    PowerCapNode with telemetry (then the annotation, if any, is what is read), else a copy
-    carrying the object's document. The copy is made once per (Node, PowerCapNode) pair and
-    handed out again while neither changes (watch caches give the same dict until an
-    object changes), so :func:`powercap.cluster.build_cluster_view` still re-reads only
-    what changed. A PowerCapNode without a Node is ignored: a node the cluster does not
-    know has no rack and no GPUs to count. Not thread-safe: one per view source.
+    :meth:`node_event` and :meth:`object_event` take ``(type, object)`` as a watch cache's
+    listeners deliver them (``ADDED``, ``MODIFIED``, ``DELETED``); each recomputes that one
+    node's entry: the Node itself when it has no PowerCapNode with telemetry (then the
+    annotation, if any, is what is read), else a copy carrying the object's document. An
+    entry no event touched is the same dict as before, so
+    :func:`powercap.cluster.build_cluster_view` still re-reads only what changed, and an
+    event costs O(1), not a walk over every node. A PowerCapNode without a Node is kept
+    aside and shows once its Node appears. Not thread-safe: the caller serialises.
     """
 
     def __init__(self) -> None:
-        self._merged: dict[str, tuple[KubeObject, KubeObject, KubeObject]] = {}
+        self._nodes: dict[str, KubeObject] = {}
+        self._objects: dict[str, KubeObject] = {}
+        self._merged: dict[str, KubeObject] = {}
 
-    def merge(self, nodes: Iterable[KubeObject], objects: Iterable[KubeObject]) -> list[KubeObject]:
-        by_name = {_node_name(obj): obj for obj in objects}
-        merged: dict[str, tuple[KubeObject, KubeObject, KubeObject]] = {}
-        result: list[KubeObject] = []
-        for node in nodes:
-            name = _node_name(node)
-            obj = by_name.get(name)
-            document = object_document(obj) if obj is not None else None
-            if obj is None or document is None:
-                result.append(node)
-                continue
-            previous = self._merged.get(name)
-            if previous is not None and previous[0] is node and previous[1] is obj:
-                combined = previous[2]
-            else:
-                combined = with_telemetry(node, document)
-            merged[name] = (node, obj, combined)
-            result.append(combined)
-        self._merged = merged
-        return result
+    def node_event(self, event_type: str, node: KubeObject) -> None:
+        name = _node_name(node)
+        if event_type == "DELETED":
+            self._nodes.pop(name, None)
+            self._merged.pop(name, None)
+            return
+        self._nodes[name] = node
+        self._update(name)
+
+    def object_event(self, event_type: str, obj: KubeObject) -> None:
+        name = _node_name(obj)
+        if event_type == "DELETED":
+            self._objects.pop(name, None)
+        else:
+            self._objects[name] = obj
+        if name in self._nodes:
+            self._update(name)
+
+    def _update(self, name: str) -> None:
+        node = self._nodes[name]
+        obj = self._objects.get(name)
+        document = object_document(obj) if obj is not None else None
+        self._merged[name] = node if document is None else with_telemetry(node, document)
+
+    def items(self) -> list[KubeObject]:
+        """One object per Node, in the order the Nodes first came."""
+        return list(self._merged.values())
 
 
 def merge_node_objects(nodes: Iterable[KubeObject], objects: Iterable[KubeObject]) -> list[KubeObject]:
-    """:meth:`NodeObjectMerge.merge` once, for a snapshot read a single time (a state
-    file, ``controller --once``)."""
-    return NodeObjectMerge().merge(nodes, objects)
+    """Nodes with their PowerCapNodes' telemetry (:class:`NodeObjectIndex`), for a snapshot
+    read a single time (a state file, ``controller --once``)."""
+    index = NodeObjectIndex()
+    for obj in objects:
+        index.object_event("ADDED", obj)
+    for node in nodes:
+        index.node_event("ADDED", node)
+    return index.items()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from powercap.cluster import ClusterSettings, TelemetryStatus, build_cluster_view
-from powercap.nodeobjects import NODE_KIND, NodeObjectMerge, merge_node_objects, node_object, status_patch
+from powercap.nodeobjects import NODE_KIND, NodeObjectIndex, merge_node_objects, node_object, status_patch
 from powercap.runtime.sources import TelemetryNodes, load_state
 from powercap.telemetry import TELEMETRY_ANNOTATION, from_document, from_json, to_document
 from tests.fakes.objects import NOW, gpu_node, telemetry
@@ -104,15 +104,24 @@ def test_an_object_without_a_node_is_ignored_and_the_watched_node_is_never_chang
     assert json.dumps(node, sort_keys=True) == before
 
 
-def test_unchanged_pairs_are_handed_out_again_so_the_view_rereads_only_what_changed() -> None:
-    nodes = [gpu_node(f"gpu-{i}", "rack-1") for i in range(3)]
-    objects = [powercapnode(f"gpu-{i}", telemetry(1000.0 + i)) for i in range(3)]
-    merge = NodeObjectMerge()
-    first = merge.merge(nodes, objects)
-    objects[1] = powercapnode("gpu-1", telemetry(5000.0))  # a watch event replaces the dict
-    second = merge.merge(nodes, objects)
+def test_watch_events_change_only_their_nodes_entry_so_the_view_rereads_only_what_changed() -> None:
+    index = NodeObjectIndex()
+    for i in range(3):
+        index.node_event("ADDED", gpu_node(f"gpu-{i}", "rack-1", telemetry(500.0)))
+        index.object_event("ADDED", powercapnode(f"gpu-{i}", telemetry(1000.0 + i)))
+    first = index.items()
+    assert [read(node) for node in first] == [1000.0, 1001.0, 1002.0]
+    index.object_event("MODIFIED", powercapnode("gpu-1", telemetry(5000.0)))
+    second = index.items()
     assert second[0] is first[0] and second[2] is first[2]
-    assert second[1] is not first[1] and read(second[1]) == 5000.0
+    assert read(second[1]) == 5000.0
+    index.object_event("DELETED", powercapnode("gpu-1", telemetry(5000.0)))
+    assert read(index.items()[1]) == 500.0  # back to the annotation an older agent left
+    index.node_event("DELETED", gpu_node("gpu-2", "rack-1"))
+    assert [n["metadata"]["name"] for n in index.items()] == ["gpu-0", "gpu-1"]
+    index.object_event("ADDED", powercapnode("gpu-9", telemetry(9.0)))  # its Node comes later
+    index.node_event("ADDED", gpu_node("gpu-9", "rack-1"))
+    assert read(index.items()[-1]) == 9.0
 
 
 def test_a_state_file_with_powercapnodes_reads_their_telemetry() -> None:
@@ -126,10 +135,10 @@ def test_a_state_file_with_powercapnodes_reads_their_telemetry() -> None:
 
 
 class ListCache:
-    """A watch cache's surface, with items and version set by the test."""
+    """A watch cache's surface, synced or not as the test sets it."""
 
-    def __init__(self, name: str, items: list[dict[str, Any]], synced: bool = True) -> None:
-        self.name, self.list, self.synced, self.changes = name, items, synced, 0
+    def __init__(self, name: str, synced: bool = True) -> None:
+        self.name, self.synced = name, synced
 
     @property
     def has_synced(self) -> bool:
@@ -137,10 +146,10 @@ class ListCache:
 
     @property
     def version(self) -> int:
-        return self.changes
+        return 0
 
     def items(self) -> list[Any]:
-        return list(self.list)
+        return []
 
     def start(self) -> None:
         """Nothing to start."""
@@ -149,13 +158,15 @@ class ListCache:
         """Nothing to stop."""
 
 
-def test_the_node_cache_waits_for_both_lists_and_moves_with_either() -> None:
-    nodes = ListCache("nodes", [gpu_node("gpu-1", "rack-1", telemetry(1000.0))])
-    objects = ListCache("powercapnodes", [], synced=False)
-    cache = TelemetryNodes(nodes, objects)
+def test_the_node_cache_waits_for_both_lists_and_moves_with_either_caches_events() -> None:
+    cache = TelemetryNodes()
+    objects = ListCache("powercapnodes", synced=False)
+    cache.attach(ListCache("nodes"), objects)
     assert not cache.has_synced and cache.waiting_for() == ["powercapnodes"]
     objects.synced = True
+    cache.node_event("ADDED", gpu_node("gpu-1", "rack-1", telemetry(1000.0)))
     first = cache.items()
     assert read(first[0]) == 1000.0 and cache.items() is first  # nothing moved: the same list
-    objects.list, objects.changes = [powercapnode("gpu-1", telemetry(2000.0))], 1
-    assert read(cache.items()[0]) == 2000.0
+    version = cache.version
+    cache.object_event("ADDED", powercapnode("gpu-1", telemetry(2000.0)))
+    assert cache.version > version and read(cache.items()[0]) == 2000.0

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from powercap import KIND, kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
-from powercap.nodeobjects import NODE_KIND, NodeObjectMerge, merge_node_objects
+from powercap.nodeobjects import NODE_KIND, NodeObjectIndex, merge_node_objects
 from powercap.numeric import counted
 from powercap.objects import KubeObject, shape_problems
 from powercap.telemetry import TelemetryError, node_telemetry
@@ -322,47 +322,72 @@ class CacheSource:
 
 class TelemetryNodes:
     """The Node cache as the view reads it: each Node with its PowerCapNode's telemetry
-    (:class:`powercap.nodeobjects.NodeObjectMerge`), from two watch caches.
+    (:class:`powercap.nodeobjects.NodeObjectIndex`), kept from the events of two watch
+    caches (:meth:`watching` wires them; :meth:`attach` takes caches whose listeners call
+    :meth:`node_event` and :meth:`object_event`).
 
-    Synced when both are; ``version`` moves when either applies a change, and the merged
-    list is rebuilt only then. A PowerCapNode cache that cannot list (CRD not installed
-    yet, a missing permission) keeps the view waiting, as a missing policy cache does:
-    a view without it would read stale annotations as current.
+    Synced when both caches are; ``version`` moves with every event either delivers, and
+    the list handed out is rebuilt (a C-speed copy) only then. A PowerCapNode cache that
+    cannot list (CRD not installed yet, a missing permission) keeps the view waiting, as a
+    missing policy cache does: a view without it would read stale annotations as current.
     """
 
-    def __init__(self, nodes: Cache, node_objects: Cache, name: str = "nodes") -> None:
+    def __init__(self, name: str = "nodes") -> None:
         self.name = name
-        self._nodes, self._objects = nodes, node_objects
-        self._merge = NodeObjectMerge()
+        self._caches: tuple[Cache, ...] = ()
+        self._index = NodeObjectIndex()
         self._lock = threading.Lock()
+        self._version = 0
         self._built: tuple[int, list[Any]] | None = None
+
+    @classmethod
+    def watching(cls, client: kube.KubeClient) -> TelemetryNodes:
+        """Watch caches of ``client`` for all Nodes and all PowerCapNodes (not started)."""
+        merged = cls()
+        merged.attach(kube.WatchCache(client, kube.node_path(), name="nodes", listeners=[merged.node_event]),
+                      kube.WatchCache(client, kube.powercapnode_path(), name="powercapnodes",
+                                      listeners=[merged.object_event]))
+        return merged
+
+    def attach(self, nodes: Cache, node_objects: Cache) -> None:
+        self._caches = (nodes, node_objects)
+
+    def node_event(self, event_type: str, node: KubeObject) -> None:
+        with self._lock:
+            self._index.node_event(event_type, node)
+            self._version += 1
+
+    def object_event(self, event_type: str, obj: KubeObject) -> None:
+        with self._lock:
+            self._index.object_event(event_type, obj)
+            self._version += 1
 
     @property
     def has_synced(self) -> bool:
-        return self._nodes.has_synced and self._objects.has_synced
+        return bool(self._caches) and all(cache.has_synced for cache in self._caches)
 
     def waiting_for(self) -> list[str]:
         """The names of the caches not synced yet."""
-        return [cache.name for cache in (self._nodes, self._objects) if not cache.has_synced]
+        return [cache.name for cache in self._caches if not cache.has_synced]
 
     @property
     def version(self) -> int:
-        return self._nodes.version + self._objects.version
+        with self._lock:
+            return self._version
 
     def items(self) -> list[Any]:
         with self._lock:
-            version = self.version
-            if self._built is None or self._built[0] != version:
-                self._built = (version, self._merge.merge(self._nodes.items(), self._objects.items()))
+            if self._built is None or self._built[0] != self._version:
+                self._built = (self._version, self._index.items())
             return self._built[1]
 
     def start(self) -> None:
-        self._nodes.start()
-        self._objects.start()
+        for cache in self._caches:
+            cache.start()
 
     def stop(self) -> None:
-        self._nodes.stop()
-        self._objects.stop()
+        for cache in self._caches:
+            cache.stop()
 
 
 # Bound, unfinished pods only: the extender needs where GPU pods run (assumed power, a
@@ -377,8 +402,7 @@ def cluster_caches(
     (:class:`TelemetryNodes`), the Pods ``pod_field_selector`` selects, and all policies
     (not started)."""
     return (
-        TelemetryNodes(kube.WatchCache(client, kube.node_path(), name="nodes"),
-                       kube.WatchCache(client, kube.powercapnode_path(), name="powercapnodes")),
+        TelemetryNodes.watching(client),
         kube.WatchCache(client, kube.pod_path(), {"fieldSelector": pod_field_selector}, name="pods"),
         kube.WatchCache(client, kube.policy_path(), name="powercappingpolicies"),
     )
