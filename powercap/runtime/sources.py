@@ -235,7 +235,21 @@ class Cache(Protocol):
     def stop(self) -> None: ...
 
 
-class CacheSource:
+class _Caches:
+    """Something made of watch caches (``_caches``): starting and stopping it starts and stops them."""
+
+    _caches: tuple[Cache, ...]
+
+    def start(self) -> None:
+        for cache in self._caches:
+            cache.start()
+
+    def stop(self) -> None:
+        for cache in self._caches:
+            cache.stop()
+
+
+class CacheSource(_Caches):
     """A cluster view from three watch caches: Nodes, Pods, PowerCappingPolicies.
 
     Ready once all three have synced (their first list applied). ``current()`` rebuilds
@@ -311,16 +325,9 @@ class CacheSource:
         versions, view = built
         return versions == self._versions() and (now - view.now).total_seconds() < self._refresh_s
 
-    def start(self) -> None:
-        for cache in self._caches:
-            cache.start()
-
-    def stop(self) -> None:
-        for cache in self._caches:
-            cache.stop()
 
 
-class TelemetryNodes:
+class TelemetryNodes(_Caches):
     """The Node cache as the view reads it: each Node with its PowerCapNode's telemetry
     (:class:`powercap.nodeobjects.NodeObjectIndex`), kept from the events of two watch
     caches (:meth:`watching` wires them; :meth:`attach` takes caches whose listeners call
@@ -381,13 +388,6 @@ class TelemetryNodes:
                 self._built = (self._version, self._index.items())
             return self._built[1]
 
-    def start(self) -> None:
-        for cache in self._caches:
-            cache.start()
-
-    def stop(self) -> None:
-        for cache in self._caches:
-            cache.stop()
 
 
 # Bound, unfinished pods only: the extender needs where GPU pods run (assumed power, a
