@@ -35,6 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from powercap.commands import build_parser
 from powercap.objects import RACK_LABEL
+from powercap.policies import label_key_problem
 from tests.conftest import REPO_ROOT
 from tests.helmchart import (
     CHART,
@@ -239,6 +240,50 @@ def test_the_image_reaches_every_powercap_container(chart_dir: Path, chart: list
     assert {image_name(i) for i in others} == {"registry.k8s.io/kube-scheduler"}
 
 
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+def test_a_digest_pins_every_powercap_container_and_wins_over_the_tag(chart_dir: Path) -> None:
+    values = {"image": {"repository": "registry.example.com:5000/ml/powercap", "tag": "v9.9.9", "digest": DIGEST}}
+    rendered = helm_template(chart_dir, values)
+    assert {c["image"] for _, c in powercap_containers(rendered)} == {f"registry.example.com:5000/ml/powercap@{DIGEST}"}
+    assert len(list(powercap_containers(rendered))) == 5
+
+
+@pytest.mark.parametrize(("tag", "digest", "image"), [
+    pytest.param("v1.37.2", DIGEST, f"registry.k8s.io/kube-scheduler:v1.37.2@{DIGEST}", id="tag-and-digest"),
+    pytest.param("", DIGEST, f"registry.k8s.io/kube-scheduler@{DIGEST}", id="digest-only"),
+])
+def test_a_digest_pins_the_scheduler_image(chart_dir: Path, tag: str, digest: str, image: str) -> None:
+    rendered = helm_template(chart_dir, {"scheduler": {"image": {"tag": tag, "digest": digest}}}, kube_version="1.37.2")
+    assert scheduler_container(rendered)["image"] == image
+
+
+def test_a_digest_beside_a_skewed_scheduler_tag_is_still_refused(chart_dir: Path) -> None:
+    values = {"scheduler": {"image": {"tag": "v1.34.0", "digest": DIGEST}}}
+    assert "is 3 minor versions older than the API server 1.37" in helm_template_error(chart_dir, values, kube_version="1.37.2")
+
+
+@pytest.mark.parametrize("values", [
+    pytest.param({"image": {"tag": DIGEST}}, id="digest-as-tag"),
+    pytest.param({"image": {"tag": f"v1@{DIGEST}"}}, id="tag-at-digest"),
+    pytest.param({"image": {"repository": "powercap:v0.1.0"}}, id="tag-in-repository"),
+    pytest.param({"image": {"repository": f"powercap@{DIGEST}"}}, id="digest-in-repository"),
+    pytest.param({"image": {"repository": "registry:5000"}}, id="port-without-path"),
+    pytest.param({"image": {"digest": f"@{DIGEST}"}}, id="at-in-digest"),
+    pytest.param({"image": {"digest": "v0.1.0"}}, id="tag-as-digest"),
+    pytest.param({"scheduler": {"image": {"tag": DIGEST}}}, id="scheduler-digest-as-tag"),
+    pytest.param({"scheduler": {"image": {"repository": "registry.k8s.io/kube-scheduler:v1.37.2"}}},
+                 id="scheduler-tag-in-repository"),
+])
+def test_an_image_that_would_render_broken_is_refused(chart_dir: Path, values: dict[str, Any]) -> None:
+    """`repository:sha256:...` or `repo:tag:tag` pulls nothing: helm refuses it first."""
+    [(program, value)] = values.items()
+    [(field, _)] = (value["image"] if program == "scheduler" else value).items()
+    where = f"/{program}/image/{field}" if program == "scheduler" else f"/image/{field}"
+    assert f"at '{where}'" in helm_template_error(chart_dir, values, kube_version="1.37.0")
+
+
 def _flags(container: dict[str, Any]) -> dict[str, Any]:
     argv = container.get("command", ["powercap"]) + container.get("args", [])
     assert argv[0] == "powercap", container["name"]
@@ -257,6 +302,28 @@ def test_the_rack_label_reaches_every_program_that_takes_it(chart_dir: Path, cha
             assert flags["rack_label"] == "topology.example.com/rack", container["name"]
             takers.add(container["name"])
     assert takers == {"extender", "controller", "agent"}
+
+
+@pytest.mark.parametrize("rack_label", [
+    pytest.param("rack", id="name-only"),
+    pytest.param("topology.example.com/rack", id="prefixed"),
+    pytest.param("r" * 63, id="name-63"),
+    pytest.param("r" * 64, id="name-64"),
+    pytest.param("example.com/" + "r" * 64, id="prefixed-name-64"),
+    pytest.param(".".join(["a" * 63] * 4)[:253] + "/rack", id="prefix-253"),
+    pytest.param(".".join(["a" * 63] * 4)[:251] + ".ab/rack", id="prefix-254"),
+    pytest.param("Example.com/rack", id="uppercase-prefix"),
+    pytest.param("/rack", id="empty-prefix"),
+    pytest.param("racks/of/gpus", id="two-slashes"),
+    pytest.param("rack-", id="ends-with-dash"),
+])
+def test_the_schema_accepts_exactly_the_rack_labels_the_programs_accept(chart_dir: Path, rack_label: str) -> None:
+    """A rack label the agent would refuse at start-up (CrashLoopBackOff on every GPU node,
+    no caps) is refused by `helm install`, and one it accepts renders."""
+    if label_key_problem(rack_label) is None:
+        helm_template(chart_dir, {"rackLabel": rack_label})
+    else:
+        assert "at '/rackLabel'" in helm_template_error(chart_dir, {"rackLabel": rack_label}, kube_version="1.37.0")
 
 
 @pytest.mark.parametrize(("program", "kind", "name"), [
@@ -286,6 +353,95 @@ def test_resources_per_program(chart_dir: Path, program: str, container: str) ->
     assert resources not in found.values()
 
 
+PROGRAM_WORKLOADS = {"webhook": "powercap-webhook", "scheduler": "power-aware-scheduler",
+                     "controller": "powercap-controller", "agent": "powercap-agent"}
+
+
+def tolerates(tolerations: list[dict[str, Any]], taint: dict[str, str]) -> bool:
+    """Whether a pod with these tolerations may run on a node with this NoSchedule or
+    NoExecute taint (Kubernetes' matching: an empty effect matches every effect, an empty
+    key with Exists every key, Equal, the default operator, also compares the value)."""
+    for toleration in tolerations:
+        if toleration.get("effect") and toleration["effect"] != taint["effect"]:
+            continue
+        if toleration.get("operator", "Equal") == "Exists":
+            if not toleration.get("key") or toleration["key"] == taint["key"]:
+                return True
+        elif toleration.get("key") == taint["key"] and toleration.get("value", "") == taint.get("value", ""):
+            return True
+    return False
+
+
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+DEDICATED_TAINT = {"key": "dedicated", "value": "inference", "effect": "NoSchedule"}
+
+
+def test_the_agent_tolerates_the_gpu_taint_by_default_and_any_other_when_told(chart_dir: Path, chart: list[Manifest]) -> None:
+    """A GPU node with a taint the agent does not tolerate gets no agent, so its GPUs get no
+    caps: agent.tolerations keeps the nvidia.com/gpu toleration and adds the node's."""
+    default = find(chart, "DaemonSet", "powercap-agent")["spec"]["template"]["spec"]["tolerations"]
+    assert tolerates(default, GPU_TAINT) and not tolerates(default, DEDICATED_TAINT)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    tolerations = [*values["agent"]["tolerations"], {"key": "dedicated", "operator": "Equal", "value": "inference",
+                                                      "effect": "NoSchedule"}]
+    rendered = helm_template(chart_dir, {"agent": {"tolerations": tolerations}})
+    pods = {w["metadata"]["name"]: pod for w, pod in pod_templates(rendered)}
+    assert tolerates(pods["powercap-agent"]["tolerations"], GPU_TAINT)
+    assert tolerates(pods["powercap-agent"]["tolerations"], DEDICATED_TAINT)
+    assert [name for name, pod in pods.items() if "tolerations" in pod] == ["powercap-agent"]
+
+
+@pytest.mark.parametrize("program", PROGRAM_WORKLOADS)
+def test_placement_per_program(chart_dir: Path, program: str) -> None:
+    """nodeSelector, tolerations and affinity reach that program's pods and no other's, and
+    pass the Kubernetes schemas. Helm merges a map value into the default map (the
+    scheduler's and controller's podAntiAffinity stay beside a nodeAffinity)."""
+    placement = {
+        "nodeSelector": {"node-role.example.com/system": "true"},
+        "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "pool", "operator": "In", "values": [program]}]}]}}},
+    }
+    rendered = helm_template(chart_dir, {program: placement})
+    for workload, pod in pod_templates(rendered):
+        mine = workload["metadata"]["name"] == PROGRAM_WORKLOADS[program]
+        for field, value in placement.items():
+            found = pod.get(field)
+            given = found == value or (isinstance(value, dict) and isinstance(found, dict) and value.items() <= found.items())
+            assert given == mine, (workload["metadata"]["name"], field)
+    assert schema_problems(rendered, f"{SUPPORTED_KUBERNETES_MINORS[-1]}.0") == {}
+
+
+def test_pull_secrets_and_annotations_reach_every_pod(chart_dir: Path, chart: list[Manifest]) -> None:
+    values = {"imagePullSecrets": [{"name": "my-registry"}],
+              "podAnnotations": {"example.com/team": "ml-infra", "prometheus.io/port": "1"}}
+    rendered = helm_template(chart_dir, values)
+    pods = {w["metadata"]["name"]: (w["spec"]["template"]["metadata"], pod) for w, pod in pod_templates(rendered)}
+    defaults = {w["metadata"]["name"]: w["spec"]["template"]["metadata"].get("annotations", {})
+                for w, _ in pod_templates(chart)}
+    assert set(pods) == set(PROGRAM_WORKLOADS.values())
+    for name, (metadata, pod) in pods.items():
+        assert pod["imagePullSecrets"] == [{"name": "my-registry"}], name
+        assert metadata["annotations"]["example.com/team"] == "ml-infra", name
+        assert defaults[name].items() <= metadata["annotations"].items(), f"{name}: the chart's own annotations stay"
+    assert pods["powercap-agent"][0]["annotations"]["prometheus.io/port"] == "9402", "the agent's metrics port wins"
+    assert schema_problems(rendered, f"{SUPPORTED_KUBERNETES_MINORS[-1]}.0") == {}
+
+
+@pytest.mark.parametrize(("values", "where"), [
+    pytest.param({"agent": {"tolerations": [{"key": "dedicated", "effect": "NoScheduling"}]}}, "/agent/tolerations/0/effect",
+                 id="toleration-effect"),
+    pytest.param({"controller": {"affinity": {"nodeAfinity": {}}}}, "/controller/affinity", id="affinity-misspelt"),
+    pytest.param({"webhook": {"nodeSelector": {"pool": True}}}, "/webhook/nodeSelector/pool", id="node-selector-bool"),
+    pytest.param({"imagePullSecrets": ["my-registry"]}, "/imagePullSecrets/0", id="pull-secret-string"),
+    pytest.param({"podAnnotations": {"example.com/port": 1}}, "/podAnnotations/example.com~1port", id="annotation-int"),
+])
+def test_placement_values_that_kubernetes_would_refuse_are_refused_by_helm(
+    chart_dir: Path, values: dict[str, Any], where: str,
+) -> None:
+    assert f"at '{where}'" in helm_template_error(chart_dir, values, kube_version="1.37.0")
+
+
 def test_monitoring_off_renders_no_monitoring_objects_and_on_renders_them_all(chart_dir: Path, chart: list[Manifest]) -> None:
     assert not [m for m in chart if m["apiVersion"].startswith("monitoring.coreos.com/")]
     labels = {"release": "kube-prometheus-stack"}
@@ -303,11 +459,16 @@ def test_monitoring_off_renders_no_monitoring_objects_and_on_renders_them_all(ch
     assert not [m for m in chart if m["metadata"]["name"] == "powercap-grafana-dashboard"]
 
 
-def test_another_namespace_reaches_every_reference(chart_dir: Path) -> None:
-    rendered = helm_template(chart_dir, merged(EVERYTHING_ON, {"namespace": {"name": "gpu-power"}}),
-                             namespace="gpu-power")
-    cert_manager = helm_template(chart_dir, {"namespace": {"name": "gpu-power"}, "certManager": {"enabled": True}},
-                                 namespace="gpu-power")
+@pytest.mark.parametrize(("values", "release_namespace"), [
+    pytest.param({}, "gpu-power", id="helm-install-n"),
+    pytest.param({"namespace": {"name": "gpu-power"}}, "releases", id="namespace-name"),
+])
+def test_another_namespace_reaches_every_reference(chart_dir: Path, values: dict[str, Any], release_namespace: str) -> None:
+    """`helm install -n gpu-power` installs into gpu-power (not powercap-system), as does
+    namespace.name for a release kept elsewhere."""
+    rendered = helm_template(chart_dir, merged(EVERYTHING_ON, values), namespace=release_namespace)
+    cert_manager = helm_template(chart_dir, merged(values, {"certManager": {"enabled": True}}),
+                                 namespace=release_namespace)
     assert NAMESPACE not in yaml.safe_dump_all(rendered + cert_manager)
     namespaces = {m["metadata"].get("namespace") for m in rendered + cert_manager}
     assert namespaces == {None, "gpu-power", "kube-system"}
@@ -343,11 +504,13 @@ def test_values_schema_refuses_mistakes(chart_dir: Path, values: dict[str, Any],
     assert message in helm_template_error(chart_dir, values, kube_version="1.37.0")
 
 def _value_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted paths of the values an operator sets (a resources or labels map is one)."""
+    """Dotted paths of the values an operator sets (a resources, labels, affinity,
+    nodeSelector or annotations map is one)."""
     paths = []
     for name, value in values.items():
         path = f"{prefix}{name}"
-        if isinstance(value, dict) and name not in ("resources", "labels"):
+        if isinstance(value, dict) and name not in ("resources", "labels", "affinity", "nodeSelector",
+                                                    "podAnnotations"):
             paths += _value_paths(value, f"{path}.")
         else:
             paths.append(path)
@@ -358,8 +521,36 @@ def test_every_value_is_documented_in_operations_md() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     operations = (REPO_ROOT / "docs" / "operations.md").read_text()
     paths = _value_paths(values)
-    assert "scheduler.image.tag" in paths and "agent.resources" in paths
+    assert {"scheduler.image.tag", "agent.resources", "agent.affinity", "podAnnotations"} <= set(paths)
     assert [p for p in paths if f"`{p}`" not in operations] == [], "docs/operations.md#the-helm-chart lists every value"
+
+def _helm_instructions(document: str) -> list[str]:
+    """The shell lines (continuations joined) of the code block that runs `helm install`."""
+    blocks = re.findall(r"```sh\n(.*?)```", document, re.DOTALL)
+    [block] = [b for b in blocks if "helm install" in b]
+    return [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/operations.md"])
+def test_the_helm_instructions_label_the_namespace_as_config_default_before_installing(
+    bundle: list[Manifest], document: str,
+) -> None:
+    """Where the cluster's default Pod Security level is baseline or restricted, the agent's
+    pods are refused as soon as the DaemonSet exists: the namespace must carry
+    config/default's labels before `helm install`, not after, and all of them."""
+    lines = _helm_instructions((REPO_ROOT / document).read_text())
+    [install] = [i for i, line in enumerate(lines) if line.startswith("helm install")]
+    [label] = [i for i, line in enumerate(lines) if line.startswith("kubectl label namespace")]
+    assert [i for i, line in enumerate(lines) if line.startswith("kubectl create namespace")] == [label - 1]
+    assert label < install and "--create-namespace" not in lines[install]
+    words = lines[label].split()
+    namespace = words[3]
+    assert f"-n {namespace}" in lines[install]
+    labels = dict(word.split("=", 1) for word in words[4:])
+    expected = {k: v for k, v in find(bundle, "Namespace", NAMESPACE)["metadata"]["labels"].items()
+                if k.startswith("pod-security.kubernetes.io/")}
+    assert labels == expected
+
 
 # --- the webhook's certificate ------------------------------------------------------------
 

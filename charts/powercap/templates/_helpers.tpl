@@ -11,14 +11,54 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end }}
 
+{{/* Where every namespaced object goes: namespace.name, else the release's (`helm install -n`). */}}
 {{- define "powercap.namespace" -}}
-{{ required "namespace.name is required" .Values.namespace.name }}
+{{ .Values.namespace.name | default .Release.Namespace }}
 {{- end }}
 
-{{/* The image of every powercap container. */}}
+{{/* The image of every powercap container: repository@digest, else repository:tag. */}}
 {{- define "powercap.image" -}}
-{{- $tag := .Values.image.tag | default (printf "v%s" .Chart.AppVersion) -}}
-{{ .Values.image.repository }}:{{ $tag }}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default (printf "v%s" .Chart.AppVersion) }}
+{{- end -}}
+{{- end }}
+
+{{/*
+What every pod template's spec gets from the values beside the chart's own fields:
+imagePullSecrets (global), and the program's nodeSelector, affinity and tolerations, each
+only when set. Called with (dict "root" $ "program" .Values.<program>).
+*/}}
+{{- define "powercap.podPlacement" -}}
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .program.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .program.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .program.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+A pod template's annotations: the chart's own (a dict, may be empty) and podAnnotations;
+the chart's win where both name one. Nothing when both are empty.
+*/}}
+{{- define "powercap.podAnnotations" -}}
+{{- $annotations := merge (deepCopy .own) (deepCopy (.root.Values.podAnnotations | default dict)) -}}
+{{- with $annotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
 
 {{/* imagePullPolicy of the powercap containers other than the agent's: set only when given. */}}
@@ -37,7 +77,9 @@ v1.31.2+k3s1 (vendor suffixes stripped).
 {{- end }}
 
 {{/*
-kube-scheduler's image, its tag the cluster's version unless scheduler.image.tag is set.
+kube-scheduler's image, its tag the cluster's version unless scheduler.image.tag is set;
+with scheduler.image.digest, repository[:tag]@digest (the tag only when set: with a digest
+an empty tag does not follow the cluster, and the version is then checked nowhere).
 Rendering fails when the tag names a minor version that Kubernetes' version skew policy
 does not support against this cluster: kube-scheduler must not be newer than the API
 server and may be at most one minor older (the same rule as powercap/versionskew.py, which
@@ -45,8 +87,11 @@ the pod's init container check-scheduler-version applies at run time). A tag tha
 version (a digest, `latest`) is not checked here.
 */}}
 {{- define "powercap.schedulerImage" -}}
-{{- $tag := .Values.scheduler.image.tag | default (include "powercap.clusterVersion" .) -}}
-{{- $image := printf "%s:%s" .Values.scheduler.image.repository $tag -}}
+{{- $digest := .Values.scheduler.image.digest -}}
+{{- $tag := .Values.scheduler.image.tag | default (ternary "" (include "powercap.clusterVersion" .) (not (empty $digest))) -}}
+{{- $image := .Values.scheduler.image.repository -}}
+{{- if $tag }}{{ $image = printf "%s:%s" $image $tag }}{{ end -}}
+{{- if $digest }}{{ $image = printf "%s@%s" $image $digest }}{{ end -}}
 {{- $version := regexFind "^v?[0-9]+\\.[0-9]+" $tag | trimPrefix "v" -}}
 {{- if $version -}}
 {{- $scheduler := splitList "." $version -}}
