@@ -37,6 +37,14 @@ SELF_SIGNED_SECRETS = ("powercap-webhook-tls", "powercap-webhook-ca")
 _GENERATED_SUFFIX = re.compile(r"^(?P<base>.+)-[a-z0-9]{10}$")
 
 
+def helm_instructions(document: Path) -> list[str]:
+    """The shell lines (continuations joined) of ``document``'s code block that runs
+    `helm install`: what an operator types, in order."""
+    blocks = re.findall(r"```sh\n(.*?)```", document.read_text(), re.DOTALL)
+    [block] = [b for b in blocks if "helm install" in b]
+    return [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
 def helm() -> str:
     """The helm that scripts/helm.sh built ($POWERCAP_HELM, else its cache)."""
     path = os.environ.get("POWERCAP_HELM")

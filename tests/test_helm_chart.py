@@ -48,6 +48,7 @@ from tests.helmchart import (
     helm_stderr,
     helm_template,
     helm_template_error,
+    helm_instructions,
     key,
     normalise_chart,
     normalise_kustomize,
@@ -524,13 +525,6 @@ def test_every_value_is_documented_in_operations_md() -> None:
     assert {"scheduler.image.tag", "agent.resources", "agent.affinity", "podAnnotations"} <= set(paths)
     assert [p for p in paths if f"`{p}`" not in operations] == [], "docs/operations.md#the-helm-chart lists every value"
 
-def _helm_instructions(document: str) -> list[str]:
-    """The shell lines (continuations joined) of the code block that runs `helm install`."""
-    blocks = re.findall(r"```sh\n(.*?)```", document, re.DOTALL)
-    [block] = [b for b in blocks if "helm install" in b]
-    return [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
-
-
 @pytest.mark.parametrize("document", ["README.md", "docs/operations.md"])
 def test_the_helm_instructions_label_the_namespace_as_config_default_before_installing(
     bundle: list[Manifest], document: str,
@@ -538,7 +532,7 @@ def test_the_helm_instructions_label_the_namespace_as_config_default_before_inst
     """Where the cluster's default Pod Security level is baseline or restricted, the agent's
     pods are refused as soon as the DaemonSet exists: the namespace must carry
     config/default's labels before `helm install`, not after, and all of them."""
-    lines = _helm_instructions((REPO_ROOT / document).read_text())
+    lines = helm_instructions(REPO_ROOT / document)
     [install] = [i for i, line in enumerate(lines) if line.startswith("helm install")]
     [label] = [i for i, line in enumerate(lines) if line.startswith("kubectl label namespace")]
     assert [i for i, line in enumerate(lines) if line.startswith("kubectl create namespace")] == [label - 1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shlex
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.harness import ControlPlane, start_controlplane, stop_controlplane, wait_until
-from tests.helmchart import CHART, helm, helm_stderr
+from tests.conftest import REPO_ROOT
+from tests.e2e.harness import ControlPlane, bundle_objects, start_controlplane, stop_controlplane, wait_until
+from tests.helmchart import CHART, helm, helm_instructions, helm_stderr
 
 RELEASE = "powercap"
 NAMESPACE = "powercap-system"
@@ -57,8 +59,48 @@ def ca_bundles(plane: ControlPlane) -> set[bytes]:
 
 @pytest.fixture(scope="module")
 def installed(plane: ControlPlane) -> ControlPlane:
-    helm_on(plane, "install", RELEASE, str(CHART), "-n", NAMESPACE, "--create-namespace")
+    """README.md's Helm instructions, line by line, against this control plane."""
+    for line in helm_instructions(REPO_ROOT / "README.md"):
+        program, *args = shlex.split(line)
+        args = [str(CHART) if arg == "charts/powercap" else arg for arg in args]
+        if program == "kubectl":
+            plane.kubectl(*args)
+        else:
+            assert program == "helm", line
+            helm_on(plane, *args)
     return plane
+
+
+def agent_pod(plane: ControlPlane, namespace: str) -> subprocess.CompletedProcess[str]:
+    """The release's agent pod, as its DaemonSet would create it, submitted to ``namespace``
+    with --dry-run=server: what Pod Security admission decides for it there."""
+    daemonset = plane.get_json("daemonset", "powercap-agent", "-n", NAMESPACE)
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "agent-admission", "namespace": namespace,
+                        "labels": daemonset["spec"]["template"]["metadata"]["labels"]},
+           "spec": {**daemonset["spec"]["template"]["spec"], "nodeName": "gpu-1"}}
+    for field in ("serviceAccountName", "serviceAccount"):  # Pod Security does not look at them; another
+        pod["spec"].pop(field, None)                         # namespace has no such account
+    return plane.kubectl("create", "--dry-run=server", "-f", "-", input_text=json.dumps(pod), check=False)
+
+
+def test_the_namespace_admits_the_agent_where_the_cluster_default_would_refuse_it(installed: ControlPlane) -> None:
+    """The README labels the namespace as config/default does, before the install: the
+    agent's pod (hostPID, CAP_SYS_ADMIN) is admitted there, and refused in a namespace at
+    `baseline`, the level a cluster default of baseline or restricted would give it."""
+    [namespace] = bundle_objects(("Namespace",))
+    labels = installed.get_json("namespace", NAMESPACE)["metadata"]["labels"]
+    assert {k: v for k, v in namespace["metadata"]["labels"].items() if k.startswith("pod-security")}.items() \
+        <= labels.items()
+    admitted = agent_pod(installed, NAMESPACE)
+    assert admitted.returncode == 0, admitted.stderr
+    installed.kubectl("create", "namespace", "baseline-default")
+    try:
+        installed.kubectl("label", "namespace", "baseline-default", "pod-security.kubernetes.io/enforce=baseline")
+        refused = agent_pod(installed, "baseline-default")
+        assert refused.returncode != 0 and "violates PodSecurity" in refused.stderr, refused.stderr
+    finally:
+        installed.kubectl("delete", "namespace", "baseline-default", "--wait=false", check=False)
 
 
 def test_every_object_of_the_release_is_on_the_server(installed: ControlPlane) -> None:
