@@ -42,10 +42,12 @@ cluster view and writes the result to ``status.allocations``. The formula:
    raise that meets the GPU's whole demand.
 6. **Safe transitions.** Node agents pick up a new allocation at different moments, so the
    caps in force mix old and new. Raises are cut so that
-   ``sum_i max(previous_i, new_i) <= capacity_w``: a raise only spends budget that no GPU
-   can still be holding. A GPU without a previous cap counts at its minimum (an agent
-   starts a new GPU there). When previous caps already exceed the capacity (the cap was
-   lowered), lowers go out first and raises wait for the next round.
+   ``sum_i max(previous_i, new_i) <= capacity_w``, for every service and then for every
+   constrained rack (``floor(maxPower - unmanaged_power_w)``, over the GPUs of every
+   service in it): a raise only spends watts that no GPU can still be holding. A GPU
+   without a previous cap counts at its minimum (an agent starts a new GPU there). When
+   previous caps already exceed the capacity (the cap was lowered, or the rack's other
+   load rose), lowers go out first and raises wait for the next round.
 
 Rounding: caps are whole watts, ``floor``-ed, with minimums rounded up and maximums down,
 so integer sums never pass an integer budget.
@@ -666,7 +668,8 @@ class _GpuColumns:
         return kept
 
     def limit_raises(self, caps: list[int]) -> tuple[list[int], set[int]]:
-        """Cut raises so that ``sum_i max(previous_i, cap_i) <= capacity_w`` for every service.
+        """Cut raises so that ``sum_i max(previous_i, cap_i) <= capacity_w`` for every service,
+        then for every constrained rack.
 
         Each raise keeps ``floor((cap_i - previous_i) x room / raises)`` where
         ``room = capacity_w - sum_i previous_i`` (0 when negative).
@@ -683,6 +686,17 @@ class _GpuColumns:
             share = room_w / raises_w
             limited[start:end] = [last + floor((cap - last) * share) if cap > last else cap for cap, last in zip(new, old)]
             postponed.update(compress(range(start, end), map(gt, new, old)))
+        previous = self.previous
+        for members, capacity_w in zip(self.members_of_rack, self.rack_capacity_w):
+            raised = [i for i in members if limited[i] > previous[i]]
+            raises_w = sum([limited[i] - previous[i] for i in raised])
+            room_w = max(capacity_w - sum([previous[i] for i in members]), 0)
+            if raises_w <= room_w:
+                continue
+            share = room_w / raises_w
+            for i in raised:
+                limited[i] = previous[i] + floor((limited[i] - previous[i]) * share)
+            postponed.update(raised)
         return limited, postponed
 
     def result(self, caps: list[int], first: _Fill, second: _Fill, postponed: set[int]) -> Allocation:

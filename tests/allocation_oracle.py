@@ -138,6 +138,15 @@ def allocate(services: list[dict], racks: list[dict] = (), settings: dict | None
         if raises > room:
             postponed |= {u for u in group if kept[u] > before[u]}
             caps.update({u: before[u] + math.floor((kept[u] - before[u]) * share) for u in group if u in postponed})
+    for rack, group in in_rack.items():  # then every constrained rack, over every service's GPUs in it
+        before = {u: gpu[u]["low"] if gpu[u]["last"] is None else gpu[u]["last"] for u in group}
+        raised = {u for u in group if caps[u] > before[u]}
+        raises = sum(caps[u] - before[u] for u in raised)
+        room = max(0, limits[rack] - sum(before.values()))
+        share = room / raises if floats and raises else Fraction(room, raises or 1)
+        if raises > room:
+            postponed |= raised
+            caps.update({u: before[u] + math.floor((caps[u] - before[u]) * share) for u in raised})
 
     infeasible_services = {k for k in members if sum(floors[u] for u in members[k]) > capacity[k]}
     infeasible_racks = {r for r, m in in_rack.items() if sum(floors[u] for u in m) > limits[r]}

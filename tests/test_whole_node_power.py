@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from powercap.algorithms import AlgorithmRegistry
+from powercap.allocation import Bound, GpuState, RackLimit, Service, allocate
 from powercap.budget import plan_round
 from powercap.cluster import ClusterSettings, NonGpuPower, build_cluster_view
 from powercap.clusterviews import non_gpu_power, rack_power_source
@@ -257,3 +258,20 @@ def test_a_bad_node_power_setting_stops_the_program(argv: list[str]) -> None:
     add_cluster_view_arguments(parser)
     with pytest.raises(argparse.ArgumentError):
         parser.parse_args(argv)
+
+
+def test_a_rack_full_of_previous_caps_takes_its_lowers_first_and_its_raises_a_round_later() -> None:
+    """Agents apply a new allocation at different moments: in a rack filled to its capacity
+    (maxPower 1000 W) by the caps in force, a raise on one node while the other node still
+    holds its old, higher cap would pass maxPower. The raise waits a round; the lower goes out."""
+    idle = GpuState(uuid="A", node="n1", rack="rack-1", min_w=100, max_w=700, power_w=100, limit_w=700, previous_w=700)
+    pinned = GpuState(uuid="B", node="n2", rack="rack-1", min_w=100, max_w=700, power_w=300, limit_w=300, previous_w=300)
+    rack = [RackLimit("rack-1", 1000, unmanaged_power_w=0)]
+    first = allocate([Service("ns/svc", 4000, (idle, pinned))], rack)
+    caps = {c.uuid: c for c in first.services["ns/svc"].caps}
+    assert caps["A"].cap_w < 700 and caps["B"].cap_w == 300 and caps["B"].bound is Bound.TRANSITION
+    then = GpuState(uuid="A", node="n1", rack="rack-1", min_w=100, max_w=700, power_w=100, limit_w=caps["A"].cap_w,
+                    previous_w=caps["A"].cap_w)
+    second = allocate([Service("ns/svc", 4000, (then, pinned))], rack)
+    raised = {c.uuid: c.cap_w for c in second.services["ns/svc"].caps}
+    assert raised["B"] > 300 and raised["A"] + raised["B"] <= 1000
