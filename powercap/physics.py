@@ -138,6 +138,48 @@ PRESETS: Mapping[str, GpuModel] = {m.name: m for m in (H200_LIKE, L40S_LIKE)}
 """Presets by name, for simulator configuration files."""
 
 
+@dataclass(frozen=True)
+class NodePowerModel:
+    """What a GPU server draws beside its GPUs (CPUs, memory, NICs, NVSwitches, fans, the
+    supplies' conversion losses), per GPU it holds: an idle floor and a part that follows
+    the load, read as the GPUs' power against their maximum (the host CPUs feed the GPUs,
+    the fans spin with their heat, the supplies lose a share of what passes)::
+
+        P_beside = gpus x idle_w_per_gpu + gpus x load_w_per_gpu x min(1, P_gpus / (gpus x P_max))
+
+    so it rises by ``load_w_per_gpu / P_max`` W per W the GPUs rise.
+    """
+
+    idle_w_per_gpu: float
+    load_w_per_gpu: float
+
+    def __post_init__(self) -> None:
+        if not (self.idle_w_per_gpu >= 0 and self.load_w_per_gpu >= 0):
+            raise ValueError("NodePowerModel: idle_w_per_gpu and load_w_per_gpu must not be negative")
+
+
+def non_gpu_power_w(model: NodePowerModel, gpus: int, gpu_power_w: float, gpu_max_limit_w: float) -> float:
+    """:class:`NodePowerModel`'s ``P_beside`` of a node with ``gpus`` GPUs drawing ``gpu_power_w``
+    together, each limited to ``gpu_max_limit_w`` at most."""
+    load = clamp(gpu_power_w / (gpus * gpu_max_limit_w), 0.0, 1.0) if gpus > 0 and gpu_max_limit_w > 0 else 0.0
+    return gpus * (model.idle_w_per_gpu + model.load_w_per_gpu * load)
+
+
+NODE_POWER_PRESETS: Mapping[str, NodePowerModel] = {
+    # An 8-GPU HGX/DGX-class server: 1.52 kW idle beside its GPUs (two server CPUs, 2 TB of
+    # DRAM, NVSwitches, ten NICs, fans at their floor), 3.0 kW with the GPUs at 8 x 700 W: the
+    # "1.5-3 kW beside its GPUs" of an 8-GPU H200 server (issue #16), 8.6 kW in all, under
+    # the 10.2 kW maximum system power NVIDIA gives for a DGX H100 (its datasheet; 5.6 kW of
+    # that is the GPUs). Rises 185 / 700 = 0.26 W per GPU W. Stated, not measured here.
+    H200_LIKE.name: NodePowerModel(idle_w_per_gpu=190.0, load_w_per_gpu=185.0),
+    # An 8-GPU PCIe server (L40S-like at 350 W): 0.6 kW idle beside its GPUs, 1.08 kW at full
+    # GPU power, 3.9 kW in all, within the 4 x 2.7 kW (N+N) supplies such 4U servers carry.
+    # Rises 60 / 350 = 0.17 W per GPU W. Stated, not measured here.
+    L40S_LIKE.name: NodePowerModel(idle_w_per_gpu=75.0, load_w_per_gpu=60.0),
+}
+"""What the nodes of each GPU preset draw beside their GPUs, for the simulator."""
+
+
 @dataclass(frozen=True, slots=True)
 class Workload:
     """What the inference server asks of one GPU.

@@ -52,7 +52,11 @@ def test_energy_is_the_integral_of_the_plotted_power(default_run: tuple[Simulati
         recorder = run.recorder
         plotted_w = [sum(column) for column in zip(*recorder.rack_energy_j)]  # 1-s rack power, summed
         integral_j = math.fsum(power_w * 1.0 for power_w in plotted_w)
-        assert integral_j == pytest.approx(run.counter_energy_j, rel=1e-9)  # the GPUs' energy counters
+        # the GPUs' energy counters and what the nodes drew beside them
+        non_gpu_j = math.fsum(recorder.non_gpu_energy_j)
+        assert integral_j == pytest.approx(run.counter_energy_j + non_gpu_j, rel=1e-9)
+        assert summary["strategies"][run.strategy.name]["nonGpuEnergyJ"] == pytest.approx(non_gpu_j)
+        assert 0.2 * integral_j < non_gpu_j < 0.8 * integral_j
         assert summary["strategies"][run.strategy.name]["energyJ"] == pytest.approx(integral_j, rel=1e-6)
         service_integral_j = math.fsum(math.fsum(series) for series in recorder.service_energy_j)
         assert service_integral_j <= integral_j  # idle GPUs belong to no service
@@ -143,7 +147,9 @@ def burst_scenario(*, racks: int = 18, replicas: int = 100) -> Scenario:
         "timing": {"podStartupS": 5, "warmupS": 0},
         "scheduler": {"gpuScoring": "MostAllocated"},
         "racks": [{"id": r, "maxPower": 3000} for r in rack_ids],
-        "nodes": [{"name": f"node-{r}", "count": 2, "rack": r, "gpus": 8, "gpuModel": "H200-like"} for r in rack_ids],
+        # the GPUs alone (nothing beside them): the burst is about pods outrunning telemetry
+        "nodes": [{"name": f"node-{r}", "count": 2, "rack": r, "gpus": 8, "gpuModel": "H200-like",
+                   "nodePower": {"idleWPerGpu": 0, "loadWPerGpu": 0}} for r in rack_ids],
         "policies": [{
             "apiVersion": "powercapping.example.com/v1alpha1",
             "kind": "PowerCappingPolicy",

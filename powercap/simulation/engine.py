@@ -24,7 +24,9 @@ Per physics step of ``stepS`` seconds, in this order:
    its rack's inlet (all GPUs at once, on arrays:
    :meth:`~powercap.simulation.world.GpuArrays.advance`); pods are credited with the tokens
    generated; queues grow by ``offered x dt - served`` and requests waiting longer than
-   ``maxQueueS`` are dropped; racks sum their power and their inlet follows it
+   ``maxQueueS`` are dropped; each node draws beside its GPUs an idle floor plus a part
+   following their power (:meth:`~powercap.simulation.world.World.non_gpu_power_w`);
+   racks sum their nodes' whole power and their inlet follows it
    (:mod:`powercap.simulation.world`).
 
 Strategies: ``no-capping`` (kube-scheduler spreading, GPUs at their default limit),
@@ -55,6 +57,7 @@ from powercap.allocation import AllocationSettings
 from powercap.budget import plan_round
 from powercap.cluster import ClusterView
 from powercap.control import ControlSettings
+from powercap.nodepower import REDFISH, SourceReading, choose_node_power
 from powercap.objects import policy_for_pod
 from powercap.policies import Policy, parse_policy
 from powercap.rebalance import plan_rebalance
@@ -64,6 +67,8 @@ from powercap.simulation.scenario import CapChange, Scale, Scenario, Service
 from powercap.simulation.workload import WorkloadTrace, bounded_shares, build_trace, pod_weight
 from powercap.simulation.world import ModelColumns, SimGpu, SimNode, SimPod, World, moment, operating_points, thermal_caps_w
 
+NODE_POWER_MAX_AGE_S = 15.0
+"""The agent's ``--node-power-max-age`` default (a reading older is not used)."""
 SCHEDULING_LATENCY_S = 0.005
 """Time kube-scheduler spends per pod (filter, score, bind)."""
 SCHEDULER_RETRY_S = 1.0
@@ -417,12 +422,21 @@ class _Run:
         self.tokens_s_by_gpu[node.name] = {plan.uuid: plan.tokens_s for plan in plans}
 
     def _publish(self, node: SimNode, t_s: float) -> None:
-        """The telemetry annotation, rate limited as the agent's publisher does."""
+        """The telemetry, rate limited as the agent's publisher does; its ``nodePower`` is
+        the node's whole power (its GPUs and what it draws beside them at the last physics
+        step) read as a BMC reading taken now, chosen as the agent chooses
+        (:func:`powercap.nodepower.choose_node_power`)."""
         pods = self.pod_names_by_gpu.get(node.name)
         if pods is None:  # no agent plan on this node: the pods the GPUs hold
             pods = {gpu.uuid: gpu.pod.key if gpu.pod is not None else None for gpu in node.gpus}
+        gpu_power_w = sum(gpu.power_w for gpu in node.gpus)
+        whole_w = gpu_power_w + float(self.world.node_non_gpu_w[node.index])
+        node_power = choose_node_power(
+            [SourceReading(REDFISH, whole_w, t_s)], t_s, max_age_s=NODE_POWER_MAX_AGE_S, gpu_power_w=gpu_power_w, overhead_w=0.0,
+        ).power
         telemetry = build_telemetry(
-            moment(t_s), node.gpus, node.rack.inlet_c, pods, tokens_s_by_gpu=self.tokens_s_by_gpu.get(node.name)
+            moment(t_s), node.gpus, node.rack.inlet_c, pods, tokens_s_by_gpu=self.tokens_s_by_gpu.get(node.name),
+            node_power=node_power,
         )
         last_s = self.published_at.get(node.name)
         if should_publish(node.telemetry, telemetry, t_s - last_s if last_s is not None else math.inf, self.settings.publish):
@@ -600,7 +614,12 @@ class _Run:
             pods.backlog_tokens[serving] = np.where(over, limit, backlog)
             sums.service_tokens += np.bincount(layout.serving_service, weights=served, minlength=services)
 
-        rack_energy_j = np.bincount(self.world.gpu_rack, weights=energy_j, minlength=len(racks.racks))
+        world = self.world
+        world.node_non_gpu_w = world.non_gpu_power_w(energy_j / dt_s)
+        non_gpu_energy_j = world.node_non_gpu_w * dt_s
+        sums.non_gpu_energy_j += float(non_gpu_energy_j.sum())
+        rack_energy_j = np.bincount(world.gpu_rack, weights=energy_j, minlength=len(racks.racks))
+        rack_energy_j += np.bincount(world.node_rack, weights=non_gpu_energy_j, minlength=len(racks.racks))
         sums.rack_energy_j += rack_energy_j
         sums.cluster_energy_j += sum(rack_energy_j.tolist())
         racks.step_inlet(rack_energy_j / dt_s, dt_s)
@@ -770,6 +789,7 @@ class _SecondSums:
         self.rack_energy_j = np.zeros(self.racks)
         self.rack_inlet_c_s = np.zeros(self.racks)
         self.cluster_energy_j = 0.0
+        self.non_gpu_energy_j = 0.0
 
     def add_to(self, recorder: Recorder, second: int) -> None:
         if second >= recorder.seconds:
@@ -788,4 +808,5 @@ class _SecondSums:
         for index, value in enumerate(self.service_caps_sum_w.tolist()):
             recorder.service_caps_sum_w[index][second] = max(recorder.service_caps_sum_w[index][second], value)
         recorder.cluster_energy_j[second] += self.cluster_energy_j
+        recorder.non_gpu_energy_j[second] += self.non_gpu_energy_j
         self.clear()

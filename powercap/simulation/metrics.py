@@ -57,7 +57,8 @@ class Recorder:
     service_latency_p99_s: list[list[float | None]] = field(default_factory=list)  # per second, over the serving pods
     rack_energy_j: list[list[float]] = field(default_factory=list)
     rack_inlet_c_s: list[list[float]] = field(default_factory=list)  # integral of inlet over the second
-    cluster_energy_j: list[float] = field(default_factory=list)
+    cluster_energy_j: list[float] = field(default_factory=list)  # whole nodes: GPUs and beside them
+    non_gpu_energy_j: list[float] = field(default_factory=list)  # the part beside the GPUs
     pending_pods: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -74,6 +75,7 @@ class Recorder:
         self.rack_energy_j = [[0.0] * n for _ in range(r)]
         self.rack_inlet_c_s = [[0.0] * n for _ in range(r)]
         self.cluster_energy_j = [0.0] * n
+        self.non_gpu_energy_j = [0.0] * n
         self.pending_pods = [0] * n
 
     def rack_inlet_c(self, rack: int) -> list[float]:

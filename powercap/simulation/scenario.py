@@ -31,7 +31,7 @@ from powercap import physics, schema
 from powercap.algorithms import AlgorithmRegistry
 from powercap.numeric import counted
 from powercap.objects import GPU_RESOURCE, POWER_ANNOTATION
-from powercap.physics import GpuModel
+from powercap.physics import GpuModel, NodePowerModel
 from powercap.policies import POLICY_LABEL, Policy, parse_policy, validate_policy
 from powercap.problems import Problem, join_path
 from powercap.simulation.metrics import RECOVERY_HOLD_S, excluded_seconds
@@ -100,6 +100,7 @@ class NodeGroup:
     rack_id: str
     gpus: int
     gpu: GpuModel
+    node_power: NodePowerModel = NodePowerModel(0.0, 0.0)  # beside the GPUs (physics.NodePowerModel)
 
     @property
     def node_names(self) -> tuple[str, ...]:
@@ -652,6 +653,17 @@ def _gpu_model_problem(group: Mapping[str, Any]) -> tuple[str, str] | None:
 _LIMIT_FIELDS = (("default_limit_w", "defaultLimitW"), ("min_limit_w", "minLimitW"), ("max_limit_w", "maxLimitW"))
 
 
+def node_power_model(group: Mapping[str, Any]) -> NodePowerModel:
+    """The node group's power beside its GPUs: its ``nodePower`` fields over the GPU preset's
+    server (:data:`powercap.physics.NODE_POWER_PRESETS`)."""
+    preset = physics.NODE_POWER_PRESETS.get(group["gpuModel"], NodePowerModel(0.0, 0.0))
+    given = group.get("nodePower") or {}
+    return NodePowerModel(
+        idle_w_per_gpu=float(given.get("idleWPerGpu", preset.idle_w_per_gpu)),
+        load_w_per_gpu=float(given.get("loadWPerGpu", preset.load_w_per_gpu)),
+    )
+
+
 def gpu_model(group: Mapping[str, Any]) -> GpuModel:
     """The preset with the node group's limit overrides (``ValueError`` when inconsistent)."""
     preset = physics.PRESETS[group["gpuModel"]]
@@ -775,7 +787,8 @@ def _build(document: Mapping[str, Any], traces: Mapping[int, Trace], duration_s:
             for rack in document["racks"]
         ),
         nodes=tuple(
-            NodeGroup(name=group["name"], count=int(group["count"]), rack_id=group["rack"], gpus=int(group["gpus"]), gpu=gpu_model(group))
+            NodeGroup(name=group["name"], count=int(group["count"]), rack_id=group["rack"], gpus=int(group["gpus"]), gpu=gpu_model(group),
+                      node_power=node_power_model(group))
             for group in document["nodes"]
         ),
         policies=tuple(document["policies"]),

@@ -141,6 +141,7 @@ def summarize_run(scenario: Scenario, run: StrategyRun) -> dict[str, Any]:
         "droppedPercent": 100.0 * dropped_total / offered_total if offered_total > 0 else 0.0,
         "energyJ": energy_j,
         "energyKWh": energy_j / 3.6e6,
+        "nonGpuEnergyJ": math.fsum(recorder.non_gpu_energy_j),
         "averagePowerW": energy_j / duration_s,
         "tokensPerJoule": ratio(tokens_total, energy_j),
         "capViolationSeconds": violations,

@@ -12,8 +12,14 @@ Rack inlet air, first order (documented in docs/simulator.md)::
     inlet_ss = supplyC + riseCPerKw x P_rack / 1000
     inlet'   = inlet_ss + (inlet - inlet_ss) x exp(-dt / timeConstantS)
 
-where ``P_rack`` is the rack's GPU power: hot exhaust recirculating into the cold aisle
-warms the inlet in proportion to the heat the rack rejects.
+where ``P_rack`` is the rack's power, its GPUs' and what its nodes draw beside them: hot
+exhaust recirculating into the cold aisle warms the inlet in proportion to the heat the
+rack rejects.
+
+Beside its GPUs each node draws :func:`powercap.physics.non_gpu_power_w` (an idle floor
+plus a part following its GPUs' power, per the node group's
+:class:`~powercap.physics.NodePowerModel`); its agent reports it as the whole-node reading
+of a BMC (:meth:`World.non_gpu_power_w` for every node at once).
 """
 
 from __future__ import annotations
@@ -289,6 +295,8 @@ class SimNode:
     gpus: list[SimGpu] = field(default_factory=list)
     telemetry: NodeTelemetry | None = None
     free_gpu_count: int = 0  # kept by SimPod.bind and unbind
+    node_power: physics.NodePowerModel = physics.NodePowerModel(0.0, 0.0)  # beside its GPUs
+    index: int = 0  # its place in World.nodes (and the node arrays)
     _object: dict[str, Any] | None = None
 
     @property
@@ -489,6 +497,12 @@ class World:
     rack_arrays: RackArrays
     gpu_rack: np.ndarray  # each GPU's rack, as an index of rack_arrays
     pod_arrays: PodArrays = field(default_factory=PodArrays)
+    node_rack: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # each node's rack index
+    gpu_node: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # each GPU's node index
+    node_idle_w: np.ndarray = field(default_factory=lambda: np.zeros(0))  # gpus x idle_w_per_gpu
+    node_load_w: np.ndarray = field(default_factory=lambda: np.zeros(0))  # gpus x load_w_per_gpu
+    node_gpu_max_w: np.ndarray = field(default_factory=lambda: np.zeros(0))  # sum of its GPUs' maximum limits
+    node_non_gpu_w: np.ndarray = field(default_factory=lambda: np.zeros(0))  # beside the GPUs, the last step
     parsed_policies: dict[str, Policy] = field(default_factory=dict)
     pods: dict[str, SimPod] = field(default_factory=dict)  # key -> pod, active only
     pending: list[SimPod] = field(default_factory=list)
@@ -503,15 +517,23 @@ class World:
         for group in scenario.nodes:
             rack = racks[group.rack_id]
             for name in group.node_names:
-                node = SimNode(name=name, rack=rack)
+                node = SimNode(name=name, rack=rack, node_power=group.node_power, index=len(nodes))
                 members += [(node, index, group.gpu) for index in range(group.gpus)]
                 rack.nodes.append(node)
                 nodes.append(node)
-        idle_w_by_rack: dict[str, float] = {}  # every GPU starts idle (physics.initial_state)
-        for node, _, model in members:
-            idle_w_by_rack[node.rack.spec.rack_id] = idle_w_by_rack.get(node.rack.spec.rack_id, 0) + model.idle_w
-        for rack_id, rack in racks.items():
-            rack.power_w = idle_w_by_rack.get(rack_id, 0)
+        node_rack = np.array([rack_index[node.rack.spec.rack_id] for node in nodes], dtype=np.int64)
+        gpu_node = np.array([node.index for node, _, _ in members], dtype=np.int64)
+        gpu_counts = np.bincount(gpu_node, minlength=len(nodes)).astype(float)
+        node_gpu_max_w = np.bincount(gpu_node, weights=[model.max_limit_w for _, _, model in members], minlength=len(nodes))
+        node_idle_w = gpu_counts * np.array([node.node_power.idle_w_per_gpu for node in nodes])
+        node_load_w = gpu_counts * np.array([node.node_power.load_w_per_gpu for node in nodes])
+        # every GPU starts idle (physics.initial_state), its node beside it at that load
+        gpu_idle_w = np.array([model.idle_w for _, _, model in members])
+        node_non_gpu_w = _non_gpu_power_w(gpu_idle_w, gpu_node, node_idle_w, node_load_w, node_gpu_max_w)
+        rack_idle_w = np.bincount(node_rack, weights=np.bincount(gpu_node, weights=gpu_idle_w, minlength=len(nodes)) + node_non_gpu_w,
+                                  minlength=len(racks))
+        for rack, idle_w in zip(racks.values(), rack_idle_w.tolist()):
+            rack.power_w = idle_w
             rack.inlet_c = steady_inlet_c(rack.spec, rack.power_w)
         arrays = GpuArrays([model for _, _, model in members], [node.rack.inlet_c for node, _, _ in members])
         gpus: list[SimGpu] = []
@@ -525,12 +547,28 @@ class World:
             racks=racks, nodes=nodes, gpus=gpus, policies=documents, gpu_arrays=arrays,
             rack_arrays=RackArrays(list(racks.values())),
             gpu_rack=np.array([rack_index[node.rack.spec.rack_id] for node, _, _ in members], dtype=np.int64),
+            node_rack=node_rack, gpu_node=gpu_node, node_idle_w=node_idle_w, node_load_w=node_load_w,
+            node_gpu_max_w=node_gpu_max_w, node_non_gpu_w=node_non_gpu_w,
             parsed_policies=dict(policies),
         )
+
+    def non_gpu_power_w(self, gpu_power_w: np.ndarray) -> np.ndarray:
+        """What every node draws beside its GPUs when they draw ``gpu_power_w`` (per GPU):
+        :func:`powercap.physics.non_gpu_power_w` of each node, on arrays."""
+        return _non_gpu_power_w(gpu_power_w, self.gpu_node, self.node_idle_w, self.node_load_w, self.node_gpu_max_w)
 
     def policy_of(self, pod: SimPod) -> Policy | None:
         name = pod.service.policy_name
         return self.parsed_policies.get(f"{pod.service.namespace}/{name}") if name is not None else None
+
+
+def _non_gpu_power_w(
+    gpu_power_w: np.ndarray, gpu_node: np.ndarray, idle_w: np.ndarray, load_w: np.ndarray, gpu_max_w: np.ndarray,
+) -> np.ndarray:
+    """``idle + load x min(1, node GPU power / its GPUs' maximum)`` per node."""
+    node_gpu_w = np.bincount(gpu_node, weights=gpu_power_w, minlength=len(idle_w))
+    share = np.divide(node_gpu_w, gpu_max_w, out=np.zeros_like(node_gpu_w), where=gpu_max_w > 0)
+    return idle_w + load_w * np.clip(share, 0.0, 1.0)
 
 
 def _policy_key(document: Any) -> str:
