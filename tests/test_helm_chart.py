@@ -34,6 +34,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from powercap.commands import build_parser
+from powercap.cluster import ClusterSettings
 from powercap.objects import RACK_LABEL
 from powercap.policies import label_key_problem
 from tests.conftest import REPO_ROOT
@@ -303,6 +304,18 @@ def test_the_rack_label_reaches_every_program_that_takes_it(chart_dir: Path, cha
             assert flags["rack_label"] == "topology.example.com/rack", container["name"]
             takers.add(container["name"])
     assert takers == {"extender", "controller", "agent"}
+
+
+def test_the_node_power_settings_reach_the_extender_and_the_controller(chart_dir: Path, chart: list[Manifest]) -> None:
+    """Defaults render no flag (the programs' own defaults); set, they reach both programs that
+    build a cluster view, parsed by the programs' own argument parser."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())["nodePower"]
+    assert (defaults["overheadW"], defaults["nonGpuRise"]) == (ClusterSettings().node_overhead_w, ClusterSettings().non_gpu_rise)
+    assert not [c for _, c in powercap_containers(chart) if any("--node-overhead-w" in a for a in c.get("args", []))]
+    rendered = helm_template(chart_dir, {"nodePower": {"overheadW": 1800, "nonGpuRise": 0.25}})
+    set_in = {container["name"] for _, container in powercap_containers(rendered)
+              if (flags := _flags(container)).get("node_overhead_w") == 1800 and flags.get("non_gpu_rise") == 0.25}
+    assert set_in == {"extender", "controller"}
 
 
 @pytest.mark.parametrize("rack_label", [

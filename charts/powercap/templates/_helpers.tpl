@@ -118,3 +118,14 @@ version (a digest, `latest`) is not checked here.
 - --rack-label={{ .Values.rackLabel }}
 {{- end }}
 {{- end }}
+
+{{/* --node-overhead-w and --non-gpu-rise for the extender and the controller (docs/controller.md,
+"Whole-node power"), only when they differ from their defaults. */}}
+{{- define "powercap.nodePowerArgs" -}}
+{{- if ne (toString .Values.nodePower.overheadW) "0" }}
+- --node-overhead-w={{ .Values.nodePower.overheadW }}
+{{- end }}
+{{- if ne (toString .Values.nodePower.nonGpuRise) "0.3" }}
+- --non-gpu-rise={{ .Values.nodePower.nonGpuRise }}
+{{- end }}
+{{- end }}
