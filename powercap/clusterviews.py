@@ -144,11 +144,6 @@ class NodeView:
         return self.measured_power_w + self.non_gpu.watts + self.assumed_power_w
 
     @property
-    def gpu_power_w(self) -> float:
-        """measured (GPUs) + assumed, W."""
-        return self.measured_power_w + self.assumed_power_w
-
-    @property
     def non_gpu_estimated(self) -> bool:
         """Whether its non-GPU power counts and is an estimate, not a measurement."""
         return self.needs_telemetry and not self.non_gpu.measured
@@ -442,14 +437,16 @@ def telemetry_status(node: ParsedNode, now: datetime, stale_after_s: float) -> t
     return TelemetryStatus.STALE, f"no telemetry from node {name} for {age_s:.0f} s (stale after {stale_after_s:g} s)"
 
 
-def non_gpu_power(name: str, telemetry: NodeTelemetry | None, now: datetime, settings: ClusterSettings) -> NonGpuPower:
+def non_gpu_power(
+    name: str, telemetry: NodeTelemetry | None, now: datetime, settings: ClusterSettings, *, fresh: bool = True,
+) -> NonGpuPower:
     """A GPU node's power beside its GPUs, W: measured when its whole-node reading can be
     trusted, else an estimate that is never below what any reading at hand says.
 
-    ``telemetry`` is the node's *fresh* telemetry (None without). Its ``nodePower`` is
-    *usable* when
+    ``telemetry`` is the node's last readable telemetry (None without), ``fresh`` whether it
+    is fresh. Its ``nodePower`` is *usable* when
 
-    - its ``source`` is a measurement (not ``estimate``),
+    - the telemetry is fresh and its ``source`` is a measurement (not ``estimate``),
     - the reading is fresh: ``telemetry age + ageS <= stale_after_s`` (the rule telemetry
       itself is held to, counted from when the reading was taken),
     - it is plausible: ``GPU_FLOOR_FRACTION x powerW <= watts <= MAX_PLAUSIBLE_W`` (a
@@ -457,29 +454,33 @@ def non_gpu_power(name: str, telemetry: NodeTelemetry | None, now: datetime, set
 
     then ``non-GPU = max(0, watts - powerW)``, measured. Otherwise it is estimated::
 
-        non-GPU = max(node_overhead_w, watts - powerW)   with a reading under 100 kW
-                                                         (stale, or the agent's estimate)
+        non-GPU = max(node_overhead_w, watts - powerW)   with a plausible reading (stale,
+                                                         the agent's estimate, or the last
+                                                         one of a node gone silent)
                 = node_overhead_w                        otherwise (no nodePower, no
-                                                         fresh telemetry, implausible)
+                                                         telemetry, implausible)
 
-    so a stale or estimated reading still counts for as much as it says: never less.
+    so a reading still counts for as much as it says: never less. A node whose agent stopped
+    publishing still draws what it drew.
     """
     overhead_w = settings.node_overhead_w
-    if telemetry is None:
-        return NonGpuPower(overhead_w, ESTIMATE, f"node {name} has no fresh telemetry")
-    reading, gpus_w = telemetry.node_power, telemetry.power_w
-    if reading is None:
+    reading = telemetry.node_power if telemetry is not None else None
+    if telemetry is None or reading is None:
+        if telemetry is None or not fresh:
+            return NonGpuPower(overhead_w, ESTIMATE, f"node {name} has no fresh telemetry")
         return NonGpuPower(overhead_w, ESTIMATE, f"node {name} reports no whole-node power (a node agent older than nodePower)")
-    beside_w = reading.watts - gpus_w
-    age_s = max(0.0, telemetry.age_s(now)) + reading.age_s
+    gpus_w = telemetry.power_w
     if reading.watts > MAX_PLAUSIBLE_W:
         return NonGpuPower(overhead_w, ESTIMATE, f"node {name}'s {reading.source} reading {reading.watts:g} W is implausible (over {MAX_PLAUSIBLE_W:g} W)")
     if reading.watts < GPU_FLOOR_FRACTION * gpus_w:
         return NonGpuPower(overhead_w, ESTIMATE, f"node {name}'s {reading.source} reading {reading.watts:g} W is below its GPUs' {gpus_w:g} W")
+    beside_w = reading.watts - gpus_w
     estimate_w = max(overhead_w, beside_w)
+    if not fresh:
+        return NonGpuPower(estimate_w, ESTIMATE, f"node {name} has no fresh telemetry (its last reading counts)")
     if reading.estimated:
         return NonGpuPower(estimate_w, ESTIMATE, f"node {name} has no node power source (its agent estimates GPUs + a configured overhead)")
-    if age_s > settings.stale_after_s:
+    if max(0.0, telemetry.age_s(now)) + reading.age_s > settings.stale_after_s:
         return NonGpuPower(estimate_w, ESTIMATE, (
             f"node {name}'s {reading.source} reading is stale (taken {reading.age_s:g} s before its telemetry; "
             f"stale after {settings.stale_after_s:g} s)"
@@ -585,7 +586,7 @@ def node_view(
         telemetry_problem=problem,
         measured_power_w=fresh_telemetry.power_w if fresh_telemetry is not None else 0.0,
         assumed_power_w=assumed_w,
-        non_gpu=non_gpu_power(node.name, fresh_telemetry, now, settings) if counts else NOT_PUBLISHING,
+        non_gpu=non_gpu_power(node.name, node.telemetry, now, settings, fresh=fresh_telemetry is not None) if counts else NOT_PUBLISHING,
         assumed_pods=assumed_pods,
         gpu_max_w=node.gpu_max_w,
         new_gpu_min_w=node.gpu_largest_min_w if node.gpu_largest_min_w is not None else settings.default_gpu_min_w,

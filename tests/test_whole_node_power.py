@@ -69,11 +69,27 @@ def gpu_telemetry(node_power: NodePower | None, *, age_s: float = 5.0) -> NodeTe
                      NonGpuPower(800, "estimate", "node n1's redfish reading 250000 W is implausible (over 100000 W)"),
                      id="implausibly-high-reading-is-not-used"),
         pytest.param(None, 800, NonGpuPower(800, "estimate", "node n1 has no fresh telemetry"),
-                     id="no-fresh-telemetry-counts-the-overhead"),
+                     id="no-telemetry-counts-the-overhead"),
     ],
 )
 def test_non_gpu_power_of_a_node(telemetry_: NodeTelemetry | None, overhead_w: float, expected: NonGpuPower) -> None:
     assert non_gpu_power("n1", telemetry_, NOW, ClusterSettings(node_overhead_w=overhead_w)) == expected
+
+
+@pytest.mark.parametrize(
+    ("telemetry_", "expected_w"),
+    [
+        pytest.param(gpu_telemetry(reading(6000), age_s=300), 2000, id="its-last-reading-counts"),
+        pytest.param(gpu_telemetry(reading(4300), age_s=300), 800, id="never-below-the-overhead"),
+        pytest.param(gpu_telemetry(None, age_s=300), 800, id="no-reading-the-overhead"),
+    ],
+)
+def test_a_node_gone_silent_still_draws_what_it_last_drew(telemetry_: NodeTelemetry, expected_w: float) -> None:
+    """Its agent stopped publishing, not its server: the rack fill must not hand the other
+    GPUs the watts the silent node was last seen drawing beside its GPUs."""
+    power = non_gpu_power("n1", telemetry_, NOW, ClusterSettings(node_overhead_w=800), fresh=False)
+    assert power.watts == expected_w and not power.measured
+    assert power.problem is not None and power.problem.startswith("node n1 has no fresh telemetry")
 
 
 @pytest.mark.parametrize(
@@ -102,13 +118,18 @@ def test_rack_power_is_the_sum_of_whole_node_power_and_names_the_estimated_nodes
     assert rack.estimate_problem == "node gpu-2 reports no whole-node power (a node agent older than nodePower)"
 
 
-def test_a_node_without_fresh_telemetry_still_counts_its_overhead() -> None:
+def test_a_node_without_fresh_telemetry_still_counts_beside_its_gpus() -> None:
+    """gpu-2's agent went silent 300 s ago, when it read 1500 W beside its GPUs: that counts
+    (over the 1000 W overhead); gpu-3 never published: the overhead."""
     stale = NOW - timedelta(seconds=300)
     nodes = [gpu_node("gpu-1", "rack-1", telemetry(4000, node_power=reading(5500))),
-             gpu_node("gpu-2", "rack-1", telemetry(3000, at=stale, node_power=reading(4500)))]
+             gpu_node("gpu-2", "rack-1", telemetry(3000, at=stale, node_power=reading(4500))),
+             gpu_node("gpu-3", "rack-1", None)]
     rack = build_cluster_view(nodes, [], [], NOW, ClusterSettings(node_overhead_w=1000)).racks["rack-1"]
-    assert (rack.non_gpu_power_w, rack.estimated_nodes) == (2500, ("gpu-2",))
-    assert rack.estimate_problem == "node gpu-2 has no fresh telemetry"
+    assert (rack.non_gpu_power_w, rack.estimated_nodes) == (4000, ("gpu-2", "gpu-3"))
+    assert rack.estimate_problem == (
+        "node gpu-2 has no fresh telemetry (its last reading counts); and 1 more node whose power beside the GPUs is estimated"
+    )
 
 
 def test_a_measured_reading_going_stale_is_seen_by_an_incremental_build() -> None:
@@ -275,3 +296,22 @@ def test_a_rack_full_of_previous_caps_takes_its_lowers_first_and_its_raises_a_ro
     second = allocate([Service("ns/svc", 4000, (then, pinned))], rack)
     raised = {c.uuid: c.cap_w for c in second.services["ns/svc"].caps}
     assert raised["B"] > 300 and raised["A"] + raised["B"] <= 1000
+
+
+def test_an_agent_going_silent_does_not_free_its_nodes_power_for_the_rest_of_the_rack() -> None:
+    """gpu-2 (another workload: 500 W on its GPUs, 2500 W beside them) stops publishing: the
+    rack fill (maxPower 5600 W) stops counting its GPUs' 500 W, which are not powercap's to
+    know any more, but keeps the 2500 W it last read beside them, so llama's four GPUs on
+    gpu-1 (400 W beside them) get 5600 - 400 - 2500 = 2700 W, not 5200 W."""
+    gpus_1 = [Gpu(f"A{i}", 690, 700, "inference/llama-0") for i in range(4)]
+    pods = [gpu_pod("llama-0", gpus=4, node="gpu-1", labels=LLAMA)]
+    policies = [policy("llama", cap_w=4000, racks=[{"rackId": "rack-1", "maxPower": 5600}])]
+
+    def caps_with_gpu_2_at(at: Any) -> int:
+        nodes = [node("gpu-1", "rack-1", gpus_1, node_power=reading(3160, age_s=0)),
+                 node("gpu-2", "rack-1", [], extra_power_w=500, at=at, node_power=reading(3000, age_s=0))]
+        plan = plan_round(view(nodes, pods, policies, settings=ClusterSettings(non_gpu_rise=0.0)))
+        return sum(c.cap_w for c in plan.policies["inference/llama"].allocation.caps)
+
+    assert caps_with_gpu_2_at(NOW) == 5600 - 400 - 500 - 2500
+    assert caps_with_gpu_2_at(NOW - timedelta(seconds=300)) == 5600 - 400 - 2500
