@@ -2,17 +2,20 @@
 
     .venv/bin/python benchmarks/rack_density.py [--seeds 1 2 3] [--gpus 32] [--step 4] [--up-to 64]
 
-One rack whose ``maxPower`` is what its nameplate ``N`` H200-like GPUs draw at their default
-power limit (``N x 700 W``; POLCA's "provisioned for the nameplate"). One service, one pod per
-GPU, on the compressed office day of the built-in scenario, offered traffic peaking at 80 % of
-what the nameplate GPUs serve uncapped. GPUs are added ``--step`` at a time with the traffic in
-proportion (the rack is asked to serve ``(N + k) / N`` times the load), under one policy whose
-``powerCapLimit`` and rack ``maxPower`` are the nameplate power, and each configuration runs
-with every strategy:
+One rack whose ``maxPower`` is what its nameplate servers with ``N`` H200-like GPUs draw with
+the GPUs at their default power limit: ``N x (700 W + the server's power beside each GPU at
+that load)`` (``physics.NODE_POWER_PRESETS``: 190 W idle + 185 W at full GPU power per GPU;
+POLCA's "provisioned for the nameplate"). One service, one pod per GPU, on the compressed
+office day of the built-in scenario, offered traffic peaking at 80 % of what the nameplate
+GPUs serve uncapped. GPUs are added ``--step`` at a time with the traffic in proportion (the
+rack is asked to serve ``(N + k) / N`` times the load). The servers' idle floor is not
+cappable, so the GPUs' budget is what maxPower leaves with every GPU at its cap:
+``powerCapLimit = (maxPower - (N + k) x idle) / (1 + load / 700)``, one policy with that cap
+and the rack's maxPower, and each configuration runs with every strategy:
 
 - ``no-capping``: every GPU free to draw its maximum: what breaks is the breaker (seconds
   over maxPower);
-- ``static-split``: each GPU at ``maxPower / (N + k)``;
+- ``static-split``: each GPU at ``powerCapLimit / (N + k)``;
 - ``powercap``: the controller and the agents, splitting the same watts;
 - ``oracle``: the same watts re-split every second knowing every GPU's load (the bound).
 
@@ -36,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from simulator import machine, run  # noqa: E402
 
-from powercap.physics import H200_LIKE  # noqa: E402
+from powercap.physics import H200_LIKE, NODE_POWER_PRESETS  # noqa: E402
 from powercap.simulation.engine import NO_CAPPING, ORACLE, POWERCAP, STATIC_SPLIT  # noqa: E402
 from powercap.simulation.scenario import scenario_from_document  # noqa: E402
 
@@ -53,9 +56,24 @@ def tokens_per_gpu() -> float:
     return H200_LIKE.peak_tokens_s * (1 - PREFILL_SHARE) * 70 / MODEL_SIZE_B
 
 
+BESIDE = NODE_POWER_PRESETS[H200_LIKE.name]
+
+
+def rack_max_power_w(nameplate_gpus: int) -> int:
+    """The nameplate servers with their GPUs at the default limit, beside-GPU power included."""
+    return round(nameplate_gpus * (H200_LIKE.default_limit_w + BESIDE.idle_w_per_gpu + BESIDE.load_w_per_gpu))
+
+
+def gpu_budget_w(nameplate_gpus: int, gpus: int) -> int:
+    """What the rack's maxPower leaves the GPUs with every one at its cap: the servers' idle floor
+    is fixed, their load part rises load / 700 W per GPU W."""
+    left_w = rack_max_power_w(nameplate_gpus) - gpus * BESIDE.idle_w_per_gpu
+    return int(left_w / (1 + BESIDE.load_w_per_gpu / H200_LIKE.max_limit_w))
+
+
 def rack_document(nameplate_gpus: int, gpus: int) -> dict[str, Any]:
     """The rack with ``gpus`` GPUs (``nameplate_gpus`` of them provisioned) and traffic in proportion."""
-    max_power_w = nameplate_gpus * int(H200_LIKE.default_limit_w)
+    max_power_w = rack_max_power_w(nameplate_gpus)
     return {
         "name": f"rack-density-{gpus}",
         "durationS": 600,
@@ -66,7 +84,8 @@ def rack_document(nameplate_gpus: int, gpus: int) -> dict[str, Any]:
             "apiVersion": "powercapping.example.com/v1alpha1",
             "kind": "PowerCappingPolicy",
             "metadata": {"name": "code", "namespace": "inference"},
-            "spec": {"powerCapLimit": max_power_w, "rackConstraints": [{"rackId": "rack-1", "maxPower": max_power_w}]},
+            "spec": {"powerCapLimit": gpu_budget_w(nameplate_gpus, gpus),
+                     "rackConstraints": [{"rackId": "rack-1", "maxPower": max_power_w}]},
         }],
         "services": [{
             "name": "code", "namespace": "inference", "policy": "code", "replicas": gpus, "modelSizeB": MODEL_SIZE_B,
@@ -105,10 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.gpus % GPUS_PER_NODE or args.step % GPUS_PER_NODE or args.step <= 0:
         parser.error(f"--gpus and --step must be positive multiples of {GPUS_PER_NODE} (GPUs per node)")
-    nameplate_w = args.gpus * int(H200_LIKE.default_limit_w)
+    nameplate_w = rack_max_power_w(args.gpus)
     print(f"Machine: {machine()}")
     print(f"Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seeds {', '.join(map(str, args.seeds))}\n")
-    print(f"One rack, maxPower {nameplate_w} W = {args.gpus} H200-like GPUs x {H200_LIKE.default_limit_w:.0f} W; "
+    print(f"One rack, maxPower {nameplate_w} W = {args.gpus} H200-like GPUs x {H200_LIKE.default_limit_w:.0f} W and their "
+          f"servers beside them; GPU budget {gpu_budget_w(args.gpus, args.gpus)} W at the nameplate, "
+          f"{BESIDE.idle_w_per_gpu:.0f} W less per GPU added; "
           f"traffic in proportion to the GPUs; holds = p99 latency proxy <= {LATENCY_SLACK:.2f} x the nameplate rack's "
           "(no capping) and 0 s over maxPower.\n")
     print("| GPUs | added | seed | " + " | ".join(f"{s.name}: p99 s, s over maxPower, dropped %" for s in STRATEGIES) + " |")
