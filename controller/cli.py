@@ -239,6 +239,7 @@ def serve(client: kube.KubeClient, cluster_settings: ClusterSettings, registry: 
     log.info("powercap controller starting", extra={
         "identity": settings.identity, "lease": f"{args.lease_namespace}/{args.lease_name}",
         "interval_s": settings.interval_s, "margin": settings.allocation.margin, "health": args.health_bind,
+        "node_overhead_w": cluster_settings.node_overhead_w, "non_gpu_rise": cluster_settings.non_gpu_rise,
     })
     health.start()
     snapshots.start()
