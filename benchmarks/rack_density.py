@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seeds {', '.join(map(str, args.seeds))}\n")
     print(f"One rack, maxPower {nameplate_w} W = {args.gpus} H200-like GPUs x {H200_LIKE.default_limit_w:.0f} W and their "
           f"servers beside them; GPU budget {gpu_budget_w(args.gpus, args.gpus)} W at the nameplate, "
-          f"{BESIDE.idle_w_per_gpu:.0f} W less per GPU added; "
+          f"{gpu_budget_w(args.gpus, args.gpus) - gpu_budget_w(args.gpus, args.gpus + 1)} W less per GPU added; "
           f"traffic in proportion to the GPUs; holds = p99 latency proxy <= {LATENCY_SLACK:.2f} x the nameplate rack's "
           "(no capping) and 0 s over maxPower.\n")
     print("| GPUs | added | seed | " + " | ".join(f"{s.name}: p99 s, s over maxPower, dropped %" for s in STRATEGIES) + " |")
