@@ -39,8 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from simulator import machine, run  # noqa: E402
 
+from powercap.allocation import AllocationSettings  # noqa: E402
+from powercap.marginal import MarginalSettings  # noqa: E402
 from powercap.physics import H200_LIKE, NODE_POWER_PRESETS  # noqa: E402
-from powercap.simulation.engine import NO_CAPPING, ORACLE, POWERCAP, STATIC_SPLIT  # noqa: E402
+from powercap.simulation.engine import NO_CAPPING, ORACLE, POWERCAP, STATIC_SPLIT, EngineSettings  # noqa: E402
 from powercap.simulation.scenario import scenario_from_document  # noqa: E402
 
 STRATEGIES = (NO_CAPPING, STATIC_SPLIT, POWERCAP, ORACLE)
@@ -96,10 +98,10 @@ def rack_document(nameplate_gpus: int, gpus: int) -> dict[str, Any]:
     }
 
 
-def measure(nameplate_gpus: int, gpus: int, seed: int) -> dict[str, dict[str, float]]:
+def measure(nameplate_gpus: int, gpus: int, seed: int, settings: EngineSettings | None = None) -> dict[str, dict[str, float]]:
     """Per strategy: p99 latency proxy (s), seconds over maxPower, tokens/s, dropped %."""
     scenario = scenario_from_document(rack_document(nameplate_gpus, gpus)).with_overrides(seed=seed)
-    summary, _ = run(scenario, STRATEGIES)
+    summary, _ = run(scenario, STRATEGIES, settings)
     return {
         name: {
             "p99": figures["services"]["code"]["p99LatencyProxyS"] or 0.0,
@@ -121,12 +123,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=32, help="nameplate GPUs (a multiple of 4)")
     parser.add_argument("--step", type=int, default=4, help="GPUs added per configuration (a multiple of 4)")
     parser.add_argument("--up-to", type=int, default=64, help="most GPUs tried")
+    parser.add_argument("--marginal", action="store_true",
+                        help="powercap with the marginal-value rebalancing on (powercap.marginal; off as shipped)")
     args = parser.parse_args(argv)
+    settings = EngineSettings(allocation=AllocationSettings(marginal=MarginalSettings(enabled=True))) if args.marginal else None
     if args.gpus % GPUS_PER_NODE or args.step % GPUS_PER_NODE or args.step <= 0:
         parser.error(f"--gpus and --step must be positive multiples of {GPUS_PER_NODE} (GPUs per node)")
     nameplate_w = rack_max_power_w(args.gpus)
     print(f"Machine: {machine()}")
-    print(f"Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seeds {', '.join(map(str, args.seeds))}\n")
+    print(f"Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seeds {', '.join(map(str, args.seeds))}"
+          + ("; powercap with the marginal-value rebalancing on" if args.marginal else "") + "\n")
     print(f"One rack, maxPower {nameplate_w} W = {args.gpus} H200-like GPUs x {H200_LIKE.default_limit_w:.0f} W and their "
           f"servers beside them; GPU budget {gpu_budget_w(args.gpus, args.gpus)} W at the nameplate, "
           f"{gpu_budget_w(args.gpus, args.gpus) - gpu_budget_w(args.gpus, args.gpus + 1)} W less per GPU added; "
@@ -138,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed: dict[str, int | None] = {s.name: None for s in STRATEGIES}
     for gpus in range(args.gpus, args.up_to + 1, args.step):
         for seed in args.seeds:
-            figures = measure(args.gpus, gpus, seed)
+            figures = measure(args.gpus, gpus, seed, settings)
             if gpus == args.gpus:
                 nameplate[seed] = figures[NO_CAPPING.name]["p99"]
             cells = []
