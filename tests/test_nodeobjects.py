@@ -170,3 +170,25 @@ def test_the_node_cache_waits_for_both_lists_and_moves_with_either_caches_events
     version = cache.version
     cache.object_event("ADDED", powercapnode("gpu-1", telemetry(2000.0)))
     assert cache.version > version and read(cache.items()[0]) == 2000.0
+
+
+def test_the_simulated_agents_publish_powercapnodes_that_the_view_reads() -> None:
+    """The simulator's nodes: no telemetry before the first publish, then a PowerCapNode
+    whose status is the document, and the Node the view reads carries exactly it."""
+    from powercap.algorithms import AlgorithmRegistry
+    from powercap.policies import parse_policy
+    from powercap.simulation.scenario import default_scenario_text, load_scenario
+    from powercap.simulation.world import World
+
+    scenario = load_scenario(default_scenario_text())
+    registry = AlgorithmRegistry.default(discover=lambda: [])
+    policies = {p.key: p for p in (parse_policy(doc, registry) for doc in scenario.policies)}
+    node = World.build(scenario, policies).nodes[0]
+    assert node.telemetry_object() is None
+    assert TELEMETRY_ANNOTATION not in (node.api_object()["metadata"].get("annotations") or {})
+    sample = from_json(telemetry(2400.0, gpus=len(node.gpus)))
+    node.set_telemetry(sample)
+    published = node.telemetry_object()
+    assert published is not None and published["kind"] == NODE_KIND and published["metadata"]["name"] == node.name
+    assert published["status"] == to_document(sample)
+    assert read(node.api_object()) == 2400.0

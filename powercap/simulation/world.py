@@ -38,7 +38,8 @@ from powercap.physics import GpuModel, GpuState
 from powercap.policies import Policy
 from powercap.simulation.scenario import GPU_MODEL_LABEL, Rack, Scenario, Service
 from powercap.status import format_time
-from powercap.telemetry import TELEMETRY_ANNOTATION, NodeTelemetry, to_json
+from powercap.nodeobjects import node_object, object_document, with_telemetry
+from powercap.telemetry import NodeTelemetry, to_document
 
 EPOCH = datetime(2026, 1, 5, 0, 0, 0, tzinfo=timezone.utc)
 """Simulated time 0 as a wall-clock moment (timestamps in telemetry and pods)."""
@@ -308,27 +309,36 @@ class SimNode:
         return self.gpus[0].model
 
     def set_telemetry(self, telemetry: NodeTelemetry) -> None:
-        """The agent patched the node's telemetry annotation."""
+        """The agent published the status of the node's PowerCapNode."""
         self.telemetry = telemetry
         self._object = None
 
+    def telemetry_object(self) -> dict[str, Any] | None:
+        """The node's PowerCapNode as its agent published it (None before the first publish)."""
+        if self.telemetry is None:
+            return None
+        return {**node_object(self.name), "status": to_document(self.telemetry)}
+
     def api_object(self) -> dict[str, Any]:
-        """The Node as the API serves it; a new dict only when the telemetry changed."""
+        """The Node as the cluster view reads it: merged with its PowerCapNode, as the
+        extender and controller merge them (:mod:`powercap.nodeobjects`); a new dict only
+        when the telemetry changed."""
         if self._object is None:
-            annotations = {TELEMETRY_ANNOTATION: to_json(self.telemetry)} if self.telemetry is not None else {}
-            self._object = {
+            published = self.telemetry_object()
+            document = object_document(published) if published is not None else None
+            node = {
                 "apiVersion": "v1",
                 "kind": "Node",
                 "metadata": {
                     "name": self.name,
                     "labels": {RACK_LABEL: self.rack.spec.rack_id, GPU_MODEL_LABEL: self.gpu_model.name},
-                    "annotations": annotations,
                 },
                 "status": {
                     "capacity": {GPU_RESOURCE: str(len(self.gpus))},
                     "allocatable": {GPU_RESOURCE: str(len(self.gpus))},
                 },
             }
+            self._object = node if document is None else with_telemetry(node, document)
         return self._object
 
 
