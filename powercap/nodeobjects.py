@@ -65,7 +65,7 @@ def _node_name(obj: Mapping[str, Any]) -> str:
     return name if isinstance(name, str) else ""
 
 
-def with_telemetry(node: KubeObject, document: Mapping[str, Any]) -> KubeObject:
+def with_telemetry(node: Mapping[str, Any], document: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``node`` whose telemetry annotation holds ``document`` (the node itself is
     shared by a watch cache and never changed)."""
     metadata = node.get("metadata") or {}

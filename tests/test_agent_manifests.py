@@ -43,7 +43,9 @@ def test_rbac_is_least_privilege(built: Built) -> None:
     assert rules == {
         ("", "pods"): ["list", "watch"],
         ("powercapping.example.com", "powercappingpolicies"): ["list", "watch"],
-        ("", "nodes"): ["get", "patch"],
+        ("", "nodes"): ["get"],  # never a write to a Node: telemetry goes to its PowerCapNode
+        ("powercapping.example.com", "powercapnodes"): ["create"],
+        ("powercapping.example.com", "powercapnodes/status"): ["patch"],
         ("events.k8s.io", "events"): ["create"],
     }
     binding = built["ClusterRoleBinding", "powercap-agent"]

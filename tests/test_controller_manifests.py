@@ -30,6 +30,7 @@ def test_the_controller_may_only_read_write_status_evict_and_record_events() -> 
     assert rules == {
         ("", "nodes"): ["list", "watch"],
         ("", "pods"): ["list", "watch"],
+        ("powercapping.example.com", "powercapnodes"): ["list", "watch"],
         ("powercapping.example.com", "powercappingpolicies"): ["get", "list", "watch"],
         ("powercapping.example.com", "powercappingpolicies/status"): ["update"],
         ("", "pods/eviction"): ["create"],

@@ -326,7 +326,7 @@ class SimNode:
         if self._object is None:
             published = self.telemetry_object()
             document = object_document(published) if published is not None else None
-            node = {
+            node: dict[str, Any] = {
                 "apiVersion": "v1",
                 "kind": "Node",
                 "metadata": {
