@@ -192,3 +192,31 @@ def test_the_simulated_agents_publish_powercapnodes_that_the_view_reads() -> Non
     assert published is not None and published["kind"] == NODE_KIND and published["metadata"]["name"] == node.name
     assert published["status"] == to_document(sample)
     assert read(node.api_object()) == 2400.0
+
+
+def test_every_field_of_the_crd_has_a_description_for_kubectl_explain() -> None:
+    """And the schema holds what the agent writes: every key of the document is a property."""
+    import yaml
+
+    from tests.conftest import REPO_ROOT
+
+    crd = yaml.safe_load((REPO_ROOT / "config" / "crd" / "powercapping.example.com_powercapnodes.yaml").read_text())
+    [version] = crd["spec"]["versions"]
+    undescribed: list[str] = []
+
+    def walk(schema: dict[str, Any], path: str) -> None:
+        if path != "metadata" and not schema.get("description"):
+            undescribed.append(path or "<root>")
+        for name, child in (schema.get("properties") or {}).items():
+            walk(child, f"{path}.{name}" if path else name)
+        if "items" in schema:
+            walk(schema["items"], f"{path}[]")
+
+    walk(version["schema"]["openAPIV3Schema"], "")
+    assert undescribed == []
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]
+    sample = json.loads(telemetry(2400.0, pods=["inference/llama-0"]))
+    sample["nodePower"] = {"watts": 4000, "source": "redfish", "ageS": 1.5}
+    assert set(sample) <= set(status["properties"])
+    assert set(sample["gpus"][0]) <= set(status["properties"]["gpus"]["items"]["properties"])
+    assert set(sample["nodePower"]) <= set(status["properties"]["nodePower"]["properties"])
