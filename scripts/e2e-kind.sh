@@ -27,7 +27,8 @@ set -euo pipefail
 readonly NAMESPACE=powercap-system
 readonly SCHEDULER_NAME=power-aware-scheduler
 readonly RACK_LABEL=powercapping.example.com/rack
-readonly TELEMETRY_ANNOTATION=powercapping.example.com/telemetry
+readonly NODE_TELEMETRY_KIND=PowerCapNode
+readonly NODE_TELEMETRY_API_VERSION=powercapping.example.com/v1alpha1
 readonly POLICY_LABEL=powercapping.example.com/policy
 readonly GPU_RESOURCE=nvidia.com/gpu
 readonly POLICY_SAMPLE=config/samples/rack-constraints.yaml
@@ -79,7 +80,7 @@ images:
 EOF
 }
 
-# telemetry_json GPU_POWER_W INLET_C: what the node agent writes to its Node, for
+# telemetry_json GPU_POWER_W INLET_C: what the node agent writes to its PowerCapNode's status, for
 # GPUS_PER_NODE GPUs without a pod, each drawing GPU_POWER_W.
 telemetry_json() {
   local per_gpu_w="$1" inlet_c="$2" gpus="" i
@@ -146,10 +147,19 @@ workers() {
   kubectl get nodes -l '!node-role.kubernetes.io/control-plane' -o name | sort
 }
 
+# publish_telemetry: each worker's PowerCapNode, as its node agent would publish it (kind
+# has no GPUs, so no agent runs): created once, then its status patched. As the admin: the
+# admission policy binds only the agent's ServiceAccount to its own node.
 publish_telemetry() {
-  local i=0 node
+  local i=0 node name
   for node in $(workers); do
-    kubectl annotate --overwrite "$node" "$TELEMETRY_ANNOTATION=$(telemetry_json "${GPU_POWER_W[$i]}" "${INLET_C[$i]}")" >/dev/null
+    name="${node#node/}"
+    if ! kubectl get "powercapnode/$name" >/dev/null 2>&1; then
+      printf '{"apiVersion":"%s","kind":"%s","metadata":{"name":"%s"}}' "$NODE_TELEMETRY_API_VERSION" "$NODE_TELEMETRY_KIND" "$name" |
+        kubectl create -f - >/dev/null
+    fi
+    kubectl patch "powercapnode/$name" --subresource=status --type=merge \
+      -p "{\"status\":$(telemetry_json "${GPU_POWER_W[$i]}" "${INLET_C[$i]}")}" >/dev/null
     i=$((i + 1))
   done
 }

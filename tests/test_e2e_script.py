@@ -29,7 +29,8 @@ from powercap.algorithms import AlgorithmRegistry
 from powercap.cluster import ClusterSettings
 from powercap.objects import RACK_LABEL
 from powercap.policies import POLICY_LABEL
-from powercap.telemetry import TELEMETRY_ANNOTATION, from_json
+from powercap.nodeobjects import NODE_API_VERSION, NODE_KIND
+from powercap.telemetry import from_json
 from tests.conftest import REPO_ROOT
 from tests.fakes.objects import extender_args, gpu_node, kubectl_list, rfc3339
 from tests.manifests import Manifest, find, kustomize_build, pod_templates
@@ -80,7 +81,8 @@ def test_names_match_the_manifests_and_the_code(bundle: list[Manifest]) -> None:
     assert variable("SCHEDULER_NAME") == scheduler_config["profiles"][0]["schedulerName"]
     assert variable("GPU_RESOURCE") == scheduler_config["extenders"][0]["managedResources"][0]["name"]
     assert variable("RACK_LABEL") == RACK_LABEL
-    assert variable("TELEMETRY_ANNOTATION") == TELEMETRY_ANNOTATION
+    assert variable("NODE_TELEMETRY_KIND") == NODE_KIND
+    assert variable("NODE_TELEMETRY_API_VERSION") == NODE_API_VERSION
     assert variable("POLICY_LABEL") == POLICY_LABEL
     sample = yaml.safe_load((REPO_ROOT / variable("POLICY_SAMPLE")).read_text())
     assert variable("POLICY_NAME") == sample["metadata"]["name"]
@@ -222,7 +224,9 @@ def test_script_runs_start_to_finish_against_stand_ins(tmp_path: Path) -> None:
     for rack in ("rack-1", "rack-2", "rack-3"):
         assert any(c.startswith("kubectl label --overwrite node/") and c.endswith(f"{RACK_LABEL}={rack}") for c in calls)
     assert sum("--subresource=status" in c and "nvidia.com~1gpu" in c for c in calls) == 3
-    assert any(c.startswith(f"kubectl annotate --overwrite node/powercap-e2e-worker {TELEMETRY_ANNOTATION}=") for c in calls)
+    assert any(c.startswith("kubectl patch powercapnode/powercap-e2e-worker --subresource=status --type=merge -p ")
+               for c in calls)
+    assert not any(c.startswith("kubectl annotate") for c in calls), "no Node carries telemetry any more"
     order = ["docker build -t powercap:e2e .", "kind load docker-image powercap:e2e --name powercap-e2e",
              "kubectl apply -k out/e2e-kind", "powercap certs --service powercap-webhook --namespace powercap-system"]
     positions = [next(i for i, c in enumerate(calls) if c.startswith(step)) for step in order]
