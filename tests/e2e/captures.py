@@ -182,12 +182,21 @@ def refused_for_budget(plane: ControlPlane) -> str:
     return pod_events(plane, "inference", name).replace(name, "chat-7d9f8c6b5-x2qrm")
 
 
+def get_pcn(plane: ControlPlane) -> str:
+    """Each GPU node's PowerCapNode, once every agent of the scenario has published."""
+    def published() -> bool:
+        return len([o for o in plane.get_json("powercapnodes")["items"] if o.get("status")]) == 4
+    wait_until(published, 60, "every simulated agent's first PowerCapNode")
+    return kubectl_output(plane.kubectl("get", "pcn"))
+
+
 CAPTURES = [
     Capture("refused-by-webhook", "kubectl apply -f policy.yaml", refused_by_webhook),
     Capture("refused-overlap", "kubectl apply -f canary.yaml", refused_overlap),
     Capture("refused-client-go", "", refused_client_go),
     Capture("refused-too-deep", "kubectl create -f policy.yaml", refused_too_deep),
     Capture("get-pcp", "kubectl get pcp -A", get_pcp("-A"), volatile=True),
+    Capture("get-pcn", "kubectl get pcn", get_pcn, volatile=True),
     Capture("get-pcp-wide", "kubectl get pcp -n inference -o wide", get_pcp("-n", "inference", "-o", "wide"), volatile=True),
     Capture("describe-pcp", "kubectl describe pcp -n batch mistral-7b | grep -v powercapping.example.com/agent",
             describe_pcp, volatile=True),
