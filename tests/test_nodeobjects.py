@@ -220,3 +220,19 @@ def test_every_field_of_the_crd_has_a_description_for_kubectl_explain() -> None:
     assert set(sample) <= set(status["properties"])
     assert set(sample["gpus"][0]) <= set(status["properties"]["gpus"]["items"]["properties"])
     assert set(sample["nodePower"]) <= set(status["properties"]["nodePower"]["properties"])
+
+
+def test_without_the_powercapnode_list_the_view_waits_rather_than_read_annotations_alone() -> None:
+    """CRD not installed yet, or the list refused: the extender answers not ready (pods wait
+    and are retried) and the controller runs no round, as when they are down."""
+    from powercap.algorithms import AlgorithmRegistry
+    from powercap.runtime.sources import CacheSource, NotReady
+
+    nodes = TelemetryNodes()
+    nodes.attach(ListCache("nodes"), ListCache("powercapnodes", synced=False))
+    nodes.node_event("ADDED", gpu_node("gpu-1", "rack-1", telemetry(1000.0)))
+    source = CacheSource(nodes, ListCache("pods"), ListCache("powercappingpolicies"), ClusterSettings(),
+                         AlgorithmRegistry.default(discover=lambda: []), clock=lambda: NOW)
+    assert source.readiness() == "waiting for the first list of powercapnodes"
+    with pytest.raises(NotReady, match="powercapnodes"):
+        source.current()
