@@ -214,6 +214,13 @@ def test_the_progress_bar_redraws_one_line_on_a_terminal() -> None:
     assert "75.0%" in text and "powercap" in text
 
 
+def as_from_a_terminal() -> None:
+    """Ctrl-C's SIGINT as a shell's foreground job gets it: a suite started in the background
+    (``cmd &`` in a script) passes SIGINT ignored to its children, and Python then never raises
+    KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 PREVIOUS_RUN = {"summary.json": "{\"previous\": true}\n", "throughput.png": "an earlier plot"}
 
 
@@ -234,6 +241,7 @@ def test_ctrl_c_exits_130_keeping_the_previous_run_whole(tmp_path: Path, after_l
     process = subprocess.Popen(
         [str(script), "simulate", "--duration", "120", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=as_from_a_terminal,
     )
     assert process.stderr is not None
     seen = []
@@ -257,6 +265,7 @@ def test_ctrl_c_before_any_previous_run_creates_nothing(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [str(script), "simulate", "--duration", "120", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=as_from_a_terminal,
     )
     assert process.stderr is not None
     for line in process.stderr:

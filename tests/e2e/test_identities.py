@@ -48,9 +48,14 @@ PERMISSIONS = [
 def test_each_program_may_do_its_own_work_and_nothing_of_the_others(
     cluster: ControlPlane, account: str, verb: str, resource: str, allowed: bool,
 ) -> None:
+    assert_can_i(cluster, account, verb, resource, ["--all-namespaces"], allowed)
+
+
+def assert_can_i(cluster: ControlPlane, account: str, verb: str, resource: str, scope: list[str], allowed: bool) -> None:
+    """`kubectl auth can-i` as the ServiceAccount ``account``: ``resource`` may name a subresource."""
     kind, _, subresource = resource.partition("/")
     done = cluster.kubectl("auth", "can-i", verb, kind, *([f"--subresource={subresource}"] if subresource else []),
-                           "--all-namespaces", f"--as={ACCOUNT.format(account)}", check=False)
+                           *scope, f"--as={ACCOUNT.format(account)}", check=False)
     assert done.stdout.strip() == ("yes" if allowed else "no"), done.stdout + done.stderr
 
 
@@ -71,11 +76,7 @@ VERSION_CHECK_PERMISSIONS = [
 def test_the_version_check_may_only_get_pods_of_its_namespace(
     cluster: ControlPlane, verb: str, resource: str, namespace: str, allowed: bool,
 ) -> None:
-    kind, _, subresource = resource.partition("/")
-    done = cluster.kubectl("auth", "can-i", verb, kind, *([f"--subresource={subresource}"] if subresource else []),
-                           *(["-n", namespace] if namespace else []),
-                           f"--as={ACCOUNT.format('powercap-version-check')}", check=False)
-    assert done.stdout.strip() == ("yes" if allowed else "no"), done.stdout + done.stderr
+    assert_can_i(cluster, "powercap-version-check", verb, resource, ["-n", namespace] if namespace else [], allowed)
 
 
 def secret_token(cluster: ControlPlane, name: str) -> list[str]:
