@@ -21,7 +21,7 @@ import copy
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from simulator import ALL, SHOWN, Document, capacity_runs, default_document, machine, run, spread, versus_static  # noqa: E402
 
+from powercap.simulation.cli import trace_reader  # noqa: E402
 from powercap.simulation.scenario import Scenario, scenario_from_document  # noqa: E402
 
 SCENARIO_PATH = Path(__file__).resolve().parent / "scenarios" / "azure-conv.yaml"
@@ -60,10 +61,7 @@ def recorded_document() -> Document:
 
 def load(document: Document) -> Scenario:
     """A scenario from a document whose trace files are relative to the scenario file."""
-    def read_trace(name: str) -> Iterator[str]:
-        with (SCENARIO_PATH.parent / name).open(encoding="utf-8", newline="") as lines:
-            yield from lines
-    return scenario_from_document(copy.deepcopy(document), read_trace=read_trace)
+    return scenario_from_document(copy.deepcopy(document), read_trace=trace_reader(SCENARIO_PATH.parent))
 
 
 def same_caps(seeds: Sequence[int], document: Document) -> None:

@@ -267,6 +267,18 @@ def matplotlib_missing() -> bool:
         return True
 
 
+def trace_reader(directory: Path) -> Callable[[str], Iterator[str]]:
+    """Reads the trace files a scenario in ``directory`` names, relative to it; a line that is
+    not UTF-8 is a :class:`TraceError` naming the file and the line."""
+    def read_trace(name: str) -> Iterator[str]:
+        with (directory / name).open(encoding="utf-8", newline="") as lines:
+            try:
+                yield from lines
+            except UnicodeDecodeError:
+                raise TraceError(undecodable_line(directory / name)) from None
+    return read_trace
+
+
 def read_scenario(
     path: str | None, err: TextIO, duration_s: float | None = None, seed: int | None = None
 ) -> tuple[Scenario, str] | None:
@@ -277,17 +289,8 @@ def read_scenario(
         if path is None:
             text = default_scenario_text()
             return load_scenario(text, duration_s=duration_s, seed=seed), text
-        directory = Path(path).parent
-
-        def read_trace(name: str) -> Iterator[str]:
-            with (directory / name).open(encoding="utf-8", newline="") as lines:
-                try:
-                    yield from lines
-                except UnicodeDecodeError:
-                    raise TraceError(undecodable_line(directory / name)) from None
-
         text = Path(path).read_text(encoding="utf-8")
-        return load_scenario(text, read_trace=read_trace, duration_s=duration_s, seed=seed), text
+        return load_scenario(text, read_trace=trace_reader(Path(path).parent), duration_s=duration_s, seed=seed), text
     except FileNotFoundError:
         err.write(f"{name}: error: no such file\n")
     except IsADirectoryError:
