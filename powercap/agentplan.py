@@ -85,7 +85,7 @@ from datetime import datetime
 from enum import Enum
 from functools import lru_cache
 from types import MappingProxyType
-from typing import Any, Protocol, TypeGuard
+from typing import Any, NamedTuple, Protocol, TypeGuard
 
 from powercap.allocation import AllocationSettings, budget_w
 from powercap.control import CapReason, ControlSettings, ControlState, GpuMeasurement, next_cap
@@ -276,15 +276,36 @@ class GpuPlan:
 
 def node_allocation(policy: Policy, node: str) -> Mapping[str, Any] | None:
     """The policy's ``status.allocations`` entry for ``node`` (the first one naming it), or None."""
-    return _allocations_of(_SamePolicy(policy)).by_node.get(node)
+    return _node_entry(policy, node).entry
 
 
 @dataclass(frozen=True)
 class _Allocations:
-    """A policy's ``status.allocations`` read once: each node's entry, and :func:`service_allocated_w`."""
+    """A policy's ``status`` read once: each node's allocation entry, :func:`service_allocated_w`,
+    :func:`~powercap.placement.policy_budget_w`;
+    ``read_nodes`` holds what :func:`_node_entry` read of an entry, filled as nodes ask."""
 
     by_node: Mapping[str, Mapping[str, Any]]
     service_w: float
+    budget_w: int
+    read_nodes: dict[str, _NodeEntry] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _NodeEntry:
+    """One node's ``status.allocations`` entry read once per policy object: ``entry`` (None:
+    no entry), its :func:`entry_total_w`, the UUIDs its ``gpus`` list names
+    (:func:`allocated_uuids`), each named GPU's watts (the first valid one per UUID), and,
+    without a ``gpus`` list, its ``watts`` when they are a number."""
+
+    entry: Mapping[str, Any] | None
+    total_w: float = 0.0
+    uuids: frozenset[str] = frozenset()
+    gpu_watts: Mapping[str, float] | None = None
+    node_watts: float | None = None
+
+
+_NO_ENTRY = _NodeEntry(None)
 
 
 class _SamePolicy:
@@ -314,15 +335,38 @@ def _allocations_of(key: _SamePolicy) -> _Allocations:
         node = entry.get("node")
         if isinstance(node, str):
             by_node.setdefault(node, entry)
-    return _Allocations(by_node=by_node, service_w=sum(entry_total_w(e) for e in entries))
+    return _Allocations(by_node=by_node, service_w=sum(entry_total_w(e) for e in entries), budget_w=policy_budget_w(key.policy))
+
+
+def _node_entry(policy: Policy, node: str) -> _NodeEntry:
+    """What a node's agent reads of its entry, once per policy object and node (every tick
+    would read the same: a new status is a new Policy)."""
+    allocations = _allocations_of(_SamePolicy(policy))
+    read = allocations.read_nodes.get(node)
+    if read is not None:
+        return read
+    entry = allocations.by_node.get(node)
+    if entry is None:
+        read = _NO_ENTRY
+    else:
+        gpus = entry.get("gpus")
+        gpu_watts: dict[str, float] | None = None
+        uuids: frozenset[str] = frozenset()
+        if isinstance(gpus, (list, tuple)):
+            gpu_watts = {}
+            for gpu in gpus:
+                if isinstance(gpu, Mapping) and isinstance(gpu.get("uuid"), str) and _is_number(gpu.get("watts")):
+                    gpu_watts.setdefault(gpu["uuid"], float(gpu["watts"]))
+            uuids = frozenset(str(gpu["uuid"]) for gpu in gpus if isinstance(gpu, Mapping) and gpu.get("uuid"))
+        watts = entry.get("watts")
+        read = _NodeEntry(entry, entry_total_w(entry), uuids, gpu_watts, float(watts) if _is_number(watts) else None)
+    allocations.read_nodes[node] = read
+    return read
 
 
 def allocated_uuids(policy: Policy, node: str) -> frozenset[str]:
     """GPU UUIDs that the policy's allocation for ``node`` names."""
-    entry = node_allocation(policy, node) or {}
-    return frozenset(
-        str(gpu["uuid"]) for gpu in entry.get("gpus") or () if isinstance(gpu, Mapping) and gpu.get("uuid")
-    )
+    return _node_entry(policy, node).uuids
 
 
 def allocation_w(policy: Policy, node: str, uuid: str, gpus_on_node: int) -> float | None:
@@ -331,19 +375,18 @@ def allocation_w(policy: Policy, node: str, uuid: str, gpus_on_node: int) -> flo
     The per-GPU entry wins; a node entry with no ``gpus`` list is split evenly:
     ``floor(watts / gpus_on_node)``, so the split never sums above the node's share.
     """
-    entry = node_allocation(policy, node)
-    if entry is None:
+    return _gpu_allocation_w(_node_entry(policy, node), uuid, gpus_on_node)
+
+
+def _gpu_allocation_w(read: _NodeEntry, uuid: str, gpus_on_node: int) -> float | None:
+    """:func:`allocation_w` from the node's entry."""
+    if read.entry is None:
         return None
-    gpus = entry.get("gpus")
-    if isinstance(gpus, (list, tuple)):
-        for gpu in gpus:
-            if isinstance(gpu, Mapping) and gpu.get("uuid") == uuid and _is_number(gpu.get("watts")):
-                return float(gpu["watts"])
+    if read.gpu_watts is not None:
+        return read.gpu_watts.get(uuid)
+    if read.node_watts is None or gpus_on_node <= 0:
         return None
-    watts = entry.get("watts")
-    if not _is_number(watts) or gpus_on_node <= 0:
-        return None
-    return float(math.floor(float(watts) / gpus_on_node))
+    return float(math.floor(read.node_watts / gpus_on_node))
 
 
 def _is_number(value: Any) -> TypeGuard[float]:
@@ -485,28 +528,41 @@ def max_inlet_c(policy: Policy, node_rack: str | None, apply_all_racks: bool) ->
     return rack.max_temperature_c if rack else None
 
 
-@dataclass(frozen=True)
-class _Owner:
+class _Owner(NamedTuple):
     policy: Policy | None
     pod: KubeObject | None
 
 
-def _owner(inputs: TickInputs, uuid: str) -> _Owner:
+def _owners(inputs: TickInputs) -> dict[str, _Owner]:
+    """Each reading's owner (module docstring, in order: its pods' policy, an allocation naming
+    it, the file's policy) and its pod; a GPU's pods are looked up once per tick, however many
+    GPUs they span (a tensor-parallel pod spans up to 8)."""
+    by_pods: dict[frozenset[str], tuple[Policy | None, KubeObject | None]] = {}
+    owners: dict[str, _Owner] = {}
+    for reading in inputs.readings:
+        uids = frozenset(inputs.pod_uids_by_gpu.get(reading.uuid, frozenset()))
+        found = by_pods.get(uids)
+        if found is None:
+            found = by_pods[uids] = _pods_owner(inputs, uids)
+        policy, pod = found
+        if policy is None:
+            policy = _allocated_to(inputs, reading.uuid) or _policy_by_key(inputs, inputs.node_policy)
+        owners[reading.uuid] = _Owner(policy, pod)
+    return owners
+
+
+def _pods_owner(inputs: TickInputs, uids: frozenset[str]) -> tuple[Policy | None, KubeObject | None]:
+    """The policy of the first of these active pods (by key) that one matches, and that pod;
+    else None and the first pod (None without one)."""
     pods = sorted(
-        (
-            inputs.pods_by_uid[uid]
-            for uid in inputs.pod_uids_by_gpu.get(uuid, frozenset())
-            if uid in inputs.pods_by_uid and pod_is_active(inputs.pods_by_uid[uid])
-        ),
+        (inputs.pods_by_uid[uid] for uid in uids if uid in inputs.pods_by_uid and pod_is_active(inputs.pods_by_uid[uid])),
         key=object_key,
     )
     for pod in pods:
         policy = policy_for_pod(pod, inputs.policies)
         if policy is not None:
-            return _Owner(policy, pod)
-    by_allocation = _allocated_to(inputs, uuid)
-    owner = by_allocation or _policy_by_key(inputs, inputs.node_policy)
-    return _Owner(owner, pods[0] if pods else None)
+            return policy, pod
+    return None, pods[0] if pods else None
 
 
 def _allocated_to(inputs: TickInputs, uuid: str) -> Policy | None:
@@ -687,8 +743,7 @@ def _w(watts: float) -> str:
     return f"{watts:.0f}" if abs(watts - round(watts)) < 0.05 else f"{watts:.1f}"
 
 
-@dataclass(frozen=True)
-class _Member:
+class _Member(NamedTuple):
     """One movable GPU of a policy on this node: its limits and its allocation."""
 
     uuid: str
@@ -702,10 +757,10 @@ def share_out(
 ) -> tuple[PolicyShare, dict[str, float]]:
     """The ceilings of a policy's movable GPUs on ``node`` (module docstring: allowance,
     room, :func:`fit_w`) and the share's summary."""
-    budget = float(policy_budget_w(policy))
-    entry = node_allocation(policy, node)
-    allocated = entry_total_w(entry) if entry is not None else 0.0
-    service = service_allocated_w(policy)
+    read = _allocations_of(_SamePolicy(policy))
+    budget = float(read.budget_w)
+    allocated = _node_entry(policy, node).total_w
+    service = read.service_w
     scale = min(1.0, budget / service) if service > 0 else 1.0
     unallocated = sum(m.min_w for m in members if m.allocation_w is None)
     allowance = min(budget, allocated * scale + unallocated)
@@ -753,8 +808,8 @@ def plan_tick(inputs: TickInputs) -> tuple[GpuPlan, ...]:
 
 def plan_node(inputs: TickInputs) -> NodePlan:
     """The whole tick: ownership, each policy's share of the node, then each GPU's plan."""
-    owners = {r.uuid: _owner(inputs, r.uuid) for r in inputs.readings}
-    unseen_owners = _unseen_owners(inputs)
+    owners = _owners(inputs)
+    unseen_owners = _unseen_owners(inputs) if inputs.unseen else {}
     owned: dict[str, list[GpuReading]] = {}
     for reading in inputs.readings:
         policy = owners[reading.uuid].policy
@@ -778,19 +833,22 @@ def plan_node(inputs: TickInputs) -> NodePlan:
         unseen = unseen_by_policy.get(key, [])
         n = len(readings) + len(unseen)
         movable, held = [], [held_w(g, inputs.readings) for g in unseen]
+        entry = _node_entry(policy, inputs.node)
         for reading in readings:
-            allocations[reading.uuid] = allocation_w(policy, inputs.node, reading.uuid, n)
+            allocations[reading.uuid] = _gpu_allocation_w(entry, reading.uuid, n)
             if reading.uuid in inputs.stuck:
                 held.append(reading.requested_limit_w)
             else:
                 movable.append(_Member(reading.uuid, reading.min_limit_w, reading.max_limit_w, allocations[reading.uuid]))
         share, policy_ceilings = share_out(policy, inputs.node, movable, held, n)
-        shares[key] = replace(share, unreadable=inputs.unreadable_policies.get(key))
+        unreadable = inputs.unreadable_policies.get(key)
+        shares[key] = share if unreadable is None else replace(share, unreadable=unreadable)
         ceilings.update(policy_ceilings)
     for key, why in inputs.unreadable_policies.items():
         if key not in shares:
             shares[key] = PolicyShare(key, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, False, False, unreadable=why)
     pod_loads = _pod_loads(inputs)
+    policy_ticks: dict[int, _PolicyTick] = {}
     plans = []
     for reading in inputs.readings:
         owner = owners[reading.uuid]
@@ -798,9 +856,12 @@ def plan_node(inputs: TickInputs) -> NodePlan:
         if owner.policy is None:
             plans.append(_plan_unowned(inputs, reading, owner.pod, record))
         else:
+            policy_tick = policy_ticks.get(id(owner.policy))
+            if policy_tick is None:
+                policy_tick = policy_ticks[id(owner.policy)] = _policy_tick(inputs, owner.policy)
             ceiling = ceilings.get(reading.uuid)
             allocation = allocations.get(reading.uuid)
-            plans.append(_plan_owned(inputs, reading, owner, record, allocation, ceiling, pod_loads))
+            plans.append(_plan_owned(inputs, reading, owner, record, allocation, ceiling, pod_loads, policy_tick))
     return NodePlan(tuple(plans), MappingProxyType(shares), tuple(unattributed))
 
 
@@ -828,6 +889,28 @@ def _plan_unowned(inputs: TickInputs, reading: GpuReading, pod: KubeObject | Non
     return replace(base, action=action, cap_w=reading.default_limit_w, reason=LEFT_POLICIES, record=kept)
 
 
+class _PolicyTick(NamedTuple):
+    """What one tick's plan of every GPU of a policy shares."""
+
+    key: str
+    fresh: bool
+    max_inlet_c: float | None
+    enforcing: bool
+
+
+def _policy_tick(inputs: TickInputs, policy: Policy) -> _PolicyTick:
+    key = policy.key
+    return _PolicyTick(
+        key=key,
+        fresh=inputs.policy_fresh and key not in inputs.unreadable_policies,
+        max_inlet_c=max_inlet_c(policy, inputs.node_rack, inputs.apply_all_racks),
+        enforcing=inputs.enforce and policy.enforced,
+    )
+
+
+_NO_CONTROL_STATE = ControlState()
+
+
 def _plan_owned(
     inputs: TickInputs,
     reading: GpuReading,
@@ -836,11 +919,14 @@ def _plan_owned(
     allocation: float | None,
     ceiling: float | None,
     pod_loads: Mapping[str, _PodLoad],
+    policy_tick: _PolicyTick,
 ) -> GpuPlan:
     policy = owner.policy
     assert policy is not None
-    fresh = inputs.policy_fresh and policy.key not in inputs.unreadable_policies
+    policy_key = policy_tick.key
+    fresh = policy_tick.fresh
     pod_uid = (owner.pod.get("metadata") or {}).get("uid") if owner.pod else None
+    pod_key = object_key(owner.pod) if owner.pod else None
     ratio: float | None = None
     tokens_s: float | None = None
     if pod_uid is not None:
@@ -850,25 +936,25 @@ def _plan_owned(
         if policy.performance is not None:
             ratio = tokens_per_joule(pod_tokens_s, load.power_w)
     memory = inputs.memories.get(reading.uuid)
-    if memory is not None and memory.policy == policy.key:
+    if memory is not None and memory.policy == policy_key:
         state = memory.control
-    elif record is not None and record.policy == policy.key:
+    elif record is not None and record.policy == policy_key:
         state = record.control_state()
     else:
-        state = ControlState()
-    ask_w = min(max(allocation if allocation is not None else reading.min_limit_w, reading.min_limit_w),
-                max(reading.min_limit_w, reading.max_limit_w))
+        state = _NO_CONTROL_STATE
+    min_w, max_w, current_w = reading.min_limit_w, reading.max_limit_w, reading.requested_limit_w
+    ask_w = min(max(allocation if allocation is not None else min_w, min_w), max(min_w, max_w))
     clamped = ceiling is not None and ceiling < ask_w - 1e-9
     law_allocation = ceiling if clamped else allocation
     measurement = GpuMeasurement(
-        current_cap_w=reading.requested_limit_w,
-        min_w=reading.min_limit_w,
-        max_w=reading.max_limit_w,
+        current_cap_w=current_w,
+        min_w=min_w,
+        max_w=max_w,
         allocation_w=law_allocation,
         temperature_c=reading.temperature_c,
         slowdown_c=reading.slowdown_c,
         inlet_c=inputs.inlet_c,
-        max_inlet_c=max_inlet_c(policy, inputs.node_rack, inputs.apply_all_racks),
+        max_inlet_c=policy_tick.max_inlet_c,
         tokens_per_joule=ratio,
         target=policy.performance,
         policy_fresh=fresh,
@@ -880,7 +966,6 @@ def _plan_owned(
     if decision.change and _lost_to_reset(reading, record):
         reason = DRIVER_RESET
     cap_w, change = decision.cap_w, decision.change
-    current_w = reading.requested_limit_w
     if not fresh:
         if not change:
             reason = CapReason.STALE_POLICY.value if not inputs.policy_fresh else POLICY_UNREADABLE
@@ -890,14 +975,14 @@ def _plan_owned(
             if target_w is not None and target_w < min(cap_w, current_w) - DEFAULT_LIMIT_TOLERANCE_W:
                 cap_w, change = target_w, True
                 reason = DRIVER_RESET if why == RECORDED_CAP and _lost_to_reset(reading, record) else why
-    enforcing = inputs.enforce and policy.enforced
+    enforcing = policy_tick.enforcing
     if reading.uuid in inputs.stuck:
         # Its setter fails: it counts at the limit it holds (the others made room) and its
         # record keeps the lower cap to go back to once the setter answers.
         return GpuPlan(
             uuid=reading.uuid, index=reading.index, action=Action.HOLD, cap_w=current_w, previous_w=current_w,
-            reason=STUCK, policy=policy, pod=object_key(owner.pod) if owner.pod else None, pod_uid=pod_uid,
-            tokens_per_joule=ratio, tokens_s=tokens_s, record=record, memory=GpuMemory(policy.key, state),
+            reason=STUCK, policy=policy, pod=pod_key, pod_uid=pod_uid,
+            tokens_per_joule=ratio, tokens_s=tokens_s, record=record, memory=GpuMemory(policy_key, state),
         )
     if change:
         action = Action.SET if enforcing else Action.OBSERVE
@@ -918,13 +1003,13 @@ def _plan_owned(
         previous_w=current_w,
         reason=reason,
         policy=policy,
-        pod=object_key(owner.pod) if owner.pod else None,
+        pod=pod_key,
         pod_uid=pod_uid,
         tokens_per_joule=ratio,
         tokens_s=tokens_s,
         emergency=decision.emergency,
         record=next_record,
-        memory=GpuMemory(policy.key, decision.state),
+        memory=GpuMemory(policy_key, decision.state),
     )
 
 

@@ -28,7 +28,7 @@ Safety rules on top:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 
 from powercap.numeric import clamp
@@ -157,7 +157,10 @@ def next_cap(
         desired = min(desired, thermal_limit)
     desired = clamp(desired, low, high)
 
-    new_state = replace(state, ratio_offset_w=offset, thermal_limit_w=thermal_limit, last_cut_at_s=last_cut)
+    if offset == state.ratio_offset_w and thermal_limit == state.thermal_limit_w and last_cut == state.last_cut_at_s:
+        new_state = state  # most ticks: nothing to remember anew
+    else:
+        new_state = ControlState(ratio_offset_w=offset, thermal_limit_w=thermal_limit, last_cut_at_s=last_cut)
     current = measurement.current_cap_w
     if not measurement.policy_fresh and not (reason is CapReason.THERMAL_CUT and desired < current):
         # Without a fresh policy the agent keeps the caps it has: only a thermal cut moves them.

@@ -214,6 +214,8 @@ class _Run:
         # Per node, as each agent holds them: its memory of each GPU, its state file's records.
         self.memories: dict[str, dict[str, GpuMemory]] = {node.name: {} for node in self.world.nodes}
         self.records: dict[str, dict[str, CapRecord]] = {node.name: {} for node in self.world.nodes}
+        self.policy_list: tuple[int, list[Policy]] | None = None  # (policies_version, the parsed policies)
+        self.node_pods: dict[int, tuple[int, list[SimPod], dict[str, frozenset[str]]]] = {}  # see _pods_on
         self.pod_names_by_gpu: dict[str, dict[str, str | None]] = {}
         self.tokens_s_by_gpu: dict[str, dict[str, float | None]] = {}
         self.published_at: dict[str, float] = {}
@@ -351,8 +353,25 @@ class _Run:
         else:
             self._fixed_caps_tick(self.node_gpu_slots[node_index])
         self._publish(node, t_s)
-        for pod in {gpu.pod.key: gpu.pod for gpu in node.gpus if gpu.pod is not None}.values():
+        for pod in self._pods_on(node)[0]:
             pod.tick_served_tokens, pod.tick_s = pod.served_tokens, t_s
+
+    def _pods_on(self, node: SimNode) -> tuple[list[SimPod], dict[str, frozenset[str]]]:
+        """The node's pods (in GPU order) and the UIDs of the pod on each of its GPUs; rebuilt
+        after a pod binds or unbinds anywhere."""
+        layout_changes = self.world.pod_arrays.layout_changes
+        cached = self.node_pods.get(node.index)
+        if cached is None or cached[0] != layout_changes:
+            pods = list({gpu.pod.key: gpu.pod for gpu in node.gpus if gpu.pod is not None}.values())
+            uids = {gpu.uuid: frozenset({gpu.pod.uid}) if gpu.pod is not None else frozenset() for gpu in node.gpus}
+            cached = self.node_pods[node.index] = (layout_changes, pods, uids)
+        return cached[1], cached[2]
+
+    def _policies(self) -> list[Policy]:
+        """The parsed policies as the agents list them; a new list after a policy write."""
+        if self.policy_list is None or self.policy_list[0] != self.policies_version:
+            self.policy_list = (self.policies_version, list(self.world.parsed_policies.values()))
+        return self.policy_list[1]
 
     def _fixed_caps_tick(self, gpu_slots: np.ndarray) -> None:
         """The baselines' ticks on these GPUs: the caps of :meth:`_fixed_caps`, where they set one."""
@@ -384,7 +403,8 @@ class _Run:
 
     def _plan_tick(self, node: SimNode, t_s: float) -> None:
         startup_s = self.timing.pod_startup_s
-        pods = {gpu.pod.uid: gpu.pod for gpu in node.gpus if gpu.pod is not None}
+        node_pods, pod_uids_by_gpu = self._pods_on(node)
+        pods = {pod.uid: pod for pod in node_pods}
         tokens_s = {
             uid: (pod.served_tokens - pod.tick_served_tokens) / (t_s - pod.tick_s)
             for uid, pod in pods.items()
@@ -394,9 +414,9 @@ class _Run:
             node=node.name,
             now_s=t_s,
             readings=node.gpus,
-            pod_uids_by_gpu={gpu.uuid: frozenset({gpu.pod.uid}) if gpu.pod is not None else frozenset() for gpu in node.gpus},
+            pod_uids_by_gpu=pod_uids_by_gpu,
             pods_by_uid={uid: pod.api_object(t_s, startup_s) for uid, pod in pods.items()},
-            policies=list(self.world.parsed_policies.values()),
+            policies=self._policies(),
             node_rack=node.rack.spec.rack_id,
             inlet_c=node.rack.inlet_c,
             tokens_s_by_pod=tokens_s,
@@ -426,6 +446,9 @@ class _Run:
         the node's whole power (its GPUs and what it draws beside them at the last physics
         step) read as a BMC reading taken now, chosen as the agent chooses
         (:func:`powercap.nodepower.choose_node_power`)."""
+        last_s = self.published_at.get(node.name)
+        if node.telemetry is not None and last_s is not None and t_s - last_s < self.settings.publish.min_interval_s:
+            return  # should_publish would refuse whatever the telemetry: not built
         pods = self.pod_names_by_gpu.get(node.name)
         if pods is None:  # no agent plan on this node: the pods the GPUs hold
             pods = {gpu.uuid: gpu.pod.key if gpu.pod is not None else None for gpu in node.gpus}
@@ -438,7 +461,6 @@ class _Run:
             moment(t_s), node.gpus, node.rack.inlet_c, pods, tokens_s_by_gpu=self.tokens_s_by_gpu.get(node.name),
             node_power=node_power,
         )
-        last_s = self.published_at.get(node.name)
         if should_publish(node.telemetry, telemetry, t_s - last_s if last_s is not None else math.inf, self.settings.publish):
             node.set_telemetry(telemetry)
             self.published_at[node.name] = t_s
