@@ -44,8 +44,9 @@ import heapq
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -534,7 +535,10 @@ class _Run:
         """The controller's write through /status; agents read ``status.allocations`` from it."""
         document = {**self.world.policies[key], "status": status}
         self.world.policies[key] = document
-        self.world.parsed_policies[key] = parse_policy(document, self.registry)
+        # Only the status changed: parse_policy would give the policy parsed before with this
+        # status (validation ignores the status and the CRD defaults nothing in it), after a
+        # deep copy of 1,250 allocations per write at 10,000 GPUs.
+        self.world.parsed_policies[key] = replace(self.world.parsed_policies[key], status=MappingProxyType(dict(status)))
         self.policies_version += 1
 
     def _evict(self, pod_key: str, t_s: float) -> None:
