@@ -806,8 +806,53 @@ def plan_tick(inputs: TickInputs) -> tuple[GpuPlan, ...]:
     return plan_node(inputs).gpus
 
 
-def plan_node(inputs: TickInputs) -> NodePlan:
-    """The whole tick: ownership, each policy's share of the node, then each GPU's plan."""
+class _Layout(NamedTuple):
+    """What a tick decides before it looks at power, temperature or tokens: each GPU's owner,
+    each policy's share of the node and its GPUs' ceilings and allocations."""
+
+    owners: Mapping[str, _Owner]
+    shares: Mapping[str, PolicyShare]
+    ceilings: Mapping[str, float]
+    allocations: Mapping[str, float | None]
+    unattributed: tuple[UnseenGpu, ...]
+
+
+_LAYOUTS: dict[str, tuple[tuple[Any, ...], tuple[Any, ...], _Layout]] = {}
+"""Per node, the last layout and what it was planned from (:func:`_node_layout`)."""
+_LAYOUTS_KEPT = 65536
+
+
+def _node_layout(inputs: TickInputs) -> _Layout:
+    """:func:`_plan_layout`, kept between ticks of a node while what it reads is the same:
+    the same policy objects and pod objects (neither changes in place: a new version is a
+    new object, as the agent's view and the simulator give them), the same GPUs with the
+    same limits and pods, nothing unseen or stuck. Most ticks (a node's pods and the
+    policies' allocations change every few seconds at most) then skip the ownership and
+    share-out."""
+    if inputs.unseen or inputs.stuck:
+        return _plan_layout(inputs)
+    pod_uids = inputs.pod_uids_by_gpu
+    gpus = tuple((r.uuid, r.min_limit_w, r.max_limit_w, pod_uids.get(r.uuid)) for r in inputs.readings)
+    pods_by_uid = inputs.pods_by_uid
+    objects = (*inputs.policies, *(pods_by_uid.get(uid) for gpu in gpus for uid in sorted(gpu[3] or ())))
+    values = (gpus, inputs.policy_fresh, inputs.node_policy, tuple(inputs.unreadable_policies.items()))
+    kept = _LAYOUTS.get(inputs.node)
+    if (
+        kept is not None
+        and len(kept[0]) == len(objects)
+        and all(a is b for a, b in zip(kept[0], objects))
+        and kept[1] == values
+    ):
+        return kept[2]
+    layout = _plan_layout(inputs)
+    if len(_LAYOUTS) >= _LAYOUTS_KEPT:
+        _LAYOUTS.clear()
+    _LAYOUTS[inputs.node] = (objects, values, layout)
+    return layout
+
+
+def _plan_layout(inputs: TickInputs) -> _Layout:
+    """Ownership (with the unseen GPUs'), then each owning policy's share of the node."""
     owners = _owners(inputs)
     unseen_owners = _unseen_owners(inputs) if inputs.unseen else {}
     owned: dict[str, list[GpuReading]] = {}
@@ -847,6 +892,13 @@ def plan_node(inputs: TickInputs) -> NodePlan:
     for key, why in inputs.unreadable_policies.items():
         if key not in shares:
             shares[key] = PolicyShare(key, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, False, False, unreadable=why)
+    return _Layout(owners, shares, ceilings, allocations, tuple(unattributed))
+
+
+def plan_node(inputs: TickInputs) -> NodePlan:
+    """The whole tick: ownership, each policy's share of the node, then each GPU's plan."""
+    layout = _node_layout(inputs)
+    owners, ceilings, allocations = layout.owners, layout.ceilings, layout.allocations
     pod_loads = _pod_loads(inputs)
     policy_ticks: dict[int, _PolicyTick] = {}
     plans = []
@@ -862,7 +914,7 @@ def plan_node(inputs: TickInputs) -> NodePlan:
             ceiling = ceilings.get(reading.uuid)
             allocation = allocations.get(reading.uuid)
             plans.append(_plan_owned(inputs, reading, owner, record, allocation, ceiling, pod_loads, policy_tick))
-    return NodePlan(tuple(plans), MappingProxyType(shares), tuple(unattributed))
+    return NodePlan(tuple(plans), MappingProxyType(layout.shares), layout.unattributed)
 
 
 def _plan_unowned(inputs: TickInputs, reading: GpuReading, pod: KubeObject | None, record: CapRecord | None) -> GpuPlan:
