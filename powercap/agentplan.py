@@ -531,23 +531,26 @@ def max_inlet_c(policy: Policy, node_rack: str | None, apply_all_racks: bool) ->
 class _Owner(NamedTuple):
     policy: Policy | None
     pod: KubeObject | None
+    pod_key: str | None = None  # the pod's namespace/name
+    pod_uid: str | None = None  # its metadata.uid
 
 
 def _owners(inputs: TickInputs) -> dict[str, _Owner]:
     """Each reading's owner (module docstring, in order: its pods' policy, an allocation naming
     it, the file's policy) and its pod; a GPU's pods are looked up once per tick, however many
     GPUs they span (a tensor-parallel pod spans up to 8)."""
-    by_pods: dict[frozenset[str], tuple[Policy | None, KubeObject | None]] = {}
+    by_pods: dict[frozenset[str], _Owner] = {}
     owners: dict[str, _Owner] = {}
     for reading in inputs.readings:
         uids = frozenset(inputs.pod_uids_by_gpu.get(reading.uuid, frozenset()))
-        found = by_pods.get(uids)
-        if found is None:
-            found = by_pods[uids] = _pods_owner(inputs, uids)
-        policy, pod = found
-        if policy is None:
-            policy = _allocated_to(inputs, reading.uuid) or _policy_by_key(inputs, inputs.node_policy)
-        owners[reading.uuid] = _Owner(policy, pod)
+        owner = by_pods.get(uids)
+        if owner is None:
+            policy, pod = _pods_owner(inputs, uids)
+            pod_uid = (pod.get("metadata") or {}).get("uid") if pod else None
+            owner = by_pods[uids] = _Owner(policy, pod, object_key(pod) if pod else None, pod_uid)
+        if owner.policy is None:
+            owner = owner._replace(policy=_allocated_to(inputs, reading.uuid) or _policy_by_key(inputs, inputs.node_policy))
+        owners[reading.uuid] = owner
     return owners
 
 
@@ -977,8 +980,7 @@ def _plan_owned(
     assert policy is not None
     policy_key = policy_tick.key
     fresh = policy_tick.fresh
-    pod_uid = (owner.pod.get("metadata") or {}).get("uid") if owner.pod else None
-    pod_key = object_key(owner.pod) if owner.pod else None
+    pod_uid, pod_key = owner.pod_uid, owner.pod_key
     ratio: float | None = None
     tokens_s: float | None = None
     if pod_uid is not None:
@@ -1061,7 +1063,8 @@ def _plan_owned(
         tokens_s=tokens_s,
         emergency=decision.emergency,
         record=next_record,
-        memory=GpuMemory(policy_key, decision.state),
+        memory=memory if memory is not None and memory.policy == policy_key and memory.control is decision.state
+        else GpuMemory(policy_key, decision.state),
     )
 
 
@@ -1078,6 +1081,15 @@ def _next_record(
     reading: GpuReading, policy: Policy, cap_w: float, state: ControlState, record: CapRecord | None
 ) -> CapRecord:
     """What the state file holds for a GPU an enforced policy owns (adopted when we find it)."""
+    if (
+        record is not None
+        and record.uuid == reading.uuid
+        and record.cap_w == cap_w
+        and record.policy == policy.key
+        and record.ratio_offset_w == state.ratio_offset_w
+        and record.thermal_limit_w == state.thermal_limit_w
+    ):
+        return record  # most ticks: the record as it was
     default_w = record.default_w if record is not None else reading.default_limit_w
     return CapRecord(
         uuid=reading.uuid,
