@@ -52,7 +52,9 @@ from typing import Any
 import numpy as np
 
 from powercap import physics
-from powercap.agentplan import CapRecord, GpuMemory, PublishSettings, TickInputs, build_telemetry, plan_tick, should_publish
+from powercap.agentplan import (
+    CapRecord, GpuMemory, GpuPlan, PublishSettings, TickInputs, build_telemetry, plan_tick, should_publish,
+)
 from powercap.algorithms import AlgorithmRegistry, EnergyAwareScheduling
 from powercap.allocation import AllocationSettings
 from powercap.budget import plan_round
@@ -217,8 +219,7 @@ class _Run:
         self.records: dict[str, dict[str, CapRecord]] = {node.name: {} for node in self.world.nodes}
         self.policy_list: tuple[int, list[Policy]] | None = None  # (policies_version, the parsed policies)
         self.node_pods: dict[int, tuple[int, list[SimPod], dict[str, frozenset[str]]]] = {}  # see _pods_on
-        self.pod_names_by_gpu: dict[str, dict[str, str | None]] = {}
-        self.tokens_s_by_gpu: dict[str, dict[str, float | None]] = {}
+        self.last_plans: dict[str, tuple[GpuPlan, ...]] = {}  # per node, its agent's last plans (for its telemetry)
         self.published_at: dict[str, float] = {}
         self.last_move: dict[str, datetime] = {}
         self.evictions: list[tuple[float, str, str]] = []
@@ -425,7 +426,6 @@ class _Run:
             records=self.records[node.name],
             settings=self.settings.control,
         ))
-        by_uuid = {gpu.uuid: gpu for gpu in node.gpus}
         memories, records = self.memories[node.name], self.records[node.name]
         for plan in plans:
             if plan.memory is not None:
@@ -437,10 +437,9 @@ class _Run:
             else:
                 records.pop(plan.uuid, None)
             if plan.writes:
-                gpu = by_uuid[plan.uuid]
+                gpu = next(gpu for gpu in node.gpus if gpu.uuid == plan.uuid)
                 gpu.cap_w = round(physics.clamp_limit_w(gpu.model, plan.cap_w) * 1000) / 1000
-        self.pod_names_by_gpu[node.name] = {plan.uuid: plan.pod for plan in plans}
-        self.tokens_s_by_gpu[node.name] = {plan.uuid: plan.tokens_s for plan in plans}
+        self.last_plans[node.name] = plans
 
     def _publish(self, node: SimNode, t_s: float) -> None:
         """The telemetry, rate limited as the agent's publisher does; its ``nodePower`` is
@@ -450,8 +449,12 @@ class _Run:
         last_s = self.published_at.get(node.name)
         if node.telemetry is not None and last_s is not None and t_s - last_s < self.settings.publish.min_interval_s:
             return  # should_publish would refuse whatever the telemetry: not built
-        pods = self.pod_names_by_gpu.get(node.name)
-        if pods is None:  # no agent plan on this node: the pods the GPUs hold
+        plans = self.last_plans.get(node.name)
+        tokens_s_by_gpu: dict[str, float | None] | None = None
+        if plans is not None:
+            pods = {plan.uuid: plan.pod for plan in plans}
+            tokens_s_by_gpu = {plan.uuid: plan.tokens_s for plan in plans}
+        else:  # no agent plan on this node: the pods the GPUs hold
             pods = {gpu.uuid: gpu.pod.key if gpu.pod is not None else None for gpu in node.gpus}
         gpu_power_w = sum(gpu.power_w for gpu in node.gpus)
         whole_w = gpu_power_w + float(self.world.node_non_gpu_w[node.index])
@@ -459,7 +462,7 @@ class _Run:
             [SourceReading(REDFISH, whole_w, t_s)], t_s, max_age_s=NODE_POWER_MAX_AGE_S, gpu_power_w=gpu_power_w, overhead_w=0.0,
         ).power
         telemetry = build_telemetry(
-            moment(t_s), node.gpus, node.rack.inlet_c, pods, tokens_s_by_gpu=self.tokens_s_by_gpu.get(node.name),
+            moment(t_s), node.gpus, node.rack.inlet_c, pods, tokens_s_by_gpu=tokens_s_by_gpu,
             node_power=node_power,
         )
         if should_publish(node.telemetry, telemetry, t_s - last_s if last_s is not None else math.inf, self.settings.publish):
