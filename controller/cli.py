@@ -41,6 +41,7 @@ from powercap.runtime.sources import load_state, snapshot_time, utc_now
 from powercap import API_GROUP, API_VERSION, KIND, kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.allocation import AllocationSettings
+from powercap.marginal import MarginalSettings
 from powercap.budget import RoundPlan, plan_round
 from powercap.cluster import ClusterSettings, build_cluster_view
 from powercap.numeric import counted
@@ -58,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "controller",
         help="budget controller: split each policy's powerCapLimit into per-GPU caps",
-        description="Allocate every PowerCappingPolicy's powerCapLimit (minus a safety margin) across "
+        description="Allocate every PowerCappingPolicy's powerCapLimit (less --margin, 0 by default) across "
         "its GPUs and write the caps and conditions to the policy's status, leader-elected on a Lease. "
         "With --once, print what one round would write (for a snapshot given with --cluster-state, "
         "or for the cluster as it is now) and write nothing.",
@@ -71,7 +72,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--interval", default=DEFAULT_INTERVAL_S, type=positive_seconds, metavar="SECONDS",
                         help=f"seconds between rounds (default {DEFAULT_INTERVAL_S:g})")
     parser.add_argument("--margin", default=AllocationSettings().margin, type=margin_fraction, metavar="FRACTION",
-                        help="share of powerCapLimit held back for power overshoot (default 0.03: 3 %%)")
+                        help="share of powerCapLimit held back below it, for a breaker that trips on sub-second "
+                        "power peaks (default 0: the caps in force sum to powerCapLimit; 0.03 is 3 %%)")
+    parser.add_argument("--marginal-rebalancing", default=MarginalSettings().enabled, action=argparse.BooleanOptionalAction,
+                        help="re-split the watts of a service's GPUs in one rack toward equal measured tokens per watt "
+                        "(needs the pods' token metrics; default on)")
     add_cluster_view_arguments(parser)
     parser.add_argument("--lease-namespace", default=DEFAULT_LEASE_NAMESPACE, metavar="NAMESPACE",
                         help=f"namespace of the leader-election Lease (default {DEFAULT_LEASE_NAMESPACE})")
@@ -104,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     cluster_settings = cluster_view_settings(args)
     settings = ControllerSettings(
         interval_s=args.interval,
-        allocation=AllocationSettings(margin=args.margin),
+        allocation=AllocationSettings(margin=args.margin, marginal=MarginalSettings(enabled=args.marginal_rebalancing)),
         identity=args.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}",
     )
     registry = AlgorithmRegistry.default()
@@ -238,7 +243,8 @@ def serve(client: kube.KubeClient, cluster_settings: ClusterSettings, registry: 
     health = HttpServer.on(args.health_bind, health_routes(controller, snapshots, metrics), name="controller-health")
     log.info("powercap controller starting", extra={
         "identity": settings.identity, "lease": f"{args.lease_namespace}/{args.lease_name}",
-        "interval_s": settings.interval_s, "margin": settings.allocation.margin, "health": args.health_bind,
+        "interval_s": settings.interval_s, "margin": settings.allocation.margin,
+        "marginal_rebalancing": settings.allocation.marginal.enabled, "health": args.health_bind,
         "node_overhead_w": cluster_settings.node_overhead_w, "non_gpu_rise": cluster_settings.non_gpu_rise,
     })
     health.start()

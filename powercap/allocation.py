@@ -3,9 +3,12 @@
 Pure functions over plain frozen dataclasses; the budget controller feeds them from the
 cluster view and writes the result to ``status.allocations``. The formula:
 
-1. **Budget.** ``budget_w = floor(powerCapLimit x (1 - margin))``, margin 3 % by default:
-   instantaneous power overshoots a limit (748 W was measured under a 700 W limit on an
-   H200). GPUs of the service that have no telemetry yet (a pod just started) run at
+1. **Budget.** ``budget_w = floor(powerCapLimit x (1 - margin))``, margin 0 by default:
+   the promise is about the caps in force, and NVML holds a GPU's average power to its cap
+   (instantaneous power overshoots it: 748 W was measured under a 700 W limit on an H200,
+   but not on 1-second averages; a 3 % margin cost a third of the gain the allocation
+   makes, docs/decisions.md "The budget is the whole powerCapLimit"). An operator whose
+   breaker trips on sub-second peaks sets ``--margin``. GPUs of the service that have no telemetry yet (a pod just started) run at
    their minimum, so ``reserved_w`` (their minimums) comes off first:
    ``capacity_w = budget_w - ceil(reserved_w)``.
 2. **Demand** per GPU (:func:`estimate_demand_w`): a GPU drawing within ``pinned_fraction``
@@ -30,7 +33,7 @@ cluster view and writes the result to ``status.allocations``. The formula:
 4. **Surplus.** When every demand of a service is met and budget is left, the same fill
    runs again from the first result up to each GPU's maximum: caps cost nothing while a
    GPU draws below them, and a GPU whose load rises then has room before the next round.
-   **Marginal value** (off by default, ``AllocationSettings.marginal``): with token metrics
+   **Marginal value** (on by default, ``AllocationSettings.marginal``): with token metrics
    (``GpuState.tokens_s``), the rounded caps of each (service, rack) group whose service
    budget or rack was spent are then re-split toward equal marginal tokens/s per watt
    (:func:`powercap.marginal.rebalance_w`): a trade within a group changes no sum. GPUs
@@ -90,7 +93,7 @@ _NODE, _UUID = attrgetter("node"), attrgetter("uuid")
 class AllocationSettings:
     """Knobs of the allocation. Bad values fail at construction (start-up), never later."""
 
-    margin: float = 0.03
+    margin: float = 0.0
     pinned_fraction: float = 0.05
     step_fraction: float = 0.10
     headroom_fraction: float = 0.10
@@ -232,6 +235,13 @@ class Allocation:
 def budget_w(power_cap_w: float, margin: float) -> int:
     """``floor(power_cap_w x (1 - margin))``: the watts shared out across a service's GPUs."""
     return max(0, math.floor(power_cap_w * (1 - margin) + 1e-9))
+
+
+def budget_source(power_cap_w: float, margin: float) -> str:
+    """Where a budget comes from, for messages: ``powerCapLimit 900 W minus the 3 % margin``."""
+    if margin == 0:
+        return f"the whole powerCapLimit, {power_cap_w:.0f} W"
+    return f"powerCapLimit {power_cap_w:.0f} W minus the {margin * 100:g} % margin"
 
 
 def minimum_cap_for_w(minimum_w: float, margin: float) -> int:
@@ -809,8 +819,7 @@ def _service_infeasible_reason(service: Service, gpu_count: int, floor_w: float,
         who = f"the GPUs not reporting yet ({service.reserved_w:.0f} W at their minimum)"
     return (
         f"{who} {_need_minimums(gpu_count == 1 and not service.reserved_w, floor_w)}, but the budget is "
-        f"{budget} W (powerCapLimit {service.power_cap_w:.0f} W minus the {margin * 100:g} % margin); raise "
-        f"powerCapLimit to at least {minimum_cap_for_w(floor_w, margin)} W or run fewer GPUs"
+        f"{budget} W ({budget_source(service.power_cap_w, margin)}); raise powerCapLimit to at least {minimum_cap_for_w(floor_w, margin)} W or run fewer GPUs"
     )
 
 

@@ -62,14 +62,14 @@ _BISECTION_ROUNDS = 60
 class MarginalSettings:
     """Knobs of the marginal-value rebalancing; bad values fail at construction.
 
-    ``enabled``: False (the default) keeps the demand-following fill alone; docs/benchmarks.md
-    ("What was tried") says why it is not on by default yet.
+    ``enabled``: True (the default); False keeps the demand-following fill alone
+    (``powercap controller --no-marginal-rebalancing``).
     ``elasticity``: ``e`` of the local power law, in (0, 1).
     ``donor_headroom_fraction``: what a traffic-limited GPU keeps above its power when a
     receiver of the same group wants watts, as a fraction of its [min, max] range.
     """
 
-    enabled: bool = False
+    enabled: bool = True
     elasticity: float = DEFAULT_ELASTICITY
     donor_headroom_fraction: float = 0.05
     outlier_ratio: float = OUTLIER_RATIO

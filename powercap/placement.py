@@ -186,7 +186,8 @@ def infeasible_reason(request: PlacementRequest, gpu_min_w: float) -> str | None
     return (
         f"policy {policy.key} cannot power another GPU: ({counted(bound, 'GPU')} in use + {request.gpus} for this pod) "
         f"x {format_watts(gpu_min_w)} W minimum limit = {format_watts(needed_w)} W > its budget {budget} W "
-        f"(powerCapLimit {policy.power_cap_w} W less the controller's margin)"
+        + ("(the whole powerCapLimit)" if budget >= budget_w(policy.power_cap_w, 0.0)
+           else f"(powerCapLimit {policy.power_cap_w} W less the controller's margin)")
     )
 
 

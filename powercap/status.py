@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from powercap.allocation import ServiceAllocation
+from powercap.allocation import ServiceAllocation, budget_source
 from powercap.numeric import agreeing, counted
 from powercap.policies import Mode, Policy
 
@@ -284,8 +284,8 @@ def _feasible(inputs: StatusInputs) -> Condition:
     minimum_w = allocation.minimum_w + allocation.reserved_w
     return Condition(
         FEASIBLE, "True", "BudgetCoversMinimums",
-        f"budget {_w(allocation.budget_w)} (powerCapLimit {_w(inputs.policy.power_cap_w)} minus the "
-        f"{inputs.margin * 100:g} % margin) covers the minimum power limits of {counted(inputs.gpus, 'GPU')} "
+        f"budget {_w(allocation.budget_w)} ({budget_source(inputs.policy.power_cap_w, inputs.margin)}) covers the "
+        f"minimum power limits of {counted(inputs.gpus, 'GPU')} "
         f"({_w(minimum_w)})",
     )
 

@@ -5,6 +5,8 @@ plain dicts out. Naive on purpose: the fill is progressive filling done literall
 filling up at a time, and every sum, level and floor is exact (``Fraction``, each number read
 as the decimal it prints as: margin 0.03 is 3/100). Only step 2, a per-GPU formula with
 thresholds, is evaluated as written, in floats: 1e-13 W under "pinned" is no case for exactness.
+The marginal-value rebalancing of step 4 works on token metrics only; the oracle takes GPUs
+without them (``tokens_s`` None), whose caps the docstring leaves as the fill made them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-DEFAULTS = dict(margin=0.03, pinned_fraction=0.05, step_fraction=0.10, headroom_fraction=0.10, deadband_fraction=0.05)
+DEFAULTS = dict(margin=0.0, pinned_fraction=0.05, step_fraction=0.10, headroom_fraction=0.10, deadband_fraction=0.05)
 # Where allocation.py does not do what its docstring says (tests/test_allocation.py has an
 # xfail test for each); ``as_implemented`` names those to follow allocation.py in.
 SURPLUS_PAST_RACKS = "the surplus fill runs when budget is left, even if a rack held back a demand"
@@ -86,6 +88,8 @@ def allocate(services: list[dict], racks: list[dict] = (), settings: dict | None
     """Caps, bounds and sums. ``short_racks``: racks whose GPUs stop 0.01 W under the level at
     which the rack fills up, as allocation.py may leave them (LEVEL_TOLERANCE)."""
     s = {k: v for k, v in {**DEFAULTS, **(settings or {})}.items() if k in DEFAULTS}
+    if any(g.get("tokens_s") is not None for svc in services for g in svc["gpus"]):
+        raise ValueError("the oracle does not model the marginal-value rebalancing: give it GPUs without tokens_s")
     floats = FLOATS in as_implemented
     gpu, service_of, members, capacity, budget = {}, {}, {}, {}, {}
     for svc in services:                                                                   # step 1

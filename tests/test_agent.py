@@ -343,7 +343,7 @@ def test_a_gpu_reset_while_the_view_is_stale_returns_to_its_recorded_cap(harness
 def test_a_gpu_failing_enumeration_counts_at_its_maximum_and_joins_when_it_answers(
     fake: FakeNvml, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """--policy FILE, 1000 W over two GPUs (485 W each); GPU 1 does not enumerate at start."""
+    """--policy FILE, 1000 W over two GPUs (500 W each); GPU 1 does not enumerate at start."""
     fake.inject_error("nvmlDeviceGetHandleByIndex_v2", NvmlReturn.GPU_IS_LOST, gpu=1)
     h = Harness(tmp_path / "state.json")
     try:
@@ -351,7 +351,7 @@ def test_a_gpu_failing_enumeration_counts_at_its_maximum_and_joins_when_it_answe
         whole = split_allocation(policy(cap_w=1000), NODE)
         h.source.set(whole, node_policy=whole.key, apply_all_racks=True)
         h.tick()
-        assert (fake.limit_w(0), fake.limit_w(1)) == (270, 700)  # 970 W less GPU 1 counted at 700 W
+        assert (fake.limit_w(0), fake.limit_w(1)) == (300, 700)  # the whole 1000 W less GPU 1 counted at 700 W
         status = h.agent.status()
         assert status["gpus"][1] == {**status["gpus"][1], "uuid": None, "index": 1, "degraded": True, "countedW": 700}
         fake.clear_errors()
@@ -359,7 +359,7 @@ def test_a_gpu_failing_enumeration_counts_at_its_maximum_and_joins_when_it_answe
         assert len(h.agent.devices) == 1
         with caplog.at_level(logging.INFO, logger="nodeagent.agent"):
             h.tick(5.0)
-        assert (fake.limit_w(0), fake.limit_w(1)) == (485, 485)
+        assert (fake.limit_w(0), fake.limit_w(1)) == (500, 500)
         assert [r.getMessage() for r in caplog.records].count("GPU joined") == 1
     finally:
         h.agent.close()

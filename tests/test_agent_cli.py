@@ -44,11 +44,11 @@ def test_sigterm(fake: FakeNvml, tmp_path: Path, restore: bool) -> None:
     code, lines = process.stop()
     calls = [(c.gpu, c.limit_mw, c.rc) for c in fake.logged_set_calls()]
     assert code == 0
-    assert calls[:2] == [(0, 388000, 0), (1, 388000, 0)]  # 800 W less the 3 % margin (776 W), split over 2 GPUs
+    assert calls[:2] == [(0, 400000, 0), (1, 400000, 0)]  # the whole 800 W powerCapLimit, split over 2 GPUs
     assert calls[2:] == ([(0, 700000, 0), (1, 700000, 0)] if restore else [])
     changes = [line for line in lines if line["message"] == "power cap changed"]
     assert {(c["gpu_index"], c["old_w"], c["new_w"], c["policy"]) for c in changes[:2]} == {
-        (0, 700.0, 388.0, "inference/llama"), (1, 700.0, 388.0, "inference/llama"),
+        (0, 700.0, 400.0, "inference/llama"), (1, 700.0, 400.0, "inference/llama"),
     }
     state = json.loads((tmp_path / "state.json").read_text())
     assert len(state["gpus"]) == (0 if restore else 2)
@@ -64,7 +64,7 @@ def test_policy_file_edit_reaches_the_gpus(fake: FakeNvml, tmp_path: Path) -> No
     finally:
         code, _ = process.stop()
     assert code == 0
-    assert [c.limit_mw for c in fake.logged_set_calls()[2:]] == [291000, 291000]  # floor(600 x 0.97 / 2)
+    assert [c.limit_mw for c in fake.logged_set_calls()[2:]] == [300000, 300000]  # floor(600 / 2)
 
 
 @pytest.mark.parametrize(
@@ -83,7 +83,7 @@ def test_never_sets(fake: FakeNvml, tmp_path: Path, flags: list[str], spec: dict
     assert code == 0
     assert fake.logged_set_calls() == []
     observed = [line for line in lines if line["message"] == "power cap not set (observe)"]
-    assert {(o["gpu_index"], o["new_w"]) for o in observed} == {(0, 388.0), (1, 388.0)}
+    assert {(o["gpu_index"], o["new_w"]) for o in observed} == {(0, 400.0), (1, 400.0)}  # floor(800 / 2)
 
 
 def test_simulated_single_server_runs_without_kubernetes(tmp_path: Path) -> None:
@@ -93,7 +93,7 @@ def test_simulated_single_server_runs_without_kubernetes(tmp_path: Path) -> None
     wait_until(lambda: (tmp_path / "state.json").exists())
     code, lines = process.stop()
     assert code == 0
-    assert sorted(json.loads((tmp_path / "state.json").read_text())["gpus"][u]["capW"] for u in ("GPU-sim-n1-0000", "GPU-sim-n1-0001")) == [485, 485]
+    assert sorted(json.loads((tmp_path / "state.json").read_text())["gpus"][u]["capW"] for u in ("GPU-sim-n1-0000", "GPU-sim-n1-0001")) == [500, 500]  # floor(1000 / 2)
 
 
 @pytest.mark.parametrize(

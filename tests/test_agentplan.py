@@ -181,18 +181,21 @@ def test_hot_inlet_cuts_the_cap_and_flags_an_emergency() -> None:
 
 
 @pytest.mark.parametrize(
-    ("gpus", "cap_w", "expected"),
+    ("gpus", "cap_w", "margin", "expected"),
     [
-        # the budget is powerCapLimit minus the controller's 3 % margin: floor(1000 x 0.97) = 970
-        pytest.param(3, 1000, 323, id="floor-never-sums-above-budget"),
-        pytest.param(1, 450, 436, id="single-gpu"),
-        # the same policy on a cluster gets budgetW 2716 from the controller; not 4 x 700 = 2800
-        pytest.param(4, 2800, 679, id="keeps-the-overshoot-margin"),
+        # the budget is the whole powerCapLimit (the controller's default margin is 0): floor(1000 / 3) = 333
+        pytest.param(3, 1000, None, 333, id="floor-never-sums-above-budget"),
+        pytest.param(1, 450, None, 450, id="single-gpu"),
+        # the same policy on a cluster gets budgetW 2800 from the controller: 4 x 700 W
+        pytest.param(4, 2800, None, 700, id="whole-power-cap-limit"),
+        # with a 3 % margin the controller publishes budgetW floor(2800 x 0.97) = 2716; not 4 x 700 = 2800
+        pytest.param(4, 2800, 0.03, 679, id="keeps-an-overshoot-margin"),
     ],
 )
-def test_split_allocation(gpus: int, cap_w: int, expected: int) -> None:
+def test_split_allocation(gpus: int, cap_w: int, margin: float | None, expected: int) -> None:
     """--policy FILE: one node entry of the whole budget, split over the GPUs found each tick."""
-    split = agentplan.split_allocation(replace(policy(), power_cap_w=cap_w), NODE)
+    given = {} if margin is None else {"margin": margin}
+    split = agentplan.split_allocation(replace(policy(), power_cap_w=cap_w), NODE, **given)
     assert agentplan.allocation_w(split, NODE, "GPU-any", gpus) == expected
     assert agentplan.allocated_uuids(split, NODE) == frozenset()
 
@@ -347,16 +350,16 @@ def test_fail_safe(tick: TickInputs, action: Action, cap_w: float, reason: str, 
     ("tick", "expected"),
     [
         pytest.param(four([242] * 4), [("hold", 242, "allocation")] * 4, id="all-well"),
-        # allocations of 4 x 700 W under a 1000 W cap: scaled by 970 / 2800, floored
+        # allocations of 4 x 700 W under a 1000 W cap: scaled by 1000 / 2800, floored
         pytest.param(four([700] * 4, policies=[policy(gpus=dict.fromkeys(FOUR, 700), powerCapLimit=1000)]),
-                     [("set", 242, "budget-clamp")] * 4, id="allocations-over-budget-clamped"),
-        # 2 x 400 W here and 2 x 400 W on another node: the service passes 970 W
+                     [("set", 250, "budget-clamp")] * 4, id="allocations-over-budget-clamped"),
+        # 2 x 400 W here and 2 x 400 W on another node: the service passes 1000 W; 400 x 1000 / 1600
         pytest.param(four([400, 400, 400, 400], readings=[reading(UUID_A, 0), reading(UUID_B, 1)],
                           policies=[replace(policy(gpus={UUID_A: 400, UUID_B: 400}, powerCapLimit=1000), status=MappingProxyType({"allocations": [
                               {"node": NODE, "gpus": [{"uuid": UUID_A, "watts": 400}, {"uuid": UUID_B, "watts": 400}], "watts": 800},
                               {"node": "gpu-node-2", "gpus": [{"uuid": "GPU-x", "watts": 400}, {"uuid": "GPU-y", "watts": 400}], "watts": 800},
                           ]}))]),
-                     [("set", 242, "budget-clamp")] * 2, id="service-over-budget-clamped-on-each-node"),
+                     [("set", 250, "budget-clamp")] * 2, id="service-over-budget-clamped-on-each-node"),
         # budgetW published by a controller run with --margin 0.1 wins over the default margin
         pytest.param(four([242] * 4, policies=[replace(policy(gpus=dict.fromkeys(FOUR, 242), powerCapLimit=1000),
                                                        status=MappingProxyType({"budgetW": 900, "allocations": [{"node": NODE, "gpus": [{"uuid": u, "watts": 242} for u in FOUR]}]}))]),
@@ -365,7 +368,7 @@ def test_fail_safe(tick: TickInputs, action: Action, cap_w: float, reason: str, 
         pytest.param(four([242] * 4, policies=[replace(policy(powerCapLimit=1000), status=MappingProxyType(
             {"allocations": [{"node": NODE, "gpus": [{"uuid": u, "watts": 242} for u in FOUR], "watts": 880}]}))]),
                      [("set", 220, "budget-clamp")] * 4, id="contradictory-entry-the-lower-believed"),
-        # minimums 4 x 200 W > 679 W: everything at the minimum
+        # minimums 4 x 200 W > the 4 x 170 = 680 W allocated (budget 700 W): everything at the minimum
         pytest.param(four([700] * 4, policies=[policy(gpus=dict.fromkeys(FOUR, 170), powerCapLimit=700)]),
                      [("set", 200, "allocation")] * 4, id="infeasible-all-at-minimum"),
         # GPU D cannot be set and holds 700 W: the others share 1552 - 700 = 852 W
@@ -393,9 +396,10 @@ def test_fail_safe(tick: TickInputs, action: Action, cap_w: float, reason: str, 
                           stuck=frozenset({UUID_D}), policy_fresh=False),
                      [("set", 284, "budget-clamp")] * 3 + [("hold", 700, "setter-failing")], id="stale-still-makes-room"),
         # a new GPU of the policy, no allocation yet, on a node whose allocations use the budget
-        pytest.param(four([323, 323, 323, 700], policies=[policy(gpus=dict.fromkeys(FOUR[:3], 323), powerCapLimit=1000)],
+        # (3 x floor(1000 / 3)): the others share 1000 - 200 = 800 W, floor(800 / 3) = 266
+        pytest.param(four([333, 333, 333, 700], policies=[policy(gpus=dict.fromkeys(FOUR[:3], 333), powerCapLimit=1000)],
                           pod_uids_by_gpu={UUID_D: frozenset({POD_UID})}, pods_by_uid={POD_UID: pod()}),
-                     [("set", 256, "budget-clamp")] * 3 + [("set", 200, "no-allocation")], id="new-gpu-minimum-fits-in-the-budget"),
+                     [("set", 266, "budget-clamp")] * 3 + [("set", 200, "no-allocation")], id="new-gpu-minimum-fits-in-the-budget"),
     ],
 )
 def test_share_of_the_node(tick: TickInputs, expected: list[tuple[str, float, str]]) -> None:
@@ -415,9 +419,10 @@ def test_unseen_gpu_without_an_owner_is_counted_nowhere() -> None:
 
 def test_policy_shares_say_what_is_wrong() -> None:
     over = agentplan.plan_node(four([700] * 4, policies=[policy(gpus=dict.fromkeys(FOUR, 700), powerCapLimit=1000)])).policies["inference/llama"]
-    assert over.problem == "allocations 2800 W pass the budget 970 W: clamped to 968 W on this node"
+    assert over.problem == "allocations 2800 W pass the budget 1000 W: clamped to 1000 W on this node"  # 4 x 250 W
     infeasible = agentplan.plan_node(four([200] * 4, policies=[policy(gpus=dict.fromkeys(FOUR, 170), powerCapLimit=700)])).policies["inference/llama"]
-    assert infeasible.infeasible and infeasible.problem == "infeasible: minimums 800 W > budget 679 W (powerCapLimit 700 W)"
+    # the room is the node's allocations, 4 x 170 = 680 W, under the 700 W budget
+    assert infeasible.infeasible and infeasible.problem == "infeasible: minimums 800 W > budget 680 W (powerCapLimit 700 W)"
     fine = agentplan.plan_node(four([242] * 4)).policies["inference/llama"]
     assert fine.problem is None and (fine.allowance_w, fine.ceilings_w, fine.gpus) == (968, 968, 4)
 

@@ -23,6 +23,7 @@ from powercap.allocation import (
     minimum_cap_for_w,
     water_level,
 )
+from powercap.marginal import MarginalSettings
 from tests import allocation_oracle as oracle
 
 
@@ -40,46 +41,62 @@ PINNED_AT_500 = dict(power_w=498, limit_w=500)   # within 5 % of its cap: wants 
 IDLE = dict(power_w=80, limit_w=500)             # well below: gives back down to its minimum
 IDLE_AT_50 = dict(power_w=50, limit_w=500)       # asks for 50 + 50 (headroom): its minimum
 
+# The margin a controller run with --margin=0.03 keeps (the default before issue 14): the
+# examples built around floor(powerCapLimit x 0.97) pass it explicitly.
+THREE_PERCENT_MARGIN = AllocationSettings(margin=0.03)
+
 
 @pytest.mark.parametrize(
-    "power_cap_w, gpus, racks, expected_caps, expected_bounds",
+    "power_cap_w, gpus, racks, expected_caps, expected_bounds, allocation_settings",
     [
         pytest.param(
-            700, [gpu("a", 650, 700)], [], {"a": 679}, {"a": Bound.BUDGET},
+            # budget floor(700 x 0.97) = 679 < the demand 700
+            700, [gpu("a", 650, 700)], [], {"a": 679}, {"a": Bound.BUDGET}, THREE_PERCENT_MARGIN,
             id="one GPU gets the cap minus the 3 % margin",
         ),
         pytest.param(
-            1000, [gpu("a", 650, 700)], [], {"a": 700}, {"a": Bound.MAX},
+            # by default the budget is the whole powerCapLimit: 699 < the demand 700
+            699, [gpu("a", 650, 700)], [], {"a": 699}, {"a": Bound.BUDGET}, None,
+            id="one GPU gets the whole cap by default",
+        ),
+        pytest.param(
+            1000, [gpu("a", 650, 700)], [], {"a": 700}, {"a": Bound.MAX}, None,
             id="one GPU never above its maximum",
         ),
         pytest.param(
+            # budget 800; demands h200 750 -> 700, l40s max(350 + 25, 340 + 25) -> 350: 350 + L = 800
             800,
             [gpu("h200", 690, 700), gpu("l40s", 340, 350, min_w=100, max_w=350)],
             [],
-            {"h200": 426, "l40s": 350},
+            {"h200": 450, "l40s": 350},
             {"h200": Bound.BUDGET, "l40s": Bound.MAX},
+            None,
             id="heterogeneous GPUs: the small one is filled to its maximum, the big one takes the rest",
         ),
         pytest.param(
+            # demands 550 each, budget 2000: 2000 / 4
             2000, [gpu(u, **PINNED_AT_500) for u in "abcd"], [],
-            {u: 485 for u in "abcd"}, {u: Bound.BUDGET for u in "abcd"},
+            {u: 500 for u in "abcd"}, {u: Bound.BUDGET for u in "abcd"}, None,
             id="all pinned: equal shares of the budget",
         ),
         pytest.param(
+            # demands 130 -> 200 each; the surplus fill up to 700: 2000 / 4
             2000, [gpu(u, **IDLE) for u in "abcd"], [],
-            {u: 485 for u in "abcd"}, {u: Bound.BUDGET for u in "abcd"},
+            {u: 500 for u in "abcd"}, {u: Bound.BUDGET for u in "abcd"}, None,
             id="all idle: the surplus is shared equally",
         ),
         pytest.param(
+            # demands 550, 550, 200, 200 (1500 W) fit 2000; surplus: 2 x 550 + 2 L = 2000 -> L = 450
             2000, [gpu("busy1", **PINNED_AT_500), gpu("busy2", **PINNED_AT_500), gpu("idle1", **IDLE), gpu("idle2", **IDLE)],
             [],
-            {"busy1": 550, "busy2": 550, "idle1": 420, "idle2": 420},
+            {"busy1": 550, "busy2": 550, "idle1": 450, "idle2": 450},
             {u: Bound.BUDGET for u in ("busy1", "busy2", "idle1", "idle2")},
+            None,
             id="busy GPUs get their demand first, idle ones share what is left",
         ),
         pytest.param(
             700, [gpu(u, 600, 700) for u in "abcd"], [],
-            {u: 200 for u in "abcd"}, {u: Bound.MINIMUM for u in "abcd"},
+            {u: 200 for u in "abcd"}, {u: Bound.MINIMUM for u in "abcd"}, None,
             id="infeasible: every GPU stays at its minimum",
         ),
         pytest.param(
@@ -88,6 +105,7 @@ IDLE_AT_50 = dict(power_w=50, limit_w=500)       # asks for 50 + 50 (headroom): 
             [RackLimit("rack-1", max_power_w=1500, unmanaged_power_w=300)],
             {"r1-a": 600, "r1-b": 600, "r2-a": 700},
             {"r1-a": Bound.RACK, "r1-b": Bound.RACK, "r2-a": Bound.MAX},
+            None,
             id="a constrained rack holds its GPUs, the budget goes elsewhere",
         ),
         pytest.param(
@@ -96,16 +114,36 @@ IDLE_AT_50 = dict(power_w=50, limit_w=500)       # asks for 50 + 50 (headroom): 
             [RackLimit("rack-1", max_power_w=1000, unmanaged_power_w=700)],
             {"a": 200, "b": 200},
             {"a": Bound.MINIMUM, "b": Bound.MINIMUM},
+            None,
             id="infeasible rack: its GPUs stay at their minimum",
         ),
     ],
 )
-def test_allocation_cases(power_cap_w, gpus, racks, expected_caps, expected_bounds) -> None:
-    allocation = allocate([Service("ns/svc", power_cap_w, tuple(gpus))], racks)
+def test_allocation_cases(power_cap_w, gpus, racks, expected_caps, expected_bounds, allocation_settings) -> None:
+    allocation = allocate([Service("ns/svc", power_cap_w, tuple(gpus))], racks, allocation_settings)
     result = allocation.services["ns/svc"]
     assert caps_of(allocation) == expected_caps
     assert {c.uuid: c.bound for c in result.caps} == expected_bounds
-    assert result.allocated_w <= budget_w(power_cap_w, 0.03) or not result.feasible
+    margin = (allocation_settings or AllocationSettings()).margin
+    assert result.allocated_w <= budget_w(power_cap_w, margin) or not result.feasible
+
+
+def test_by_default_the_whole_cap_is_shared_and_rebalanced_by_marginal_value() -> None:
+    """What users get (issue 14): the budget is the whole powerCapLimit, and with token
+    metrics the caps of a (service, rack) group move toward the GPU making more tokens/s per watt."""
+    assert AllocationSettings() == AllocationSettings(margin=0.0, marginal=MarginalSettings(enabled=True))
+    # both pinned at 400 W (demand 450), one rack, no caps published yet: the fill gives
+    # 800 / 2 = 400 each, the whole powerCapLimit
+    pinned = (gpu("a", 398, 400), gpu("b", 398, 400))
+    fill = caps_of(allocate([Service("ns/svc", 800, pinned)], [], AllocationSettings()))
+    assert fill == {"a": 400, "b": 400}
+    # a makes 1400 tokens/s at 400 W, b 700: a's marginal tokens/s per watt is twice b's
+    measured = (dataclasses.replace(pinned[0], tokens_s=1400.0), dataclasses.replace(pinned[1], tokens_s=700.0))
+    rebalanced = caps_of(allocate([Service("ns/svc", 800, measured)], [], AllocationSettings()))
+    assert rebalanced["a"] > 400 > rebalanced["b"] and sum(rebalanced.values()) == 800
+    assert rebalanced == {"a": 450, "b": 350}  # at most a step (10 % of 200-700 W) a round
+    fill_only = AllocationSettings(marginal=MarginalSettings(enabled=False))
+    assert caps_of(allocate([Service("ns/svc", 800, measured)], [], fill_only)) == fill
 
 
 def test_two_policies_sharing_a_rack_are_scaled_together() -> None:
@@ -124,14 +162,25 @@ def test_two_policies_sharing_a_rack_are_scaled_together() -> None:
     assert allocation.racks["rack-1"].feasible
 
 
-def test_infeasible_reason_says_what_to_change() -> None:
-    allocation = allocate([Service("ns/svc", 700, tuple(gpu(u, 600, 700) for u in "abcd"))])
+@pytest.mark.parametrize(
+    "allocation_settings, budget, minimum_cap_w",
+    [
+        # floor(700 x 0.97) = 679; ceil(800 / 0.97) = 825
+        pytest.param(THREE_PERCENT_MARGIN, "budget is 679 W (powerCapLimit 700 W minus the 3 % margin)", 825,
+                     id="3 % margin"),
+        # the whole powerCapLimit: 700; 800 covers 800
+        pytest.param(AllocationSettings(), "budget is 700 W (the whole powerCapLimit, 700 W)", 800, id="default"),
+    ],
+)
+def test_infeasible_reason_says_what_to_change(allocation_settings, budget: str, minimum_cap_w: int) -> None:
+    allocation = allocate([Service("ns/svc", 700, tuple(gpu(u, 600, 700) for u in "abcd"))], [], allocation_settings)
     reason = allocation.services["ns/svc"].infeasible_reason
     assert reason is not None
     assert "4 GPUs need at least 800 W" in reason
-    assert "budget is 679 W (powerCapLimit 700 W minus the 3 % margin)" in reason
-    assert "raise powerCapLimit to at least 825 W" in reason
-    assert budget_w(825, 0.03) >= 800 > budget_w(824, 0.03)
+    assert budget in reason
+    assert f"raise powerCapLimit to at least {minimum_cap_w} W" in reason
+    margin = allocation_settings.margin
+    assert budget_w(minimum_cap_w, margin) >= 800 > budget_w(minimum_cap_w - 1, margin)
 
 
 @pytest.mark.parametrize(
@@ -167,7 +216,7 @@ def test_one_gpu_reads_in_the_singular() -> None:
                           [RackLimit("rack-1", max_power_w=300, unmanaged_power_w=200)])
     service_reason = allocation.services["ns/svc"].infeasible_reason
     assert service_reason is not None
-    assert service_reason.startswith("1 GPU needs at least 200 W (its minimum power limit), but the budget is 145 W")
+    assert service_reason.startswith("1 GPU needs at least 200 W (its minimum power limit), but the budget is 150 W")
     assert allocation.racks["rack-1"].infeasible_reason == (
         "rack rack-1: 1 GPU needs at least 200 W (its minimum power limit), plus 200 W of other load, "
         "over maxPower 300 W; raise maxPower or move pods to other racks"
@@ -178,9 +227,9 @@ def test_gpus_without_telemetry_reserve_their_minimum() -> None:
     """Two GPUs of the service are not reported yet: their agents run them at 200 W each."""
     allocation = allocate([Service("ns/svc", 2000, (gpu("a", 690, 700), gpu("b", 690, 700)), reserved_w=400)])
     assert caps_of(allocation) == {"a": 700, "b": 700}
-    assert allocation.services["ns/svc"].allocated_w + 400 <= budget_w(2000, 0.03)
+    assert allocation.services["ns/svc"].allocated_w + 400 <= budget_w(2000, AllocationSettings().margin)
     squeezed = allocate([Service("ns/svc", 1500, (gpu("a", 690, 700), gpu("b", 690, 700)), reserved_w=400)])
-    assert caps_of(squeezed) == {"a": 527, "b": 527}  # (1455 - 400) / 2
+    assert caps_of(squeezed) == {"a": 550, "b": 550}  # (1500 - 400) / 2
 
 
 def test_stale_gpu_is_held_at_its_last_cap() -> None:
@@ -188,16 +237,17 @@ def test_stale_gpu_is_held_at_its_last_cap() -> None:
     stale = gpu("stale", 100, 550, previous_w=600, fresh=False)
     allocation = allocate([Service("ns/svc", 1500, (stale, gpu("a", 690, 700), gpu("b", 690, 700)))])
     caps = caps_of(allocation)
-    assert caps == {"stale": 600, "a": 427, "b": 427}  # (1455 - 600) / 2
+    assert caps == {"stale": 600, "a": 450, "b": 450}  # (1500 - 600) / 2
     assert {c.uuid: c.bound for c in allocation.services["ns/svc"].caps}["stale"] is Bound.HELD
 
 
 @pytest.mark.parametrize(
     "previous_w, expected_w",
     [
-        pytest.param(465, 465, id="20 W below the new fair share (under 5 % of 200-700 W): keep 465"),
-        pytest.param(490, 485, id="5 W above: keeping it would pass the budget, take 485"),
-        pytest.param(455, 485, id="30 W away: move"),
+        # budget 2000, demands previous + 50 (pinned): fair share 500; the deadband 5 % of 200-700 W = 25 W
+        pytest.param(480, 480, id="20 W below the new fair share (under 5 % of 200-700 W): keep 480"),
+        pytest.param(505, 500, id="5 W above: keeping it would pass the budget, take 500"),
+        pytest.param(470, 500, id="30 W away: move"),
     ],
 )
 def test_small_changes_keep_the_previous_cap(previous_w: int, expected_w: int) -> None:
@@ -210,23 +260,23 @@ def test_raises_wait_for_lowered_caps() -> None:
     """b's 200 W raise is paid for by a's 200 W lower: while a's agent may still hold 600 W,
     only the free 36 W of the budget can go to b."""
     before = (gpu("a", 100, 600, previous_w=600), gpu("b", 590, 600, previous_w=600))
-    allocation = allocate([Service("ns/svc", 1275, before)])  # budget 1236 = 600 + 600 + 36
+    allocation = allocate([Service("ns/svc", 1236, before)])  # budget the whole 1236 = 600 + 600 + 36
     caps = caps_of(allocation)
     assert caps["a"] < 600 and caps["b"] == 636
-    assert max(600, caps["a"]) + max(600, caps["b"]) <= budget_w(1275, 0.03)
+    assert max(600, caps["a"]) + max(600, caps["b"]) <= budget_w(1236, AllocationSettings().margin)
     assert {c.uuid: c.bound for c in allocation.services["ns/svc"].caps}["b"] is Bound.TRANSITION
 
 
 def test_caps_follow_demand_over_rounds() -> None:
     """Two busy and two idle GPUs, each round fed the caps the agents applied: the busy
-    ones climb a step per round to their maximum; the idle ones keep the rest."""
-    limits = {"busy1": 485, "busy2": 485, "idle1": 485, "idle2": 485}
+    ones climb a step per round to their maximum; the idle ones keep the rest: (2000 - 2 x 700) / 2."""
+    limits = {"busy1": 500, "busy2": 500, "idle1": 500, "idle2": 500}
     for _ in range(10):
         gpus = tuple(
             gpu(u, limit if u.startswith("busy") else 80, limit, previous_w=limit) for u, limit in limits.items()
         )
         limits = caps_of(allocate([Service("ns/svc", 2000, gpus)]))
-    assert limits == {"busy1": 700, "busy2": 700, "idle1": 270, "idle2": 270}
+    assert limits == {"busy1": 700, "busy2": 700, "idle1": 300, "idle2": 300}
 
 
 def test_lowering_the_cap_lowers_first_and_then_settles() -> None:
@@ -236,7 +286,7 @@ def test_lowering_the_cap_lowers_first_and_then_settles() -> None:
         gpus = tuple(gpu(u, limit - 5, limit, previous_w=limit) for u, limit in limits.items())
         limits = caps_of(allocate([Service("ns/svc", 2000, gpus)]))
         rounds.append(limits)
-    assert rounds[0] == {u: 485 for u in "abcd"}
+    assert rounds[0] == {u: 500 for u in "abcd"}  # 2000 / 4
     assert rounds[-1] == rounds[0]
 
 
@@ -343,29 +393,34 @@ def check_invariants(services: list[Service], racks: list[RackLimit],
             assert result.allocated_w + rack.unmanaged_power_w <= rack.max_power_w
 
 
-@settings(max_examples=300, deadline=None)
-@given(problems())
-def test_feasible_caps_fit_the_budget_the_racks_and_each_gpu(problem) -> None:
-    check_invariants(*problem)
+# the default (the whole powerCapLimit) and a controller run with --margin=0.03
+DEFAULT_AND_THREE_PERCENT = st.sampled_from([AllocationSettings(), THREE_PERCENT_MARGIN])
 
 
 @settings(max_examples=300, deadline=None)
-@given(problems(with_history=True))
-def test_invariants_hold_with_previous_caps_and_stale_gpus(problem) -> None:
-    check_invariants(*problem)
+@given(problems(), DEFAULT_AND_THREE_PERCENT)
+def test_feasible_caps_fit_the_budget_the_racks_and_each_gpu(problem, allocation_settings) -> None:
+    check_invariants(*problem, allocation_settings)
 
 
 @settings(max_examples=300, deadline=None)
-@given(problems(with_history=True))
-def test_transitions_never_pass_the_budget(problem) -> None:
+@given(problems(with_history=True), DEFAULT_AND_THREE_PERCENT)
+def test_invariants_hold_with_previous_caps_and_stale_gpus(problem, allocation_settings) -> None:
+    check_invariants(*problem, allocation_settings)
+
+
+@settings(max_examples=300, deadline=None)
+@given(problems(with_history=True), DEFAULT_AND_THREE_PERCENT)
+def test_transitions_never_pass_the_budget(problem, allocation_settings) -> None:
     """Whichever agents have applied the new caps, the caps in force fit the budget."""
-    check_transitions(*problem)
+    check_transitions(*problem, allocation_settings)
 
 
 def check_transitions(services: list[Service], racks: list[RackLimit],
                       allocation_settings: AllocationSettings | None = None) -> None:
     """Old and new caps mixed (agents apply an allocation at different moments) fit each service's budget."""
     allocation = allocate(services, racks, allocation_settings)
+    margin = (allocation_settings or AllocationSettings()).margin
     for service in services:
         result = allocation.services[service.key]
         before = {g.uuid: g for g in service.gpus}
@@ -378,8 +433,8 @@ def check_transitions(services: list[Service], racks: list[RackLimit],
                 old_w = cap.cap_w
             previous_w += old_w
             worst_w += max(old_w, cap.cap_w)
-        if result.feasible and previous_w + service.reserved_w <= budget_w(service.power_cap_w, 0.03):
-            assert worst_w + service.reserved_w <= budget_w(service.power_cap_w, 0.03)
+        if result.feasible and previous_w + service.reserved_w <= budget_w(service.power_cap_w, margin):
+            assert worst_w + service.reserved_w <= budget_w(service.power_cap_w, margin)
 
 
 @settings(max_examples=300, deadline=None)
@@ -504,33 +559,33 @@ TOLERANCE_CASE = [Service("ns/a", 2000, (gpu("a1", 690, 700), gpu("a2", 690, 700
     "services, racks, allocation_settings, expected",
     [
         pytest.param(
-            # budget floor(207 x 0.97) = floor(200.79) = 200; demand 50 + 50 (headroom) = 100 -> 200 (min);
+            # budget 200 (the whole powerCapLimit); demand 50 + 50 (headroom) = 100 -> 200 (min);
             # the fill starts and ends at 200; no budget left for a surplus.
-            [Service("ns/svc", 207, (gpu("a", **IDLE_AT_50),))], [], None, {"a": (200, "budget")},
+            [Service("ns/svc", 200, (gpu("a", **IDLE_AT_50),))], [], None, {"a": (200, "budget")},
             id="one GPU at its minimum",
         ),
         pytest.param(
-            # pinned (690 >= 700 x 0.95): demand max(700 + 50, 690 + 50) = 750 -> 700 (max); budget 970.
+            # pinned (690 >= 700 x 0.95): demand max(700 + 50, 690 + 50) = 750 -> 700 (max); budget 1000.
             [Service("ns/svc", 1000, (gpu("a", 690, 700),))], [], None, {"a": (700, "max")},
             id="demand above the maximum",
         ),
         pytest.param(
-            # budget floor(825 x 0.97) = 800; demands a 250 + 50 = 300, b 750 -> 700.
+            # budget 800 (the whole powerCapLimit); demands a 250 + 50 = 300, b 750 -> 700.
             # level L: min(L, 300) + L = 800 -> L = 500: a meets its demand, b gets 500.
-            [Service("ns/svc", 825, (gpu("a", 250, 500), gpu("b", 690, 700)))], [], None,
+            [Service("ns/svc", 800, (gpu("a", 250, 500), gpu("b", 690, 700)))], [], None,
             {"a": (300, "budget"), "b": (500, "budget")},
             id="max-min fair: the small demand is met, the large one takes the rest",
         ),
         pytest.param(
-            # budget floor(1031 x 0.97) = floor(1000.07) = 1000; three demands of 700: level 333 1/3,
+            # budget 1000 (the whole powerCapLimit); three demands of 700: level 333 1/3,
             # floored to 333 each (999 W).
-            [Service("ns/svc", 1031, tuple(gpu(u, 690, 700) for u in "abc"))], [], None,
+            [Service("ns/svc", 1000, tuple(gpu(u, 690, 700) for u in "abc"))], [], None,
             {u: (333, "budget") for u in "abc"},
             id="caps are floored to whole watts",
         ),
         pytest.param(
             # rack-1 fits floor(2000 - 200) = 1800 W: c1, c2, b1, b2 (demand 700) rise together to
-            # 1800 / 4 = 450, far under both budgets (1940, 2716). b3, b4 idle: 80 + 50 -> 200.
+            # 1800 / 4 = 450, far under both budgets (2000, 2800). b3, b4 idle: 80 + 50 -> 200.
             # Surplus: each service has a demand unmet (700 > 450), so none; b3, b4 stay at 200
             # (allocation.py gives them 700: test_surplus_only_when_every_demand_is_met).
             [CHAT, BATCH], SHARED_RACK, None,
@@ -539,39 +594,39 @@ TOLERANCE_CASE = [Service("ns/a", 2000, (gpu("a1", 690, 700), gpu("a2", 690, 700
             id="a constrained rack shared by two services",
         ),
         pytest.param(
-            # budget 1236. Demands: a idle (100 + 50 = 150, 450 W off its previous 600) -> 200,
+            # budget 1236 (the whole powerCapLimit). Demands: a idle (100 + 50 = 150, 450 W off its previous 600) -> 200,
             # b pinned -> 650. First fill meets both (850 W): surplus from (200, 650) to 700:
             # max(L, 200) + max(L, 650) = 1236 -> L = 586: a 586, b 650. Deadband: a keeps 600
             # (14 W off), but 600 + 650 > 1236, so a takes 586. Transition: room 1236 - 1200 = 36,
             # raises 50: b = 600 + floor(50 x 36 / 50) = 636.
-            [Service("ns/svc", 1275, (gpu("a", 100, 600, previous_w=600), gpu("b", 590, 600, previous_w=600)))],
+            [Service("ns/svc", 1236, (gpu("a", 100, 600, previous_w=600), gpu("b", 590, 600, previous_w=600)))],
             [], None, {"a": (586, "budget"), "b": (636, "transition")},
             id="a raise waits for a lowered cap",
         ),
         pytest.param(
             # stale: held at max(limit 550, last cap 600) = 600; a, b share 1455 - 600: 427.5 -> 427.
-            [Service("ns/svc", 1500, (gpu("stale", 100, 550, previous_w=600, fresh=False),
+            [Service("ns/svc", 1455, (gpu("stale", 100, 550, previous_w=600, fresh=False),
                                       gpu("a", 690, 700), gpu("b", 690, 700)))],
             [], None, {"stale": (600, "held"), "a": (427, "budget"), "b": (427, "budget")},
             id="a stale GPU is held at the higher of its limit and its last cap",
         ),
         pytest.param(
-            # demand 510 (pinned at 460), budget 1940: fair share 485, 25 W from 460: within 5 %
-            # of 200-700 W (25 W), and 485 < 510 is no raise that meets the demand: keep 460.
-            [Service("ns/svc", 2000, tuple(gpu(u, 458, 460, previous_w=460) for u in "abcd"))], [], None,
-            {u: (460, "budget") for u in "abcd"},
+            # demand 525 (pinned at 475), budget 2000: fair share 500, 25 W from 475: within 5 %
+            # of 200-700 W (25 W), and 500 < 525 is no raise that meets the demand: keep 475.
+            [Service("ns/svc", 2000, tuple(gpu(u, 473, 475, previous_w=475) for u in "abcd"))], [], None,
+            {u: (475, "budget") for u in "abcd"},
             id="deadband: a cap exactly 25 W away keeps the previous one",
         ),
         pytest.param(
-            # ns/b is infeasible (budget 97 W < 200 W): b1 stays at 200 and rack-1 (1000 W) has
-            # 800 W for a1, a2 (demand 700): 400 each, far under ns/a's budget of 1940 W.
+            # ns/b is infeasible (budget 100 W < 200 W): b1 stays at 200 and rack-1 (1000 W) has
+            # 800 W for a1, a2 (demand 700): 400 each, far under ns/a's budget of 2000 W.
             TOLERANCE_CASE, [RackLimit("rack-1", 1000)], None,
             {"a1": (400, "rack"), "a2": (400, "rack"), "b1": (200, "minimum")},
             id="an infeasible service's GPU at its minimum in a constrained rack",
         ),
         pytest.param(
             # budget floor(1030.9278350515463 x 0.97) = floor(999.99999999999991) = 999; 499.5 -> 499.
-            [Service("ns/svc", 1030.9278350515463, (gpu("a", 690, 700), gpu("b", 690, 700)))], [], None,
+            [Service("ns/svc", 1030.9278350515463, (gpu("a", 690, 700), gpu("b", 690, 700)))], [], THREE_PERCENT_MARGIN,
             {"a": (499, "budget"), "b": (499, "budget")},
             id="floats: a budget a hair under 1000 W is 999 W",
         ),
@@ -582,9 +637,10 @@ TOLERANCE_CASE = [Service("ns/a", 2000, (gpu("a1", 690, 700), gpu("a2", 690, 700
             id="floats: a rack a hair under 601 W fits 600 W",
         ),
         pytest.param(
-            # no headroom: x asks for 1e-9 W (range 0-1 W), y for 700; budget 500: y = 500 - 1e-9 -> 499.
+            # no headroom: x asks for 1e-9 W (range 0-1 W), y for 700; budget floor(516 x 0.97) = 500:
+            # y = 500 - 1e-9 -> 499.
             [Service("ns/svc", 516, (gpu("x", 1e-9, 1, min_w=0, max_w=1), gpu("y", 690, 700)))], [],
-            AllocationSettings(headroom_fraction=0), {"x": (0, "budget"), "y": (499, "budget")},
+            AllocationSettings(margin=0.03, headroom_fraction=0), {"x": (0, "budget"), "y": (499, "budget")},
             id="floats: a cap a hair under 500 W is 499 W",
         ),
         pytest.param(
@@ -592,7 +648,7 @@ TOLERANCE_CASE = [Service("ns/a", 2000, (gpu("a1", 690, 700), gpu("a2", 690, 700
             # Fill: 200 + 2L = 898 -> a = b = 349. Previous caps 300 + 300 + 296: room 2 W for
             # 98 W of raises: each keeps floor(49 x 2 / 98) = 1 W: 301.
             [Service("ns/svc", 926, (gpu("a", 299, 300, previous_w=300), gpu("b", 299, 300, previous_w=300),
-                                     gpu("c", 80, 296, previous_w=296)))], [], None,
+                                     gpu("c", 80, 296, previous_w=296)))], [], THREE_PERCENT_MARGIN,
             {"a": (301, "transition"), "b": (301, "transition"), "c": (200, "budget")},
             id="floats: raises share the room exactly",
         ),
@@ -618,8 +674,8 @@ def test_surplus_only_when_every_demand_is_met() -> None:
     "allocation.py keeps the previous cap only when the new one is strictly less than "
     "deadband_fraction x range away; the docstring says 'within' (as for pinned and headroom / 2, <=)"))
 def test_deadband_includes_its_edge() -> None:
-    """Fair share 485 W, previous 460 W, deadband 25 W: the docstring keeps 460, allocation.py gives 485."""
-    services = [Service("ns/svc", 2000, tuple(gpu(u, 458, 460, previous_w=460) for u in "abcd"))]
+    """Fair share 500 W, previous 475 W, deadband 25 W: the docstring keeps 475, allocation.py gives 500."""
+    services = [Service("ns/svc", 2000, tuple(gpu(u, 473, 475, previous_w=475) for u in "abcd"))]
     assert_same_as_oracle(services, [], as_implemented=KNOWN_DEVIATIONS - {oracle.STRICT_DEADBAND})
 
 
@@ -630,14 +686,14 @@ def test_deadband_includes_its_edge() -> None:
 @pytest.mark.parametrize(
     "services, racks, allocation_settings",
     [
-        pytest.param([Service("ns/svc", 1030.9278350515463, (gpu("a", 690, 700), gpu("b", 690, 700)))], [], None,
-                     id="budget 1000 W, not 999 W: 500 W caps"),
+        pytest.param([Service("ns/svc", 1030.9278350515463, (gpu("a", 690, 700), gpu("b", 690, 700)))], [],
+                     THREE_PERCENT_MARGIN, id="budget 1000 W, not 999 W: 500 W caps"),
         pytest.param([Service("ns/svc", 1000, (gpu("a", 690, 700),))], [RackLimit("rack-1", 601, 1e-300)], None,
                      id="rack capacity 601 W, not 600 W: 601 W cap"),
         pytest.param([Service("ns/svc", 516, (gpu("x", 1e-9, 1, min_w=0, max_w=1), gpu("y", 690, 700)))], [],
-                     AllocationSettings(headroom_fraction=0), id="a 500 - 1e-9 W cap is 500 W, not 499 W"),
+                     AllocationSettings(margin=0.03, headroom_fraction=0), id="a 500 - 1e-9 W cap is 500 W, not 499 W"),
         pytest.param([Service("ns/svc", 926, (gpu("a", 299, 300, previous_w=300), gpu("b", 299, 300, previous_w=300),
-                                              gpu("c", 80, 296, previous_w=296)))], [], None,
+                                              gpu("c", 80, 296, previous_w=296)))], [], THREE_PERCENT_MARGIN,
                      id="49 x (2 / 98) = 0.9999999999999999: raises of 0 W, not 1 W"),
     ],
 )

@@ -30,10 +30,12 @@ def test_a_service_on_two_nodes_gets_its_budget_split_by_demand() -> None:
         [gpu_pod("llama-0", gpus=2, node="gpu-1", labels=LLAMA), gpu_pod("llama-1", gpus=2, node="gpu-2", labels=LLAMA)],
         [policy("llama", cap_w=2000)],
     ))
-    assert caps(plan) == {"A0": 700, "A1": 700, "B0": 270, "B1": 270}
+    # budget 2000 (the whole powerCapLimit): A0, A1 pinned -> 700 (max); B0, B1 idle (90 + 50 -> 200)
+    # get the surplus: (2000 - 2 x 700) / 2 = 300
+    assert caps(plan) == {"A0": 700, "A1": 700, "B0": 300, "B1": 300}
     status = plan.policies["inference/llama"].status
-    assert status["gpus"] == 4 and status["powerW"] == 1560 and status["budgetW"] == 1940
-    assert [(a["node"], a["watts"]) for a in status["allocations"]] == [("gpu-1", 1400), ("gpu-2", 540)]
+    assert status["gpus"] == 4 and status["powerW"] == 1560 and status["budgetW"] == 2000
+    assert [(a["node"], a["watts"]) for a in status["allocations"]] == [("gpu-1", 1400), ("gpu-2", 600)]
     assert reasons(plan) == {"Ready": "WithinCap", "Feasible": "BudgetCoversMinimums", "Enforced": "AllocationApplied"}
     assert plan.policies["inference/llama"].changed
 
@@ -46,7 +48,7 @@ def test_a_starting_pod_reserves_its_minimum() -> None:
          gpu_pod("llama-1", gpus=2, node="gpu-2", labels=LLAMA, bound_at=NOW + timedelta(seconds=1))],
         [policy("llama", cap_w=1000)],
     ))
-    assert caps(plan) == {"A0": 570}  # 970 - 2 x 200
+    assert caps(plan) == {"A0": 600}  # 1000 - 2 x 200
     assert plan.policies["inference/llama"].status["gpus"] == 3
 
 
@@ -97,7 +99,7 @@ def test_a_stale_node_keeps_its_caps_and_is_reported() -> None:
         [gpu_pod("llama-0", gpus=1, node="gpu-1", labels=LLAMA), gpu_pod("llama-1", gpus=1, node="gpu-2", labels=LLAMA)],
         [with_status(policy("llama", cap_w=1200), stored)],
     ))
-    assert caps(plan) == {"A0": 564, "B0": 600}  # 1164 - 600
+    assert caps(plan) == {"A0": 600, "B0": 600}  # 1200 - 600
     assert reasons(plan)["Enforced"] == "TelemetryStale"
     assert "no telemetry from node gpu-2 for 300 s" in next(
         c["message"] for c in plan.policies["inference/llama"].status["conditions"] if c["type"] == "Enforced")
@@ -145,7 +147,7 @@ def test_a_steady_cluster_plans_no_change() -> None:
     nodes = [node("gpu-1", "rack-1", [Gpu("A0", 690, 700, "inference/llama-0"), Gpu("A1", 300, 700, "inference/llama-0")])]
     pods = [gpu_pod("llama-0", gpus=2, node="gpu-1", labels=LLAMA)]
     first = plan_round(view(nodes, pods, [policy("llama", cap_w=1200)]))
-    assert caps(first) == {"A0": 700, "A1": 464}
+    assert caps(first) == {"A0": 700, "A1": 500}  # A0 pinned -> 700 (max); A1 (300 + 50) gets the rest of 1200
     stored = dict(first.policies["inference/llama"].status)
     applied = {uuid: watts for uuid, watts in published_allocations(stored).items()}
     nodes = [node("gpu-1", "rack-1", [Gpu("A0", applied["A0"] - 3, applied["A0"], "inference/llama-0"),

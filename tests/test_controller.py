@@ -112,9 +112,9 @@ def test_status_is_written_through_the_subresource_retrying_a_conflict(client, a
     status = stored_status(apiserver)
     assert status["allocations"] == [
         {"node": "gpu-1", "gpus": [{"uuid": "A0", "watts": 700}, {"uuid": "A1", "watts": 700}], "watts": 1400},
-        {"node": "gpu-2", "gpus": [{"uuid": "B0", "watts": 270}, {"uuid": "B1", "watts": 270}], "watts": 540},
-    ]
-    assert (status["gpus"], status["powerW"], status["budgetW"]) == (4, 1560, 1940)
+        {"node": "gpu-2", "gpus": [{"uuid": "B0", "watts": 300}, {"uuid": "B1", "watts": 300}], "watts": 600},
+    ]  # the idle GPUs share what the busy ones leave of the whole 2000 W powerCapLimit: 2000 - 1400 = 600 W
+    assert (status["gpus"], status["powerW"], status["budgetW"]) == (4, 1560, 2000)
     assert {c["type"]: c["status"] for c in status["conditions"]} == {"Ready": "True", "Feasible": "True", "Enforced": "True"}
 
 
@@ -193,7 +193,7 @@ def test_objects_of_odd_shapes_never_stop_a_round(client, apiserver) -> None:
     apiserver.put_object("powercappingpolicies", {**policy("mistral", "batch", cap_w=900), "status": junk_status})
     report = controller_for(client, Clock()).run_round()
     assert sorted(report.written) == ["batch/mistral", "inference/llama"]
-    assert stored_status(apiserver)["budgetW"] == 1940
+    assert stored_status(apiserver)["budgetW"] == 2000
 
 
 def test_nothing_is_read_or_written_when_nothing_changed(client, apiserver) -> None:
@@ -264,7 +264,7 @@ def test_the_ratio_column_shows_tokens_per_joule_and_settles(client, apiserver) 
 
 
 def test_each_condition_transition_is_one_event_with_its_own_reason(client, apiserver) -> None:
-    serve_cluster(apiserver, cap_w=700)  # 4 GPUs x 200 W minimum > 679 W
+    serve_cluster(apiserver, cap_w=700)  # 4 GPUs x 200 W minimum > 700 W
     clock = Clock()
     controller = controller_for(client, clock)
     controller.run_round()
@@ -272,7 +272,8 @@ def test_each_condition_transition_is_one_event_with_its_own_reason(client, apis
     notes = {e["reason"]: e["note"] for e in apiserver.objects("events", "inference")}
     assert notes["Infeasible"].startswith("Feasible is False: 4 GPUs need at least 800 W (their minimum power limits)")
     assert notes["NotReady"].startswith("Ready is False (Infeasible): 4 GPUs need at least 800 W")
-    assert "raise powerCapLimit to at least 825 W" in notes["Infeasible"]
+    assert "but the budget is 700 W (the whole powerCapLimit, 700 W)" in notes["Infeasible"]
+    assert "raise powerCapLimit to at least 800 W" in notes["Infeasible"]  # the budget is the whole powerCapLimit
     for _ in range(3):  # still infeasible: nothing new
         clock.advance(5)
         agents_catch_up(apiserver, clock.datetime())
@@ -295,7 +296,7 @@ def test_each_condition_transition_is_one_event_with_its_own_reason(client, apis
 
 
 def test_a_new_leader_records_no_event_for_a_condition_that_already_held(client, apiserver) -> None:
-    """The agents of gpu-2 never lower their GPUs to 270 W: AgentsLagging from the third
+    """The agents of gpu-2 never lower their GPUs to 300 W: AgentsLagging from the third
     round. A restarted controller (nothing in memory) and then another replica taking over
     see the condition in the stored status and record nothing, round after round."""
     serve_cluster(apiserver)
@@ -306,7 +307,7 @@ def test_a_new_leader_records_no_event_for_a_condition_that_already_held(client,
         clock.advance(5)
     assert sorted(events(apiserver)) == [("Warning", "AgentsLagging", "llama"), ("Warning", "NotReady", "llama")]
     note = next(e["note"] for e in apiserver.objects("events", "inference") if e["reason"] == "AgentsLagging")
-    assert note.startswith("Enforced is False: 2 GPUs run above their allocation: gpu-2/B0 at 700 W (allocated 270 W)")
+    assert note.startswith("Enforced is False: 2 GPUs run above their allocation: gpu-2/B0 at 700 W (allocated 300 W)")
     for identity in ("controller-a", "controller-b"):  # a restart, then a takeover
         replica = controller_for(client, clock, identity=identity)
         replica.started_leading(clock.datetime())
@@ -346,7 +347,7 @@ def test_lease_acquire_renew_and_lose(client, apiserver) -> None:
     assert controller_a.run_round().written == []
     assert not apiserver.requests_to("PUT", STATUS_PATH)
     assert controller_b.run_round().written == ["inference/llama"]
-    assert stored_status(apiserver)["budgetW"] == 1455
+    assert stored_status(apiserver)["budgetW"] == 1500  # the new powerCapLimit, whole
     assert not a.tick()  # sees b's Lease and steps down for good
 
 
@@ -432,7 +433,7 @@ def test_the_loop_elects_watches_writes_and_releases_the_lease(client, apiserver
         deadline = time.monotonic() + 10
         while not stored_status(apiserver).get("allocations") and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert stored_status(apiserver)["budgetW"] == 1940
+        assert stored_status(apiserver)["budgetW"] == 2000
         assert controller.metrics.leader._value.get() == 1  # noqa: SLF001 - the gauge's value
     finally:
         stop.set()
@@ -484,9 +485,9 @@ def state_file(tmp_path: Path) -> Path:
 def test_once_prints_a_table(state_file: Path, capsys) -> None:
     assert main(["controller", "--once", "--cluster-state", str(state_file)]) == 0
     out = capsys.readouterr().out
-    assert ("inference/llama  Enforce  cap 2000 W  budget 1940 W  power 1560 W  4 GPUs  ratio 1.67 tokens/J  "
+    assert ("inference/llama  Enforce  cap 2000 W  budget 2000 W  power 1560 W  4 GPUs  ratio 1.67 tokens/J  "
             "(status would change)") in out  # 2300 tokens/s over the 1380 W of the GPUs that report them
-    assert "  gpu-2  B0   270    200       90       700      budget" in out
+    assert "  gpu-2  B0   300    200       90       700      budget" in out  # (2000 - 2 x 700) / 2
     assert "  Ready     True  WithinCap" in out
     assert "  rack rack-1: 1560 W, inlet 24.0 °C" in out
     assert "rebalance: none (no node of the service is above energyThreshold 3500 W)" in out
@@ -501,8 +502,37 @@ def test_once_prints_the_statuses_it_would_write(state_file: Path, output: str, 
     assert document["kind"] == "List"
     (item,) = document["items"]
     assert item["metadata"] == {"name": "llama", "namespace": "inference"}
-    assert [a["watts"] for a in item["status"]["allocations"]] == [1400, 540]
+    assert [a["watts"] for a in item["status"]["allocations"]] == [1400, 600]  # 2 x 700 W, then 2000 - 1400
     assert item["status"]["ratio"] == 1.67
+
+
+@pytest.mark.parametrize(
+    ("flags", "budget_w", "caps_w"),
+    [
+        # the whole 1000 W, 500 W each; A0 buys 3 x the tokens per watt: one step (10 % of 200-700 W) moves to it
+        pytest.param([], 1000, (550, 450), id="defaults"),
+        pytest.param(["--no-marginal-rebalancing"], 1000, (500, 500), id="no-marginal-rebalancing"),
+        pytest.param(["--marginal-rebalancing"], 1000, (550, 450), id="marginal-rebalancing"),
+        # floor(1000 x 0.97) = 970, 485 W each; then one 50 W step to A0
+        pytest.param(["--margin", "0.03"], 970, (535, 435), id="margin"),
+        pytest.param(["--margin", "0.03", "--no-marginal-rebalancing"], 970, (485, 485), id="margin-no-rebalancing"),
+    ],
+)
+def test_once_follows_the_margin_and_the_marginal_rebalancing_flags(
+    tmp_path: Path, capsys, flags: list[str], budget_w: int, caps_w: tuple[int, int],
+) -> None:
+    """Two GPUs pinned at their 500 W limits, one serving 1500 tokens/s and the other 500."""
+    nodes = [node("gpu-1", "rack-1", [Gpu("A0", 495, 500, "inference/llama-0", tokens_s=1500),
+                                      Gpu("A1", 495, 500, "inference/llama-1", tokens_s=500)])]
+    pods = [gpu_pod("llama-0", gpus=1, node="gpu-1", labels=LLAMA), gpu_pod("llama-1", gpus=1, node="gpu-1", labels=LLAMA)]
+    path = tmp_path / "state.yaml"
+    path.write_text(yaml.safe_dump(kubectl_list(nodes, pods, [policy("llama", cap_w=1000)])))
+    assert main(["controller", "--once", "--cluster-state", str(path), "-o", "json", *flags]) == 0
+    (item,) = json.loads(capsys.readouterr().out)["items"]
+    assert item["status"]["budgetW"] == budget_w
+    (allocation,) = item["status"]["allocations"]
+    assert tuple(g["watts"] for g in allocation["gpus"]) == caps_w
+    assert sum(caps_w) == budget_w
 
 
 @pytest.mark.parametrize(

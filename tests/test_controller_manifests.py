@@ -51,8 +51,9 @@ def test_the_container_arguments_are_ones_the_command_accepts() -> None:
     assert container["name"] == "controller"
     args = build_parser().parse_args(container["args"])
     assert (args.command, args.interval, args.margin, args.lease_namespace, args.lease_name) == (
-        "controller", 5.0, 0.03, "powercap-system", "powercap-controller",
+        "controller", 5.0, 0.0, "powercap-system", "powercap-controller",
     )
+    assert args.marginal_rebalancing is True
     assert args.health_bind in container["livenessProbe"]["exec"]["command"][-1]
 
 

@@ -144,7 +144,7 @@ def test_an_infeasible_policy_is_unresolvable_everywhere(tmp_path: Path) -> None
     assert set(result["FailedAndUnresolvableNodes"]) == {n["metadata"]["name"] for n in NODES}
     assert result["FailedAndUnresolvableNodes"]["gpu-full"] == (
         "policy inference/llama cannot power another GPU: (0 GPUs in use + 2 for this pod) x 200 W minimum limit "
-        "= 400 W > its budget 291 W (powerCapLimit 300 W less the controller's margin)"
+        "= 400 W > its budget 300 W (the whole powerCapLimit)"  # 2 x 200 W; the default margin is 0
     )
 
 

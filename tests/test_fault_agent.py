@@ -223,9 +223,9 @@ def test_gpu_failing_enumeration_counts_at_its_maximum_and_joins_when_it_answers
     fake: FakeNvml, tmp_path: Path, agents: list[AgentProcess],
 ) -> None:
     """The agent restarts while GPU 3 does not enumerate. It used to split the cap over the
-    three others (3 x 323 W + the 242 W GPU 3 still held = 1211 W under 1000 W)."""
+    three others (3 x 333 W + the 250 W GPU 3 still held = 1249 W under 1000 W)."""
     first = start_with_file(tmp_path, fake, 1000)
-    wait_for_limits(fake, [242] * GPUS)
+    wait_for_limits(fake, [250] * GPUS)  # the whole 1000 W powerCapLimit over four GPUs
     assert first.stop()[0] == 0
     held = limits_w(fake)
     assert held is not None
@@ -237,11 +237,12 @@ def test_gpu_failing_enumeration_counts_at_its_maximum_and_joins_when_it_answers
         agents.append(second)
         sampler.run_for(2.0)
         # GPU 3 counts at its maximum (700 W, unknown limit): the others go to their minimum
-        assert limits_w(fake) == [200, 200, 200, 242]
+        # (floor((1000 - 700) / 3) = 100 W is under it); GPU 3 still holds its 250 W
+        assert limits_w(fake) == [200, 200, 200, 250]
         gpus = second.status()["gpus"]
         assert [(g["index"], g["uuid"], g["degraded"]) for g in gpus][3] == (3, None, True)
         fake.clear_errors()
-        wait_for_limits(fake, [242] * GPUS, timeout_s=15.0)  # re-enumerated: it joins the split
+        wait_for_limits(fake, [250] * GPUS, timeout_s=15.0)  # re-enumerated: it joins the split
         sampler.run_for(1.0)
     sampler.assert_held()
     assert len(second.logged("GPU joined")) == 1
@@ -314,10 +315,10 @@ def test_allocations_over_the_budget_are_clamped(
         agents.append(agent)
         sampler.run_for(6.0)
     sampler.assert_held()
-    # scaled by budget / sum = floor(1000 x 0.97) / 2800, never under the 200 W minimum
-    assert limits_w(fake) == [242] * GPUS
+    # scaled by budget / sum = 1000 / 2800 (the whole powerCapLimit), floored: 250 W, never under the 200 W minimum
+    assert limits_w(fake) == [250] * GPUS
     warnings = agent.logged("allocations pass the policy's budget: clamped")
-    assert len(warnings) == 1 and warnings[0]["allocated_w"] == 2800 and warnings[0]["budget_w"] == 970
+    assert len(warnings) == 1 and warnings[0]["allocated_w"] == 2800 and warnings[0]["budget_w"] == 1000
 
 
 # -- 6. a GPU whose setter fails --------------------------------------------------------------
@@ -327,18 +328,18 @@ def test_gpu_whose_set_fails_counts_at_its_limit_and_the_others_make_room(
     fake: FakeNvml, tmp_path: Path, agents: list[AgentProcess],
 ) -> None:
     """GPU 0 is reset and its setter answers NoPermission: it used to keep 700 W while the
-    others kept 388 W (1864 W under 1600 W), /status showing its planned cap."""
+    others kept 400 W (1900 W under 1600 W), /status showing its planned cap."""
     agent = start_with_file(tmp_path, fake, 1600)
     agents.append(agent)
-    wait_for_limits(fake, [388] * GPUS)
+    wait_for_limits(fake, [400] * GPUS)  # floor(1600 / 4)
     with Sampler(fake, 1600) as sampler:
         fake.inject_error("nvmlDeviceSetPowerManagementLimit", NvmlReturn.NO_PERMISSION, gpu=0)
         sampler.excuse()
         fake.set_limit_w(0, 700)
         sampler.run_for(3.0)
     sampler.assert_held()
-    # room for the others: floor(1600 x 0.97) - 700 = 852 W, 284 W each
-    assert limits_w(fake) == [700, 284, 284, 284]
+    # room for the others: 1600 - 700 = 900 W, 300 W each
+    assert limits_w(fake) == [700, 300, 300, 300]
     gpu0 = agent.status()["gpus"][0]
     assert (gpu0["capW"], gpu0["degraded"]) == (700, True) and "NoPermission" in gpu0["error"]
     assert metric(agent, "powercap_gpu_power_limit_watts", UUID=UUIDS[0]) == 700.0
@@ -361,4 +362,4 @@ def test_infeasible_file_policy_holds_every_gpu_at_minimum_and_says_so(
     infeasible = agent.logged("policy infeasible on this node: every GPU at its minimum")
     assert len(infeasible) == 1 and infeasible[0]["policy"] == "inference/llama"
     problem = agent.status()["policies"]["inference/llama"]["problem"]
-    assert problem == "infeasible: minimums 800 W > budget 679 W (powerCapLimit 700 W)"
+    assert problem == "infeasible: minimums 800 W > budget 700 W (powerCapLimit 700 W)"  # the whole powerCapLimit

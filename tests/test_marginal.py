@@ -99,34 +99,36 @@ def gpu(uuid: str, power_w: float, limit_w: float, tokens_s: float | None, **ext
                     limit_w=limit_w, previous_w=limit_w, tokens_s=tokens_s, **extra)  # type: ignore[arg-type]
 
 
-BUSY_SERVICE = [  # 1200 W: three pinned GPUs want more than the 1164 W budget
-    ("fast", 398, 400, 1400.0),
+BUSY_SERVICE = [  # powerCapLimit 1200 W, all of it the budget: they want 450 + 450 + 380 = 1280 W
+    ("fast", 398, 400, 1400.0),  # pinned: 400 + 50
     ("slow", 398, 400, 700.0),
-    ("light", 330, 400, 300.0),  # traffic-limited
+    ("light", 330, 400, 300.0),  # traffic-limited: 330 + 50
 ]
 
 
-ON = AllocationSettings(marginal=MarginalSettings(enabled=True))
+ON = AllocationSettings(marginal=MarginalSettings(enabled=True))  # the default
+OFF = AllocationSettings(marginal=MarginalSettings(enabled=False))  # --no-marginal-rebalancing: the fill alone
 
 
 def test_allocation_moves_watts_toward_the_higher_marginal_value() -> None:
     service = Service("ns/svc", 1200, tuple(gpu(*row) for row in BUSY_SERVICE))
     with_tokens = caps_of(allocate([service], settings=ON), "ns/svc")
     assert with_tokens["fast"] > with_tokens["slow"]
-    assert with_tokens["light"] < 400 and sum(with_tokens.values()) <= budget_w(1200, 0.03)
+    assert with_tokens["light"] < 400 and sum(with_tokens.values()) <= budget_w(1200, ON.margin)
 
 
 def test_without_token_metrics_the_demand_following_fill_stands() -> None:
-    """No tokens/s anywhere, or the rebalancing off (the default): today's caps, watt for watt."""
+    """No tokens/s anywhere (the default rebalancing on), or the rebalancing off: the fill's caps, watt for watt."""
     with_tokens = Service("ns/svc", 1200, tuple(gpu(*row) for row in BUSY_SERVICE))
     without = dataclasses.replace(with_tokens, gpus=tuple(dataclasses.replace(g, tokens_s=None) for g in with_tokens.gpus))
-    assert allocate([with_tokens]) == allocate([without]) == allocate([without], settings=ON)
-    assert caps_of(allocate([with_tokens], settings=ON)) != caps_of(allocate([without]))
+    assert allocate([with_tokens], settings=OFF) == allocate([without], settings=OFF) == allocate([without]) == (
+        allocate([without], settings=ON))
+    assert caps_of(allocate([with_tokens])) != caps_of(allocate([without]))
 
 
 def test_a_service_with_budget_to_spare_is_not_rebalanced() -> None:
     service = Service("ns/svc", 6000, tuple(gpu(*row) for row in BUSY_SERVICE))
-    assert allocate([service], settings=ON) == allocate([service])
+    assert allocate([service], settings=ON) == allocate([service], settings=OFF)
 
 
 def test_a_stale_gpu_is_held_whatever_its_tokens() -> None:
@@ -153,10 +155,12 @@ def test_bad_settings_fail_at_construction() -> None:
 
 
 @st.composite
-def problems_with_tokens(draw: st.DrawFn) -> tuple[list[Service], list[RackLimit]]:
+def problems_with_tokens(draw: st.DrawFn) -> tuple[list[Service], list[RackLimit], AllocationSettings]:
     """test_allocation's problems, each GPU with a rate (or none, or 0), most pinned at their limit,
-    each service's cap between its GPUs' minimums and maximums: budgets to trade."""
+    each service's budget between its GPUs' minimums and maximums: budgets to trade. With the
+    rebalancing on and the default margin (the whole powerCapLimit) or a 3 % one."""
     services, racks = draw(problems(with_history=True))
+    allocation_settings = draw(st.sampled_from([ON, dataclasses.replace(ON, margin=0.03)]))
 
     def with_tokens(state: GpuState) -> GpuState:
         max_w = math.ceil(state.min_w) + draw(st.integers(100, 600))  # a range to move caps in
@@ -170,23 +174,24 @@ def problems_with_tokens(draw: st.DrawFn) -> tuple[list[Service], list[RackLimit
     def short(service: Service) -> Service:
         low, high = sum(g.min_w for g in service.gpus), sum(g.max_w for g in service.gpus)
         return dataclasses.replace(service, gpus=tuple(map(with_tokens, service.gpus)), reserved_w=0.0,
-                                   power_cap_w=draw(st.integers(math.ceil(low), math.ceil(high) + 1)) / 0.97)
+                                   power_cap_w=draw(st.integers(math.ceil(low), math.ceil(high) + 1))
+                                   / (1 - allocation_settings.margin))
 
-    return [short(s) for s in services], racks
+    return [short(s) for s in services], racks, allocation_settings
 
 
 @settings(max_examples=500, deadline=None)
 @given(problems_with_tokens())
 def test_sum_of_caps_invariant_holds_with_marginal_rebalancing(problem) -> None:
     """DESIGN.md section 5: every cap in [min, max], each service within its budget, each rack within maxPower."""
-    check_invariants(*problem, ON)
+    check_invariants(*problem)
 
 
 @settings(max_examples=500, deadline=None)
 @given(problems_with_tokens())
 def test_transitions_never_pass_the_budget_with_marginal_rebalancing(problem) -> None:
     """Whichever agents have applied the new caps (old and new mixed), the caps in force fit the budget."""
-    check_transitions(*problem, ON)
+    check_transitions(*problem)
 
 
 @settings(max_examples=200, deadline=None)

@@ -103,18 +103,30 @@ def test_the_strictest_of_two_policies_wins() -> None:
     assert outcome.rejections == {RejectReason.POWER: 1}
 
 
-def test_an_infeasible_policy_fails_every_node_as_unresolvable() -> None:
-    # 8 GPUs bound + 2 requested, each at least 200 W: 2000 W > the budget, 1900 W less 3 %
+@pytest.mark.parametrize(
+    "status, budget",
+    [
+        # no status yet: the default margin, 0
+        pytest.param(None, "1900 W (the whole powerCapLimit)", id="default"),
+        # published by a controller run with --margin=0.03: floor(1900 x 0.97) = 1843
+        pytest.param({"observedGeneration": 1, "budgetW": 1843},
+                     "1843 W (powerCapLimit 1900 W less the controller's margin)", id="--margin=0.03"),
+    ],
+)
+def test_an_infeasible_policy_fails_every_node_as_unresolvable(status: dict | None, budget: str) -> None:
+    # 8 GPUs bound + 2 requested, each at least 200 W: 2000 W > the budget
     small = policy("llama", cap_w=1900)
+    if status is not None:
+        small = {**small, "status": status}
     bound = [gpu_pod(f"old-{i}", gpus=4, node="gpu-1", bound_at=NOW - timedelta(minutes=9)) for i in range(2)]
     view = view_of([gpu_node("gpu-1", None, telemetry(1600)), gpu_node("gpu-2", None, telemetry(0))], bound, [small])
     outcome = filter_nodes(view, gpu_pod("new", gpus=2), ["gpu-1", "gpu-2"])
     reason = ("policy inference/llama cannot power another GPU: (8 GPUs in use + 2 for this pod) x 200 W minimum limit "
-              "= 2000 W > its budget 1843 W (powerCapLimit 1900 W less the controller's margin)")
+              f"= 2000 W > its budget {budget}")
     assert outcome.unresolvable == {"gpu-1": reason, "gpu-2": reason}
     assert outcome.passed == [] and outcome.failed == {}
     assert outcome.rejections == {RejectReason.INFEASIBLE_POLICY: 2}
-    assert filter_nodes(view, gpu_pod("new", gpus=1), ["gpu-1"]).passed == ["gpu-1"]  # 9 x 200 W = 1800 W fits 1843 W
+    assert filter_nodes(view, gpu_pod("new", gpus=1), ["gpu-1"]).passed == ["gpu-1"]  # 9 x 200 W = 1800 W fits either
 
 
 def test_an_observe_policy_never_rejects() -> None:

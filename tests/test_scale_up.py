@@ -23,9 +23,9 @@ from tests.fakes.clusters import Gpu, agents_apply, node, view, with_status
 from tests.fakes.objects import NOW, gpu_pod, policy
 
 LLAMA = {"app.kubernetes.io/name": "llama"}
-BUDGET_W = 1940  # powerCapLimit 2000 W less the 3 % margin
+BUDGET_W = 2000  # the whole powerCapLimit (the controller's default margin is 0)
 MIN_W = 200
-WAITING = "policy inference/llama has no budget free for this pod yet: 1940 W allocated + 1 x 200 W minimum ..."
+WAITING = "policy inference/llama has no budget free for this pod yet: 2000 W allocated + 1 x 200 W minimum ..."
 
 
 def busy_service() -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
@@ -63,13 +63,13 @@ def test_a_new_pod_waits_until_the_controller_frees_its_minimum() -> None:
     nodes = agents_apply(nodes, [document], at=NOW + timedelta(seconds=1))
     assert allocated_w(document) == BUDGET_W  # the busy GPUs hold the whole budget
 
-    # a fifth replica: placing it now would run its GPU at 200 W on top of 1940 W of caps
+    # a fifth replica: placing it now would run its GPU at 200 W on top of 2000 W of caps
     new = gpu_pod("llama-4", labels=LLAMA)
     refused = filter_nodes(view(nodes, [*pods, new], [document]), new, ["gpu-1"])
     assert refused.passed == [] and refused.unresolvable == {}
     assert refused.failed == {"gpu-1": (
-        "policy inference/llama has no budget free for this pod yet: 1940 W allocated + 1 x 200 W minimum for "
-        "this pod > its budget 1940 W; the budget controller frees it in its next round, then kube-scheduler "
+        "policy inference/llama has no budget free for this pod yet: 2000 W allocated + 1 x 200 W minimum for "
+        "this pod > its budget 2000 W; the budget controller frees it in its next round, then kube-scheduler "
         "retries the pod"
     )}
     assert refused.rejections == {RejectReason.BUDGET: 1}
@@ -93,7 +93,8 @@ def test_a_new_pod_waits_until_the_controller_frees_its_minimum() -> None:
     sixth = gpu_pod("llama-5", labels=LLAMA)
     again = filter_nodes(view(nodes, [*pods, sixth], [document]), sixth, ["gpu-1"])
     assert again.rejections == {RejectReason.BUDGET: 1}
-    assert "1740 W allocated + 200 W for GPUs of starting pods + 1 x 200 W minimum" in again.failed["gpu-1"]
+    # 2000 - 200 W allocated (the bound GPU not reported yet kept at its minimum)
+    assert "1800 W allocated + 200 W for GPUs of starting pods + 1 x 200 W minimum" in again.failed["gpu-1"]
 
 
 def test_the_caps_in_force_never_exceed_the_budget_while_a_service_scales_up() -> None:
@@ -124,16 +125,16 @@ def test_the_caps_in_force_never_exceed_the_budget_while_a_service_scales_up() -
 
 
 def test_the_controller_keeps_free_only_what_the_budget_can_hold() -> None:
-    """Twenty pods refused for budget: the four bound GPUs keep their minimums; five of the
-    waiting ones fit beside them."""
+    """Twenty pods refused for budget: the four bound GPUs keep their minimums; six of the
+    waiting ones fit beside them ((2000 - 4 x 200) / 200 = 6)."""
     nodes, pods, document = busy_service()
     pending = [refused_by_scheduler(gpu_pod(f"llama-{i}", labels=LLAMA), WAITING) for i in range(4, 24)]
     plan = plan_round(view(nodes, [*pods, *pending], [document]))
     result = plan.policies["inference/llama"]
-    assert [c.cap_w for c in result.allocation.caps] == [235] * 4  # (1940 - 5 x 200) / 4
+    assert [c.cap_w for c in result.allocation.caps] == [200] * 4  # (2000 - 6 x 200) / 4
     conditions = {c["type"]: c for c in result.status["conditions"]}
     assert conditions["Feasible"]["reason"] == "BudgetCoversMinimums"
-    assert "the minimums of 5 GPUs of pods waiting for budget are kept free" in conditions["Enforced"]["message"]
+    assert "the minimums of 6 GPUs of pods waiting for budget are kept free" in conditions["Enforced"]["message"]
 
 
 def test_a_pod_pending_for_another_reason_reserves_nothing() -> None:
@@ -142,16 +143,34 @@ def test_a_pod_pending_for_another_reason_reserves_nothing() -> None:
     no_gpu = refused_by_scheduler(gpu_pod("llama-4", labels=LLAMA), "Insufficient nvidia.com/gpu")
     untried = gpu_pod("llama-5", labels=LLAMA)
     plan = plan_round(view(nodes, [*pods, no_gpu, untried], [document]))
-    assert [c.cap_w for c in plan.policies["inference/llama"].allocation.caps] == [485] * 4
+    assert [c.cap_w for c in plan.policies["inference/llama"].allocation.caps] == [500] * 4  # 2000 / 4
 
 
 def test_a_pod_the_budget_can_never_hold_is_unresolvable() -> None:
-    """9 GPUs x 200 W = 1800 W fit powerCapLimit 1850 W but not its 1794 W budget: the
-    controller would find the policy infeasible, so the pod is refused for good."""
+    """9 GPUs x 200 W = 1800 W pass powerCapLimit 1750 W, the whole budget: the controller
+    would find the policy infeasible, so the pod is refused for good."""
     pods = [gpu_pod(f"llama-{i}", node="gpu-1", labels=LLAMA, bound_at=NOW - timedelta(minutes=10)) for i in range(8)]
     nodes = [node("gpu-1", None, [Gpu(f"A{i}", 210, 225, f"inference/llama-{i}") for i in range(8)])]
     new = gpu_pod("llama-8", labels=LLAMA)
-    outcome = filter_nodes(view(nodes, [*pods, new], [policy("llama", cap_w=1850)]), new, ["gpu-1"])
+    outcome = filter_nodes(view(nodes, [*pods, new], [policy("llama", cap_w=1750)]), new, ["gpu-1"])
+    assert list(outcome.unresolvable) == ["gpu-1"]
+    assert outcome.unresolvable["gpu-1"].startswith(
+        "policy inference/llama cannot power another GPU: (8 GPUs in use + 1 for this pod) x 200 W minimum limit "
+        "= 1800 W > its budget 1750 W"
+    )
+
+
+def test_a_pod_the_budget_of_a_controller_with_a_margin_can_never_hold_is_unresolvable() -> None:
+    """9 GPUs x 200 W = 1800 W fit powerCapLimit 1850 W but not the budgetW 1794 W
+    (floor(1850 x 0.97)) a controller run with --margin 0.03 published: the pod is refused for good."""
+    pods = [gpu_pod(f"llama-{i}", node="gpu-1", labels=LLAMA, bound_at=NOW - timedelta(minutes=10)) for i in range(8)]
+    nodes = [node("gpu-1", None, [Gpu(f"A{i}", 210, 225, f"inference/llama-{i}") for i in range(8)])]
+    document = policy("llama", cap_w=1850)
+    plan = plan_round(view(nodes, pods, [document]), AllocationSettings(margin=0.03))
+    document = with_status(document, plan.policies["inference/llama"].status)
+    assert document["status"]["budgetW"] == 1794
+    new = gpu_pod("llama-8", labels=LLAMA)
+    outcome = filter_nodes(view(nodes, [*pods, new], [document]), new, ["gpu-1"])
     assert outcome.unresolvable == {"gpu-1": (
         "policy inference/llama cannot power another GPU: (8 GPUs in use + 1 for this pod) x 200 W minimum limit "
         "= 1800 W > its budget 1794 W (powerCapLimit 1850 W less the controller's margin)"
@@ -159,24 +178,26 @@ def test_a_pod_the_budget_can_never_hold_is_unresolvable() -> None:
 
 
 def test_the_budget_follows_a_lowered_cap_before_the_controller_writes_again() -> None:
-    """The status still says budgetW 1940 from powerCapLimit 2000; the cap is now 1000 W
+    """The status still says budgetW 2000 from powerCapLimit 2000; the cap is now 900 W
     (the apiserver counts the spec change as a new generation)."""
     nodes, pods, document = busy_service()
     document = round_at(nodes, pods, document, 0)
+    assert document["status"]["budgetW"] == 2000
     lowered = {**document, "metadata": {**document["metadata"], "generation": 2},
-               "spec": {**document["spec"], "powerCapLimit": 1000}}
+               "spec": {**document["spec"], "powerCapLimit": 900}}
     new = gpu_pod("llama-4", labels=LLAMA)
     outcome = filter_nodes(view(nodes, [*pods, new], [lowered]), new, ["gpu-1"])
-    assert outcome.unresolvable == {"gpu-1": (
+    assert list(outcome.unresolvable) == ["gpu-1"]
+    assert outcome.unresolvable["gpu-1"].startswith(
         "policy inference/llama cannot power another GPU: (4 GPUs in use + 1 for this pod) x 200 W minimum limit "
-        "= 1000 W > its budget 970 W (powerCapLimit 1000 W less the controller's margin)"
-    )}
+        "= 1000 W > its budget 900 W"
+    )
 
 
-def test_a_controller_with_a_smaller_margin_does_not_keep_new_pods_pending_forever() -> None:
+def test_a_controller_with_its_own_margin_does_not_keep_new_pods_pending_forever() -> None:
     """A controller run with --margin 0.01 shares out 1980 W of powerCapLimit 2000 W and
-    publishes budgetW 1980: the extender measures the room against that budget, not the
-    default-margin 1940 W, or a busy service's new replica would never be placed."""
+    publishes budgetW 1980: the extender measures the room against that budget, the one
+    the controller keeps the new GPU's minimum free in, and places the new replica."""
     settings = AllocationSettings(margin=0.01)
     nodes, pods, document = busy_service()
     new = refused_by_scheduler(gpu_pod("llama-4", labels=LLAMA), WAITING)
@@ -192,26 +213,31 @@ def test_a_controller_with_a_smaller_margin_does_not_keep_new_pods_pending_forev
 
 def test_a_raised_or_lowered_cap_is_judged_against_the_new_spec_until_the_controller_writes() -> None:
     """budgetW 1980 was published for powerCapLimit 2000 by a --margin 0.01 controller; the
-    cap is lowered to 1000 W (a new generation): the extender takes the smaller budget."""
+    cap is lowered to 900 W (a new generation): the extender takes the smaller budget,
+    min(1980, 900) = 900 W, which 5 x 200 W minimums pass."""
     nodes, pods, document = busy_service()
     plan = plan_round(view(nodes, pods, [document]), AllocationSettings(margin=0.01))
     document = with_status(document, plan.policies["inference/llama"].status)
+    assert document["status"]["budgetW"] == 1980
     lowered = {**document, "metadata": {**document["metadata"], "generation": 2},
-               "spec": {**document["spec"], "powerCapLimit": 1000}}
+               "spec": {**document["spec"], "powerCapLimit": 900}}
     new = gpu_pod("llama-4", labels=LLAMA)
     outcome = filter_nodes(view(nodes, [*pods, new], [lowered]), new, ["gpu-1"])
-    assert "its budget 970 W" in outcome.unresolvable["gpu-1"]
+    assert "= 1000 W > its budget 900 W" in outcome.unresolvable["gpu-1"]
 
 
 def test_a_pod_is_measured_at_the_minimum_of_the_gpus_of_the_node_it_would_get() -> None:
     """The service runs on 200 W-minimum GPUs; an L4 node (60 W minimum) elsewhere in the
-    cluster must not make a two-GPU pod look cheap: on gpu-1 its GPUs start at 2 x 200 W."""
+    cluster must not make a two-GPU pod look cheap: on gpu-1 its GPUs start at 2 x 200 W.
+    powerCapLimit 1940 W: the eight bound GPUs' minimums (1600 W) leave 340 W, room for
+    2 x 60 W but not 2 x 200 W."""
     pods = [gpu_pod(f"llama-{i}", node="gpu-1", labels=LLAMA, bound_at=NOW - timedelta(minutes=10)) for i in range(8)]
     nodes = [
         node("gpu-1", None, [Gpu(f"A{i}", 690, 700, f"inference/llama-{i}") for i in range(8)], capacity=16),
         node("l4-1", None, [Gpu(f"L{i}", 30, 72, min_w=60, max_w=72) for i in range(4)], capacity=4),
     ]
-    document = policy("llama", cap_w=2000)
+    budget_w = 1940
+    document = policy("llama", cap_w=budget_w)
     new = refused_by_scheduler(gpu_pod("llama-8", gpus=2, labels=LLAMA), WAITING)
     for second in (0, 5):
         plan = plan_round(view(nodes, [*pods, new], [document], now=NOW + timedelta(seconds=second)))
@@ -222,7 +248,7 @@ def test_a_pod_is_measured_at_the_minimum_of_the_gpus_of_the_node_it_would_get()
     assert outcome.passed == ["l4-1"]
     assert "1736 W allocated + 2 x 200 W minimum for this pod > its budget 1940 W" in outcome.failed["gpu-1"]
     in_force = allocated_w(document) + 2 * 60
-    assert in_force <= BUDGET_W
+    assert in_force <= budget_w
 
 
 def test_allocations_published_per_node_only_count_against_the_budget() -> None:
@@ -234,7 +260,7 @@ def test_allocations_published_per_node_only_count_against_the_budget() -> None:
     new = gpu_pod("llama-4", labels=LLAMA)
     outcome = filter_nodes(view(nodes, [*pods, new], [document]), new, ["gpu-1"])
     assert outcome.rejections == {RejectReason.BUDGET: 1}
-    assert outcome.failed["gpu-1"].startswith("policy inference/llama has no budget free for this pod yet: 1940 W allocated")
+    assert outcome.failed["gpu-1"].startswith("policy inference/llama has no budget free for this pod yet: 2000 W allocated")
 
 
 def test_a_pod_let_through_counts_until_the_view_shows_it_bound_or_it_is_old() -> None:

@@ -5,9 +5,10 @@ The figures were computed by the engine before it was vectorised (commit 69be3b6
 built-in scenario over 330 simulated seconds (the 270 s burst and the 300 s cap cut
 included), every strategy and the oracle. powercap's moved when racks began counting what
 their nodes draw beside the GPUs (#16: the built-in scenario's maxPower and cooling were
-rescaled for it, and the controller's rack fill and the extender count it); the baselines'
-and the oracle's did not (they never read rack power), and the energy beside the GPUs is
-pinned since.
+rescaled for it, and the controller's rack fill and the extender count it), and again when
+the allocation's defaults became the whole powerCapLimit (no 3 % margin) and the
+marginal-value rebalancing on (#14); the baselines' and the oracle's did not (they never
+read rack power or the allocation), and the energy beside the GPUs is pinned since.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
         "batch": (19572460.931686096, 536563.289428508, 39.417),
     },
     "powercap": {
-        "chat": (7109787.496869354, 1556685.70602409, 34.671),
-        "code": (5531772.312964715, 1065198.0313862653, 22.478),
-        "batch": (19603292.70067166, 503736.62891647534, 38.151),
+        "chat": (7151567.8761556, 1594576.673037887, 28.885),
+        "code": (5641262.2313421, 1100716.1894463561, 22.449),
+        "batch": (19760474.7636412, 513294.59242645284, 34.718),
     },
     "oracle": {
         "chat": (7166291.1902056495, 1618266.4505797469, 23.564),
@@ -50,14 +51,14 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
 PINNED_COUNTER_ENERGY_J = {
     "no-capping": 4320416.767953997,
     "static-split": 3251655.095881968,
-    "powercap": 3342537.366326831,
+    "powercap": 3425504.454910696,
     "oracle": 3511295.998882641,
 }
 # strategy -> what the nodes drew beside their GPUs over the run, J
 PINNED_NON_GPU_ENERGY_J = {
     "no-capping": 4165923.3702003225,
     "static-split": 3902956.4056075877,
-    "powercap": 3929971.481272704,
+    "powercap": 3951010.9723582277,
     "oracle": 3969833.991452781,
 }
 

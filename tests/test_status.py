@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from powercap import schema
-from powercap.allocation import GpuState, Service, allocate
+from powercap.allocation import AllocationSettings, GpuState, Service, allocate
 from powercap.policies import Mode, parse_policy
 from powercap.status import (
     LaggingGpu,
@@ -32,13 +32,14 @@ def the_policy(cap_w: int = 4200, mode: str | None = None, generation: int = 3):
 
 
 def inputs(cap_w: int = 4200, *, gpus: int = 4, power_w: float | None = 1600.0, mode: str | None = None,
-           **extra: Any) -> StatusInputs:
+           margin: float = AllocationSettings().margin, **extra: Any) -> StatusInputs:
+    """A round's inputs as the controller builds them, allocated with its ``--margin``."""
     states = tuple(
         GpuState(f"GPU-{i}", f"node-{i // 2}", "rack-1", 200, 700, 400, 700) for i in range(gpus)
     )
-    allocation = allocate([Service("inference/llama", cap_w, states)]).services["inference/llama"]
-    return StatusInputs(policy=the_policy(cap_w, mode), allocation=allocation, margin=0.03, gpus=gpus,
-                        power_w=power_w, **extra)
+    allocation = allocate([Service("inference/llama", cap_w, states)], settings=AllocationSettings(margin=margin))
+    return StatusInputs(policy=the_policy(cap_w, mode), allocation=allocation.services["inference/llama"],
+                        margin=margin, gpus=gpus, power_w=power_w, **extra)
 
 
 def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
@@ -49,12 +50,19 @@ def message(status: dict[str, Any], kind: str) -> str:
     return next(c["message"] for c in status["conditions"] if c["type"] == kind)
 
 
-def test_a_healthy_policy_shows_cap_power_gpus_and_ready() -> None:
-    status = render_status(inputs(), None, NOW)
+@pytest.mark.parametrize(
+    "margin, budget_w, source",
+    [
+        pytest.param(AllocationSettings().margin, 4200, "the whole powerCapLimit, 4200 W", id="default"),
+        pytest.param(0.03, 4074, "powerCapLimit 4200 W minus the 3 % margin", id="--margin=0.03"),  # floor(4200 x 0.97)
+    ],
+)
+def test_a_healthy_policy_shows_cap_power_gpus_and_ready(margin: float, budget_w: int, source: str) -> None:
+    status = render_status(inputs(margin=margin), None, NOW)
     assert status["observedGeneration"] == 3
     assert status["gpus"] == 4
     assert status["powerW"] == 1600
-    assert status["budgetW"] == 4074
+    assert status["budgetW"] == budget_w
     assert status["allocations"] == [
         {"node": "node-0", "gpus": [{"uuid": "GPU-0", "watts": 700}, {"uuid": "GPU-1", "watts": 700}], "watts": 1400},
         {"node": "node-1", "gpus": [{"uuid": "GPU-2", "watts": 700}, {"uuid": "GPU-3", "watts": 700}], "watts": 1400},
@@ -66,7 +74,7 @@ def test_a_healthy_policy_shows_cap_power_gpus_and_ready() -> None:
     }
     assert message(status, "Ready") == "the service draws 1600 W of powerCapLimit 4200 W across 4 GPUs"
     assert message(status, "Feasible") == (
-        "budget 4074 W (powerCapLimit 4200 W minus the 3 % margin) covers the minimum power limits of 4 GPUs (800 W)"
+        f"budget {budget_w} W ({source}) covers the minimum power limits of 4 GPUs (800 W)"
     )
     assert all(c["lastTransitionTime"] == "2026-11-27T23:20:00Z" and c["observedGeneration"] == 3
                for c in status["conditions"])
@@ -156,7 +164,7 @@ def test_infeasible_policy_says_what_to_change() -> None:
     status = render_status(inputs(cap_w=700), None, NOW)
     assert conditions(status)["Feasible"] == ("False", "Infeasible")
     assert conditions(status)["Ready"] == ("False", "Infeasible")
-    assert "raise powerCapLimit to at least 825 W" in message(status, "Ready")
+    assert "raise powerCapLimit to at least 800 W" in message(status, "Ready")  # 4 x 200 W, all of it the budget
     assert [g["watts"] for a in status["allocations"] for g in a["gpus"]] == [200, 200, 200, 200]
 
 
@@ -299,8 +307,9 @@ def test_each_condition_change_is_one_event_with_its_own_reason(
 def test_a_not_ready_event_says_which_condition_is_why() -> None:
     status = render_status(inputs(cap_w=700), None, NOW)
     ready, feasible = transitions(None, status)
-    why = ("4 GPUs need at least 800 W (their minimum power limits), but the budget is 679 W (powerCapLimit 700 W "
-           "minus the 3 % margin); raise powerCapLimit to at least 825 W or run fewer GPUs")
+    # budget floor(700 x (1 - 0)) = 700 < 4 x 200 W; a powerCapLimit of 800 W covers them
+    why = ("4 GPUs need at least 800 W (their minimum power limits), but the budget is 700 W (the whole powerCapLimit, "
+           "700 W); raise powerCapLimit to at least 800 W or run fewer GPUs")
     assert feasible.note == f"Feasible is False: {why}"
     assert ready.note == f"Ready is False (Infeasible): {why}"
 
@@ -314,8 +323,8 @@ def test_observe_mode_is_not_a_warning() -> None:
 def test_allocations_field_groups_by_node() -> None:
     states = (GpuState("b", "node-2", None, 200, 700, 0, 700), GpuState("a", "node-2", None, 200, 700, 0, 700),
               GpuState("c", "node-1", None, 200, 700, 0, 700))
-    allocation = allocate([Service("ns/s", 900, states)]).services["ns/s"]
+    allocation = allocate([Service("ns/s", 900, states)]).services["ns/s"]  # 900 / 3 each
     assert allocations_field(allocation) == [
-        {"node": "node-1", "gpus": [{"uuid": "c", "watts": 291}], "watts": 291},
-        {"node": "node-2", "gpus": [{"uuid": "a", "watts": 291}, {"uuid": "b", "watts": 291}], "watts": 582},
+        {"node": "node-1", "gpus": [{"uuid": "c", "watts": 300}], "watts": 300},
+        {"node": "node-2", "gpus": [{"uuid": "a", "watts": 300}, {"uuid": "b", "watts": 300}], "watts": 600},
     ]
