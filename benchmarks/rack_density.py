@@ -123,16 +123,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=32, help="nameplate GPUs (a multiple of 4)")
     parser.add_argument("--step", type=int, default=4, help="GPUs added per configuration (a multiple of 4)")
     parser.add_argument("--up-to", type=int, default=64, help="most GPUs tried")
-    parser.add_argument("--marginal", action="store_true",
-                        help="powercap with the marginal-value rebalancing on (powercap.marginal; off as shipped)")
+    parser.add_argument("--no-marginal", action="store_true",
+                        help="powercap without the marginal-value rebalancing (controller --no-marginal-rebalancing)")
     args = parser.parse_args(argv)
-    settings = EngineSettings(allocation=AllocationSettings(marginal=MarginalSettings(enabled=True))) if args.marginal else None
+    settings = EngineSettings(allocation=AllocationSettings(marginal=MarginalSettings(enabled=False))) if args.no_marginal else None
     if args.gpus % GPUS_PER_NODE or args.step % GPUS_PER_NODE or args.step <= 0:
         parser.error(f"--gpus and --step must be positive multiples of {GPUS_PER_NODE} (GPUs per node)")
     nameplate_w = rack_max_power_w(args.gpus)
     print(f"Machine: {machine()}")
     print(f"Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seeds {', '.join(map(str, args.seeds))}"
-          + ("; powercap with the marginal-value rebalancing on" if args.marginal else "") + "\n")
+          + ("; powercap without the marginal-value rebalancing" if args.no_marginal else "") + "\n")
     print(f"One rack, maxPower {nameplate_w} W = {args.gpus} H200-like GPUs x {H200_LIKE.default_limit_w:.0f} W and their "
           f"servers beside them; GPU budget {gpu_budget_w(args.gpus, args.gpus)} W at the nameplate, "
           f"{gpu_budget_w(args.gpus, args.gpus) - gpu_budget_w(args.gpus, args.gpus + 1)} W less per GPU added; "

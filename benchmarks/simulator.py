@@ -18,6 +18,10 @@ of the same caps, knowing every GPU's load: ``powercap.simulation.engine.ORACLE`
   tokens; "less power" is ``1 - factor``. A flat top of the throughput curve makes tokens/s
   gains small and power savings large, so this is the figure comparable with POLCA's
   "more servers under the same power budget";
+- share of the oracle's gain (issue 14): on ``default``, ``saturated``, ``cap-steps`` and a
+  service on mixed GPU types (``mixed_gpus(8000, 0.4, 1.25)``), powercap's tokens/s gain over
+  the static split as a share of the oracle's, seeds' mean, for the cluster and each
+  service, and the runs (cluster or service) below the static split;
 - variants (unless ``--no-variants``): the default scenario with one choice changed at a
   time (caps, routing, day shape, one policy for two services), a service on mixed GPU
   types, and powercap's own settings (margin, headroom, controller period, a slower day);
@@ -203,15 +207,17 @@ MIXED: list[tuple[str, Document]] = [
 ]
 
 TUNING: list[tuple[str, EngineSettings, dict[str, float]]] = [
-    ("as shipped (3 % margin, 10 % headroom, 10 % step, 5 s rounds)", EngineSettings(), {}),
-    ("margin 0", EngineSettings(allocation=AllocationSettings(margin=0.0)), {}),
+    ("as shipped (whole powerCapLimit, 10 % headroom, 10 % step, 5 s rounds, rebalancing on)", EngineSettings(), {}),
+    ("3 % margin, rebalancing off (the defaults before #14)",
+     EngineSettings(allocation=AllocationSettings(margin=0.03, marginal=MarginalSettings(enabled=False))), {}),
+    ("3 % margin", EngineSettings(allocation=AllocationSettings(margin=0.03)), {}),
     ("headroom 2 % of the range", EngineSettings(allocation=AllocationSettings(headroom_fraction=0.02)), {}),
     ("step 30 % of the range", EngineSettings(allocation=AllocationSettings(step_fraction=0.3)), {}),
     ("controller every 1 s", EngineSettings(), {"controller_interval_s": 1.0}),
-    ("all four", EngineSettings(allocation=AllocationSettings(margin=0.0, headroom_fraction=0.02, step_fraction=0.3)),
+    ("headroom 2 %, step 30 % and a 1-s controller together", EngineSettings(allocation=AllocationSettings(headroom_fraction=0.02, step_fraction=0.3)),
      {"controller_interval_s": 1.0}),
-    ("marginal-value rebalancing on (issue 14; powercap.marginal, off as shipped)",
-     EngineSettings(allocation=AllocationSettings(marginal=MarginalSettings(enabled=True))), {}),
+    ("marginal-value rebalancing off (controller --no-marginal-rebalancing)",
+     EngineSettings(allocation=AllocationSettings(marginal=MarginalSettings(enabled=False))), {}),
 ]
 
 
@@ -222,6 +228,41 @@ def run(scenario: Scenario, strategies: Sequence[Any] = ALL, settings: EngineSet
     started = time.perf_counter()
     summary = summarize(simulate(scenario, strategies, settings=settings, clock=time.perf_counter))
     return summary, time.perf_counter() - started
+
+
+SHARE_SCENARIOS: list[tuple[str, Callable[[], Document]]] = [
+    ("default", default_document),
+    ("saturated", lambda: saturated(default_document())),
+    ("cap-steps", lambda: with_cap_steps(default_document())),
+    ("mixed GPUs (code on 16 H200 + 16 L40S, 8000 W)", lambda: mixed_gpus(8000, 0.4, 1.25)),
+]
+
+
+def share_runs(seeds: Sequence[int], settings: EngineSettings | None = None) -> None:
+    """powercap's gain over the static split as a share of the oracle's, per scenario (issue 14, item 1)."""
+    print("\nShare of the oracle's gain (powercap's tokens/s gain over the static split / the oracle's, "
+          f"means over seeds {', '.join(map(str, seeds))}; per service chat / code / batch, or the one service):\n")
+    print("| scenario | powercap, cluster | oracle, cluster | share, cluster | share per service | runs below the static split |")
+    print("| --- | ---: | ---: | ---: | --- | --- |")
+    for label, document in SHARE_SCENARIOS:
+        pcs, oracles, below = [], [], []
+        pc_services: dict[str, list[float]] = {}
+        oracle_services: dict[str, list[float]] = {}
+        for seed in seeds:
+            scenario = scenario_from_document(document()).with_overrides(seed=seed)
+            summary = summarize(simulate(scenario, (STATIC_SPLIT, POWERCAP, ORACLE), settings=settings))
+            pc, pc_per = versus_static(summary, "powercap")
+            oracle, oracle_per = versus_static(summary, "oracle")
+            pcs.append(pc)
+            oracles.append(oracle)
+            below += [f"seed {seed} cluster {pc:+.2f} %"] if pc < 0 else []
+            for name, value in pc_per.items():
+                pc_services.setdefault(name, []).append(value)
+                oracle_services.setdefault(name, []).append(oracle_per[name])
+                below += [f"seed {seed} {name} {value:+.2f} %"] if value < 0 else []
+        share = " / ".join(f"{100 * statistics.mean(pc_services[n]) / statistics.mean(oracle_services[n]):.0f} %" for n in pc_services)
+        print(f"| {label} | {spread(pcs, 2)} | {spread(oracles, 2)} | {100 * statistics.mean(pcs) / statistics.mean(oracles):.0f} % | "
+              f"{share} | {'; '.join(below) or 'none'} |", flush=True)
 
 
 def power_before(result: SimulationResult, change: dict[str, Any]) -> float:
@@ -278,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Machine: {machine()}")
     print(f"Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     main_runs(args.seeds)
+    share_runs(args.seeds)
     if not args.no_capacity:
         capacity_runs(args.seeds)
     if not args.no_variants:
