@@ -96,7 +96,8 @@ def marginal_tokens_per_w(tokens_s: float | None, power_w: float, limit_w: float
         return 0.0
     if tokens_s <= 0:
         return None
-    return elasticity * tokens_s / limit_w
+    value = elasticity * tokens_s / limit_w
+    return value if math.isfinite(value) else None  # an absurd rate at a near-zero limit overflows
 
 
 @dataclass(frozen=True)
@@ -146,10 +147,12 @@ def rebalance_w(members: Sequence[Member], elasticity: float = DEFAULT_ELASTICIT
 
 
 def _screened(values: Sequence[float | None], outlier_ratio: float) -> list[float | None]:
-    """Positive values under ``median / outlier_ratio`` become None, over ``median x outlier_ratio`` are clipped."""
+    """Positive values under ``median / outlier_ratio`` become None, over ``median x outlier_ratio`` are clipped;
+    values that are not finite become None (no estimate)."""
+    values = [v if v is None or math.isfinite(v) else None for v in values]
     positive = [v for v in values if v is not None and v > 0]
     if not positive:
-        return list(values)
+        return values
     median = statistics.median(positive)
     low, high = median / outlier_ratio, median * outlier_ratio
     return [v if v is None or v == 0 else None if v < low else min(v, high) for v in values]
