@@ -140,9 +140,8 @@ def reservable_waiting_gpus(policy_view: PolicyView, view: ClusterView, margin: 
     minimum_w = _new_gpu_minimum_w(policy_view, view)
     if policy_view.budget_waiting_gpus <= 0 or minimum_w <= 0:
         return 0
-    unreported = max(0, policy_view.bound_gpus - len(policy_view.gpus))
     reported_min_w = sum(g.gpu.min_w for g in policy_view.gpus)
-    room_w = budget_w(policy_view.policy.power_cap_w, margin) - reported_min_w - unreported * minimum_w
+    room_w = budget_w(policy_view.policy.power_cap_w, margin) - reported_min_w - _unreported_minimums_w(policy_view, view)
     return max(0, min(policy_view.budget_waiting_gpus, int(room_w // minimum_w)))
 
 
@@ -157,8 +156,7 @@ def _service(policy_view: PolicyView, view: ClusterView, waiting_gpus: int) -> S
             min_w=gpu.min_w, max_w=gpu.max_w, power_w=gpu.power_w, limit_w=gpu.limit_w,
             previous_w=published.get(gpu.uuid), fresh=node is not None and node.fresh, tokens_s=gpu.tokens_s,
         ))
-    unreported = max(0, policy_view.bound_gpus - len(gpus))
-    reserved_w = (unreported + waiting_gpus) * _new_gpu_minimum_w(policy_view, view)
+    reserved_w = _unreported_minimums_w(policy_view, view) + waiting_gpus * _new_gpu_minimum_w(policy_view, view)
     return Service(policy_view.key, policy_view.policy.power_cap_w, tuple(gpus), reserved_w=reserved_w)
 
 
@@ -166,6 +164,26 @@ def _new_gpu_minimum_w(policy_view: PolicyView, view: ClusterView) -> float:
     """What a GPU joining the service runs at until it has an allocation: the largest
     minimum among its GPUs (the default minimum when none reports)."""
     return max((g.gpu.min_w for g in policy_view.gpus), default=view.settings.default_gpu_min_w)
+
+
+def _unreported_minimums_w(policy_view: PolicyView, view: ClusterView) -> float:
+    """What the bound GPUs that no telemetry lists yet run at: each node's GPUs not yet
+    reported for the service at the largest minimum of that node's GPUs (its telemetry, else
+    the default), never under the service's own new-GPU minimum. A service on 100 W GPUs
+    that scales onto a node of 200 W GPUs holds 200 W for each of them, not 100 W: the GPU
+    starts at its own minimum whatever the budget says."""
+    floor_w = _new_gpu_minimum_w(policy_view, view)
+    reported: dict[str, int] = {}
+    for entry in policy_view.gpus:
+        reported[entry.node] = reported.get(entry.node, 0) + 1
+    total_w = 0.0
+    for node, gpus in view.bound_gpus_by_node(policy_view.key).items():
+        missing = gpus - reported.get(node, 0)
+        if missing > 0:
+            node_view = view.find_node(node)
+            node_min_w = node_view.new_gpu_min_w if node_view is not None else view.settings.default_gpu_min_w
+            total_w += missing * max(floor_w, node_min_w)
+    return total_w
 
 
 def _rack_limits(view: ClusterView, services: Iterable[Service], counted_at_caps: Allocation | None) -> list[RackLimit]:

@@ -271,6 +271,15 @@ class ClusterView:
         """GPUs requested by a policy's active pods bound to a node."""
         return self._state.bound_gpus.get(policy_key, 0)
 
+    def bound_gpus_by_node(self, policy_key: str) -> dict[str, int]:
+        """GPUs requested by a policy's active pods bound to each node (node name -> GPUs)."""
+        by_node: dict[str, int] = {}
+        for node, pods in self._state.bound_by_node.items():
+            gpus = sum(facts.gpus for facts, policy in pods if policy is not None and policy.key == policy_key)
+            if gpus:
+                by_node[node] = gpus
+        return by_node
+
     def pod_bound(self, pod_key: str) -> bool:
         """Whether the view has the pod (``namespace/name``) active and bound to a node (the
         set of bound pods is built on the first call, once per view)."""

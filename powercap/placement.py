@@ -191,21 +191,24 @@ def infeasible_reason(request: PlacementRequest, gpu_min_w: float) -> str | None
     )
 
 
-def budget_room_rejection(request: PlacementRequest, gpu_min_w: float, new_gpu_min_w: float | None = None) -> str | None:
+def budget_room_rejection(request: PlacementRequest, starting_gpu_min_w: float, new_gpu_min_w: float | None = None) -> str | None:
     """Why the pod must wait for the controller to free its GPUs' minimums, or None.
 
-    ``allocated + unallocatedBound x gpuMinW + podGpus x newGpuMinW > budget``, where
+    ``allocated + unallocatedBound x startingGpuMinW + podGpus x newGpuMinW > budget``, where
     ``allocated`` is the sum of the published allocations, ``unallocatedBound`` the bound
-    GPUs beyond those allocated (pods started since the last round, at their minimum) and
-    ``newGpuMinW`` what the pod's GPUs start at on the node judged (``gpu_min_w`` when None).
+    GPUs beyond those allocated (pods started since the last round, each GPU at its own
+    minimum: the callers pass the largest minimum seen, since which node's GPUs they are is
+    not known here, and a 200 W GPU counted at 100 W would let the caps pass the budget) and
+    ``newGpuMinW`` what the pod's GPUs start at on the node judged (``starting_gpu_min_w``
+    when None).
     """
     policy = request.policy
     if policy is None or request.gpus <= 0:
         return None
     allocated_w = request.allocated_w
     budget = policy_budget_w(policy)
-    waiting_w = max(0, request.bound_gpus - request.allocated_gpus) * gpu_min_w
-    pod_min_w = gpu_min_w if new_gpu_min_w is None else new_gpu_min_w
+    waiting_w = max(0, request.bound_gpus - request.allocated_gpus) * starting_gpu_min_w
+    pod_min_w = starting_gpu_min_w if new_gpu_min_w is None else new_gpu_min_w
     needed_w = request.gpus * pod_min_w
     if allocated_w + waiting_w + request.admitted_w + needed_w <= budget:
         return None
@@ -319,7 +322,7 @@ def filter_nodes(view: ClusterView, pod: KubeObject | PlacementRequest, node_nam
             passed=[], unresolvable=unresolvable,
             rejections=Counter({RejectReason.INFEASIBLE_POLICY: len(unresolvable)}),
         )
-    no_room = budget_room_rejection(request, view.gpu_min_w)
+    no_room = budget_room_rejection(request, view.largest_gpu_min_w, view.gpu_min_w)
     if no_room is not None:
         return FilterOutcome(
             passed=[], failed=dict.fromkeys(node_names, no_room),
@@ -328,7 +331,7 @@ def filter_nodes(view: ClusterView, pod: KubeObject | PlacementRequest, node_nam
     failed: dict[str, str] = {}
     rejections: Counter[RejectReason] = Counter()
     if view.largest_gpu_min_w > view.gpu_min_w and budget_room_rejection(
-        request, view.gpu_min_w, view.largest_gpu_min_w,
+        request, view.largest_gpu_min_w, view.largest_gpu_min_w,
     ) is not None:
         # room for the pod's GPUs at the cheapest minimum, not at every node's: judge each node
         node_names = _nodes_with_room(view, request, node_names, failed)
@@ -376,7 +379,7 @@ def _nodes_with_room(view: ClusterView, request: PlacementRequest, node_names: S
         try:
             rejection = by_minimum[minimum_w]
         except KeyError:
-            rejection = by_minimum[minimum_w] = budget_room_rejection(request, view.gpu_min_w, minimum_w)
+            rejection = by_minimum[minimum_w] = budget_room_rejection(request, view.largest_gpu_min_w, minimum_w)
         if rejection is None:
             room.append(name)
         else:

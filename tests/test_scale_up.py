@@ -333,3 +333,39 @@ def test_two_pods_let_through_back_to_back_do_not_share_one_free_minimum_with_a_
     bound = gpu_pod("llama-4", node="gpu-1", labels=LLAMA, bound_at=NOW + timedelta(seconds=7))
     after = view(nodes, [*pods, bound], [document])
     assert admissions.admitted_w(after, placement_request(after, second), now_s=101.0) == 0
+
+
+def mixed_minimum_service() -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Four busy llama GPUs with a 100 W minimum on gpu-1, and a fifth replica just bound on
+    gpu-2, whose GPUs' minimum is 200 W; no telemetry lists the fifth one's GPU yet."""
+    pods = [gpu_pod(f"llama-{i}", node="gpu-1", labels=LLAMA, bound_at=NOW - timedelta(minutes=10)) for i in range(4)]
+    pods.append(gpu_pod("llama-4", node="gpu-2", labels=LLAMA, bound_at=NOW - timedelta(seconds=2)))
+    nodes = [
+        node("gpu-1", None, [Gpu(f"A{i}", 690, 700, f"inference/llama-{i}", min_w=100) for i in range(4)]),
+        node("gpu-2", None, [Gpu("B0", 60, 700, None, min_w=200)]),
+    ]
+    return nodes, pods, policy("llama", cap_w=2000)
+
+
+def test_a_starting_gpu_is_held_at_the_minimum_of_its_own_node() -> None:
+    """The fifth replica's GPU runs at 200 W (gpu-2's minimum) until it has an allocation, not
+    at the 100 W of the service's other GPUs: the round keeps 200 W free for it, so the caps in
+    force stay within powerCapLimit (with 100 W kept free they reached 1900 + 200 = 2100 W)."""
+    nodes, pods, document = mixed_minimum_service()
+    document = round_at(nodes, pods, document, 0)
+    assert allocated_w(document) == BUDGET_W - 200  # 4 x 450
+    assert allocated_w(document) + 200 <= BUDGET_W
+
+
+def test_the_extender_counts_a_starting_gpu_at_the_largest_minimum() -> None:
+    """With 1800 W allocated and the fifth replica's GPU starting at 200 W, a sixth replica's
+    100 W GPU on gpu-1 would make 2100 W in force: it waits for the next round. Counted at
+    the cheapest minimum seen (100 W) the starting GPU left it room (1800 + 100 + 100 = 2000)."""
+    nodes, pods, document = mixed_minimum_service()
+    document = round_at(nodes, pods, document, 0)
+    nodes = agents_apply(nodes, [document], at=NOW + timedelta(seconds=1))
+    sixth = gpu_pod("llama-5", labels=LLAMA)
+    outcome = filter_nodes(view(nodes, [*pods, sixth], [document]), sixth, ["gpu-1"])
+    assert outcome.passed == []
+    assert "1800 W allocated + 200 W for GPUs of starting pods + 1 x 100 W minimum for this pod > its budget 2000 W" in (
+        outcome.failed["gpu-1"])
