@@ -79,11 +79,11 @@ by a heartbeat; it goes out with whatever publish comes next.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum
-from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol, TypeGuard
 
@@ -308,40 +308,42 @@ class _NodeEntry:
 _NO_ENTRY = _NodeEntry(None)
 
 
-class _SamePolicy:
-    """A policy as a cache key: the very object. A Policy has no hash (its status is a
-    mapping) and never changes (its status is a read-only copy); a new status is a new Policy."""
-
-    __slots__ = ("policy",)
-
-    def __init__(self, policy: Policy) -> None:
-        self.policy = policy
-
-    def __hash__(self) -> int:
-        return id(self.policy)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _SamePolicy) and other.policy is self.policy
+_ALLOCATIONS: dict[int, tuple[weakref.ref[Policy], _Allocations]] = {}
+"""Each live policy object's :class:`_Allocations`, by ``id``; an entry goes with its policy
+(at 10,000 GPUs a status and what its nodes read of it are megabytes: a cache of the last
+few hundred policies held gigabytes)."""
 
 
-@lru_cache(maxsize=256)
-def _allocations_of(key: _SamePolicy) -> _Allocations:
+def _allocations_of(policy: Policy) -> _Allocations:
     """Read once per policy object, not once per GPU and tick: a node agent's tick stays
-    proportional to its node, not to every node the policy's status lists (1,250 at 10,000 GPUs)."""
-    allocations = key.policy.status.get("allocations") or ()
+    proportional to its node, not to every node the policy's status lists (1,250 at 10,000
+    GPUs). A Policy never changes (its status is a read-only copy): a new status is a new Policy."""
+    kept = _ALLOCATIONS.get(id(policy))
+    if kept is not None and kept[0]() is policy:
+        return kept[1]
+    allocations = policy.status.get("allocations") or ()
     entries = [e for e in allocations if isinstance(e, Mapping)] if isinstance(allocations, (list, tuple)) else []
     by_node: dict[str, Mapping[str, Any]] = {}
     for entry in entries:
         node = entry.get("node")
         if isinstance(node, str):
             by_node.setdefault(node, entry)
-    return _Allocations(by_node=by_node, service_w=sum(entry_total_w(e) for e in entries), budget_w=policy_budget_w(key.policy))
+    read = _Allocations(by_node=by_node, service_w=sum(entry_total_w(e) for e in entries), budget_w=policy_budget_w(policy))
+    key = id(policy)
+    _ALLOCATIONS[key] = (weakref.ref(policy, lambda _: _forget_allocations(key)), read)
+    return read
+
+
+def _forget_allocations(key: int) -> None:
+    kept = _ALLOCATIONS.get(key)
+    if kept is not None and kept[0]() is None:  # not a new policy at the same address
+        _ALLOCATIONS.pop(key, None)
 
 
 def _node_entry(policy: Policy, node: str) -> _NodeEntry:
     """What a node's agent reads of its entry, once per policy object and node (every tick
     would read the same: a new status is a new Policy)."""
-    allocations = _allocations_of(_SamePolicy(policy))
+    allocations = _allocations_of(policy)
     read = allocations.read_nodes.get(node)
     if read is not None:
         return read
@@ -409,7 +411,7 @@ def entry_total_w(entry: Mapping[str, Any]) -> float:
 
 def service_allocated_w(policy: Policy) -> float:
     """The sum of :func:`entry_total_w` over every node of the policy's ``status.allocations``."""
-    return _allocations_of(_SamePolicy(policy)).service_w
+    return _allocations_of(policy).service_w
 
 
 def split_allocation(policy: Policy, node: str, margin: float = AllocationSettings().margin) -> Policy:
@@ -760,7 +762,7 @@ def share_out(
 ) -> tuple[PolicyShare, dict[str, float]]:
     """The ceilings of a policy's movable GPUs on ``node`` (module docstring: allowance,
     room, :func:`fit_w`) and the share's summary."""
-    read = _allocations_of(_SamePolicy(policy))
+    read = _allocations_of(policy)
     budget = float(read.budget_w)
     allocated = _node_entry(policy, node).total_w
     service = read.service_w
