@@ -33,7 +33,8 @@ nor the rack's ``maxPower`` moves): with ``W`` the group's watts after the fill,
   ``lambda`` (the common marginal value) found by bisection so that the caps sum to
   what the donors left, ``lo_i = max(min_i, cap_i - step_i)`` and
   ``hi_i = min(max_i, cap_i + step_i)``: a noisy estimate moves a cap at most one step a
-  round, and the next round measures again at the new cap;
+  round from the fill's cap (not from the cap in force: caps do not walk further round after
+  round, a damping that measured better than a walk), and each round measures again;
 - what the receivers cannot take (all at ``hi``) goes back to the donors as a common
   level, up to their caps from the fill.
 
