@@ -60,7 +60,10 @@ service stays at its minimum and :attr:`ServiceAllocation.infeasible_reason` say
 much and what to change; likewise per rack in :attr:`RackAllocation.infeasible_reason`.
 
 Properties (tests/test_allocation.py): when feasible the caps of a service sum to at most
-its budget; every cap lies in [min, max]; more budget never lowers a cap of that service;
+its budget; every cap lies in [min, max]; more budget never lowers a cap of that service,
+except a raise the safe transitions cut (step 6 shares the room in proportion to the raises
+asked for, so a watt more that lets another GPU ask more can take a watt from its share:
+tests/test_allocation.py, test_a_transition_share_can_fall_by_a_watt_with_more_budget);
 the same input gives the same output.
 """
 

@@ -9,7 +9,13 @@ Inputs of the allocation (:mod:`powercap.allocation`), per policy:
 
 - its GPUs: those node telemetry attributes to its pods (``gpus[].pod``), with their
   power, limit and NVML range; a GPU on a node whose telemetry is stale is *held*; its
-  previous cap is the one in the policy's stored ``status.allocations``;
+  previous cap is the one in the policy's stored ``status.allocations``; a GPU still
+  reporting a limit above its allocation a round after it was first seen there (its
+  setter fails, a reset restored its default, its agent is stuck: lagging in this round
+  and the one before) is counted at the limit it reports, which is what is in force, so
+  that the other GPUs of the service and of its rack, wherever they run, share only what is
+  left (its own agent can make room only among its node's GPUs); its published allocation
+  stays as it was, so the status goes on naming it lagging;
 - ``reserved_w``: GPUs its bound pods requested that no telemetry lists yet (a pod just
   started) run at their minimum until their agent reports them:
   ``(boundGpus - reportedGpus) x the largest minimum among its GPUs`` (the default
@@ -39,8 +45,9 @@ the caps it would get if it were enforced, and never takes rack power from an en
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any
@@ -109,19 +116,23 @@ def plan_round(
     """
     settings = settings or AllocationSettings()
     waiting = {key: reservable_waiting_gpus(policy_view, view, settings.margin) for key, policy_view in view.policies.items()}
-    services = {key: _service(policy_view, view, waiting[key]) for key, policy_view in sorted(view.policies.items())}
+    lagging = {key: _lagging_now(policy_view, view) for key, policy_view in view.policies.items()}
+    stuck = {key: _stuck(gpus, None if lagging_before is None else lagging_before.get(key)) for key, gpus in lagging.items()}
+    services = {key: _service(policy_view, view, waiting[key], stuck[key]) for key, policy_view in sorted(view.policies.items())}
     enforce = [s for key, s in services.items() if view.policies[key].policy.mode is Mode.ENFORCE]
     observe = [s for key, s in services.items() if view.policies[key].policy.mode is Mode.OBSERVE]
-    first = allocate(enforce, _rack_limits(view, enforce, counted_at_caps=None), settings)
+    at_limit = frozenset().union(*stuck.values())
+    first = allocate(enforce, _rack_limits(view, enforce, counted_at_caps=None, at_limit=at_limit), settings)
     second = Allocation()
     if observe:
-        second = allocate(observe, _rack_limits(view, [*enforce, *observe], counted_at_caps=first), settings)
-    allocations = {**first.services, **second.services}
+        second = allocate(observe, _rack_limits(view, [*enforce, *observe], counted_at_caps=first, at_limit=at_limit), settings)
+    allocations = {key: _published_for_stuck(allocation, view.policies[key], stuck[key])
+                   for key, allocation in {**first.services, **second.services}.items()}
     racks = {**second.racks, **first.racks}  # the enforced figures win for racks in both
     plans = {}
     for key, policy_view in sorted(view.policies.items()):
         before = None if lagging_before is None else lagging_before.get(key, _unknown_lagging(policy_view.policy))
-        plans[key] = _plan(policy_view, allocations[key], racks, view, settings, before, waiting[key])
+        plans[key] = _plan(policy_view, allocations[key], racks, view, settings, before, waiting[key], lagging[key])
     return RoundPlan(now=view.now, policies=MappingProxyType(plans), racks=MappingProxyType(racks))
 
 
@@ -145,16 +156,43 @@ def reservable_waiting_gpus(policy_view: PolicyView, view: ClusterView, margin: 
     return max(0, min(policy_view.budget_waiting_gpus, int(room_w // minimum_w)))
 
 
-def _service(policy_view: PolicyView, view: ClusterView, waiting_gpus: int) -> Service:
+def _lagging_now(policy_view: PolicyView, view: ClusterView) -> tuple[LaggingGpu, ...]:
+    """The policy's GPUs with fresh telemetry reporting a limit above their published allocation."""
+    fresh = [g for g in policy_view.gpus if (node := view.nodes.get(g.node)) is not None and node.fresh]
+    return find_lagging(((g.node, g.gpu.uuid, g.gpu.limit_w) for g in fresh), published_allocations(policy_view.policy.status))
+
+
+def _stuck(lagging: tuple[LaggingGpu, ...], lagging_before: Collection[str] | None) -> frozenset[str]:
+    """The GPUs lagging now that lagged in this process's round before too; none without a
+    round before (a one-off run, a new leader: its next round judges them)."""
+    if lagging_before is None:
+        return frozenset()
+    return frozenset(g.uuid for g in lagging if g.uuid in lagging_before)
+
+
+def _published_for_stuck(allocation: ServiceAllocation, policy_view: PolicyView, stuck: frozenset[str]) -> ServiceAllocation:
+    """A stuck GPU was counted at its limit; what is published for it stays its allocation."""
+    if not stuck:
+        return allocation
+    published = published_allocations(policy_view.policy.status)
+    caps = tuple(c._replace(cap_w=math.floor(published[c.uuid])) if c.uuid in stuck and c.uuid in published else c
+                 for c in allocation.caps)
+    return replace(allocation, caps=caps)
+
+
+def _service(policy_view: PolicyView, view: ClusterView, waiting_gpus: int, stuck: Collection[str] = ()) -> Service:
     published = published_allocations(policy_view.policy.status)
     gpus = []
     for entry in policy_view.gpus:
         node = view.nodes.get(entry.node)
         gpu = entry.gpu
+        counted_at_limit = gpu.uuid in stuck
         gpus.append(GpuState(
             uuid=gpu.uuid, node=entry.node, rack=node.rack_id if node is not None else None,
             min_w=gpu.min_w, max_w=gpu.max_w, power_w=gpu.power_w, limit_w=gpu.limit_w,
-            previous_w=published.get(gpu.uuid), fresh=node is not None and node.fresh, tokens_s=gpu.tokens_s,
+            # held (not fresh) at the limit in force: neither raised nor lowered by the fill
+            previous_w=min(math.ceil(gpu.limit_w), math.floor(gpu.max_w)) if counted_at_limit else published.get(gpu.uuid),
+            fresh=node is not None and node.fresh and not counted_at_limit, tokens_s=gpu.tokens_s,
         ))
     reserved_w = _unreported_minimums_w(policy_view, view) + waiting_gpus * _new_gpu_minimum_w(policy_view, view)
     return Service(policy_view.key, policy_view.policy.power_cap_w, tuple(gpus), reserved_w=reserved_w)
@@ -186,7 +224,8 @@ def _unreported_minimums_w(policy_view: PolicyView, view: ClusterView) -> float:
     return total_w
 
 
-def _rack_limits(view: ClusterView, services: Iterable[Service], counted_at_caps: Allocation | None) -> list[RackLimit]:
+def _rack_limits(view: ClusterView, services: Iterable[Service], counted_at_caps: Allocation | None,
+                 at_limit: Collection[str] = frozenset()) -> list[RackLimit]:
     """Racks with a maxPower; their unmanaged power is what ``services`` do not account for.
 
     ``U = rack power - measured power of the fresh GPUs of services in it``, plus, when
@@ -199,12 +238,13 @@ def _rack_limits(view: ClusterView, services: Iterable[Service], counted_at_caps
         unmanaged = max(U, (U + rise x (maxPower - managed)) / (1 + rise))
 
     (never below ``U``: caps under today's draw are not counted on to lower the power beside
-    the GPUs).
+    the GPUs). A GPU counted at the limit it reports (``at_limit``: stuck above its
+    allocation) is managed too: its node's telemetry is fresh, and its cap is in the fill.
     """
     managed_w: dict[str, float] = {}
     for service in services:
         for gpu in service.gpus:
-            if gpu.rack is not None and gpu.fresh:
+            if gpu.rack is not None and (gpu.fresh or gpu.uuid in at_limit):
                 managed_w[gpu.rack] = managed_w.get(gpu.rack, 0.0) + gpu.power_w
     capped_w: dict[str, float] = {}
     for allocation in (counted_at_caps.services.values() if counted_at_caps is not None else ()):
@@ -232,6 +272,7 @@ def _plan(
     settings: AllocationSettings,
     lagging_before: Collection[str] | None,
     waiting_gpus: int,
+    lagging: tuple[LaggingGpu, ...],
 ) -> PolicyPlan:
     policy = policy_view.policy
     fresh = [g for g in policy_view.gpus if (node := view.nodes.get(g.node)) is not None and node.fresh]
@@ -242,7 +283,6 @@ def _plan(
         for rack_id in service_racks
         if rack_id in view.racks and (view.racks[rack_id].constrained or rack_id in named)
     )
-    lagging = find_lagging(((g.node, g.gpu.uuid, g.gpu.limit_w) for g in fresh), published_allocations(policy.status))
     reported: tuple[LaggingGpu, ...] = lagging
     if lagging_before is not None:
         reported = tuple(g for g in lagging if g.uuid in lagging_before)

