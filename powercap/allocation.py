@@ -655,7 +655,7 @@ class _GpuColumns:
                                 step_w=settings.step_fraction * (self.maxima[i] - self.minima[i]),
                                 donor_headroom_w=marginal.donor_headroom_fraction * (self.maxima[i] - self.minima[i]))
                          for i in members]
-                for i, cap in zip(members, rebalance_w(group, marginal.elasticity, marginal.outlier_ratio)):
+                for i, cap in zip(members, rebalance_w(group, marginal.elasticity, marginal.outlier_ratio, marginal.equal_within)):
                     rebalanced[i] = cap
         return rebalanced
 

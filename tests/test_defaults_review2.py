@@ -204,7 +204,7 @@ def test_the_rebalancing_between_nodes_of_a_rack_lowers_first_and_raises_a_round
     nodes. The lower goes out first, the raise a round later, so that with agents applying
     within a round the caps in force never pass the service's cap or the rack's maxPower, and
     ``sum max(previous, new)`` holds for the service and the rack every round."""
-    nodes, pods, document = rack_pair(2000, 1000)
+    nodes, pods, document = rack_pair(3000, 1000)  # 3x apart: beyond marginal.EQUAL_WITHIN after B is lowered too
     previous = published_allocations(document["status"])
     published = []
     for round_index in range(6):
@@ -230,7 +230,7 @@ def test_an_agent_lagging_past_a_round_is_counted_at_its_limit_a_round_later_and
     agent applies a new allocation within one round"). From round 2, B lagging in two rounds
     running is counted at the 400 W it reports: A comes back to 400 W, and the controller
     reports it: Enforced=False, AgentsLagging."""
-    nodes, pods, document = rack_pair(2000, 1000)
+    nodes, pods, document = rack_pair(3000, 1000)  # 3x apart: beyond marginal.EQUAL_WITHIN after B is lowered too
     lagging: dict[str, Any] | None = {}
     reasons, in_force = [], []
     for round_index in range(4):

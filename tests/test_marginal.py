@@ -201,3 +201,14 @@ def test_rebalance_never_raises_the_group_sum(rows: list[tuple[int, float | None
     caps = rebalance_w(members)
     assert sum(caps) <= sum(cap for cap, _ in rows)
     assert all(200 <= c <= 700 for c in caps)
+
+
+def test_values_within_the_noise_band_count_as_equal() -> None:
+    """Three busy replicas alike, their rates read 1.0, 1.2 and 0.85 (within 30 % of the median,
+    what one 5-s scrape to the next moves): the fill's caps stand, nothing to write. 2x apart
+    (the median of a pair 33 % from each) they move a step."""
+    alike = [member(400, 1.0), member(400, 1.2), member(400, 0.85)]
+    assert rebalance_w(alike) == [400, 400, 400]
+    assert rebalance_w(alike, equal_within=0.0) != [400, 400, 400]  # without the band: noise moves caps
+    apart = rebalance_w([member(400, 2.0), member(400, 1.0)])
+    assert apart[0] > 400 > apart[1] and sum(apart) <= 800
