@@ -28,7 +28,7 @@ allocation runs at its minimum.
 **What a policy may hold on this node** (:func:`share_out`, every tick, per policy): the
 allocations are never taken on trust. With ``B`` the policy's budget
 (:func:`powercap.placement.policy_budget_w`: ``status.budgetW`` for the current spec, else
-``floor(powerCapLimit x (1 - 3 %))``), ``E`` this node's allocated watts, ``S`` the sum of
+``floor(powerCapLimit x (1 - margin))``, margin 0 by default), ``E`` this node's allocated watts, ``S`` the sum of
 every node's (:func:`entry_total_w`) and ``U`` the minimums of this node's GPUs of the
 policy that have no allocation yet::
 
@@ -419,7 +419,7 @@ def split_allocation(policy: Policy, node: str, margin: float = AllocationSettin
 
     Keeps an allocation the file's ``status`` already has for ``node``; otherwise writes a
     node entry without a ``gpus`` list, ``watts = floor(powerCapLimit x (1 - margin))``
-    (the budget controller's budget: the margin absorbs power overshooting a limit), which
+    (the budget controller's budget, the whole powerCapLimit at its default margin 0), which
     the plan splits evenly over the GPUs of the node, those it cannot see included:
     ``floor(budget / n)`` each, clamped to each GPU's [min, max] by the law.
     """
