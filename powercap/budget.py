@@ -18,8 +18,9 @@ Inputs of the allocation (:mod:`powercap.allocation`), per policy:
   stays as it was, so the status goes on naming it lagging;
 - ``reserved_w``: GPUs its bound pods requested that no telemetry lists yet (a pod just
   started) run at their minimum until their agent reports them:
-  ``(boundGpus - reportedGpus) x the largest minimum among its GPUs`` (the default
-  minimum when none reports); and the GPUs of its pending pods that the extender refused
+  each bound GPU no telemetry lists yet at the largest minimum of its node's GPUs, never
+  under the largest minimum among the service's GPUs (the default minimum when none
+  reports); and the GPUs of its pending pods that the extender refused
   for want of budget (kube-scheduler says so in the pod's PodScheduled condition; a pod
   pending for another reason, such as no free GPU, reserves nothing), as many as the
   budget can hold beside the bound GPUs' minimums (:func:`reservable_waiting_gpus`), so
