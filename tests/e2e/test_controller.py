@@ -84,7 +84,11 @@ def test_one_leader_and_a_hand_over_within_the_lease_duration(cluster: ControlPl
     killed_at = time.monotonic()
     wait_until(lambda: lease_holder(cluster, LEASE) == standby, duration_s + 15, f"{standby} to take the Lease")
     took_s = time.monotonic() - killed_at
-    assert took_s <= duration_s + 5, f"hand-over took {took_s:.1f} s; the Lease lasts {duration_s} s"
+    # As in client-go the standby times the Lease from when it saw the last renewal, not from
+    # renewTime: it may see it up to a jittered retry period (2 x 1.2 s) late, and tries again
+    # up to one more after the Lease runs out; then the acquire and this test's kubectl poll.
+    worst_s = duration_s + 2 * 2 * 1.2 + 2
+    assert took_s <= worst_s, f"hand-over took {took_s:.1f} s; the Lease lasts {duration_s} s (worst case {worst_s:.1f} s)"
     transitions = lease(cluster)["spec"].get("leaseTransitions", 0)  # type: ignore[index]
     assert transitions >= 1
 
