@@ -116,10 +116,14 @@ def plan_round(
     policy missing from it (no round yet in this process) keeps a stored ``AgentsLagging``.
     """
     settings = settings or AllocationSettings()
-    waiting = {key: reservable_waiting_gpus(policy_view, view, settings.margin) for key, policy_view in view.policies.items()}
-    lagging = {key: _lagging_now(policy_view, view) for key, policy_view in view.policies.items()}
+    published = {key: published_allocations(policy_view.policy.status) for key, policy_view in view.policies.items()}
+    unreported_w = {key: _unreported_minimums_w(policy_view, view) for key, policy_view in view.policies.items()}
+    waiting = {key: reservable_waiting_gpus(policy_view, view, settings.margin, unreported_w[key])
+               for key, policy_view in view.policies.items()}
+    lagging = {key: _lagging_now(policy_view, view, published[key]) for key, policy_view in view.policies.items()}
     stuck = {key: _stuck(gpus, None if lagging_before is None else lagging_before.get(key)) for key, gpus in lagging.items()}
-    services = {key: _service(policy_view, view, waiting[key], stuck[key]) for key, policy_view in sorted(view.policies.items())}
+    services = {key: _service(policy_view, view, published[key], unreported_w[key], waiting[key], stuck[key])
+                for key, policy_view in sorted(view.policies.items())}
     enforce = [s for key, s in services.items() if view.policies[key].policy.mode is Mode.ENFORCE]
     observe = [s for key, s in services.items() if view.policies[key].policy.mode is Mode.OBSERVE]
     at_limit = frozenset().union(*stuck.values())
@@ -127,7 +131,7 @@ def plan_round(
     second = Allocation()
     if observe:
         second = allocate(observe, _rack_limits(view, [*enforce, *observe], counted_at_caps=first, at_limit=at_limit), settings)
-    allocations = {key: _published_for_stuck(allocation, view.policies[key], stuck[key])
+    allocations = {key: _published_for_stuck(allocation, published[key], stuck[key])
                    for key, allocation in {**first.services, **second.services}.items()}
     racks = {**second.racks, **first.racks}  # the enforced figures win for racks in both
     plans = {}
@@ -145,22 +149,23 @@ def _unknown_lagging(policy: Policy) -> Collection[str] | None:
     return None if stored_reason(policy.status, ENFORCED) == "AgentsLagging" else ()
 
 
-def reservable_waiting_gpus(policy_view: PolicyView, view: ClusterView, margin: float) -> int:
+def reservable_waiting_gpus(policy_view: PolicyView, view: ClusterView, margin: float, unreported_w: float) -> int:
     """How many of the GPUs waiting for budget the budget can keep a minimum free for, beside
     the minimums of its bound GPUs (their own for those telemetry lists, the new-GPU minimum
-    each for the rest). Pods beyond that cannot be placed anyway (the extender says so)."""
+    each for the rest, ``unreported_w``: :func:`_unreported_minimums_w`). Pods beyond that
+    cannot be placed anyway (the extender says so)."""
     minimum_w = _new_gpu_minimum_w(policy_view, view)
     if policy_view.budget_waiting_gpus <= 0 or minimum_w <= 0:
         return 0
     reported_min_w = sum(g.gpu.min_w for g in policy_view.gpus)
-    room_w = budget_w(policy_view.policy.power_cap_w, margin) - reported_min_w - _unreported_minimums_w(policy_view, view)
+    room_w = budget_w(policy_view.policy.power_cap_w, margin) - reported_min_w - unreported_w
     return max(0, min(policy_view.budget_waiting_gpus, int(room_w // minimum_w)))
 
 
-def _lagging_now(policy_view: PolicyView, view: ClusterView) -> tuple[LaggingGpu, ...]:
+def _lagging_now(policy_view: PolicyView, view: ClusterView, published: Mapping[str, float]) -> tuple[LaggingGpu, ...]:
     """The policy's GPUs with fresh telemetry reporting a limit above their published allocation."""
     fresh = [g for g in policy_view.gpus if (node := view.nodes.get(g.node)) is not None and node.fresh]
-    return find_lagging(((g.node, g.gpu.uuid, g.gpu.limit_w) for g in fresh), published_allocations(policy_view.policy.status))
+    return find_lagging(((g.node, g.gpu.uuid, g.gpu.limit_w) for g in fresh), published)
 
 
 def _stuck(lagging: tuple[LaggingGpu, ...], lagging_before: Collection[str] | None) -> frozenset[str]:
@@ -171,18 +176,17 @@ def _stuck(lagging: tuple[LaggingGpu, ...], lagging_before: Collection[str] | No
     return frozenset(g.uuid for g in lagging if g.uuid in lagging_before)
 
 
-def _published_for_stuck(allocation: ServiceAllocation, policy_view: PolicyView, stuck: frozenset[str]) -> ServiceAllocation:
+def _published_for_stuck(allocation: ServiceAllocation, published: Mapping[str, float], stuck: frozenset[str]) -> ServiceAllocation:
     """A stuck GPU was counted at its limit; what is published for it stays its allocation."""
     if not stuck:
         return allocation
-    published = published_allocations(policy_view.policy.status)
     caps = tuple(c._replace(cap_w=math.floor(published[c.uuid])) if c.uuid in stuck and c.uuid in published else c
                  for c in allocation.caps)
     return replace(allocation, caps=caps)
 
 
-def _service(policy_view: PolicyView, view: ClusterView, waiting_gpus: int, stuck: Collection[str] = ()) -> Service:
-    published = published_allocations(policy_view.policy.status)
+def _service(policy_view: PolicyView, view: ClusterView, published: Mapping[str, float], unreported_w: float,
+             waiting_gpus: int, stuck: Collection[str] = ()) -> Service:
     gpus = []
     for entry in policy_view.gpus:
         node = view.nodes.get(entry.node)
@@ -195,7 +199,7 @@ def _service(policy_view: PolicyView, view: ClusterView, waiting_gpus: int, stuc
             previous_w=min(math.ceil(gpu.limit_w), math.floor(gpu.max_w)) if counted_at_limit else published.get(gpu.uuid),
             fresh=node is not None and node.fresh and not counted_at_limit, tokens_s=gpu.tokens_s,
         ))
-    reserved_w = _unreported_minimums_w(policy_view, view) + waiting_gpus * _new_gpu_minimum_w(policy_view, view)
+    reserved_w = unreported_w + waiting_gpus * _new_gpu_minimum_w(policy_view, view)
     return Service(policy_view.key, policy_view.policy.power_cap_w, tuple(gpus), reserved_w=reserved_w)
 
 

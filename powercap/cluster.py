@@ -190,7 +190,7 @@ class ClusterView:
 
     __slots__ = (
         "now", "settings", "nodes", "racks", "invalid_policies", "node_facts",
-        "gpu_min_w", "largest_gpu_min_w", "has_constraints", "warnings", "_policies", "_bound_pods", "_state",
+        "gpu_min_w", "largest_gpu_min_w", "has_constraints", "warnings", "_policies", "_bound_pods", "_bound_by_policy", "_state",
         "find_node", "find_rack", "find_facts",
     )
 
@@ -209,6 +209,7 @@ class ClusterView:
     find_facts: Callable[[str], NodeFacts | None]
     _policies: Mapping[str, PolicyView] | None
     _bound_pods: frozenset[str] | None
+    _bound_by_policy: dict[str, dict[str, int]] | None
     _state: _State
 
     def __init__(self, *, now: datetime, state: _State, warnings: tuple[str, ...]) -> None:
@@ -226,6 +227,7 @@ class ClusterView:
         object.__setattr__(self, "warnings", warnings)
         object.__setattr__(self, "_policies", None)
         object.__setattr__(self, "_bound_pods", None)
+        object.__setattr__(self, "_bound_by_policy", None)
         object.__setattr__(self, "_state", state)
         # the same lookups as nodes.get, racks.get and node_facts.get, without the proxy's cost
         object.__setattr__(self, "find_node", state.node_views.get)
@@ -271,14 +273,19 @@ class ClusterView:
         """GPUs requested by a policy's active pods bound to a node."""
         return self._state.bound_gpus.get(policy_key, 0)
 
-    def bound_gpus_by_node(self, policy_key: str) -> dict[str, int]:
-        """GPUs requested by a policy's active pods bound to each node (node name -> GPUs)."""
-        by_node: dict[str, int] = {}
-        for node, pods in self._state.bound_by_node.items():
-            gpus = sum(facts.gpus for facts, policy in pods if policy is not None and policy.key == policy_key)
-            if gpus:
-                by_node[node] = gpus
-        return by_node
+    def bound_gpus_by_node(self, policy_key: str) -> Mapping[str, int]:
+        """GPUs requested by a policy's active pods bound to each node (node name -> GPUs;
+        built for every policy on the first call, once per view)."""
+        by_policy = self._bound_by_policy
+        if by_policy is None:
+            by_policy = {}
+            for node, pods in self._state.bound_by_node.items():
+                for facts, policy in pods:
+                    if policy is not None and facts.gpus:
+                        by_node = by_policy.setdefault(policy.key, {})
+                        by_node[node] = by_node.get(node, 0) + facts.gpus
+            object.__setattr__(self, "_bound_by_policy", by_policy)
+        return MappingProxyType(by_policy.get(policy_key, {}))
 
     def pod_bound(self, pod_key: str) -> bool:
         """Whether the view has the pod (``namespace/name``) active and bound to a node (the
