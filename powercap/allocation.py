@@ -8,8 +8,9 @@ cluster view and writes the result to ``status.allocations``. The formula:
    (instantaneous power overshoots it: 748 W was measured under a 700 W limit on an H200,
    but not on 1-second averages; a 3 % margin cost a third of the gain the allocation
    makes, docs/decisions.md "The budget is the whole powerCapLimit"). An operator whose
-   breaker trips on sub-second peaks sets ``--margin``. GPUs of the service that have no telemetry yet (a pod just started) run at
-   their minimum, so ``reserved_w`` (their minimums) comes off first:
+   breaker trips on sub-second peaks sets ``--margin``. GPUs of the service that have no
+   telemetry yet (a pod just started) run at their minimum, so ``reserved_w`` (their
+   minimums) comes off first:
    ``capacity_w = budget_w - ceil(reserved_w)``.
 2. **Demand** per GPU (:func:`estimate_demand_w`): a GPU drawing within ``pinned_fraction``
    (5 %) of its cap is *pinned* and asks for ``cap + step`` (step = 10 % of its
@@ -655,7 +656,8 @@ class _GpuColumns:
                                 step_w=settings.step_fraction * (self.maxima[i] - self.minima[i]),
                                 donor_headroom_w=marginal.donor_headroom_fraction * (self.maxima[i] - self.minima[i]))
                          for i in members]
-                for i, cap in zip(members, rebalance_w(group, marginal.elasticity, marginal.outlier_ratio, marginal.equal_within)):
+                new_caps = rebalance_w(group, marginal.elasticity, marginal.outlier_ratio, marginal.equal_within)
+                for i, cap in zip(members, new_caps):
                     rebalanced[i] = cap
         return rebalanced
 
@@ -822,7 +824,8 @@ def _service_infeasible_reason(service: Service, gpu_count: int, floor_w: float,
         who = f"the GPUs not reporting yet ({service.reserved_w:.0f} W at their minimum)"
     return (
         f"{who} {_need_minimums(gpu_count == 1 and not service.reserved_w, floor_w)}, but the budget is "
-        f"{budget} W ({budget_source(service.power_cap_w, margin)}); raise powerCapLimit to at least {minimum_cap_for_w(floor_w, margin)} W or run fewer GPUs"
+        f"{budget} W ({budget_source(service.power_cap_w, margin)}); raise powerCapLimit to at least "
+        f"{minimum_cap_for_w(floor_w, margin)} W or run fewer GPUs"
     )
 
 
