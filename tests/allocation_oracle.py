@@ -123,12 +123,21 @@ def allocate(services: list[dict], racks: list[dict] = (), settings: dict | None
     second, second_by = fill(first, ceilings, groups, short)
     new = {u: math.floor(cap + (Fraction(1, 10**6) if floats else 0)) for u, cap in second.items()}  # whole watts
 
-    kept = dict(new)                                                                       # step 5
-    for u, g in gpu.items():
+    def within_band(u: str) -> bool:
+        g = gpu[u]
         last, band = g["last"], exact(s["deadband_fraction"]) * (g["high"] - g["low"])
-        if last is not None and g["fresh"] and not (new[u] > last and new[u] >= math.floor(g["demand"])):
-            if abs(new[u] - last) < band or (STRICT_DEADBAND not in as_implemented and abs(new[u] - last) == band):
-                kept[u] = last
+        if last is None or not g["fresh"]:
+            return last is not None and new[u] == last  # a held GPU keeps its cap
+        if new[u] > last and new[u] >= math.floor(g["demand"]):
+            return False
+        return abs(new[u] - last) < band or (STRICT_DEADBAND not in as_implemented and abs(new[u] - last) == band)
+
+    kept = dict(new)                                                                       # step 5
+    for key, group in members.items():  # a service keeps all its previous caps, or takes all its new ones
+        band = exact(s["deadband_fraction"]) * max((gpu[u]["high"] - gpu[u]["low"] for u in group), default=0)
+        previous_sum = sum(gpu[u]["last"] or 0 for u in group)
+        if all(within_band(u) for u in group) and sum(new[u] for u in group) - band < previous_sum <= capacity[key]:
+            kept.update({u: gpu[u]["last"] for u in group})
     for group, limit in groups:  # services, then racks: a sum broken by caps kept above the new ones
         if sum(kept[u] for u in group) > limit:
             kept.update({u: min(kept[u], new[u]) for u in group})

@@ -242,18 +242,22 @@ def test_stale_gpu_is_held_at_its_last_cap() -> None:
 
 
 @pytest.mark.parametrize(
-    "previous_w, expected_w",
+    "previous_ws, expected_ws",
     [
         # budget 2000, demands previous + 50 (pinned): fair share 500; the deadband 5 % of 200-700 W = 25 W
-        pytest.param(480, 480, id="20 W below the new fair share (under 5 % of 200-700 W): keep 480"),
-        pytest.param(505, 500, id="5 W above: keeping it would pass the budget, take 500"),
-        pytest.param(470, 500, id="30 W away: move"),
+        pytest.param((490, 510, 495, 505), (490, 510, 495, 505), id="each within 25 W of 500, the budget spent: keep them"),
+        pytest.param((480, 490, 510, 505), (480, 490, 510, 505), id="15 W of the budget unspent (under 25 W): keep them"),
+        pytest.param((480, 480, 480, 480), (500, 500, 500, 500), id="each 20 W below 500 but 80 W unspent: take 500"),
+        pytest.param((505, 505, 505, 505), (500, 500, 500, 500), id="5 W above: keeping them would pass the budget, take 500"),
+        pytest.param((470, 510, 510, 510), (470, 500, 500, 500),
+                     id="one 30 W away: the service moves, the lowers first (a's raise waits for them)"),
     ],
 )
-def test_small_changes_keep_the_previous_cap(previous_w: int, expected_w: int) -> None:
-    """Measurement noise moves the fair share by a few watts; the published caps stay put."""
-    gpus = tuple(gpu(u, previous_w - 2, previous_w, previous_w=previous_w) for u in "abcd")
-    assert caps_of(allocate([Service("ns/svc", 2000, gpus)])) == {u: expected_w for u in "abcd"}
+def test_small_changes_keep_the_previous_caps(previous_ws: tuple[int, ...], expected_ws: tuple[int, ...]) -> None:
+    """Measurement noise moves the fair share by a few watts; the published caps stay put,
+    unless one of them moves anyway or keeping them would leave a band's worth of the budget unspent."""
+    gpus = tuple(gpu(u, last - 2, last, previous_w=last) for u, last in zip("abcd", previous_ws))
+    assert caps_of(allocate([Service("ns/svc", 2000, gpus)])) == dict(zip("abcd", expected_ws))
 
 
 def test_raises_wait_for_lowered_caps() -> None:
@@ -575,6 +579,7 @@ BATCH = Service("ns/batch", 2800, (
     gpu("b3", 80, 700, node="node-9", rack="rack-2"), gpu("b4", 80, 700, node="node-9", rack="rack-2"),
 ))
 SHARED_RACK = [RackLimit("rack-1", max_power_w=2000, unmanaged_power_w=200)]
+DEADBAND_EDGE = (("a", 475), ("b", 525), ("c", 500), ("d", 500))
 TOLERANCE_CASE = [Service("ns/a", 2000, (gpu("a1", 690, 700), gpu("a2", 690, 700))),
                   Service("ns/b", 100, (gpu("b1", 150.01, 500),))]
 
@@ -620,9 +625,9 @@ TOLERANCE_CASE = [Service("ns/a", 2000, (gpu("a1", 690, 700), gpu("a2", 690, 700
         pytest.param(
             # budget 1236 (the whole powerCapLimit). Demands: a idle (100 + 50 = 150, 450 W off its previous 600) -> 200,
             # b pinned -> 650. First fill meets both (850 W): surplus from (200, 650) to 700:
-            # max(L, 200) + max(L, 650) = 1236 -> L = 586: a 586, b 650. Deadband: a keeps 600
-            # (14 W off), but 600 + 650 > 1236, so a takes 586. Transition: room 1236 - 1200 = 36,
-            # raises 50: b = 600 + floor(50 x 36 / 50) = 636.
+            # max(L, 200) + max(L, 650) = 1236 -> L = 586: a 586, b 650. Deadband: a is 14 W off
+            # its previous 600, but b's raise meets its whole demand (a move), so the service takes
+            # its new caps. Transition: room 1236 - 1200 = 36, raises 50: b = 600 + floor(50 x 36 / 50) = 636.
             [Service("ns/svc", 1236, (gpu("a", 100, 600, previous_w=600), gpu("b", 590, 600, previous_w=600)))],
             [], None, {"a": (586, "budget"), "b": (636, "transition")},
             id="a raise waits for a lowered cap",
@@ -635,11 +640,12 @@ TOLERANCE_CASE = [Service("ns/a", 2000, (gpu("a1", 690, 700), gpu("a2", 690, 700
             id="a stale GPU is held at the higher of its limit and its last cap",
         ),
         pytest.param(
-            # demand 525 (pinned at 475), budget 2000: fair share 500, 25 W from 475: within 5 %
-            # of 200-700 W (25 W), and 500 < 525 is no raise that meets the demand: keep 475.
-            [Service("ns/svc", 2000, tuple(gpu(u, 473, 475, previous_w=475) for u in "abcd"))], [], None,
-            {u: (475, "budget") for u in "abcd"},
-            id="deadband: a cap exactly 25 W away keeps the previous one",
+            # previous 475, 525, 500, 500 (pinned: demands 525, 575, 550, 550), budget 2000: fair share 500.
+            # a and b are 25 W from it: within 5 % of 200-700 W (25 W), a's 500 < 525 is no raise that
+            # meets its demand, and the previous caps spend the budget (2000): keep them all.
+            [Service("ns/svc", 2000, tuple(gpu(u, last - 2, last, previous_w=last) for u, last in DEADBAND_EDGE))], [], None,
+            {u: (last, "budget") for u, last in DEADBAND_EDGE},
+            id="deadband: caps exactly 25 W away keep the previous ones",
         ),
         pytest.param(
             # ns/b is infeasible (budget 100 W < 200 W): b1 stays at 200 and rack-1 (1000 W) has
@@ -698,8 +704,9 @@ def test_surplus_only_when_every_demand_is_met() -> None:
     "allocation.py keeps the previous cap only when the new one is strictly less than "
     "deadband_fraction x range away; the docstring says 'within' (as for pinned and headroom / 2, <=)"))
 def test_deadband_includes_its_edge() -> None:
-    """Fair share 500 W, previous 475 W, deadband 25 W: the docstring keeps 475, allocation.py gives 500."""
-    services = [Service("ns/svc", 2000, tuple(gpu(u, 473, 475, previous_w=475) for u in "abcd"))]
+    """Fair share 500 W, previous 475, 525, 500, 500 W, deadband 25 W: the docstring keeps
+    them, allocation.py gives every GPU 500."""
+    services = [Service("ns/svc", 2000, tuple(gpu(u, last - 2, last, previous_w=last) for u, last in DEADBAND_EDGE))]
     assert_same_as_oracle(services, [], as_implemented=KNOWN_DEVIATIONS - {oracle.STRICT_DEADBAND})
 
 
