@@ -32,10 +32,8 @@ cluster view and writes the result to ``status.allocations``. The formula:
    of the two water-fills (:func:`water_level`), reached by alternating them from the top.
    Every intermediate point is feasible, so the invariants hold however few rounds run.
 4. **Surplus.** When every demand of a service is met and budget is left, the same fill
-   runs again from the first result up to each GPU's maximum, first over the pinned GPUs
-   only (their cap is what holds them back, and their demand, ``cap + step``, says only
-   that they want more), then over every GPU: caps cost nothing while a GPU draws below
-   them, and a GPU whose load rises then has room before the next round.
+   runs again from the first result up to each GPU's maximum: caps cost nothing while a
+   GPU draws below them, and a GPU whose load rises then has room before the next round.
    **Marginal value** (on by default, ``AllocationSettings.marginal``): with token metrics
    (``GpuState.tokens_s``), the rounded caps of each (service, rack) group whose service
    budget or rack was spent are then re-split toward equal marginal tokens/s per watt
@@ -404,15 +402,13 @@ def allocate(
     limits = {r.rack_id: r for r in sorted(racks, key=lambda r: r.rack_id)}
     columns = _GpuColumns.build(services, limits, settings)
     first = columns.fill(columns.floors, columns.wants)
-    surplus = columns.surplus_ceilings(first)
-    to_pinned = columns.fill(first.caps, columns.pinned_only(surplus, first.caps))
-    second = columns.fill(to_pinned.caps, list(map(max, surplus, to_pinned.caps)))
+    second = columns.fill(first.caps, columns.surplus_ceilings(first))
     floor = math.floor
     caps = [floor(cap + _ROUNDING_SLACK_W) for cap in second.caps]
     caps = columns.rebalance(caps, first)
     caps = columns.apply_deadband(caps)
     caps, postponed = columns.limit_raises(caps)
-    return columns.result(caps, first, (to_pinned, second), postponed)
+    return columns.result(caps, first, second, postponed)
 
 
 # A group (a service or a rack) as a fill solves it: floors, ceilings, the other group of
@@ -643,15 +639,6 @@ class _GpuColumns:
             ceilings[i] = caps[i]
         return ceilings
 
-    def pinned_only(self, ceilings: list[float], caps: list[float]) -> list[float]:
-        """``ceilings`` for the pinned GPUs (drawing within ``pinned_fraction`` of their
-        limit), ``caps`` for the others: the surplus goes first where the cap is what holds a
-        GPU back. A GPU below its cap has told what it draws (its demand has headroom); a
-        pinned one has not, and a common level would lift the idle GPUs' caps first."""
-        pinned_ratio = 1 - self.settings.pinned_fraction
-        return [ceiling if power >= limit * pinned_ratio else cap
-                for ceiling, cap, power, limit in zip(ceilings, caps, self.power_ws, self.limit_ws)]
-
     def rebalance(self, caps: list[int], first: _Fill) -> list[int]:
         """Move watts toward the higher marginal tokens/W (:func:`powercap.marginal.rebalance_w`)
         within each (service, rack) group whose service budget or rack was spent in the first
@@ -741,7 +728,7 @@ class _GpuColumns:
             postponed.update(raised)
         return limited, postponed
 
-    def result(self, caps: list[int], first: _Fill, surplus_fills: tuple[_Fill, _Fill], postponed: set[int]) -> Allocation:
+    def result(self, caps: list[int], first: _Fill, second: _Fill, postponed: set[int]) -> Allocation:
         margin = self.settings.margin
         service_infeasible = []
         for service, (start, end) in zip(self.services, self.spans):
@@ -765,11 +752,8 @@ class _GpuColumns:
                 )
             rack_infeasible.append(reason)
 
-        # The fill that last let a service's GPUs rise: a surplus fill when every demand was met
-        # (the pinned GPUs' when it spent the whole budget, else the one after it).
-        to_pinned, second = surplus_fills
-        last_fill = [first if level != INF else to_pinned if pinned_level != INF else second
-                     for level, pinned_level in zip(first.service_levels, to_pinned.service_levels)]
+        # The fill that last let a service's GPUs rise: the surplus fill when every demand was met.
+        last_fill = [second if level == INF else first for level in first.service_levels]
         bounds = self._bounds(caps, first, last_fill, service_infeasible, rack_infeasible, postponed)
         # GpuCap(*row) for every row, without a Python-level NamedTuple.__new__ call per GPU
         gpu_caps: list[GpuCap] = list(map(tuple.__new__, repeat(GpuCap), zip(

@@ -120,10 +120,7 @@ def allocate(services: list[dict], racks: list[dict] = (), settings: dict | None
     surplus = {k for k in members if sum(first[u] for u in members[k]) < capacity[k]             # step 4
                and (SURPLUS_PAST_RACKS in as_implemented or all(first[u] == gpu[u]["demand"] for u in members[k]))}
     ceilings = {u: Fraction(g["high"]) if service_of[u] in surplus and g["fresh"] else first[u] for u, g in gpu.items()}
-    pinned = {u for u, g in gpu.items() if g["power_w"] >= g["limit_w"] * (1 - s["pinned_fraction"])}
-    to_pinned, pinned_by = fill(first, {u: ceilings[u] if u in pinned else first[u] for u in gpu}, groups, short)
-    second, second_by = fill(to_pinned, {u: max(ceilings[u], to_pinned[u]) for u in gpu}, groups, short)
-    second_by = {u: pinned_by.get(u, set()) | second_by.get(u, set()) for u in gpu}
+    second, second_by = fill(first, ceilings, groups, short)
     new = {u: math.floor(cap + (Fraction(1, 10**6) if floats else 0)) for u, cap in second.items()}  # whole watts
 
     def within_band(u: str) -> bool:

@@ -11,8 +11,8 @@ marginal-value rebalancing on (#14), and when the extender began counting a star
 at the largest minimum seen (batch's energy, 0.08 %), and when marginal values within
 30 % of their median began to count as equal, and when the deadband began to keep or move
 a service's caps together (keeping some previous caps had left up to 3 % of batch's budget
-unspent), and when the surplus began to go to the pinned GPUs first and the ratio loop to
-keep its cap across a falling allocation; the baselines' and the oracle's did not (they never
+unspent), and when the ratio loop began to keep its cap across a falling allocation; the
+baselines' and the oracle's did not (they never
 read rack power or the allocation), and the energy beside the GPUs is pinned since.
 """
 
@@ -42,9 +42,9 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
         "batch": (19572460.931686096, 536563.289428508, 39.417),
     },
     "powercap": {
-        "chat": (7151567.876155602, 1600248.4120116853, 30.987),
-        "code": (5667645.406865393, 1100312.2628363878, 22.433),
-        "batch": (19890447.67741998, 517624.09674625954, 31.114),
+        "chat": (7151567.876155601, 1596735.3174772381, 32.989),
+        "code": (5669914.932351213, 1105252.0464830734, 22.346),
+        "batch": (19890159.000486054, 516889.9885876251, 31.221),
     },
     "oracle": {
         "chat": (7166291.1902056495, 1618266.4505797469, 23.564),
@@ -56,14 +56,14 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
 PINNED_COUNTER_ENERGY_J = {
     "no-capping": 4320416.767953997,
     "static-split": 3251655.095881968,
-    "powercap": 3436221.7715943325,
+    "powercap": 3436914.3525479366,
     "oracle": 3511295.998882641,
 }
 # strategy -> what the nodes drew beside their GPUs over the run, J
 PINNED_NON_GPU_ENERGY_J = {
     "no-capping": 4165923.3702003225,
     "static-split": 3902956.4056075877,
-    "powercap": 3953337.380652064,
+    "powercap": 3953588.587090247,
     "oracle": 3969833.991452781,
 }
 
