@@ -40,11 +40,11 @@ cluster view and writes the result to ``status.allocations``. The formula:
    (:func:`powercap.marginal.rebalance_w`): a trade within a group changes no sum. GPUs
    without a rate keep the fill's caps.
 5. **Deadband.** A service keeps all its previous caps (so measurement noise does not
-   rewrite status every round) when every new cap is within ``deadband_fraction`` (5 %) of
-   its GPU's [min, max] range (25 W on a 200-700 W GPU) of the previous one, no new cap is
-   a raise that meets its GPU's whole demand, and the previous caps spend the budget to
-   within that band (of the service's widest range) of what the new ones spend; else it
-   takes all its new caps. Per service, not per GPU: a service with one GPU that moves is
+   rewrite status every round) when every new cap equals the previous one or is within
+   ``deadband_fraction`` (5 %) of its GPU's [min, max] range (25 W on a 200-700 W GPU) of
+   it, no new cap is a raise that meets its GPU's whole demand, every GPU has a previous
+   cap, and the previous caps fit the budget and spend no less than the new ones less one
+   band (of the service's widest range); else it takes all its new caps. Per service, not per GPU: a service with one GPU that moves is
    written anyway, and keeping its other GPUs' previous caps left watts unspent round after
    round (up to 3 % of the budget in the simulator: raises the safe transitions had cut
    and that then stayed within the band). A held GPU keeps its cap either way. Where the
@@ -667,19 +667,20 @@ class _GpuColumns:
         return rebalanced
 
     def apply_deadband(self, caps: list[int]) -> list[int]:
-        """Keep a service's previous caps when every new one is within ``deadband_fraction x
-        (max - min)`` of it (a raise that gives a GPU all it asks for is a move; a held GPU
-        keeps its cap) and they spend the budget to within that band of the new caps' sum,
-        while every rack sum still fits. A service with any move takes all its new caps: its
-        status is written anyway, and keeping some previous caps would leave budget unspent."""
+        """Keep a service's previous caps when every new one equals it or is within
+        ``deadband_fraction x (max - min)`` of it (a raise that gives a GPU all it asks for is
+        a move; a GPU without a previous cap is one), their sum fits the capacity and is more
+        than the new caps' sum less one band (of the service's widest range), while every rack
+        sum still fits. A service with any move takes all its new caps: its status is written
+        anyway, and keeping some previous caps would leave budget unspent."""
         fraction = self.settings.deadband_fraction
         if fraction <= 0:
             return caps
         floor = math.floor
         held = self.held
         within = [
-            known and abs(cap - last) < fraction * (high - low) and not last < cap >= floor(demand)
-            or (i in held and cap == last)
+            cap == last and (known or i in held)
+            or known and abs(cap - last) < fraction * (high - low) and not last < cap >= floor(demand)
             for i, (cap, last, known, low, high, demand) in enumerate(zip(
                 caps, self.previous, self.sticky, self.minima, self.maxima, self.demands))
         ]

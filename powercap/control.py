@@ -11,8 +11,6 @@ The law, per GPU and tick::
     offset   = watts the performance-power ratio loop holds below the ceiling:
                  + step  while tokens/J < target x (1 - tolerance)   (inefficient: step down)
                  - step  while tokens/J > target x (1 + tolerance)   (efficient: step back up)
-                 less what the ceiling fell since the last tick (the cap the loop found
-                 stays, not its distance to a ceiling that is gone),
                  clamped to [0, ceiling - min]
     thermal  = a limit that is cut multiplicatively (x cut_factor, at most once per
                cut_interval_s) while rack inlet >= maxTemperature or the GPU is within
@@ -84,7 +82,6 @@ class ControlState:
     ratio_offset_w: float = 0.0
     thermal_limit_w: float | None = None
     last_cut_at_s: float | None = None
-    ratio_ceiling_w: float | None = None  # the ceiling the offset was last held below (None: no offset)
 
 
 @dataclass(frozen=True)
@@ -127,10 +124,6 @@ def next_cap(
     reason = CapReason.ALLOCATION if has_allocation else CapReason.NO_ALLOCATION
 
     offset = state.ratio_offset_w
-    if offset > 0 and state.ratio_ceiling_w is not None and ceiling < state.ratio_ceiling_w:
-        # The cap the loop stepped down to still holds under the lower ceiling: keep it, not
-        # the distance to a ceiling that is gone (else each lower allocation lowers it again).
-        offset = max(0.0, offset - (state.ratio_ceiling_w - ceiling))
     ratio = measurement.tokens_per_joule
     target = measurement.target
     if target is not None and ratio is not None:
@@ -164,13 +157,10 @@ def next_cap(
         desired = min(desired, thermal_limit)
     desired = clamp(desired, low, high)
 
-    ratio_ceiling = ceiling if offset > 0 else None
-    if (offset == state.ratio_offset_w and thermal_limit == state.thermal_limit_w and last_cut == state.last_cut_at_s
-            and ratio_ceiling == state.ratio_ceiling_w):
+    if offset == state.ratio_offset_w and thermal_limit == state.thermal_limit_w and last_cut == state.last_cut_at_s:
         new_state = state  # most ticks: nothing to remember anew
     else:
-        new_state = ControlState(ratio_offset_w=offset, thermal_limit_w=thermal_limit, last_cut_at_s=last_cut,
-                                 ratio_ceiling_w=ratio_ceiling)
+        new_state = ControlState(ratio_offset_w=offset, thermal_limit_w=thermal_limit, last_cut_at_s=last_cut)
     current = measurement.current_cap_w
     if not measurement.policy_fresh and not (reason is CapReason.THERMAL_CUT and desired < current):
         # Without a fresh policy the agent keeps the caps it has: only a thermal cut moves them.

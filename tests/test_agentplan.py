@@ -117,7 +117,7 @@ def test_restart_adopts_recorded_ratio_offset_without_raising() -> None:
     tick = inputs(readings=[reading(requested_limit_w=370, limit_w=370)], records={UUID_A: record}, policies=[ratio_policy])
     plan = only(tick)
     assert (plan.action, plan.cap_w) == (Action.HOLD, 370)
-    assert plan.memory == GpuMemory("inference/llama", ControlState(ratio_offset_w=30, ratio_ceiling_w=400))
+    assert plan.memory == GpuMemory("inference/llama", ControlState(ratio_offset_w=30))
 
 
 def test_without_the_record_a_restart_would_raise_the_cap() -> None:

@@ -260,6 +260,14 @@ def test_small_changes_keep_the_previous_caps(previous_ws: tuple[int, ...], expe
     assert caps_of(allocate([Service("ns/svc", 2000, gpus)])) == dict(zip("abcd", expected_ws))
 
 
+def test_a_gpu_that_cannot_move_does_not_turn_the_deadband_off() -> None:
+    """b's limits are 300-300 W: its cap never moves, and a's 10 W change stays in the band.
+    An unchanged cap counts as within the band (its range is 0 W, so no move is under 5 % of it)."""
+    fixed = gpu("b", 290, 300, min_w=300, max_w=300, previous_w=300)
+    allocation = allocate([Service("ns/svc", 800, (gpu("a", 488, 490, previous_w=490), fixed))])
+    assert caps_of(allocation) == {"a": 490, "b": 300}
+
+
 def test_raises_wait_for_lowered_caps() -> None:
     """b's 200 W raise is paid for by a's 200 W lower: while a's agent may still hold 600 W,
     only the free 36 W of the budget can go to b."""

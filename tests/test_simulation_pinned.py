@@ -11,8 +11,7 @@ marginal-value rebalancing on (#14), and when the extender began counting a star
 at the largest minimum seen (batch's energy, 0.08 %), and when marginal values within
 30 % of their median began to count as equal, and when the deadband began to keep or move
 a service's caps together (keeping some previous caps had left up to 3 % of batch's budget
-unspent), and when the ratio loop began to keep its cap across a falling allocation; the
-baselines' and the oracle's did not (they never
+unspent); the baselines' and the oracle's did not (they never
 read rack power or the allocation), and the energy beside the GPUs is pinned since.
 """
 
@@ -44,7 +43,7 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
     "powercap": {
         "chat": (7151567.876155601, 1596735.3174772381, 32.989),
         "code": (5669914.932351213, 1105252.0464830734, 22.346),
-        "batch": (19890159.000486054, 516889.9885876251, 31.221),
+        "batch": (19890159.000486054, 516986.57775599574, 31.221),
     },
     "oracle": {
         "chat": (7166291.1902056495, 1618266.4505797469, 23.564),
@@ -56,14 +55,14 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
 PINNED_COUNTER_ENERGY_J = {
     "no-capping": 4320416.767953997,
     "static-split": 3251655.095881968,
-    "powercap": 3436914.3525479366,
+    "powercap": 3437010.9417163073,
     "oracle": 3511295.998882641,
 }
 # strategy -> what the nodes drew beside their GPUs over the run, J
 PINNED_NON_GPU_ENERGY_J = {
     "no-capping": 4165923.3702003225,
     "static-split": 3902956.4056075877,
-    "powercap": 3953588.587090247,
+    "powercap": 3953605.145233396,
     "oracle": 3969833.991452781,
 }
 
