@@ -41,9 +41,9 @@ from powercap.runtime.sources import load_state, snapshot_time, utc_now
 from powercap import API_GROUP, API_VERSION, KIND, kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.allocation import AllocationSettings
-from powercap.marginal import MarginalSettings
 from powercap.budget import RoundPlan, plan_round
 from powercap.cluster import ClusterSettings, build_cluster_view
+from powercap.marginal import MarginalSettings
 from powercap.numeric import counted
 from powercap.rebalance import Decision, plan_rebalance
 from powercap.runtime.documents import LOAD_ERRORS, describe_load_error

@@ -44,11 +44,12 @@ cluster view and writes the result to ``status.allocations``. The formula:
    ``deadband_fraction`` (5 %) of its GPU's [min, max] range (25 W on a 200-700 W GPU) of
    it, no new cap is a raise that meets its GPU's whole demand, every GPU has a previous
    cap, and the previous caps fit the budget and spend no less than the new ones less one
-   band (of the service's widest range); else it takes all its new caps. Per service, not per GPU: a service with one GPU that moves is
-   written anyway, and keeping its other GPUs' previous caps left watts unspent round after
-   round (up to 3 % of the budget in the simulator: raises the safe transitions had cut
-   and that then stayed within the band). A held GPU keeps its cap either way. Where the
-   kept caps would pass a rack's sum, that rack's GPUs take the lower of the two.
+   band (of the service's widest range); else it takes all its new caps. Per service, not
+   per GPU: a service with one GPU that moves is written anyway, and keeping its other
+   GPUs' previous caps left watts unspent round after round (up to 3 % of the budget in the
+   simulator: raises the safe transitions had cut and that then stayed within the band). A
+   held GPU keeps its cap either way. Where the kept caps would pass a rack's sum, that
+   rack's GPUs take the lower of the two.
 6. **Safe transitions.** Node agents pick up a new allocation at different moments, so the
    caps in force mix old and new. Raises are cut so that
    ``sum_i max(previous_i, new_i) <= capacity_w``, for every service and then for every

@@ -130,7 +130,8 @@ def allocate(services: list[dict], racks: list[dict] = (), settings: dict | None
             return last is not None and new[u] == last  # a held GPU keeps its cap
         if new[u] > last and new[u] >= math.floor(g["demand"]):
             return False
-        return new[u] == last or abs(new[u] - last) < band or (STRICT_DEADBAND not in as_implemented and abs(new[u] - last) == band)
+        gap = abs(new[u] - last)
+        return gap == 0 or gap < band or (STRICT_DEADBAND not in as_implemented and gap == band)
 
     kept = dict(new)                                                                       # step 5
     for key, group in members.items():  # a service keeps all its previous caps, or takes all its new ones
