@@ -66,6 +66,7 @@ from powercap.agentplan import (
     UnseenGpu,
     build_telemetry,
     held_w,
+    holds_telemetry_back,
     plan_node,
 )
 from powercap.control import ControlSettings
@@ -167,6 +168,7 @@ class Agent:
         self.source = source
         self.settings = settings
         self.publisher = publisher or NullPublisher()
+        self._telemetry_held_back = False  # the last tick raised a cap and offered no telemetry
         self.state = state or StateFile(None, settings.node)
         self.tokens = tokens
         self.inlet = inlet or NoInlet()
@@ -265,7 +267,10 @@ class Agent:
             self._wall_clock(), readings, inlet_c, {p.uuid: p.pod for p in plans}, enforced_w,
             {p.uuid: p.tokens_s for p in plans}, node_power,
         )
-        self.publisher.telemetry(telemetry, now_s)
+        held_back = holds_telemetry_back(plans, self._telemetry_held_back)
+        if not held_back:
+            self.publisher.telemetry(telemetry, now_s)
+        self._telemetry_held_back = held_back
         self._update_metrics(readings, plans, enforced_w, view, now_s)
         in_force = {r.uuid: r.requested_limit_w for r in readings}
         in_force.update({p.uuid: p.cap_w for p in plans if p.writes and p.uuid in enforced_w})

@@ -31,9 +31,13 @@ cluster view and writes the result to ``status.allocations``. The formula:
    ``clamp(min(L_service, L_rack), min_i, ceiling_i)`` where the levels are the fixed point
    of the two water-fills (:func:`water_level`), reached by alternating them from the top.
    Every intermediate point is feasible, so the invariants hold however few rounds run.
-4. **Surplus.** When every demand of a service is met and budget is left, the same fill
-   runs again from the first result up to each GPU's maximum: caps cost nothing while a
-   GPU draws below them, and a GPU whose load rises then has room before the next round.
+4. **Surplus.** When every demand of a service is met and budget is left, its pinned GPUs
+   take up to one step more first (a fill from the first result with each pinned GPU's
+   ceiling at ``cap + step``: a pinned GPU uses a watt now, where a traffic-limited one
+   leaves it unused), then the same fill runs again up to each GPU's maximum: caps cost
+   nothing while a GPU draws below them, and a GPU whose load rises then has room before
+   the next round. (A common level alone gave a raised budget to the traffic-limited GPUs
+   first, the static split's caps after a powerCapLimit raise.)
    **Marginal value** (on by default, ``AllocationSettings.marginal``): with token metrics
    (``GpuState.tokens_s``), the rounded caps of each (service, rack) group whose service
    budget or rack was spent are then re-split toward equal marginal tokens/s per watt
@@ -403,7 +407,13 @@ def allocate(
     limits = {r.rack_id: r for r in sorted(racks, key=lambda r: r.rack_id)}
     columns = _GpuColumns.build(services, limits, settings)
     first = columns.fill(columns.floors, columns.wants)
-    second = columns.fill(first.caps, columns.surplus_ceilings(first))
+    ceilings = columns.surplus_ceilings(first)
+    pinned_first = columns.pinned_step_ceilings(first, ceilings)
+    if pinned_first is not None:
+        first_surplus = columns.fill(first.caps, pinned_first)
+        second = columns.fill(first_surplus.caps, ceilings)
+    else:
+        second = columns.fill(first.caps, ceilings)
     floor = math.floor
     caps = [floor(cap + _ROUNDING_SLACK_W) for cap in second.caps]
     caps = columns.rebalance(caps, first)
@@ -622,6 +632,21 @@ class _GpuColumns:
                      for lo, hi, r in zip(los[start:end], his[start:end], rack_of[start:end])]
         rack_levels.pop()
         return _Fill(caps, service_levels, rack_levels)
+
+    def pinned_step_ceilings(self, first: _Fill, ceilings: list[float]) -> list[float] | None:
+        """Where the surplus goes first: a pinned GPU (drawing within ``pinned_fraction`` of
+        its cap) of a service that met every demand may take one more step above its first
+        cap, within its surplus ceiling; every other GPU stays at its first cap. None when no
+        GPU may (the common level then lifts every cap at once)."""
+        pinned_ratio, step = 1 - self.settings.pinned_fraction, self.settings.step_fraction
+        head = list(first.caps)
+        moved = False
+        for i, (cap, ceiling, power, limit, low, high) in enumerate(zip(
+                first.caps, ceilings, self.power_ws, self.limit_ws, self.minima, self.maxima)):
+            if ceiling > cap and power >= limit * pinned_ratio:
+                head[i] = min(ceiling, cap + step * (high - low))
+                moved = True
+        return head if moved else None
 
     def surplus_ceilings(self, first: _Fill) -> list[float]:
         """Where the surplus fill may take each GPU: services that met every demand share what

@@ -120,7 +120,13 @@ def allocate(services: list[dict], racks: list[dict] = (), settings: dict | None
     surplus = {k for k in members if sum(first[u] for u in members[k]) < capacity[k]             # step 4
                and (SURPLUS_PAST_RACKS in as_implemented or all(first[u] == gpu[u]["demand"] for u in members[k]))}
     ceilings = {u: Fraction(g["high"]) if service_of[u] in surplus and g["fresh"] else first[u] for u, g in gpu.items()}
-    second, second_by = fill(first, ceilings, groups, short)
+    pinned = {u for u, g in gpu.items() if service_of[u] in surplus and g["fresh"]           # step 4, pinned first
+              and g["power_w"] >= g["limit_w"] * (1 - s["pinned_fraction"]) and ceilings[u] > first[u]}
+    head = {u: min(ceilings[u], first[u] + exact(s["step_fraction"]) * (g["high"] - g["low"])) if u in pinned else first[u]
+            for u, g in gpu.items()}
+    first_surplus, head_by = fill(first, head, groups, short)
+    second, second_by = fill(first_surplus, ceilings, groups, short)
+    second_by = {u: head_by.get(u, set()) | second_by.get(u, set()) for u in gpu}
     new = {u: math.floor(cap + (Fraction(1, 10**6) if floats else 0)) for u, cap in second.items()}  # whole watts
 
     def within_band(u: str) -> bool:

@@ -13,7 +13,9 @@ import pytest
 
 from nodeagent.gpus import GpuSnapshot
 from powercap import agentplan
-from powercap.agentplan import Action, CapRecord, GpuMemory, PublishSettings, TickInputs, plan_tick, should_publish
+from powercap.agentplan import (
+    Action, CapRecord, GpuMemory, GpuPlan, PublishSettings, TickInputs, plan_tick, should_publish,
+)
 from powercap.control import ControlState
 from powercap.policies import Mode, Policy, parse_policy
 from powercap.telemetry import GpuTelemetry, NodeTelemetry
@@ -233,6 +235,22 @@ def telemetry(power_w: float = 350.0, temp_c: float = 60.0, limit_w: float = 400
 )
 def test_should_publish(last: NodeTelemetry | None, candidate: NodeTelemetry, since_s: float, expected: bool) -> None:
     assert should_publish(last, candidate, since_s, PublishSettings()) is expected
+
+
+def plan_of(action: Action, cap_w: float, previous_w: float) -> GpuPlan:
+    return GpuPlan(UUID_A, 0, action, cap_w, previous_w, "allocation")
+
+
+@pytest.mark.parametrize(("plans", "held_back_last_tick", "expected"), [
+    pytest.param([plan_of(Action.SET, 500, 400)], False, True, id="a raise waits a tick"),
+    pytest.param([plan_of(Action.SET, 300, 400)], False, False, id="a cut goes out at once"),
+    pytest.param([plan_of(Action.OBSERVE, 500, 400)], False, False, id="dry run: nothing written"),
+    pytest.param([plan_of(Action.HOLD, 400, 400)], False, False, id="nothing written"),
+    pytest.param([plan_of(Action.SET, 300, 400), plan_of(Action.RESTORE, 700, 400)], False, True, id="any raise"),
+    pytest.param([plan_of(Action.SET, 500, 400)], True, False, id="at most one tick late"),
+])
+def test_holds_telemetry_back(plans: list[GpuPlan], held_back_last_tick: bool, expected: bool) -> None:
+    assert agentplan.holds_telemetry_back(plans, held_back_last_tick) is expected
 
 
 def test_build_telemetry_reports_enforced_limits_after_writes() -> None:

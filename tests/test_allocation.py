@@ -86,10 +86,11 @@ THREE_PERCENT_MARGIN = AllocationSettings(margin=0.03)
             id="all idle: the surplus is shared equally",
         ),
         pytest.param(
-            # demands 550, 550, 200, 200 (1500 W) fit 2000; surplus: 2 x 550 + 2 L = 2000 -> L = 450
+            # demands 550, 550, 200, 200 (1500 W) fit 2000; surplus: the pinned first, one step
+            # more (600 each), then a common level: 2 x 600 + 2 L = 2000 -> L = 400
             2000, [gpu("busy1", **PINNED_AT_500), gpu("busy2", **PINNED_AT_500), gpu("idle1", **IDLE), gpu("idle2", **IDLE)],
             [],
-            {"busy1": 550, "busy2": 550, "idle1": 450, "idle2": 450},
+            {"busy1": 600, "busy2": 600, "idle1": 400, "idle2": 400},
             {u: Bound.BUDGET for u in ("busy1", "busy2", "idle1", "idle2")},
             None,
             id="busy GPUs get their demand first, idle ones share what is left",
@@ -632,12 +633,12 @@ TOLERANCE_CASE = [Service("ns/a", 2000, (gpu("a1", 690, 700), gpu("a2", 690, 700
         ),
         pytest.param(
             # budget 1236 (the whole powerCapLimit). Demands: a idle (100 + 50 = 150, 450 W off its previous 600) -> 200,
-            # b pinned -> 650. First fill meets both (850 W): surplus from (200, 650) to 700:
-            # max(L, 200) + max(L, 650) = 1236 -> L = 586: a 586, b 650. Deadband: a is 14 W off
-            # its previous 600, but b's raise meets its whole demand (a move), so the service takes
-            # its new caps. Transition: room 1236 - 1200 = 36, raises 50: b = 600 + floor(50 x 36 / 50) = 636.
+            # b pinned -> 650. First fill meets both (850 W): surplus, the pinned b first, one step
+            # more (700), then a common level: max(L, 200) + 700 = 1236 -> a 536. Deadband: a is
+            # 64 W off its previous 600, a move. Transition: room 1236 - 1200 = 36, raises 100:
+            # b = 600 + floor(100 x 36 / 100) = 636.
             [Service("ns/svc", 1236, (gpu("a", 100, 600, previous_w=600), gpu("b", 590, 600, previous_w=600)))],
-            [], None, {"a": (586, "budget"), "b": (636, "transition")},
+            [], None, {"a": (536, "budget"), "b": (636, "transition")},
             id="a raise waits for a lowered cap",
         ),
         pytest.param(
