@@ -66,8 +66,8 @@ from powercap.agentplan import (
     UnseenGpu,
     build_telemetry,
     held_w,
-    holds_telemetry_back,
     plan_node,
+    raised_caps,
 )
 from powercap.control import ControlSettings
 from powercap.objects import KubeObject, object_key, pod_gpu_container
@@ -168,7 +168,6 @@ class Agent:
         self.source = source
         self.settings = settings
         self.publisher = publisher or NullPublisher()
-        self._telemetry_held_back = False  # the last tick raised a cap and offered no telemetry
         self.state = state or StateFile(None, settings.node)
         self.tokens = tokens
         self.inlet = inlet or NoInlet()
@@ -263,14 +262,12 @@ class Agent:
         writes = self._carry_out(node_plan, now_s, enforced_w)
         self._save_state()
         self._say_policy_conditions(node_plan)
+        raised = raised_caps(plans)  # published at the limit their power was read under
         telemetry = build_telemetry(
-            self._wall_clock(), readings, inlet_c, {p.uuid: p.pod for p in plans}, enforced_w,
-            {p.uuid: p.tokens_s for p in plans}, node_power,
+            self._wall_clock(), readings, inlet_c, {p.uuid: p.pod for p in plans},
+            {uuid: w for uuid, w in enforced_w.items() if uuid not in raised}, {p.uuid: p.tokens_s for p in plans}, node_power,
         )
-        held_back = holds_telemetry_back(plans, self._telemetry_held_back)
-        if not held_back:
-            self.publisher.telemetry(telemetry, now_s)
-        self._telemetry_held_back = held_back
+        self.publisher.telemetry(telemetry, now_s)
         self._update_metrics(readings, plans, enforced_w, view, now_s)
         in_force = {r.uuid: r.requested_limit_w for r in readings}
         in_force.update({p.uuid: p.cap_w for p in plans if p.writes and p.uuid in enforced_w})

@@ -73,9 +73,8 @@ temperature by 2 degC or more, a limit or pod changed, or a heartbeat is due; ne
 often than a minimum interval. A GPU's ``tokensPerSecond`` (its pod's tokens/s split
 across the pod's GPUs by power, :func:`gpu_tokens_s`) never triggers a publish by
 itself: a rate moves on every scrape, and the ratio it feeds (``status.ratio``) may lag
-by a heartbeat; it goes out with whatever publish comes next. A tick that raises a cap
-holds its telemetry back one tick (:func:`holds_telemetry_back`): a power read under the
-old limit beside the raised one reads as a GPU that does not use its cap.
+by a heartbeat; it goes out with whatever publish comes next. A GPU a tick raised is
+published at its limit before the write (:func:`raised_caps`): its power was read under it.
 """
 
 from __future__ import annotations
@@ -1154,17 +1153,18 @@ class PublishSettings:
     heartbeat_s: float = 30.0
 
 
-def holds_telemetry_back(plans: Iterable[GpuPlan], held_back_last_tick: bool) -> bool:
-    """Whether a tick offers no telemetry: it raised a cap, so its power was read under the
-    lower limit while the telemetry would name the raised one, and the controller would read
-    the pair as a GPU limited by its traffic and take the raise back. A later tick publishes
-    as usual (:func:`should_publish`: the limit changed), its power read under the raised
-    limits. At most one tick late: a tick after one held back is not held back. A lowered
-    cap goes out at once (its pair reads as pinned, and the controller's view of the caps in
-    force must not lag a cut)."""
-    if held_back_last_tick:
-        return False
-    return any(plan.writes and plan.cap_w > plan.previous_w + DEFAULT_LIMIT_TOLERANCE_W for plan in plans)
+def raised_caps(plans: Iterable[GpuPlan]) -> dict[str, float]:
+    """The GPUs a tick raised, each with its limit before the write: the ``limitW`` to publish
+    beside this tick's power, which was read under that limit. Beside the raised limit it
+    would read as a GPU that does not use its cap, and the controller took such raises back
+    round after round; the raised limit goes out with the next publish, beside a power read
+    under it. A lowered cap is published after its write (the controller's view of the caps
+    in force must not lag a cut)."""
+    return {
+        plan.uuid: plan.previous_w
+        for plan in plans
+        if plan.writes and plan.cap_w > plan.previous_w + DEFAULT_LIMIT_TOLERANCE_W
+    }
 
 
 def should_publish(

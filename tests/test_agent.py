@@ -104,20 +104,20 @@ def test_each_change_is_one_structured_log_line(
     assert harness.publisher.reasons() == ["PowerCapChanged"]
 
 
-def test_a_raise_publishes_the_tick_after_with_the_power_read_under_it(harness: Harness, fake: FakeNvml) -> None:
+def test_a_raised_gpu_is_published_at_the_limit_its_power_was_read_under(harness: Harness, fake: FakeNvml) -> None:
     """The power a tick reads was drawn under the limit before its writes: beside a raised
     limit it reads as a GPU that does not use its cap, and the controller took the raise back
-    (docs/decisions.md, "Raises go to the pinned GPUs first"). A cut is offered at once."""
-    harness.source.set(policy(caps_w={GPU0: 400}))
+    (docs/decisions.md, "Raises go to the pinned GPUs first"). A cut beside it goes out at
+    once, and the raised limit with the next telemetry, beside a power read under it."""
+    harness.source.set(policy(caps_w={GPU0: 400, GPU1: 450}))
     harness.tick()
-    assert [t.gpus[0].limit_w for t in harness.publisher.telemetries] == [400]  # a cut: at once
-    harness.source.set(policy(caps_w={GPU0: 500}))
+    harness.source.set(policy(caps_w={GPU0: 300, GPU1: 550}))  # watts moved within the node
     harness.tick()
-    assert fake.limit_w(0) == 500
-    assert len(harness.publisher.telemetries) == 1, "the raising tick's telemetry is held back"
-    fake.set_power_w(0, 490)  # drawn under the raised limit
+    assert (fake.limit_w(0), fake.limit_w(1)) == (300, 550)
+    assert [g.limit_w for g in harness.publisher.telemetries[-1].gpus] == [300, 450]
+    fake.set_power_w(1, 540)  # drawn under the raised limit
     harness.tick()
-    assert [(t.gpus[0].power_w, t.gpus[0].limit_w) for t in harness.publisher.telemetries][1:] == [(490, 500)]
+    assert [(g.power_w, g.limit_w) for g in harness.publisher.telemetries[-1].gpus][1] == (540, 550)
 
 
 def test_out_of_band_limiter_is_reported_not_fought(harness: Harness, fake: FakeNvml) -> None:

@@ -237,20 +237,15 @@ def test_should_publish(last: NodeTelemetry | None, candidate: NodeTelemetry, si
     assert should_publish(last, candidate, since_s, PublishSettings()) is expected
 
 
-def plan_of(action: Action, cap_w: float, previous_w: float) -> GpuPlan:
-    return GpuPlan(UUID_A, 0, action, cap_w, previous_w, "allocation")
-
-
-@pytest.mark.parametrize(("plans", "held_back_last_tick", "expected"), [
-    pytest.param([plan_of(Action.SET, 500, 400)], False, True, id="a raise waits a tick"),
-    pytest.param([plan_of(Action.SET, 300, 400)], False, False, id="a cut goes out at once"),
-    pytest.param([plan_of(Action.OBSERVE, 500, 400)], False, False, id="dry run: nothing written"),
-    pytest.param([plan_of(Action.HOLD, 400, 400)], False, False, id="nothing written"),
-    pytest.param([plan_of(Action.SET, 300, 400), plan_of(Action.RESTORE, 700, 400)], False, True, id="any raise"),
-    pytest.param([plan_of(Action.SET, 500, 400)], True, False, id="at most one tick late"),
-])
-def test_holds_telemetry_back(plans: list[GpuPlan], held_back_last_tick: bool, expected: bool) -> None:
-    assert agentplan.holds_telemetry_back(plans, held_back_last_tick) is expected
+def test_raised_caps_names_the_raised_gpus_at_their_limit_before_the_write() -> None:
+    plans = [
+        GpuPlan(UUID_A, 0, Action.SET, 500, 400, "allocation"),
+        GpuPlan(UUID_B, 1, Action.SET, 300, 400, "allocation"),  # a cut: published after its write
+        GpuPlan("GPU-cccc", 2, Action.OBSERVE, 600, 400, "allocation"),  # dry run: nothing written
+        GpuPlan("GPU-dddd", 3, Action.RESTORE, 700, 300, "left-policies"),
+        GpuPlan("GPU-eeee", 4, Action.SET, 400.3, 400, "allocation"),  # within the limit's tolerance
+    ]
+    assert agentplan.raised_caps(plans) == {UUID_A: 400, "GPU-dddd": 300}
 
 
 def test_build_telemetry_reports_enforced_limits_after_writes() -> None:

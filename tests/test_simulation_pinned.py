@@ -12,7 +12,7 @@ at the largest minimum seen (batch's energy, 0.08 %), and when marginal values w
 30 % of their median began to count as equal, and when the deadband began to keep or move
 a service's caps together (keeping some previous caps had left up to 3 % of batch's budget
 unspent), and when the surplus began to go to the pinned GPUs first and an agent that
-raised a cap began to hold its telemetry back a tick; the baselines' and the oracle's did not (they never
+raised a cap began to publish it at its limit before the write; the baselines' and the oracle's did not (they never
 read rack power or the allocation), and the energy beside the GPUs is pinned since.
 """
 
@@ -42,9 +42,9 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
         "batch": (19572460.931686096, 536563.289428508, 39.417),
     },
     "powercap": {
-        "chat": (7151567.876155602, 1603226.5922305216, 27.113),
-        "code": (5692027.410472868, 1108427.5995864996, 22.34),
-        "batch": (19943140.5051654, 519129.3891788431, 29.666),
+        "chat": (7151567.876155602, 1602394.1296149087, 30.318),
+        "code": (5688868.147994331, 1107941.5989799078, 22.359),
+        "batch": (19908551.78938842, 518317.9236031898, 30.859),
     },
     "oracle": {
         "chat": (7166291.1902056495, 1618266.4505797469, 23.564),
@@ -56,14 +56,14 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
 PINNED_COUNTER_ENERGY_J = {
     "no-capping": 4320416.767953997,
     "static-split": 3251655.095881968,
-    "powercap": 3448820.5809958642,
+    "powercap": 3446690.6521980064,
     "oracle": 3511295.998882641,
 }
 # strategy -> what the nodes drew beside their GPUs over the run, J
 PINNED_NON_GPU_ENERGY_J = {
     "no-capping": 4165923.3702003225,
     "static-split": 3902956.4056075877,
-    "powercap": 3956527.288839443,
+    "powercap": 3956039.729460606,
     "oracle": 3969833.991452781,
 }
 

@@ -53,8 +53,7 @@ import numpy as np
 
 from powercap import physics
 from powercap.agentplan import (
-    CapRecord, GpuMemory, GpuPlan, PublishSettings, TickInputs, build_telemetry, holds_telemetry_back, plan_tick,
-    should_publish,
+    CapRecord, GpuMemory, GpuPlan, PublishSettings, TickInputs, build_telemetry, plan_tick, raised_caps, should_publish,
 )
 from powercap.algorithms import AlgorithmRegistry, EnergyAwareScheduling
 from powercap.allocation import AllocationSettings
@@ -222,7 +221,6 @@ class _Run:
         self.node_pods: dict[int, tuple[int, list[SimPod], dict[str, frozenset[str]]]] = {}  # see _pods_on
         self.last_plans: dict[str, tuple[GpuPlan, ...]] = {}  # per node, its agent's last plans (for its telemetry)
         self.published_at: dict[str, float] = {}
-        self.telemetry_held_back: set[str] = set()  # nodes whose last tick offered no telemetry (holds_telemetry_back)
         self.last_move: dict[str, datetime] = {}
         self.evictions: list[tuple[float, str, str]] = []
         self.pod_policy: dict[str, str | None] = {}
@@ -448,14 +446,10 @@ class _Run:
         the node's whole power (its GPUs and what it draws beside them at the last physics
         step) read as a BMC reading taken now, chosen as the agent chooses
         (:func:`powercap.nodepower.choose_node_power`)."""
-        plans = self.last_plans.get(node.name)
-        if plans is not None and holds_telemetry_back(plans, node.name in self.telemetry_held_back):
-            self.telemetry_held_back.add(node.name)
-            return
-        self.telemetry_held_back.discard(node.name)
         last_s = self.published_at.get(node.name)
         if node.telemetry is not None and last_s is not None and t_s - last_s < self.settings.publish.min_interval_s:
             return  # should_publish would refuse whatever the telemetry: not built
+        plans = self.last_plans.get(node.name)
         tokens_s_by_gpu: dict[str, float | None] | None = None
         if plans is not None:
             pods = {plan.uuid: plan.pod for plan in plans}
@@ -467,9 +461,10 @@ class _Run:
         node_power = choose_node_power(
             [SourceReading(REDFISH, whole_w, t_s)], t_s, max_age_s=NODE_POWER_MAX_AGE_S, gpu_power_w=gpu_power_w, overhead_w=0.0,
         ).power
+        # a GPU this tick raised at its limit before the write, as the agent publishes it
         telemetry = build_telemetry(
-            moment(t_s), node.gpus, node.rack.inlet_c, pods, tokens_s_by_gpu=tokens_s_by_gpu,
-            node_power=node_power,
+            moment(t_s), node.gpus, node.rack.inlet_c, pods, raised_caps(plans) if plans is not None else None,
+            tokens_s_by_gpu=tokens_s_by_gpu, node_power=node_power,
         )
         if should_publish(node.telemetry, telemetry, t_s - last_s if last_s is not None else math.inf, self.settings.publish):
             node.set_telemetry(telemetry)
