@@ -409,11 +409,8 @@ def allocate(
     first = columns.fill(columns.floors, columns.wants)
     ceilings = columns.surplus_ceilings(first)
     pinned_first = columns.pinned_step_ceilings(first, ceilings)
-    if pinned_first is not None:
-        first_surplus = columns.fill(first.caps, pinned_first)
-        second = columns.fill(first_surplus.caps, ceilings)
-    else:
-        second = columns.fill(first.caps, ceilings)
+    surplus_from = first.caps if pinned_first is None else columns.fill(first.caps, pinned_first).caps
+    second = columns.fill(surplus_from, ceilings)
     floor = math.floor
     caps = [floor(cap + _ROUNDING_SLACK_W) for cap in second.caps]
     caps = columns.rebalance(caps, first)

@@ -18,8 +18,8 @@ import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from enum import Enum
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any
 

@@ -12,8 +12,9 @@ at the largest minimum seen (batch's energy, 0.08 %), and when marginal values w
 30 % of their median began to count as equal, and when the deadband began to keep or move
 a service's caps together (keeping some previous caps had left up to 3 % of batch's budget
 unspent), and when the surplus began to go to the pinned GPUs first and an agent that
-raised a cap began to publish it at its limit before the write; the baselines' and the oracle's did not (they never
-read rack power or the allocation), and the energy beside the GPUs is pinned since.
+raised a cap began to publish it at its limit before the write; the baselines' and the
+oracle's did not (they never read rack power or the allocation), and the energy beside the
+GPUs is pinned since.
 """
 
 from __future__ import annotations
