@@ -127,11 +127,18 @@ def excluded_seconds(seconds: int, warmup_s: float, changes_s: Sequence[float], 
     return excluded
 
 
+POWER_RESOLUTION_W = 0.001
+"""NVML reads and sets power in milliwatts."""
+
+
 def cap_violation_seconds(
     power_w: Sequence[float], cap_w: Sequence[float | None], skip: AbstractSet[int] = frozenset()
 ) -> list[int]:
-    """Seconds (not in ``skip``) whose average power exceeds the cap in force."""
-    return [s for s, (power, cap) in enumerate(zip(power_w, cap_w)) if cap is not None and s not in skip and power > cap]
+    """Seconds (not in ``skip``) whose average power exceeds the cap in force by more than
+    NVML's resolution (1 mW): GPUs held exactly at caps that sum to the cap add up, step by
+    step in floats, to a few nW more."""
+    return [s for s, (power, cap) in enumerate(zip(power_w, cap_w))
+            if cap is not None and s not in skip and power > cap + POWER_RESOLUTION_W]
 
 
 def limit_violation_seconds(values: Sequence[float], limit: float | None) -> list[int]:
