@@ -64,7 +64,13 @@ cluster view and writes the result to ``status.allocations``. The formula:
    load rose), lowers go out first and raises wait for the next round.
 
 Rounding: caps are whole watts, ``floor``-ed, with minimums rounded up and maximums down,
-so integer sums never pass an integer budget.
+so integer sums never pass an integer budget. The watts the floors took from a service go
+back after the surplus fill: one watt each to its GPUs whose cap the floor cut by 1 mW or
+more, the largest cut first (rounded to the milliwatt; ties in (node, UUID) order), while the
+service's capacity and the GPU's rack (over every service in it, services in key order) have
+a whole watt left. 2,600 W over 16 GPUs is 8 x
+163 + 8 x 162 W, not 16 x 162 W with 8 W unspent (0.3 % of the budget, measured as tokens
+lost on the simulator's saturated scenario: docs/benchmarks.md).
 
 Infeasible: when the minimums (plus ``reserved_w``) exceed ``capacity_w`` every GPU of the
 service stays at its minimum and :attr:`ServiceAllocation.infeasible_reason` says by how
@@ -100,6 +106,8 @@ _ROUNDING_SLACK_W = 1e-6
 # Levels closer than this count as converged (caps are whole watts). A rack keeps its old,
 # lower level then, and a service takes its new, lower one, so every sum still fits.
 _LEVEL_TOLERANCE_W = 0.01
+# A cap the floor cut by less than this was a whole watt in all but float error.
+_FRACTION_SPENT_W = 0.001
 _NODE, _UUID = attrgetter("node"), attrgetter("uuid")
 
 
@@ -412,7 +420,7 @@ def allocate(
     surplus_from = first.caps if pinned_first is None else columns.fill(first.caps, pinned_first).caps
     second = columns.fill(surplus_from, ceilings)
     floor = math.floor
-    caps = [floor(cap + _ROUNDING_SLACK_W) for cap in second.caps]
+    caps = columns.spend_remainders(second.caps, [floor(cap + _ROUNDING_SLACK_W) for cap in second.caps])
     caps = columns.rebalance(caps, first)
     caps = columns.apply_deadband(caps)
     caps, postponed = columns.limit_raises(caps)
@@ -434,6 +442,7 @@ class _Fill:
     caps: list[float]
     service_levels: list[float]
     rack_levels: list[float]
+    racks_full_from_start: list[bool]  # the rack's GPUs where the fill started them already fill it
 
 
 @dataclass
@@ -628,7 +637,35 @@ class _GpuColumns:
             caps += [lo if (v := levels[r]) < lo else hi if v > hi else v
                      for lo, hi, r in zip(los[start:end], his[start:end], rack_of[start:end])]
         rack_levels.pop()
-        return _Fill(caps, service_levels, rack_levels)
+        full_from_start = [sum([los[i] for i in members]) >= capacity_w
+                           for members, capacity_w in zip(self.members_of_rack, self.rack_capacity_w)]
+        return _Fill(caps, service_levels, rack_levels, full_from_start)
+
+    def spend_remainders(self, exact: list[float], whole: list[int]) -> list[int]:
+        """Give back the watts that flooring every cap took from a service (the largest
+        remainders first): one watt each to its GPUs whose cap the floor cut by a milliwatt
+        or more, largest cut first (to the milliwatt; ties in the allocation's order, node then
+        UUID, so the same GPUs every round), while the service and each GPU's rack have a whole
+        watt left. 16 GPUs at 162.5 W are 8 at 163 W and 8 at 162 W, not 16 at 162 W with
+        8 W of the budget unspent."""
+        whole = list(whole)
+        rack_room = [capacity - sum([whole[i] for i in members])
+                     for members, capacity in zip(self.members_of_rack, self.rack_capacity_w)]
+        rack_of = self.rack_of
+        for (start, end), capacity_w in zip(self.spans, self.service_capacity_w):
+            room = capacity_w - sum(whole[start:end])
+            if room < 1:
+                continue
+            for i in sorted(range(start, end), key=lambda i: -round(exact[i] - whole[i], 3)):
+                if room < 1:
+                    break
+                r = rack_of[i]
+                if exact[i] - whole[i] >= _FRACTION_SPENT_W and (r < 0 or rack_room[r] >= 1):
+                    whole[i] += 1
+                    room -= 1
+                    if r >= 0:
+                        rack_room[r] -= 1
+        return whole
 
     def pinned_step_ceilings(self, first: _Fill, ceilings: list[float]) -> list[float] | None:
         """Where the surplus goes first: a pinned GPU (drawing within ``pinned_fraction`` of
@@ -811,7 +848,7 @@ class _GpuColumns:
         """Why each cap is not higher, the first that applies: MAX (at the maximum), HELD,
         MINIMUM (its service or rack is infeasible), TRANSITION (postponed raise), RACK (its
         rack's level was below its service's in the first fill or in the fill that last let
-        the service rise), else BUDGET."""
+        the service rise, or that fill started its rack full), else BUDGET."""
         rack_blocked = [reason is not None for reason in rack_infeasible]
         bounds: list[Bound] = []
         for s, (start, end) in enumerate(self.spans):
@@ -823,7 +860,8 @@ class _GpuColumns:
                 for r in self.racks_of_service[s]:
                     if rack_blocked[r]:
                         by_rack[r] = Bound.MINIMUM
-                    elif first.rack_levels[r] < level or last.rack_levels[r] < last.service_levels[s]:
+                    elif (first.rack_levels[r] < level or last.rack_levels[r] < last.service_levels[s]
+                          or last.racks_full_from_start[r]):
                         by_rack[r] = Bound.RACK
             bounds += [Bound.MAX if cap >= high else by_rack[r]
                        for cap, high, r in zip(caps[start:end], self.maxima[start:end], self.rack_of[start:end])]

@@ -215,18 +215,10 @@ def _unreported_minimums_w(policy_view: PolicyView, view: ClusterView) -> float:
     the default), never under the service's own new-GPU minimum. A service on 100 W GPUs
     that scales onto a node of 200 W GPUs holds 200 W for each of them, not 100 W: the GPU
     starts at its own minimum whatever the budget says."""
-    floor_w = _new_gpu_minimum_w(policy_view, view)
     reported: dict[str, int] = {}
     for entry in policy_view.gpus:
         reported[entry.node] = reported.get(entry.node, 0) + 1
-    total_w = 0.0
-    for node, gpus in view.bound_gpus_by_node(policy_view.key).items():
-        missing = gpus - reported.get(node, 0)
-        if missing > 0:
-            node_view = view.find_node(node)
-            node_min_w = node_view.new_gpu_min_w if node_view is not None else view.settings.default_gpu_min_w
-            total_w += missing * max(floor_w, node_min_w)
-    return total_w
+    return view.starting_minimums_w(policy_view.key, reported, _new_gpu_minimum_w(policy_view, view))
 
 
 def _rack_limits(view: ClusterView, services: Iterable[Service], counted_at_caps: Allocation | None,

@@ -287,6 +287,21 @@ class ClusterView:
             object.__setattr__(self, "_bound_by_policy", by_policy)
         return MappingProxyType(by_policy.get(policy_key, {}))
 
+    def starting_minimums_w(self, policy_key: str, counted_by_node: Mapping[str, int], floor_w: float = 0.0) -> float:
+        """What the policy's bound GPUs beyond ``counted_by_node`` (node -> GPUs already
+        counted there) hold until they have an allocation: each at its node's largest GPU
+        minimum (its telemetry; the default minimum for a node the view has no GPUs of),
+        never under ``floor_w``. A GPU starts at its own minimum whatever the budget says."""
+        total_w = 0.0
+        default_w = self.settings.default_gpu_min_w
+        for node, gpus in self.bound_gpus_by_node(policy_key).items():
+            missing = gpus - counted_by_node.get(node, 0)
+            if missing > 0:
+                node_view = self.find_node(node)
+                node_min_w = node_view.new_gpu_min_w if node_view is not None else default_w
+                total_w += missing * max(floor_w, node_min_w)
+        return total_w
+
     def pod_bound(self, pod_key: str) -> bool:
         """Whether the view has the pod (``namespace/name``) active and bound to a node (the
         set of bound pods is built on the first call, once per view)."""

@@ -69,7 +69,7 @@ from powercap.cluster import BUDGET_REFUSAL, ClusterView, RackView, estimate_pod
 from powercap.numeric import counted
 from powercap.objects import KubeObject
 from powercap.policies import Policy
-from powercap.status import published_allocations
+from powercap.status import published_allocations, published_gpus_by_node
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class PlacementRequest:
     bound_gpus: int = 0  # GPUs the policy's pods already hold
     allocated_w: float = 0.0  # the policy's published allocations: watts ...
     allocated_gpus: int = 0  # ... and the GPUs they name (see published_totals)
+    starting_w: float = 0.0  # minimums of the bound GPUs no allocation names yet (see placement_request)
     admitted_w: float = 0.0  # minimums of the policy's pods this filter passed that the view shows pending still
 
     @property
@@ -118,7 +119,13 @@ PublishedTotals = Callable[[Policy], tuple[float, int]]
 
 def placement_request(view: ClusterView, pod: KubeObject, totals: PublishedTotals | None = None) -> PlacementRequest:
     """The pod's facts, its policy and what that policy holds; ``totals`` reads the policy's
-    published allocations (:func:`published_totals`, or a caller's memo of it)."""
+    published allocations (:func:`published_totals`, or a caller's memo of it).
+
+    ``starting_w``: the policy's bound GPUs that no published allocation names (pods started
+    since the controller's last round) run at their minimum, each at the largest minimum of
+    its own node's GPUs (:meth:`ClusterView.starting_minimums_w`): a batch service on 100 W
+    GPUs counts its starting GPUs at 100 W, not at the 200 W of another service's nodes.
+    """
     facts = pod_facts(pod)
     policy = view.policy_for_pod(facts) if facts.gpus > 0 else None
     if policy is None:
@@ -132,6 +139,7 @@ def placement_request(view: ClusterView, pod: KubeObject, totals: PublishedTotal
         bound_gpus=view.bound_gpus(policy.key),
         allocated_w=allocated_w,
         allocated_gpus=allocated_gpus,
+        starting_w=view.starting_minimums_w(policy.key, published_gpus_by_node(policy.status)),
     )
 
 
@@ -191,25 +199,23 @@ def infeasible_reason(request: PlacementRequest, gpu_min_w: float) -> str | None
     )
 
 
-def budget_room_rejection(request: PlacementRequest, starting_gpu_min_w: float, new_gpu_min_w: float | None = None) -> str | None:
+def budget_room_rejection(request: PlacementRequest, pod_gpu_min_w: float) -> str | None:
     """Why the pod must wait for the controller to free its GPUs' minimums, or None.
 
-    ``allocated + unallocatedBound x startingGpuMinW + podGpus x newGpuMinW > budget``, where
-    ``allocated`` is the sum of the published allocations, ``unallocatedBound`` the bound
-    GPUs beyond those allocated (pods started since the last round, each GPU at its own
-    minimum: the callers pass the largest minimum seen, since which node's GPUs they are is
-    not known here, and a 200 W GPU counted at 100 W would let the caps pass the budget) and
-    ``newGpuMinW`` what the pod's GPUs start at on the node judged (``starting_gpu_min_w``
-    when None).
+    ``allocated + starting + admitted + podGpus x podGpuMinW > budget``, where ``allocated``
+    is the sum of the published allocations, ``starting`` the minimums of the bound GPUs
+    beyond those allocated (pods started since the last round, each GPU at its node's
+    minimum: :attr:`PlacementRequest.starting_w`), ``admitted`` the minimums of the pods
+    this extender let through that the view shows pending still, and ``podGpuMinW`` what
+    the pod's GPUs start at on the node judged.
     """
     policy = request.policy
     if policy is None or request.gpus <= 0:
         return None
     allocated_w = request.allocated_w
     budget = policy_budget_w(policy)
-    waiting_w = max(0, request.bound_gpus - request.allocated_gpus) * starting_gpu_min_w
-    pod_min_w = starting_gpu_min_w if new_gpu_min_w is None else new_gpu_min_w
-    needed_w = request.gpus * pod_min_w
+    waiting_w = request.starting_w
+    needed_w = request.gpus * pod_gpu_min_w
     if allocated_w + waiting_w + request.admitted_w + needed_w <= budget:
         return None
     held = f"{format_watts(allocated_w)} W allocated"
@@ -219,7 +225,7 @@ def budget_room_rejection(request: PlacementRequest, starting_gpu_min_w: float, 
         held += f" + {format_watts(request.admitted_w)} W for pods placed a moment ago"
     return (
         f"policy {policy.key} {BUDGET_REFUSAL}: {held} + {request.gpus} x "
-        f"{format_watts(pod_min_w)} W minimum for this pod > its budget {budget} W; the budget controller "
+        f"{format_watts(pod_gpu_min_w)} W minimum for this pod > its budget {budget} W; the budget controller "
         "frees it in its next round, then kube-scheduler retries the pod"
     )
 
@@ -322,7 +328,7 @@ def filter_nodes(view: ClusterView, pod: KubeObject | PlacementRequest, node_nam
             passed=[], unresolvable=unresolvable,
             rejections=Counter({RejectReason.INFEASIBLE_POLICY: len(unresolvable)}),
         )
-    no_room = budget_room_rejection(request, view.largest_gpu_min_w, view.gpu_min_w)
+    no_room = budget_room_rejection(request, view.gpu_min_w)
     if no_room is not None:
         return FilterOutcome(
             passed=[], failed=dict.fromkeys(node_names, no_room),
@@ -330,9 +336,7 @@ def filter_nodes(view: ClusterView, pod: KubeObject | PlacementRequest, node_nam
         )
     failed: dict[str, str] = {}
     rejections: Counter[RejectReason] = Counter()
-    if view.largest_gpu_min_w > view.gpu_min_w and budget_room_rejection(
-        request, view.largest_gpu_min_w, view.largest_gpu_min_w,
-    ) is not None:
+    if view.largest_gpu_min_w > view.gpu_min_w and budget_room_rejection(request, view.largest_gpu_min_w) is not None:
         # room for the pod's GPUs at the cheapest minimum, not at every node's: judge each node
         node_names = _nodes_with_room(view, request, node_names, failed)
         rejections[RejectReason.BUDGET] = len(failed)
@@ -379,7 +383,7 @@ def _nodes_with_room(view: ClusterView, request: PlacementRequest, node_names: S
         try:
             rejection = by_minimum[minimum_w]
         except KeyError:
-            rejection = by_minimum[minimum_w] = budget_room_rejection(request, view.largest_gpu_min_w, minimum_w)
+            rejection = by_minimum[minimum_w] = budget_room_rejection(request, minimum_w)
         if rejection is None:
             room.append(name)
         else:

@@ -209,6 +209,19 @@ def published_allocations(status: Mapping[str, Any] | None) -> dict[str, float]:
     return result
 
 
+def published_gpus_by_node(status: Mapping[str, Any] | None) -> dict[str, int]:
+    """``node -> GPUs`` that a stored status's ``allocations`` name there (the entries
+    :func:`published_allocations` reads; a node entry without a ``gpus`` list names none)."""
+    result: dict[str, int] = {}
+    for entry in (status or {}).get("allocations") or ():
+        if not isinstance(entry, Mapping) or not isinstance(node := entry.get("node"), str):
+            continue
+        named = sum(1 for gpu in entry.get("gpus") or ()
+                    if isinstance(gpu, Mapping) and isinstance(gpu.get("uuid"), str) and _is_number(gpu.get("watts")))
+        result[node] = result.get(node, 0) + named
+    return result
+
+
 def allocations_field(allocation: ServiceAllocation) -> list[dict[str, Any]]:
     """``status.allocations``: per node (by name), its GPUs' caps (by UUID) and their sum."""
     return [

@@ -244,9 +244,9 @@ def test_a_pod_is_measured_at_the_minimum_of_the_gpus_of_the_node_it_would_get()
         document = with_status(document, plan.policies["inference/llama"].status)
         nodes = agents_apply(nodes, [document], at=NOW + timedelta(seconds=second + 1))
     outcome = filter_nodes(view(nodes, [*pods, new], [document], now=NOW + timedelta(seconds=7)), new, ["gpu-1", "l4-1"])
-    # on gpu-1 its GPUs would start at 2 x 200 W on top of 1736 W allocated
+    # on gpu-1 its GPUs would start at 2 x 200 W on top of 1740 W allocated
     assert outcome.passed == ["l4-1"]
-    assert "1736 W allocated + 2 x 200 W minimum for this pod > its budget 1940 W" in outcome.failed["gpu-1"]
+    assert "1740 W allocated + 2 x 200 W minimum for this pod > its budget 1940 W" in outcome.failed["gpu-1"]
     in_force = allocated_w(document) + 2 * 60
     assert in_force <= budget_w
 
@@ -357,7 +357,7 @@ def test_a_starting_gpu_is_held_at_the_minimum_of_its_own_node() -> None:
     assert allocated_w(document) + 200 <= BUDGET_W
 
 
-def test_the_extender_counts_a_starting_gpu_at_the_largest_minimum() -> None:
+def test_the_extender_counts_a_starting_gpu_at_its_own_nodes_minimum() -> None:
     """With 1800 W allocated and the fifth replica's GPU starting at 200 W, a sixth replica's
     100 W GPU on gpu-1 would make 2100 W in force: it waits for the next round. Counted at
     the cheapest minimum seen (100 W) the starting GPU left it room (1800 + 100 + 100 = 2000)."""
@@ -369,3 +369,25 @@ def test_the_extender_counts_a_starting_gpu_at_the_largest_minimum() -> None:
     assert outcome.passed == []
     assert "1800 W allocated + 200 W for GPUs of starting pods + 1 x 100 W minimum for this pod > its budget 2000 W" in (
         outcome.failed["gpu-1"])
+
+
+def test_starting_gpus_on_cheap_gpus_are_not_counted_at_another_services_minimum() -> None:
+    """A batch service on 100 W-minimum GPUs (l40s-1, l40s-2) in a cluster that also has a
+    node of 200 W-minimum GPUs (h200-1, another service's). Six batch pods just bound, none
+    allocated yet, hold 6 x 100 W; a seventh fits its 1000 W budget (600 + 100 <= 1000) and is
+    placed now. Counted at the cluster's largest minimum (6 x 200 + 100 = 1300 W) it waited for
+    a controller round, and every batch GPU of a new deployment started a round late."""
+    batch = {"app.kubernetes.io/name": "batch"}
+    nodes = [
+        node("h200-1", None, [Gpu(f"H{i}", 60, 700, None, min_w=200) for i in range(8)]),
+        node("l40s-1", None, [Gpu(f"A{i}", 30, 350, None, min_w=100, max_w=350) for i in range(8)]),
+        node("l40s-2", None, [Gpu(f"B{i}", 30, 350, None, min_w=100, max_w=350) for i in range(8)]),
+    ]
+    bound = [gpu_pod(f"batch-{i}", node=f"l40s-{1 + i % 2}", labels=batch, bound_at=NOW - timedelta(seconds=1))
+             for i in range(6)]
+    document = policy("batch", cap_w=1000, selector={"matchLabels": batch})
+    seventh = gpu_pod("batch-6", labels=batch)
+    current = view(nodes, [*bound, seventh], [document])
+    request = placement_request(current, seventh)
+    assert request.starting_w == 6 * 100
+    assert filter_nodes(current, request, ["l40s-1", "l40s-2"]).passed == ["l40s-1", "l40s-2"]

@@ -11,7 +11,7 @@ import pytest
 
 from powercap import placement
 from powercap.simulation.engine import ORACLE, POWERCAP, STATIC_SPLIT, STRATEGIES, SimulationResult, Strategy, StrategyRun, simulate
-from powercap.simulation.metrics import RECOVERY_HOLD_S
+from powercap.simulation.metrics import RECOVERY_HOLD_S, cap_violation_seconds
 from powercap.simulation.scenario import Scenario, default_scenario_text, load_scenario, scenario_from_document
 from powercap.simulation.cli import write_report
 from powercap.simulation.summary import summarize
@@ -268,3 +268,29 @@ def test_scaling_up_waits_for_budget_instead_of_lifting_the_caps_sum(monkeypatch
     monkeypatch.setattr(placement, "budget_room_rejection", lambda *args, **kwargs: None)
     ungated = simulate(scale_up_scenario(), [POWERCAP])
     assert len([s for s in seconds_over_cap(ungated) if s >= 30]) <= 3, seconds_over_cap(ungated)
+
+
+def test_a_second_over_the_cap_by_less_than_nvmls_milliwatt_is_within_it() -> None:
+    """16 GPUs held exactly at caps that sum to the service's cap add up, step by step in
+    floats, to a few nanowatts over it: not a second over the cap. A milliwatt over is."""
+    assert cap_violation_seconds([2600 + 1e-9, 2600.002, 2599.0, 2700.0], [2600, 2600, 2600, None]) == [1]
+
+
+def test_new_pods_start_as_soon_under_powercap_as_under_the_static_split() -> None:
+    """The node agents run before the scenario's pods exist (a DaemonSet), so the extender
+    places the first pods on fresh telemetry at 0 s: chat's and batch's replicas serve their
+    first tokens in the same second as the static split's (kube-scheduler alone). Before,
+    every pod waited a second for telemetry and batch's last three a controller round for
+    budget (its starting GPUs counted at another service's 200 W minimum)."""
+    result = simulate(default_scenario().with_overrides(duration_s=20), (STATIC_SPLIT, POWERCAP))
+    first_tokens = {}
+    for run in result.runs:
+        recorder = run.recorder
+        first_tokens[run.strategy.name] = {
+            name: next(second for second, tokens in enumerate(recorder.service_tokens[index]) if tokens > 0)
+            for index, name in enumerate(recorder.services) if name in ("chat", "batch")
+        }
+    assert first_tokens["powercap"] == first_tokens["static-split"]
+    batch = result.runs[1].recorder.services.index("batch")
+    static_batch = result.runs[0].recorder.service_tokens[batch][12]
+    assert result.runs[1].recorder.service_tokens[batch][12] == pytest.approx(static_batch, rel=0.05)

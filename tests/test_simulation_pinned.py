@@ -12,7 +12,9 @@ at the largest minimum seen (batch's energy, 0.08 %), and when marginal values w
 30 % of their median began to count as equal, and when the deadband began to keep or move
 a service's caps together (keeping some previous caps had left up to 3 % of batch's budget
 unspent), and when the surplus began to go to the pinned GPUs first and an agent that
-raised a cap began to publish it at its limit before the write; the baselines' and the
+raised a cap began to publish it at its limit before the write, and when a starting GPU
+began to count at its own node's minimum, the agents to publish before the first pods are
+placed and the floors' watts to go back to the budget; the baselines' and the
 oracle's did not (they never read rack power or the allocation), and the energy beside the
 GPUs is pinned since.
 """
@@ -43,9 +45,9 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
         "batch": (19572460.931686096, 536563.289428508, 39.417),
     },
     "powercap": {
-        "chat": (7151567.876155602, 1602394.1296149087, 30.318),
-        "code": (5688868.147994331, 1107941.5989799078, 22.359),
-        "batch": (19908551.78938842, 518317.9236031898, 30.859),
+        "chat": (7166291.190205645, 1606874.1712166718, 30.866),
+        "code": (5699348.476601828, 1109803.507042532, 22.382),
+        "batch": (19947814.19877284, 520448.62055174395, 30.108),
     },
     "oracle": {
         "chat": (7166291.1902056495, 1618266.4505797469, 23.564),
@@ -57,14 +59,14 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
 PINNED_COUNTER_ENERGY_J = {
     "no-capping": 4320416.767953997,
     "static-split": 3251655.095881968,
-    "powercap": 3446690.6521980064,
+    "powercap": 3450693.298810948,
     "oracle": 3511295.998882641,
 }
 # strategy -> what the nodes drew beside their GPUs over the run, J
 PINNED_NON_GPU_ENERGY_J = {
     "no-capping": 4165923.3702003225,
     "static-split": 3902956.4056075877,
-    "powercap": 3956039.729460606,
+    "powercap": 3957055.721348803,
     "oracle": 3969833.991452781,
 }
 

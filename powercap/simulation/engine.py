@@ -240,6 +240,12 @@ class _Run:
     def run(self) -> StrategyRun:
         steps = int(round(self.scenario.duration_s / self.step_s))
         steps_per_second = int(round(1.0 / self.step_s))
+        # The node agents (a DaemonSet) run before the scenario's pods are created: each has
+        # ticked and published once at 0 s, whatever its phase, so that the extender places
+        # the first pods on telemetry as it would in a running cluster.
+        for due_s, index in sorted(self.agent_due):
+            if due_s > 0:
+                self._agent_tick(index, 0.0)
         report_every = max(1, steps // 200)
         for step in range(steps):
             t_s = step * self.step_s
