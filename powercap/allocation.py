@@ -417,14 +417,14 @@ def allocate(
     first = columns.fill(columns.floors, columns.wants)
     ceilings = columns.surplus_ceilings(first)
     pinned_first = columns.pinned_step_ceilings(first, ceilings)
-    surplus_from = first.caps if pinned_first is None else columns.fill(first.caps, pinned_first).caps
-    second = columns.fill(surplus_from, ceilings)
+    head = None if pinned_first is None else columns.fill(first.caps, pinned_first)
+    second = columns.fill(first.caps if head is None else head.caps, ceilings)
     floor = math.floor
     caps = columns.spend_remainders(second.caps, [floor(cap + _ROUNDING_SLACK_W) for cap in second.caps])
     caps = columns.rebalance(caps, first)
     caps = columns.apply_deadband(caps)
     caps, postponed = columns.limit_raises(caps)
-    return columns.result(caps, first, second, postponed)
+    return columns.result(caps, first, head, second, postponed)
 
 
 # A group (a service or a rack) as a fill solves it: floors, ceilings, the other group of
@@ -442,6 +442,7 @@ class _Fill:
     caps: list[float]
     service_levels: list[float]
     rack_levels: list[float]
+    services_full_from_start: list[bool]  # the service's GPUs where the fill started them already spend its budget
     racks_full_from_start: list[bool]  # the rack's GPUs where the fill started them already fill it
 
 
@@ -637,9 +638,10 @@ class _GpuColumns:
             caps += [lo if (v := levels[r]) < lo else hi if v > hi else v
                      for lo, hi, r in zip(los[start:end], his[start:end], rack_of[start:end])]
         rack_levels.pop()
-        full_from_start = [sum([los[i] for i in members]) >= capacity_w
-                           for members, capacity_w in zip(self.members_of_rack, self.rack_capacity_w)]
-        return _Fill(caps, service_levels, rack_levels, full_from_start)
+        services_full = [sum(los[start:end]) >= capacity_w for (start, end), capacity_w in zip(self.spans, self.service_capacity_w)]
+        racks_full = [sum([los[i] for i in members]) >= capacity_w
+                      for members, capacity_w in zip(self.members_of_rack, self.rack_capacity_w)]
+        return _Fill(caps, service_levels, rack_levels, services_full, racks_full)
 
     def spend_remainders(self, exact: list[float], whole: list[int]) -> list[int]:
         """Give back the watts that flooring every cap took from a service (the largest
@@ -789,7 +791,7 @@ class _GpuColumns:
             postponed.update(raised)
         return limited, postponed
 
-    def result(self, caps: list[int], first: _Fill, second: _Fill, postponed: set[int]) -> Allocation:
+    def result(self, caps: list[int], first: _Fill, head: _Fill | None, second: _Fill, postponed: set[int]) -> Allocation:
         margin = self.settings.margin
         service_infeasible = []
         for service, (start, end) in zip(self.services, self.spans):
@@ -813,8 +815,10 @@ class _GpuColumns:
                 )
             rack_infeasible.append(reason)
 
-        # The fill that last let a service's GPUs rise: the surplus fill when every demand was met.
-        last_fill = [second if level == INF else first for level in first.service_levels]
+        # The fill that last let a service's GPUs rise: the surplus fill when every demand was
+        # met, or the pinned GPUs' step before it when that step spent the budget.
+        last_fill = [first if level != INF else head if head is not None and head.service_levels[s] != INF else second
+                     for s, level in enumerate(first.service_levels)]
         bounds = self._bounds(caps, first, last_fill, service_infeasible, rack_infeasible, postponed)
         # GpuCap(*row) for every row, without a Python-level NamedTuple.__new__ call per GPU
         gpu_caps: list[GpuCap] = list(map(tuple.__new__, repeat(GpuCap), zip(
@@ -846,9 +850,11 @@ class _GpuColumns:
     def _bounds(self, caps: list[int], first: _Fill, last_fill: list[_Fill], service_infeasible: list[str | None],
                 rack_infeasible: list[str | None], postponed: set[int]) -> list[Bound]:
         """Why each cap is not higher, the first that applies: MAX (at the maximum), HELD,
-        MINIMUM (its service or rack is infeasible), TRANSITION (postponed raise), RACK (its
-        rack's level was below its service's in the first fill or in the fill that last let
-        the service rise, or that fill started its rack full), else BUDGET."""
+        MINIMUM (its service or rack is infeasible), TRANSITION (postponed raise), BUDGET when
+        the fill that last let the service rise started it with its budget spent, RACK (its
+        rack's level was below its service's in the first fill or in that last fill, or that
+        fill started its rack full), else BUDGET. A group full where a fill starts stops its
+        GPUs before any level rises."""
         rack_blocked = [reason is not None for reason in rack_infeasible]
         bounds: list[Bound] = []
         for s, (start, end) in enumerate(self.spans):
@@ -860,6 +866,8 @@ class _GpuColumns:
                 for r in self.racks_of_service[s]:
                     if rack_blocked[r]:
                         by_rack[r] = Bound.MINIMUM
+                    elif last.services_full_from_start[s]:
+                        continue
                     elif (first.rack_levels[r] < level or last.rack_levels[r] < last.service_levels[s]
                           or last.racks_full_from_start[r]):
                         by_rack[r] = Bound.RACK

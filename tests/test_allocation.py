@@ -742,6 +742,35 @@ def test_float_rounding(services, racks, allocation_settings) -> None:
     assert_same_as_oracle(services, racks, allocation_settings, as_implemented=KNOWN_DEVIATIONS - {oracle.FLOATS})
 
 
+def _one_node(uuid: str, rack: str, min_w: float, max_w: float, power_w: float) -> GpuState:
+    return GpuState(uuid=uuid, node="node-0", rack=rack, min_w=min_w, max_w=max_w, power_w=power_w, limit_w=100.0)
+
+
+@pytest.mark.parametrize(("services", "racks"), [
+    pytest.param(  # the pinned GPU's one step (346.5 + 27.5 W) ends exactly at its rack's 374 W: rack
+        [Service("ns/svc-0", 1, (_one_node("GPU-0-0", "rack-1", 100, 100, 0.0),)),
+         Service("ns/svc-1", 675, (_one_node("GPU-1-0", "rack-1", 100, 100, 0.0), _one_node("GPU-1-1", "rack-1", 100, 100, 0.0),
+                                   _one_node("GPU-1-2", "rack-3", 100, 102, 0.0), _one_node("GPU-1-3", "rack-2", 100, 375, 319.0)))],
+        [RackLimit("rack-2", 1220, 846.0), RackLimit("rack-1", 100, 0.0)], id="the step ends at the rack's capacity"),
+    pytest.param(  # the step spends the budget (572 W) before the surplus fill fills the rack: budget
+        [Service("ns/svc-0", 201, (_one_node("GPU-0-0", "rack-1", 100, 100, 0.0), _one_node("GPU-0-1", "rack-1", 100, 101, 0.0))),
+         Service("ns/svc-1", 572, (_one_node("GPU-1-0", "rack-1", 100, 573, 478.0),)),
+         Service("ns/svc-2", 1, (_one_node("GPU-2-0", "rack-1", 100, 100, 0.0),))],
+        [RackLimit("rack-1", 875, 2.0)], id="the step spends the budget"),
+    pytest.param(  # the step ends exactly at the budget (517.5 + 56.5 = 574 W): budget
+        [Service("ns/svc-0", 201, (_one_node("GPU-0-0", "rack-1", 100, 100, 0.0), _one_node("GPU-0-1", "rack-1", 100, 101, 0.0))),
+         Service("ns/svc-1", 574, (_one_node("GPU-1-0", "rack-1", 100, 665, 461.0),)),
+         Service("ns/svc-2", 1, (_one_node("GPU-2-0", "rack-1", 100, 100, 0.0),))],
+        [RackLimit("rack-1", 875, 0.0)], id="the step ends at the budget"),
+])
+def test_a_group_full_where_a_fill_starts_is_what_stops_its_gpus(services: list[Service], racks: list[RackLimit]) -> None:
+    """Examples hypothesis found (test_same_caps_as_the_oracle): a pinned GPU's one step ends
+    exactly where its service's budget or its rack's maxPower does, so the surplus fill starts
+    with that group full; the cap's bound is that group's, as the oracle's progressive
+    filling says (a group full at the start stops its GPUs before any level rises)."""
+    assert_same_as_oracle(services, racks)
+
+
 def test_the_watts_the_floors_take_go_back_and_only_where_every_sum_has_room() -> None:
     """2,600 W over 16 L40S-like GPUs drawing at their caps: 162.5 W each. Floored, the caps
     sum to 2,592 W, and a busy service served 0.1-0.3 % fewer tokens than the static split's
