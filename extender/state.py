@@ -10,7 +10,9 @@ from collections.abc import Iterable, Mapping
 
 from powercap.cluster import ClusterView, rack_rise
 from powercap.numeric import counted
-from powercap.placement import FilterOutcome, PlacementRequest, RejectReason, format_watts, pod_in_rack, published_totals
+from powercap.placement import (
+    FilterOutcome, PlacementRequest, Published, RejectReason, format_watts, pod_in_rack, published_totals,
+)
 from powercap.policies import Policy
 
 
@@ -145,15 +147,15 @@ class PublishedTotalsCache:
 
     def __init__(self, max_entries: int = 4096) -> None:
         self.max_entries = max_entries
-        self._totals: dict[int, tuple[object, float, int]] = {}
+        self._totals: dict[int, tuple[object, Published]] = {}
 
-    def __call__(self, policy: Policy) -> tuple[float, int]:
+    def __call__(self, policy: Policy) -> Published:
         status = policy.status
         cached = self._totals.get(id(status))
         if cached is not None and cached[0] is status:
-            return cached[1], cached[2]
+            return cached[1]
         totals = published_totals(policy)
         if len(self._totals) >= self.max_entries:
             self._totals.clear()
-        self._totals[id(status)] = (status, *totals)
+        self._totals[id(status)] = (status, totals)
         return totals

@@ -850,11 +850,11 @@ class _GpuColumns:
     def _bounds(self, caps: list[int], first: _Fill, last_fill: list[_Fill], service_infeasible: list[str | None],
                 rack_infeasible: list[str | None], postponed: set[int]) -> list[Bound]:
         """Why each cap is not higher, the first that applies: MAX (at the maximum), HELD,
-        MINIMUM (its service or rack is infeasible), TRANSITION (postponed raise), BUDGET when
-        the fill that last let the service rise started it with its budget spent, RACK (its
-        rack's level was below its service's in the first fill or in that last fill, or that
-        fill started its rack full), else BUDGET. A group full where a fill starts stops its
-        GPUs before any level rises."""
+        MINIMUM (its service or rack is infeasible), TRANSITION (postponed raise), RACK (its
+        rack's level was below its service's in the first fill), BUDGET when the fill that last
+        let the service rise started it with its budget spent, RACK (its rack's level was below
+        its service's in that fill, or that fill started its rack full), else BUDGET. A group
+        full where a fill starts stops its GPUs before any level rises."""
         rack_blocked = [reason is not None for reason in rack_infeasible]
         bounds: list[Bound] = []
         for s, (start, end) in enumerate(self.spans):
@@ -866,10 +866,11 @@ class _GpuColumns:
                 for r in self.racks_of_service[s]:
                     if rack_blocked[r]:
                         by_rack[r] = Bound.MINIMUM
+                    elif first.rack_levels[r] < level:
+                        by_rack[r] = Bound.RACK
                     elif last.services_full_from_start[s]:
                         continue
-                    elif (first.rack_levels[r] < level or last.rack_levels[r] < last.service_levels[s]
-                          or last.racks_full_from_start[r]):
+                    elif last.rack_levels[r] < last.service_levels[s] or last.racks_full_from_start[r]:
                         by_rack[r] = Bound.RACK
             bounds += [Bound.MAX if cap >= high else by_rack[r]
                        for cap, high, r in zip(caps[start:end], self.maxima[start:end], self.rack_of[start:end])]

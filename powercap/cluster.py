@@ -287,18 +287,21 @@ class ClusterView:
             object.__setattr__(self, "_bound_by_policy", by_policy)
         return MappingProxyType(by_policy.get(policy_key, {}))
 
-    def starting_minimums_w(self, policy_key: str, counted_by_node: Mapping[str, int], floor_w: float = 0.0) -> float:
+    def starting_minimums_w(self, policy_key: str, counted_by_node: Mapping[str, int], floor_w: float = 0.0,
+                            unknown_w: float | None = None) -> float:
         """What the policy's bound GPUs beyond ``counted_by_node`` (node -> GPUs already
         counted there) hold until they have an allocation: each at its node's largest GPU
-        minimum (its telemetry; the default minimum for a node the view has no GPUs of),
-        never under ``floor_w``. A GPU starts at its own minimum whatever the budget says."""
+        minimum (its telemetry), never under ``floor_w``; on a node whose telemetry lists no
+        GPU, at ``unknown_w`` (default: the default minimum). A GPU starts at its own minimum
+        whatever the budget says."""
         total_w = 0.0
-        default_w = self.settings.default_gpu_min_w
+        unknown_w = self.settings.default_gpu_min_w if unknown_w is None else unknown_w
         for node, gpus in self.bound_gpus_by_node(policy_key).items():
             missing = gpus - counted_by_node.get(node, 0)
             if missing > 0:
                 node_view = self.find_node(node)
-                node_min_w = node_view.new_gpu_min_w if node_view is not None else default_w
+                node_min_w = (node_view.new_gpu_min_w if node_view is not None and node_view.power_capacity_w is not None
+                              else unknown_w)
                 total_w += missing * max(floor_w, node_min_w)
         return total_w
 

@@ -53,7 +53,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TypeGuard
+from typing import NamedTuple, TypeGuard
 
 from powercap.algorithms import (
     DEFAULT_ALGORITHM,
@@ -114,7 +114,15 @@ class PlacementRequest:
         return estimate_pod_power_w(self.gpus, self.power_annotation_w, self.policy, service_gpus, node_gpu_max_w)
 
 
-PublishedTotals = Callable[[Policy], tuple[float, int]]
+class Published(NamedTuple):
+    """What a policy's status publishes, read once per status (:func:`published_totals`)."""
+
+    watts: float  # the allocations' watts
+    gpus: int  # the GPUs they name (each UUID once)
+    gpus_by_node: Mapping[str, int]  # ... per node
+
+
+PublishedTotals = Callable[[Policy], Published]
 
 
 def placement_request(view: ClusterView, pod: KubeObject, totals: PublishedTotals | None = None) -> PlacementRequest:
@@ -124,22 +132,23 @@ def placement_request(view: ClusterView, pod: KubeObject, totals: PublishedTotal
     ``starting_w``: the policy's bound GPUs that no published allocation names (pods started
     since the controller's last round) run at their minimum, each at the largest minimum of
     its own node's GPUs (:meth:`ClusterView.starting_minimums_w`): a batch service on 100 W
-    GPUs counts its starting GPUs at 100 W, not at the 200 W of another service's nodes.
+    GPUs counts its starting GPUs at 100 W, not at the 200 W of another service's nodes. On
+    a node whose telemetry lists no GPU, at the largest minimum seen.
     """
     facts = pod_facts(pod)
     policy = view.policy_for_pod(facts) if facts.gpus > 0 else None
     if policy is None:
         return PlacementRequest(pod_key=facts.key, gpus=facts.gpus, power_annotation_w=facts.power_annotation_w, policy=None)
-    allocated_w, allocated_gpus = (totals or published_totals)(policy)
+    published = (totals or published_totals)(policy)
     return PlacementRequest(
         pod_key=facts.key,
         gpus=facts.gpus,
         power_annotation_w=facts.power_annotation_w,
         policy=policy,
         bound_gpus=view.bound_gpus(policy.key),
-        allocated_w=allocated_w,
-        allocated_gpus=allocated_gpus,
-        starting_w=view.starting_minimums_w(policy.key, published_gpus_by_node(policy.status)),
+        allocated_w=published.watts,
+        allocated_gpus=published.gpus,
+        starting_w=view.starting_minimums_w(policy.key, published.gpus_by_node, unknown_w=view.largest_gpu_min_w),
     )
 
 
@@ -230,21 +239,21 @@ def budget_room_rejection(request: PlacementRequest, pod_gpu_min_w: float) -> st
     )
 
 
-def published_totals(policy: Policy) -> tuple[float, int]:
-    """Watts and GPUs of the allocations in the policy's status.
+def published_totals(policy: Policy) -> Published:
+    """Watts and GPUs of the allocations in the policy's status, and the GPUs per node.
 
     A node entry without a ``gpus`` list counts its ``watts`` (its agent splits them over
     the policy's GPUs there) and no GPU: the GPUs it covers are unknown here, so they are
     counted again among the bound GPUs without an allocation, on the safe side."""
     status = policy.status
     if not status:
-        return 0.0, 0
+        return Published(0.0, 0, {})
     allocations = published_allocations(status)
     node_only_w = [
         float(entry["watts"]) for entry in status.get("allocations") or ()
         if isinstance(entry, Mapping) and not entry.get("gpus") and _finite_watts(entry.get("watts"))
     ]
-    return math.fsum([*allocations.values(), *node_only_w]), len(allocations)
+    return Published(math.fsum([*allocations.values(), *node_only_w]), len(allocations), published_gpus_by_node(status))
 
 
 def _finite_watts(value: object) -> TypeGuard[float]:

@@ -210,15 +210,19 @@ def published_allocations(status: Mapping[str, Any] | None) -> dict[str, float]:
 
 
 def published_gpus_by_node(status: Mapping[str, Any] | None) -> dict[str, int]:
-    """``node -> GPUs`` that a stored status's ``allocations`` name there (the entries
-    :func:`published_allocations` reads; a node entry without a ``gpus`` list names none)."""
-    result: dict[str, int] = {}
+    """``node -> GPUs`` that a stored status's ``allocations`` name there: the entries
+    :func:`published_allocations` reads, each UUID once (on the first node naming it); a
+    node entry without a ``gpus`` list names none."""
+    node_of: dict[str, str] = {}
     for entry in (status or {}).get("allocations") or ():
         if not isinstance(entry, Mapping) or not isinstance(node := entry.get("node"), str):
             continue
-        named = sum(1 for gpu in entry.get("gpus") or ()
-                    if isinstance(gpu, Mapping) and isinstance(gpu.get("uuid"), str) and _is_number(gpu.get("watts")))
-        result[node] = result.get(node, 0) + named
+        for gpu in entry.get("gpus") or ():
+            if isinstance(gpu, Mapping) and isinstance(uuid := gpu.get("uuid"), str) and _is_number(gpu.get("watts")):
+                node_of.setdefault(uuid, node)
+    result: dict[str, int] = {}
+    for node in node_of.values():
+        result[node] = result.get(node, 0) + 1
     return result
 
 

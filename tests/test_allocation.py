@@ -771,6 +771,18 @@ def test_a_group_full_where_a_fill_starts_is_what_stops_its_gpus(services: list[
     assert_same_as_oracle(services, racks)
 
 
+def test_a_rack_that_held_a_gpu_in_the_first_fill_is_its_bound() -> None:
+    """g1 (demand 700 W) is held at 300 W by rack-1 in the first fill, and g2's demand
+    (400 W) makes that fill spend the 700 W budget to the watt, so the surplus fill starts with the
+    service full: g1's cap is still its rack's doing (found in review; the comparisons with
+    the oracle accept either here, through their short-rack retries)."""
+    allocation = allocate([Service("ns/svc", 700, (gpu("g1", 690, 700, rack="rack-1"),
+                                                   gpu("g2", 350, 700, node="node-2", rack="rack-2")))],
+                          [RackLimit("rack-1", 300, 0)])
+    assert {c.uuid: (c.cap_w, c.bound) for c in allocation.services["ns/svc"].caps} == {
+        "g1": (300, Bound.RACK), "g2": (400, Bound.BUDGET)}
+
+
 def test_the_watts_the_floors_take_go_back_and_only_where_every_sum_has_room() -> None:
     """2,600 W over 16 L40S-like GPUs drawing at their caps: 162.5 W each. Floored, the caps
     sum to 2,592 W, and a busy service served 0.1-0.3 % fewer tokens than the static split's

@@ -295,13 +295,13 @@ def test_the_extenders_memo_of_published_totals_follows_each_new_status() -> Non
     first = view(nodes, pods, [published])
     request = placement_request(first, gpu_pod("llama-4", labels=LLAMA), totals)
     policy = first.policies["inference/llama"].policy
-    assert (request.allocated_w, request.allocated_gpus) == published_totals(policy) == (1940.0, 4)
+    assert (request.allocated_w, request.allocated_gpus) == published_totals(policy)[:2] == (1940.0, 4)
 
     # the controller writes a new status: the new object is read, not the memo of the old one
     rewritten = with_status(document, {"allocations": [{"node": "gpu-1", "watts": 1000}]})
     second = view(nodes, pods, [rewritten])
-    assert totals(second.policies["inference/llama"].policy) == (1000.0, 0)
-    assert totals(policy) == (1940.0, 4)
+    assert totals(second.policies["inference/llama"].policy) == (1000.0, 0, {})
+    assert totals(policy) == (1940.0, 4, {"gpu-1": 4})
 
 
 def test_two_pods_let_through_back_to_back_do_not_share_one_free_minimum_with_a_bound_pods_only_cache() -> None:
@@ -391,3 +391,37 @@ def test_starting_gpus_on_cheap_gpus_are_not_counted_at_another_services_minimum
     request = placement_request(current, seventh)
     assert request.starting_w == 6 * 100
     assert filter_nodes(current, request, ["l40s-1", "l40s-2"]).passed == ["l40s-1", "l40s-2"]
+
+
+def test_a_starting_gpu_on_a_node_without_gpu_telemetry_counts_at_the_largest_minimum_seen() -> None:
+    """The service's GPUs have a 400 W minimum; a fourth replica is bound to gpu-2, whose agent
+    has not listed its GPUs yet (the extender cannot tell its minimum). Counted at the default
+    200 W, a fifth replica passed on gpu-1 (1500 + 200 + 400 <= 2250) while the GPUs in force
+    would be 1500 + 400 + 400 = 2300 W; at the largest minimum seen (400 W) it waits."""
+    pods = [gpu_pod(f"llama-{i}", node="gpu-1", labels=LLAMA, bound_at=NOW - timedelta(minutes=10)) for i in range(3)]
+    pods.append(gpu_pod("llama-3", node="gpu-2", labels=LLAMA, bound_at=NOW - timedelta(seconds=2)))
+    nodes = [node("gpu-1", None, [*(Gpu(f"A{i}", 490, 500, f"inference/llama-{i}", min_w=400, max_w=500) for i in range(3)),
+                                  Gpu("A3", 60, 500, None, min_w=400, max_w=500)]),
+             node("gpu-2", None, [])]
+    document = round_at(nodes, pods, policy("llama", cap_w=2250), 0)
+    assert allocated_w(document) == 1500
+    fifth = gpu_pod("llama-4", labels=LLAMA)
+    current = view(nodes, [*pods, fifth], [document])
+    assert placement_request(current, fifth).starting_w == 400
+    outcome = filter_nodes(current, fifth, ["gpu-1"])
+    assert outcome.passed == [] and outcome.rejections == {RejectReason.BUDGET: 1}
+
+
+def test_a_uuid_published_twice_counts_once_against_the_starting_gpus() -> None:
+    """A malformed status names A0 twice on gpu-1 (500 W, counted once): of the two bound
+    GPUs only one has an allocation, so the other starts at its 200 W minimum and a third
+    replica (200 W) would make 900 W in force under an 800 W cap: it waits."""
+    pods = [gpu_pod(f"llama-{i}", node="gpu-1", labels=LLAMA, bound_at=NOW - timedelta(seconds=3)) for i in range(2)]
+    nodes = [node("gpu-1", None, [Gpu(f"A{i}", 60, 700, None) for i in range(4)])]
+    twice = [{"uuid": "A0", "watts": 500}, {"uuid": "A0", "watts": 500}]
+    document = with_status(policy("llama", cap_w=800), {"allocations": [{"node": "gpu-1", "watts": 1000, "gpus": twice}]})
+    third = gpu_pod("llama-2", labels=LLAMA)
+    current = view(nodes, [*pods, third], [document])
+    request = placement_request(current, third)
+    assert (request.allocated_w, request.allocated_gpus, request.starting_w) == (500.0, 1, 200.0)
+    assert filter_nodes(current, request, ["gpu-1"]).passed == []
