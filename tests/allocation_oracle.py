@@ -132,8 +132,12 @@ def allocate(services: list[dict], racks: list[dict] = (), settings: dict | None
     for key in sorted(members):
         room = capacity[key] - sum(new[u] for u in members[key])
         for u in sorted(members[key], key=lambda u: (-round(second[u] - new[u], 3), gpu[u]["node"], u)):
-            rack = gpu[u]["rack"] if gpu[u]["rack"] in in_rack else None
-            if room >= 1 and second[u] - new[u] >= Fraction(1, 1000) and (rack is None or rack_room[rack] >= 1):
+            g = gpu[u]
+            rack = g["rack"] if g["rack"] in in_rack else None
+            band = exact(s["deadband_fraction"]) * (g["high"] - g["low"])
+            under_demand = g["floor"] < second[u] and new[u] + 1 < math.floor(g["demand"])
+            if (room >= 1 and under_demand and second[u] - new[u] >= Fraction(1, 1000)
+                    and (rack is None or rack_room[rack] - 1 >= band)):
                 new[u] += 1
                 room -= 1
                 if rack is not None:

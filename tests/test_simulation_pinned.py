@@ -45,9 +45,9 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
         "batch": (19572460.931686096, 536563.289428508, 39.417),
     },
     "powercap": {
-        "chat": (7166291.190205645, 1606874.1712166718, 30.866),
-        "code": (5699348.476601828, 1109803.507042532, 22.382),
-        "batch": (19947814.19877284, 520448.62055174395, 30.108),
+        "chat": (7166291.190205644, 1606690.8736615868, 30.854),
+        "code": (5706886.4351212345, 1111877.2301679964, 22.362),
+        "batch": (19966358.20200656, 520393.9498505624, 31.212),
     },
     "oracle": {
         "chat": (7166291.1902056495, 1618266.4505797469, 23.564),
@@ -59,14 +59,14 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
 PINNED_COUNTER_ENERGY_J = {
     "no-capping": 4320416.767953997,
     "static-split": 3251655.095881968,
-    "powercap": 3450693.298810948,
+    "powercap": 3452529.0536801456,
     "oracle": 3511295.998882641,
 }
 # strategy -> what the nodes drew beside their GPUs over the run, J
 PINNED_NON_GPU_ENERGY_J = {
     "no-capping": 4165923.3702003225,
     "static-split": 3902956.4056075877,
-    "powercap": 3957055.721348803,
+    "powercap": 3957545.9617007724,
     "oracle": 3969833.991452781,
 }
 
