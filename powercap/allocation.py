@@ -64,15 +64,8 @@ cluster view and writes the result to ``status.allocations``. The formula:
    load rose), lowers go out first and raises wait for the next round.
 
 Rounding: caps are whole watts, ``floor``-ed, with minimums rounded up and maximums down,
-so integer sums never pass an integer budget. The watts the floors took from a service go
-back after the surplus fill: one watt each to its GPUs above their fill floor and more than
-a watt under their demand (``floor(cap) + 1 < floor(demand)``) whose cap the floor cut by
-1 mW or more, the largest cut first (rounded to the milliwatt; ties in (node, UUID) order),
-while the service's capacity has a whole watt left and the GPU's rack (over every service in
-it, services in key order) a watt beyond one deadband band (``deadband_fraction`` of the
-GPU's range). 2,600 W over 16 GPUs is 8 x
-163 + 8 x 162 W, not 16 x 162 W with 8 W unspent (0.3 % of the budget, measured as tokens
-lost on the simulator's saturated scenario: docs/benchmarks.md).
+so integer sums never pass an integer budget. (The watts the floors take, up to one a GPU,
+stay unspent: docs/decisions.md, "Pods start on time", says why they are not given back.)
 
 Infeasible: when the minimums (plus ``reserved_w``) exceed ``capacity_w`` every GPU of the
 service stays at its minimum and :attr:`ServiceAllocation.infeasible_reason` says by how
@@ -108,8 +101,6 @@ _ROUNDING_SLACK_W = 1e-6
 # Levels closer than this count as converged (caps are whole watts). A rack keeps its old,
 # lower level then, and a service takes its new, lower one, so every sum still fits.
 _LEVEL_TOLERANCE_W = 0.01
-# A cap the floor cut by less than this was a whole watt in all but float error.
-_FRACTION_SPENT_W = 0.001
 _NODE, _UUID = attrgetter("node"), attrgetter("uuid")
 
 
@@ -422,7 +413,7 @@ def allocate(
     head = None if pinned_first is None else columns.fill(first.caps, pinned_first)
     second = columns.fill(first.caps if head is None else head.caps, ceilings)
     floor = math.floor
-    caps = columns.spend_remainders(second.caps, [floor(cap + _ROUNDING_SLACK_W) for cap in second.caps])
+    caps = [floor(cap + _ROUNDING_SLACK_W) for cap in second.caps]
     caps = columns.rebalance(caps, first)
     caps = columns.apply_deadband(caps)
     caps, postponed = columns.limit_raises(caps)
@@ -644,40 +635,6 @@ class _GpuColumns:
         racks_full = [sum([los[i] for i in members]) >= capacity_w
                       for members, capacity_w in zip(self.members_of_rack, self.rack_capacity_w)]
         return _Fill(caps, service_levels, rack_levels, services_full, racks_full)
-
-    def spend_remainders(self, exact: list[float], whole: list[int]) -> list[int]:
-        """Give back the watts that flooring every cap took from a service (the largest
-        remainders first): one watt each to its GPUs that its budget or their rack held under
-        their demand, by more than the watt, whose cap the floor cut by a milliwatt or more,
-        largest cut first (to the milliwatt; ties in the allocation's order, node then UUID, so
-        the same GPUs every round), while the service and each GPU's rack have a whole watt
-        left, its rack more than one deadband band after it. 16 busy GPUs at 162.5 W are 8 at
-        163 W and 8 at 162 W, not 16 at 162 W with 8 W of the budget unspent. Not to a GPU at
-        its demand, or lifted above it by the surplus fill: the watt is of no use to it, and a
-        raise to its demand moves its service's caps past the deadband (whichever GPUs'
-        fractions lead, as power readings move). Not from a rack's last band: the next
-        round's rack reading, a little higher, would push the caps kept by the deadband over
-        it and rewrite the status (status writes at +-3 % power noise doubled without it)."""
-        whole = list(whole)
-        rack_room = [capacity - sum([whole[i] for i in members])
-                     for members, capacity in zip(self.members_of_rack, self.rack_capacity_w)]
-        rack_of, floors, wants, band = self.rack_of, self.floors, self.wants, self.settings.deadband_fraction
-        for (start, end), capacity_w in zip(self.spans, self.service_capacity_w):
-            room = capacity_w - sum(whole[start:end])
-            if room < 1:
-                continue
-            for i in sorted(range(start, end), key=lambda i: -round(exact[i] - whole[i], 3)):
-                if room < 1:
-                    break
-                r = rack_of[i]
-                held_under_demand = floors[i] < exact[i] and whole[i] + 1 < math.floor(wants[i])
-                rack_keeps_a_band = r < 0 or rack_room[r] - 1 >= band * (self.maxima[i] - self.minima[i])
-                if held_under_demand and exact[i] - whole[i] >= _FRACTION_SPENT_W and rack_keeps_a_band:
-                    whole[i] += 1
-                    room -= 1
-                    if r >= 0:
-                        rack_room[r] -= 1
-        return whole
 
     def pinned_step_ceilings(self, first: _Fill, ceilings: list[float]) -> list[float] | None:
         """Where the surplus goes first: a pinned GPU (drawing within ``pinned_fraction`` of

@@ -128,20 +128,6 @@ def allocate(services: list[dict], racks: list[dict] = (), settings: dict | None
     second, second_by = fill(first_surplus, ceilings, groups, short)
     second_by = {u: head_by.get(u, set()) | second_by.get(u, set()) for u in gpu}
     new = {u: math.floor(cap + (Fraction(1, 10**6) if floats else 0)) for u, cap in second.items()}  # whole watts
-    rack_room = {r: limits[r] - sum(new[u] for u in m) for r, m in in_rack.items()}  # the floors' watts given back
-    for key in sorted(members):
-        room = capacity[key] - sum(new[u] for u in members[key])
-        for u in sorted(members[key], key=lambda u: (-round(second[u] - new[u], 3), gpu[u]["node"], u)):
-            g = gpu[u]
-            rack = g["rack"] if g["rack"] in in_rack else None
-            band = exact(s["deadband_fraction"]) * (g["high"] - g["low"])
-            under_demand = g["floor"] < second[u] and new[u] + 1 < math.floor(g["demand"])
-            if (room >= 1 and under_demand and second[u] - new[u] >= Fraction(1, 1000)
-                    and (rack is None or rack_room[rack] - 1 >= band)):
-                new[u] += 1
-                room -= 1
-                if rack is not None:
-                    rack_room[rack] -= 1
 
     def within_band(u: str) -> bool:
         g = gpu[u]

@@ -244,9 +244,9 @@ def test_a_pod_is_measured_at_the_minimum_of_the_gpus_of_the_node_it_would_get()
         document = with_status(document, plan.policies["inference/llama"].status)
         nodes = agents_apply(nodes, [document], at=NOW + timedelta(seconds=second + 1))
     outcome = filter_nodes(view(nodes, [*pods, new], [document], now=NOW + timedelta(seconds=7)), new, ["gpu-1", "l4-1"])
-    # on gpu-1 its GPUs would start at 2 x 200 W on top of 1740 W allocated
+    # on gpu-1 its GPUs would start at 2 x 200 W on top of 1736 W allocated
     assert outcome.passed == ["l4-1"]
-    assert "1740 W allocated + 2 x 200 W minimum for this pod > its budget 1940 W" in outcome.failed["gpu-1"]
+    assert "1736 W allocated + 2 x 200 W minimum for this pod > its budget 1940 W" in outcome.failed["gpu-1"]
     in_force = allocated_w(document) + 2 * 60
     assert in_force <= budget_w
 

@@ -13,8 +13,8 @@ at the largest minimum seen (batch's energy, 0.08 %), and when marginal values w
 a service's caps together (keeping some previous caps had left up to 3 % of batch's budget
 unspent), and when the surplus began to go to the pinned GPUs first and an agent that
 raised a cap began to publish it at its limit before the write, and when a starting GPU
-began to count at its own node's minimum, the agents to publish before the first pods are
-placed and the floors' watts to go back to the budget; the baselines' and the
+began to count at its own node's minimum and the agents to publish before the first pods
+are placed; the baselines' and the
 oracle's did not (they never read rack power or the allocation), and the energy beside the
 GPUs is pinned since.
 """
@@ -45,9 +45,9 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
         "batch": (19572460.931686096, 536563.289428508, 39.417),
     },
     "powercap": {
-        "chat": (7166291.190205644, 1606690.8736615868, 30.854),
-        "code": (5706886.4351212345, 1111877.2301679964, 22.362),
-        "batch": (19966358.20200656, 520393.9498505624, 31.212),
+        "chat": (7166291.190205644, 1606332.1533439315, 30.843),
+        "code": (5707613.750568569, 1112139.8278635007, 22.351),
+        "batch": (19947570.828935925, 520468.99726653664, 31.144),
     },
     "oracle": {
         "chat": (7166291.1902056495, 1618266.4505797469, 23.564),
@@ -59,14 +59,14 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
 PINNED_COUNTER_ENERGY_J = {
     "no-capping": 4320416.767953997,
     "static-split": 3251655.095881968,
-    "powercap": 3452529.0536801456,
+    "powercap": 3452507.978473969,
     "oracle": 3511295.998882641,
 }
 # strategy -> what the nodes drew beside their GPUs over the run, J
 PINNED_NON_GPU_ENERGY_J = {
     "no-capping": 4165923.3702003225,
     "static-split": 3902956.4056075877,
-    "powercap": 3957545.9617007724,
+    "powercap": 3957533.4231362278,
     "oracle": 3969833.991452781,
 }
 
