@@ -435,8 +435,7 @@ class _Fill:
     caps: list[float]
     service_levels: list[float]
     rack_levels: list[float]
-    services_full_from_start: list[bool]  # the service's GPUs where the fill started them already spend its budget
-    racks_full_from_start: list[bool]  # the rack's GPUs where the fill started them already fill it
+    starts: list[float]  # where the fill started each GPU
 
 
 @dataclass
@@ -631,10 +630,7 @@ class _GpuColumns:
             caps += [lo if (v := levels[r]) < lo else hi if v > hi else v
                      for lo, hi, r in zip(los[start:end], his[start:end], rack_of[start:end])]
         rack_levels.pop()
-        services_full = [sum(los[start:end]) >= capacity_w for (start, end), capacity_w in zip(self.spans, self.service_capacity_w)]
-        racks_full = [sum([los[i] for i in members]) >= capacity_w
-                      for members, capacity_w in zip(self.members_of_rack, self.rack_capacity_w)]
-        return _Fill(caps, service_levels, rack_levels, services_full, racks_full)
+        return _Fill(caps, service_levels, rack_levels, los)
 
     def pinned_step_ceilings(self, first: _Fill, ceilings: list[float]) -> list[float] | None:
         """Where the surplus goes first: a pinned GPU (drawing within ``pinned_fraction`` of
@@ -814,6 +810,10 @@ class _GpuColumns:
         }
         return Allocation(services=MappingProxyType(services), racks=MappingProxyType(racks))
 
+    def full_from_start(self, fill: _Fill, r: int) -> bool:
+        """Whether rack ``r``'s GPUs, where ``fill`` started them, already fill it."""
+        return sum([fill.starts[i] for i in self.members_of_rack[r]]) >= self.rack_capacity_w[r]
+
     def _bounds(self, caps: list[int], first: _Fill, last_fill: list[_Fill], service_infeasible: list[str | None],
                 rack_infeasible: list[str | None], postponed: set[int]) -> list[Bound]:
         """Why each cap is not higher, the first that applies: MAX (at the maximum), HELD,
@@ -830,14 +830,15 @@ class _GpuColumns:
             by_rack = [Bound.MINIMUM if service_infeasible[s] is not None else Bound.BUDGET] * (len(self.rack_ids) + 1)
             if service_infeasible[s] is None:
                 level, last = first.service_levels[s], last_fill[s]
+                service_full_from_start = sum(last.starts[start:end]) >= self.service_capacity_w[s]
                 for r in self.racks_of_service[s]:
                     if rack_blocked[r]:
                         by_rack[r] = Bound.MINIMUM
                     elif first.rack_levels[r] < level:
                         by_rack[r] = Bound.RACK
-                    elif last.services_full_from_start[s]:
+                    elif service_full_from_start:
                         continue
-                    elif last.rack_levels[r] < last.service_levels[s] or last.racks_full_from_start[r]:
+                    elif last.rack_levels[r] < last.service_levels[s] or self.full_from_start(last, r):
                         by_rack[r] = Bound.RACK
             bounds += [Bound.MAX if cap >= high else by_rack[r]
                        for cap, high, r in zip(caps[start:end], self.maxima[start:end], self.rack_of[start:end])]
