@@ -69,7 +69,7 @@ from powercap.cluster import BUDGET_REFUSAL, ClusterView, RackView, estimate_pod
 from powercap.numeric import counted
 from powercap.objects import KubeObject
 from powercap.policies import Policy
-from powercap.status import published_allocations, published_gpus_by_node
+from powercap.status import published_gpus
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,9 @@ def budget_room_rejection(request: PlacementRequest, pod_gpu_min_w: float) -> st
 
 
 def published_totals(policy: Policy) -> Published:
-    """Watts and GPUs of the allocations in the policy's status, and the GPUs per node.
+    """Watts and GPUs of the allocations in the policy's status, and the GPUs per node (each
+    UUID once, its watts the last entry's as :func:`~powercap.status.published_allocations`
+    reads them, its node the first naming it).
 
     A node entry without a ``gpus`` list counts its ``watts`` (its agent splits them over
     the policy's GPUs there) and no GPU: the GPUs it covers are unknown here, so they are
@@ -248,12 +250,17 @@ def published_totals(policy: Policy) -> Published:
     status = policy.status
     if not status:
         return Published(0.0, 0, {})
-    allocations = published_allocations(status)
+    watts_of: dict[str, float] = {}
+    node_of: dict[str, str] = {}  # each UUID on the first node naming it
+    for node, uuid, watts in published_gpus(status):
+        watts_of[uuid] = watts
+        if node is not None:
+            node_of.setdefault(uuid, node)
     node_only_w = [
         float(entry["watts"]) for entry in status.get("allocations") or ()
         if isinstance(entry, Mapping) and not entry.get("gpus") and _finite_watts(entry.get("watts"))
     ]
-    return Published(math.fsum([*allocations.values(), *node_only_w]), len(allocations), published_gpus_by_node(status))
+    return Published(math.fsum([*watts_of.values(), *node_only_w]), len(watts_of), Counter(node_of.values()))
 
 
 def _finite_watts(value: object) -> TypeGuard[float]:

@@ -46,7 +46,7 @@ one ``Infeasible`` Warning (Feasible) and one ``NotReady`` Warning (Ready), not 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -197,33 +197,23 @@ def find_lagging(
     return tuple(sorted(lagging, key=lambda g: (g.node, g.uuid)))
 
 
-def published_allocations(status: Mapping[str, Any] | None) -> dict[str, float]:
-    """``uuid -> watts`` of a stored status's ``allocations`` (ignores malformed entries)."""
-    result: dict[str, float] = {}
+def published_gpus(status: Mapping[str, Any] | None) -> Iterator[tuple[str | None, str, float]]:
+    """``(node, uuid, watts)`` of each well-formed GPU entry of a stored status's
+    ``allocations``, in order (``node`` None where its node entry names none); malformed
+    entries are left out."""
     for entry in (status or {}).get("allocations") or ():
         if not isinstance(entry, Mapping):
             continue
-        for gpu in entry.get("gpus") or ():
-            if isinstance(gpu, Mapping) and isinstance(gpu.get("uuid"), str) and _is_number(gpu.get("watts")):
-                result[gpu["uuid"]] = float(gpu["watts"])
-    return result
-
-
-def published_gpus_by_node(status: Mapping[str, Any] | None) -> dict[str, int]:
-    """``node -> GPUs`` that a stored status's ``allocations`` name there: the entries
-    :func:`published_allocations` reads, each UUID once (on the first node naming it); a
-    node entry without a ``gpus`` list names none."""
-    node_of: dict[str, str] = {}
-    for entry in (status or {}).get("allocations") or ():
-        if not isinstance(entry, Mapping) or not isinstance(node := entry.get("node"), str):
-            continue
+        node = entry.get("node")
+        node = node if isinstance(node, str) else None
         for gpu in entry.get("gpus") or ():
             if isinstance(gpu, Mapping) and isinstance(uuid := gpu.get("uuid"), str) and _is_number(gpu.get("watts")):
-                node_of.setdefault(uuid, node)
-    result: dict[str, int] = {}
-    for node in node_of.values():
-        result[node] = result.get(node, 0) + 1
-    return result
+                yield node, uuid, float(gpu["watts"])
+
+
+def published_allocations(status: Mapping[str, Any] | None) -> dict[str, float]:
+    """``uuid -> watts`` of a stored status's ``allocations`` (ignores malformed entries)."""
+    return {uuid: watts for _, uuid, watts in published_gpus(status)}
 
 
 def allocations_field(allocation: ServiceAllocation) -> list[dict[str, Any]]:
