@@ -11,7 +11,8 @@ One tick (default every second):
    failed enumeration is counted the same way (:meth:`GpuBackend.unenumerated`), and the
    GPUs are enumerated again every ``rescan_interval_s``, every ``rescan_after_error_s``
    while one fails, so it joins when it answers;
-2. take the policy source's view, the pods' tokens/s, the inlet temperature and the
+2. take the policy source's view, the pods' tokens/s and requests waiting (scraped on a
+   background thread, :mod:`nodeagent.tokens`), the inlet temperature and the
    whole-node power (:class:`~nodeagent.nodepower.NodePowerSampler`: the latest reading of
    the first fresh source, else the GPUs' power plus the configured overhead; the GPUs that
    could not be read count at the limit they hold);
@@ -23,7 +24,8 @@ One tick (default every second):
    change (gpu, pod, policy, old/new W, reason), an Event on the policy,
    ``powercap_cap_changes_total``; one warning when a policy's allocations pass its
    budget, its minimums do not fit, or GPUs that cannot move make the others give room;
-4. save the state file when the records changed; offer telemetry to the publisher.
+4. save the state file when the records changed; offer telemetry to the publisher (each
+   GPU of a scraped pod with its tokens/s share and the pod's requests waiting).
 
 Nothing in a tick raises: an unexpected exception is logged and the next tick runs.
 Everything is injected (backend, source, publisher, clocks, state file, token scraper,
@@ -188,6 +190,7 @@ class Agent:
         self._unseen: tuple[UnseenGpu, ...] = ()
         self._counted_w: dict[int, float] = {}
         self._in_force_w: dict[str, float] = {}
+        self._requests_waiting: dict[str, int | None] = {}
         self._shares: Mapping[str, PolicyShare] = {}
         self._unreadable: Mapping[str, str] = {}
         self._conditions: dict[str, frozenset[str]] = {}
@@ -263,9 +266,11 @@ class Agent:
         self._save_state()
         self._say_policy_conditions(node_plan)
         raised = raised_caps(plans)  # published at the limit their power was read under
+        requests_waiting = self._requests_waiting_by_gpu(plans)
         telemetry = build_telemetry(
             self._wall_clock(), readings, inlet_c, {p.uuid: p.pod for p in plans},
             {uuid: w for uuid, w in enforced_w.items() if uuid not in raised}, {p.uuid: p.tokens_s for p in plans}, node_power,
+            requests_waiting_by_gpu=requests_waiting,
         )
         self.publisher.telemetry(telemetry, now_s)
         self._update_metrics(readings, plans, enforced_w, view, now_s)
@@ -276,6 +281,7 @@ class Agent:
             self._unseen = unseen
             self._counted_w = {g.index: held_w(g, readings) for g in unseen}
             self._in_force_w = in_force
+            self._requests_waiting = requests_waiting
             self._shares = node_plan.policies
             self._unreadable = dict(view.unreadable)
             self.ticks += 1
@@ -370,6 +376,12 @@ class Agent:
                 if url:
                     targets[uid] = url
         return targets
+
+    def _requests_waiting_by_gpu(self, plans: Iterable[GpuPlan]) -> dict[str, int | None]:
+        """Each planned GPU's pod's requests waiting, as the scraper last read it (None when
+        the GPU has no pod, or its pod is not scraped or had no fresh gauge)."""
+        by_pod = self.tokens.requests_waiting() if self.tokens is not None else {}
+        return {p.uuid: by_pod.get(p.pod_uid) if p.pod_uid is not None else None for p in plans}
 
     def _carry_out(self, node_plan: NodePlan, now_s: float, enforced_w: dict[str, float]) -> int:
         """Carry out the plans; returns how many limits were written. Lowers go first; a
@@ -577,8 +589,8 @@ class Agent:
         return end_s is not None and self._clock() - end_s <= max(3 * self.settings.interval_s, 5.0)
 
     def status(self) -> dict[str, Any]:
-        """The ``/status`` document: per GPU, the limit in force, the last plan and any
-        degradation (GPUs that could not be read or enumerated included); per policy, what
+        """The ``/status`` document: per GPU, the limit in force, the last plan, its pod's
+        requests waiting and any degradation (GPUs that could not be read or enumerated included); per policy, what
         it may hold on this node and any problem."""
         with self._lock:
             plans = self._last_plans
@@ -588,6 +600,7 @@ class Agent:
             shares = dict(self._shares)
             unreadable = dict(self._unreadable)
             counted = dict(self._counted_w)
+            waiting = dict(self._requests_waiting)
         planned = {p.uuid: p for p in plans}
         gpus = []
         for device in self.devices:
@@ -606,6 +619,7 @@ class Agent:
                     "policy": plan.policy.key if plan and plan.policy else None,
                     "pod": plan.pod if plan else None,
                     "tokensPerJoule": plan.tokens_per_joule if plan else None,
+                    "requestsWaiting": waiting.get(device.uuid),
                     "degraded": degraded is not None,
                     "error": f"{degraded.operation}: {degraded.kind}: {degraded.error}" if degraded else None,
                 }
@@ -614,7 +628,7 @@ class Agent:
             gpus.append({
                 "uuid": None, "index": index, "action": None, "capW": None, "plannedW": None,
                 "countedW": counted.get(index), "reason": None, "policy": None, "pod": None,
-                "tokensPerJoule": None, "degraded": True, "error": f"enumeration: {why}",
+                "tokensPerJoule": None, "requestsWaiting": None, "degraded": True, "error": f"enumeration: {why}",
             })
         return {
             "node": self.settings.node,

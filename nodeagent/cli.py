@@ -38,7 +38,7 @@ from nodeagent.podresources import DEFAULT_GPU_RESOURCES, DEFAULT_SOCKET, PodRes
 from nodeagent.publisher import KubePublisher, NullPublisher, Publisher
 from nodeagent.sources import ClusterSource, FilePolicySource, PolicyFileError, PolicySource
 from nodeagent.state import DEFAULT_STATE_FILE, StateFile
-from nodeagent.tokens import DEFAULT_TOKENS_METRIC, TokenRates
+from nodeagent.tokens import DEFAULT_TOKENS_METRIC, DEFAULT_WAITING_METRIC, TokenRates
 from powercap import kube, physics
 from powercap.objects import RACK_LABEL
 from powercap.runtime.cliargs import label_key, node_name, watts
@@ -123,6 +123,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                              f"(repeatable; default: {', '.join(DEFAULT_GPU_RESOURCES)})")
     parser.add_argument("--tokens-metric", default=DEFAULT_TOKENS_METRIC, metavar="NAME",
                         help=f"generated-tokens counter on each pod's metrics endpoint (default {DEFAULT_TOKENS_METRIC})")
+    parser.add_argument("--waiting-metric", default=DEFAULT_WAITING_METRIC, metavar="NAME",
+                        help="requests-waiting gauge on each pod's metrics endpoint, read from the same scrape; a pod "
+                             f"with requests waiting counts as saturated (default {DEFAULT_WAITING_METRIC})")
     power = parser.add_argument_group("whole-node power (docs/nodeagent.md, Node power)")
     power.add_argument("--node-power", type=sources_argument, default=(), metavar="SOURCES",
                        help="measured sources in priority order, comma-separated: redfish, ipmi-dcmi, kepler; the "
@@ -235,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     except NodePowerConfigError as error:
         backend.close()
         return _fail(str(error), EXIT_CONFIG)
-    tokens = TokenRates(metric=args.tokens_metric)
+    tokens = TokenRates(metric=args.tokens_metric, waiting_metric=args.waiting_metric)
     settings = AgentSettings(node=args.node, interval_s=args.interval, dry_run=args.dry_run)
     pod_resources = (
         PodResourcesSource(args.pod_resources_socket, args.gpu_resources or DEFAULT_GPU_RESOURCES)

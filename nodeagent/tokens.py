@@ -1,10 +1,11 @@
-"""Generated tokens/s per pod, scraped from the pod's Prometheus endpoint.
+"""Generated tokens/s and requests waiting per pod, scraped from the pod's Prometheus endpoint.
 
 A pod opts in with the annotation ``powercapping.example.com/metrics: "<port>/<path>"``
 (``"8000/metrics"``; a bare ``"8000"`` means ``/metrics``); the agent fetches
-``http://<status.podIP>:<port>/<path>`` and reads the counter
-``vllm:generation_tokens_total`` (``--tokens-metric``), summed over its label sets (one
-per model served), with prometheus_client's text parser.
+``http://<status.podIP>:<port>/<path>`` and reads, from that one body parsed once with
+prometheus_client's text parser, the counter ``vllm:generation_tokens_total``
+(``--tokens-metric``) and the gauge ``vllm:num_requests_waiting`` (``--waiting-metric``),
+each summed over its label sets (one per model served).
 
 Rate between two successive scrapes ``(v1, t1)``, ``(v2, t2)``::
 
@@ -17,6 +18,15 @@ refused, HTTP error, no such counter, unparsable text) forgets that pod's last s
 the pod has no rate until two good scrapes in a row, and the control law runs without the
 ratio loop ("no ratio"). The first failure per pod is logged as a warning, the recovery
 as info. A rate older than ``3 x interval_s`` is not reported.
+
+Requests waiting is a snapshot, not a rate: the latest good scrape's gauge, per pod::
+
+    requests waiting = min(floor(sum of the samples + 0.5), 2**31 - 1)
+
+none when the body has no such sample (an older vLLM, a server that is not vLLM: the
+tokens/s rate still works), when a sample is negative or not finite, after a failed scrape
+(forgotten with the rate), or when older than ``3 x interval_s``. The first scrape of a
+pod without a usable gauge is logged as info, and so is its return.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import math
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -36,6 +46,8 @@ from powercap.objects import METRICS_ANNOTATION, KubeObject, annotations_of
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKENS_METRIC = "vllm:generation_tokens_total"
+DEFAULT_WAITING_METRIC = "vllm:num_requests_waiting"
+MAX_REQUESTS_WAITING = 2**31 - 1
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
 Fetch = Callable[[str, float], str]
@@ -65,18 +77,41 @@ def metrics_url(pod: KubeObject) -> str | None:
     return f"http://{host}:{int(port)}/{path or 'metrics'}"
 
 
+def sample_values(text: str, sample_names: Collection[str]) -> dict[str, list[float]]:
+    """Every sample value of each name in ``sample_names``, in exposition order, from one
+    parse of the text; a name without a sample is absent.
+
+    Raises ``ValueError`` for text the parser cannot read.
+    """
+    values: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in sample_names:
+                values.setdefault(sample.name, []).append(float(sample.value))
+    return values
+
+
+def counter_total(values: Sequence[float]) -> float | None:
+    """The sum of a counter's finite samples (one per label set), None when there is none."""
+    finite = [value for value in values if math.isfinite(value)]
+    return math.fsum(finite) if finite else None
+
+
 def counter_value(text: str, sample_name: str) -> float | None:
     """The sum of every sample named ``sample_name`` in an exposition, None when absent.
 
     Raises ``ValueError`` for text the parser cannot read.
     """
-    total, found = 0.0, False
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == sample_name and math.isfinite(sample.value):
-                total += sample.value
-                found = True
-    return total if found else None
+    return counter_total(sample_values(text, {sample_name}).get(sample_name, []))
+
+
+def gauge_count(values: Sequence[float]) -> int | None:
+    """A count gauge summed over its label sets (module docstring): rounded to the nearest
+    integer (halves up), at most ``2**31 - 1``; None without samples or when one is negative
+    or not finite."""
+    if not values or any(not math.isfinite(value) or value < 0 for value in values):
+        return None
+    return min(math.floor(math.fsum(values) + 0.5), MAX_REQUESTS_WAITING)
 
 
 @dataclass(frozen=True)
@@ -102,11 +137,15 @@ class _Target:
     sample: CounterSample | None = None
     rate: float | None = None
     rate_at_s: float = 0.0
+    waiting: int | None = None
+    waiting_at_s: float = 0.0
+    waiting_readable: bool | None = None  # None until the first good scrape
     healthy: bool = True
 
 
 class TokenRates:
-    """Scrapes the pods it is given and keeps their latest tokens/s (module docstring)."""
+    """Scrapes the pods it is given and keeps their latest tokens/s and requests waiting
+    (module docstring)."""
 
     def __init__(
         self,
@@ -114,12 +153,14 @@ class TokenRates:
         fetch: Fetch = http_fetch,
         clock: Callable[[], float] = time.monotonic,
         metric: str = DEFAULT_TOKENS_METRIC,
+        waiting_metric: str = DEFAULT_WAITING_METRIC,
         timeout_s: float = 0.5,
         interval_s: float = 5.0,
     ) -> None:
         self._fetch = fetch
         self._clock = clock
         self.metric = metric
+        self.waiting_metric = waiting_metric
         self.timeout_s = timeout_s
         self.interval_s = interval_s
         self._lock = threading.Lock()
@@ -143,6 +184,16 @@ class TokenRates:
                 if t.rate is not None and now_s - t.rate_at_s <= 3 * self.interval_s
             }
 
+    def requests_waiting(self) -> dict[str, int]:
+        """Requests waiting per pod UID, for values no older than ``3 x interval_s``."""
+        now_s = self._clock()
+        with self._lock:
+            return {
+                uid: t.waiting
+                for uid, t in self._targets.items()
+                if t.waiting is not None and now_s - t.waiting_at_s <= 3 * self.interval_s
+            }
+
     def scrape_once(self) -> None:
         """Scrape every target once, one after the other."""
         with self._lock:
@@ -152,12 +203,13 @@ class TokenRates:
 
     def _scrape(self, uid: str, target: _Target) -> None:
         try:
-            value = counter_value(self._fetch(target.url, self.timeout_s), self.metric)
+            values = sample_values(self._fetch(target.url, self.timeout_s), {self.metric, self.waiting_metric})
+            value = counter_total(values.get(self.metric, []))
             if value is None:
                 raise ValueError(f"no sample named {self.metric}")
         except (OSError, ValueError) as error:
             with self._lock:
-                target.sample, target.rate = None, None
+                target.sample, target.rate, target.waiting = None, None, None
                 was_healthy, target.healthy = target.healthy, False
             if was_healthy:
                 log.warning(
@@ -166,15 +218,25 @@ class TokenRates:
                 )
             return
         current = CounterSample(value, self._clock())
+        raw_waiting = values.get(self.waiting_metric, [])
+        waiting = gauge_count(raw_waiting)
         with self._lock:
             if target.sample is not None:
                 rate = counter_rate(target.sample, current)
                 if rate is not None:
                     target.rate, target.rate_at_s = rate, current.at_s
             target.sample = current
+            target.waiting, target.waiting_at_s = waiting, current.at_s
+            was_readable, target.waiting_readable = target.waiting_readable, waiting is not None
             was_healthy, target.healthy = target.healthy, True
         if not was_healthy:
             log.info("tokens/s readable again", extra={"pod_uid": uid, "url": target.url})
+        if waiting is None and was_readable is not False:
+            why = f"no sample named {self.waiting_metric}" if not raw_waiting else f"{self.waiting_metric} is {raw_waiting}"
+            log.info("requests waiting unknown: the pod counts as saturated by its power alone",
+                     extra={"pod_uid": uid, "url": target.url, "error": why})
+        elif waiting is not None and was_readable is False:
+            log.info("requests waiting readable again", extra={"pod_uid": uid, "url": target.url})
 
     # -- background thread -------------------------------------------------------------
     def start(self) -> None:

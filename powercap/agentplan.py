@@ -73,7 +73,9 @@ temperature by 2 degC or more, a limit or pod changed, or a heartbeat is due; ne
 often than a minimum interval. A GPU's ``tokensPerSecond`` (its pod's tokens/s split
 across the pod's GPUs by power, :func:`gpu_tokens_s`) never triggers a publish by
 itself: a rate moves on every scrape, and the ratio it feeds (``status.ratio``) may lag
-by a heartbeat; it goes out with whatever publish comes next. A GPU a tick raised is
+by a heartbeat; it goes out with whatever publish comes next. Its ``requestsWaiting`` (the
+pod's queue) triggers one when it goes from none to some or back (the controller counts a
+queued pod's GPUs as pinned), and rides along otherwise. A GPU a tick raised is
 published at its limit before the write (:func:`raised_caps`): its power was read under it.
 """
 
@@ -1115,15 +1117,18 @@ def build_telemetry(
     enforced_w_by_gpu: Mapping[str, float] | None = None,
     tokens_s_by_gpu: Mapping[str, float | None] | None = None,
     node_power: NodePower | None = None,
+    requests_waiting_by_gpu: Mapping[str, int | None] | None = None,
 ) -> NodeTelemetry:
     """The node annotation's content: ``powerW = sum of GPU power``, ``nodePower`` the
     whole node's (:func:`powercap.nodepower.choose_node_power`); a GPU's ``limitW``
     is its enforced limit (after this tick's writes when ``enforced_w_by_gpu`` has it);
-    its ``tokensPerSecond`` is ``tokens_s_by_gpu``'s (:attr:`GpuPlan.tokens_s`), reported
-    only beside a pod (null otherwise)."""
+    its ``tokensPerSecond`` is ``tokens_s_by_gpu``'s (:attr:`GpuPlan.tokens_s`) and its
+    ``requestsWaiting`` its pod's queue from ``requests_waiting_by_gpu``, both reported
+    only beside a pod (null, and absent, otherwise)."""
     pods = pods_by_gpu or {}
     enforced = enforced_w_by_gpu or {}
     tokens = tokens_s_by_gpu or {}
+    waiting = requests_waiting_by_gpu or {}
     gpus = tuple(
         GpuTelemetry(
             uuid=r.uuid,
@@ -1135,6 +1140,7 @@ def build_telemetry(
             temperature_c=r.temperature_c,
             pod=pods.get(r.uuid),
             tokens_s=tokens.get(r.uuid) if pods.get(r.uuid) is not None else None,
+            requests_waiting=waiting.get(r.uuid) if pods.get(r.uuid) is not None else None,
         )
         for r in readings
     )
@@ -1179,8 +1185,10 @@ def should_publish(
     heartbeat due (``since_last_s >= heartbeat_s``); the set of GPUs, a limit or a pod
     changed; ``|P' - P| > fraction x P`` for the node (its GPUs' sum or its whole-node
     power) or a GPU; the whole-node power's source changed; ``|T' - T| >= 2 degC`` for a
-    GPU or the inlet; the inlet became known or unknown. Tokens/s and the reading's age are
-    not compared: they ride along (module docstring).
+    GPU or the inlet; the inlet became known or unknown; a GPU's pod began or stopped
+    having requests waiting (the controller counts it as pinned while it has). Tokens/s,
+    the number of requests waiting and the reading's age are not compared: they ride along
+    (module docstring).
     """
     if last is None:
         return True
@@ -1201,11 +1209,17 @@ def should_publish(
         old = before[gpu.uuid]
         if (gpu.limit_w, gpu.pod, gpu.min_w, gpu.max_w) != (old.limit_w, old.pod, old.min_w, old.max_w):
             return True
+        if _queued(gpu.requests_waiting) != _queued(old.requests_waiting):
+            return True
         if _power_moved(old.power_w, gpu.power_w, settings) or _temperature_moved(
             old.temperature_c, gpu.temperature_c, settings
         ):
             return True
     return False
+
+
+def _queued(requests_waiting: int | None) -> bool | None:
+    return None if requests_waiting is None else requests_waiting > 0
 
 
 def _power_moved(old_w: float, new_w: float, settings: PublishSettings) -> bool:

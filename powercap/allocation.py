@@ -13,8 +13,9 @@ cluster view and writes the result to ``status.allocations``. The formula:
    minimums) comes off first:
    ``capacity_w = budget_w - ceil(reserved_w)``.
 2. **Demand** per GPU (:func:`estimate_demand_w`): a GPU drawing within ``pinned_fraction``
-   (5 %) of its cap is *pinned* and asks for ``cap + step`` (step = 10 % of its
-   [min, max] range); any other GPU gives budget back and asks for ``power + headroom``
+   (5 %) of its cap, or whose pod has requests waiting (vLLM's queue: saturated, though a
+   memory-bound decode draws below the cap), is *pinned* and asks for ``cap + step``
+   (step = 10 % of its [min, max] range); any other GPU gives budget back and asks for ``power + headroom``
    (headroom = 10 % of its range), except that it keeps asking for its previous cap while
    that cap is within ``headroom / 2`` of ``power + headroom`` (power readings move a few
    percent from one second to the next; without this the caps would follow the noise).
@@ -91,7 +92,7 @@ from operator import attrgetter, gt
 from types import MappingProxyType
 from typing import NamedTuple
 
-from powercap.marginal import Member, MarginalSettings, marginal_tokens_per_w, rebalance_w
+from powercap.marginal import Member, MarginalSettings, is_pinned, marginal_tokens_per_w, rebalance_w
 from powercap.numeric import clamp, counted
 
 INF = math.inf
@@ -136,7 +137,8 @@ class GpuState:
     ``previous_w`` is the cap the controller last published for it (None for a GPU that
     has none yet); ``fresh`` is False when its node's telemetry is stale. ``tokens_s`` is
     the tokens/s its agent measured at ``limit_w`` (None: no measurement), for the
-    marginal-value rebalancing (:mod:`powercap.marginal`).
+    marginal-value rebalancing (:mod:`powercap.marginal`). ``requests_waiting`` is its pod's
+    queue (None: unknown); a GPU of a pod with requests waiting counts as pinned.
     """
 
     uuid: str
@@ -149,6 +151,7 @@ class GpuState:
     previous_w: float | None = None
     fresh: bool = True
     tokens_s: float | None = None
+    requests_waiting: int | None = None
 
 
 @dataclass(frozen=True)
@@ -270,42 +273,42 @@ def estimate_demand_w(gpu: GpuState, settings: AllocationSettings) -> float:
 
     With ``headroom = headroom_fraction x (max - min)``:
 
-    pinned (``power_w >= limit_w x (1 - pinned_fraction)``):
+    pinned (``power_w >= limit_w x (1 - pinned_fraction)``, or requests waiting):
         ``max(limit_w + step_fraction x (max - min), power_w + headroom)``
     otherwise: ``previous_w`` when ``|previous_w - (power_w + headroom)| <= headroom / 2``,
     else ``power_w + headroom``.
     """
     min_w, max_w = _bounds(gpu)
-    return _demands_w([gpu.power_w], [gpu.limit_w], [gpu.previous_w], [min_w], [max_w], settings)[0]
+    pinned = is_pinned(gpu.power_w, gpu.limit_w, settings.pinned_fraction, gpu.requests_waiting)
+    return _demands_w([gpu.power_w], [gpu.limit_w], [pinned], [gpu.previous_w], [min_w], [max_w], settings)[0]
 
 
-def _demands_w(power_ws: Sequence[float], limit_ws: Sequence[float], previous_ws: Sequence[float | None],
-               minima: Sequence[int], maxima: Sequence[int], settings: AllocationSettings) -> list[float]:
+def _demands_w(power_ws: Sequence[float], limit_ws: Sequence[float], pinned: Sequence[bool],
+               previous_ws: Sequence[float | None], minima: Sequence[int], maxima: Sequence[int],
+               settings: AllocationSettings) -> list[float]:
     """:func:`estimate_demand_w` for many GPUs at once, given as columns (10,000 GPUs per round)."""
-    pinned_ratio = 1 - settings.pinned_fraction
     step, headroom = settings.step_fraction, settings.headroom_fraction
     demands: list[float] = []
     append = demands.append
-    for power, limit, last, low, high in zip(power_ws, limit_ws, previous_ws, minima, maxima):
+    for power, limit, busy, last, low, high in zip(power_ws, limit_ws, pinned, previous_ws, minima, maxima):
         headroom_w = headroom * (high - low)
         wanted = power + headroom_w
-        pinned_w = limit * pinned_ratio
-        if power >= pinned_w:
+        if busy:
             raised = limit + step * (high - low)
             if not wanted > raised:  # max(raised, wanted)
                 wanted = raised
-        elif last is not None and power < pinned_w and abs(last - wanted) <= headroom_w / 2:
+        elif last is not None and abs(last - wanted) <= headroom_w / 2:
             wanted = last
         append(low if wanted < low else high if wanted > high else wanted)
     return demands
 
 
 _Columns = tuple[list[str], list[str], list[str | None], list[float], list[float], list[float], list[float],
-                 list[float | None], list[bool], list[float | None]]
+                 list[float | None], list[bool], list[float | None], list[int | None]]
 
 
 def _columns(gpus: Sequence[GpuState]) -> _Columns:
-    """uuid, node, rack, min_w, max_w, power_w, limit_w, previous_w, fresh and tokens_s of every GPU.
+    """uuid, node, rack, min_w, max_w, power_w, limit_w, previous_w, fresh, tokens_s and requests_waiting of every GPU.
 
     One pass over the objects, not one per field: when services interleave, the GPUs of one
     service lie far apart in memory, and each pass would miss the cache on every GPU again.
@@ -320,9 +323,10 @@ def _columns(gpus: Sequence[GpuState]) -> _Columns:
     previous_ws: list[float | None] = []
     fresh: list[bool] = []
     tokens: list[float | None] = []
+    waiting: list[int | None] = []
     add_uuid, add_node, add_rack = uuids.append, nodes.append, racks.append
     add_min, add_max, add_power, add_limit = min_ws.append, max_ws.append, power_ws.append, limit_ws.append
-    add_previous, add_fresh, add_tokens = previous_ws.append, fresh.append, tokens.append
+    add_previous, add_fresh, add_tokens, add_waiting = previous_ws.append, fresh.append, tokens.append, waiting.append
     for g in gpus:
         add_uuid(g.uuid)
         add_node(g.node)
@@ -334,7 +338,8 @@ def _columns(gpus: Sequence[GpuState]) -> _Columns:
         add_previous(g.previous_w)
         add_fresh(g.fresh)
         add_tokens(g.tokens_s)
-    return uuids, nodes, racks, min_ws, max_ws, power_ws, limit_ws, previous_ws, fresh, tokens
+        add_waiting(g.requests_waiting)
+    return uuids, nodes, racks, min_ws, max_ws, power_ws, limit_ws, previous_ws, fresh, tokens, waiting
 
 
 def water_level(los: Sequence[float], his: Sequence[float], capacity_w: float) -> float:
@@ -473,6 +478,7 @@ class _GpuColumns:
     sticky: list[bool]                  # fresh with a previous cap: the deadband applies
     power_ws: list[float]
     limit_ws: list[float]
+    pinned: list[bool]                  # would serve more with more power (powercap.marginal.is_pinned)
     marginals: list[float | None]       # marginal tokens/s per W (powercap.marginal); None: no estimate
 
     @property
@@ -490,7 +496,7 @@ class _GpuColumns:
             gpus.extend(sorted(sorted(service.gpus, key=_UUID), key=_NODE))
             spans.append((start, len(gpus)))
             service_of += [index] * (len(gpus) - start)
-        uuids, nodes, racks, min_ws, max_ws, power_ws, limit_ws, previous_ws, fresh, tokens_ws = _columns(gpus)
+        uuids, nodes, racks, min_ws, max_ws, power_ws, limit_ws, previous_ws, fresh, tokens_ws, waiting = _columns(gpus)
         if len(set(uuids)) != len(uuids):
             _refuse_shared_gpus(services)
         rack_ids = sorted(rack for rack in set(racks) if rack is not None and rack in limits)
@@ -507,7 +513,9 @@ class _GpuColumns:
         maxima = [high if (high := maximum_of[m]) > low else low for m, low in zip(max_ws, minima)]
         float_of = {low: float(low) for low in minimum_of.values()}
         floors = [float_of[low] for low in minima]
-        demands = _demands_w(power_ws, limit_ws, previous_ws, minima, maxima, settings)
+        pinned_fraction = settings.pinned_fraction
+        pinned = [is_pinned(p, lim, pinned_fraction, w) for p, lim, w in zip(power_ws, limit_ws, waiting)]
+        demands = _demands_w(power_ws, limit_ws, pinned, previous_ws, minima, maxima, settings)
         whole_of = {last: int(last) for last in set(previous_ws) if last is not None}
         previous = [
             low if last is None else low if last < low else high if last > high else whole_of[last]
@@ -517,9 +525,9 @@ class _GpuColumns:
         held = {i for i, ok in enumerate(fresh) if not ok}
         marginals: list[float | None] = [None] * len(uuids)
         if settings.marginal.enabled and any(t is not None for t in tokens_ws):
-            pinned, elasticity = settings.pinned_fraction, settings.marginal.elasticity
-            marginals = [None if not ok else marginal_tokens_per_w(t, p, lim, pinned, elasticity)
-                         for t, p, lim, ok in zip(tokens_ws, power_ws, limit_ws, fresh)]
+            elasticity = settings.marginal.elasticity
+            marginals = [None if not ok else marginal_tokens_per_w(t, p, lim, pinned_fraction, elasticity, w)
+                         for t, p, lim, w, ok in zip(tokens_ws, power_ws, limit_ws, waiting, fresh)]
         for i in held:
             # Its agent may still enforce whichever of the reported limit and our last cap is higher.
             last_w = previous_ws[i] or 0.0
@@ -555,6 +563,7 @@ class _GpuColumns:
             sticky=sticky,
             power_ws=power_ws,
             limit_ws=limit_ws,
+            pinned=pinned,
             marginals=marginals,
         )
 
@@ -633,16 +642,16 @@ class _GpuColumns:
         return _Fill(caps, service_levels, rack_levels, los)
 
     def pinned_step_ceilings(self, first: _Fill, ceilings: list[float]) -> list[float] | None:
-        """Where the surplus goes first: a pinned GPU (drawing within ``pinned_fraction`` of
-        its cap) of a service that met every demand may take one more step above its first
-        cap, within its surplus ceiling; every other GPU stays at its first cap. None when no
-        GPU may (the common level then lifts every cap at once)."""
-        pinned_ratio, step = 1 - self.settings.pinned_fraction, self.settings.step_fraction
+        """Where the surplus goes first: a pinned GPU (:func:`powercap.marginal.is_pinned`) of
+        a service that met every demand may take one more step above its first cap, within
+        its surplus ceiling; every other GPU stays at its first cap. None when no GPU may (the
+        common level then lifts every cap at once)."""
+        step = self.settings.step_fraction
         head = list(first.caps)
         moved = False
-        for i, (cap, ceiling, power, limit, low, high) in enumerate(zip(
-                first.caps, ceilings, self.power_ws, self.limit_ws, self.minima, self.maxima)):
-            if ceiling > cap and power >= limit * pinned_ratio:
+        for i, (cap, ceiling, busy, low, high) in enumerate(zip(
+                first.caps, ceilings, self.pinned, self.minima, self.maxima)):
+            if ceiling > cap and busy:
                 head[i] = min(ceiling, cap + step * (high - low))
                 moved = True
         return head if moved else None

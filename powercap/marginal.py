@@ -17,8 +17,11 @@ only the ratio of two GPUs' ``m`` counts, so ``e`` sets how far a round moves th
 
     m = dt/dc at C = e x t / C          (tokens/s per watt)
 
-A GPU drawing below ``C x (1 - pinned_fraction)`` is limited by its traffic, not its cap:
-``m = 0`` (another watt buys it nothing). No estimate (``None``) without a measured rate, at
+A GPU drawing below ``C x (1 - pinned_fraction)`` whose pod has no requests waiting is
+limited by its traffic, not its cap: ``m = 0`` (another watt buys it nothing). A pod with
+requests waiting (vLLM's queue, ``GpuState.requests_waiting``) is saturated, so its GPUs
+count as pinned whatever they draw: a replica whose decode is memory-bound draws below its
+cap while its prefill is held at it, and another watt speeds that prefill. No estimate (``None``) without a measured rate, at
 a cap of 0 W, or for a pinned GPU that reports 0 tokens/s (a counter just reset, a pod not
 serving yet): such a GPU keeps the demand-following cap.
 
@@ -103,13 +106,20 @@ class MarginalSettings:
             raise ValueError("; ".join(problems))
 
 
+def is_pinned(power_w: float, limit_w: float, pinned_fraction: float, requests_waiting: int | None = None) -> bool:
+    """Whether a GPU would serve more with more power: it draws within ``pinned_fraction`` of
+    its cap, or its pod has requests waiting (saturated, though a memory-bound decode may
+    draw well below the cap while a compute-bound prefill is held at it)."""
+    return power_w >= limit_w * (1 - pinned_fraction) or bool(requests_waiting)
+
+
 def marginal_tokens_per_w(tokens_s: float | None, power_w: float, limit_w: float, pinned_fraction: float,
-                          elasticity: float = DEFAULT_ELASTICITY) -> float | None:
-    """``e x tokens_s / limit_w`` for a GPU drawing within ``pinned_fraction`` of its cap, 0.0
-    for one drawing below (traffic-limited), None without an estimate (module docstring)."""
+                          elasticity: float = DEFAULT_ELASTICITY, requests_waiting: int | None = None) -> float | None:
+    """``e x tokens_s / limit_w`` for a pinned GPU (:func:`is_pinned`), 0.0 for any other
+    (traffic-limited), None without an estimate (module docstring)."""
     if tokens_s is None or not math.isfinite(tokens_s) or tokens_s < 0 or not limit_w > 0:
         return None
-    if power_w < limit_w * (1 - pinned_fraction):
+    if not is_pinned(power_w, limit_w, pinned_fraction, requests_waiting):
         return 0.0
     if tokens_s <= 0:
         return None

@@ -8,7 +8,8 @@ Annotation ``powercapping.example.com/telemetry`` on the Node, one JSON object::
      "gpus": [{"uuid": "GPU-...", "index": 0,
                "powerW": 351.2, "limitW": 400, "minW": 200, "maxW": 700,
                "temperatureC": 61, "pod": "inference/llama-0",   pod is null when idle
-               "tokensPerSecond": 912.4}],                        generated tokens/s, or null
+               "tokensPerSecond": 912.4,                          generated tokens/s, or null
+               "requestsWaiting": 0}],                            the pod's queue; absent when unknown
      "nodePower": {"watts": 4210, "source": "redfish", "ageS": 2.4}}   whole node; absent from older agents
 
 ``powerW`` stays the sum of the GPUs' power. ``nodePower`` is the whole node's power (GPUs,
@@ -26,6 +27,14 @@ tokens/s and the power it takes to make them. It is null (or absent, from an old
 when ``pod`` is null, no policy owns the pod, the pod exposes no metrics, or no rate was
 scraped yet; it is never negative. The budget controller divides the sum by the same GPUs'
 power for the policy's ``status.ratio`` (tokens per joule).
+
+``requestsWaiting`` is the number of requests the named pod holds in its queue, not yet
+running (vLLM's ``vllm:num_requests_waiting`` gauge, summed over its label sets), the same
+for each GPU of the pod. It is absent when unknown (no pod, no policy, no metrics, no
+scrape yet, or an agent older than this field). A pod with requests waiting is saturated:
+every GPU of it would serve more with more power, even while drawing below its cap (a
+replica whose decode is memory-bound draws less than a compute-bound prefill); the
+budget controller counts its GPUs as pinned (:mod:`powercap.allocation`, step 2).
 
 Unknown keys are ignored when reading, so a newer agent can add fields without breaking an
 older extender. A malformed annotation is reported as :class:`TelemetryError`; the reader
@@ -64,6 +73,7 @@ class GpuTelemetry:
     temperature_c: float | None = None
     pod: str | None = None
     tokens_s: float | None = None
+    requests_waiting: int | None = None
 
 
 @dataclass(frozen=True)
@@ -125,20 +135,7 @@ def to_document(telemetry: NodeTelemetry) -> dict[str, Any]:
         "timestamp": format_timestamp(telemetry.timestamp),
         "powerW": _round(telemetry.power_w),
         "inletTemperatureC": None if telemetry.inlet_temperature_c is None else _round(telemetry.inlet_temperature_c),
-        "gpus": [
-            {
-                "uuid": gpu.uuid,
-                "index": gpu.index,
-                "powerW": _round(gpu.power_w),
-                "limitW": _round(gpu.limit_w),
-                "minW": _round(gpu.min_w),
-                "maxW": _round(gpu.max_w),
-                "temperatureC": None if gpu.temperature_c is None else _round(gpu.temperature_c),
-                "pod": gpu.pod,
-                "tokensPerSecond": None if gpu.tokens_s is None else _round(gpu.tokens_s),
-            }
-            for gpu in telemetry.gpus
-        ],
+        "gpus": [_gpu_document(gpu) for gpu in telemetry.gpus],
     }
     if telemetry.node_power is not None:
         document["nodePower"] = {
@@ -146,6 +143,23 @@ def to_document(telemetry: NodeTelemetry) -> dict[str, Any]:
             "source": telemetry.node_power.source,
             "ageS": _round(telemetry.node_power.age_s),
         }
+    return document
+
+
+def _gpu_document(gpu: GpuTelemetry) -> dict[str, Any]:
+    document = {
+        "uuid": gpu.uuid,
+        "index": gpu.index,
+        "powerW": _round(gpu.power_w),
+        "limitW": _round(gpu.limit_w),
+        "minW": _round(gpu.min_w),
+        "maxW": _round(gpu.max_w),
+        "temperatureC": None if gpu.temperature_c is None else _round(gpu.temperature_c),
+        "pod": gpu.pod,
+        "tokensPerSecond": None if gpu.tokens_s is None else _round(gpu.tokens_s),
+    }
+    if gpu.requests_waiting is not None:
+        document["requestsWaiting"] = gpu.requests_waiting
     return document
 
 
@@ -220,6 +234,7 @@ def _parse_gpu(raw: Any, position: int) -> GpuTelemetry:
         temperature_c=_optional_number(raw, "temperatureC", f"{where}.temperatureC"),
         pod=pod,
         tokens_s=_optional_rate(raw, "tokensPerSecond", f"{where}.tokensPerSecond"),
+        requests_waiting=_optional_count(raw, "requestsWaiting", f"{where}.requestsWaiting"),
     )
 
 
@@ -240,6 +255,16 @@ def _optional_rate(raw: Mapping[str, Any], key: str, where: str) -> float | None
     value = _optional_number(raw, key, where)
     if value is not None and value < 0:
         raise TelemetryError(f"{where} must not be negative")
+    return value
+
+
+def _optional_count(raw: Mapping[str, Any], key: str, where: str) -> int | None:
+    """A non-negative whole number or null/absent (a gauge of requests)."""
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TelemetryError(f"{where} must be a non-negative integer")
     return value
 
 

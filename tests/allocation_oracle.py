@@ -71,10 +71,15 @@ def fill(lo: dict, hi: dict, groups: list[tuple[list, int]], short: set[int]) ->
             caps[i] = clamp(lowest - (Fraction(1, 100) if frozen_by[i] & short else 0), lo[i], hi[i])
 
 
+def pinned(g: dict, s: dict) -> bool:
+    """Step 2: drawing within pinned_fraction of its cap, or its pod has requests waiting."""
+    return g["power_w"] >= g["limit_w"] * (1 - s["pinned_fraction"]) or (g.get("requests_waiting") or 0) > 0
+
+
 def demand(g: dict, low: int, high: int, s: dict) -> float:
     """Step 2 as estimate_demand_w's docstring writes it, clamped to [min, max]."""
     power, limit, last, headroom = g["power_w"], g["limit_w"], g["previous_w"], s["headroom_fraction"] * (high - low)
-    if power >= limit * (1 - s["pinned_fraction"]):
+    if pinned(g, s):
         wanted = max(limit + s["step_fraction"] * (high - low), power + headroom)
     elif last is not None and abs(last - (power + headroom)) <= headroom / 2:
         wanted = last
@@ -120,9 +125,9 @@ def allocate(services: list[dict], racks: list[dict] = (), settings: dict | None
     surplus = {k for k in members if sum(first[u] for u in members[k]) < capacity[k]             # step 4
                and (SURPLUS_PAST_RACKS in as_implemented or all(first[u] == gpu[u]["demand"] for u in members[k]))}
     ceilings = {u: Fraction(g["high"]) if service_of[u] in surplus and g["fresh"] else first[u] for u, g in gpu.items()}
-    pinned = {u for u, g in gpu.items() if service_of[u] in surplus and g["fresh"]           # step 4, pinned first
-              and g["power_w"] >= g["limit_w"] * (1 - s["pinned_fraction"]) and ceilings[u] > first[u]}
-    head = {u: min(ceilings[u], first[u] + exact(s["step_fraction"]) * (g["high"] - g["low"])) if u in pinned else first[u]
+    pinned_gpus = {u for u, g in gpu.items() if service_of[u] in surplus and g["fresh"]           # step 4, pinned first
+                   and pinned(g, s) and ceilings[u] > first[u]}
+    head = {u: min(ceilings[u], first[u] + exact(s["step_fraction"]) * (g["high"] - g["low"])) if u in pinned_gpus else first[u]
             for u, g in gpu.items()}
     first_surplus, head_by = fill(first, head, groups, short)
     second, second_by = fill(first_surplus, ceilings, groups, short)

@@ -207,8 +207,9 @@ def test_split_allocation_keeps_an_allocation_from_the_file() -> None:
     assert agentplan.split_allocation(given, NODE) is given
 
 
-def telemetry(power_w: float = 350.0, temp_c: float = 60.0, limit_w: float = 400.0, pod: str | None = "inference/llama-0", inlet_c: float | None = 24.0, tokens_s: float | None = 420.0) -> NodeTelemetry:
-    gpu = GpuTelemetry(UUID_A, 0, power_w, limit_w, 200, 700, temp_c, pod, tokens_s)
+def telemetry(power_w: float = 350.0, temp_c: float = 60.0, limit_w: float = 400.0, pod: str | None = "inference/llama-0",
+              inlet_c: float | None = 24.0, tokens_s: float | None = 420.0, waiting: int | None = 0) -> NodeTelemetry:
+    gpu = GpuTelemetry(UUID_A, 0, power_w, limit_w, 200, 700, temp_c, pod, tokens_s, waiting)
     return NodeTelemetry(datetime(2026, 11, 27, tzinfo=timezone.utc), power_w, inlet_c, (gpu,))
 
 
@@ -231,6 +232,12 @@ def telemetry(power_w: float = 350.0, temp_c: float = 60.0, limit_w: float = 400
         pytest.param(telemetry(), telemetry(tokens_s=None), 29.9, False, id="tokens-lost-waits-for-heartbeat"),
         pytest.param(telemetry(tokens_s=None), telemetry(tokens_s=420.0), 10.0, False, id="tokens-found-waits-for-heartbeat"),
         pytest.param(telemetry(), telemetry(tokens_s=900.0), 30.0, True, id="tokens-go-out-with-the-heartbeat"),
+        pytest.param(telemetry(), telemetry(waiting=3), 10.0, True, id="a-queue-forms: the controller counts the GPU pinned"),
+        pytest.param(telemetry(waiting=3), telemetry(waiting=0), 10.0, True, id="the-queue-drains"),
+        pytest.param(telemetry(waiting=3), telemetry(waiting=9), 10.0, False, id="a-longer-queue-rides-along"),
+        pytest.param(telemetry(), telemetry(waiting=3), 2.0, False, id="a-queue-waits-for-the-min-interval"),
+        pytest.param(telemetry(waiting=None), telemetry(waiting=3), 10.0, True, id="a-gauge-found-with-a-queue"),
+        pytest.param(telemetry(waiting=3), telemetry(waiting=None), 10.0, True, id="the-gauge-lost"),
     ],
 )
 def test_should_publish(last: NodeTelemetry | None, candidate: NodeTelemetry, since_s: float, expected: bool) -> None:

@@ -311,6 +311,9 @@ def test_lowering_the_cap_lowers_first_and_then_settles() -> None:
         pytest.param(dict(power_w=300, limit_w=500), 350, id="well below gives back down to power + headroom"),
         pytest.param(dict(power_w=50, limit_w=500), 200, id="idle asks for its minimum"),
         pytest.param(dict(power_w=748, limit_w=700), 700, id="overshoot over the limit is pinned"),
+        pytest.param(dict(power_w=400, limit_w=500, requests_waiting=4), 550,
+                     id="requests waiting: saturated below its cap asks for one step more"),
+        pytest.param(dict(power_w=400, limit_w=500, requests_waiting=0), 450, id="an empty queue: power + headroom"),
     ],
 )
 def test_demand_estimate(state: dict, expected_w: float) -> None:
@@ -373,6 +376,7 @@ def gpu_states(draw: st.DrawFn, uuid: str, with_history: bool) -> GpuState:
         # published caps are whole watts
         previous_w=draw(st.none() | st.integers(math.ceil(min_w), int(max_w))) if with_history else None,
         fresh=draw(st.booleans()) if with_history else True,
+        requests_waiting=draw(st.none() | st.just(0) | st.integers(1, 40)),
     )
 
 
@@ -816,6 +820,7 @@ def varied_gpus(draw: st.DrawFn, uuid: str, racks: tuple[str, ...]) -> GpuState:
         limit_w=limit_w,
         previous_w=draw(st.none() | st.integers(0, max_w + 50) | st.floats(0, max_w + 50)),
         fresh=draw(st.booleans() | st.just(True)),
+        requests_waiting=draw(st.none() | st.just(0) | st.integers(1, 3)),
     )
 
 

@@ -38,6 +38,20 @@ def test_marginal_estimate(tokens_s: float | None, power_w: float, limit_w: floa
     assert marginal_tokens_per_w(tokens_s, power_w, limit_w, PINNED) == expected
 
 
+@pytest.mark.parametrize(
+    "requests_waiting, expected",
+    [
+        pytest.param(3, 0.4 * 1000 / 400, id="requests waiting: saturated, its prefill held at the cap, so a watt buys tokens"),
+        pytest.param(0, 0.0, id="no request waiting: traffic-limited"),
+        pytest.param(None, 0.0, id="queue unknown (no gauge): judged by its power alone"),
+    ],
+)
+def test_a_pod_with_requests_waiting_counts_as_pinned_though_it_draws_below_its_cap(
+        requests_waiting: int | None, expected: float) -> None:
+    # 300 W under a 400 W cap: a memory-bound decode (450 W saturation on an H200) between prefills held at the cap
+    assert marginal_tokens_per_w(1000.0, 300.0, 400.0, PINNED, requests_waiting=requests_waiting) == expected
+
+
 def member(cap_w: int, marginal: float | None, *, power_w: float | None = None, min_w: int = 200,
            max_w: int = 700, limit_w: float | None = None) -> Member:
     return Member(cap_w=cap_w, min_w=min_w, max_w=max_w, power_w=cap_w if power_w is None else power_w,

@@ -45,9 +45,9 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
         "batch": (19572460.931686096, 536563.289428508, 39.417),
     },
     "powercap": {
-        "chat": (7166291.190205644, 1606332.1533439315, 30.843),
-        "code": (5707613.750568569, 1112139.8278635007, 22.351),
-        "batch": (19947570.828935925, 520468.99726653664, 31.144),
+        "chat": (7166291.190205645, 1606264.3400984532, 30.843),
+        "code": (5693246.727897317, 1109333.0407583201, 22.409),
+        "batch": (19956929.3054431, 520319.1879000837, 31.002),
     },
     "oracle": {
         "chat": (7166291.1902056495, 1618266.4505797469, 23.564),
@@ -59,14 +59,14 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
 PINNED_COUNTER_ENERGY_J = {
     "no-capping": 4320416.767953997,
     "static-split": 3251655.095881968,
-    "powercap": 3452507.978473969,
+    "powercap": 3449483.568756857,
     "oracle": 3511295.998882641,
 }
 # strategy -> what the nodes drew beside their GPUs over the run, J
 PINNED_NON_GPU_ENERGY_J = {
     "no-capping": 4165923.3702003225,
     "static-split": 3902956.4056075877,
-    "powercap": 3957533.4231362278,
+    "powercap": 3956748.0257235905,
     "oracle": 3969833.991452781,
 }
 

@@ -64,6 +64,16 @@ def test_an_older_agents_annotation_without_tokens_per_second_still_parses() -> 
     assert [(g.uuid, g.power_w, g.tokens_s) for g in parsed.gpus] == [("GPU-0a1b", 351.2, None), ("GPU-2c3d", 350.0, None)]
 
 
+def test_requests_waiting_is_written_only_when_known_and_read_back() -> None:
+    queued = replace(SAMPLE, gpus=(replace(SAMPLE.gpus[0], requests_waiting=7), SAMPLE.gpus[1]))
+    document = json.loads(to_json(queued))
+    assert document["gpus"][0]["requestsWaiting"] == 7
+    assert "requestsWaiting" not in document["gpus"][1]  # unknown: absent, as from an older agent
+    assert [g.requests_waiting for g in from_json(to_json(queued)).gpus] == [7, None]
+    document["gpus"][1]["requestsWaiting"] = None
+    assert from_json(json.dumps(document)).gpus[1].requests_waiting is None
+
+
 def test_node_power_round_trips_with_its_source_and_age() -> None:
     measured = replace(SAMPLE, node_power=NodePower(4210.04, "redfish", 2.44))
     document = json.loads(to_json(measured))
@@ -104,6 +114,10 @@ NODE_POWER = '{"timestamp": "2026-11-27T23:19:01Z", "powerW": 1, "nodePower": %s
         pytest.param(GPU_WITH % '"tokensPerSecond": true', "gpus[0].tokensPerSecond must be a finite number", id="tokens-bool"),
         pytest.param(GPU_WITH % '"tokensPerSecond": -3', "gpus[0].tokensPerSecond must not be negative", id="tokens-negative"),
         pytest.param(GPU_WITH % '"tokensPerSecond": Infinity', "gpus[0].tokensPerSecond must be a finite number", id="tokens-infinite"),
+        pytest.param(GPU_WITH % '"requestsWaiting": -1', "gpus[0].requestsWaiting must be a non-negative integer", id="waiting-negative"),
+        pytest.param(GPU_WITH % '"requestsWaiting": 2.5', "gpus[0].requestsWaiting must be a non-negative integer", id="waiting-fraction"),
+        pytest.param(GPU_WITH % '"requestsWaiting": true', "gpus[0].requestsWaiting must be a non-negative integer", id="waiting-bool"),
+        pytest.param(GPU_WITH % '"requestsWaiting": "3"', "gpus[0].requestsWaiting must be a non-negative integer", id="waiting-string"),
         pytest.param(NODE_POWER % '"watts"', "nodePower must be an object", id="node-power-string"),
         pytest.param(NODE_POWER % '{"watts": 4000, "ageS": 1}', "nodePower.source must be a non-empty string", id="node-power-no-source"),
         pytest.param(NODE_POWER % '{"watts": null, "source": "redfish", "ageS": 1}', "nodePower.watts is required", id="node-power-null-watts"),

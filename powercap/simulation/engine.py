@@ -72,6 +72,9 @@ from powercap.simulation.world import ModelColumns, SimGpu, SimNode, SimPod, Wor
 
 NODE_POWER_MAX_AGE_S = 15.0
 """The agent's ``--node-power-max-age`` default (a reading older is not used)."""
+TOKENS_PER_REQUEST = 211.0
+"""Mean generated tokens per request of the recorded Azure LLM conversation hour
+(``../shared/data/azure-llm-2023``): a pod's backlog in requests, for vLLM's ``num_requests_waiting``."""
 SCHEDULING_LATENCY_S = 0.005
 """Time kube-scheduler spends per pod (filter, score, bind)."""
 SCHEDULER_RETRY_S = 1.0
@@ -457,9 +460,11 @@ class _Run:
             return  # should_publish would refuse whatever the telemetry: not built
         plans = self.last_plans.get(node.name)
         tokens_s_by_gpu: dict[str, float | None] | None = None
+        requests_waiting_by_gpu: dict[str, int | None] | None = None
         if plans is not None:
             pods = {plan.uuid: plan.pod for plan in plans}
             tokens_s_by_gpu = {plan.uuid: plan.tokens_s for plan in plans}
+            requests_waiting_by_gpu = self._requests_waiting(node, t_s)
         else:  # no agent plan on this node: the pods the GPUs hold
             pods = {gpu.uuid: gpu.pod.key if gpu.pod is not None else None for gpu in node.gpus}
         gpu_power_w = sum(gpu.power_w for gpu in node.gpus)
@@ -470,11 +475,23 @@ class _Run:
         # a GPU this tick raised at its limit before the write, as the agent publishes it
         telemetry = build_telemetry(
             moment(t_s), node.gpus, node.rack.inlet_c, pods, raised_caps(plans) if plans is not None else None,
-            tokens_s_by_gpu=tokens_s_by_gpu, node_power=node_power,
+            tokens_s_by_gpu=tokens_s_by_gpu, node_power=node_power, requests_waiting_by_gpu=requests_waiting_by_gpu,
         )
         if should_publish(node.telemetry, telemetry, t_s - last_s if last_s is not None else math.inf, self.settings.publish):
             node.set_telemetry(telemetry)
             self.published_at[node.name] = t_s
+
+    def _requests_waiting(self, node: SimNode, t_s: float) -> dict[str, int | None]:
+        """vLLM's ``num_requests_waiting`` of each serving pod, as its agent scrapes it: the
+        whole requests of ``TOKENS_PER_REQUEST`` in its backlog (the traffic its GPUs could not
+        serve yet; less than one request's tokens is work in flight, not a request waiting)."""
+        startup_s, backlog = self.timing.pod_startup_s, self.world.pod_arrays.backlog_tokens
+        waiting: dict[str, int | None] = {}
+        for gpu in node.gpus:
+            pod = gpu.pod
+            if pod is not None and pod.serving(t_s, startup_s):
+                waiting[gpu.uuid] = int(float(backlog[pod.slot]) // TOKENS_PER_REQUEST)
+        return waiting
 
     def _oracle_caps(self) -> None:
         """The oracle bound: each enforced policy's cap split for the most tokens/s at the loads now."""

@@ -19,7 +19,8 @@ from tests.fakes.objects import NOW, gpu_node
 
 @dataclass(frozen=True)
 class Gpu:
-    """One GPU as its node agent reports it (``tokens_s``: its share of its pod's tokens/s)."""
+    """One GPU as its node agent reports it (``tokens_s``: its share of its pod's tokens/s;
+    ``requests_waiting``: its pod's queue)."""
 
     uuid: str
     power_w: float
@@ -28,6 +29,7 @@ class Gpu:
     min_w: float = 200
     max_w: float = 700
     tokens_s: float | None = None
+    requests_waiting: int | None = None
 
 
 def node(name: str, rack: str | None, gpus: Sequence[Gpu], *, at: datetime = NOW, inlet_c: float | None = 24.0,
@@ -42,7 +44,7 @@ def node(name: str, rack: str | None, gpus: Sequence[Gpu], *, at: datetime = NOW
         inlet_temperature_c=inlet_c,
         gpus=tuple(
             GpuTelemetry(uuid=g.uuid, index=i, power_w=g.power_w, limit_w=g.limit_w, min_w=g.min_w, max_w=g.max_w,
-                         temperature_c=50.0, pod=g.pod, tokens_s=g.tokens_s)
+                         temperature_c=50.0, pod=g.pod, tokens_s=g.tokens_s, requests_waiting=g.requests_waiting)
             for i, g in enumerate(gpus)
         ),
     ))
