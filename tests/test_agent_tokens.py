@@ -4,11 +4,12 @@ the simulated backend."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -119,16 +120,21 @@ def test_a_rate_goes_stale_when_scrapes_stop() -> None:
     assert rates.rates() == {}
 
 
-@pytest.fixture
-def vllm_server() -> Iterator[tuple[str, list[float]]]:
-    """A real HTTP endpoint serving a counter the test sets (``tokens[0]``)."""
-    tokens = [0.0]
+@contextlib.contextmanager
+def serving(answer: Callable[[], str | int]) -> Iterator[str]:
+    """A real HTTP endpoint on a local socket; each GET serves ``answer()``: an exposition
+    text, or an HTTP status to fail with. Yields its URL."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
-            data = body(tokens[0]).encode()
+            reply = answer()
+            if isinstance(reply, int):
+                self.send_error(reply)
+                return
+            data = reply.encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
 
@@ -138,9 +144,19 @@ def vllm_server() -> Iterator[tuple[str, list[float]]]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/metrics", tokens
-    server.shutdown()
-    server.server_close()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/metrics"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def vllm_server() -> Iterator[tuple[str, list[float]]]:
+    """A real HTTP endpoint serving a counter the test sets (``tokens[0]``)."""
+    tokens = [0.0]
+    with serving(lambda: body(tokens[0])) as url:
+        yield url, tokens
 
 
 def test_real_http_scrapes(vllm_server: tuple[str, list[float]]) -> None:
@@ -261,29 +277,8 @@ def vllm_body(tokens: float, *waiting: str) -> str:
 def metrics_server() -> Iterator[tuple[str, list[str | int]]]:
     """A real HTTP endpoint serving ``served[0]``: an exposition text, or an HTTP status to fail with."""
     served: list[str | int] = [vllm_body(0.0)]
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            answer = served[0]
-            if isinstance(answer, int):
-                self.send_error(answer)
-                return
-            data = answer.encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/metrics", served
-    server.shutdown()
-    server.server_close()
+    with serving(lambda: served[0]) as url:
+        yield url, served
 
 
 @pytest.mark.parametrize(
