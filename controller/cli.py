@@ -41,7 +41,7 @@ from powercap.runtime.sources import load_state, snapshot_time, utc_now
 from powercap import API_GROUP, API_VERSION, KIND, kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.allocation import AllocationSettings
-from powercap.budget import RoundPlan, plan_round
+from powercap.budget import FOLLOW_UP_S, RoundPlan, plan_round
 from powercap.cluster import ClusterSettings, build_cluster_view
 from powercap.marginal import MarginalSettings
 from powercap.numeric import counted
@@ -71,6 +71,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="with --once: a readable table (default), or the statuses as a Kubernetes List")
     parser.add_argument("--interval", default=DEFAULT_INTERVAL_S, type=positive_seconds, metavar="SECONDS",
                         help=f"seconds between rounds (default {DEFAULT_INTERVAL_S:g})")
+    parser.add_argument("--transition-follow-up", default=FOLLOW_UP_S, type=non_negative_seconds, metavar="SECONDS",
+                        help="after a round that postponed raises until lowered caps are in force, run the next one "
+                        "this many seconds later instead of a whole --interval, so the raises land as soon as the "
+                        f"agents report the lowers (default {FOLLOW_UP_S:g}; 0 turns it off)")
     parser.add_argument("--margin", default=AllocationSettings().margin, type=margin_fraction, metavar="FRACTION",
                         help="share of powerCapLimit held back below it, for a breaker that trips on sub-second "
                         "power peaks (default 0: the caps in force sum to powerCapLimit; 0.03 is 3 %%)")
@@ -88,6 +92,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"address of /healthz, /readyz and /metrics (default {DEFAULT_HEALTH_BIND})")
     add_log_level_argument(parser)
     parser.set_defaults(func=run)
+
+
+def non_negative_seconds(text: str) -> float:
+    """argparse ``type=``: a finite number of seconds, 0 or more (0 turns a delay off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or a positive number of seconds")
+    return value
 
 
 def margin_fraction(text: str) -> float:
@@ -109,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     cluster_settings = cluster_view_settings(args)
     settings = ControllerSettings(
         interval_s=args.interval,
+        follow_up_s=args.transition_follow_up,
         allocation=AllocationSettings(margin=args.margin, marginal=MarginalSettings(enabled=args.marginal_rebalancing)),
         identity=args.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}",
     )
@@ -243,7 +259,7 @@ def serve(client: kube.KubeClient, cluster_settings: ClusterSettings, registry: 
     health = HttpServer.on(args.health_bind, health_routes(controller, snapshots, metrics), name="controller-health")
     log.info("powercap controller starting", extra={
         "identity": settings.identity, "lease": f"{args.lease_namespace}/{args.lease_name}",
-        "interval_s": settings.interval_s, "margin": settings.allocation.margin,
+        "interval_s": settings.interval_s, "follow_up_s": settings.follow_up_s, "margin": settings.allocation.margin,
         "marginal_rebalancing": settings.allocation.marginal.enabled, "health": args.health_bind,
         "node_overhead_w": cluster_settings.node_overhead_w, "non_gpu_rise": cluster_settings.non_gpu_rise,
     })

@@ -15,6 +15,14 @@ Every ``interval_s`` (default 5 s), while this replica holds the Lease, one roun
    PodDisruptionBudget means: try again after ``eviction_retry_s``), recording an Event on
    the evicted pod and on the policy.
 
+A round that wrote a status postponing raises until lowered caps are in force
+(:attr:`powercap.budget.RoundPlan.follow_up`: a GPU bound ``transition``) is followed by
+the next one after ``follow_up_s`` (default :data:`~powercap.budget.FOLLOW_UP_S`, 1.5 s;
+never later than ``interval_s``; 0 turns it off) instead of a whole interval: the agents
+apply and publish such a lower within a tick or two, and the next round spends the watts
+it freed. A round whose writes all failed, or that wrote nothing, waits the interval, so
+a failing API server is not asked more often.
+
 A steady cluster produces no write at all: statuses settle (see :mod:`powercap.status`),
 and a policy whose planned status equals the cached one is not even read. Leadership is
 checked before every write; a replica that loses the Lease stops writing at once and
@@ -41,7 +49,7 @@ from powercap.runtime.sources import Cache, CacheSource, NotReady, cluster_cache
 from powercap import API_GROUP, API_VERSION, KIND, kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.allocation import AllocationSettings
-from powercap.budget import PolicyPlan, RoundPlan, plan_round
+from powercap.budget import FOLLOW_UP_S, PolicyPlan, RoundPlan, plan_round
 from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
 from powercap.nodeobjects import merge_node_objects
 from powercap.objects import KubeObject, object_key
@@ -68,10 +76,13 @@ class ControllerSettings:
     eviction_retry_s: float = DEFAULT_EVICTION_RETRY_S
     write_attempts: int = 5
     identity: str = "powercap-controller"
+    follow_up_s: float = FOLLOW_UP_S  # the wait after a round that postponed raises; 0: the interval
 
     def __post_init__(self) -> None:
         if not self.interval_s > 0:
             raise ValueError(f"interval_s must be greater than 0, not {self.interval_s}")
+        if not self.follow_up_s >= 0:
+            raise ValueError(f"follow_up_s must be at least 0 (0 turns the follow-up round off), not {self.follow_up_s}")
         if self.write_attempts < 1:
             raise ValueError(f"write_attempts must be at least 1, not {self.write_attempts}")
 
@@ -161,6 +172,12 @@ class RoundReport:
     failed: list[str] = field(default_factory=list)
     events: list[tuple[str, str]] = field(default_factory=list)  # (policy or pod key, reason)
     evictions: list[tuple[str, kube.EvictionResult]] = field(default_factory=list)  # (pod, result)
+    follow_up: bool = False  # the next round comes after follow_up_s, not interval_s (module docstring)
+
+    def wait_s(self, settings: ControllerSettings) -> float:
+        """Seconds from this round's start to the next: ``min(follow_up_s, interval_s)`` after a
+        follow-up round, else ``interval_s``."""
+        return min(settings.follow_up_s, settings.interval_s) if self.follow_up else settings.interval_s
 
 
 class BudgetController:
@@ -223,10 +240,14 @@ class BudgetController:
             self._write(policy_plan, snapshot.view.now, report)
         if self._is_leader():
             self._rebalance(snapshot, report)
+        # only after a status was written: the agents follow nothing else, and a failing API
+        # server is not asked more often
+        report.follow_up = self.settings.follow_up_s > 0 and plan.follow_up and bool(report.written)
         self.metrics.rounds.inc()
         self.metrics.round_seconds.observe(time.perf_counter() - started_s)
         self.last_round_s = self._clock()
         log.debug("round done", extra={"policies": len(plan.policies), "written": len(report.written),
+                                       "follow_up": report.follow_up, "next_round_in_s": report.wait_s(self.settings),
                                        "seconds": round(time.perf_counter() - started_s, 4)})
         return report
 
@@ -330,19 +351,21 @@ class BudgetController:
                         reporting_instance=self.settings.identity, related=related, clock=self._clock)
 
     def run(self, stop: threading.Event) -> None:
-        """Rounds every ``interval_s`` while leading, until ``stop`` is set. Never raises."""
+        """Rounds every ``interval_s`` while leading (``follow_up_s`` after a round that
+        postponed raises, :meth:`RoundReport.wait_s`), until ``stop`` is set. Never raises."""
         while not stop.is_set():
             started_s = time.monotonic()
+            wait_s = self.settings.interval_s
             if self._is_leader():
                 try:
-                    self.run_round()
+                    wait_s = self.run_round().wait_s(self.settings)
                 except NotReady as waiting:
                     log.info("waiting: %s", waiting, extra={"why": str(waiting)})
                 except Exception:  # a bug in one round must not end the loop
                     log.exception("controller round failed")
             else:
                 self.last_round_s = self._clock()  # alive, just not leading
-            stop.wait(max(0.0, self.settings.interval_s - (time.monotonic() - started_s)))
+            stop.wait(max(0.0, wait_s - (time.monotonic() - started_s)))
 
 
 def _reference(policy: Policy) -> dict[str, Any]:

@@ -25,7 +25,11 @@ One tick (default every second):
    ``powercap_cap_changes_total``; one warning when a policy's allocations pass its
    budget, its minimums do not fit, or GPUs that cannot move make the others give room;
 4. save the state file when the records changed; offer telemetry to the publisher (each
-   GPU of a scraped pod with its tokens/s share and the pod's requests waiting).
+   GPU of a scraped pod with its tokens/s share and the pod's requests waiting), marked
+   urgent when a write put in force a lower the controller waits to see
+   (:func:`~powercap.agentplan.lowers_to_publish_now`: a lowered allocation, a thermal cut,
+   a clamp; not the tokens/J loop's steps): the publisher sends it without waiting for its
+   minimum interval.
 
 Nothing in a tick raises: an unexpected exception is logged and the next tick runs.
 Everything is injected (backend, source, publisher, clocks, state file, token scraper,
@@ -68,6 +72,7 @@ from powercap.agentplan import (
     UnseenGpu,
     build_telemetry,
     held_w,
+    lowers_to_publish_now,
     plan_node,
     raised_caps,
 )
@@ -272,7 +277,9 @@ class Agent:
             {uuid: w for uuid, w in enforced_w.items() if uuid not in raised}, {p.uuid: p.tokens_s for p in plans}, node_power,
             requests_waiting_by_gpu=requests_waiting,
         )
-        self.publisher.telemetry(telemetry, now_s)
+        # a lower the controller waits for goes out at once; only one this tick's write put in force
+        lowered = lowers_to_publish_now(p for p in plans if p.uuid in enforced_w)
+        self.publisher.telemetry(telemetry, now_s, lowered=lowered)
         self._update_metrics(readings, plans, enforced_w, view, now_s)
         in_force = {r.uuid: r.requested_limit_w for r in readings}
         in_force.update({p.uuid: p.cap_w for p in plans if p.writes and p.uuid in enforced_w})

@@ -48,7 +48,7 @@ EventType = Literal["Normal", "Warning"]
 class Publisher(Protocol):
     def start(self) -> None: ...
     def stop(self) -> None: ...
-    def telemetry(self, telemetry: NodeTelemetry, now_s: float) -> None: ...
+    def telemetry(self, telemetry: NodeTelemetry, now_s: float, *, lowered: bool = False) -> None: ...
     def event(self, policy: Policy, reason: str, note: str, event_type: EventType, now_s: float) -> None: ...
 
 
@@ -61,7 +61,7 @@ class NullPublisher:
     def stop(self) -> None:
         """Nothing to stop."""
 
-    def telemetry(self, telemetry: NodeTelemetry, now_s: float) -> None:
+    def telemetry(self, telemetry: NodeTelemetry, now_s: float, *, lowered: bool = False) -> None:
         """Dropped: there is no cluster to publish to."""
 
     def event(self, policy: Policy, reason: str, note: str, event_type: EventType, now_s: float) -> None:
@@ -148,12 +148,14 @@ class KubePublisher:
             log.warning("publisher queue full: dropping an update")
 
     # -- telemetry ---------------------------------------------------------------------
-    def telemetry(self, telemetry: NodeTelemetry, now_s: float) -> None:
-        """Queue ``telemetry`` when :func:`should_publish` says it is worth a patch."""
+    def telemetry(self, telemetry: NodeTelemetry, now_s: float, *, lowered: bool = False) -> None:
+        """Queue ``telemetry`` when :func:`should_publish` says it is worth a patch: at once
+        when ``lowered`` (whatever the minimum interval), but never before the retry time
+        of a failing API server."""
         with self._lock:
             if now_s < self._retry_at_s:
                 return
-            if not should_publish(self._last_sent, telemetry, now_s - self._last_sent_s, self.settings):
+            if not should_publish(self._last_sent, telemetry, now_s - self._last_sent_s, self.settings, lowered=lowered):
                 return
             queued = self._pending is not None
             self._pending = (telemetry, now_s)

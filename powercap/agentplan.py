@@ -1173,15 +1173,30 @@ def raised_caps(plans: Iterable[GpuPlan]) -> dict[str, float]:
     }
 
 
+def lowers_to_publish_now(plans: Iterable[GpuPlan]) -> bool:
+    """Whether this tick lowered a GPU's limit other than by the tokens/J loop's step: to
+    follow a lowered allocation, a thermal cut, a clamp. The controller holds the raises that
+    wait on those watts until the telemetry shows the lower in force (allocation step 6), so
+    such a tick is published without waiting for the minimum interval. The loop's 10-W steps,
+    one a tick while a GPU is under its target, wait for it as any other change."""
+    return any(
+        plan.writes and plan.cap_w < plan.previous_w - DEFAULT_LIMIT_TOLERANCE_W and plan.reason != CapReason.RATIO_DOWN.value
+        for plan in plans
+    )
+
+
 def should_publish(
     last: NodeTelemetry | None,
     candidate: NodeTelemetry,
     since_last_s: float,
     settings: PublishSettings = PublishSettings(),
+    lowered: bool = False,
 ) -> bool:
     """Whether ``candidate`` is worth a node patch, ``since_last_s`` after ``last`` went out.
 
-    True when nothing was published yet, or ``since_last_s >= min_interval_s`` and one of:
+    True when nothing was published yet, when ``lowered`` (the tick lowered a limit the
+    controller waits to see in force, :func:`lowers_to_publish_now`) whatever the interval,
+    or when ``since_last_s >= min_interval_s`` and one of:
     heartbeat due (``since_last_s >= heartbeat_s``); the set of GPUs, a limit or a pod
     changed; ``|P' - P| > fraction x P`` for the node (its GPUs' sum or its whole-node
     power) or a GPU; the whole-node power's source changed; ``|T' - T| >= 2 degC`` for a
@@ -1190,7 +1205,7 @@ def should_publish(
     the number of requests waiting and the reading's age are not compared: they ride along
     (module docstring).
     """
-    if last is None:
+    if last is None or lowered:
         return True
     if since_last_s < settings.min_interval_s:
         return False

@@ -57,12 +57,17 @@ cluster view and writes the result to ``status.allocations``. The formula:
    rack's GPUs take the lower of the two.
 6. **Safe transitions.** Node agents pick up a new allocation at different moments, so the
    caps in force mix old and new. Raises are cut so that
-   ``sum_i max(previous_i, new_i) <= capacity_w``, for every service and then for every
+   ``sum_i max(in_force_i, new_i) <= capacity_w``, for every service and then for every
    constrained rack (``floor(maxPower - unmanaged_power_w)``, over the GPUs of every
-   service in it): a raise only spends watts that no GPU can still be holding. A GPU
-   without a previous cap counts at its minimum (an agent starts a new GPU there). When
-   previous caps already exceed the capacity (the cap was lowered, or the rack's other
-   load rose), lowers go out first and raises wait for the next round.
+   service in it), where ``in_force_i`` is the higher of the GPU's previous cap and the
+   limit its telemetry reports (``ceil``-ed, at most its maximum): a raise only spends watts
+   that no GPU can still be holding, and watts a lowered GPU has not reported given up yet
+   (its agent has not applied, or not published, the lower) are still held. A GPU without
+   a previous cap counts at the higher of its minimum (an agent starts a new GPU there) and
+   its reported limit; a held GPU at its hold. When the caps in force already fill the
+   capacity (the cap was lowered, or the rack's other load rose), lowers go out first and
+   raises wait until the lowers are reported (the controller then runs its next round
+   early: ``budget.FOLLOW_UP_S``).
 
 Rounding: caps are whole watts, ``floor``-ed, with minimums rounded up and maximums down,
 so integer sums never pass an integer budget. (The watts the floors take, up to one a GPU,
@@ -475,6 +480,7 @@ class _GpuColumns:
     wants: list[float]                  # the demands as floats
     held: set[int]
     previous: list[int]                 # previous cap, or the minimum for a new GPU
+    in_force: list[int]                 # the higher of previous and the limit reported in force
     sticky: list[bool]                  # fresh with a previous cap: the deadband applies
     power_ws: list[float]
     limit_ws: list[float]
@@ -528,12 +534,18 @@ class _GpuColumns:
             elasticity = settings.marginal.elasticity
             marginals = [None if not ok else marginal_tokens_per_w(t, p, lim, pinned_fraction, elasticity, w)
                          for t, p, lim, w, ok in zip(tokens_ws, power_ws, limit_ws, waiting, fresh)]
+        # What each GPU may be holding now: its previous cap, or the limit it reports when that
+        # is higher (an agent that has not applied a lower yet, or not published it)
+        in_force = [
+            last if limit <= last else min(high, math.ceil(limit - _ROUNDING_SLACK_W))
+            for last, limit, high in zip(previous, limit_ws, maxima)
+        ]
         for i in held:
             # Its agent may still enforce whichever of the reported limit and our last cap is higher.
             last_w = previous_ws[i] or 0.0
             hold_w = math.floor(clamp(max(limit_ws[i], last_w), minima[i], maxima[i]))
             floors[i] = demands[i] = float(hold_w)
-            previous[i] = hold_w
+            previous[i] = in_force[i] = hold_w
             sticky[i] = False
         return cls(
             settings=settings,
@@ -560,6 +572,7 @@ class _GpuColumns:
             wants=[float(demand) for demand in demands],
             held=held,
             previous=previous,
+            in_force=in_force,
             sticky=sticky,
             power_ws=power_ws,
             limit_ws=limit_ws,
@@ -732,17 +745,18 @@ class _GpuColumns:
         return kept
 
     def limit_raises(self, caps: list[int]) -> tuple[list[int], set[int]]:
-        """Cut raises so that ``sum_i max(previous_i, cap_i) <= capacity_w`` for every service,
-        then for every constrained rack.
+        """Cut raises so that ``sum_i max(in_force_i, cap_i) <= capacity_w`` for every service,
+        then for every constrained rack; ``in_force_i`` is the higher of the GPU's previous cap
+        and the limit it reports.
 
-        Each raise keeps ``floor((cap_i - previous_i) x room / raises)`` where
-        ``room = capacity_w - sum_i previous_i`` (0 when negative).
+        Each raise keeps ``floor((cap_i - in_force_i) x room / raises)`` where
+        ``room = capacity_w - sum_i in_force_i`` (0 when negative).
         """
         limited = list(caps)
         postponed: set[int] = set()
         floor = math.floor
         for (start, end), capacity_w in zip(self.spans, self.service_capacity_w):
-            new, old = caps[start:end], self.previous[start:end]
+            new, old = caps[start:end], self.in_force[start:end]
             raises_w = sum([cap - last for cap, last in zip(new, old) if cap > last])
             room_w = max(capacity_w - sum(old), 0)
             if raises_w <= room_w:
@@ -750,7 +764,7 @@ class _GpuColumns:
             share = room_w / raises_w
             limited[start:end] = [last + floor((cap - last) * share) if cap > last else cap for cap, last in zip(new, old)]
             postponed.update(compress(range(start, end), map(gt, new, old)))
-        previous = self.previous
+        previous = self.in_force
         for members, capacity_w in zip(self.members_of_rack, self.rack_capacity_w):
             raised = [i for i in members if limited[i] > previous[i]]
             raises_w = sum([limited[i] - previous[i] for i in raised])

@@ -56,6 +56,7 @@ from typing import Any
 from powercap.allocation import (
     Allocation,
     AllocationSettings,
+    Bound,
     budget_w,
     GpuState,
     RackAllocation,
@@ -79,6 +80,10 @@ from powercap.status import (
 )
 
 
+FOLLOW_UP_S = 1.5
+"""How soon a round follows one that postponed raises (:attr:`RoundPlan.follow_up`): the
+agents tick every second and publish a lowered limit at once."""
+
 @dataclass(frozen=True)
 class PolicyPlan:
     """What one round decided for a policy: its caps, what it measured, the status to store."""
@@ -100,6 +105,18 @@ class RoundPlan:
     now: datetime
     policies: Mapping[str, PolicyPlan] = field(default_factory=lambda: MappingProxyType({}))
     racks: Mapping[str, RackAllocation] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def follow_up(self) -> bool:
+        """Whether the next round should come early (:data:`FOLLOW_UP_S`): a status to write
+        postpones raises until lowered caps are in force (allocation step 6). The agents apply
+        and publish such lowers within a tick or two; a round then spends the watts they freed
+        instead of leaving them unspent for a whole interval. A round that writes nothing (a
+        lower not confirmed yet, an agent that never applies it) asks for none."""
+        return any(
+            plan.changed and any(cap.bound is Bound.TRANSITION for cap in plan.allocation.caps)
+            for plan in self.policies.values()
+        )
 
 
 def plan_round(

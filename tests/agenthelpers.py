@@ -103,6 +103,7 @@ class StaticSource:
 @dataclass
 class RecordingPublisher:
     telemetries: list[NodeTelemetry] = field(default_factory=list)
+    lowered: list[bool] = field(default_factory=list)  # each telemetry's ``lowered``
     events: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     def start(self) -> None:
@@ -111,8 +112,9 @@ class RecordingPublisher:
     def stop(self) -> None:
         pass
 
-    def telemetry(self, telemetry: NodeTelemetry, now_s: float) -> None:
+    def telemetry(self, telemetry: NodeTelemetry, now_s: float, *, lowered: bool = False) -> None:
         self.telemetries.append(telemetry)
+        self.lowered.append(lowered)
 
     def event(self, policy: Policy, reason: str, note: str, event_type: str, now_s: float) -> None:
         self.events.append((policy.key, reason, event_type, note))

@@ -154,9 +154,18 @@ def allocate(services: list[dict], racks: list[dict] = (), settings: dict | None
         if sum(kept[u] for u in group) > limit:
             kept.update({u: min(kept[u], new[u]) for u in group})
 
+    def in_force(u: str) -> int:
+        """Step 6: the higher of its previous cap (its minimum when new) and the limit it reports."""
+        g = gpu[u]
+        last = g["low"] if g["last"] is None else g["last"]
+        limit = exact(g["limit_w"])
+        if not g["fresh"] or limit <= last:
+            return last
+        return min(g["high"], math.ceil(limit - Fraction(1, 10**6)))
+
     caps, postponed = dict(kept), set()                                                    # step 6
     for key, group in members.items():
-        before = {u: gpu[u]["low"] if gpu[u]["last"] is None else gpu[u]["last"] for u in group}
+        before = {u: in_force(u) for u in group}
         raises = sum(max(0, kept[u] - before[u]) for u in group)
         room = max(0, capacity[key] - sum(before.values()))
         share = room / raises if floats and raises else Fraction(room, raises or 1)
@@ -164,7 +173,7 @@ def allocate(services: list[dict], racks: list[dict] = (), settings: dict | None
             postponed |= {u for u in group if kept[u] > before[u]}
             caps.update({u: before[u] + math.floor((kept[u] - before[u]) * share) for u in group if u in postponed})
     for rack, group in in_rack.items():  # then every constrained rack, over every service's GPUs in it
-        before = {u: gpu[u]["low"] if gpu[u]["last"] is None else gpu[u]["last"] for u in group}
+        before = {u: in_force(u) for u in group}
         raised = {u for u in group if caps[u] > before[u]}
         raises = sum(caps[u] - before[u] for u in raised)
         room = max(0, limits[rack] - sum(before.values()))

@@ -120,6 +120,34 @@ def test_a_raised_gpu_is_published_at_the_limit_its_power_was_read_under(harness
     assert [(g.power_w, g.limit_w) for g in harness.publisher.telemetries[-1].gpus][1] == (540, 550)
 
 
+@pytest.mark.parametrize(
+    ("caps_w", "gpu0_c", "set_fails", "lowered"),
+    [
+        pytest.param({GPU0: 300, GPU1: 450}, 60, False, True, id="allocation-lowered"),
+        pytest.param({GPU0: 300, GPU1: 550}, 60, False, True, id="watts-moved-within-the-node"),
+        pytest.param({GPU0: 400, GPU1: 550}, 60, False, False, id="allocation-raised"),
+        pytest.param({GPU0: 400, GPU1: 450}, 87, False, True, id="thermal-cut"),
+        pytest.param({GPU0: 300, GPU1: 450}, 60, True, False, id="lower-not-written"),
+        pytest.param({GPU0: 400, GPU1: 450}, 60, False, False, id="nothing-changed"),
+    ],
+)
+def test_a_lower_the_controller_waits_for_is_published_at_once(
+    harness: Harness, fake: FakeNvml, caps_w: dict[str, int], gpu0_c: int, set_fails: bool, lowered: bool,
+) -> None:
+    """The controller holds the raises that spend a lowered GPU's watts until its telemetry
+    shows the lower in force: a tick that wrote such a lower asks the publisher to send at
+    once (the tokens/J loop's steps do not: tests/test_agent_tokens.py)."""
+    harness.source.set(policy(caps_w={GPU0: 400, GPU1: 450}))
+    harness.tick()
+    assert harness.publisher.lowered == [True]  # from the 700 W default
+    harness.source.set(policy(caps_w=caps_w))
+    fake.set_temperature_c(0, gpu0_c)
+    if set_fails:
+        fake.inject_error("nvmlDeviceSetPowerManagementLimit", NvmlReturn.NO_PERMISSION, gpu=0)
+    harness.tick()
+    assert harness.publisher.lowered[-1] is lowered
+
+
 def test_out_of_band_limiter_is_reported_not_fought(harness: Harness, fake: FakeNvml) -> None:
     fake.set_limiter_w(0, 300)
     harness.source.set(policy(caps_w={GPU0: 400}))

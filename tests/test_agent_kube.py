@@ -19,7 +19,9 @@ from powercap.agentplan import PublishSettings
 from powercap import kube
 from powercap.kube import KubeClient
 from powercap.telemetry import TELEMETRY_ANNOTATION, from_document, to_document
-from tests.agenthelpers import NODE, allocation_document, node_object, pod, policy_document, wait_until
+from tests.agenthelpers import (
+    NODE, StaticSource, allocation_document, node_object, pod, policy, policy_document, wait_until,
+)
 from tests.fakes.apiserver import FakeApiServer
 from tests.fakes.kubelet import FakeKubelet
 
@@ -221,6 +223,84 @@ def test_agent_enforces_publishes_telemetry_and_events(
         assert agent.status()["policyFresh"] is False
     finally:
         source.stop()
+
+
+def test_a_lowered_allocation_is_published_at_once_and_a_raise_waits(
+    apiserver: FakeApiServer, client: KubeClient, simulated: tuple[SimulatedBackend, ManualClock]
+) -> None:
+    """The controller raises a GPU with the watts another gave up only once the PowerCapNode
+    shows the lower in force: the tick that applies it publishes 1 s after the last patch;
+    the raise that follows waits for the minimum interval, as any other change."""
+    backend, clock = simulated
+    uuids = [d.uuid for d in backend.devices()]
+    apiserver.put_object("nodes", node_object())
+    source = StaticSource()
+    publisher = KubePublisher(client, NODE, background=False, settings=PublishSettings(min_interval_s=5.0))
+    agent = Agent(backend, source, AgentSettings(node=NODE), publisher=publisher, clock=clock)
+    status_path = f"/apis/powercapping.example.com/v1alpha1/powercapnodes/{NODE}/status"
+
+    def published_limits_w() -> list[float]:
+        published = apiserver.get_object("powercapnodes", NODE)
+        assert published is not None
+        return [g.limit_w for g in from_document(published["status"]).gpus]
+
+    source.set(policy(caps_w={uuids[0]: 400, uuids[1]: 450}))
+    clock.advance(1.0)
+    agent.tick()
+    assert published_limits_w() == [400, 450]
+    patches = len(apiserver.requests_to("PATCH", status_path))
+    source.set(policy(caps_w={uuids[0]: 300, uuids[1]: 450}))
+    clock.advance(1.0)
+    agent.tick()
+    assert published_limits_w() == [300, 450]
+    assert len(apiserver.requests_to("PATCH", status_path)) == patches + 1
+    source.set(policy(caps_w={uuids[0]: 300, uuids[1]: 550}))
+    clock.advance(1.0)
+    agent.tick()
+    assert backend.snapshot(1).requested_limit_w == 550
+    assert len(apiserver.requests_to("PATCH", status_path)) == patches + 1, "a raise waits for the minimum interval"
+    clock.advance(4.0)
+    agent.tick()
+    assert published_limits_w() == [300, 550]
+
+
+@pytest.mark.parametrize(
+    ("after_s", "lowered", "published"),
+    [
+        pytest.param(1.0, True, True, id="lowered-1s-after"),
+        pytest.param(1.0, False, False, id="other-change-1s-after"),
+        pytest.param(5.0, False, True, id="other-change-after-the-minimum-interval"),
+    ],
+)
+def test_only_a_lowered_telemetry_skips_the_minimum_interval(
+    apiserver: FakeApiServer, client: KubeClient, after_s: float, lowered: bool, published: bool,
+) -> None:
+    from datetime import datetime, timezone
+
+    from powercap.telemetry import NodeTelemetry
+
+    apiserver.put_object("nodes", node_object())
+    publisher = KubePublisher(client, NODE, background=False, settings=PublishSettings(min_interval_s=5.0))
+    publisher.telemetry(NodeTelemetry(datetime.now(timezone.utc), 1000.0, None), 0.0)
+    publisher.telemetry(NodeTelemetry(datetime.now(timezone.utc), 800.0, None), after_s, lowered=lowered)
+    assert publisher.last_sent is not None and publisher.last_sent.power_w == (800.0 if published else 1000.0)
+
+
+def test_a_lowered_telemetry_still_waits_out_the_backoff(apiserver: FakeApiServer, client: KubeClient) -> None:
+    """Urgent or not, a failing API server gets one patch per backoff, not one per tick."""
+    from datetime import datetime, timezone
+
+    from powercap.telemetry import NodeTelemetry
+
+    apiserver.put_object("nodes", node_object())
+    apiserver.fail_next(10_000, 503, method="PATCH")
+    publisher = KubePublisher(client, NODE, background=False, settings=PublishSettings(min_interval_s=5.0))
+    patch_path = f"/apis/powercapping.example.com/v1alpha1/powercapnodes/{NODE}/status"
+    for second in range(120):
+        publisher.telemetry(NodeTelemetry(datetime.now(timezone.utc), 100.0 + second, None), float(second), lowered=True)
+    attempts = len(apiserver.requests_to("PATCH", patch_path))
+    assert 3 <= attempts <= 6, f"{attempts} patches in 120 ticks"
+    assert publisher.last_sent is None
 
 
 def test_events_are_rate_limited_per_policy_and_reason(apiserver: FakeApiServer, client: KubeClient) -> None:

@@ -179,7 +179,8 @@ def test_refused_connection_is_no_ratio_not_an_error() -> None:
 
 def test_ratio_loop_lowers_the_cap_of_an_inefficient_pod(tmp_path: Path) -> None:
     """A pod on a simulated H200 makes 2.5 tokens/J uncapped (578 W) and 3.0 at 400 W; the
-    target 3.0 +- 5 % makes the agent step its cap down until the ratio is in the band."""
+    target 3.0 +- 5 % makes the agent step its cap down until the ratio is in the band. The
+    steps are not published at once (only lowers the controller waits for are)."""
     clock = ManualClock(0.0)
     backend = SimulatedBackend([physics.H200_LIKE], clock=clock)
     backend.set_workload(0, physics.Workload(load=1.0, prefill_share=0.5))
@@ -196,7 +197,8 @@ def test_ratio_loop_lowers_the_cap_of_an_inefficient_pod(tmp_path: Path) -> None
     proc = tmp_path / "proc"
     (proc / "4242").mkdir(parents=True)
     (proc / "4242" / "cgroup").write_text(f"0::/kubepods/burstable/pod{UID}/0123456789abcdef0123456789abcdef\n")
-    agent = Agent(backend, source, AgentSettings(node=NODE), tokens=tokens, clock=clock, proc_root=proc)
+    publisher = RecordingPublisher()
+    agent = Agent(backend, source, AgentSettings(node=NODE), publisher=publisher, tokens=tokens, clock=clock, proc_root=proc)
     backend.set_pids(0, [4242])
     ratios = []
     for _ in range(200):
@@ -208,6 +210,7 @@ def test_ratio_loop_lowers_the_cap_of_an_inefficient_pod(tmp_path: Path) -> None
     cap_w = backend.snapshot(0).requested_limit_w
     assert 350 <= cap_w <= 500
     assert ratios[0] < 3.0 * 0.95 and 3.0 * 0.95 <= ratios[-1] <= 3.0 * 1.05
+    assert not any(publisher.lowered), "the loop's steps wait for the publisher's minimum interval"
 
 
 

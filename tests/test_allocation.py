@@ -40,6 +40,7 @@ def caps_of(allocation, key: str = "ns/svc") -> dict[str, int]:
 PINNED_AT_500 = dict(power_w=498, limit_w=500)   # within 5 % of its cap: wants 550 W
 IDLE = dict(power_w=80, limit_w=500)             # well below: gives back down to its minimum
 IDLE_AT_50 = dict(power_w=50, limit_w=500)       # asks for 50 + 50 (headroom): its minimum
+IDLE_AT_MIN = dict(power_w=80, limit_w=200)       # a new GPU its agent runs at its minimum
 
 # The margin a controller run with --margin=0.03 keeps (the default before issue 14): the
 # examples built around floor(powerCapLimit x 0.97) pass it explicitly.
@@ -87,8 +88,10 @@ THREE_PERCENT_MARGIN = AllocationSettings(margin=0.03)
         ),
         pytest.param(
             # demands 550, 550, 200, 200 (1500 W) fit 2000; surplus: the pinned first, one step
-            # more (600 each), then a common level: 2 x 600 + 2 L = 2000 -> L = 400
-            2000, [gpu("busy1", **PINNED_AT_500), gpu("busy2", **PINNED_AT_500), gpu("idle1", **IDLE), gpu("idle2", **IDLE)],
+            # more (600 each), then a common level: 2 x 600 + 2 L = 2000 -> L = 400. The idle
+            # GPUs are new, at the minimum their agents start them at: the raises fit the room
+            2000, [gpu("busy1", **PINNED_AT_500), gpu("busy2", **PINNED_AT_500),
+                   gpu("idle1", **IDLE_AT_MIN), gpu("idle2", **IDLE_AT_MIN)],
             [],
             {"busy1": 600, "busy2": 600, "idle1": 400, "idle2": 400},
             {u: Bound.BUDGET for u in ("busy1", "busy2", "idle1", "idle2")},
@@ -140,7 +143,16 @@ def test_by_default_the_whole_cap_is_shared_and_rebalanced_by_marginal_value() -
     assert fill == {"a": 400, "b": 400}
     # a makes 1400 tokens/s at 400 W, b 700: a's marginal tokens/s per watt is twice b's
     measured = (dataclasses.replace(pinned[0], tokens_s=1400.0), dataclasses.replace(pinned[1], tokens_s=700.0))
-    rebalanced = caps_of(allocate([Service("ns/svc", 800, measured)], [], AllocationSettings()))
+    first = allocate([Service("ns/svc", 800, measured)], [], AllocationSettings()).services["ns/svc"]
+    # both hold 400 W in force: b's lower goes out first, a's raise waits until b reports it
+    lowered = {c.uuid: c.cap_w for c in first.caps}
+    assert lowered["b"] < 400 == lowered["a"]
+    assert [c.bound for c in first.caps if c.uuid == "a"] == [Bound.TRANSITION]
+    # b applied it and still makes half a's tokens per watt: a takes the watts b gave up
+    applied = (dataclasses.replace(measured[0], previous_w=400),
+               dataclasses.replace(measured[1], previous_w=lowered["b"], limit_w=lowered["b"], power_w=lowered["b"] - 2,
+                                   tokens_s=700.0 * lowered["b"] / 400))
+    rebalanced = caps_of(allocate([Service("ns/svc", 800, applied)], [], AllocationSettings()))
     assert rebalanced["a"] > 400 > rebalanced["b"] and sum(rebalanced.values()) == 800
     assert rebalanced == {"a": 450, "b": 350}  # at most a step (10 % of 200-700 W) a round
     fill_only = AllocationSettings(marginal=MarginalSettings(enabled=False))
@@ -435,7 +447,9 @@ def test_transitions_never_pass_the_budget(problem, allocation_settings) -> None
 
 def check_transitions(services: list[Service], racks: list[RackLimit],
                       allocation_settings: AllocationSettings | None = None) -> None:
-    """Old and new caps mixed (agents apply an allocation at different moments) fit each service's budget."""
+    """Old and new caps mixed (agents apply an allocation at different moments) fit each service's
+    budget: each GPU holds what it holds now (the higher of its previous cap, its minimum when it
+    has none, and the limit it reports) or its new cap."""
     allocation = allocate(services, racks, allocation_settings)
     margin = (allocation_settings or AllocationSettings()).margin
     for service in services:
@@ -446,6 +460,8 @@ def check_transitions(services: list[Service], racks: list[RackLimit],
         for cap in result.caps:
             state = before[cap.uuid]
             old_w = cap.min_w if state.previous_w is None else min(max(state.previous_w, cap.min_w), cap.max_w)
+            if state.limit_w > old_w:
+                old_w = min(cap.max_w, math.ceil(state.limit_w - 1e-6))
             if not state.fresh:
                 old_w = cap.cap_w
             previous_w += old_w

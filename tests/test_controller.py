@@ -82,9 +82,10 @@ def serve_cluster(apiserver: FakeApiServer, *, cap_w: int = 2000, algorithm: dic
 
 
 def controller_for(client: kube.KubeClient, clock: Clock, is_leader: Callable[[], bool] = lambda: True,
-                   identity: str = "controller-a") -> BudgetController:
+                   identity: str = "controller-a", **settings: Any) -> BudgetController:
     snapshots = ListSnapshots(client, ClusterSettings(), AlgorithmRegistry.default(), clock=clock.datetime)
-    return BudgetController(client, snapshots, ControllerSettings(identity=identity), is_leader=is_leader, clock=clock)
+    return BudgetController(client, snapshots, ControllerSettings(identity=identity, **settings), is_leader=is_leader,
+                            clock=clock)
 
 
 def stored_status(apiserver: FakeApiServer) -> dict[str, Any]:
@@ -443,6 +444,103 @@ def test_the_loop_elects_watches_writes_and_releases_the_lease(client, apiserver
     assert apiserver.get_object("leases", "powercap-controller", "powercap-system")["spec"]["holderIdentity"] == ""
 
 
+def demand_moves(apiserver: FakeApiServer, clock: Clock) -> None:
+    """After a first round (gpu-1's A0 and A1 busy: 700 W each; gpu-2's B0 and B1 idle: 300
+    W) and 5 s of agents applying it, the load moves: A idles at 90 W, B runs at its limit.
+    The next round lowers A and postpones B's raises until A's lowers are in force."""
+    clock.advance(5)
+    busy = {"B0", "B1"}
+    for updated in agents_apply(apiserver.objects("nodes"), apiserver.objects("powercappingpolicies"), at=clock.datetime(),
+                                draw_w=lambda gpu, limit_w: limit_w - 5 if gpu.uuid in busy else 90):
+        apiserver.put_object("nodes", updated)
+
+
+def test_a_round_that_postponed_raises_asks_for_an_early_next_one(
+    client, apiserver, caplog: pytest.LogCaptureFixture,
+) -> None:
+    serve_cluster(apiserver)
+    clock = Clock()
+    controller = controller_for(client, clock)
+    first = controller.run_round()
+    assert first.written and not first.follow_up
+    demand_moves(apiserver, clock)
+    with caplog.at_level("DEBUG", logger="controller"):
+        postponing = controller.run_round()
+    assert postponing.written == ["inference/llama"] and postponing.follow_up and postponing.plan is not None
+    assert postponing.wait_s(controller.settings) == 1.5
+    assert {c.uuid: c.bound.value for c in postponing.plan.policies["inference/llama"].allocation.caps} == {
+        "A0": "budget", "A1": "budget", "B0": "transition", "B1": "transition"}
+    (done,) = [r for r in caplog.records if r.getMessage() == "round done"]
+    assert (done.follow_up, done.next_round_in_s) == (True, 1.5)  # type: ignore[attr-defined]
+    clock.advance(1.5)
+    waiting = controller.run_round()  # A's lowers not reported yet: nothing new to write
+    assert (waiting.written, waiting.follow_up) == ([], False)
+    agents_catch_up(apiserver, clock.datetime())
+    clock.advance(1.5)
+    raised = controller.run_round()
+    assert raised.written and not raised.follow_up and raised.plan is not None
+    assert {c.uuid: c.cap_w for c in raised.plan.policies["inference/llama"].allocation.caps} == {
+        "A0": 500, "A1": 500, "B0": 500, "B1": 500}
+
+
+def test_a_failed_write_asks_for_no_early_round(client, apiserver) -> None:
+    """The agents follow only a written status, and a failing API server is not asked more often."""
+    serve_cluster(apiserver)
+    clock = Clock()
+    controller = controller_for(client, clock)
+    controller.run_round()
+    demand_moves(apiserver, clock)
+    apiserver.fail_next(1, 503, method="PUT", path=STATUS_PATH)
+    report = controller.run_round()
+    assert report.plan is not None and report.plan.follow_up
+    assert (report.failed, report.follow_up) == (["inference/llama"], False)
+
+
+class CountedStop(threading.Event):
+    """The stop event of :meth:`BudgetController.run` that records each wait instead of
+    sleeping, and is set after ``rounds`` of them."""
+
+    def __init__(self, rounds: int) -> None:
+        super().__init__()
+        self.rounds = rounds
+        self.waits_s: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits_s.append(timeout)
+        if len(self.waits_s) >= self.rounds:
+            self.set()
+        return self.is_set()
+
+
+@pytest.mark.parametrize(
+    ("settings", "waits_s"),
+    [
+        pytest.param({}, [1.5, 5.0], id="defaults"),
+        pytest.param({"follow_up_s": 0.0}, [5.0, 5.0], id="off"),
+        pytest.param({"follow_up_s": 3.0}, [3.0, 5.0], id="longer"),
+        pytest.param({"follow_up_s": 3.0, "interval_s": 2.0}, [2.0, 2.0], id="never-later-than-the-interval"),
+    ],
+)
+def test_the_loop_runs_the_next_round_sooner_after_one_that_postponed_raises(
+    client, apiserver, settings: dict[str, Any], waits_s: list[float],
+) -> None:
+    """The round that postpones raises waits min(follow_up_s, interval_s); the next one,
+    with nothing new to write, the whole interval."""
+    serve_cluster(apiserver)
+    clock = Clock()
+    controller = controller_for(client, clock, **settings)
+    controller.run_round()
+    demand_moves(apiserver, clock)
+    stop = CountedStop(rounds=2)
+    controller.run(stop)
+    assert stop.waits_s == pytest.approx(waits_s, abs=0.5)  # less the time each round took
+
+
+def test_a_negative_follow_up_is_refused() -> None:
+    with pytest.raises(ValueError, match="follow_up_s must be at least 0"):
+        ControllerSettings(follow_up_s=-1.0)
+
+
 def test_health_endpoints(client, apiserver) -> None:
     class Ready:
         def readiness(self) -> str | None:
@@ -509,12 +607,13 @@ def test_once_prints_the_statuses_it_would_write(state_file: Path, output: str, 
 @pytest.mark.parametrize(
     ("flags", "budget_w", "caps_w"),
     [
-        # the whole 1000 W, 500 W each; A0 buys 3 x the tokens per watt: one step (10 % of 200-700 W) moves to it
-        pytest.param([], 1000, (550, 450), id="defaults"),
+        # the whole 1000 W, 500 W each; A0 buys 3 x the tokens per watt: one step (10 % of 200-700 W) moves to
+        # it; this round lowers A1, and A0's raise waits until A1's lower is in force (a later round)
+        pytest.param([], 1000, (500, 450), id="defaults"),
         pytest.param(["--no-marginal-rebalancing"], 1000, (500, 500), id="no-marginal-rebalancing"),
-        pytest.param(["--marginal-rebalancing"], 1000, (550, 450), id="marginal-rebalancing"),
-        # floor(1000 x 0.97) = 970, 485 W each; then one 50 W step to A0
-        pytest.param(["--margin", "0.03"], 970, (535, 435), id="margin"),
+        pytest.param(["--marginal-rebalancing"], 1000, (500, 450), id="marginal-rebalancing"),
+        # floor(1000 x 0.97) = 970, 485 W each; then one 50 W step to A0: A1 at 435 W, A0 keeps the 500 W in force
+        pytest.param(["--margin", "0.03"], 970, (500, 435), id="margin"),
         pytest.param(["--margin", "0.03", "--no-marginal-rebalancing"], 970, (485, 485), id="margin-no-rebalancing"),
     ],
 )
@@ -532,7 +631,7 @@ def test_once_follows_the_margin_and_the_marginal_rebalancing_flags(
     assert item["status"]["budgetW"] == budget_w
     (allocation,) = item["status"]["allocations"]
     assert tuple(g["watts"] for g in allocation["gpus"]) == caps_w
-    assert sum(caps_w) == budget_w
+    assert sum(caps_w) <= budget_w
 
 
 @pytest.mark.parametrize(
@@ -552,6 +651,46 @@ def test_bad_margin_is_refused(capsys) -> None:
         main(["controller", "--once", "--margin", "1.5"])
     assert exit_info.value.code == 2
     assert "less than 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        pytest.param("-1", "'-1' must be 0 or a positive number of seconds", id="negative"),
+        pytest.param("soon", "'soon' is not a number of seconds", id="not-a-number"),
+        pytest.param("inf", "'inf' must be 0 or a positive number of seconds", id="infinite"),
+    ],
+)
+def test_a_bad_transition_follow_up_is_refused(capsys, value: str, message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["controller", "--once", "--transition-follow-up", value])
+    assert exit_info.value.code == 2
+    assert f"argument --transition-follow-up: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "follow_up_s"),
+    [
+        pytest.param([], 1.5, id="default"),
+        pytest.param(["--transition-follow-up", "0"], 0.0, id="off"),
+        pytest.param(["--transition-follow-up", "2.5"], 2.5, id="set"),
+    ],
+)
+def test_the_transition_follow_up_flag_reaches_the_loop(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], follow_up_s: float,
+) -> None:
+    import controller.cli as cli
+
+    served: list[ControllerSettings] = []
+    monkeypatch.setattr(cli.kube.KubeClient, "from_environment", staticmethod(lambda: None))
+
+    def serve(client: Any, cluster: Any, registry: Any, settings: ControllerSettings, args: Any) -> int:
+        served.append(settings)
+        return 0
+
+    monkeypatch.setattr(cli, "serve", serve)
+    assert main(["controller", *argv]) == 0
+    assert [s.follow_up_s for s in served] == [follow_up_s]
 
 
 def test_now_is_the_snapshot_time(state_file: Path, capsys) -> None:

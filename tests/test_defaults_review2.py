@@ -223,13 +223,12 @@ def test_the_rebalancing_between_nodes_of_a_rack_lowers_first_and_raises_a_round
 
 
 def test_an_agent_lagging_past_a_round_is_counted_at_its_limit_a_round_later_and_reported() -> None:
-    """The same move with gpu-2's agent never applying B's lower. Round 1 publishes A's raise
-    (its ``sum max(previous, new)`` is checked against the *published* previous caps, 400 + 350,
-    although B's telemetry already shows 400 W in force): 450 + 400 = 850 W in force under an
-    800 W powerCapLimit and an 800 W rack for one round (docs/controller.md: safe "as long as an
-    agent applies a new allocation within one round"). From round 2, B lagging in two rounds
-    running is counted at the 400 W it reports: A comes back to 400 W, and the controller
-    reports it: Enforced=False, AgentsLagging."""
+    """The same move with gpu-2's agent never applying B's lower. The safe transitions count B
+    at the 400 W its telemetry reports in force, not at the 350 W published for it, so A's
+    raise never goes out: 800 W in force under an 800 W powerCapLimit and an 800 W rack in
+    every round. (They used to count the published 350 W: 450 + 400 = 850 W in force for a
+    round.) From round 3, B lagging in two rounds running is reported: Enforced=False,
+    AgentsLagging."""
     nodes, pods, document = rack_pair(3000, 1000)  # 3x apart: beyond marginal.EQUAL_WITHIN after B is lowered too
     lagging: dict[str, Any] | None = {}
     reasons, in_force = [], []
@@ -243,5 +242,5 @@ def test_an_agent_lagging_past_a_round_is_counted_at_its_limit_a_round_later_and
         nodes = [applied[0], nodes[1]]  # gpu-2's agent does not apply
         gpus = view(nodes, pods, [document], now=now).policies[KEY].gpus
         in_force.append(sum(g.gpu.limit_w for g in gpus))
-    assert in_force == [800, 850, 800, 800]
+    assert in_force == [800, 800, 800, 800]
     assert reasons[0] == "AllocationApplied" and reasons[2:] == ["AgentsLagging", "AgentsLagging"]

@@ -45,9 +45,9 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
         "batch": (19572460.931686096, 536563.289428508, 39.417),
     },
     "powercap": {
-        "chat": (7166291.190205645, 1606264.3400984532, 30.843),
-        "code": (5693246.727897317, 1109333.0407583201, 22.409),
-        "batch": (19956929.3054431, 520319.1879000837, 31.002),
+        "chat": (7166291.190205647, 1612678.659436039, 25.497),
+        "code": (5723179.313454987, 1120028.7373760198, 22.354),
+        "batch": (20069757.034621716, 523800.8931181055, 27.722),
     },
     "oracle": {
         "chat": (7166291.1902056495, 1618266.4505797469, 23.564),
@@ -59,14 +59,14 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
 PINNED_COUNTER_ENERGY_J = {
     "no-capping": 4320416.767953997,
     "static-split": 3251655.095881968,
-    "powercap": 3449483.568756857,
+    "powercap": 3467825.2899301643,
     "oracle": 3511295.998882641,
 }
 # strategy -> what the nodes drew beside their GPUs over the run, J
 PINNED_NON_GPU_ENERGY_J = {
     "no-capping": 4165923.3702003225,
     "static-split": 3902956.4056075877,
-    "powercap": 3956748.0257235905,
+    "powercap": 3961272.179406291,
     "oracle": 3969833.991452781,
 }
 

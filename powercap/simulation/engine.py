@@ -53,11 +53,12 @@ import numpy as np
 
 from powercap import physics
 from powercap.agentplan import (
-    CapRecord, GpuMemory, GpuPlan, PublishSettings, TickInputs, build_telemetry, plan_tick, raised_caps, should_publish,
+    CapRecord, GpuMemory, GpuPlan, PublishSettings, TickInputs, build_telemetry, lowers_to_publish_now, plan_tick, raised_caps,
+    should_publish,
 )
 from powercap.algorithms import AlgorithmRegistry, EnergyAwareScheduling
 from powercap.allocation import AllocationSettings
-from powercap.budget import plan_round
+from powercap.budget import FOLLOW_UP_S, plan_round
 from powercap.cluster import ClusterView
 from powercap.control import ControlSettings
 from powercap.nodepower import REDFISH, SourceReading, choose_node_power
@@ -456,9 +457,10 @@ class _Run:
         step) read as a BMC reading taken now, chosen as the agent chooses
         (:func:`powercap.nodepower.choose_node_power`)."""
         last_s = self.published_at.get(node.name)
-        if node.telemetry is not None and last_s is not None and t_s - last_s < self.settings.publish.min_interval_s:
-            return  # should_publish would refuse whatever the telemetry: not built
         plans = self.last_plans.get(node.name)
+        lowered = plans is not None and lowers_to_publish_now(plans)
+        if node.telemetry is not None and last_s is not None and t_s - last_s < self.settings.publish.min_interval_s and not lowered:
+            return  # should_publish would refuse whatever the telemetry: not built
         tokens_s_by_gpu: dict[str, float | None] | None = None
         requests_waiting_by_gpu: dict[str, int | None] | None = None
         if plans is not None:
@@ -477,7 +479,8 @@ class _Run:
             moment(t_s), node.gpus, node.rack.inlet_c, pods, raised_caps(plans) if plans is not None else None,
             tokens_s_by_gpu=tokens_s_by_gpu, node_power=node_power, requests_waiting_by_gpu=requests_waiting_by_gpu,
         )
-        if should_publish(node.telemetry, telemetry, t_s - last_s if last_s is not None else math.inf, self.settings.publish):
+        since_s = t_s - last_s if last_s is not None else math.inf
+        if should_publish(node.telemetry, telemetry, since_s, self.settings.publish, lowered):
             node.set_telemetry(telemetry)
             self.published_at[node.name] = t_s
 
@@ -544,7 +547,8 @@ class _Run:
         for key, policy_plan in plan.policies.items():
             if policy_plan.changed:
                 self._write_status(key, policy_plan.status)
-        self.controller_due = t_s + self.timing.controller_interval_s
+        interval_s = self.timing.controller_interval_s
+        self.controller_due = t_s + (min(FOLLOW_UP_S, interval_s) if plan.follow_up else interval_s)
         self.policies_changed = False
         for key, policy_view in sorted(view.policies.items()):
             if policy_view.policy.algorithm.name != EnergyAwareScheduling.name:
