@@ -1,0 +1,99 @@
+"""Safe transitions with agents that apply a lower late: the caps in force, second by second.
+
+Watts move from three lightly loaded replicas on one node to a saturated one on another.
+The controller rounds (the real :func:`powercap.budget.plan_round`) run every 5 s, and
+1.5 s after a round that wrote postponed raises (:data:`powercap.budget.FOLLOW_UP_S`, as
+``controller/loop.py`` and the simulator schedule them). Each node's agent applies the
+published allocation some time after it is written and then reports the limits it holds.
+The transitions count a GPU at the higher of its previous cap and the limit it reports, so
+the saturated replica's raise waits for the other node's lowers to be *reported*: with a
+prompt agent it lands one follow-up round later; with a slow one it waits, and the caps in
+force never pass the powerCapLimit meanwhile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import pytest
+
+from powercap.budget import FOLLOW_UP_S, plan_round
+from powercap.status import published_allocations
+from tests.fakes.clusters import Gpu, node, view, with_status
+from tests.fakes.objects import NOW, gpu_pod, policy
+
+LLAMA = {"app.kubernetes.io/name": "llama"}
+KEY = "inference/llama"
+CAP_W = 1600
+STEP_S = 0.5
+BUSY, LIGHT = "GPU-A", ("GPU-B", "GPU-C", "GPU-D")
+NODE_OF = {BUSY: "gpu-1", **{uuid: "gpu-2" for uuid in LIGHT}}
+
+
+@dataclass
+class Rack:
+    """Two nodes, four replicas, each GPU at 400 W in force to begin with."""
+
+    apply_delay_s: dict[str, float]  # node -> how long its agent takes to apply a new allocation
+    in_force: dict[str, float] = field(default_factory=lambda: {uuid: 400.0 for uuid in NODE_OF})
+    reported_at: dict[str, float] = field(default_factory=dict)  # node -> when its agent last published
+    pending: list[tuple[float, str, dict[str, float]]] = field(default_factory=list)  # (due, node, allocation)
+    worst_w: float = 0.0
+    raised_at_s: float | None = None
+
+    def gpu(self, uuid: str, index: int) -> Gpu:
+        # the busy replica cannot keep up: it draws its cap and has requests waiting
+        busy = uuid == BUSY
+        power = self.in_force[uuid] - 1 if busy else 250.0
+        return Gpu(uuid, power, self.in_force[uuid], f"inference/llama-{index}", tokens_s=1000.0 if busy else 600.0,
+                   requests_waiting=8 if busy else 0)
+
+    def run(self, seconds: float) -> None:
+        pods = [gpu_pod(f"llama-{i}", node=NODE_OF[uuid], labels=LLAMA, bound_at=NOW - timedelta(minutes=10))
+                for i, uuid in enumerate(NODE_OF)]
+        document = policy("llama", cap_w=CAP_W)
+        telemetry = {name: [self.gpu(u, i) for i, u in enumerate(NODE_OF) if NODE_OF[u] == name] for name in ("gpu-1", "gpu-2")}
+        next_round_s, t_s = 0.0, 0.0
+        while t_s <= seconds:
+            now = NOW + timedelta(seconds=t_s)
+            for due_s, name, allocation in [p for p in self.pending if p[0] <= t_s]:
+                self.pending.remove((due_s, name, allocation))
+                for uuid, watts in allocation.items():
+                    if NODE_OF[uuid] == name:
+                        self.in_force[uuid] = watts
+                # the agent publishes a lower it applied at once
+                telemetry[name] = [self.gpu(u, i) for i, u in enumerate(NODE_OF) if NODE_OF[u] == name]
+                self.reported_at[name] = t_s
+            self.worst_w = max(self.worst_w, sum(self.in_force.values()))
+            if self.raised_at_s is None and self.in_force[BUSY] > 400:
+                self.raised_at_s = t_s
+            if t_s >= next_round_s:
+                nodes = [node(name, None, gpus, at=now - timedelta(seconds=t_s - self.reported_at.get(name, 0.0)))
+                         for name, gpus in telemetry.items()]
+                plan = plan_round(view(nodes, pods, [document], now=now))
+                if plan.policies[KEY].changed:
+                    document = with_status(document, dict(plan.policies[KEY].status))
+                    allocation = published_allocations(document["status"])
+                    for name, delay_s in self.apply_delay_s.items():
+                        self.pending.append((t_s + delay_s, name, allocation))
+                next_round_s = t_s + (FOLLOW_UP_S if plan.follow_up else 5.0)
+            t_s += STEP_S
+
+
+@pytest.mark.parametrize("light_node_delay_s", [0.5, 1.0, 3.5, 12.0])
+def test_the_caps_in_force_never_pass_the_cap_however_late_a_lower_is_applied(light_node_delay_s: float) -> None:
+    rack = Rack({"gpu-1": 0.5, "gpu-2": light_node_delay_s})
+    rack.run(40.0)
+    assert rack.worst_w <= CAP_W
+    assert rack.raised_at_s is not None  # the saturated replica got the watts in the end
+    # not before the light node reported its lowers: they were applied after the first round (0 s)
+    assert rack.raised_at_s >= light_node_delay_s
+
+
+def test_a_prompt_agent_lets_the_raise_land_a_follow_up_round_after_the_lowers() -> None:
+    rack = Rack({"gpu-1": 0.5, "gpu-2": 0.5})
+    rack.run(20.0)
+    assert rack.worst_w <= CAP_W
+    # lowers written at 0 s and reported at 0.5 s; the follow-up round at 1.5 s raises; applied at 2 s
+    assert rack.raised_at_s == 2.0
