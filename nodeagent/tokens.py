@@ -38,6 +38,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -49,6 +50,8 @@ DEFAULT_TOKENS_METRIC = "vllm:generation_tokens_total"
 DEFAULT_WAITING_METRIC = "vllm:num_requests_waiting"
 MAX_REQUESTS_WAITING = 2**31 - 1
 MAX_BODY_BYTES = 8 * 1024 * 1024
+
+_Value = TypeVar("_Value", float, int)
 
 Fetch = Callable[[str, float], str]
 """``fetch(url, timeout_s)`` returns the body; raises ``OSError`` or ``ValueError``."""
@@ -176,23 +179,23 @@ class TokenRates:
 
     def rates(self) -> dict[str, float]:
         """Tokens/s per pod UID, for rates no older than ``3 x interval_s``."""
-        now_s = self._clock()
-        with self._lock:
-            return {
-                uid: t.rate
-                for uid, t in self._targets.items()
-                if t.rate is not None and now_s - t.rate_at_s <= 3 * self.interval_s
-            }
+        return self._fresh(lambda t: (t.rate, t.rate_at_s))
 
     def requests_waiting(self) -> dict[str, int]:
         """Requests waiting per pod UID, for values no older than ``3 x interval_s``."""
+        return self._fresh(lambda t: (t.waiting, t.waiting_at_s))
+
+    def _fresh(self, value_of: Callable[[_Target], tuple[_Value | None, float]]) -> dict[str, _Value]:
+        """Each target's value and the time it was read, kept when known and at most
+        ``3 x interval_s`` old."""
         now_s = self._clock()
+        fresh: dict[str, _Value] = {}
         with self._lock:
-            return {
-                uid: t.waiting
-                for uid, t in self._targets.items()
-                if t.waiting is not None and now_s - t.waiting_at_s <= 3 * self.interval_s
-            }
+            for uid, target in self._targets.items():
+                value, at_s = value_of(target)
+                if value is not None and now_s - at_s <= 3 * self.interval_s:
+                    fresh[uid] = value
+        return fresh
 
     def scrape_once(self) -> None:
         """Scrape every target once, one after the other."""

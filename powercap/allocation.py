@@ -15,13 +15,13 @@ cluster view and writes the result to ``status.allocations``. The formula:
 2. **Demand** per GPU (:func:`estimate_demand_w`): a GPU drawing within ``pinned_fraction``
    (5 %) of its cap, or whose pod has requests waiting (vLLM's queue: saturated, though a
    memory-bound decode draws below the cap), is *pinned* and asks for ``cap + step``
-   (step = 10 % of its [min, max] range); any other GPU gives budget back and asks for ``power + headroom``
-   (headroom = 10 % of its range), except that it keeps asking for its previous cap while
-   that cap is within ``headroom / 2`` of ``power + headroom`` (power readings move a few
-   percent from one second to the next; without this the caps would follow the noise).
-   Demand is clamped to the GPU's [min, max]. A GPU whose
-   node reports no fresh telemetry is *held* at its last cap (its agent may still be
-   enforcing it), neither raised nor lowered.
+   (step = 10 % of its [min, max] range); any other GPU gives budget back and asks for
+   ``power + headroom`` (headroom = 10 % of its range), except that it keeps asking for its
+   previous cap while that cap is within ``headroom / 2`` of ``power + headroom`` (power
+   readings move a few percent from one second to the next; without this the caps would
+   follow the noise). Demand is clamped to the GPU's [min, max]. A GPU whose node reports
+   no fresh telemetry is *held* at its last cap (its agent may still be enforcing it),
+   neither raised nor lowered.
 3. **Max-min fair fill toward demand.** Every GPU starts at its NVML minimum; a common
    water level ``L`` rises and each GPU's cap is ``clamp(L, min_i, demand_i)``. A service's
    GPUs stop rising when the service reaches ``capacity_w``; the GPUs of a constrained rack
@@ -313,7 +313,8 @@ _Columns = tuple[list[str], list[str], list[str | None], list[float], list[float
 
 
 def _columns(gpus: Sequence[GpuState]) -> _Columns:
-    """uuid, node, rack, min_w, max_w, power_w, limit_w, previous_w, fresh, tokens_s and requests_waiting of every GPU.
+    """uuid, node, rack, min_w, max_w, power_w, limit_w, previous_w, fresh, tokens_s and
+    requests_waiting of every GPU.
 
     One pass over the objects, not one per field: when services interleave, the GPUs of one
     service lie far apart in memory, and each pass would miss the cache on every GPU again.
