@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="with --once: a readable table (default), or the statuses as a Kubernetes List")
     parser.add_argument("--interval", default=DEFAULT_INTERVAL_S, type=positive_seconds, metavar="SECONDS",
                         help=f"seconds between rounds (default {DEFAULT_INTERVAL_S:g})")
-    parser.add_argument("--transition-follow-up", default=FOLLOW_UP_S, type=non_negative_seconds, metavar="SECONDS",
+    parser.add_argument("--transition-follow-up", default=FOLLOW_UP_S, type=follow_up_seconds, metavar="SECONDS",
                         help="after a round that postponed raises until lowered caps are in force, run the next one "
                         "this many seconds later instead of a whole --interval, so the raises land as soon as the "
                         f"agents report the lowers (default {FOLLOW_UP_S:g}; 0 turns it off)")
@@ -94,14 +94,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def non_negative_seconds(text: str) -> float:
-    """argparse ``type=``: a finite number of seconds, 0 or more (0 turns a delay off)."""
+MIN_FOLLOW_UP_S = 0.5
+"""Below the agents' 1-s tick a follow-up round cannot see their lowers; chained, it would spin."""
+
+
+def follow_up_seconds(text: str) -> float:
+    """argparse ``type=`` of ``--transition-follow-up``: 0 (off) or a finite number of seconds
+    of at least :data:`MIN_FOLLOW_UP_S`."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or a positive number of seconds")
+    if not (value == 0 or MIN_FOLLOW_UP_S <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 (off) or at least {MIN_FOLLOW_UP_S:g} seconds")
     return value
 
 

@@ -55,7 +55,7 @@ from powercap.nodeobjects import merge_node_objects
 from powercap.objects import KubeObject, object_key
 from powercap.policies import Policy
 from powercap.rebalance import Move, plan_rebalance
-from powercap.status import Transition, render_status, transitions
+from powercap.status import Transition, published_allocations, render_status, transitions
 
 log = logging.getLogger("controller")
 
@@ -202,6 +202,9 @@ class BudgetController:
         self._lagging: dict[str, frozenset[str]] = {}
         self._last_move: dict[str, datetime] = {}
         self._blocked_until: dict[str, datetime] = {}
+        # policy -> (its uid, the allocations our last write replaced, when), until the watch
+        # cache shows the write, the status moves on, or two intervals pass
+        self._unseen_writes: dict[str, tuple[str, dict[str, float], float]] = {}
         # Set by the elector thread, applied by the loop at its next round.
         self._term_started: datetime | None = None
         self._term_applied: datetime | None = None
@@ -221,6 +224,7 @@ class BudgetController:
             self._lagging.clear()
             self._last_move.clear()
             self._blocked_until.clear()
+            self._unseen_writes.clear()
             self._term_applied = self._term_started
 
     def run_round(self) -> RoundReport:
@@ -228,6 +232,13 @@ class BudgetController:
         started_s = time.perf_counter()
         self._begin_term()
         snapshot = self._snapshots.snapshot()
+        behind = self._cache_behind_writes(snapshot.view)
+        if behind:
+            # A round on statuses older than our own last writes would count GPUs at caps they
+            # were already moved from (a raise among them): wait for the watch, write nothing.
+            log.info("waiting for the watch to show the statuses written last round", extra={"policies": behind})
+            self.last_round_s = self._clock()
+            return RoundReport(plan=RoundPlan(now=snapshot.view.now))
         plan = plan_round(snapshot.view, self.settings.allocation, lagging_before=self._lagging)
         self._lagging = {key: p.lagging for key, p in plan.policies.items()}
         report = RoundReport(plan=plan)
@@ -240,9 +251,9 @@ class BudgetController:
             self._write(policy_plan, snapshot.view.now, report)
         if self._is_leader():
             self._rebalance(snapshot, report)
-        # only after a status was written: the agents follow nothing else, and a failing API
+        # only after such a status was written: the agents follow nothing else, and a failing API
         # server is not asked more often
-        report.follow_up = self.settings.follow_up_s > 0 and plan.follow_up and bool(report.written)
+        report.follow_up = self.settings.follow_up_s > 0 and not plan.follow_up_keys.isdisjoint(report.written)
         self.metrics.rounds.inc()
         self.metrics.round_seconds.observe(time.perf_counter() - started_s)
         self.last_round_s = self._clock()
@@ -281,6 +292,9 @@ class BudgetController:
             return
         self.metrics.status_writes.inc()
         report.written.append(policy.key)
+        replaced = published_allocations(before)
+        if replaced != published_allocations(stored.get("status")):
+            self._unseen_writes[policy.key] = (policy.uid, replaced, time.monotonic())
         allocation = plan.allocation
         log.info("status of %s written", policy.key, extra={
             "policy": policy.key, "gpus": len(allocation.caps), "allocated_w": allocation.allocated_w,
@@ -291,6 +305,22 @@ class BudgetController:
                         warning=change.event_type == "Warning")
             report.events.append((policy.key, change.event_reason))
             _log_transition(policy, change)
+
+    def _cache_behind_writes(self, view: ClusterView) -> list[str]:
+        """The policies whose status in the watch cache is still the one this replica's last
+        write replaced. The others are forgotten: the write is seen, the status moved on, the
+        policy is gone or re-created, or two intervals passed (a watch that far behind is
+        left to the caches' own resync; the rounds go on)."""
+        behind = []
+        now_s = time.monotonic()
+        for key, (uid, replaced, written_s) in list(self._unseen_writes.items()):
+            policy_view = view.policies.get(key)
+            if (policy_view is not None and policy_view.policy.uid == uid and now_s - written_s <= 2 * self.settings.interval_s
+                    and published_allocations(policy_view.policy.status) == replaced):
+                behind.append(key)
+            else:
+                del self._unseen_writes[key]
+        return sorted(behind)
 
     def _rebalance(self, snapshot: Snapshot, report: RoundReport) -> None:
         view = snapshot.view

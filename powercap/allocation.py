@@ -57,14 +57,17 @@ cluster view and writes the result to ``status.allocations``. The formula:
    rack's GPUs take the lower of the two.
 6. **Safe transitions.** Node agents pick up a new allocation at different moments, so the
    caps in force mix old and new. Raises are cut so that
-   ``sum_i max(in_force_i, new_i) <= capacity_w``, for every service and then for every
-   constrained rack (``floor(maxPower - unmanaged_power_w)``, over the GPUs of every
-   service in it), where ``in_force_i`` is the higher of the GPU's previous cap and the
-   limit its telemetry reports (``ceil``-ed, at most its maximum): a raise only spends watts
-   that no GPU can still be holding, and watts a lowered GPU has not reported given up yet
-   (its agent has not applied, or not published, the lower) are still held. A GPU without
-   a previous cap counts at the higher of its minimum (an agent starts a new GPU there) and
-   its reported limit; a held GPU at its hold. When the caps in force already fill the
+   ``sum_i max(previous_i, new_i) <= capacity_w`` and ``sum_i max(in_force_i, new_i) <=
+   capacity_w``, for every service and then for every constrained rack
+   (``floor(maxPower - unmanaged_power_w)``, over the GPUs of every service in it), where
+   ``in_force_i`` is the higher of the GPU's previous cap and the limit its telemetry
+   reports (``ceil``-ed, at most its maximum): a raise only spends watts that no GPU can
+   still be holding, and watts a lowered GPU has not reported given up yet (its agent has
+   not applied, or not published, the lower) are still held. Where the caps in force
+   already pass the capacity, no cap rises above its previous one either, even under its
+   reported limit: a report can be older than its agent's last write. A GPU without a
+   previous cap counts at its minimum (an agent starts a new GPU there), in force at the
+   higher of that and its reported limit; a held GPU at its hold. When the caps in force already fill the
    capacity (the cap was lowered, or the rack's other load rose), lowers go out first and
    raises wait until the lowers are reported (the controller then runs its next round
    early: ``budget.FOLLOW_UP_S``).
@@ -538,7 +541,7 @@ class _GpuColumns:
         # What each GPU may be holding now: its previous cap, or the limit it reports when that
         # is higher (an agent that has not applied a lower yet, or not published it)
         in_force = [
-            last if limit <= last else min(high, math.ceil(limit - _ROUNDING_SLACK_W))
+            last if limit <= last else high if not limit < high else math.ceil(limit - _ROUNDING_SLACK_W)
             for last, limit, high in zip(previous, limit_ws, maxima)
         ]
         for i in held:
@@ -746,18 +749,30 @@ class _GpuColumns:
         return kept
 
     def limit_raises(self, caps: list[int]) -> tuple[list[int], set[int]]:
-        """Cut raises so that ``sum_i max(in_force_i, cap_i) <= capacity_w`` for every service,
-        then for every constrained rack; ``in_force_i`` is the higher of the GPU's previous cap
-        and the limit it reports.
+        """Cut raises so that ``sum_i max(previous_i, cap_i) <= capacity_w`` and
+        ``sum_i max(in_force_i, cap_i) <= capacity_w``, for every service and then for every
+        constrained rack; ``in_force_i`` is the higher of the GPU's previous cap and the limit
+        it reports. The first sum holds the caps the agents were last told; the second the
+        watts a GPU may still hold because its agent has not applied, or not reported, a
+        lower. Where the second already passes the capacity, no cap rises above either: a
+        report can be older than its agent's last write, so a cap under the reported limit
+        may still be a rise.
 
-        Each raise keeps ``floor((cap_i - in_force_i) x room / raises)`` where
-        ``room = capacity_w - sum_i in_force_i`` (0 when negative).
+        Each raise keeps ``floor((cap_i - base_i) x room / raises)`` where
+        ``room = capacity_w - sum_i base_i`` (0 when negative), with ``base`` the previous
+        caps, then the caps in force.
         """
         limited = list(caps)
         postponed: set[int] = set()
+        for base in (self.previous, self.in_force):
+            self._cut_raises(limited, base, postponed)
+        return limited, postponed
+
+    def _cut_raises(self, limited: list[int], base: list[int], postponed: set[int]) -> None:
+        """One pass of :meth:`limit_raises` from ``base``: services, then racks, in place."""
         floor = math.floor
         for (start, end), capacity_w in zip(self.spans, self.service_capacity_w):
-            new, old = caps[start:end], self.in_force[start:end]
+            new, old = limited[start:end], base[start:end]
             raises_w = sum([cap - last for cap, last in zip(new, old) if cap > last])
             room_w = max(capacity_w - sum(old), 0)
             if raises_w <= room_w:
@@ -765,18 +780,16 @@ class _GpuColumns:
             share = room_w / raises_w
             limited[start:end] = [last + floor((cap - last) * share) if cap > last else cap for cap, last in zip(new, old)]
             postponed.update(compress(range(start, end), map(gt, new, old)))
-        previous = self.in_force
         for members, capacity_w in zip(self.members_of_rack, self.rack_capacity_w):
-            raised = [i for i in members if limited[i] > previous[i]]
-            raises_w = sum([limited[i] - previous[i] for i in raised])
-            room_w = max(capacity_w - sum([previous[i] for i in members]), 0)
+            raised = [i for i in members if limited[i] > base[i]]
+            raises_w = sum([limited[i] - base[i] for i in raised])
+            room_w = max(capacity_w - sum([base[i] for i in members]), 0)
             if raises_w <= room_w:
                 continue
             share = room_w / raises_w
             for i in raised:
-                limited[i] = previous[i] + floor((limited[i] - previous[i]) * share)
+                limited[i] = base[i] + floor((limited[i] - base[i]) * share)
             postponed.update(raised)
-        return limited, postponed
 
     def result(self, caps: list[int], first: _Fill, head: _Fill | None, second: _Fill, postponed: set[int]) -> Allocation:
         margin = self.settings.margin

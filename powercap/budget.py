@@ -107,16 +107,24 @@ class RoundPlan:
     racks: Mapping[str, RackAllocation] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
-    def follow_up(self) -> bool:
-        """Whether the next round should come early (:data:`FOLLOW_UP_S`): a status to write
-        postpones raises until lowered caps are in force (allocation step 6). The agents apply
-        and publish such lowers within a tick or two; a round then spends the watts they freed
-        instead of leaving them unspent for a whole interval. A round that writes nothing (a
-        lower not confirmed yet, an agent that never applies it) asks for none."""
-        return any(
-            plan.changed and any(cap.bound is Bound.TRANSITION for cap in plan.allocation.caps)
-            for plan in self.policies.values()
+    def follow_up_keys(self) -> frozenset[str]:
+        """The policies whose status to write changes their allocations and postpones raises
+        until lowered caps are in force (allocation step 6). The agents apply and publish such
+        lowers within a tick or two; a round soon after (:data:`FOLLOW_UP_S`) spends the watts
+        they freed instead of leaving them unspent for a whole interval. A status that changes
+        only what was measured, or a round that writes nothing (a lower not reported yet, an
+        agent that never applies it), asks for none."""
+        return frozenset(
+            key for key, plan in self.policies.items()
+            if any(cap.bound is Bound.TRANSITION for cap in plan.allocation.caps)
+            and plan.changed and published_allocations(plan.status) != published_allocations(plan.policy.status)
         )
+
+    @property
+    def follow_up(self) -> bool:
+        """Whether the next round should come early: some status to write postpones raises
+        (:attr:`follow_up_keys`)."""
+        return bool(self.follow_up_keys)
 
 
 def plan_round(

@@ -156,6 +156,8 @@ def next_cap(
     if thermal_limit is not None:
         desired = min(desired, thermal_limit)
     desired = clamp(desired, low, high)
+    if reason in (CapReason.RATIO_DOWN, CapReason.RATIO_UP) and measurement.current_cap_w > ceiling:
+        reason = CapReason.ALLOCATION  # the allocation fell below the cap: that is why it moves now
 
     if offset == state.ratio_offset_w and thermal_limit == state.thermal_limit_w and last_cut == state.last_cut_at_s:
         new_state = state  # most ticks: nothing to remember anew

@@ -154,33 +154,39 @@ def allocate(services: list[dict], racks: list[dict] = (), settings: dict | None
         if sum(kept[u] for u in group) > limit:
             kept.update({u: min(kept[u], new[u]) for u in group})
 
-    def in_force(u: str) -> int:
-        """Step 6: the higher of its previous cap (its minimum when new) and the limit it reports."""
+    def previous(u: str) -> int:
+        """Step 6: its previous cap, its minimum when new."""
         g = gpu[u]
-        last = g["low"] if g["last"] is None else g["last"]
+        return g["low"] if g["last"] is None else g["last"]
+
+    def in_force(u: str) -> int:
+        """Step 6: the higher of its previous cap and the limit it reports."""
+        g, last = gpu[u], previous(u)
         limit = exact(g["limit_w"])
         if not g["fresh"] or limit <= last:
             return last
         return min(g["high"], math.ceil(limit - Fraction(1, 10**6)))
 
     caps, postponed = dict(kept), set()                                                    # step 6
-    for key, group in members.items():
-        before = {u: in_force(u) for u in group}
-        raises = sum(max(0, kept[u] - before[u]) for u in group)
-        room = max(0, capacity[key] - sum(before.values()))
-        share = room / raises if floats and raises else Fraction(room, raises or 1)
-        if raises > room:
-            postponed |= {u for u in group if kept[u] > before[u]}
-            caps.update({u: before[u] + math.floor((kept[u] - before[u]) * share) for u in group if u in postponed})
-    for rack, group in in_rack.items():  # then every constrained rack, over every service's GPUs in it
-        before = {u: in_force(u) for u in group}
-        raised = {u for u in group if caps[u] > before[u]}
-        raises = sum(caps[u] - before[u] for u in raised)
-        room = max(0, limits[rack] - sum(before.values()))
-        share = room / raises if floats and raises else Fraction(room, raises or 1)
-        if raises > room:
-            postponed |= raised
-            caps.update({u: before[u] + math.floor((caps[u] - before[u]) * share) for u in raised})
+    for base in (previous, in_force):  # the caps last published, then the caps in force
+        for key, group in members.items():
+            before = {u: base(u) for u in group}
+            raises = sum(max(0, caps[u] - before[u]) for u in group)
+            room = max(0, capacity[key] - sum(before.values()))
+            share = room / raises if floats and raises else Fraction(room, raises or 1)
+            if raises > room:
+                raised = {u for u in group if caps[u] > before[u]}
+                postponed |= raised
+                caps.update({u: before[u] + math.floor((caps[u] - before[u]) * share) for u in raised})
+        for rack, group in in_rack.items():  # then every constrained rack, over every service's GPUs in it
+            before = {u: base(u) for u in group}
+            raised = {u for u in group if caps[u] > before[u]}
+            raises = sum(caps[u] - before[u] for u in raised)
+            room = max(0, limits[rack] - sum(before.values()))
+            share = room / raises if floats and raises else Fraction(room, raises or 1)
+            if raises > room:
+                postponed |= raised
+                caps.update({u: before[u] + math.floor((caps[u] - before[u]) * share) for u in raised})
 
     infeasible_services = {k for k in members if sum(floors[u] for u in members[k]) > capacity[k]}
     infeasible_racks = {r for r, m in in_rack.items() if sum(floors[u] for u in m) > limits[r]}

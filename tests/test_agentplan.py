@@ -521,3 +521,21 @@ def test_a_new_status_is_read_anew_and_the_first_entry_of_a_node_counts() -> Non
     assert agentplan.service_allocated_w(before) == 400
     assert agentplan.service_allocated_w(after) == 650
     assert agentplan.allocated_uuids(after, "other") == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("cap_w", "reason", "expected"),
+    [
+        pytest.param(300.0, "allocation", True, id="a lowered allocation: the controller waits to see it"),
+        pytest.param(300.0, "budget-clamp", True, id="a clamp to the budget"),
+        pytest.param(200.0, "no-allocation", True, id="a new GPU started at its minimum"),
+        pytest.param(490.0, "ratio-down", False, id="the tokens/J loop's step"),
+        pytest.param(425.0, "thermal-cut", False, id="a thermal cut frees no watts the controller waits for"),
+        pytest.param(650.0, "allocation", False, id="a raise"),
+    ],
+)
+def test_which_lowers_are_published_at_once(cap_w: float, reason: str, expected: bool) -> None:
+    plan = agentplan.GpuPlan(uuid=UUID_A, index=0, action=Action.SET, cap_w=cap_w, previous_w=500.0, reason=reason)
+    assert agentplan.lowers_to_publish_now([plan]) is expected
+    held = replace(plan, action=Action.HOLD)
+    assert agentplan.lowers_to_publish_now([held]) is False

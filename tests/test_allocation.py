@@ -448,26 +448,37 @@ def test_transitions_never_pass_the_budget(problem, allocation_settings) -> None
 def check_transitions(services: list[Service], racks: list[RackLimit],
                       allocation_settings: AllocationSettings | None = None) -> None:
     """Old and new caps mixed (agents apply an allocation at different moments) fit each service's
-    budget: each GPU holds what it holds now (the higher of its previous cap, its minimum when it
-    has none, and the limit it reports) or its new cap."""
+    budget, whether each GPU holds its previous cap (its minimum when it has none: what its
+    agent was last told) or the higher limit it reports (a lower not applied or not reported
+    yet), or its new cap. Where what the GPUs report already passes the budget, no cap rises
+    above what its GPU reports."""
     allocation = allocate(services, racks, allocation_settings)
     margin = (allocation_settings or AllocationSettings()).margin
     for service in services:
         result = allocation.services[service.key]
         before = {g.uuid: g for g in service.gpus}
-        previous_w = 0
-        worst_w = 0
+        told_w = held_w = worst_told_w = worst_held_w = 0
+        above_held = []
         for cap in result.caps:
             state = before[cap.uuid]
-            old_w = cap.min_w if state.previous_w is None else min(max(state.previous_w, cap.min_w), cap.max_w)
-            if state.limit_w > old_w:
-                old_w = min(cap.max_w, math.ceil(state.limit_w - 1e-6))
+            previous_w = cap.min_w if state.previous_w is None else math.floor(min(max(state.previous_w, cap.min_w), cap.max_w))
+            in_force_w = min(cap.max_w, math.ceil(state.limit_w - 1e-6)) if state.limit_w > previous_w else previous_w
             if not state.fresh:
-                old_w = cap.cap_w
-            previous_w += old_w
-            worst_w += max(old_w, cap.cap_w)
-        if result.feasible and previous_w + service.reserved_w <= budget_w(service.power_cap_w, margin):
-            assert worst_w + service.reserved_w <= budget_w(service.power_cap_w, margin)
+                previous_w = in_force_w = cap.cap_w
+            told_w += previous_w
+            held_w += in_force_w
+            worst_told_w += max(previous_w, cap.cap_w)
+            worst_held_w += max(in_force_w, cap.cap_w)
+            above_held.append(cap.cap_w > in_force_w)
+        budget = budget_w(service.power_cap_w, margin) - service.reserved_w
+        if not result.feasible:
+            continue
+        if told_w <= budget:
+            assert worst_told_w <= budget
+        if held_w <= budget:
+            assert worst_held_w <= budget
+        else:
+            assert not any(above_held)
 
 
 @settings(max_examples=300, deadline=None)

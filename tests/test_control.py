@@ -78,3 +78,17 @@ def test_ratio_loop_settles_inside_the_dead_band() -> None:
         measurement = replace(measurement, current_cap_w=decision.cap_w)
     final_ratio = 1.2 * (400 / measurement.current_cap_w) ** 0.5
     assert TARGET.low_tokens_per_joule <= final_ratio <= TARGET.high_tokens_per_joule
+
+
+def test_a_lowered_allocation_is_the_reason_even_while_the_ratio_loop_steps() -> None:
+    """A GPU under its tokens/J target whose allocation falls below its cap: the cap comes down
+    because of the allocation (the loop's step rides along), and says so; the agent publishes
+    such a lower at once (the controller's raises wait on it), not a loop's step."""
+    below_target = GpuMeasurement(current_cap_w=500, min_w=200, max_w=700, allocation_w=300, tokens_per_joule=0.5,
+                                  target=TARGET)
+    decision = next_cap(below_target, ControlState(), 0.0)
+    assert decision.change and decision.cap_w < 300
+    assert decision.reason is CapReason.ALLOCATION
+    # at the new allocation, the loop's next step is the loop's
+    stepped = next_cap(replace(below_target, current_cap_w=decision.cap_w), decision.state, 1.0)
+    assert stepped.reason is CapReason.RATIO_DOWN

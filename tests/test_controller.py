@@ -656,9 +656,10 @@ def test_bad_margin_is_refused(capsys) -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        pytest.param("-1", "'-1' must be 0 or a positive number of seconds", id="negative"),
+        pytest.param("-1", "'-1' must be 0 (off) or at least 0.5 seconds", id="negative"),
         pytest.param("soon", "'soon' is not a number of seconds", id="not-a-number"),
-        pytest.param("inf", "'inf' must be 0 or a positive number of seconds", id="infinite"),
+        pytest.param("inf", "'inf' must be 0 (off) or at least 0.5 seconds", id="infinite"),
+        pytest.param("0.01", "'0.01' must be 0 (off) or at least 0.5 seconds", id="faster-than-the-agents-tick"),
     ],
 )
 def test_a_bad_transition_follow_up_is_refused(capsys, value: str, message: str) -> None:
@@ -698,3 +699,40 @@ def test_now_is_the_snapshot_time(state_file: Path, capsys) -> None:
     main(["controller", "--once", "--cluster-state", str(state_file), "-o", "json"])
     status = json.loads(capsys.readouterr().out)["items"][0]["status"]
     assert all(c["lastTransitionTime"] == NOW.strftime("%Y-%m-%dT%H:%M:%SZ") for c in status["conditions"])
+
+
+class LaggingSnapshots:
+    """A watch cache that can fall behind: while ``lagging``, each round gets the snapshot the
+    last live one was (the statuses from before the controller's own last writes)."""
+
+    def __init__(self, live: ListSnapshots) -> None:
+        self.live = live
+        self.lagging = False
+        self._last: Any = None
+
+    def snapshot(self) -> Any:
+        if self.lagging and self._last is not None:
+            return self._last
+        self._last = self.live.snapshot()
+        return self._last
+
+
+def test_a_round_on_a_cache_behind_its_own_writes_waits_for_the_watch(client, apiserver, caplog) -> None:
+    """A follow-up round 1.5 s after a write sees the policy through the watch cache. If that
+    still shows the status the write replaced, the round would count GPUs at caps they were
+    already moved from: it writes nothing and waits for the watch (or two intervals)."""
+    serve_cluster(apiserver)
+    clock = Clock()
+    snapshots = LaggingSnapshots(ListSnapshots(client, ClusterSettings(), AlgorithmRegistry.default(), clock=clock.datetime))
+    controller = BudgetController(client, snapshots, ControllerSettings(identity="controller-a"), clock=clock)  # type: ignore[arg-type]
+    assert controller.run_round().written == ["inference/llama"]
+    written = stored_status(apiserver)
+    snapshots.lagging = True
+    demand_moves(apiserver, clock)  # what the cache does not show yet either
+    with caplog.at_level("INFO", logger="controller"):
+        behind = controller.run_round()
+    assert (behind.written, behind.follow_up) == ([], False)
+    assert stored_status(apiserver) == written
+    assert "waiting for the watch to show the statuses written last round" in caplog.text
+    snapshots.lagging = False  # the watch caught up: rounds go on
+    assert controller.run_round().written == ["inference/llama"]

@@ -97,3 +97,18 @@ def test_a_prompt_agent_lets_the_raise_land_a_follow_up_round_after_the_lowers()
     assert rack.worst_w <= CAP_W
     # lowers written at 0 s and reported at 0.5 s; the follow-up round at 1.5 s raises; applied at 2 s
     assert rack.raised_at_s == 2.0
+
+
+def test_a_report_older_than_the_agents_last_write_does_not_let_its_gpu_rise() -> None:
+    """The cap went from 2800 to 1600 W and every GPU was told 400 W. gpu-1's agent applied it,
+    but its telemetry still says 700 W (its publish failed; the report is 20 s old, still
+    fresh): counted at 700 W in force, the GPUs already pass the cap, so nothing may rise,
+    not even gpu-1 "back" to the 700 W it reports: it may really be at 400 W while the others
+    still hold 400 W."""
+    from powercap.allocation import GpuState, Service, allocate
+
+    stale = GpuState("GPU-A", "gpu-1", None, 200, 700, power_w=698, limit_w=700, previous_w=400, requests_waiting=8)
+    light = [GpuState(f"GPU-{c}", "gpu-2", None, 200, 700, power_w=250, limit_w=400, previous_w=400) for c in "BCD"]
+    caps = {c.uuid: c.cap_w for c in allocate([Service(KEY, CAP_W, (stale, *light))]).services[KEY].caps}
+    assert caps["GPU-A"] <= 400
+    assert sum(max(400, cap) for cap in caps.values()) <= CAP_W  # whichever of old and new each holds
