@@ -276,6 +276,8 @@ class Agent:
             self._wall_clock(), readings, inlet_c, {p.uuid: p.pod for p in plans},
             {uuid: w for uuid, w in enforced_w.items() if uuid not in raised}, {p.uuid: p.tokens_s for p in plans}, node_power,
             requests_waiting_by_gpu=requests_waiting,
+            # the limit a raise put in force, beside the one the power was read under
+            raised_to_w_by_gpu={uuid: w for uuid, w in enforced_w.items() if uuid in raised},
         )
         # a lower the controller waits for goes out at once; only one this tick's write put in force
         lowered = lowers_to_publish_now(p for p in plans if p.uuid in enforced_w)

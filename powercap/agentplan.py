@@ -1118,17 +1118,20 @@ def build_telemetry(
     tokens_s_by_gpu: Mapping[str, float | None] | None = None,
     node_power: NodePower | None = None,
     requests_waiting_by_gpu: Mapping[str, int | None] | None = None,
+    raised_to_w_by_gpu: Mapping[str, float] | None = None,
 ) -> NodeTelemetry:
     """The node annotation's content: ``powerW = sum of GPU power``, ``nodePower`` the
     whole node's (:func:`powercap.nodepower.choose_node_power`); a GPU's ``limitW``
     is its enforced limit (after this tick's writes when ``enforced_w_by_gpu`` has it);
     its ``tokensPerSecond`` is ``tokens_s_by_gpu``'s (:attr:`GpuPlan.tokens_s`) and its
     ``requestsWaiting`` its pod's queue from ``requests_waiting_by_gpu``, both reported
-    only beside a pod (null, and absent, otherwise)."""
+    only beside a pod (null, and absent, otherwise); ``raised_to_w_by_gpu`` gives the limit
+    now in force of a GPU published at its limit before this tick's raise (``raisedToW``)."""
     pods = pods_by_gpu or {}
     enforced = enforced_w_by_gpu or {}
     tokens = tokens_s_by_gpu or {}
     waiting = requests_waiting_by_gpu or {}
+    raised_to = raised_to_w_by_gpu or {}
     gpus = tuple(
         GpuTelemetry(
             uuid=r.uuid,
@@ -1141,6 +1144,7 @@ def build_telemetry(
             pod=pods.get(r.uuid),
             tokens_s=tokens.get(r.uuid) if pods.get(r.uuid) is not None else None,
             requests_waiting=waiting.get(r.uuid) if pods.get(r.uuid) is not None else None,
+            raised_to_w=raised_to.get(r.uuid),
         )
         for r in readings
     )

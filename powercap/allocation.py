@@ -61,7 +61,8 @@ cluster view and writes the result to ``status.allocations``. The formula:
    capacity_w``, for every service and then for every constrained rack
    (``floor(maxPower - unmanaged_power_w)``, over the GPUs of every service in it), where
    ``in_force_i`` is the higher of the GPU's previous cap and the limit its telemetry
-   reports (``ceil``-ed, at most its maximum): a raise only spends watts that no GPU can
+   reports in force (``ceil``-ed, at most its maximum; a GPU raised since its power was
+   read reports the raised limit beside, ``GpuState.raised_to_w``): a raise only spends watts that no GPU can
    still be holding, and watts a lowered GPU has not reported given up yet (its agent has
    not applied, or not published, the lower) are still held. Where the caps in force
    already pass the capacity, no cap rises above its previous one either, even under its
@@ -147,6 +148,8 @@ class GpuState:
     the tokens/s its agent measured at ``limit_w`` (None: no measurement), for the
     marginal-value rebalancing (:mod:`powercap.marginal`). ``requests_waiting`` is its pod's
     queue (None: unknown); a GPU of a pod with requests waiting counts as pinned.
+    ``raised_to_w``: the limit its agent raised it to after reading ``power_w`` under
+    ``limit_w`` (None: not raised since); it counts as in force (step 6).
     """
 
     uuid: str
@@ -160,6 +163,7 @@ class GpuState:
     fresh: bool = True
     tokens_s: float | None = None
     requests_waiting: int | None = None
+    raised_to_w: float | None = None
 
 
 @dataclass(frozen=True)
@@ -540,9 +544,12 @@ class _GpuColumns:
                          for t, p, lim, w, ok in zip(tokens_ws, power_ws, limit_ws, waiting, fresh)]
         # What each GPU may be holding now: its previous cap, or the limit it reports when that
         # is higher (an agent that has not applied a lower yet, or not published it)
+        # (or the limit a raise just put in force, published beside the one its power was read under)
+        reported = [limit if (raised := g.raised_to_w) is None or not raised > limit else raised
+                    for limit, g in zip(limit_ws, gpus)]
         in_force = [
             last if limit <= last else high if not limit < high else math.ceil(limit - _ROUNDING_SLACK_W)
-            for last, limit, high in zip(previous, limit_ws, maxima)
+            for last, limit, high in zip(previous, reported, maxima)
         ]
         for i in held:
             # Its agent may still enforce whichever of the reported limit and our last cap is higher.

@@ -223,7 +223,7 @@ def _service(policy_view: PolicyView, view: ClusterView, published: Mapping[str,
             # held (not fresh) at the limit in force: neither raised nor lowered by the fill
             previous_w=min(math.ceil(gpu.limit_w), math.floor(gpu.max_w)) if counted_at_limit else published.get(gpu.uuid),
             fresh=node is not None and node.fresh and not counted_at_limit, tokens_s=gpu.tokens_s,
-            requests_waiting=gpu.requests_waiting,
+            requests_waiting=gpu.requests_waiting, raised_to_w=gpu.raised_to_w,
         ))
     reserved_w = unreported_w + waiting_gpus * _new_gpu_minimum_w(policy_view, view)
     return Service(policy_view.key, policy_view.policy.power_cap_w, tuple(gpus), reserved_w=reserved_w)

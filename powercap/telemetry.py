@@ -36,6 +36,11 @@ every GPU of it would serve more with more power, even while drawing below its c
 replica whose decode is memory-bound draws less than a compute-bound prefill); the
 budget controller counts its GPUs as pinned (:mod:`powercap.allocation`, step 2).
 
+``raisedToW`` is set on the one publish right after the agent raised a GPU's limit: the
+limit now in force, while ``limitW`` still gives the limit the power beside it was read
+under (the controller judges "pinned" by the two; :func:`powercap.agentplan.raised_caps`).
+The controller counts the GPU at the higher of the two as in force. Absent otherwise.
+
 Unknown keys are ignored when reading, so a newer agent can add fields without breaking an
 older extender. A malformed annotation is reported as :class:`TelemetryError`; the reader
 treats that node as having no telemetry (and says why), never as a crash.
@@ -74,6 +79,7 @@ class GpuTelemetry:
     pod: str | None = None
     tokens_s: float | None = None
     requests_waiting: int | None = None
+    raised_to_w: float | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,8 @@ def _gpu_document(gpu: GpuTelemetry) -> dict[str, Any]:
     }
     if gpu.requests_waiting is not None:
         document["requestsWaiting"] = gpu.requests_waiting
+    if gpu.raised_to_w is not None:
+        document["raisedToW"] = _round(gpu.raised_to_w)
     return document
 
 
@@ -235,6 +243,7 @@ def _parse_gpu(raw: Any, position: int) -> GpuTelemetry:
         pod=pod,
         tokens_s=_optional_rate(raw, "tokensPerSecond", f"{where}.tokensPerSecond"),
         requests_waiting=_optional_count(raw, "requestsWaiting", f"{where}.requestsWaiting"),
+        raised_to_w=_optional_rate(raw, "raisedToW", f"{where}.raisedToW"),
     )
 
 

@@ -162,7 +162,7 @@ def allocate(services: list[dict], racks: list[dict] = (), settings: dict | None
     def in_force(u: str) -> int:
         """Step 6: the higher of its previous cap and the limit it reports."""
         g, last = gpu[u], previous(u)
-        limit = exact(g["limit_w"])
+        limit = max(exact(g["limit_w"]), exact(g.get("raised_to_w") or 0))
         if not g["fresh"] or limit <= last:
             return last
         return min(g["high"], math.ceil(limit - Fraction(1, 10**6)))

@@ -115,6 +115,8 @@ def test_a_raised_gpu_is_published_at_the_limit_its_power_was_read_under(harness
     harness.tick()
     assert (fake.limit_w(0), fake.limit_w(1)) == (300, 550)
     assert [g.limit_w for g in harness.publisher.telemetries[-1].gpus] == [300, 450]
+    # the raised limit rides beside: the controller counts the GPU in force at it
+    assert [g.raised_to_w for g in harness.publisher.telemetries[-1].gpus] == [None, 550]
     fake.set_power_w(1, 540)  # drawn under the raised limit
     harness.tick()
     assert [(g.power_w, g.limit_w) for g in harness.publisher.telemetries[-1].gpus][1] == (540, 550)

@@ -848,6 +848,7 @@ def varied_gpus(draw: st.DrawFn, uuid: str, racks: tuple[str, ...]) -> GpuState:
         previous_w=draw(st.none() | st.integers(0, max_w + 50) | st.floats(0, max_w + 50)),
         fresh=draw(st.booleans() | st.just(True)),
         requests_waiting=draw(st.none() | st.just(0) | st.integers(1, 3)),
+        raised_to_w=draw(st.none() | st.none() | st.floats(0, max_w + 50)),
     )
 
 

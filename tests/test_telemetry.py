@@ -74,6 +74,14 @@ def test_requests_waiting_is_written_only_when_known_and_read_back() -> None:
     assert from_json(json.dumps(document)).gpus[1].requests_waiting is None
 
 
+def test_a_raised_limit_rides_beside_the_one_the_power_was_read_under() -> None:
+    raised = replace(SAMPLE, gpus=(replace(SAMPLE.gpus[0], raised_to_w=468.04), SAMPLE.gpus[1]))
+    document = json.loads(to_json(raised))
+    assert (document["gpus"][0]["limitW"], document["gpus"][0]["raisedToW"]) == (400, 468)
+    assert "raisedToW" not in document["gpus"][1]
+    assert [g.raised_to_w for g in from_json(to_json(raised)).gpus] == [468.0, None]
+
+
 def test_node_power_round_trips_with_its_source_and_age() -> None:
     measured = replace(SAMPLE, node_power=NodePower(4210.04, "redfish", 2.44))
     document = json.loads(to_json(measured))
@@ -118,6 +126,8 @@ NODE_POWER = '{"timestamp": "2026-11-27T23:19:01Z", "powerW": 1, "nodePower": %s
         pytest.param(GPU_WITH % '"requestsWaiting": 2.5', "gpus[0].requestsWaiting must be a non-negative integer", id="waiting-fraction"),
         pytest.param(GPU_WITH % '"requestsWaiting": true', "gpus[0].requestsWaiting must be a non-negative integer", id="waiting-bool"),
         pytest.param(GPU_WITH % '"requestsWaiting": "3"', "gpus[0].requestsWaiting must be a non-negative integer", id="waiting-string"),
+        pytest.param(GPU_WITH % '"raisedToW": -1', "gpus[0].raisedToW must not be negative", id="raised-negative"),
+        pytest.param(GPU_WITH % '"raisedToW": "468"', "gpus[0].raisedToW must be a finite number", id="raised-string"),
         pytest.param(NODE_POWER % '"watts"', "nodePower must be an object", id="node-power-string"),
         pytest.param(NODE_POWER % '{"watts": 4000, "ageS": 1}', "nodePower.source must be a non-empty string", id="node-power-no-source"),
         pytest.param(NODE_POWER % '{"watts": null, "source": "redfish", "ageS": 1}', "nodePower.watts is required", id="node-power-null-watts"),

@@ -112,3 +112,19 @@ def test_a_report_older_than_the_agents_last_write_does_not_let_its_gpu_rise() -
     caps = {c.uuid: c.cap_w for c in allocate([Service(KEY, CAP_W, (stale, *light))]).services[KEY].caps}
     assert caps["GPU-A"] <= 400
     assert sum(max(400, cap) for cap in caps.values()) <= CAP_W  # whichever of old and new each holds
+
+
+def test_a_gpu_published_at_its_limit_before_a_raise_counts_at_the_raised_limit() -> None:
+    """gpu-1's agent raised A from 400 to 468 W and published 400 W beside the power read under
+    it, with 468 W as ``raisedToW``; the next round lowered A back to 400 W, and its agent is
+    slow to apply that. The round after must count A at the 468 W it holds, not at the 400 W
+    published and reported, before it raises B, C and D into the budget."""
+    from powercap.allocation import GpuState, Service, allocate
+
+    busy = GpuState("GPU-A", "gpu-1", None, 200, 700, power_w=395, limit_w=400, previous_w=400, raised_to_w=468.0)
+    light = [GpuState(f"GPU-{c}", "gpu-2", None, 200, 700, power_w=376, limit_w=377, previous_w=377, requests_waiting=5)
+             for c in "BCD"]
+    caps = {c.uuid: c.cap_w for c in allocate([Service(KEY, CAP_W, (busy, *light))]).services[KEY].caps}
+    held = {"GPU-A": 468, "GPU-B": 377, "GPU-C": 377, "GPU-D": 377}  # 1,599 W
+    assert sum(max(held[uuid], cap) for uuid, cap in caps.items()) <= CAP_W
+    assert all(caps[f"GPU-{c}"] <= 378 for c in "BCD")  # their raises wait for A's lower

@@ -475,9 +475,11 @@ class _Run:
             [SourceReading(REDFISH, whole_w, t_s)], t_s, max_age_s=NODE_POWER_MAX_AGE_S, gpu_power_w=gpu_power_w, overhead_w=0.0,
         ).power
         # a GPU this tick raised at its limit before the write, as the agent publishes it
+        raised = raised_caps(plans) if plans is not None else None
         telemetry = build_telemetry(
-            moment(t_s), node.gpus, node.rack.inlet_c, pods, raised_caps(plans) if plans is not None else None,
+            moment(t_s), node.gpus, node.rack.inlet_c, pods, raised,
             tokens_s_by_gpu=tokens_s_by_gpu, node_power=node_power, requests_waiting_by_gpu=requests_waiting_by_gpu,
+            raised_to_w_by_gpu={p.uuid: p.cap_w for p in plans if p.uuid in raised} if plans is not None and raised else None,
         )
         since_s = t_s - last_s if last_s is not None else math.inf
         if should_publish(node.telemetry, telemetry, since_s, self.settings.publish, lowered):
