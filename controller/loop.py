@@ -15,13 +15,14 @@ Every ``interval_s`` (default 5 s), while this replica holds the Lease, one roun
    PodDisruptionBudget means: try again after ``eviction_retry_s``), recording an Event on
    the evicted pod and on the policy.
 
-A round that wrote a status postponing raises until lowered caps are in force
-(:attr:`powercap.budget.RoundPlan.follow_up`: a GPU bound ``transition``) is followed by
-the next one after ``follow_up_s`` (default :data:`~powercap.budget.FOLLOW_UP_S`, 1.5 s;
-never later than ``interval_s``; 0 turns it off) instead of a whole interval: the agents
-apply and publish such a lower within a tick or two, and the next round spends the watts
-it freed. A round whose writes all failed, or that wrote nothing, waits the interval, so
-a failing API server is not asked more often.
+A round that wrote a policy's changed allocations postponing raises until lowered caps are
+in force (:attr:`powercap.budget.RoundPlan.follow_up_keys`: a GPU bound ``transition``) is
+followed by the next one after ``follow_up_s`` (default :data:`~powercap.budget.FOLLOW_UP_S`,
+1.5 s; never later than ``interval_s``; 0 turns it off) instead of a whole interval: the
+agents apply and publish such a lower within a tick or two, and the next round spends the
+watts it freed. A round whose writes of such a policy failed, or that wrote none, waits the
+interval, so a failing API server is not asked more often. A round whose watch cache still
+shows the status this replica's last write replaced writes nothing and waits the interval.
 
 A steady cluster produces no write at all: statuses settle (see :mod:`powercap.status`),
 and a policy whose planned status equals the cached one is not even read. Leadership is

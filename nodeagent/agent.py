@@ -27,9 +27,9 @@ One tick (default every second):
 4. save the state file when the records changed; offer telemetry to the publisher (each
    GPU of a scraped pod with its tokens/s share and the pod's requests waiting), marked
    urgent when a write put in force a lower the controller waits to see
-   (:func:`~powercap.agentplan.lowers_to_publish_now`: a lowered allocation, a thermal cut,
-   a clamp; not the tokens/J loop's steps): the publisher sends it without waiting for its
-   minimum interval.
+   (:func:`~powercap.agentplan.lowers_to_publish_now`: a lowered allocation, a new GPU at
+   its minimum, a clamp; not the tokens/J loop's steps, a thermal cut or an outside reset):
+   the publisher sends it without waiting for its minimum interval.
 
 Nothing in a tick raises: an unexpected exception is logged and the next tick runs.
 Everything is injected (backend, source, publisher, clocks, state file, token scraper,
@@ -599,7 +599,8 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         """The ``/status`` document: per GPU, the limit in force, the last plan, its pod's
-        requests waiting and any degradation (GPUs that could not be read or enumerated included); per policy, what
+        requests waiting and any degradation (GPUs that could not be read or enumerated
+        included); per policy, what
         it may hold on this node and any problem."""
         with self._lock:
             plans = self._last_plans

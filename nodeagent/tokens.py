@@ -100,14 +100,6 @@ def counter_total(values: Sequence[float]) -> float | None:
     return math.fsum(finite) if finite else None
 
 
-def counter_value(text: str, sample_name: str) -> float | None:
-    """The sum of every sample named ``sample_name`` in an exposition, None when absent.
-
-    Raises ``ValueError`` for text the parser cannot read.
-    """
-    return counter_total(sample_values(text, {sample_name}).get(sample_name, []))
-
-
 def gauge_count(values: Sequence[float]) -> int | None:
     """A count gauge summed over its label sets (module docstring): rounded to the nearest
     integer (halves up), at most ``2**31 - 1``; None without samples or when one is negative

@@ -1184,10 +1184,10 @@ def lowers_to_publish_now(plans: Iterable[GpuPlan]) -> bool:
     """Whether this tick lowered a GPU's limit to follow a lowered allocation, to start a new
     GPU at its minimum, or to clamp to the budget. The controller holds the raises that wait
     on those watts until the telemetry shows the lower in force (allocation step 6), so such
-    a tick is published without waiting for the minimum interval. Other lowers (the tokens/J loop's 10-W steps,
-    one a tick while a GPU is under its target; a thermal cut; a limit put back after
-    something outside the agent raised it) free no watts the controller waits for: they go
-    out on the interval, as any other change."""
+    a tick is published without waiting for the minimum interval. Other lowers (the tokens/J
+    loop's 10-W steps, one a tick while a GPU is under its target; a thermal cut; a limit put
+    back after something outside the agent raised it) free no watts the controller waits
+    for: they go out on the interval, as any other change."""
     return any(
         plan.writes and plan.cap_w < plan.previous_w - DEFAULT_LIMIT_TOLERANCE_W and plan.reason in _AWAITED_LOWERS
         for plan in plans

@@ -62,16 +62,16 @@ cluster view and writes the result to ``status.allocations``. The formula:
    (``floor(maxPower - unmanaged_power_w)``, over the GPUs of every service in it), where
    ``in_force_i`` is the higher of the GPU's previous cap and the limit its telemetry
    reports in force (``ceil``-ed, at most its maximum; a GPU raised since its power was
-   read reports the raised limit beside, ``GpuState.raised_to_w``): a raise only spends watts that no GPU can
-   still be holding, and watts a lowered GPU has not reported given up yet (its agent has
-   not applied, or not published, the lower) are still held. Where the caps in force
-   already pass the capacity, no cap rises above its previous one either, even under its
-   reported limit: a report can be older than its agent's last write. A GPU without a
-   previous cap counts at its minimum (an agent starts a new GPU there), in force at the
-   higher of that and its reported limit; a held GPU at its hold. When the caps in force already fill the
-   capacity (the cap was lowered, or the rack's other load rose), lowers go out first and
-   raises wait until the lowers are reported (the controller then runs its next round
-   early: ``budget.FOLLOW_UP_S``).
+   read reports the raised limit beside, ``GpuState.raised_to_w``): a raise only spends
+   watts that no GPU can still be holding, and watts a lowered GPU has not reported given
+   up yet (its agent has not applied, or not published, the lower) are still held. Where
+   the caps in force already pass the capacity, no cap rises above its previous one
+   either, even under its reported limit: a report can be older than its agent's last
+   write. A GPU without a previous cap counts at its minimum (an agent starts a new GPU
+   there), in force at the higher of that and its reported limit; a held GPU at its hold.
+   When the caps in force already fill the capacity (the cap was lowered, or the rack's
+   other load rose), lowers go out first and raises wait until the lowers are reported
+   (the controller then runs its next round early: ``budget.FOLLOW_UP_S``).
 
 Rounding: caps are whole watts, ``floor``-ed, with minimums rounded up and maximums down,
 so integer sums never pass an integer budget. (The watts the floors take, up to one a GPU,
@@ -101,7 +101,7 @@ from operator import attrgetter, gt
 from types import MappingProxyType
 from typing import NamedTuple
 
-from powercap.marginal import Member, MarginalSettings, is_pinned, marginal_tokens_per_w, rebalance_w
+from powercap.marginal import Member, MarginalSettings, is_pinned, marginal_value, rebalance_w
 from powercap.numeric import clamp, counted
 
 INF = math.inf
@@ -540,13 +540,13 @@ class _GpuColumns:
         marginals: list[float | None] = [None] * len(uuids)
         if settings.marginal.enabled and any(t is not None for t in tokens_ws):
             elasticity = settings.marginal.elasticity
-            marginals = [None if not ok else marginal_tokens_per_w(t, p, lim, pinned_fraction, elasticity, w)
-                         for t, p, lim, w, ok in zip(tokens_ws, power_ws, limit_ws, waiting, fresh)]
+            marginals = [None if not ok else marginal_value(t, lim, busy, elasticity)
+                         for t, lim, busy, ok in zip(tokens_ws, limit_ws, pinned, fresh)]
         # What each GPU may be holding now: its previous cap, or the limit it reports when that
-        # is higher (an agent that has not applied a lower yet, or not published it)
-        # (or the limit a raise just put in force, published beside the one its power was read under)
-        reported = [limit if (raised := g.raised_to_w) is None or not raised > limit else raised
-                    for limit, g in zip(limit_ws, gpus)]
+        # is higher (an agent that has not applied a lower yet, or not published it; a GPU
+        # just raised reports the raised limit beside the one its power was read under)
+        reported = (limit if (raised := g.raised_to_w) is None or not raised > limit else raised
+                    for limit, g in zip(limit_ws, gpus))
         in_force = [
             last if limit <= last else high if not limit < high else math.ceil(limit - _ROUNDING_SLACK_W)
             for last, limit, high in zip(previous, reported, maxima)

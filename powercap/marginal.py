@@ -21,8 +21,8 @@ A GPU drawing below ``C x (1 - pinned_fraction)`` whose pod has no requests wait
 limited by its traffic, not its cap: ``m = 0`` (another watt buys it nothing). A pod with
 requests waiting (vLLM's queue, ``GpuState.requests_waiting``) is saturated, so its GPUs
 count as pinned whatever they draw: a replica whose decode is memory-bound draws below its
-cap while its prefill is held at it, and another watt speeds that prefill. No estimate (``None``) without a measured rate, at
-a cap of 0 W, or for a pinned GPU that reports 0 tokens/s (a counter just reset, a pod not
+cap while its prefill is held at it, and another watt speeds that prefill. No estimate
+(``None``) without a measured rate, at a cap of 0 W, or for a pinned GPU that reports 0 tokens/s (a counter just reset, a pod not
 serving yet): such a GPU keeps the demand-following cap.
 
 **Rebalance** (:func:`rebalance_w`), within a group of GPUs whose caps may be traded without
@@ -117,9 +117,15 @@ def marginal_tokens_per_w(tokens_s: float | None, power_w: float, limit_w: float
                           elasticity: float = DEFAULT_ELASTICITY, requests_waiting: int | None = None) -> float | None:
     """``e x tokens_s / limit_w`` for a pinned GPU (:func:`is_pinned`), 0.0 for any other
     (traffic-limited), None without an estimate (module docstring)."""
+    return marginal_value(tokens_s, limit_w, is_pinned(power_w, limit_w, pinned_fraction, requests_waiting), elasticity)
+
+
+def marginal_value(tokens_s: float | None, limit_w: float, pinned: bool, elasticity: float) -> float | None:
+    """:func:`marginal_tokens_per_w` for a GPU already judged pinned or not (the allocation
+    judges each GPU once, for its demand, its surplus step and this)."""
     if tokens_s is None or not math.isfinite(tokens_s) or tokens_s < 0 or not limit_w > 0:
         return None
-    if not is_pinned(power_w, limit_w, pinned_fraction, requests_waiting):
+    if not pinned:
         return 0.0
     if tokens_s <= 0:
         return None

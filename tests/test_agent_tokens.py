@@ -21,10 +21,11 @@ from nodeagent.tokens import (
     CounterSample,
     TokenRates,
     counter_rate,
-    counter_value,
+    counter_total,
     gauge_count,
     http_fetch,
     metrics_url,
+    sample_values,
 )
 from powercap import physics
 from powercap.telemetry import from_json, to_document, to_json
@@ -60,8 +61,9 @@ def test_metrics_url(annotation: str | None, pod_ip: str | None, url: str | None
 
 
 def test_counter_sums_every_model_and_ignores_other_counters() -> None:
-    assert counter_value(VLLM, "vllm:generation_tokens_total") == 1500.0
-    assert counter_value(VLLM, "sglang:generation_tokens_total") is None
+    samples = sample_values(VLLM, {"vllm:generation_tokens_total", "sglang:generation_tokens_total"})
+    assert counter_total(samples.get("vllm:generation_tokens_total", [])) == 1500.0
+    assert counter_total(samples.get("sglang:generation_tokens_total", [])) is None
 
 
 @pytest.mark.parametrize(

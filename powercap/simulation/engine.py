@@ -479,7 +479,7 @@ class _Run:
         telemetry = build_telemetry(
             moment(t_s), node.gpus, node.rack.inlet_c, pods, raised,
             tokens_s_by_gpu=tokens_s_by_gpu, node_power=node_power, requests_waiting_by_gpu=requests_waiting_by_gpu,
-            raised_to_w_by_gpu={p.uuid: p.cap_w for p in plans if p.uuid in raised} if plans is not None and raised else None,
+            raised_to_w_by_gpu={p.uuid: p.cap_w for p in plans if p.uuid in raised} if plans and raised else None,
         )
         since_s = t_s - last_s if last_s is not None else math.inf
         if should_publish(node.telemetry, telemetry, since_s, self.settings.publish, lowered):
