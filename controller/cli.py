@@ -41,7 +41,7 @@ from powercap.runtime.sources import load_state, snapshot_time, utc_now
 from powercap import API_GROUP, API_VERSION, KIND, kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.allocation import AllocationSettings
-from powercap.budget import FOLLOW_UP_S, RoundPlan, plan_round
+from powercap.budget import FOLLOW_UP_S, QUEUE_ROUND_S, RoundPlan, plan_round
 from powercap.cluster import ClusterSettings, build_cluster_view
 from powercap.marginal import MarginalSettings
 from powercap.numeric import counted
@@ -75,6 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="after a round that postponed raises until lowered caps are in force, run the next one "
                         "this many seconds later instead of a whole --interval, so the raises land as soon as the "
                         f"agents report the lowers (default {FOLLOW_UP_S:g}; 0 turns it off)")
+    parser.add_argument("--queue-round", default=QUEUE_ROUND_S, type=follow_up_seconds, metavar="SECONDS",
+                        help="when a GPU's pod begins having requests waiting (its agent publishes that at once), run "
+                        "the next round this many seconds after the last one instead of a whole --interval, so the "
+                        f"queued GPU gets the surplus first (default {QUEUE_ROUND_S:g}; 0 turns it off)")
     parser.add_argument("--margin", default=AllocationSettings().margin, type=margin_fraction, metavar="FRACTION",
                         help="share of powerCapLimit held back below it, for a breaker that trips on sub-second "
                         "power peaks (default 0: the caps in force sum to powerCapLimit; 0.03 is 3 %%)")
@@ -99,8 +103,8 @@ MIN_FOLLOW_UP_S = 0.5
 
 
 def follow_up_seconds(text: str) -> float:
-    """argparse ``type=`` of ``--transition-follow-up``: 0 (off) or a finite number of seconds
-    of at least :data:`MIN_FOLLOW_UP_S`."""
+    """argparse ``type=`` of ``--transition-follow-up`` and ``--queue-round``: 0 (off) or a
+    finite number of seconds of at least :data:`MIN_FOLLOW_UP_S`."""
     try:
         value = float(text)
     except ValueError:
@@ -130,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ControllerSettings(
         interval_s=args.interval,
         follow_up_s=args.transition_follow_up,
+        queue_round_s=args.queue_round,
         allocation=AllocationSettings(margin=args.margin, marginal=MarginalSettings(enabled=args.marginal_rebalancing)),
         identity=args.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}",
     )
@@ -254,6 +259,7 @@ def serve(client: kube.KubeClient, cluster_settings: ClusterSettings, registry: 
     elector: kube.LeaderElector | None = None
     controller = BudgetController(client, snapshots, settings, metrics=metrics,
                                   is_leader=lambda: elector is not None and elector.is_leader)
+    snapshots.on_queue_formed(controller.queue_formed)
     elector = kube.LeaderElector(
         client, args.lease_namespace, args.lease_name, settings.identity,
         on_started_leading=controller.started_leading, on_stopped_leading=controller.stopped_leading,
@@ -264,7 +270,8 @@ def serve(client: kube.KubeClient, cluster_settings: ClusterSettings, registry: 
     health = HttpServer.on(args.health_bind, health_routes(controller, snapshots, metrics), name="controller-health")
     log.info("powercap controller starting", extra={
         "identity": settings.identity, "lease": f"{args.lease_namespace}/{args.lease_name}",
-        "interval_s": settings.interval_s, "follow_up_s": settings.follow_up_s, "margin": settings.allocation.margin,
+        "interval_s": settings.interval_s, "follow_up_s": settings.follow_up_s,
+        "queue_round_s": settings.queue_round_s, "margin": settings.allocation.margin,
         "marginal_rebalancing": settings.allocation.marginal.enabled, "health": args.health_bind,
         "node_overhead_w": cluster_settings.node_overhead_w, "non_gpu_rise": cluster_settings.non_gpu_rise,
     })

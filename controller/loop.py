@@ -23,6 +23,12 @@ agents apply and publish such a lower within a tick or two, and the next round s
 watts it freed. A round whose writes of such a policy failed, or that wrote none, waits the
 interval, so a failing API server is not asked more often. A round whose watch cache still
 shows the status this replica's last write replaced writes nothing and waits the interval.
+When a PowerCapNode event shows a GPU whose pod began having requests waiting
+(:meth:`powercap.runtime.sources.TelemetryNodes.on_queue_formed`, wired to
+:meth:`BudgetController.queue_formed`), the next round runs ``queue_round_s`` after the
+last one started (default :data:`~powercap.budget.QUEUE_ROUND_S`, 1 s; 0 turns it off)
+if that is sooner: a replica falling behind gets the surplus first (the allocation's step
+4) within a second or two of its queue forming, not a whole interval later.
 
 A steady cluster produces no write at all: statuses settle (see :mod:`powercap.status`),
 and a policy whose planned status equals the cached one is not even read. Leadership is
@@ -46,11 +52,11 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from powercap.runtime.programmetrics import register_program_metrics
-from powercap.runtime.sources import Cache, CacheSource, NotReady, cluster_caches, utc_now
+from powercap.runtime.sources import Cache, CacheSource, NotReady, TelemetryNodes, cluster_caches, utc_now
 from powercap import API_GROUP, API_VERSION, KIND, kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.allocation import AllocationSettings
-from powercap.budget import FOLLOW_UP_S, PolicyPlan, RoundPlan, plan_round
+from powercap.budget import FOLLOW_UP_S, QUEUE_ROUND_S, PolicyPlan, RoundPlan, plan_round
 from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
 from powercap.nodeobjects import merge_node_objects
 from powercap.objects import KubeObject, object_key
@@ -65,6 +71,7 @@ REBALANCE_REASON = "EnergyRebalance"
 DESCHEDULED = "Descheduled"
 DEFAULT_INTERVAL_S = 5.0
 DEFAULT_EVICTION_RETRY_S = 30.0
+_QUEUE_LOOK_S = 0.1  # past queue_round_s, how often the waiting loop looks for a queue formed
 # Pods the controller watches: everything not finished, pending ones included (a pending
 # pod of a service means the last move has not settled yet).
 POD_FIELD_SELECTOR = "status.phase!=Succeeded,status.phase!=Failed"
@@ -78,12 +85,15 @@ class ControllerSettings:
     write_attempts: int = 5
     identity: str = "powercap-controller"
     follow_up_s: float = FOLLOW_UP_S  # the wait after a round that postponed raises; 0: the interval
+    queue_round_s: float = QUEUE_ROUND_S  # the earliest next round once a queue forms; 0: the interval
 
     def __post_init__(self) -> None:
         if not self.interval_s > 0:
             raise ValueError(f"interval_s must be greater than 0, not {self.interval_s}")
         if not self.follow_up_s >= 0:
             raise ValueError(f"follow_up_s must be at least 0 (0 turns the follow-up round off), not {self.follow_up_s}")
+        if not self.queue_round_s >= 0:
+            raise ValueError(f"queue_round_s must be at least 0 (0 turns the early round off), not {self.queue_round_s}")
         if self.write_attempts < 1:
             raise ValueError(f"write_attempts must be at least 1, not {self.write_attempts}")
 
@@ -121,6 +131,11 @@ class CacheSnapshots:
 
     def readiness(self) -> str | None:
         return self._views.readiness()
+
+    def on_queue_formed(self, listener: Callable[[str], None]) -> None:
+        """:meth:`powercap.runtime.sources.TelemetryNodes.on_queue_formed` of the Node cache."""
+        if isinstance(self._nodes, TelemetryNodes):
+            self._nodes.on_queue_formed(listener)
 
     def start(self) -> None:
         self._views.start()
@@ -210,6 +225,13 @@ class BudgetController:
         self._term_started: datetime | None = None
         self._term_applied: datetime | None = None
         self.last_round_s: float | None = None  # clock time the last round ended (health)
+        self._queue_formed = threading.Event()  # set from the watch thread, cleared as a round starts
+
+    def queue_formed(self, node: str = "") -> None:
+        """A GPU's pod on ``node`` began having requests waiting: run the next round early
+        (module docstring). Safe to call from any thread; never blocks."""
+        if self.settings.queue_round_s > 0:
+            self._queue_formed.set()
 
     def started_leading(self, now: datetime | None = None) -> None:
         """A new term: what a previous one knew is forgotten at the next round, and the first
@@ -231,6 +253,7 @@ class BudgetController:
     def run_round(self) -> RoundReport:
         """One round (see the module docstring). Raises :class:`NotReady` before the caches sync."""
         started_s = time.perf_counter()
+        self._queue_formed.clear()  # this round sees every queue formed so far
         self._begin_term()
         snapshot = self._snapshots.snapshot()
         behind = self._cache_behind_writes(snapshot.view)
@@ -396,7 +419,25 @@ class BudgetController:
                     log.exception("controller round failed")
             else:
                 self.last_round_s = self._clock()  # alive, just not leading
-            stop.wait(max(0.0, wait_s - (time.monotonic() - started_s)))
+                self._queue_formed.clear()
+            self._wait(stop, started_s, wait_s)
+
+    def _wait(self, stop: threading.Event, started_s: float, wait_s: float) -> None:
+        """Until ``wait_s`` after ``started_s`` (monotonic), or ``queue_round_s`` after it once a
+        queue formed meanwhile (looked at every :data:`_QUEUE_LOOK_S` from then on), or
+        until ``stop``."""
+        deadline_s = started_s + wait_s
+        if self.settings.queue_round_s <= 0:
+            stop.wait(max(0.0, deadline_s - time.monotonic()))
+            return
+        early_s = started_s + self.settings.queue_round_s
+        while not stop.is_set():
+            now_s = time.monotonic()
+            if now_s >= deadline_s or (now_s >= early_s and self._queue_formed.is_set()):
+                return
+            look_s = early_s if now_s < early_s else now_s + _QUEUE_LOOK_S
+            if stop.wait(min(deadline_s, look_s) - now_s):
+                return
 
 
 def _reference(policy: Policy) -> dict[str, Any]:

@@ -1204,8 +1204,11 @@ def should_publish(
     """Whether ``candidate`` is worth a node patch, ``since_last_s`` after ``last`` went out.
 
     True when nothing was published yet, when ``lowered`` (the tick lowered a limit the
-    controller waits to see in force, :func:`lowers_to_publish_now`) whatever the interval,
-    or when ``since_last_s >= min_interval_s`` and one of:
+    controller waits to see in force, :func:`lowers_to_publish_now`) or a GPU's pod began
+    having requests waiting (a queue forming: the controller gives it the surplus first and
+    runs a round early, so a replica falling behind gets watts within seconds, not a minimum
+    interval later), whatever the interval, or when ``since_last_s >= min_interval_s`` and
+    one of:
     heartbeat due (``since_last_s >= heartbeat_s``); the set of GPUs, a limit or a pod
     changed; ``|P' - P| > fraction x P`` for the node (its GPUs' sum or its whole-node
     power) or a GPU; the whole-node power's source changed; ``|T' - T| >= 2 degC`` for a
@@ -1214,7 +1217,7 @@ def should_publish(
     the number of requests waiting and the reading's age are not compared: they ride along
     (module docstring).
     """
-    if last is None or lowered:
+    if last is None or lowered or queue_formed(last, candidate):
         return True
     if since_last_s < settings.min_interval_s:
         return False
@@ -1240,6 +1243,17 @@ def should_publish(
         ):
             return True
     return False
+
+
+def queue_formed(last: NodeTelemetry | None, candidate: NodeTelemetry) -> bool:
+    """Whether a GPU of ``candidate`` has requests waiting where ``last`` showed none (no
+    queue, an unknown one, or no such GPU). Only a queue forming counts: one that drains
+    waits for the minimum interval, so a queue that comes and goes costs at most one
+    patch more per interval."""
+    if last is None:
+        return False
+    queued_before = {g.uuid for g in last.gpus if g.requests_waiting}
+    return any(g.requests_waiting and g.uuid not in queued_before for g in candidate.gpus)
 
 
 def _queued(requests_waiting: int | None) -> bool | None:

@@ -35,7 +35,9 @@ cluster view and writes the result to ``status.allocations``. The formula:
 4. **Surplus.** When every demand of a service is met and budget is left, its pinned GPUs
    take up to one step more first (a fill from the first result with each pinned GPU's
    ceiling at ``cap + step``: a pinned GPU uses a watt now, where a traffic-limited one
-   leaves it unused), then the same fill runs again up to each GPU's maximum: caps cost
+   leaves it unused), a GPU whose pod has requests waiting up to its maximum (a queue is
+   work the GPU cannot do at its cap: every watt it can take serves it, docs/decisions.md
+   "A queue takes the surplus first"), then the same fill runs again up to each GPU's maximum: caps cost
    nothing while a GPU draws below them, and a GPU whose load rises then has room before
    the next round. (A common level alone gave a raised budget to the traffic-limited GPUs
    first, the static split's caps after a powerCapLimit raise.)
@@ -493,6 +495,7 @@ class _GpuColumns:
     power_ws: list[float]
     limit_ws: list[float]
     pinned: list[bool]                  # would serve more with more power (powercap.marginal.is_pinned)
+    queued: list[bool]                  # its pod has requests waiting
     marginals: list[float | None]       # marginal tokens/s per W (powercap.marginal); None: no estimate
 
     @property
@@ -588,6 +591,7 @@ class _GpuColumns:
             power_ws=power_ws,
             limit_ws=limit_ws,
             pinned=pinned,
+            queued=[bool(w) for w in waiting],
             marginals=marginals,
         )
 
@@ -667,16 +671,17 @@ class _GpuColumns:
 
     def pinned_step_ceilings(self, first: _Fill, ceilings: list[float]) -> list[float] | None:
         """Where the surplus goes first: a pinned GPU (:func:`powercap.marginal.is_pinned`) of
-        a service that met every demand may take one more step above its first cap, within
-        its surplus ceiling; every other GPU stays at its first cap. None when no GPU may (the
-        common level then lifts every cap at once)."""
+        a service that met every demand may take one more step above its first cap, and one
+        whose pod has requests waiting up to its surplus ceiling (its maximum where nothing
+        else binds); every other GPU stays at its first cap. None when no GPU may (the common
+        level then lifts every cap at once)."""
         step = self.settings.step_fraction
         head = list(first.caps)
         moved = False
-        for i, (cap, ceiling, busy, low, high) in enumerate(zip(
-                first.caps, ceilings, self.pinned, self.minima, self.maxima)):
+        for i, (cap, ceiling, busy, queued, low, high) in enumerate(zip(
+                first.caps, ceilings, self.pinned, self.queued, self.minima, self.maxima)):
             if ceiling > cap and busy:
-                head[i] = min(ceiling, cap + step * (high - low))
+                head[i] = ceiling if queued else min(ceiling, cap + step * (high - low))
                 moved = True
         return head if moved else None
 

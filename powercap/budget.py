@@ -84,6 +84,12 @@ FOLLOW_UP_S = 1.5
 """How soon a round follows one that postponed raises (:attr:`RoundPlan.follow_up`): the
 agents tick every second and publish a lowered limit at once."""
 
+QUEUE_ROUND_S = 1.0
+"""How soon after the last round one runs when a GPU's pod begins having requests waiting
+(the agents publish that at once): the queued GPU takes the surplus first
+(:mod:`powercap.allocation`, step 4), seconds before a whole interval would have passed. At
+most one such round a second, however many queues form."""
+
 @dataclass(frozen=True)
 class PolicyPlan:
     """What one round decided for a policy: its caps, what it measured, the status to store."""

@@ -185,6 +185,21 @@ def from_json(text: str) -> NodeTelemetry:
     return from_document(document)
 
 
+def queued_uuids(document: Any) -> frozenset[str]:
+    """The UUIDs of the GPUs a telemetry document shows with requests waiting (a positive
+    whole ``requestsWaiting``), read without parsing the rest: the budget controller asks
+    this of every PowerCapNode event to run a round early when a queue forms. Whatever is
+    malformed counts as no queue (the round's full parse reports it)."""
+    gpus = document.get("gpus") if isinstance(document, Mapping) else None
+    if not isinstance(gpus, list):
+        return frozenset()
+    return frozenset(
+        gpu["uuid"] for gpu in gpus
+        if isinstance(gpu, Mapping) and isinstance(gpu.get("uuid"), str)
+        and type(gpu.get("requestsWaiting")) is int and gpu["requestsWaiting"] > 0
+    )
+
+
 def from_document(document: Any) -> NodeTelemetry:
     """Parse a telemetry document (the annotation's JSON object, or a PowerCapNode's
     ``status``); raises :class:`TelemetryError` naming the bad field."""

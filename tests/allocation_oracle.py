@@ -127,7 +127,9 @@ def allocate(services: list[dict], racks: list[dict] = (), settings: dict | None
     ceilings = {u: Fraction(g["high"]) if service_of[u] in surplus and g["fresh"] else first[u] for u, g in gpu.items()}
     pinned_gpus = {u for u, g in gpu.items() if service_of[u] in surplus and g["fresh"]           # step 4, pinned first
                    and pinned(g, s) and ceilings[u] > first[u]}
-    head = {u: min(ceilings[u], first[u] + exact(s["step_fraction"]) * (g["high"] - g["low"])) if u in pinned_gpus else first[u]
+    head = {u: first[u] if u not in pinned_gpus                                                  # a queue: to its ceiling
+            else ceilings[u] if (g.get("requests_waiting") or 0) > 0
+            else min(ceilings[u], first[u] + exact(s["step_fraction"]) * (g["high"] - g["low"]))
             for u, g in gpu.items()}
     first_surplus, head_by = fill(first, head, groups, short)
     second, second_by = fill(first_surplus, ceilings, groups, short)

@@ -99,6 +99,17 @@ THREE_PERCENT_MARGIN = AllocationSettings(margin=0.03)
             id="busy GPUs get their demand first, idle ones share what is left",
         ),
         pytest.param(
+            # the same, but busy1's pod has requests waiting: it takes the surplus up to its
+            # maximum (700), busy2 its one step (600), then a common level: 2 L = 700 -> 350
+            2000, [gpu("busy1", **PINNED_AT_500, requests_waiting=3), gpu("busy2", **PINNED_AT_500),
+                   gpu("idle1", **IDLE_AT_MIN), gpu("idle2", **IDLE_AT_MIN)],
+            [],
+            {"busy1": 700, "busy2": 600, "idle1": 350, "idle2": 350},
+            {"busy1": Bound.MAX, "busy2": Bound.BUDGET, "idle1": Bound.BUDGET, "idle2": Bound.BUDGET},
+            None,
+            id="a GPU with requests waiting takes the surplus up to its maximum first",
+        ),
+        pytest.param(
             700, [gpu(u, 600, 700) for u in "abcd"], [],
             {u: 200 for u in "abcd"}, {u: Bound.MINIMUM for u in "abcd"}, None,
             id="infeasible: every GPU stays at its minimum",

@@ -525,10 +525,11 @@ def test_the_loop_runs_the_next_round_sooner_after_one_that_postponed_raises(
     client, apiserver, settings: dict[str, Any], waits_s: list[float],
 ) -> None:
     """The round that postpones raises waits min(follow_up_s, interval_s); the next one,
-    with nothing new to write, the whole interval."""
+    with nothing new to write, the whole interval. (The early round on a queue is off: with
+    it on, the loop first waits queue_round_s and then looks for a queue every 0.1 s.)"""
     serve_cluster(apiserver)
     clock = Clock()
-    controller = controller_for(client, clock, **settings)
+    controller = controller_for(client, clock, queue_round_s=0.0, **settings)
     controller.run_round()
     demand_moves(apiserver, clock)
     stop = CountedStop(rounds=2)
@@ -536,9 +537,83 @@ def test_the_loop_runs_the_next_round_sooner_after_one_that_postponed_raises(
     assert stop.waits_s == pytest.approx(waits_s, abs=0.5)  # less the time each round took
 
 
+class TimedRounds:
+    """Wraps a controller's run_round: the monotonic start of each round; ``stop`` is set
+    once ``rounds`` have run."""
+
+    def __init__(self, controller: BudgetController, rounds: int) -> None:
+        self.starts_s: list[float] = []
+        self.stop = threading.Event()
+        run_round = controller.run_round
+
+        def timed() -> Any:
+            self.starts_s.append(time.monotonic())
+            try:
+                return run_round()
+            finally:
+                if len(self.starts_s) >= rounds:
+                    self.stop.set()
+
+        controller.run_round = timed  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize(
+    ("queue_round_s", "queue_after_s", "expected_gap_s"),
+    [
+        pytest.param(0.3, 0.1, 0.3, id="a queue formed during the wait: the next round queue_round_s after the last"),
+        pytest.param(0.3, 0.5, 0.5, id="a queue formed later: the next round at once"),
+        pytest.param(0.0, 0.1, 2.0, id="off: the whole interval"),
+        pytest.param(0.3, None, 2.0, id="no queue: the whole interval"),
+    ],
+)
+def test_a_queue_forming_brings_the_next_round_forward(
+    client, apiserver, queue_round_s: float, queue_after_s: float | None, expected_gap_s: float,
+) -> None:
+    """A PowerCapNode event showing a new queue (TelemetryNodes.on_queue_formed, wired to
+    queue_formed) runs the next round queue_round_s after the last one started, or at once
+    when that is past, instead of a whole interval later."""
+    serve_cluster(apiserver)
+    controller = controller_for(client, Clock(), interval_s=2.0, queue_round_s=queue_round_s)
+    timed = TimedRounds(controller, rounds=2)
+    if queue_after_s is not None:
+        threading.Timer(queue_after_s, controller.queue_formed, args=("node-a",)).start()
+    loop = threading.Thread(target=controller.run, args=(timed.stop,))
+    loop.start()
+    loop.join(timeout=10)
+    assert not loop.is_alive()
+    (first_s, second_s) = timed.starts_s
+    assert second_s - first_s == pytest.approx(expected_gap_s, abs=0.15)
+
+
+def test_a_queue_formed_before_a_round_asks_for_no_second_one(client, apiserver) -> None:
+    """The round that starts after a queue formed sees it: the wait after it is the interval."""
+    serve_cluster(apiserver)
+    controller = controller_for(client, Clock(), interval_s=1.0, queue_round_s=0.2)
+    controller.queue_formed("node-a")
+    timed = TimedRounds(controller, rounds=3)
+    controller.run(timed.stop)
+    gaps_s = [b - a for a, b in zip(timed.starts_s, timed.starts_s[1:])]
+    assert gaps_s == pytest.approx([1.0, 1.0], abs=0.15)
+
+
+def test_a_stop_ends_the_wait_for_a_queue_at_once(client, apiserver) -> None:
+    serve_cluster(apiserver)
+    controller = controller_for(client, Clock(), interval_s=30.0, queue_round_s=0.2)
+    stop = threading.Event()
+    loop = threading.Thread(target=controller.run, args=(stop,))
+    loop.start()
+    time.sleep(0.5)  # past queue_round_s: looking for a queue every 0.1 s
+    stopped_s = time.monotonic()
+    stop.set()
+    loop.join(timeout=5)
+    assert not loop.is_alive() and time.monotonic() - stopped_s < 0.2
+
+
 def test_a_negative_follow_up_is_refused() -> None:
     with pytest.raises(ValueError, match="follow_up_s must be at least 0"):
         ControllerSettings(follow_up_s=-1.0)
+    with pytest.raises(ValueError, match="queue_round_s must be at least 0"):
+        ControllerSettings(queue_round_s=-1.0)
 
 
 def test_health_endpoints(client, apiserver) -> None:
@@ -662,23 +737,24 @@ def test_bad_margin_is_refused(capsys) -> None:
         pytest.param("0.01", "'0.01' must be 0 (off) or at least 0.5 seconds", id="faster-than-the-agents-tick"),
     ],
 )
-def test_a_bad_transition_follow_up_is_refused(capsys, value: str, message: str) -> None:
+@pytest.mark.parametrize("flag", ["--transition-follow-up", "--queue-round"])
+def test_a_bad_transition_follow_up_is_refused(capsys, flag: str, value: str, message: str) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["controller", "--once", "--transition-follow-up", value])
+        main(["controller", "--once", flag, value])
     assert exit_info.value.code == 2
-    assert f"argument --transition-follow-up: {message}" in capsys.readouterr().err
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
-    ("argv", "follow_up_s"),
+    ("argv", "follow_up_s", "queue_round_s"),
     [
-        pytest.param([], 1.5, id="default"),
-        pytest.param(["--transition-follow-up", "0"], 0.0, id="off"),
-        pytest.param(["--transition-follow-up", "2.5"], 2.5, id="set"),
+        pytest.param([], 1.5, 1.0, id="default"),
+        pytest.param(["--transition-follow-up", "0", "--queue-round", "0"], 0.0, 0.0, id="off"),
+        pytest.param(["--transition-follow-up", "2.5", "--queue-round", "0.5"], 2.5, 0.5, id="set"),
     ],
 )
 def test_the_transition_follow_up_flag_reaches_the_loop(
-    monkeypatch: pytest.MonkeyPatch, argv: list[str], follow_up_s: float,
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], follow_up_s: float, queue_round_s: float,
 ) -> None:
     import controller.cli as cli
 
@@ -691,7 +767,7 @@ def test_the_transition_follow_up_flag_reaches_the_loop(
 
     monkeypatch.setattr(cli, "serve", serve)
     assert main(["controller", *argv]) == 0
-    assert [s.follow_up_s for s in served] == [follow_up_s]
+    assert [(s.follow_up_s, s.queue_round_s) for s in served] == [(follow_up_s, queue_round_s)]
 
 
 def test_now_is_the_snapshot_time(state_file: Path, capsys) -> None:

@@ -236,3 +236,40 @@ def test_without_the_powercapnode_list_the_view_waits_rather_than_read_annotatio
     assert source.readiness() == "waiting for the first list of powercapnodes"
     with pytest.raises(NotReady, match="powercapnodes"):
         source.current()
+
+
+def queue_object(name: str, waiting: dict[str, Any]) -> dict[str, Any]:
+    """A PowerCapNode whose GPUs (by UUID) report these ``requestsWaiting`` (None: absent)."""
+    gpus = []
+    for index, (uuid, count) in enumerate(waiting.items()):
+        gpu: dict[str, Any] = {"uuid": uuid, "index": index, "powerW": 400.0, "limitW": 500.0, "minW": 200.0,
+                               "maxW": 700.0, "temperatureC": 60.0, "pod": "inference/llama-0"}
+        if count is not None:
+            gpu["requestsWaiting"] = count
+        gpus.append(gpu)
+    document = {"timestamp": "2026-11-27T23:19:01Z", "powerW": 400.0 * len(gpus), "inletTemperatureC": 24.0, "gpus": gpus}
+    return powercapnode(name, json.dumps(document))
+
+
+def test_the_node_cache_tells_when_a_queue_forms() -> None:
+    """The controller's early round (controller.loop): a listener hears of a GPU with
+    requests waiting that the node's last telemetry showed without, once per forming."""
+    cache = TelemetryNodes()
+    heard: list[str] = []
+    cache.on_queue_formed(heard.append)
+    events = [
+        ("ADDED", queue_object("gpu-1", {"GPU-a": 0, "GPU-b": None})),  # no queue
+        ("MODIFIED", queue_object("gpu-1", {"GPU-a": 3, "GPU-b": None})),  # forms: heard
+        ("MODIFIED", queue_object("gpu-1", {"GPU-a": 9, "GPU-b": None})),  # longer: the same queue
+        ("MODIFIED", queue_object("gpu-1", {"GPU-a": 9, "GPU-b": 1})),  # a second GPU's: heard
+        ("MODIFIED", queue_object("gpu-2", {"GPU-c": 2})),  # another node's first: heard
+        ("MODIFIED", queue_object("gpu-1", {"GPU-a": 0, "GPU-b": 0})),  # drained
+        ("MODIFIED", queue_object("gpu-1", {"GPU-a": 1, "GPU-b": 0})),  # forms again: heard
+        ("DELETED", queue_object("gpu-1", {"GPU-a": 1, "GPU-b": 0})),
+        ("ADDED", queue_object("gpu-1", {"GPU-a": 1, "GPU-b": 0})),  # a new object with a queue: heard
+        ("MODIFIED", queue_object("gpu-3", {"GPU-d": "3", "GPU-e": True, "GPU-f": -1, "GPU-g": 2.5})),  # malformed: none
+        ("MODIFIED", powercapnode("gpu-4", None)),  # created, never published
+    ]
+    for event_type, obj in events:
+        cache.object_event(event_type, obj)
+    assert heard == ["gpu-1", "gpu-1", "gpu-2", "gpu-1", "gpu-1"]

@@ -14,7 +14,9 @@ a service's caps together (keeping some previous caps had left up to 3 % of batc
 unspent), and when the surplus began to go to the pinned GPUs first and an agent that
 raised a cap began to publish it at its limit before the write, and when a starting GPU
 began to count at its own node's minimum and the agents to publish before the first pods
-are placed; the baselines' and the
+are placed, and when a pod's queue began to count as pinned and raises to follow the
+lowers they wait on, and when a queue began to take the surplus first and to bring the
+controller's next round forward; the baselines' and the
 oracle's did not (they never read rack power or the allocation), and the energy beside the
 GPUs is pinned since.
 """
@@ -45,9 +47,9 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
         "batch": (19572460.931686096, 536563.289428508, 39.417),
     },
     "powercap": {
-        "chat": (7166291.190205647, 1612678.659436039, 25.497),
-        "code": (5723179.313454987, 1120028.7373760198, 22.354),
-        "batch": (20069757.034621716, 523800.8931181055, 27.722),
+        "chat": (7166291.190205647, 1611331.4490888135, 26.477),
+        "code": (5729699.127219276, 1122364.4202551101, 22.296),
+        "batch": (20058817.178147934, 523828.28009876155, 27.571),
     },
     "oracle": {
         "chat": (7166291.1902056495, 1618266.4505797469, 23.564),
@@ -59,14 +61,14 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
 PINNED_COUNTER_ENERGY_J = {
     "no-capping": 4320416.767953997,
     "static-split": 3251655.095881968,
-    "powercap": 3467825.2899301643,
+    "powercap": 3468841.1494426853,
     "oracle": 3511295.998882641,
 }
 # strategy -> what the nodes drew beside their GPUs over the run, J
 PINNED_NON_GPU_ENERGY_J = {
     "no-capping": 4165923.3702003225,
     "static-split": 3902956.4056075877,
-    "powercap": 3961272.179406291,
+    "powercap": 3961538.113486396,
     "oracle": 3969833.991452781,
 }
 

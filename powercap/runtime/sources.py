@@ -21,10 +21,10 @@ from typing import Any, Protocol
 from powercap import KIND, kube
 from powercap.algorithms import AlgorithmRegistry
 from powercap.cluster import ClusterSettings, ClusterView, build_cluster_view
-from powercap.nodeobjects import NODE_KIND, NodeObjectIndex, merge_node_objects
+from powercap.nodeobjects import NODE_KIND, NodeObjectIndex, merge_node_objects, object_document
 from powercap.numeric import counted
 from powercap.objects import KubeObject, shape_problems
-from powercap.telemetry import TelemetryError, node_telemetry
+from powercap.telemetry import TelemetryError, node_telemetry, queued_uuids
 from powercap.runtime.documents import LOAD_ERRORS, describe_load_error, parse_documents
 from powercap.runtime.filewatch import FileWatch
 
@@ -346,6 +346,14 @@ class TelemetryNodes(_Caches):
         self._lock = threading.Lock()
         self._version = 0
         self._built: tuple[int, list[Any]] | None = None
+        self._queued: dict[str, frozenset[str]] = {}  # per PowerCapNode: its GPUs with requests waiting
+        self._queue_listeners: list[Callable[[str], None]] = []
+
+    def on_queue_formed(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(node name)`` (on the watch thread; it must not block) whenever a
+        PowerCapNode event shows a GPU with requests waiting that the node's previous
+        telemetry showed without (:func:`powercap.telemetry.queued_uuids`)."""
+        self._queue_listeners.append(listener)
 
     @classmethod
     def watching(cls, client: kube.KubeClient) -> TelemetryNodes:
@@ -368,6 +376,27 @@ class TelemetryNodes(_Caches):
         with self._lock:
             self._index.object_event(event_type, obj)
             self._version += 1
+            formed = self._queue_event(event_type, obj)
+        if formed is not None:
+            for listener in self._queue_listeners:
+                listener(formed)
+
+    def _queue_event(self, event_type: str, obj: KubeObject) -> str | None:
+        """The node's name when this event shows a queue forming (caller holds the lock)."""
+        name = (obj.get("metadata") or {}).get("name")
+        if not isinstance(name, str):
+            return None
+        if event_type == "DELETED":
+            self._queued.pop(name, None)
+            return None
+        document = object_document(obj)
+        queued = queued_uuids(document) if document is not None else frozenset()
+        before = self._queued.get(name, frozenset())
+        if queued:
+            self._queued[name] = queued
+        else:
+            self._queued.pop(name, None)
+        return name if not queued <= before else None
 
     @property
     def has_synced(self) -> bool:

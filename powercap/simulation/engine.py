@@ -53,12 +53,12 @@ import numpy as np
 
 from powercap import physics
 from powercap.agentplan import (
-    CapRecord, GpuMemory, GpuPlan, PublishSettings, TickInputs, build_telemetry, lowers_to_publish_now, plan_tick, raised_caps,
-    should_publish,
+    CapRecord, GpuMemory, GpuPlan, PublishSettings, TickInputs, build_telemetry, lowers_to_publish_now, plan_tick, queue_formed,
+    raised_caps, should_publish,
 )
 from powercap.algorithms import AlgorithmRegistry, EnergyAwareScheduling
 from powercap.allocation import AllocationSettings
-from powercap.budget import FOLLOW_UP_S, plan_round
+from powercap.budget import FOLLOW_UP_S, QUEUE_ROUND_S, plan_round
 from powercap.cluster import ClusterView
 from powercap.control import ControlSettings
 from powercap.nodepower import REDFISH, SourceReading, choose_node_power
@@ -70,6 +70,7 @@ from powercap.simulation.metrics import LATENCY_PERCENTILE, Recorder, weighted_p
 from powercap.simulation.scenario import CapChange, Scale, Scenario, Service
 from powercap.simulation.workload import WorkloadTrace, bounded_shares, build_trace, pod_weight
 from powercap.simulation.world import ModelColumns, SimGpu, SimNode, SimPod, World, moment, operating_points, thermal_caps_w
+from powercap.telemetry import NodeTelemetry
 
 NODE_POWER_MAX_AGE_S = 15.0
 """The agent's ``--node-power-max-age`` default (a reading older is not used)."""
@@ -214,6 +215,7 @@ class _Run:
         self.layout: _Layout | None = None
         self.second_sums = _SecondSums(len(scenario.services), len(scenario.racks))
         self.controller_due = 0.0
+        self.last_round_s = -math.inf
         self.policies_changed = False
         self.scheduler = scenario.scheduler
         self.view: ClusterView | None = None
@@ -459,14 +461,14 @@ class _Run:
         last_s = self.published_at.get(node.name)
         plans = self.last_plans.get(node.name)
         lowered = plans is not None and lowers_to_publish_now(plans)
-        if node.telemetry is not None and last_s is not None and t_s - last_s < self.settings.publish.min_interval_s and not lowered:
+        requests_waiting_by_gpu = self._requests_waiting(node, t_s) if plans is not None else None
+        if (node.telemetry is not None and last_s is not None and t_s - last_s < self.settings.publish.min_interval_s
+                and not lowered and not _queue_forms(node.telemetry, requests_waiting_by_gpu)):
             return  # should_publish would refuse whatever the telemetry: not built
         tokens_s_by_gpu: dict[str, float | None] | None = None
-        requests_waiting_by_gpu: dict[str, int | None] | None = None
         if plans is not None:
             pods = {plan.uuid: plan.pod for plan in plans}
             tokens_s_by_gpu = {plan.uuid: plan.tokens_s for plan in plans}
-            requests_waiting_by_gpu = self._requests_waiting(node, t_s)
         else:  # no agent plan on this node: the pods the GPUs hold
             pods = {gpu.uuid: gpu.pod.key if gpu.pod is not None else None for gpu in node.gpus}
         gpu_power_w = sum(gpu.power_w for gpu in node.gpus)
@@ -483,6 +485,9 @@ class _Run:
         )
         since_s = t_s - last_s if last_s is not None else math.inf
         if should_publish(node.telemetry, telemetry, since_s, self.settings.publish, lowered):
+            if queue_formed(node.telemetry, telemetry):
+                # the controller's watch sees it: its next round QUEUE_ROUND_S after the last
+                self.controller_due = min(self.controller_due, max(t_s, self.last_round_s + QUEUE_ROUND_S))
             node.set_telemetry(telemetry)
             self.published_at[node.name] = t_s
 
@@ -543,6 +548,7 @@ class _Run:
     # -- 3. budget controller ----------------------------------------------------------------
     def _controller_round(self, t_s: float) -> None:
         """What ``powercap controller`` does each round: plan, write changed statuses, rebalance."""
+        self.last_round_s = t_s
         view = self._view(t_s)
         plan = plan_round(view, self.settings.allocation, lagging_before=self.lagging)
         self.lagging = {key: policy_plan.lagging for key, policy_plan in plan.policies.items()}
@@ -797,6 +803,15 @@ class _Run:
             policy = self.world.parsed_policies.get(policy_key) if policy_key else None
             self.recorder.service_cap_w[index][second] = float(policy.power_cap_w) if policy is not None and policy.enforced else None
         self.recorder.pending_pods[second] = len(self.world.pending)
+
+
+def _queue_forms(telemetry: NodeTelemetry, requests_waiting_by_gpu: Mapping[str, int | None] | None) -> bool:
+    """Whether a GPU has requests waiting that ``telemetry`` (the last published) shows
+    without: :func:`~powercap.agentplan.queue_formed` before the telemetry is built."""
+    if not requests_waiting_by_gpu:
+        return False
+    queued_before = {gpu.uuid for gpu in telemetry.gpus if gpu.requests_waiting}
+    return any(waiting and uuid not in queued_before for uuid, waiting in requests_waiting_by_gpu.items())
 
 
 def _reported(pod: SimPod) -> bool:
