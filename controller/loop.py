@@ -26,9 +26,11 @@ shows the status this replica's last write replaced writes nothing and waits the
 When a PowerCapNode event shows a GPU whose pod began having requests waiting
 (:meth:`powercap.runtime.sources.TelemetryNodes.on_queue_formed`, wired to
 :meth:`BudgetController.queue_formed`), the next round runs ``queue_round_s`` after the
-last one started (default :data:`~powercap.budget.QUEUE_ROUND_S`, 1 s; 0 turns it off)
+last one ended (default :data:`~powercap.budget.QUEUE_ROUND_S`, 1 s; 0 turns it off)
 if that is sooner: a replica falling behind gets the surplus first (the allocation's step
-4) within a second or two of its queue forming, not a whole interval later.
+4) within a second or two of its queue forming, not a whole interval later. Not after a
+round whose writes failed, that found the cache behind its writes, or that could not run
+(:attr:`RoundReport.may_round_early`): those wait the interval.
 
 A steady cluster produces no write at all: statuses settle (see :mod:`powercap.status`),
 and a policy whose planned status equals the cached one is not even read. Leadership is
@@ -189,6 +191,13 @@ class RoundReport:
     events: list[tuple[str, str]] = field(default_factory=list)  # (policy or pod key, reason)
     evictions: list[tuple[str, kube.EvictionResult]] = field(default_factory=list)  # (pod, result)
     follow_up: bool = False  # the next round comes after follow_up_s, not interval_s (module docstring)
+    behind: bool = False  # the watch cache still showed a status our last write replaced: nothing planned
+
+    @property
+    def may_round_early(self) -> bool:
+        """Whether a queue forming may bring the next round forward: not after failed writes
+        (a failing API server is not asked more often) nor while the cache lags our writes."""
+        return not self.failed and not self.behind
 
     def wait_s(self, settings: ControllerSettings) -> float:
         """Seconds from this round's start to the next: ``min(follow_up_s, interval_s)`` after a
@@ -262,7 +271,7 @@ class BudgetController:
             # were already moved from (a raise among them): wait for the watch, write nothing.
             log.info("waiting for the watch to show the statuses written last round", extra={"policies": behind})
             self.last_round_s = self._clock()
-            return RoundReport(plan=RoundPlan(now=snapshot.view.now))
+            return RoundReport(plan=RoundPlan(now=snapshot.view.now), behind=True)
         plan = plan_round(snapshot.view, self.settings.allocation, lagging_before=self._lagging)
         self._lagging = {key: p.lagging for key, p in plan.policies.items()}
         report = RoundReport(plan=plan)
@@ -410,9 +419,11 @@ class BudgetController:
         while not stop.is_set():
             started_s = time.monotonic()
             wait_s = self.settings.interval_s
+            may_round_early = False
             if self._is_leader():
                 try:
-                    wait_s = self.run_round().wait_s(self.settings)
+                    report = self.run_round()
+                    wait_s, may_round_early = report.wait_s(self.settings), report.may_round_early
                 except NotReady as waiting:
                     log.info("waiting: %s", waiting, extra={"why": str(waiting)})
                 except Exception:  # a bug in one round must not end the loop
@@ -420,17 +431,17 @@ class BudgetController:
             else:
                 self.last_round_s = self._clock()  # alive, just not leading
                 self._queue_formed.clear()
-            self._wait(stop, started_s, wait_s)
+            self._wait(stop, started_s, wait_s, may_round_early)
 
-    def _wait(self, stop: threading.Event, started_s: float, wait_s: float) -> None:
-        """Until ``wait_s`` after ``started_s`` (monotonic), or ``queue_round_s`` after it once a
-        queue formed meanwhile (looked at every :data:`_QUEUE_LOOK_S` from then on), or
-        until ``stop``."""
+    def _wait(self, stop: threading.Event, started_s: float, wait_s: float, may_round_early: bool) -> None:
+        """Until ``wait_s`` after ``started_s`` (monotonic); or, when ``may_round_early``,
+        ``queue_round_s`` after now (the round's end) once a queue formed meanwhile (looked at
+        every :data:`_QUEUE_LOOK_S` from then on); or until ``stop``."""
         deadline_s = started_s + wait_s
-        if self.settings.queue_round_s <= 0:
+        if self.settings.queue_round_s <= 0 or not may_round_early:
             stop.wait(max(0.0, deadline_s - time.monotonic()))
             return
-        early_s = started_s + self.settings.queue_round_s
+        early_s = time.monotonic() + self.settings.queue_round_s
         while not stop.is_set():
             now_s = time.monotonic()
             if now_s >= deadline_s or (now_s >= early_s and self._queue_formed.is_set()):

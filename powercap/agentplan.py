@@ -1204,11 +1204,11 @@ def should_publish(
     """Whether ``candidate`` is worth a node patch, ``since_last_s`` after ``last`` went out.
 
     True when nothing was published yet, when ``lowered`` (the tick lowered a limit the
-    controller waits to see in force, :func:`lowers_to_publish_now`) or a GPU's pod began
-    having requests waiting (a queue forming: the controller gives it the surplus first and
-    runs a round early, so a replica falling behind gets watts within seconds, not a minimum
-    interval later), whatever the interval, or when ``since_last_s >= min_interval_s`` and
-    one of:
+    controller waits to see in force, :func:`lowers_to_publish_now`) or the node's first
+    queue formed (:func:`queue_formed`: the controller gives a queued GPU the surplus first
+    and runs a round early, so a replica falling behind gets watts within seconds, not a
+    minimum interval later), whatever the interval, or when ``since_last_s >=
+    min_interval_s`` and one of:
     heartbeat due (``since_last_s >= heartbeat_s``); the set of GPUs, a limit or a pod
     changed; ``|P' - P| > fraction x P`` for the node (its GPUs' sum or its whole-node
     power) or a GPU; the whole-node power's source changed; ``|T' - T| >= 2 degC`` for a
@@ -1246,14 +1246,14 @@ def should_publish(
 
 
 def queue_formed(last: NodeTelemetry | None, candidate: NodeTelemetry) -> bool:
-    """Whether a GPU of ``candidate`` has requests waiting where ``last`` showed none (no
-    queue, an unknown one, or no such GPU). Only a queue forming counts: one that drains
-    waits for the minimum interval, so a queue that comes and goes costs at most one
-    patch more per interval."""
-    if last is None:
+    """Whether the node's first queue formed: a GPU of ``candidate`` has requests waiting
+    where ``last`` showed none on any GPU. Per node, not per GPU: after such a publish, the
+    next one needs a publish showing no queue at all first, which waits for the minimum
+    interval like any drain, so queues that come and go (on one GPU or taking turns on
+    several) cost at most one patch more per interval."""
+    if last is None or any(g.requests_waiting for g in last.gpus):
         return False
-    queued_before = {g.uuid for g in last.gpus if g.requests_waiting}
-    return any(g.requests_waiting and g.uuid not in queued_before for g in candidate.gpus)
+    return any(g.requests_waiting for g in candidate.gpus)
 
 
 def _queued(requests_waiting: int | None) -> bool | None:

@@ -73,7 +73,10 @@ cluster view and writes the result to ``status.allocations``. The formula:
    there), in force at the higher of that and its reported limit; a held GPU at its hold.
    When the caps in force already fill the capacity (the cap was lowered, or the rack's
    other load rose), lowers go out first and raises wait until the lowers are reported
-   (the controller then runs its next round early: ``budget.FOLLOW_UP_S``).
+   (the controller then runs its next round early: ``budget.FOLLOW_UP_S``). In a rack, a
+   raise of more than 2 % of a GPU's cap also needs 1 % of the new cap of room: a busy
+   GPU's power overshoots a raised limit for about 100 ms (7 %), and a breaker sees that
+   on the second's average; the first 2 % of each raise go first (they do not overshoot).
 
 Rounding: caps are whole watts, ``floor``-ed, with minimums rounded up and maximums down,
 so integer sums never pass an integer budget. (The watts the floors take, up to one a GPU,
@@ -110,6 +113,13 @@ INF = math.inf
 # Float slack when rounding a level back to whole watts: a cap computed as 399.9999999
 # is 400 W. Safe for budgets: n GPUs add at most n x 1e-6 W < 1 W to an integer sum.
 _ROUNDING_SLACK_W = 1e-6
+RAISE_EDGE_FRACTION = 0.02
+"""A raise of more than this share of a busy GPU's cap lets its power overshoot the new cap
+(step 6, racks)."""
+RAISE_TRANSIENT_FRACTION = 0.01
+"""What such a raise adds to its rack's power on that second's average, as a share of the new
+cap: NVML's limiter lets power pass a raised limit for about one 100-ms refresh (748 W under a
+700 W limit measured on an H200, DESIGN.md section 6: 7 % for 0.1 s, 0.8 % of the second)."""
 # Levels closer than this count as converged (caps are whole watts). A rack keeps its old,
 # lower level then, and a service takes its new, lower one, so every sum still fits.
 _LEVEL_TOLERANCE_W = 0.01
@@ -772,16 +782,25 @@ class _GpuColumns:
 
         Each raise keeps ``floor((cap_i - base_i) x room / raises)`` where
         ``room = capacity_w - sum_i base_i`` (0 when negative), with ``base`` the previous
-        caps, then the caps in force.
+        caps, then the caps in force. In a rack, a raise of more than
+        :data:`RAISE_EDGE_FRACTION` over the cap in force also needs :data:`RAISE_TRANSIENT_FRACTION` of
+        its new cap (``ceil``-ed) of room, for the second its power overshoots the new cap:
+        when raises and transients pass the room, each raise keeps its step
+        (``min(raise, floor(RAISE_EDGE_FRACTION x base))``, shared as above when the steps
+        alone pass the room) and ``floor(rest x share)`` of the rest, ``share = (room - steps
+        - transients) / rests`` (at least 0, at most 1).
         """
         limited = list(caps)
         postponed: set[int] = set()
-        for base in (self.previous, self.in_force):
-            self._cut_raises(limited, base, postponed)
+        self._cut_raises(limited, self.previous, postponed, transients=False)
+        self._cut_raises(limited, self.in_force, postponed, transients=True)
         return limited, postponed
 
-    def _cut_raises(self, limited: list[int], base: list[int], postponed: set[int]) -> None:
-        """One pass of :meth:`limit_raises` from ``base``: services, then racks, in place."""
+    def _cut_raises(self, limited: list[int], base: list[int], postponed: set[int], transients: bool) -> None:
+        """One pass of :meth:`limit_raises` from ``base``: services, then racks, in place;
+        ``transients``: a rack's raises need room for their overshoot too (from the caps in
+        force only: a cap over the previous one but not over what the GPU holds raises no
+        power)."""
         floor = math.floor
         for (start, end), capacity_w in zip(self.spans, self.service_capacity_w):
             new, old = limited[start:end], base[start:end]
@@ -794,13 +813,26 @@ class _GpuColumns:
             postponed.update(compress(range(start, end), map(gt, new, old)))
         for members, capacity_w in zip(self.members_of_rack, self.rack_capacity_w):
             raised = [i for i in members if limited[i] > base[i]]
-            raises_w = sum([limited[i] - base[i] for i in raised])
-            room_w = max(capacity_w - sum([base[i] for i in members]), 0)
-            if raises_w <= room_w:
+            if not raised:
                 continue
-            share = room_w / raises_w
-            for i in raised:
-                limited[i] = base[i] + floor((limited[i] - base[i]) * share)
+            room_w = max(capacity_w - sum([base[i] for i in members]), 0)
+            # a raise's step (up to RAISE_EDGE_FRACTION of the cap it leaves) and the rest of it,
+            # which makes the limiter overshoot: that part needs its transient's room too
+            steps = ([min(limited[i] - base[i], floor(RAISE_EDGE_FRACTION * base[i])) for i in raised] if transients
+                     else [limited[i] - base[i] for i in raised])
+            rests = [limited[i] - base[i] - step for i, step in zip(raised, steps)]
+            transients_w = sum([math.ceil(RAISE_TRANSIENT_FRACTION * limited[i]) for i, rest in zip(raised, rests) if rest > 0])
+            steps_w, rests_w = sum(steps), sum(rests)
+            if steps_w + rests_w + transients_w <= room_w:
+                continue
+            if steps_w >= room_w:  # not even every step fits: the steps share the room
+                share = room_w / steps_w if steps_w else 0.0
+                cut = [floor(step * share) for step in steps]
+            else:
+                share = min(1.0, max(room_w - steps_w - transients_w, 0) / rests_w)
+                cut = [step + floor(rest * share) for step, rest in zip(steps, rests)]
+            for i, raise_w in zip(raised, cut):
+                limited[i] = base[i] + raise_w
             postponed.update(raised)
 
     def result(self, caps: list[int], first: _Fill, head: _Fill | None, second: _Fill, postponed: set[int]) -> Allocation:

@@ -85,7 +85,7 @@ FOLLOW_UP_S = 1.5
 agents tick every second and publish a lowered limit at once."""
 
 QUEUE_ROUND_S = 1.0
-"""How soon after the last round one runs when a GPU's pod begins having requests waiting
+"""How soon after the last round ends one runs when a node's first queue forms
 (the agents publish that at once): the queued GPU takes the surplus first
 (:mod:`powercap.allocation`, step 4), seconds before a whole interval would have passed. At
 most one such round a second, however many queues form."""

@@ -183,12 +183,25 @@ def allocate(services: list[dict], racks: list[dict] = (), settings: dict | None
         for rack, group in in_rack.items():  # then every constrained rack, over every service's GPUs in it
             before = {u: base(u) for u in group}
             raised = {u for u in group if caps[u] > before[u]}
-            raises = sum(caps[u] - before[u] for u in raised)
             room = max(0, limits[rack] - sum(before.values()))
-            share = room / raises if floats and raises else Fraction(room, raises or 1)
-            if raises > room:
+            # the first 2 % of each raise, the rest, and the rest's overshoot: 1 % of the new cap
+            edge, transient = (0.02, 0.01) if floats else (exact(0.02), exact(0.01))
+            if base is previous:  # overshoot counts from the caps in force only
+                edge = math.inf
+            step = {u: min(caps[u] - before[u], math.floor(edge * before[u])) if edge != math.inf
+                    else caps[u] - before[u] for u in raised}
+            rest = {u: caps[u] - before[u] - step[u] for u in raised}
+            transients = sum(math.ceil(transient * caps[u]) for u in raised if rest[u] > 0)
+            steps, rests = sum(step.values()), sum(rest.values())
+            if steps + rests + transients > room:
                 postponed |= raised
-                caps.update({u: before[u] + math.floor((caps[u] - before[u]) * share) for u in raised})
+                if steps >= room:
+                    share = (room / steps if floats else Fraction(room, steps)) if steps else 0
+                    caps.update({u: before[u] + math.floor(step[u] * share) for u in raised})
+                else:
+                    left = max(0, room - steps - transients)
+                    share = min(1, left / rests if floats else Fraction(left, rests))
+                    caps.update({u: before[u] + step[u] + math.floor(rest[u] * share) for u in raised})
 
     infeasible_services = {k for k in members if sum(floors[u] for u in members[k]) > capacity[k]}
     infeasible_racks = {r for r, m in in_rack.items() if sum(floors[u] for u in m) > limits[r]}

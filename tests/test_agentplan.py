@@ -247,6 +247,25 @@ def test_should_publish(last: NodeTelemetry | None, candidate: NodeTelemetry, si
     assert should_publish(last, candidate, since_s, PublishSettings()) is expected
 
 
+def test_queues_that_come_and_go_cost_at_most_one_patch_more_per_interval() -> None:
+    """Two GPUs whose queues take turns every tick: a queue forming goes out at once only
+    when the node showed none, so the node is patched once per minimum interval (5 s), not
+    every tick; a drained node's next queue goes out at once again."""
+    def node(a: int, b: int) -> NodeTelemetry:
+        gpus = tuple(GpuTelemetry(uuid, index, 350.0, 400.0, 200, 700, 60.0, f"inference/p{index}", 420.0, waiting)
+                     for index, (uuid, waiting) in enumerate(((UUID_A, a), (UUID_B, b))))
+        return NodeTelemetry(datetime(2026, 11, 27, tzinfo=timezone.utc), 700.0, 24.0, gpus)
+
+    last, last_s, patches = node(0, 0), 0.0, []
+    for tick in range(1, 31):
+        candidate = node(3, 0) if tick % 2 else node(0, 3)
+        if should_publish(last, candidate, tick - last_s, PublishSettings()):
+            patches.append(tick)
+            last, last_s = candidate, float(tick)
+    assert patches == [1, 6, 11, 16, 21, 26]
+    assert should_publish(node(0, 0), node(0, 1), 1.0, PublishSettings())  # drained, then a new queue
+
+
 def test_raised_caps_names_the_raised_gpus_at_their_limit_before_the_write() -> None:
     plans = [
         GpuPlan(UUID_A, 0, Action.SET, 500, 400, "allocation"),

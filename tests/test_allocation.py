@@ -508,8 +508,9 @@ def test_more_budget_never_lowers_a_cap(problem, extra_w: int) -> None:
     "budget two GPUs ask 1 W more each and a third GPU's share of the room falls by 1 W"))
 def test_a_transition_share_can_fall_by_a_watt_with_more_budget() -> None:
     """Found by test_more_budget_never_lowers_a_cap (hypothesis): GPU 0-7's previous cap (449 W)
-    leaves rack-2 little room for the raises of its other GPUs; at 3139 W instead of 3138 W the
-    rack-1 GPUs 0-5 and 0-6 reach their maximum, and 0-3's share of the cut raise is 1 W less."""
+    leaves rack-2 little room for the raises of its other GPUs; with 1 W more budget the rack-1
+    GPUs ask more, and 0-3's share of the cut raise is 1 W less (420 -> 419 W). (At rack-2's
+    1,314 W and 3,138 -> 3,139 W before the rack's raises needed room for their overshoot.)"""
     gpus = (
         GpuState("0-0", "node-0", "rack-1", 100, 100, 0.0, 100.0, fresh=False),
         GpuState("0-1", "node-0", "rack-2", 100, 142, 0.0, 100.0),
@@ -520,9 +521,9 @@ def test_a_transition_share_can_fall_by_a_watt_with_more_budget() -> None:
         GpuState("0-6", "node-0", "rack-1", 200, 767, 0.0, 200.0),
         GpuState("0-7", "node-0", "rack-2", 100, 449, 0.0, 100.0, previous_w=449),
     )
-    racks = [RackLimit("rack-2", 1314)]
-    before = caps_of(allocate([Service("ns/svc", 3138, gpus)], racks))
-    after = caps_of(allocate([Service("ns/svc", 3139, gpus)], racks))
+    racks = [RackLimit("rack-2", 1290)]
+    before = caps_of(allocate([Service("ns/svc", 3114, gpus)], racks))
+    after = caps_of(allocate([Service("ns/svc", 3115, gpus)], racks))
     assert all(after[uuid] >= before[uuid] for uuid in before), (before, after)
 
 

@@ -560,7 +560,7 @@ class TimedRounds:
 @pytest.mark.parametrize(
     ("queue_round_s", "queue_after_s", "expected_gap_s"),
     [
-        pytest.param(0.3, 0.1, 0.3, id="a queue formed during the wait: the next round queue_round_s after the last"),
+        pytest.param(0.3, 0.1, 0.3, id="a queue formed during the wait: the next round queue_round_s after the last ended"),
         pytest.param(0.3, 0.5, 0.5, id="a queue formed later: the next round at once"),
         pytest.param(0.0, 0.1, 2.0, id="off: the whole interval"),
         pytest.param(0.3, None, 2.0, id="no queue: the whole interval"),
@@ -583,6 +583,19 @@ def test_a_queue_forming_brings_the_next_round_forward(
     assert not loop.is_alive()
     (first_s, second_s) = timed.starts_s
     assert second_s - first_s == pytest.approx(expected_gap_s, abs=0.15)
+
+
+def test_a_queue_does_not_bring_forward_a_round_after_failed_writes(client, apiserver) -> None:
+    """A failing API server is not asked more often: after a round whose status write
+    failed, the next waits the whole interval whatever queues form."""
+    serve_cluster(apiserver)
+    controller = controller_for(client, Clock(), interval_s=1.0, queue_round_s=0.2)
+    apiserver.fail_next(1, 503, method="PUT", path=STATUS_PATH)
+    timed = TimedRounds(controller, rounds=2)
+    threading.Timer(0.1, controller.queue_formed, args=("node-a",)).start()
+    controller.run(timed.stop)
+    assert timed.starts_s[1] - timed.starts_s[0] == pytest.approx(1.0, abs=0.15)
+    assert controller.metrics.rounds._value.get() == 2  # type: ignore[attr-defined]
 
 
 def test_a_queue_formed_before_a_round_asks_for_no_second_one(client, apiserver) -> None:

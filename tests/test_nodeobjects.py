@@ -252,8 +252,9 @@ def queue_object(name: str, waiting: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_the_node_cache_tells_when_a_queue_forms() -> None:
-    """The controller's early round (controller.loop): a listener hears of a GPU with
-    requests waiting that the node's last telemetry showed without, once per forming."""
+    """The controller's early round (controller.loop): a listener hears of a node's first
+    queue (a GPU with requests waiting where the node's last telemetry showed none), once
+    per forming, as the agent publishes it at once (agentplan.queue_formed)."""
     cache = TelemetryNodes()
     heard: list[str] = []
     cache.on_queue_formed(heard.append)
@@ -261,7 +262,7 @@ def test_the_node_cache_tells_when_a_queue_forms() -> None:
         ("ADDED", queue_object("gpu-1", {"GPU-a": 0, "GPU-b": None})),  # no queue
         ("MODIFIED", queue_object("gpu-1", {"GPU-a": 3, "GPU-b": None})),  # forms: heard
         ("MODIFIED", queue_object("gpu-1", {"GPU-a": 9, "GPU-b": None})),  # longer: the same queue
-        ("MODIFIED", queue_object("gpu-1", {"GPU-a": 9, "GPU-b": 1})),  # a second GPU's: heard
+        ("MODIFIED", queue_object("gpu-1", {"GPU-a": 9, "GPU-b": 1})),  # a second GPU's: the node had one
         ("MODIFIED", queue_object("gpu-2", {"GPU-c": 2})),  # another node's first: heard
         ("MODIFIED", queue_object("gpu-1", {"GPU-a": 0, "GPU-b": 0})),  # drained
         ("MODIFIED", queue_object("gpu-1", {"GPU-a": 1, "GPU-b": 0})),  # forms again: heard
@@ -272,4 +273,4 @@ def test_the_node_cache_tells_when_a_queue_forms() -> None:
     ]
     for event_type, obj in events:
         cache.object_event(event_type, obj)
-    assert heard == ["gpu-1", "gpu-1", "gpu-2", "gpu-1", "gpu-1"]
+    assert heard == ["gpu-1", "gpu-2", "gpu-1", "gpu-1"]

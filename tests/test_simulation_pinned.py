@@ -16,7 +16,8 @@ raised a cap began to publish it at its limit before the write, and when a start
 began to count at its own node's minimum and the agents to publish before the first pods
 are placed, and when a pod's queue began to count as pinned and raises to follow the
 lowers they wait on, and when a queue began to take the surplus first and to bring the
-controller's next round forward; the baselines' and the
+controller's next round forward (with a rack's raises keeping room for the limiter's
+overshoot); the baselines' and the
 oracle's did not (they never read rack power or the allocation), and the energy beside the
 GPUs is pinned since.
 """
@@ -47,9 +48,9 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
         "batch": (19572460.931686096, 536563.289428508, 39.417),
     },
     "powercap": {
-        "chat": (7166291.190205647, 1611331.4490888135, 26.477),
-        "code": (5729699.127219276, 1122364.4202551101, 22.296),
-        "batch": (20058817.178147934, 523828.28009876155, 27.571),
+        "chat": (7166291.190205646, 1612032.925331996, 25.783),
+        "code": (5726568.858618396, 1119867.810663611, 22.316),
+        "batch": (20098579.881034654, 524957.7173373988, 27.114),
     },
     "oracle": {
         "chat": (7166291.1902056495, 1618266.4505797469, 23.564),
@@ -61,14 +62,14 @@ PINNED_SERVICES: dict[str, dict[str, tuple[float, float, float]]] = {
 PINNED_COUNTER_ENERGY_J = {
     "no-capping": 4320416.767953997,
     "static-split": 3251655.095881968,
-    "powercap": 3468841.1494426853,
+    "powercap": 3468175.453333006,
     "oracle": 3511295.998882641,
 }
 # strategy -> what the nodes drew beside their GPUs over the run, J
 PINNED_NON_GPU_ENERGY_J = {
     "no-capping": 4165923.3702003225,
     "static-split": 3902956.4056075877,
-    "powercap": 3961538.113486396,
+    "powercap": 3961257.303199536,
     "oracle": 3969833.991452781,
 }
 

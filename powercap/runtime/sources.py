@@ -351,8 +351,9 @@ class TelemetryNodes(_Caches):
 
     def on_queue_formed(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(node name)`` (on the watch thread; it must not block) whenever a
-        PowerCapNode event shows a GPU with requests waiting that the node's previous
-        telemetry showed without (:func:`powercap.telemetry.queued_uuids`)."""
+        PowerCapNode event shows a GPU with requests waiting where the node's previous
+        telemetry showed none on any GPU (:func:`powercap.telemetry.queued_uuids`; the
+        agent's rule, :func:`powercap.agentplan.queue_formed`)."""
         self._queue_listeners.append(listener)
 
     @classmethod
@@ -396,7 +397,7 @@ class TelemetryNodes(_Caches):
             self._queued[name] = queued
         else:
             self._queued.pop(name, None)
-        return name if not queued <= before else None
+        return name if queued and not before else None
 
     @property
     def has_synced(self) -> bool:

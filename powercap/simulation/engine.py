@@ -806,12 +806,11 @@ class _Run:
 
 
 def _queue_forms(telemetry: NodeTelemetry, requests_waiting_by_gpu: Mapping[str, int | None] | None) -> bool:
-    """Whether a GPU has requests waiting that ``telemetry`` (the last published) shows
-    without: :func:`~powercap.agentplan.queue_formed` before the telemetry is built."""
-    if not requests_waiting_by_gpu:
+    """Whether the node's first queue forms since ``telemetry`` (the last published):
+    :func:`~powercap.agentplan.queue_formed` before the telemetry is built."""
+    if not requests_waiting_by_gpu or any(gpu.requests_waiting for gpu in telemetry.gpus):
         return False
-    queued_before = {gpu.uuid for gpu in telemetry.gpus if gpu.requests_waiting}
-    return any(waiting and uuid not in queued_before for uuid, waiting in requests_waiting_by_gpu.items())
+    return any(requests_waiting_by_gpu.values())
 
 
 def _reported(pod: SimPod) -> bool:
