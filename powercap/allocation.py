@@ -786,7 +786,7 @@ class _GpuColumns:
         :data:`RAISE_EDGE_FRACTION` over the cap in force also needs :data:`RAISE_TRANSIENT_FRACTION` of
         its new cap (``ceil``-ed) of room, for the second its power overshoots the new cap:
         when raises and transients pass the room, each raise keeps its step
-        (``min(raise, floor(RAISE_EDGE_FRACTION x base))``, shared as above when the steps
+        (``min(raise, max(1, floor(RAISE_EDGE_FRACTION x base)))``, shared as above when the steps
         alone pass the room) and ``floor(rest x share)`` of the rest, ``share = (room - steps
         - transients) / rests`` (at least 0, at most 1).
         """
@@ -818,7 +818,7 @@ class _GpuColumns:
             room_w = max(capacity_w - sum([base[i] for i in members]), 0)
             # a raise's step (up to RAISE_EDGE_FRACTION of the cap it leaves) and the rest of it,
             # which makes the limiter overshoot: that part needs its transient's room too
-            steps = ([min(limited[i] - base[i], floor(RAISE_EDGE_FRACTION * base[i])) for i in raised] if transients
+            steps = ([min(limited[i] - base[i], max(1, floor(RAISE_EDGE_FRACTION * base[i]))) for i in raised] if transients
                      else [limited[i] - base[i] for i in raised])
             rests = [limited[i] - base[i] - step for i, step in zip(raised, steps)]
             transients_w = sum([math.ceil(RAISE_TRANSIENT_FRACTION * limited[i]) for i, rest in zip(raised, rests) if rest > 0])

@@ -188,7 +188,7 @@ def allocate(services: list[dict], racks: list[dict] = (), settings: dict | None
             edge, transient = (0.02, 0.01) if floats else (exact(0.02), exact(0.01))
             if base is previous:  # overshoot counts from the caps in force only
                 edge = math.inf
-            step = {u: min(caps[u] - before[u], math.floor(edge * before[u])) if edge != math.inf
+            step = {u: min(caps[u] - before[u], max(1, math.floor(edge * before[u]))) if edge != math.inf
                     else caps[u] - before[u] for u in raised}
             rest = {u: caps[u] - before[u] - step[u] for u in raised}
             transients = sum(math.ceil(transient * caps[u]) for u in raised if rest[u] > 0)

@@ -164,3 +164,13 @@ def test_a_racks_raise_keeps_room_for_the_limiters_overshoot(
     (powercap.allocation step 6); the simulator's one-rack test
     (tests/test_simulation_node_power.py) went over maxPower without it."""
     assert rack_raise(previous_w, wanted_w) == expected
+
+
+def test_a_one_watt_raise_under_50_w_is_a_step() -> None:
+    """2 % of a cap under 50 W floors to 0 W: a 1-W raise still counts as a step (no
+    overshoot to make room for), so it lands instead of being postponed round after round."""
+    from powercap.allocation import Bound, GpuState, RackLimit, Service, allocate
+
+    gpu = GpuState("A", "gpu-1", "rack-1", 10, 46, 44, 45, previous_w=45, requests_waiting=1)
+    (cap,) = allocate([Service(KEY, 100, (gpu,))], [RackLimit("rack-1", 46)]).services[KEY].caps
+    assert (cap.cap_w, cap.bound) == (46, Bound.MAX)
