@@ -313,14 +313,17 @@ def start_power_aware_scheduler(plane: ControlPlane, *, stale_after_s: float | N
 
 
 def start_controllers(plane: ControlPlane, identities: Sequence[str] = ("a", "b"), *, interval_s: float = 1,
-                      sa_duration: str = "1h") -> dict[str, subprocess.Popen[bytes]]:
+                      sa_duration: str = "1h", health_port: int | None = None,
+                      extra_args: Sequence[str] = ()) -> dict[str, subprocess.Popen[bytes]]:
     """``powercap controller`` replicas as ServiceAccount powercap-controller (config/controller),
-    returned by identity once one of them leads."""
+    returned by identity once one of them leads; ``health_port`` for a single replica's
+    /metrics (else a free port each)."""
     kubeconfig = plane.service_account_kubeconfig("powercap-controller", duration=sa_duration)
     replicas = {
         identity: plane.start(f"controller-{identity}",
                               ["controller", "--identity", identity, "--interval", f"{interval_s:g}",
-                               "--health-bind", f"127.0.0.1:{free_port()}"], kubeconfig=kubeconfig)
+                               "--health-bind", f"127.0.0.1:{health_port or free_port()}", *extra_args],
+                              kubeconfig=kubeconfig)
         for identity in identities
     }
     wait_until(lambda: lease_holder(plane, "powercap-controller") in replicas, 60, "a controller to lead")

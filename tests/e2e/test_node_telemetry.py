@@ -2,12 +2,14 @@
 ValidatingAdmissionPolicy that lets an agent write only its own node's object (its token,
 bound to its pod, names the node), the agent's loss of Node writes, the garbage collector
 taking the object with its Node, and the extender and controller reading telemetry from the
-object, and still from the old annotation where there is none."""
+object, and still from the old annotation where there is none; a queue in an object brings
+the controller's next round forward."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -246,3 +248,57 @@ def test_the_controller_allocates_the_gpus_the_object_reports(cluster: ControlPl
             cluster.stop(process)
         cluster.kubectl("delete", "pcn", *nodes, "--ignore-not-found", check=False)
         cluster.kubectl("delete", "node", *nodes, check=False)
+
+
+def rounds_run(port: int) -> float:
+    """``powercap_controller_rounds_total`` of the controller whose /metrics is on ``port``."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return next(float(line.split()[-1]) for line in body.splitlines() if line.startswith("powercap_controller_rounds_total "))
+
+
+def test_a_queue_in_a_powercapnode_brings_the_controllers_next_round_forward(cluster: ControlPlane, namespace: str) -> None:
+    """The agent publishes a node's first queue at once; the controller hears the PowerCapNode
+    event on its watch and runs its next round --queue-round (0.5 s) after the last instead of
+    a whole --interval (30 s) later. A longer queue on the same GPU asks for no round."""
+    name = "ctl-queue"
+    document = json.loads(telemetry(800, at=datetime.now(timezone.utc), gpus=4,
+                                    pods=[f"{namespace}/llama-q0", f"{namespace}/llama-q1", None, None]))
+    cluster.kubectl("create", "-f", "-", input_text=yaml.safe_dump(
+        {"apiVersion": "v1", "kind": "Node", **for_create(gpu_node(name, "rack-1", None, gpus=4))}))
+    create_with_status(cluster, pcn(name, json.dumps(document)))
+    for pod_name in ("llama-q0", "llama-q1"):
+        pod = for_create(gpu_pod(pod_name, namespace, gpus=1, labels=LLAMA, node=name))
+        del pod["status"]
+        cluster.kubectl("create", "-f", "-", input_text=yaml.safe_dump({"apiVersion": "v1", "kind": "Pod", **pod}))
+    cluster.apply([for_create(policy("llama", namespace, cap_w=1600))])
+    port = free_port()
+    replicas = start_controllers(cluster, ("queue",), interval_s=30, health_port=port, extra_args=["--queue-round", "0.5"])
+
+    def publish(waiting: int) -> None:
+        document["timestamp"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        for gpu in document["gpus"]:
+            if gpu.get("pod"):
+                gpu["requestsWaiting"] = waiting if gpu["index"] == 0 else 0
+        cluster.kubectl("patch", "pcn", name, "--subresource=status", "--type=merge", "-p", json.dumps({"status": document}))
+
+    try:
+        wait_until(lambda: (cluster.get_json("pcp", "llama", "-n", namespace).get("status") or {}).get("allocations"),
+                   60, "the controller's first round")
+        wait_until(lambda: rounds_run(port) >= 1, 10, "the first round in the metrics")
+        time.sleep(1.0)  # past --queue-round: the next round waits the interval unless a queue forms
+        before = rounds_run(port)
+        publish(waiting=4)
+        started = time.monotonic()
+        wait_until(lambda: rounds_run(port) > before, 10, "a round soon after the queue formed (--interval is 30 s)")
+        assert time.monotonic() - started < 5
+        time.sleep(1.0)
+        after = rounds_run(port)
+        publish(waiting=9)  # the same queue, longer: no queue forms
+        time.sleep(2.0)
+        assert rounds_run(port) == after
+    finally:
+        for process in replicas.values():
+            cluster.stop(process)
+        cluster.kubectl("delete", "pcp", "llama", "-n", namespace, "--ignore-not-found", check=False)
+        cluster.kubectl("delete", "pcn", name, "--ignore-not-found", check=False)
+        cluster.kubectl("delete", "node", name, check=False)
