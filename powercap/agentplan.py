@@ -1217,7 +1217,7 @@ def should_publish(
     the number of requests waiting and the reading's age are not compared: they ride along
     (module docstring).
     """
-    if last is None or lowered or queue_formed(last, candidate):
+    if last is None or lowered or queue_formed(last, (g.requests_waiting for g in candidate.gpus)):
         return True
     if since_last_s < settings.min_interval_s:
         return False
@@ -1245,15 +1245,15 @@ def should_publish(
     return False
 
 
-def queue_formed(last: NodeTelemetry | None, candidate: NodeTelemetry) -> bool:
-    """Whether the node's first queue formed: a GPU of ``candidate`` has requests waiting
-    where ``last`` showed none on any GPU. Per node, not per GPU: after such a publish, the
-    next one needs a publish showing no queue at all first, which waits for the minimum
-    interval like any drain, so queues that come and go (on one GPU or taking turns on
-    several) cost at most one patch more per interval."""
+def queue_formed(last: NodeTelemetry | None, requests_waiting: Iterable[int | None]) -> bool:
+    """Whether the node's first queue formed: a GPU has requests waiting now (its pod's
+    ``requests_waiting``, one per GPU) where ``last`` showed none on any GPU. Per node, not
+    per GPU: after such a publish, the next one needs a publish showing no queue at all
+    first, which waits for the minimum interval like any drain, so queues that come and go
+    (on one GPU or taking turns on several) cost at most one patch more per interval."""
     if last is None or any(g.requests_waiting for g in last.gpus):
         return False
-    return any(g.requests_waiting for g in candidate.gpus)
+    return any(requests_waiting)
 
 
 def _queued(requests_waiting: int | None) -> bool | None:

@@ -346,7 +346,7 @@ class TelemetryNodes(_Caches):
         self._lock = threading.Lock()
         self._version = 0
         self._built: tuple[int, list[Any]] | None = None
-        self._queued: dict[str, frozenset[str]] = {}  # per PowerCapNode: its GPUs with requests waiting
+        self._queued: set[str] = set()  # the PowerCapNodes whose last telemetry showed requests waiting
         self._queue_listeners: list[Callable[[str], None]] = []
 
     def on_queue_formed(self, listener: Callable[[str], None]) -> None:
@@ -387,17 +387,13 @@ class TelemetryNodes(_Caches):
         name = (obj.get("metadata") or {}).get("name")
         if not isinstance(name, str):
             return None
-        if event_type == "DELETED":
-            self._queued.pop(name, None)
+        before = name in self._queued
+        document = object_document(obj) if event_type != "DELETED" else None
+        if document is None or not queued_uuids(document):
+            self._queued.discard(name)
             return None
-        document = object_document(obj)
-        queued = queued_uuids(document) if document is not None else frozenset()
-        before = self._queued.get(name, frozenset())
-        if queued:
-            self._queued[name] = queued
-        else:
-            self._queued.pop(name, None)
-        return name if queued and not before else None
+        self._queued.add(name)
+        return None if before else name
 
     @property
     def has_synced(self) -> bool:

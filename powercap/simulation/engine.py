@@ -70,7 +70,6 @@ from powercap.simulation.metrics import LATENCY_PERCENTILE, Recorder, weighted_p
 from powercap.simulation.scenario import CapChange, Scale, Scenario, Service
 from powercap.simulation.workload import WorkloadTrace, bounded_shares, build_trace, pod_weight
 from powercap.simulation.world import ModelColumns, SimGpu, SimNode, SimPod, World, moment, operating_points, thermal_caps_w
-from powercap.telemetry import NodeTelemetry
 
 NODE_POWER_MAX_AGE_S = 15.0
 """The agent's ``--node-power-max-age`` default (a reading older is not used)."""
@@ -463,7 +462,7 @@ class _Run:
         lowered = plans is not None and lowers_to_publish_now(plans)
         requests_waiting_by_gpu = self._requests_waiting(node, t_s) if plans is not None else None
         if (node.telemetry is not None and last_s is not None and t_s - last_s < self.settings.publish.min_interval_s
-                and not lowered and not _queue_forms(node.telemetry, requests_waiting_by_gpu)):
+                and not lowered and not queue_formed(node.telemetry, (requests_waiting_by_gpu or {}).values())):
             return  # should_publish would refuse whatever the telemetry: not built
         tokens_s_by_gpu: dict[str, float | None] | None = None
         if plans is not None:
@@ -485,7 +484,7 @@ class _Run:
         )
         since_s = t_s - last_s if last_s is not None else math.inf
         if should_publish(node.telemetry, telemetry, since_s, self.settings.publish, lowered):
-            if queue_formed(node.telemetry, telemetry):
+            if queue_formed(node.telemetry, (gpu.requests_waiting for gpu in telemetry.gpus)):
                 # the controller's watch sees it: its next round QUEUE_ROUND_S after the last
                 self.controller_due = min(self.controller_due, max(t_s, self.last_round_s + QUEUE_ROUND_S))
             node.set_telemetry(telemetry)
@@ -803,14 +802,6 @@ class _Run:
             policy = self.world.parsed_policies.get(policy_key) if policy_key else None
             self.recorder.service_cap_w[index][second] = float(policy.power_cap_w) if policy is not None and policy.enforced else None
         self.recorder.pending_pods[second] = len(self.world.pending)
-
-
-def _queue_forms(telemetry: NodeTelemetry, requests_waiting_by_gpu: Mapping[str, int | None] | None) -> bool:
-    """Whether the node's first queue forms since ``telemetry`` (the last published):
-    :func:`~powercap.agentplan.queue_formed` before the telemetry is built."""
-    if not requests_waiting_by_gpu or any(gpu.requests_waiting for gpu in telemetry.gpus):
-        return False
-    return any(requests_waiting_by_gpu.values())
 
 
 def _reported(pod: SimPod) -> bool:
