@@ -195,8 +195,68 @@ def _screened(values: Sequence[float | None], outlier_ratio: float, equal_within
 
 
 def _weighted_fill(weights: Sequence[float], lo: Sequence[float], hi: Sequence[float], total_w: float) -> list[float]:
-    """``clamp(w_i x L, lo_i, hi_i)`` with the level ``L`` whose caps sum to ``total_w`` (bisection;
-    ``lo`` when ``sum(lo) >= total_w``, ``hi`` when ``sum(hi) <= total_w``)."""
+    """``clamp(w_i x L, lo_i, hi_i)`` with the level ``L`` whose caps sum to ``total_w``
+    (``lo`` when ``sum(lo) >= total_w``, ``hi`` when ``sum(hi) <= total_w``).
+
+    ``L`` is solved exactly on the sum's pieces (:func:`_fill_level`: it is linear between
+    the levels where a member leaves its ``lo`` or reaches its ``hi``), then stepped down by
+    an ulp while rounding leaves the sum over ``total_w``; :func:`_bisected_fill` is the
+    reference it agrees with (tests/test_marginal.py) and the fallback."""
+    if sum(lo) >= total_w:
+        return list(lo)
+    if sum(hi) <= total_w:
+        return list(hi)
+    level = _fill_level(weights, lo, hi, total_w)
+    if level is not None and math.isfinite(level):
+        for _ in range(_ULP_STEPS):
+            caps = [min(max(w * level, low), high) for w, low, high in zip(weights, lo, hi)]
+            if sum(caps) <= total_w:
+                return caps
+            level = math.nextafter(level, 0.0)
+    return _bisected_fill(weights, lo, hi, total_w)
+
+
+_ULP_STEPS = 8
+
+
+def _fill_level(weights: Sequence[float], lo: Sequence[float], hi: Sequence[float], total_w: float) -> float | None:
+    """The level ``L >= 0`` at which ``sum(clamp(w_i x L, lo_i, hi_i)) = total_w``: the sum is
+    ``constant + slope x L`` between the levels where a member leaves its ``lo``
+    (``lo_i / w_i``) or reaches its ``hi`` (``hi_i / w_i``), walked in order. None (bisect
+    instead) for a weight that is negative or not finite."""
+    constant = slope = 0.0
+    events: list[tuple[float, float, float]] = []  # (level, slope change, constant change)
+    for w, low, high in zip(weights, lo, hi):
+        if not (w >= 0 and math.isfinite(w)):
+            return None
+        if low >= high:
+            constant += high  # min(max(x, low), high) is high whatever x
+        elif w == 0:
+            constant += min(max(0.0, low), high)
+        elif high <= 0:
+            constant += high
+        elif low <= 0:
+            slope += w
+            events.append((high / w, -w, high))
+        else:
+            constant += low
+            events.append((low / w, w, -low))
+            events.append((high / w, -w, high))
+    if constant >= total_w:
+        return 0.0
+    events.sort()
+    level = 0.0
+    for at, slope_change, constant_change in events:
+        if constant + slope * at >= total_w:
+            return (total_w - constant) / slope if slope > 0 else level
+        level = at
+        slope += slope_change
+        constant += constant_change
+    return (total_w - constant) / slope if slope > 0 else None
+
+
+def _bisected_fill(weights: Sequence[float], lo: Sequence[float], hi: Sequence[float], total_w: float) -> list[float]:
+    """:func:`_weighted_fill` by bisection on the level (the reference; also the fallback)."""
     def fill(level: float) -> list[float]:
         return [min(max(w * level, low), high) for w, low, high in zip(weights, lo, hi)]
 
@@ -212,4 +272,3 @@ def _weighted_fill(weights: Sequence[float], lo: Sequence[float], hi: Sequence[f
         else:
             low_level = middle
     return fill(low_level)
-

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from powercap.allocation import AllocationSettings, GpuState, RackLimit, Service, allocate, budget_w
-from powercap.marginal import MarginalSettings, Member, marginal_tokens_per_w, rebalance_w
+from powercap.marginal import MarginalSettings, Member, _bisected_fill, _weighted_fill, marginal_tokens_per_w, rebalance_w
 from powercap.simulation import engine
 from powercap.simulation.engine import POWERCAP, simulate
 from powercap.simulation.scenario import default_scenario_text, scenario_from_document
@@ -95,6 +95,34 @@ def test_a_reset_counter_does_not_take_a_gpus_watts() -> None:
 def test_one_noisy_reading_moves_a_cap_at_most_one_step() -> None:
     caps = rebalance_w([member(400, 1.0), member(400, 1.0), member(400, 50.0)])
     assert caps[2] - 400 <= 50 and all(400 - c <= 50 for c in caps[:2])
+
+
+_RANGES = st.lists(
+    # weights as rebalance_w gives them: limit_w x (value / top)^(1 / (1 - e)), values
+    # screened to within outlier_ratio of their median (or a donor's 1.0)
+    st.tuples(st.one_of(st.just(0.0), st.floats(1e-3, 1000)), st.integers(0, 700), st.integers(0, 300)),
+    min_size=1, max_size=40,
+).filter(lambda members: any(w > 0 for w, _, _ in members))
+
+
+@settings(max_examples=400, deadline=None)
+@given(members=_RANGES, position=st.floats(-0.1, 1.1), whole=st.booleans())
+def test_the_exact_fill_gives_the_caps_the_bisection_gives(
+    members: list[tuple[float, int, int]], position: float, whole: bool,
+) -> None:
+    """The level solved on the sum's pieces floors to the caps 60 rounds of bisection give,
+    and never sums over the watts to share (the fill the allocation's rebalancing runs on
+    every (service, rack) group each round)."""
+    weights = [w for w, _, _ in members]
+    lo = [float(low) for _, low, _ in members]
+    hi = [float(low + extra) for _, low, extra in members]
+    total_w = sum(lo) + position * (sum(hi) - sum(lo))
+    if whole:
+        total_w = float(round(total_w))
+    exact, bisected = _weighted_fill(weights, lo, hi, total_w), _bisected_fill(weights, lo, hi, total_w)
+    assert [math.floor(c + 1e-6) for c in exact] == [math.floor(c + 1e-6) for c in bisected]
+    assert all(low <= c <= high for c, low, high in zip(exact, lo, hi))
+    assert sum(exact) <= total_w or sum(lo) >= total_w
 
 
 def test_caps_stay_within_the_gpu_range() -> None:
