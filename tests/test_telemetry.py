@@ -7,6 +7,8 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from powercap.nodepower import NodePower
 from powercap.telemetry import (
@@ -14,6 +16,8 @@ from powercap.telemetry import (
     GpuTelemetry,
     NodeTelemetry,
     TelemetryError,
+    _parse_gpu,
+    _parse_gpu_checked,
     from_json,
     node_telemetry,
     to_json,
@@ -169,3 +173,34 @@ def test_any_fraction_of_a_second_is_read(text: str) -> None:
     from powercap.telemetry import parse_timestamp
 
     assert parse_timestamp(text) == NOW
+
+
+_FIELD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-300, 10**6), st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["", "GPU-0", "ns/pod", "pod", "400"]), st.just([]), st.just({}),
+)
+_GPU_KEYS = ("uuid", "index", "pod", "powerW", "limitW", "minW", "maxW", "temperatureC", "tokensPerSecond",
+             "requestsWaiting", "raisedToW")
+_WELL_FORMED = {"uuid": "GPU-0", "index": 0, "powerW": 350.5, "limitW": 400, "minW": 200, "maxW": 700,
+                "temperatureC": 61, "pod": "inference/chat-0", "tokensPerSecond": 1200.5, "requestsWaiting": 3,
+                "raisedToW": 420}
+
+
+@settings(max_examples=600, deadline=None)
+@given(changes=st.dictionaries(st.sampled_from(_GPU_KEYS), _FIELD_VALUES, max_size=4),
+       dropped=st.sets(st.sampled_from(_GPU_KEYS), max_size=3), position=st.integers(0, 7))
+def test_a_gpu_entry_reads_the_same_on_the_fast_path_and_the_checked_one(
+    changes: dict[str, object], dropped: set[str], position: int,
+) -> None:
+    """The controller reads every well-formed entry in one check; whatever an agent (or
+    anyone with patch rights) writes, it gets what the field-by-field parse gives: the same
+    GpuTelemetry, or the same error naming the field."""
+    raw = {key: value for key, value in {**_WELL_FORMED, **changes}.items() if key not in dropped}
+
+    def outcome(parse: object) -> object:
+        try:
+            return parse(raw, position)  # type: ignore[operator]
+        except TelemetryError as error:
+            return f"error: {error}"
+
+    assert outcome(_parse_gpu) == outcome(_parse_gpu_checked)
