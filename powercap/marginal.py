@@ -210,10 +210,17 @@ def _weighted_fill(weights: Sequence[float], lo: Sequence[float], hi: Sequence[f
     if level is not None and math.isfinite(level):
         for _ in range(_ULP_STEPS):
             caps = [min(max(w * level, low), high) for w, low, high in zip(weights, lo, hi)]
-            if sum(caps) <= total_w:
-                return caps
+            spent = sum(caps)
+            if spent <= total_w:
+                if spent >= total_w - _SHORTFALL_W:
+                    return caps
+                break  # a level that leaves watts unshared: bisect instead
             level = math.nextafter(level, 0.0)
     return _bisected_fill(weights, lo, hi, total_w)
+
+
+_SHORTFALL_W = 1e-6
+"""Watts the solved level may leave unshared (rounding); more means it is wrong."""
 
 
 _ULP_STEPS = 8
@@ -225,7 +232,8 @@ def _fill_level(weights: Sequence[float], lo: Sequence[float], hi: Sequence[floa
     (``lo_i / w_i``) or reaches its ``hi`` (``hi_i / w_i``), walked in order. None (bisect
     instead) for a weight that is negative or not finite."""
     constant = slope = 0.0
-    events: list[tuple[float, float, float]] = []  # (level, slope change, constant change)
+    linear = 0  # members on their w x L piece: with none, the slope is exactly 0, not a rounding rest
+    events: list[tuple[float, int, float, float]] = []  # (level, +1 enters / -1 leaves the piece, w, constant change)
     for w, low, high in zip(weights, lo, hi):
         if not (w >= 0 and math.isfinite(w)):
             return None
@@ -237,20 +245,22 @@ def _fill_level(weights: Sequence[float], lo: Sequence[float], hi: Sequence[floa
             constant += high
         elif low <= 0:
             slope += w
-            events.append((high / w, -w, high))
+            linear += 1
+            events.append((high / w, -1, w, high))
         else:
             constant += low
-            events.append((low / w, w, -low))
-            events.append((high / w, -w, high))
+            events.append((low / w, 1, w, -low))
+            events.append((high / w, -1, w, high))
     if constant >= total_w:
         return 0.0
     events.sort()
     level = 0.0
-    for at, slope_change, constant_change in events:
+    for at, direction, w, constant_change in events:
         if constant + slope * at >= total_w:
             return (total_w - constant) / slope if slope > 0 else level
         level = at
-        slope += slope_change
+        linear += direction
+        slope = slope + direction * w if linear else 0.0
         constant += constant_change
     return (total_w - constant) / slope if slope > 0 else None
 

@@ -125,6 +125,19 @@ def test_the_exact_fill_gives_the_caps_the_bisection_gives(
     assert sum(exact) <= total_w or sum(lo) >= total_w
 
 
+def test_a_flat_stretch_of_the_sum_is_flat_not_a_rounding_rest() -> None:
+    """A review's case: weights added and taken away left a slope of 5.7e-14 where no member
+    was on its linear piece, and the level solved on it (8.0, not 8.19) left 1.6 W unshared."""
+    weights = [39.451463385056435, 219.66225512603899, 334.57624736958763, 12.125090756338265, 18.39755150067321,
+               16.32012449935964, 76.7070097449702, 73.32138600618474, 400.0, 141.6789956321935, 215.77035480803147,
+               151.553100535468]
+    lo = [61.8, 0, 100, 114.9, 150.7, 416.7, 514.7, 341.0, 183.0, 307.9, 202.0, 105.0]
+    hi = [62, 0.2, 188.0, 155.1, 151.3, 483.3, 615.3, 431.0, 193.0, 348.1, 242.0, 110]
+    caps = _weighted_fill(weights, lo, hi, 2871.9)
+    assert sum(caps) == pytest.approx(2871.9, abs=1e-6)
+    assert [math.floor(c + 1e-6) for c in caps] == [math.floor(c + 1e-6) for c in _bisected_fill(weights, lo, hi, 2871.9)]
+
+
 def test_caps_stay_within_the_gpu_range() -> None:
     caps = rebalance_w([member(690, 3.0, max_w=700), member(210, 1.0)])
     assert caps == [700, 200]
