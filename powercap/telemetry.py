@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -264,7 +265,14 @@ def _parse_gpu(raw: Any, position: int) -> GpuTelemetry:
 
 def _plain(value: Any) -> TypeGuard[float]:
     """A JSON number :func:`_checked_number` accepts (int or float, finite, not below absolute zero)."""
-    return (type(value) is float or type(value) is int) and math.isfinite(value) and value >= -273.15
+    if type(value) is float:
+        return math.isfinite(value) and value >= -273.15
+    return type(value) is int and -273.15 <= value <= _LARGEST_FLOAT_INT
+
+
+_LARGEST_FLOAT_INT = int(sys.float_info.max)
+"""JSON has no bound on an integer's digits; past this one it has no float (``float()`` raises
+OverflowError, which no caller expects of a malformed document)."""
 
 
 def _parse_gpu_checked(raw: Any, position: int) -> GpuTelemetry:
@@ -326,7 +334,8 @@ def _optional_count(raw: Mapping[str, Any], key: str, where: str) -> int | None:
 
 
 def _checked_number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or isinstance(value, int) and abs(value) > _LARGEST_FLOAT_INT or not math.isfinite(value)):
         raise TelemetryError(f"{where} must be a finite number")
     if value < -273.15:
         raise TelemetryError(f"{where} is out of range")

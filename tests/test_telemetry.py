@@ -122,6 +122,10 @@ NODE_POWER = '{"timestamp": "2026-11-27T23:19:01Z", "powerW": 1, "nodePower": %s
         pytest.param('{"timestamp": "2026-11-27T23:19:01Z", "powerW": 1, "gpus": [{"index": 0}]}', "gpus[0].uuid", id="gpu-no-uuid"),
         pytest.param('{"timestamp": "2026-11-27T23:19:01Z", "powerW": 1, "gpus": [{"uuid": "G", "powerW": 1, "limitW": 1, "minW": 1, "maxW": 1, "pod": "nons"}]}', "gpus[0].pod", id="pod-without-namespace"),
         pytest.param('{"timestamp": "2026-11-27T23:19:01Z", "powerW": NaN}', "powerW must be a finite number", id="nan"),
+        # JSON bounds no integer; one past a float's range raised OverflowError, which the
+        # controller's round did not expect: one node's document stopped every round
+        pytest.param('{"timestamp": "2026-11-27T23:19:01Z", "powerW": 1%s}' % ("0" * 400), "powerW must be a finite number", id="huge-integer"),
+        pytest.param(GPU_WITH % ('"temperatureC": -1%s' % ("0" * 400)), "gpus[0].temperatureC must be a finite number", id="gpu-huge-integer"),
         pytest.param(GPU_WITH % '"tokensPerSecond": "fast"', "gpus[0].tokensPerSecond must be a finite number", id="tokens-string"),
         pytest.param(GPU_WITH % '"tokensPerSecond": true', "gpus[0].tokensPerSecond must be a finite number", id="tokens-bool"),
         pytest.param(GPU_WITH % '"tokensPerSecond": -3', "gpus[0].tokensPerSecond must not be negative", id="tokens-negative"),
@@ -177,6 +181,7 @@ def test_any_fraction_of_a_second_is_read(text: str) -> None:
 
 _FIELD_VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-300, 10**6), st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(10**307, 10**320), st.integers(-(10**320), -(10**307)),
     st.sampled_from(["", "GPU-0", "ns/pod", "pod", "400"]), st.just([]), st.just({}),
 )
 _GPU_KEYS = ("uuid", "index", "pod", "powerW", "limitW", "minW", "maxW", "temperatureC", "tokensPerSecond",
