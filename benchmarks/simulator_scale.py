@@ -12,20 +12,26 @@ one compressed day, and a demand-response cut of chat's cap at half time.
 
 Prints, per strategy: wall seconds, simulated seconds per wall second, the peak resident
 memory of the process after the run (``resource.getrusage``, so it only grows), and the
-headline figures of summary.json. ``--profile N`` instead runs N simulated seconds of each
-strategy under cProfile and prints the top functions by cumulative and by own time.
+headline figures of summary.json. ``--profile N`` instead runs each strategy under cProfile
+and prints the top N functions by cumulative and by own time. ``--breakdown S`` times, without
+a profiler, where each simulated second after S goes (the node agents and their decision,
+the controller's rounds, the physics):
+
+    .venv/bin/python benchmarks/simulator_scale.py --strategies powercap --duration 90 --breakdown 60
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import contextlib
 import io
 import pstats
 import resource
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -33,6 +39,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.simulator import load, machine  # noqa: E402
+from powercap.simulation import engine  # noqa: E402
 from powercap.simulation.engine import NO_CAPPING, ORACLE, POWERCAP, STATIC_SPLIT, Strategy, simulate  # noqa: E402
 from powercap.simulation.scenario import Scenario, load_scenario  # noqa: E402
 from powercap.simulation.summary import summarize  # noqa: E402
@@ -181,11 +188,79 @@ def profile(scenario: Scenario, strategies: list[Strategy], top: int) -> None:
             print(text.getvalue().split("\n", 6)[-1].rstrip())
 
 
+# The engine's phases, timed by wrapping them (private names: this benchmark follows the engine).
+PHASES = ("_agent_ticks", "_controller_round", "_physics")
+
+
+@contextlib.contextmanager
+def phase_timer(after_s: float) -> Iterator[dict[str, float]]:
+    """Wall seconds spent in each phase of :data:`PHASES` (and in the agents' decision,
+    ``plan_tick``, and the number of rounds) once the simulated clock passes ``after_s``."""
+    spent: dict[str, float] = {name: 0.0 for name in (*PHASES, "plan_tick", "rounds")}  # and "start": the wall clock at after_s
+    clock = {"t_s": 0.0}
+    originals = {name: getattr(engine._Run, name) for name in PHASES}
+    original_plan_tick = engine.plan_tick
+
+    def timed(name: str, method: Any) -> Any:
+        def wrapper(self: Any, t_s: float, *rest: Any) -> Any:
+            clock["t_s"] = t_s
+            if t_s < after_s:
+                return method(self, t_s, *rest)
+            started = time.perf_counter()
+            spent.setdefault("start", started)
+            try:
+                return method(self, t_s, *rest)
+            finally:
+                spent[name] += time.perf_counter() - started
+                spent["rounds"] += name == "_controller_round"
+        return wrapper
+
+    def timed_plan_tick(inputs: Any) -> Any:
+        if clock["t_s"] < after_s:
+            return original_plan_tick(inputs)
+        started = time.perf_counter()
+        try:
+            return original_plan_tick(inputs)
+        finally:
+            spent["plan_tick"] += time.perf_counter() - started
+
+    for name, method in originals.items():
+        setattr(engine._Run, name, timed(name, method))
+    engine.plan_tick = timed_plan_tick
+    try:
+        yield spent
+    finally:
+        for name, method in originals.items():
+            setattr(engine._Run, name, method)
+        engine.plan_tick = original_plan_tick
+
+
+def breakdown(scenario: Scenario, strategies: list[Strategy], after_s: float) -> None:
+    span_s = scenario.duration_s - after_s
+    if span_s <= 0:
+        raise SystemExit(f"--breakdown {after_s:g} must be under the duration ({scenario.duration_s:g} s)")
+    print(f"Wall seconds per simulated second, from {after_s:g} s to {scenario.duration_s:g} s (no profiler):\n")
+    print("| strategy | whole run | node agents | of which the agents' decision | controller rounds | rounds, mean ms | physics | the rest |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for strategy in strategies:
+        with phase_timer(after_s) as spent:
+            simulate(scenario, [strategy])
+        whole_s = time.perf_counter() - spent.get("start", time.perf_counter())
+        phases_s = spent["_agent_ticks"] + spent["_controller_round"] + spent["_physics"]
+        rounds = int(spent["rounds"])
+        mean_ms = f"{1000 * spent['_controller_round'] / rounds:.0f}" if rounds else "-"
+        print(f"| {strategy.name} | {whole_s / span_s:.3f} | {spent['_agent_ticks'] / span_s:.3f} | {spent['plan_tick'] / span_s:.3f} | "
+              f"{spent['_controller_round'] / span_s:.3f} | {rounds}, {mean_ms} | {spent['_physics'] / span_s:.3f} | "
+              f"{max(0.0, whole_s - phases_s) / span_s:.3f} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=None, help="simulated seconds (default the scenario's hour)")
     parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES_BY_NAME), default=list(DEFAULT_STRATEGIES))
     parser.add_argument("--profile", type=int, metavar="TOP", default=0, help="profile instead, printing TOP functions")
+    parser.add_argument("--breakdown", type=float, metavar="S", default=None,
+                        help="time where each simulated second after S goes instead (no profiler)")
     parser.add_argument("--write-scenario", action="store_true", help=f"regenerate {SCENARIO_PATH.name} and stop")
     args = parser.parse_args(argv)
     if args.write_scenario:
@@ -201,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     strategies = [STRATEGIES_BY_NAME[name] for name in args.strategies]
     if args.profile:
         profile(scenario, strategies, args.profile)
+    elif args.breakdown is not None:
+        breakdown(scenario, strategies, args.breakdown)
     else:
         measure(scenario, strategies)
     print(f"\nload average at the end: {load()}")
