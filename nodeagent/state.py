@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from powercap.agentplan import CapRecord
+from powercap.numeric import is_finite_number
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +64,23 @@ def records_from_document(document: Any) -> dict[str, CapRecord]:
             thermal = raw.get("thermalLimitW")
             records[uuid] = CapRecord(
                 uuid=str(uuid),
-                cap_w=float(raw["capW"]),
-                default_w=float(raw["defaultW"]),
+                cap_w=_watts(raw["capW"], "capW"),
+                default_w=_watts(raw["defaultW"], "defaultW"),
                 policy=str(raw["policy"]),
-                ratio_offset_w=float(raw.get("ratioOffsetW") or 0.0),
-                thermal_limit_w=None if thermal is None else float(thermal),
+                ratio_offset_w=_watts(raw.get("ratioOffsetW") or 0.0, "ratioOffsetW"),
+                thermal_limit_w=None if thermal is None else _watts(thermal, "thermalLimitW"),
             )
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise ValueError(f"gpus.{uuid}: {error!r}") from error
     return records
+
+
+def _watts(value: Any, name: str) -> float:
+    """A record's watts: a finite number (an integer of 400 digits, NaN or an infinity is a
+    corrupt file, not a cap to write)."""
+    if not is_finite_number(value):
+        raise ValueError(f"{name} must be a finite number, not {str(value)[:40]}")
+    return float(value)
 
 
 class StateFile:
@@ -95,7 +104,7 @@ class StateFile:
             return {}
         try:
             records = records_from_document(json.loads(text))
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:  # RecursionError: JSON nested past Python's stack
             log.error("state file corrupt: starting empty", extra={"state_file": str(self.path), "error": str(error)})
             return {}
         self._saved = records_to_document(self.node, records)

@@ -93,6 +93,7 @@ from typing import Any, NamedTuple, Protocol, TypeGuard
 from powercap.allocation import AllocationSettings, budget_w
 from powercap.control import CapReason, ControlSettings, ControlState, GpuMeasurement, next_cap
 from powercap.objects import KubeObject, object_key, pod_is_active, policy_for_pod
+from powercap.numeric import is_finite_number
 from powercap.placement import policy_budget_w
 from powercap.policies import (
     LabelSelector,
@@ -395,7 +396,7 @@ def _gpu_allocation_w(read: _NodeEntry, uuid: str, gpus_on_node: int) -> float |
 
 
 def _is_number(value: Any) -> TypeGuard[float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_finite_number(value)
 
 
 def entry_total_w(entry: Mapping[str, Any]) -> float:

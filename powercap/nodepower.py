@@ -98,8 +98,9 @@ def checked_watts(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         shown = "null" if value is None else repr(value)
         raise PowerDocumentError(f"{where} is {shown}, not a number of watts")
-    if not math.isfinite(value) or not 0 <= value <= MAX_PLAUSIBLE_W:
-        raise PowerDocumentError(f"{where} = {value!r} W is out of range (0..{MAX_PLAUSIBLE_W:g})")
+    if not 0 <= value <= MAX_PLAUSIBLE_W:  # NaN and infinities fail it too; an int of any size compares
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise PowerDocumentError(f"{where} = {shown} W is out of range (0..{MAX_PLAUSIBLE_W:g})")
     return float(value)
 
 

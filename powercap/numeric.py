@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
+import math
+import sys
+from typing import TypeGuard
+
+LARGEST_FLOAT_INT = int(sys.float_info.max)
+"""The largest integer with a float. JSON and YAML bound no integer's digits; past this one
+``float()`` and ``math.isfinite`` raise OverflowError, which no reader of a document expects."""
+
+
+def is_finite_number(value: object) -> TypeGuard[float]:
+    """An int or float (not a bool) with a finite float value: what a document's number must be
+    before ``float()`` (an integer of 400 digits is not one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, int):
+        return -LARGEST_FLOAT_INT <= value <= LARGEST_FLOAT_INT
+    return math.isfinite(value)
+
 
 def clamp(value: float, low: float, high: float) -> float:
     """``min(max(value, low), high)``."""

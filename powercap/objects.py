@@ -50,6 +50,9 @@ def shape_problems(obj: Any) -> list[str]:
     ]
     if problems:
         return problems
+    metadata = obj.get("metadata") or {}
+    problems += [f"metadata.{name}: must be a string, not {json_type_of(metadata[name])}"
+                 for name in ("name", "namespace", "uid") if metadata.get(name) is not None and not isinstance(metadata[name], str)]
     for section, name in (*_STRING_MAPS, *_QUANTITY_MAPS):
         value = (obj.get(section) or {}).get(name)
         if value is None:

@@ -66,7 +66,7 @@ from powercap.algorithms import (
 )
 from powercap.allocation import AllocationSettings, budget_w
 from powercap.cluster import BUDGET_REFUSAL, ClusterView, RackView, estimate_pod_power_w, pod_facts, rack_rise
-from powercap.numeric import counted
+from powercap.numeric import counted, is_finite_number
 from powercap.objects import KubeObject
 from powercap.policies import Policy
 from powercap.status import published_gpus
@@ -264,7 +264,7 @@ def published_totals(policy: Policy) -> Published:
 
 
 def _finite_watts(value: object) -> TypeGuard[float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return is_finite_number(value) and value >= 0
 
 
 def rack_in_use(rack: RackView) -> str:

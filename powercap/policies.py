@@ -249,6 +249,9 @@ def _check_type_meta(document: Mapping[str, Any]) -> list[Problem]:
     return problems
 
 
+INT64_MAX = 2**63 - 1
+
+
 def _check_metadata(metadata: Any) -> list[Problem]:
     if metadata is None:
         return [Problem("metadata.name", "is required")]
@@ -276,6 +279,12 @@ def _check_metadata(metadata: Any) -> list[Problem]:
     for field_name in ("labels", "annotations"):
         if field_name in metadata and not isinstance(metadata[field_name], Mapping):
             problems.append(Problem(f"metadata.{field_name}", "must be a map of strings"))
+    generation = metadata.get("generation")
+    if generation is not None and not (
+        isinstance(generation, int) and not isinstance(generation, bool) and 0 <= generation <= INT64_MAX
+    ):
+        # the API server sets it; a file or a hand-written request may carry anything
+        problems.append(Problem("metadata.generation", f"{schema.describe_value(generation)} must be a non-negative int64"))
     return problems
 
 
@@ -427,7 +436,7 @@ def policy_from_valid(document: Mapping[str, Any]) -> Policy:
         namespace=metadata.get("namespace") or "default",
         name=name,
         uid=metadata.get("uid", ""),
-        generation=int(metadata.get("generation", 0)),
+        generation=int(metadata.get("generation") or 0),
         power_cap_w=int(spec["powerCapLimit"]),
         racks=tuple(
             RackConstraint(

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from powercap.numeric import counted
+from powercap.numeric import LARGEST_FLOAT_INT, counted, is_finite_number
 from powercap.problems import Problem, join_path
 
 CRD_RESOURCE = "crd.yaml"
@@ -182,6 +182,10 @@ _INTEGER_FORMATS = {"int32": 31, "int64": 63}
 
 def _check_bounds(value: float, schema: Schema, path: str) -> Iterator[Problem]:
     bits = _INTEGER_FORMATS.get(schema.get("format", ""))
+    if bits is None and not is_finite_number(value):
+        # JSON and YAML bound no integer's digits: one no float holds would fail later, in float()
+        yield Problem(path, f"{describe_value(value)} is too large: at most {LARGEST_FLOAT_INT:.3g} in magnitude")
+        return
     if bits is not None and not -(2 ** bits) <= value < 2 ** bits:
         # the API server refuses what does not fit its Go type: say so before it does
         yield Problem(path, f"{describe_value(value)} is outside the {schema['format']} range "

@@ -52,7 +52,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from powercap.allocation import ServiceAllocation, budget_source
-from powercap.numeric import agreeing, counted
+from powercap.numeric import agreeing, counted, is_finite_number
 from powercap.policies import Mode, Policy
 
 READY, FEASIBLE, ENFORCED = "Ready", "Feasible", "Enforced"
@@ -428,7 +428,7 @@ def _significant_or_none(value: float | None, digits: int) -> float | None:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return is_finite_number(value)
 
 
 def _w(watts: float | None) -> str:

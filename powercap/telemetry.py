@@ -50,13 +50,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeGuard
 
 from powercap import API_GROUP
+from powercap.numeric import LARGEST_FLOAT_INT, is_finite_number
 from powercap.nodepower import NodePower
 
 TELEMETRY_ANNOTATION = f"{API_GROUP}/telemetry"
@@ -267,12 +267,7 @@ def _plain(value: Any) -> TypeGuard[float]:
     """A JSON number :func:`_checked_number` accepts (int or float, finite, not below absolute zero)."""
     if type(value) is float:
         return math.isfinite(value) and value >= -273.15
-    return type(value) is int and -273.15 <= value <= _LARGEST_FLOAT_INT
-
-
-_LARGEST_FLOAT_INT = int(sys.float_info.max)
-"""JSON has no bound on an integer's digits; past this one it has no float (``float()`` raises
-OverflowError, which no caller expects of a malformed document)."""
+    return type(value) is int and -273.15 <= value <= LARGEST_FLOAT_INT
 
 
 def _parse_gpu_checked(raw: Any, position: int) -> GpuTelemetry:
@@ -334,8 +329,7 @@ def _optional_count(raw: Mapping[str, Any], key: str, where: str) -> int | None:
 
 
 def _checked_number(value: Any, where: str) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or isinstance(value, int) and abs(value) > _LARGEST_FLOAT_INT or not math.isfinite(value)):
+    if not is_finite_number(value):
         raise TelemetryError(f"{where} must be a finite number")
     if value < -273.15:
         raise TelemetryError(f"{where} is out of range")

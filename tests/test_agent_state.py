@@ -46,6 +46,12 @@ def test_loaded_content_is_not_rewritten(tmp_path: Path) -> None:
         pytest.param("{not json", id="not-json"),
         pytest.param('{"version": 99, "gpus": {}}', id="unknown-version"),
         pytest.param('{"version": 1, "gpus": {"GPU-a": {"capW": "many"}}}', id="bad-record"),
+        # each of these stopped the agent at start-up (OverflowError, RecursionError) or
+        # would have loaded a cap of inf or nan
+        pytest.param('{"version": 1, "gpus": {"GPU-a": {"capW": 1%s, "defaultW": 700, "policy": "n/p"}}}' % ("0" * 400), id="cap-400-digits"),
+        pytest.param('{"version": 1, "gpus": {"GPU-a": {"capW": NaN, "defaultW": 700, "policy": "n/p"}}}', id="cap-nan"),
+        pytest.param('{"version": 1, "gpus": {"GPU-a": {"capW": 1e400, "defaultW": 700, "policy": "n/p"}}}', id="cap-infinite"),
+        pytest.param("[" * 100000, id="nested-past-the-stack"),
     ],
 )
 def test_corrupt_file_reads_as_empty_and_says_so(tmp_path: Path, text: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -170,6 +170,11 @@ def test_an_infeasible_policy_is_unresolvable_everywhere(tmp_path: Path) -> None
         pytest.param(b'{"Pod": {"metadata": {"annotations": {"powercapping.example.com/power-watts": 300}}}, "NodeNames": ["gpu-1"]}',
                      "Pod.metadata.annotations[powercapping.example.com/power-watts]: must be a string, not an integer",
                      id="annotation-not-a-string"),
+        # a namespace that is a list or an object was a TypeError (unhashable) and a 500
+        pytest.param(b'{"Pod": {"metadata": {"name": "p", "namespace": ["x"]}}, "NodeNames": ["gpu-1"]}',
+                     "Pod.metadata.namespace: must be a string, not a list", id="namespace-not-a-string"),
+        pytest.param(b'{"Pod": {"metadata": {"name": {"a": 1}}}, "NodeNames": ["gpu-1"]}',
+                     "Pod.metadata.name: must be a string, not an object", id="name-not-a-string"),
     ],
 )
 @pytest.mark.parametrize("verb", ["filter", "prioritize"])

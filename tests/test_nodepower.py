@@ -121,6 +121,7 @@ def metrics_with(reading: Any) -> dict[str, Any]:
         pytest.param(power_with({"PowerConsumedWatts": True}), "is True, not a number", id="bool"),
         pytest.param(power_with({"PowerConsumedWatts": float("nan")}), "out of range", id="nan"),
         pytest.param(power_with({"PowerConsumedWatts": 344000.0}), "out of range", id="milliwatts"),
+        pytest.param(power_with({"PowerConsumedWatts": 10**400}), "out of range", id="400-digits"),
         pytest.param(power_with(), "neither EnvironmentMetrics PowerWatts nor Power PowerControl", id="no-controls"),
         pytest.param(power_with("PC1"), "PowerControl[0] is not an object", id="control-not-object"),
         pytest.param({"Id": "Power"}, "neither EnvironmentMetrics PowerWatts nor Power PowerControl", id="empty"),

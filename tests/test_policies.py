@@ -156,6 +156,11 @@ INVALID = [
     pytest.param({**VALID, "metadata": {"name": "Bad_Name"}}, {"metadata.name": "lowercase RFC 1123 subdomain"}, id="bad-name"),
     pytest.param({**VALID, "metadata": {"name": "ok", "namespace": "In Ference"}}, {"metadata.namespace": "lowercase RFC 1123 label"}, id="bad-namespace"),
     pytest.param({**VALID, "metadata": {}}, {"metadata.name": "is required"}, id="name-missing"),
+    # the API server sets generation; a file or hand-written review carrying another made the webhook answer 500
+    pytest.param({**VALID, "metadata": {"name": "ok", "generation": float("inf")}}, {"metadata.generation": "must be a non-negative int64"}, id="generation-infinite"),
+    pytest.param({**VALID, "metadata": {"name": "ok", "generation": "2"}}, {"metadata.generation": "must be a non-negative int64"}, id="generation-string"),
+    pytest.param({**VALID, "metadata": {"name": "ok", "generation": 2**64}}, {"metadata.generation": "must be a non-negative int64"}, id="generation-past-int64"),
+    pytest.param(with_spec(powerCapLimit=10**400), {"spec.powerCapLimit": "outside the int64 range"}, id="cap-400-digits"),
     pytest.param({**VALID, "kind": "Pod"}, {"kind": "must be PowerCappingPolicy, not 'Pod'"}, id="wrong-kind"),
 ]
 

@@ -127,6 +127,10 @@ def test_every_problem_is_reported_at_once() -> None:
     [
         pytest.param("racks: [\n", "invalid YAML at line", id="broken YAML"),
         pytest.param("- 1\n- 2\n", "a scenario must be an object, not a list", id="not an object"),
+        pytest.param(default_scenario_text().replace("powerCapLimit: 4800}", "powerCapLimit: 18446744073709551616}"),
+                     r"events\[0\].powerCapLimit: 18446744073709551616 is outside the int64 range", id="event cap past int64"),
+        pytest.param(default_scenario_text().replace("warmupS: ", "warmupS: 1%s #" % ("0" * 400), 1),
+                     r"timing.warmupS: 1000.* is too large", id="400-digit number"),
     ],
 )
 def test_unreadable_scenarios(text: str, message: str) -> None:

@@ -247,6 +247,8 @@ def test_published_allocations_reads_back_what_was_written() -> None:
     assert published_allocations(status) == {"GPU-0": 700, "GPU-1": 700, "GPU-2": 700, "GPU-3": 700}
     assert published_allocations({"allocations": [{"node": "x", "gpus": [{"uuid": 3}, "junk"]}, "junk"]}) == {}
     assert published_allocations(None) == {}
+    # an integer no float holds is malformed like any other (it raised OverflowError)
+    assert published_allocations({"allocations": [{"node": "x", "gpus": [{"uuid": "GPU-0", "watts": 10**400}]}]}) == {}
 
 
 def test_transitions_are_status_or_reason_changes() -> None:
