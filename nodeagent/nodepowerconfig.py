@@ -25,7 +25,6 @@ start-up: restart the DaemonSet after changing it.
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import ssl
 from collections.abc import Mapping
@@ -45,6 +44,7 @@ from nodeagent.nodepower import (
     bmc_tls_context,
 )
 from powercap.nodepower import ESTIMATE, IPMI_DCMI, KEPLER, MEASURED_SOURCES, REDFISH
+from powercap.numeric import is_finite_number
 from powercap.runtime.documents import LOAD_ERRORS, describe_load_error, parse_documents, read_text
 
 DEFAULT_CREDENTIALS_DIR = Path("/etc/powercap/bmc")
@@ -124,7 +124,7 @@ def overrides(section: Any, where: str) -> dict[str, Any]:
             except NodePowerConfigError as error:
                 problems.append(str(error))
         elif key == "overheadW":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not is_finite_number(value) or value < 0:
                 problems.append(f"{path}: expected watts >= 0")
             else:
                 found["overhead_w"] = float(value)

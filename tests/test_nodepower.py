@@ -555,6 +555,7 @@ def test_a_nodes_section_overrides_the_default_which_overrides_the_flags(node: s
                      id="estimate-not-last"),
         pytest.param({"default": {"sources": ["kepler", "kepler"]}}, "default.sources[1]: kepler listed twice", id="twice"),
         pytest.param({"default": {"overheadW": -5}}, "default.overheadW: expected watts >= 0", id="negative-overhead"),
+        pytest.param({"default": {"overheadW": 10**400}}, "default.overheadW: expected watts >= 0", id="overhead-400-digits"),
         pytest.param({"nodes": {"c": {"redfishUrl": "https://x"}}}, "nodes.c.redfishUrl: unknown key", id="misspelt-key"),
         pytest.param({"node": {}}, "node: unknown key", id="top-level-typo"),
         pytest.param({"nodes": ["a"]}, "nodes: expected a mapping", id="nodes-list"),

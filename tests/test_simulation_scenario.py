@@ -131,6 +131,8 @@ def test_every_problem_is_reported_at_once() -> None:
                      r"events\[0\].powerCapLimit: 18446744073709551616 is outside the int64 range", id="event cap past int64"),
         pytest.param(default_scenario_text().replace("warmupS: ", "warmupS: 1%s #" % ("0" * 400), 1),
                      r"timing.warmupS: 1000.* is too large", id="400-digit number"),
+        pytest.param(default_scenario_text().replace("dailyShape: chat", "dailyShape: [1%s%s]" % ("0" * 400, ", 0.5" * 23), 1),
+                     "hourly factors must be numbers in", id="400-digit hourly factor"),
     ],
 )
 def test_unreadable_scenarios(text: str, message: str) -> None:

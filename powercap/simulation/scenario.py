@@ -29,7 +29,7 @@ import yaml
 
 from powercap import physics, schema
 from powercap.algorithms import AlgorithmRegistry
-from powercap.numeric import counted
+from powercap.numeric import counted, is_finite_number
 from powercap.objects import GPU_RESOURCE, POWER_ANNOTATION
 from powercap.physics import GpuModel, NodePowerModel
 from powercap.policies import POLICY_LABEL, Policy, parse_policy, validate_policy
@@ -714,7 +714,7 @@ def _daily_shape_problem(shape: Any) -> str | None:
     if not isinstance(shape, list) or len(shape) != HOURS_PER_DAY:
         return f"must be a shape name or a list of {HOURS_PER_DAY} hourly factors"
     for value in shape:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 1:
+        if not is_finite_number(value) or not 0 <= value <= 1:
             return f"hourly factors must be numbers in [0, 1], not {schema.describe_value(value)}"
     return None
 
